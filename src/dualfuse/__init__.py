@@ -1,0 +1,18 @@
+"""dualfuse: profile, fuse and evaluate dual-encoder vision-language models (CLIP, SigLIP)."""
+from __future__ import annotations
+
+from .adapters import to_spec
+from .presets import PRESETS, load
+from .spec import DualEncoderSpec, TowerSpec
+
+__version__ = "0.1.0"
+
+
+def fuse(model, dtype=None, device=None, **kwargs):
+    """Both towers as one co-scheduled stream of fused launches; see dualfuse.executors.fused."""
+    from .executors.fused import fuse as _fuse
+
+    return _fuse(model, dtype=dtype, device=device, **kwargs)
+
+
+__all__ = ["DualEncoderSpec", "PRESETS", "TowerSpec", "fuse", "load", "to_spec", "__version__"]

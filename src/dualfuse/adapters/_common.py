@@ -1,0 +1,49 @@
+"""Helpers shared by the adapters: read weights without touching the user's model."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..spec import LayerNorm, Linear
+
+
+def t(x: torch.Tensor) -> torch.Tensor:
+    """A detached copy: the spec never shares storage with (or mutates) the user's model."""
+    return x.detach().clone()
+
+
+def linear(m: nn.Linear) -> Linear:
+    return Linear(t(m.weight), t(m.bias) if m.bias is not None else None)
+
+
+def layer_norm(m: nn.LayerNorm) -> LayerNorm:
+    return LayerNorm(t(m.weight), t(m.bias), float(m.eps))
+
+
+def packed_linear(q: nn.Linear, k: nn.Linear, v: nn.Linear) -> Linear:
+    """Pack separate q/k/v projections into one [3D, D] matrix (q | k | v)."""
+    bias = None
+    if q.bias is not None:
+        bias = t(torch.cat([q.bias, k.bias, v.bias]))
+    return Linear(t(torch.cat([q.weight, k.weight, v.weight])), bias)
+
+
+def patch_weight(conv: nn.Conv2d) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if conv.kernel_size != conv.stride or conv.padding not in ((0, 0), 0, "valid") or conv.kernel_size[0] != conv.kernel_size[1]:
+        raise ValueError(
+            "patch embedding must be a square Conv2d with stride == kernel size and no padding; got "
+            f"kernel {conv.kernel_size}, stride {conv.stride}, padding {conv.padding}"
+        )
+    w = conv.weight.detach()
+    return t(w.reshape(w.shape[0], -1)), (t(conv.bias) if conv.bias is not None else None)
+
+
+HF_ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
+                  "gelu_new": "gelu_tanh", "gelu_fast": None}
+
+
+def hf_activation(name: str) -> str:
+    act = HF_ACTIVATIONS.get(name)
+    if act is None:
+        raise ValueError(f"hidden_act {name!r} is not supported; supported: quick_gelu, gelu, gelu_pytorch_tanh, gelu_new")
+    return act

@@ -1,0 +1,227 @@
+"""DualEncoderSpec: one family-independent description of both towers of a CLIP/SigLIP-style model.
+
+Every executor reads this, never the source model's modules. Weights are laid out the way the kernels
+want them: Linear weights in nn.Linear layout ``[out, in]`` (kernels compute ``x @ w.T``), the three
+attention projections packed into one ``[3*width, width]`` matrix (q | k | v, each heads-major), the
+patch convolution flattened to ``[width, channels*patch*patch]`` in (c, ph, pw) order.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+import torch
+
+Activation = Literal["quick_gelu", "gelu", "gelu_tanh"]
+Pooling = Literal["cls", "first_eos", "argmax", "last", "map"]
+MaskKind = Literal["none", "causal"]
+
+ACTIVATIONS = ("quick_gelu", "gelu", "gelu_tanh")
+POOLINGS = ("cls", "first_eos", "argmax", "last", "map")
+MASKS = ("none", "causal")
+
+
+@dataclass
+class Linear:
+    weight: torch.Tensor  # [out, in]
+    bias: torch.Tensor | None = None  # [out]
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+
+@dataclass
+class LayerNorm:
+    weight: torch.Tensor  # [D]
+    bias: torch.Tensor  # [D]
+    eps: float
+
+
+@dataclass
+class Block:
+    """One pre-LN transformer block: x += out(attn(ln1(x))); x += fc2(act(fc1(ln2(x))))."""
+
+    ln1: LayerNorm
+    qkv: Linear  # packed [3*width, width]
+    out: Linear  # [width, width]
+    ln2: LayerNorm
+    fc1: Linear  # [mlp, width]
+    fc2: Linear  # [width, mlp]
+
+
+@dataclass
+class PatchEmbed:
+    weight: torch.Tensor  # [width, channels*patch*patch], (c, ph, pw) order
+    bias: torch.Tensor | None  # [width] or None
+    patch_size: int
+    image_size: int
+    channels: int
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid * self.grid
+
+
+@dataclass
+class TokenEmbed:
+    weight: torch.Tensor  # [vocab, width]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.weight.shape[0]
+
+
+@dataclass
+class AttentionPoolHead:
+    """SigLIP's multihead attention pooling: a learned probe attends over all tokens, then LN + MLP."""
+
+    probe: torch.Tensor  # [width]
+    qkv: Linear  # packed [3*width, width]; q applies to the probe, k and v to the tokens
+    out: Linear  # [width, width]
+    ln: LayerNorm
+    fc1: Linear
+    fc2: Linear
+    heads: int
+
+
+@dataclass
+class TowerSpec:
+    kind: Literal["vision", "text"]
+    width: int
+    heads: int
+    mlp_dim: int
+    activation: Activation
+    mask: MaskKind
+    embed: PatchEmbed | TokenEmbed
+    pos_embedding: torch.Tensor  # [seq_len (vision) or context_length (text), width]
+    blocks: list[Block]
+    final_ln: LayerNorm  # applied to every token (per-row, so LN-then-pool == pool-then-LN)
+    pooling: Pooling
+    class_embedding: torch.Tensor | None = None  # [width]; vision only, prepended as token 0
+    pre_ln: LayerNorm | None = None  # CLIP's LN right after the embeddings
+    eos_token_id: int | None = None  # for pooling == "first_eos"
+    pool_head: AttentionPoolHead | None = None  # for pooling == "map"
+    projection: Linear | None = None  # None: the pooled vector is the embedding
+
+    def __post_init__(self):
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        if self.mask not in MASKS:
+            raise ValueError(f"mask must be one of {MASKS}, got {self.mask!r}")
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+        if self.pooling == "first_eos" and self.eos_token_id is None:
+            raise ValueError("pooling 'first_eos' needs eos_token_id")
+        if self.pooling == "map" and self.pool_head is None:
+            raise ValueError("pooling 'map' needs pool_head")
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.heads
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def seq_len(self) -> int:
+        """Tokens per sample: patches (+ class token) for vision, the context length for text."""
+        if isinstance(self.embed, PatchEmbed):
+            return self.embed.num_patches + (1 if self.class_embedding is not None else 0)
+        return self.pos_embedding.shape[0]
+
+    @property
+    def context_length(self) -> int:
+        return self.pos_embedding.shape[0]
+
+    @property
+    def out_dim(self) -> int:
+        return self.projection.out_features if self.projection is not None else self.width
+
+
+@dataclass
+class DualEncoderSpec:
+    vision: TowerSpec
+    text: TowerSpec
+    logit_scale: float  # log of the temperature, exp'd at use (as in CLIP/SigLIP)
+    logit_bias: float | None = None  # SigLIP only
+    family: str = ""  # "hf_clip" | "hf_siglip" | "open_clip"
+    name: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.vision.out_dim != self.text.out_dim:
+            raise ValueError(
+                f"towers must embed into the same space: vision gives {self.vision.out_dim}, "
+                f"text gives {self.text.out_dim}"
+            )
+
+    @property
+    def embed_dim(self) -> int:
+        return self.vision.out_dim
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.vision.pos_embedding.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.vision.pos_embedding.device
+
+    def map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "DualEncoderSpec":
+        return _map(self, fn)
+
+    def to(self, device=None, dtype: torch.dtype | None = None) -> "DualEncoderSpec":
+        """A copy with floating-point weights moved/cast (the source spec is left as is)."""
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            t = t.detach()
+            if dtype is not None and t.is_floating_point():
+                t = t.to(dtype)
+            if device is not None:
+                t = t.to(device)
+            return t.contiguous()
+
+        return self.map_tensors(move)
+
+    def summary(self) -> dict:
+        def tower(t: TowerSpec) -> dict:
+            d = dict(
+                width=t.width, heads=t.heads, head_dim=t.head_dim, mlp_dim=t.mlp_dim, layers=t.num_layers,
+                seq_len=t.seq_len, activation=t.activation, mask=t.mask, pooling=t.pooling,
+                pre_ln=t.pre_ln is not None, class_token=t.class_embedding is not None,
+                out_dim=t.out_dim, eps=t.final_ln.eps,
+            )
+            if isinstance(t.embed, PatchEmbed):
+                d.update(image_size=t.embed.image_size, patch_size=t.embed.patch_size, channels=t.embed.channels)
+            else:
+                d.update(vocab_size=t.embed.vocab_size, context_length=t.context_length)
+            return d
+
+        return dict(name=self.name, family=self.family, embed_dim=self.embed_dim,
+                    vision=tower(self.vision), text=tower(self.text),
+                    logit_bias=self.logit_bias is not None)
+
+
+def _map(obj, fn):
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, list):
+        return [_map(o, fn) for o in obj]
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        changes = {f.name: _map(getattr(obj, f.name), fn) for f in dataclasses.fields(obj)
+                   if f.name != "extra"}
+        return dataclasses.replace(obj, **changes)
+    return obj
