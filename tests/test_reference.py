@@ -83,7 +83,7 @@ def test_clip_first_eos_pooling_differs_from_argmax():
 def test_real_presets_have_real_shapes():
     from dualfuse.presets import PRESETS, build_hf
     assert {"clip-vit-b-32", "clip-vit-b-16", "clip-vit-l-14", "siglip-base-patch16-224"} <= set(PRESETS)
-    spec = to_spec(build_hf("clip-vit-b-32"))
+    spec = to_spec(build_hf("clip-vit-b-32", meta=True))
     assert (spec.vision.seq_len, spec.text.seq_len, spec.vision.num_layers, spec.embed_dim) == (50, 77, 12, 512)
     assert spec.text.pooling == "argmax"  # the published config carries the legacy eos id 2
 

@@ -170,12 +170,19 @@ def tower_steps(tower: TowerSpec, batch: int, seq: int, elt: int = 2) -> list[St
 # ------------------------------------------------------------------------------------------ alignment
 
 
+def _pair_score(x: Step, y: Step) -> float:
+    tx, ty = x.time(), y.time()
+    balance = min(tx, ty) / max(tx, ty) if max(tx, ty) > 0 else 1.0
+    # bonuses stay small enough that, summed over a few hundred pairs, they never outweigh one more pair
+    return 1.0 + 1e-3 * (x.op == y.op) + 1e-6 * balance
+
+
 def align(a: list[Step], b: list[Step]) -> list[Stage]:
-    """Merge two step sequences into stages: most pairs of same-kind steps (fewest launches), order kept,
-    ties broken towards balanced pairs."""
+    """Merge two step sequences into stages: most pairs of same-kind steps (fewest launches), order kept;
+    ties broken towards pairs of the same op (a text layer shares launches with one whole vision layer),
+    then towards balanced pairs."""
     n, m = len(a), len(b)
-    # score[i][j]: best score for a[i:], b[j:]. A pair scores 1 + 0.01*balance, so the number of pairs
-    # dominates and balance only breaks ties.
+    # score[i][j]: best score for a[i:], b[j:] (see _pair_score).
     score = [[0.0] * (m + 1) for _ in range(n + 1)]
     for i in range(n - 1, -1, -1):
         row, nxt = score[i], score[i + 1]
@@ -183,17 +190,13 @@ def align(a: list[Step], b: list[Step]) -> list[Stage]:
         for j in range(m - 1, -1, -1):
             best = max(nxt[j], row[j + 1])
             if ai.kind == b[j].kind:
-                ta, tb = ai.time(), b[j].time()
-                bal = min(ta, tb) / max(ta, tb) if max(ta, tb) > 0 else 1.0
-                best = max(best, 1.0 + 0.01 * bal + nxt[j + 1])
+                best = max(best, _pair_score(ai, b[j]) + nxt[j + 1])
             row[j] = best
     stages, i, j = [], 0, 0
     eps = 1e-12
     while i < n or j < m:
         if i < n and j < m and a[i].kind == b[j].kind:
-            ta, tb = a[i].time(), b[j].time()
-            bal = min(ta, tb) / max(ta, tb) if max(ta, tb) > 0 else 1.0
-            if abs(score[i][j] - (1.0 + 0.01 * bal + score[i + 1][j + 1])) < eps:
+            if abs(score[i][j] - (_pair_score(a[i], b[j]) + score[i + 1][j + 1])) < eps:
                 stages.append(Stage(a[i].kind, [a[i], b[j]]))
                 i, j = i + 1, j + 1
                 continue
@@ -228,3 +231,58 @@ def format_plan(plan: Plan) -> str:
         lines.append(f"{r['stage']:>4} {r['kind']:<10} {r['vision']:<14} {r['text']:<14} "
                      f"{r['gflops']:>9.3f} {r['mbytes']:>9.2f} {r['balance']:>7.2f}")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+# `dualfuse plan --model NAME`: the first docstring line of this module is not the CLI help, so set it here.
+HELP = "print the fused stage plan: per stage the tower steps it covers, FLOPs, bytes and balance"
+
+
+def add_arguments(parser) -> None:
+    parser.description = HELP
+    parser.add_argument("--model", default="clip-vit-b-32", help="preset name or local path (default clip-vit-b-32)")
+    parser.add_argument("--arch", default=None, help="open_clip architecture of a checkpoint file")
+    parser.add_argument("--batch", type=int, default=1, help="image and text batch (default 1)")
+    parser.add_argument("--image-batch", type=int, default=None, help="image batch (0 = text-only call)")
+    parser.add_argument("--text-batch", type=int, default=None, help="text batch (0 = image-only call)")
+    parser.add_argument("--text-len", type=int, default=None, help="tokens per text (default: the context length)")
+    parser.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"])
+    parser.add_argument("--json", default=None, help="write the plan as JSON here")
+
+
+def run(args) -> int:
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from .adapters import to_spec
+    from .presets import PRESETS, build_hf, load
+
+    if args.model in PRESETS:  # shapes are all a plan needs: build on the meta device, instantly
+        spec = to_spec(build_hf(args.model, meta=True))
+    else:
+        spec = to_spec(load(args.model, arch=args.arch))
+    bi = args.batch if args.image_batch is None else args.image_batch
+    bt = args.batch if args.text_batch is None else args.text_batch
+    plan = make_plan(spec, bi, bt, args.text_len, elt=4 if args.dtype == "fp32" else 2)
+    console = Console()
+    table = Table(title=f"{args.model}: {bi} image(s) x {bt} text(s), {plan.text_len} tokens, {args.dtype} — "
+                        f"{plan.num_launches} launches, {plan.fused_stages} fused")
+    for col in ("#", "kernel", "vision step", "text step", "GFLOP", "MB", "est. µs", "balance"):
+        table.add_column(col, justify="right" if col in ("#", "GFLOP", "MB", "est. µs", "balance") else "left")
+    for r, s in zip(plan.table(), plan.stages):
+        table.add_row(str(r["stage"]), r["kind"], r["vision"], r["text"], f"{r['gflops']:.3f}", f"{r['mbytes']:.2f}",
+                      f"{max(st.time() for st in s.steps) * 1e6:.1f}", f"{r['balance']:.2f}")
+    console.print(table)
+    tot = plan.totals()
+    for tower in ("vision", "text"):
+        t = tot[tower]
+        console.print(f"{tower}: {t['steps']} steps, {t['gflops']:.2f} GFLOP, {t['mbytes']:.1f} MB, "
+                      f"estimated {t['est_us']:.0f} µs at {DEFAULT_BANDWIDTH / 1e12:.1f} TB/s / "
+                      f"{DEFAULT_MATMUL_RATE / 1e12:.0f} TFLOP/s (estimates, not measurements)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(model=args.model, image_batch=bi, text_batch=bt, text_len=plan.text_len,
+                           stages=plan.table(), totals=tot), f, indent=2)
+    return 0

@@ -63,7 +63,7 @@ PRESETS: dict[str, Preset] = {
         dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_hidden_layers=2, image_size=32,
              patch_size=8),
         dict(hidden_size=64, intermediate_size=80, num_attention_heads=4, num_hidden_layers=2,
-             max_position_embeddings=12, vocab_size=100),
+             max_position_embeddings=12, vocab_size=100, bos_token_id=98, eos_token_id=99, pad_token_id=1),
         {}, "tiny SigLIP for tests (16 image tokens, 12 text tokens)"),
 }
 
@@ -76,8 +76,13 @@ def available() -> list[str]:
     return list(PRESETS) + ["open_clip-tiny", "open_clip:<ARCH>"]
 
 
-def build_hf(name: str, seed: int = 0):
+def build_hf(name: str, seed: int = 0, meta: bool = False):
+    """The preset's HF model with seeded random weights; ``meta=True`` builds shapes only (no memory, instant),
+    enough for planning and cost estimates."""
     preset = PRESETS[name]
+    if meta:
+        with torch.device("meta"):
+            return build_hf(name, seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if preset.family == "hf_clip":
@@ -89,7 +94,7 @@ def build_hf(name: str, seed: int = 0):
             cfg = SiglipConfig(text_config=preset.text, vision_config=preset.vision, **preset.top)
             model = SiglipModel(cfg)
             # HF's init zeroes logit scale/bias; give them values like a trained SigLIP so logits mean something.
-            with torch.no_grad():
+            with torch.no_grad():  # (no-ops on meta tensors)
                 model.logit_scale.fill_(2.3)
                 model.logit_bias.fill_(-10.0)
     cfg._name_or_path = name

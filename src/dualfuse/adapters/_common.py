@@ -47,3 +47,8 @@ def hf_activation(name: str) -> str:
     if act is None:
         raise ValueError(f"hidden_act {name!r} is not supported; supported: quick_gelu, gelu, gelu_pytorch_tanh, gelu_new")
     return act
+
+
+def scalar(x: torch.Tensor) -> float:
+    """A parameter's value as a float; NaN for meta tensors (shape-only specs used for planning)."""
+    return float("nan") if x.is_meta else float(x.detach().reshape(()))

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..spec import Block, DualEncoderSpec, PatchEmbed, TokenEmbed, TowerSpec
-from ._common import hf_activation, layer_norm, linear, packed_linear, patch_weight, t
+from ._common import hf_activation, layer_norm, linear, packed_linear, patch_weight, scalar, t
 
 
 def _blocks(encoder) -> list[Block]:
@@ -44,5 +44,5 @@ def from_hf_clip(model) -> DualEncoderSpec:
         pooling="argmax" if eos == 2 else "first_eos", eos_token_id=None if eos == 2 else int(eos),
         projection=linear(model.text_projection),
     )
-    return DualEncoderSpec(vision, text, logit_scale=float(model.logit_scale.detach()), family="hf_clip",
+    return DualEncoderSpec(vision, text, logit_scale=scalar(model.logit_scale), family="hf_clip",
                            name=getattr(model.config, "_name_or_path", "") or "hf_clip")

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..spec import AttentionPoolHead, DualEncoderSpec, Linear, PatchEmbed, TokenEmbed, TowerSpec
-from ._common import hf_activation, layer_norm, linear, patch_weight, t
+from ._common import hf_activation, layer_norm, linear, patch_weight, scalar, t
 from .hf_clip import _blocks
 
 
@@ -36,6 +36,6 @@ def from_hf_siglip(model) -> DualEncoderSpec:
         blocks=_blocks(tm.encoder), final_ln=layer_norm(tm.final_layer_norm), pooling="last",
         projection=linear(tm.head),
     )
-    return DualEncoderSpec(vision, text, logit_scale=float(model.logit_scale.detach().reshape(())),
-                           logit_bias=float(model.logit_bias.detach().reshape(())), family="hf_siglip",
+    return DualEncoderSpec(vision, text, logit_scale=scalar(model.logit_scale),
+                           logit_bias=scalar(model.logit_bias), family="hf_siglip",
                            name=getattr(model.config, "_name_or_path", "") or "hf_siglip")

@@ -1,0 +1,375 @@
+"""fused: both towers as one co-scheduled stream of horizontally fused Triton launches.
+
+For each call shape ``(image batch, text batch, text length)`` a :class:`Runner` is built once:
+static buffers for both towers, the co-scheduled plan (dualfuse.plan: one stage = one launch covering a step
+of each tower), and one prepared kernel op per stage (GroupedLinear, GroupedLayerNorm, GroupedAttention,
+Embeddings, PoolIndices). On CUDA the whole sequence of launches is captured into ONE CUDA graph; a call copies
+the inputs into the static buffers, replays the graph and clones the embeddings out. Runners are cached per
+shape in a bounded LRU. Image-only and text-only calls have plans (and graphs) of their own.
+
+On CPU the same launches run through the Triton interpreter when TRITON_INTERPRET=1 (slow; for tests).
+
+``dualfuse.fuse(model)`` wraps this executor in :class:`FusedModel`, a drop-in with the source model's calls.
+"""
+from __future__ import annotations
+
+import warnings
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+
+from ..plan import Plan, Stage, Step, make_plan
+from ..spec import DualEncoderSpec, PatchEmbed, TowerSpec
+from . import register
+from .base import Executor, NeedsCUDA
+
+MAX_HEAD_DIM = 128  # attention keeps a [BLOCK_M, head_dim] accumulator in registers
+
+
+def unsupported_reason(spec: DualEncoderSpec, dtype: torch.dtype, device: torch.device) -> str | None:
+    """Why the fused kernels can't run this model here, or None if they can."""
+    from ..kernels._utils import is_interpreter
+
+    if device.type != "cuda" and not is_interpreter():
+        return "the fused Triton kernels need a CUDA device (or TRITON_INTERPRET=1 on CPU, for tests)"
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"dtype {dtype} is not supported (fp16, bf16, fp32)"
+    for t in (spec.vision, spec.text):
+        if t.head_dim > MAX_HEAD_DIM:
+            return f"{t.kind} head dim {t.head_dim} > {MAX_HEAD_DIM}"
+        if t.pool_head is not None and t.width // t.pool_head.heads > MAX_HEAD_DIM:
+            return f"{t.kind} attention-pooling head dim > {MAX_HEAD_DIM}"
+    return None
+
+
+class _TowerBuffers:
+    """Static activations of one tower for one batch size. Rows are flattened [B*S, ...]."""
+
+    def __init__(self, tower: TowerSpec, w: TowerSpec, batch: int, seq: int, dtype, device):
+        d, f = tower.width, tower.mlp_dim
+        rows = batch * seq
+        e = lambda *shape: torch.empty(*shape, dtype=dtype, device=device)  # noqa: E731
+        self.batch, self.seq = batch, seq
+        self.x, self.h = e(rows, d), e(rows, d)  # residual stream, LN output
+        self.qkv, self.a, self.m = e(rows, 3 * d), e(rows, d), e(rows, f)
+        if tower.kind == "vision":
+            emb = tower.embed
+            self.input = e(batch, emb.channels, emb.image_size, emb.image_size)
+        else:
+            self.input = torch.empty(batch, seq, dtype=torch.long, device=device)
+        if tower.pooling == "map":
+            fh = tower.pool_head.fc1.out_features
+            self.kv, self.ma = e(rows, 2 * d), e(batch, 1, d)
+            self.mh, self.mln, self.mm = e(batch, d), e(batch, d), e(batch, fh)
+            self.pooled = self.mh
+        else:
+            self.pooled = e(batch, d)
+            self.pool_idx = torch.empty(batch, dtype=torch.long, device=device)
+            if tower.pooling in ("cls", "last"):  # fixed positions: no launch needed
+                pos = 0 if tower.pooling == "cls" else seq - 1
+                self.pool_idx.copy_(torch.arange(batch, device=device) * seq + pos)
+        self.output = e(batch, tower.projection.out_features) if tower.projection is not None else self.pooled
+        # the embeddings write the residual stream, or the LN input when a pre-LN follows
+        self.embed_out = self.h if tower.pre_ln is not None else self.x
+
+
+class Runner:
+    """One call shape: buffers, plan, one prepared op per stage, and (on CUDA) one captured graph."""
+
+    def __init__(self, ex: "FusedExecutor", image_batch: int, text_batch: int, text_len: int):
+        self.ex = ex
+        spec, w = ex.spec, ex.weights
+        self.plan: Plan = make_plan(spec, image_batch, text_batch, text_len,
+                                    elt=torch.finfo(ex.dtype).bits // 8)
+        self.buf: dict[str, _TowerBuffers] = {}
+        if image_batch:
+            self.buf["vision"] = _TowerBuffers(spec.vision, w.vision, image_batch, spec.vision.seq_len,
+                                               ex.dtype, ex.device)
+        if text_batch:
+            self.buf["text"] = _TowerBuffers(spec.text, w.text, text_batch, text_len, ex.dtype, ex.device)
+        self.ops = [self._build(stage) for stage in self.plan.stages]
+        self.graph = None
+        if ex.device.type == "cuda" and ex.use_graph:
+            self._capture()
+
+    # -- building ----------------------------------------------------------------------------------------
+    def _build(self, stage: Stage):
+        from ..kernels.attention import GroupedAttention
+        from ..kernels.embed import Embeddings
+        from ..kernels.gemm import GroupedLinear
+        from ..kernels.heads import PoolIndices
+        from ..kernels.layernorm import GroupedLayerNorm
+
+        problems = [self._problem(step) for step in stage.steps]
+        if stage.kind == "embed":
+            from ..kernels.embed import PatchEmbedProblem
+            patch = [p for p in problems if isinstance(p, PatchEmbedProblem)]
+            token = [p for p in problems if not isinstance(p, PatchEmbedProblem)]
+            return Embeddings(patch, token)
+        cls = {"linear": GroupedLinear, "layernorm": GroupedLayerNorm, "attention": GroupedAttention,
+               "pool_index": PoolIndices}[stage.kind]
+        return cls(problems)
+
+    def _problem(self, step: Step):
+        from ..kernels.attention import AttentionProblem, split_packed_qkv
+        from ..kernels.embed import PatchEmbedProblem, TokenEmbedProblem
+        from ..kernels.gemm import LinearProblem
+        from ..kernels.heads import PoolProblem
+        from ..kernels.layernorm import LayerNormProblem
+
+        t: TowerSpec = getattr(self.ex.weights, step.tower)
+        b = self.buf[step.tower]
+        B, S, D = b.batch, b.seq, t.width
+        blk = t.blocks[step.layer] if step.layer is not None else None
+
+        def ln(x, norm, out, row_index=None):
+            return LayerNormProblem(x, norm.weight, norm.bias, out, norm.eps, row_index)
+
+        def lin(x, layer, out, activation=None, residual=None, weight=None, bias=None):
+            return LinearProblem(x, layer.weight if weight is None else weight, out,
+                                 layer.bias if weight is None else bias, activation, residual)
+
+        op = step.op
+        if op == "patch_embed":
+            emb: PatchEmbed = t.embed
+            return PatchEmbedProblem(b.input, emb.weight, emb.bias, t.class_embedding, t.pos_embedding,
+                                     b.embed_out.view(B, S, D), emb.patch_size)
+        if op == "token_embed":
+            return TokenEmbedProblem(b.input, t.embed.weight, t.pos_embedding, b.embed_out.view(B, S, D))
+        if op == "pool_index":
+            return PoolProblem(t.pooling, b.pool_idx, b.input, t.eos_token_id, S)
+        if op == "pre_ln":
+            return ln(b.h, t.pre_ln, b.x)
+        if op == "ln1":
+            return ln(b.x, blk.ln1, b.h)
+        if op == "qkv":
+            return lin(b.h, blk.qkv, b.qkv)
+        if op == "attn":
+            q, k, v = split_packed_qkv(b.qkv.view(B, S, 3 * D), D)
+            return AttentionProblem(q, k, v, b.a.view(B, S, D), t.heads, causal=t.mask == "causal")
+        if op == "out":
+            return lin(b.a, blk.out, b.x, residual=b.x)
+        if op == "ln2":
+            return ln(b.x, blk.ln2, b.h)
+        if op == "fc1":
+            return lin(b.h, blk.fc1, b.m, activation=t.activation)
+        if op == "fc2":
+            return lin(b.m, blk.fc2, b.x, residual=b.x)
+        if op == "pool_ln":
+            return ln(b.x, t.final_ln, b.pooled, row_index=b.pool_idx)
+        if op == "proj":
+            return lin(b.pooled, t.projection, b.output)
+        # SigLIP attention-pooling head
+        head = t.pool_head
+        if op == "final_ln":
+            return ln(b.x, t.final_ln, b.h)
+        if op == "map_kv":
+            return lin(b.h, head.qkv, b.kv, weight=self.ex.map_kv_weight, bias=self.ex.map_kv_bias)
+        if op == "map_attn":
+            kv = b.kv.view(B, S, 2 * D)
+            q = self.ex.map_query.view(1, 1, D).expand(B, 1, D)  # batch stride 0: one probe for all images
+            return AttentionProblem(q, kv[..., :D], kv[..., D:], b.ma, head.heads)
+        if op == "map_out":
+            return lin(b.ma.view(B, D), head.out, b.mh)
+        if op == "map_ln":
+            return ln(b.mh, head.ln, b.mln)
+        if op == "map_fc1":
+            return lin(b.mln, head.fc1, b.mm, activation=t.activation)
+        if op == "map_fc2":
+            return lin(b.mm, head.fc2, b.mh, residual=b.mh)
+        raise AssertionError(f"plan step {step.op!r} has no kernel problem")  # plan and executor out of sync
+
+    # -- running -----------------------------------------------------------------------------------------
+    def launch_all(self):
+        for op in self.ops:
+            op()
+
+    def _capture(self):
+        dev = self.ex.device
+        stream = torch.cuda.Stream(dev)
+        stream.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(stream):
+            self.launch_all()  # warm-up: compiles every kernel outside the capture
+        torch.cuda.current_stream(dev).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.launch_all()
+
+    def __call__(self, px, ids):
+        if px is not None:
+            self.buf["vision"].input.copy_(px)
+        if ids is not None:
+            self.buf["text"].input.copy_(ids)
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self.launch_all()
+        img = self.buf["vision"].output.clone() if "vision" in self.buf else None
+        txt = self.buf["text"].output.clone() if "text" in self.buf else None
+        return img, txt
+
+
+@register("fused")
+class FusedExecutor(Executor):
+    stock = False
+    uses_source_model = False
+    notes = "horizontally fused Triton launches, one CUDA graph"
+
+    def __init__(self, model, dtype=None, device=None, *, max_graphs: int = 8, use_graph: bool = True,
+                 fallback: bool = True, **kwargs):
+        super().__init__(model, dtype, device, **kwargs)
+        if max_graphs < 1:
+            raise ValueError(f"max_graphs must be >= 1, got {max_graphs}")
+        self.max_graphs, self.use_graph = max_graphs, use_graph
+        self.runners: OrderedDict[tuple, Runner] = OrderedDict()
+        self.fallback = None
+        reason = unsupported_reason(self.spec, self.dtype, self.device)
+        if reason is not None:
+            self._fall_back(reason, fallback)
+        else:
+            self._prepare_weights()
+        self.__dict__.pop("_source", None)
+
+    def _fall_back(self, reason: str, allowed: bool):
+        source = self.__dict__.get("_source")
+        if self.device.type != "cuda" and "CUDA" in reason:
+            raise NeedsCUDA(f"executor 'fused': {reason}")
+        if not allowed or self.device.type != "cuda" or isinstance(source, DualEncoderSpec):
+            raise ValueError(f"executor 'fused' cannot run this model: {reason}")
+        from .graph import GraphExecutor
+
+        warnings.warn(f"dualfuse fused: {reason}; falling back to the CUDA graph executor", stacklevel=3)
+        self.fallback = GraphExecutor(source, self.dtype, self.device)
+        self.notes = f"FALLBACK to graph: {reason}"
+
+    def _prepare_weights(self):
+        self.weights = self.spec.to(self.device, self.dtype)
+        head = self.weights.vision.pool_head
+        if head is not None:
+            d = self.weights.vision.width
+            # The probe's query projection does not depend on the input: compute it once here.
+            wq, bq = head.qkv.weight[:d], head.qkv.bias[:d] if head.qkv.bias is not None else None
+            self.map_query = F.linear(head.probe.float().view(1, d), wq.float(),
+                                      bq.float() if bq is not None else None).to(self.dtype).contiguous()
+            self.map_kv_weight = head.qkv.weight[d:].contiguous()
+            self.map_kv_bias = head.qkv.bias[d:].contiguous() if head.qkv.bias is not None else None
+
+    def runner(self, image_batch: int, text_batch: int, text_len: int) -> Runner:
+        key = (image_batch, text_batch, text_len)
+        r = self.runners.get(key)
+        if r is None:
+            r = Runner(self, image_batch, text_batch, text_len)
+            self.runners[key] = r
+            while len(self.runners) > self.max_graphs:
+                self.runners.popitem(last=False)
+        else:
+            self.runners.move_to_end(key)
+        return r
+
+    def plan(self, image_batch: int, text_batch: int, text_len: int | None = None) -> Plan:
+        return make_plan(self.spec, image_batch, text_batch, text_len)
+
+    def _encode(self, px, ids):
+        if self.fallback is not None:
+            return self.fallback._encode(px, ids)
+        return self.runner(px.shape[0], ids.shape[0], ids.shape[1])(px, ids)
+
+    def _encode_image(self, px):
+        if self.fallback is not None:
+            return self.fallback._encode_image(px)
+        return self.runner(px.shape[0], 0, self.spec.text.context_length)(px, None)[0]
+
+    def _encode_text(self, ids):
+        if self.fallback is not None:
+            return self.fallback._encode_text(ids)
+        return self.runner(0, ids.shape[0], ids.shape[1])(None, ids)[1]
+
+
+class FusedModel:
+    """Drop-in for the source model: the calls users already make, served by the fused executor.
+
+    - ``encode_image(pixel_values, normalize=False)`` / ``encode_text(input_ids, normalize=False)`` (open_clip)
+    - ``get_image_features(pixel_values=...)`` / ``get_text_features(input_ids=...)`` (transformers: returns
+      what the source model's method returns in transformers 5 — an output object whose ``pooler_output``
+      holds the embeddings; ``last_hidden_state`` is not kept)
+    - calling it: transformers-style ``fused(input_ids=..., pixel_values=...)`` returns an object with
+      ``logits_per_image``, ``logits_per_text``, ``image_embeds``, ``text_embeds`` (normalized, as the source
+      model's output); open_clip-style ``fused(image, text)`` returns open_clip's tuple.
+    """
+
+    def __init__(self, executor: FusedExecutor):
+        self.executor = executor
+        self.spec = executor.spec
+        self.family = executor.family
+
+    def __repr__(self):
+        return f"<FusedModel {self.spec.name or self.family} {self.executor.dtype} on {self.executor.device}>"
+
+    @property
+    def dtype(self):
+        return self.executor.dtype
+
+    @property
+    def device(self):
+        return self.executor.device
+
+    def encode_image(self, pixel_values, normalize: bool = False):
+        x = self.executor.encode_image(pixel_values)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def encode_text(self, input_ids, normalize: bool = False):
+        x = self.executor.encode_text(input_ids)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def get_image_features(self, pixel_values=None, **kwargs):
+        _reject_extra(kwargs, "get_image_features")
+        return _pooling_output(self.executor.encode_image(pixel_values))
+
+    def get_text_features(self, input_ids=None, **kwargs):
+        _reject_extra(kwargs, "get_text_features")
+        return _pooling_output(self.executor.encode_text(input_ids))
+
+    def __call__(self, *args, input_ids=None, pixel_values=None, **kwargs):
+        if self.family == "open_clip":
+            if len(args) != 2 or kwargs or input_ids is not None or pixel_values is not None:
+                raise ValueError("open_clip-style call: expected fused(image, text)")
+            img, txt = self.executor.encode(args[0], args[1])
+            img, txt = F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
+            scale = torch.tensor(self.spec.logit_scale, device=img.device).exp()
+            if self.spec.logit_bias is not None:
+                return img, txt, scale, torch.tensor(self.spec.logit_bias, device=img.device)
+            return img, txt, scale
+        if args:  # transformers' positional order: forward(input_ids, pixel_values)
+            if len(args) > 2 or (input_ids is not None) or (len(args) == 2 and pixel_values is not None):
+                raise ValueError("expected fused(input_ids, pixel_values) or fused(input_ids=..., pixel_values=...)")
+            input_ids = args[0]
+            pixel_values = args[1] if len(args) == 2 else pixel_values
+        kwargs.pop("return_dict", None)
+        _reject_extra(kwargs, "forward")
+        img, txt = self.executor.encode(pixel_values, input_ids)
+        per_image, per_text = self.executor.logits(img, txt)
+        if self.family == "hf_siglip":
+            from transformers.models.siglip.modeling_siglip import SiglipOutput as Output
+        else:
+            from transformers.models.clip.modeling_clip import CLIPOutput as Output
+        return Output(logits_per_image=per_image, logits_per_text=per_text,
+                      image_embeds=F.normalize(img, dim=-1), text_embeds=F.normalize(txt, dim=-1))
+
+
+def _reject_extra(kwargs: dict, where: str):
+    if kwargs:
+        raise ValueError(f"{where}: the fused model takes pixel_values / input_ids only; got unsupported "
+                         f"arguments {sorted(kwargs)} (attention masks and position ids are not supported)")
+
+
+def _pooling_output(x):
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    return BaseModelOutputWithPooling(pooler_output=x)
+
+
+def fuse(model, dtype=None, device=None, **kwargs) -> FusedModel:
+    """``dualfuse.fuse(model, dtype=torch.float16)``: the user's HF CLIPModel / SiglipModel, open_clip CLIP or a
+    preset name -> a drop-in :class:`FusedModel`. The source model is left untouched."""
+    return FusedModel(FusedExecutor(model, dtype=dtype, device=device, **kwargs))

@@ -1,0 +1,138 @@
+"""The fused executor on CPU (Triton interpreter) against the fp32 reference, every family."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dualfuse
+from dualfuse import executors, reference
+from dualfuse.adapters import to_spec
+from dualfuse.executors.fused import FusedExecutor, FusedModel, unsupported_reason
+
+from conftest import KERNEL_DEVICE
+
+FAMILIES = ["clip-tiny", "siglip-tiny", "open_clip-tiny"]
+
+
+def _inputs(spec, bi, bt, text_len=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    v, t = spec.vision, spec.text
+    L = text_len or t.context_length
+    px = torch.randn(bi, v.embed.channels, v.embed.image_size, v.embed.image_size, generator=g)
+    ids = torch.randint(2, t.embed.vocab_size - 1, (bt, L), generator=g)
+    eos = t.eos_token_id if t.eos_token_id is not None else t.embed.vocab_size - 1
+    for i in range(bt):  # EOS at a different position in every text
+        pos = (2 + 3 * i) % L
+        ids[i, pos] = eos
+        ids[i, pos + 1:] = 1
+    return px, ids
+
+
+def _check(out, ref):
+    cos = F.cosine_similarity(out.float(), ref.float(), dim=-1)
+    assert cos.min().item() >= 0.999, cos
+    rel = ((out.float() - ref).norm() / ref.norm()).item()
+    assert rel <= 1e-2, rel
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request):
+    model = dualfuse.load(request.param)
+    return request.param, model, to_spec(model)
+
+
+def test_fused_matches_reference_odd_batches(family):
+    name, model, spec = family
+    before = copy.deepcopy(model.state_dict())
+    ex = executors.get("fused", model, dtype=torch.float16, device=KERNEL_DEVICE)
+    px, ids = _inputs(spec, 3, 7)
+    img, txt = ex.encode(px.to(KERNEL_DEVICE), ids.to(KERNEL_DEVICE))
+    ref_img, ref_txt = reference.encode(spec, px, ids)
+    _check(img.cpu(), ref_img)
+    _check(txt.cpu(), ref_txt)
+    # same zero-shot argmax where the reference's top-2 margin exceeds the error
+    per_image, _ = ex.logits(img, txt)
+    ref_per_image, _ = reference.logits(spec, ref_img, ref_txt)
+    top2 = ref_per_image.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 0.05 * ref_per_image.abs().max()
+    assert torch.equal(per_image.float().cpu().argmax(-1)[clear], ref_per_image.argmax(-1)[clear])
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before) and next(model.parameters()).dtype == torch.float32
+
+
+def test_fused_one_tower_calls_and_short_texts(family):
+    name, model, spec = family
+    ex = executors.get("fused", model, dtype=torch.float16, device=KERNEL_DEVICE)
+    px, ids = _inputs(spec, 2, 3, text_len=spec.text.context_length - 3, seed=1)
+    _check(ex.encode_image(px.to(KERNEL_DEVICE)).cpu(), reference.encode_image(spec, px))
+    _check(ex.encode_text(ids.to(KERNEL_DEVICE)).cpu(), reference.encode_text(spec, ids))
+    # image-only and text-only calls have plans of their own
+    keys = set(ex.runners)
+    assert (2, 0, spec.text.context_length) in keys and (0, 3, spec.text.context_length - 3) in keys
+    assert all(s.towers == ("vision",) for s in ex.runners[(2, 0, spec.text.context_length)].plan.stages)
+
+
+def test_runner_cache_is_bounded_and_replays_are_stable():
+    model = dualfuse.load("clip-tiny")
+    spec = to_spec(model)
+    ex = FusedExecutor(model, dtype=torch.float16, device=KERNEL_DEVICE, max_graphs=2)
+    px, ids = _inputs(spec, 1, 2, seed=2)
+    px, ids = px.to(KERNEL_DEVICE), ids.to(KERNEL_DEVICE)
+    first = ex.encode(px, ids)
+    again = ex.encode(px, ids)  # the residual stream is updated in place: a rerun must not accumulate
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    ex.encode_image(px)
+    ex.encode_text(ids)
+    assert len(ex.runners) == 2 and (1, 2, spec.text.context_length) not in ex.runners
+
+
+def test_drop_in_hf_calls_match_source_model():
+    model = dualfuse.load("siglip-tiny")
+    spec = to_spec(model)
+    fused = dualfuse.fuse(model, dtype=torch.float16, device=KERNEL_DEVICE)
+    assert isinstance(fused, FusedModel)
+    px, ids = _inputs(spec, 2, 3, seed=3)
+    with torch.no_grad():
+        src = model(pixel_values=px, input_ids=ids)
+        src_img = model.get_image_features(pixel_values=px).pooler_output
+    out = fused(input_ids=ids.to(KERNEL_DEVICE), pixel_values=px.to(KERNEL_DEVICE))
+    assert out.logits_per_image.shape == src.logits_per_image.shape
+    assert (out.logits_per_image.float().cpu() - src.logits_per_image).abs().max() < 0.05 * src.logits_per_image.abs().max()
+    _check(fused.get_image_features(pixel_values=px.to(KERNEL_DEVICE)).pooler_output.cpu(), src_img)
+    _check(out.text_embeds.cpu(), F.normalize(src.text_embeds, dim=-1))
+    with pytest.raises(ValueError, match="attention masks"):
+        fused.get_text_features(input_ids=ids, attention_mask=torch.ones_like(ids))
+
+
+def test_drop_in_open_clip_call():
+    model = dualfuse.load("open_clip-tiny")
+    spec = to_spec(model)
+    fused = dualfuse.fuse(model, dtype=torch.float16, device=KERNEL_DEVICE)
+    px, ids = _inputs(spec, 2, 2, seed=4)
+    with torch.no_grad():
+        img, txt, scale = model(px, ids)
+    f_img, f_txt, f_scale = fused(px.to(KERNEL_DEVICE), ids.to(KERNEL_DEVICE))
+    _check(f_img.cpu(), img)
+    _check(f_txt.cpu(), txt)
+    assert abs(f_scale.item() - scale.item()) < 1e-3 * scale.item()
+    _check(fused.encode_image(px.to(KERNEL_DEVICE), normalize=True).cpu(), img)
+
+
+def test_fused_validates_inputs():
+    model = dualfuse.load("clip-tiny")
+    ex = FusedExecutor(model, dtype=torch.float16, device=KERNEL_DEVICE)
+    with pytest.raises(ValueError, match="pixel_values"):
+        ex.encode_image(torch.randn(1, 3, 31, 31, device=KERNEL_DEVICE))
+    with pytest.raises(ValueError, match="input_ids"):
+        ex.encode_text(torch.full((1, 5), 100, device=KERNEL_DEVICE))
+
+
+def test_unsupported_config_reason_and_fallback_rules():
+    spec = to_spec(dualfuse.load("clip-tiny"))
+    spec.vision.heads = 1
+    spec.vision.width = 256  # head dim 256 > 128: shape bookkeeping only, no kernel runs
+    assert "head dim 256" in unsupported_reason(spec, torch.float16, torch.device(KERNEL_DEVICE))
+    if KERNEL_DEVICE == "cpu":
+        with pytest.raises(ValueError, match="cannot run this model: vision head dim 256"):
+            FusedExecutor(spec, dtype=torch.float16, device="cpu")
