@@ -53,11 +53,13 @@ class _TowerBuffers:
         self.batch, self.seq = batch, seq
         self.x, self.h = e(rows, d), e(rows, d)  # residual stream, LN output
         self.qkv, self.a, self.m = e(rows, 3 * d), e(rows, d), e(rows, f)
+        # Inputs start as zeros, not torch.empty: the warm-up and capture run before any real input is copied
+        # in, and garbage token ids would make the embedding gather read far out of bounds.
         if tower.kind == "vision":
             emb = tower.embed
-            self.input = e(batch, emb.channels, emb.image_size, emb.image_size)
+            self.input = torch.zeros(batch, emb.channels, emb.image_size, emb.image_size, dtype=dtype, device=device)
         else:
-            self.input = torch.empty(batch, seq, dtype=torch.long, device=device)
+            self.input = torch.zeros(batch, seq, dtype=torch.long, device=device)
         if tower.pooling == "map":
             fh = tower.pool_head.fc1.out_features
             self.kv, self.ma = e(rows, 2 * d), e(batch, 1, d)
