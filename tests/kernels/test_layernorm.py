@@ -1,0 +1,164 @@
+"""GroupedLayerNorm vs torch.nn.functional.layer_norm (fp32 reference)."""
+import secrets
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dualfuse.kernels.layernorm import GroupedLayerNorm, LayerNormProblem, grouped_layer_norm
+
+TOL = {torch.float16: (2e-2, 1e-2), torch.bfloat16: (6e-2, 2e-2), torch.float32: (2e-5, 1e-5)}
+
+
+@pytest.fixture(autouse=True)
+def fresh_seed():
+    seed = secrets.randbits(31)
+    torch.manual_seed(seed)
+    print(f"seed={seed}")
+    return seed
+
+
+def make_problem(rows, d, dtype, device, *, row_stride=None, eps=1e-5, row_index=None, out_dtype=None):
+    row_stride = row_stride or d
+    base = torch.randn(rows, row_stride, device=device).to(dtype) * 3 + 0.5
+    x = base[:, :d]
+    w = (torch.randn(d, device=device) * 0.5 + 1).to(dtype)
+    b = torch.randn(d, device=device).to(dtype)
+    n_out = rows if row_index is None else row_index.numel()
+    out = torch.full((n_out, d), float("nan"), dtype=out_dtype or dtype, device=device)
+    return LayerNormProblem(x, w, b, out, eps, row_index)
+
+
+def reference(p):
+    x = p.x.float()
+    if p.row_index is not None:
+        x = x[p.row_index.long()]
+    return F.layer_norm(x, (x.shape[1],), p.weight.float(), p.bias.float(), p.eps)
+
+
+def check(p, dtype=None):
+    dtype = dtype or p.out.dtype
+    assert not p.out.isnan().any(), "output not fully written"
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(p.out.float(), reference(p), atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_awkward_shapes_one_launch(dtype, kernel_device):
+    # every awkward row count and width, all problems of one launch
+    shapes = [(1, 40), (3, 72), (50, 96), (77, 768), (197, 40), (257, 72), (3, 768), (1, 96)]
+    problems = [make_problem(r, d, dtype, kernel_device) for r, d in shapes]
+    op = GroupedLayerNorm(problems)
+    op()
+    for p in problems:
+        check(p)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_problem_counts_unequal(n, kernel_device):
+    shapes = [(50, 768), (77, 96), (3, 40)][:n]
+    problems = [make_problem(r, d, torch.float16, kernel_device, eps=e) for (r, d), e in zip(shapes, [1e-5, 1e-6, 1e-3])]
+    GroupedLayerNorm(problems)()
+    for p in problems:
+        check(p)
+
+
+def test_row_stride_and_row_index(kernel_device):
+    idx32 = torch.tensor([0, 49, 7, 7], dtype=torch.int32, device=kernel_device)
+    idx64 = torch.tensor([76, 0, 38], dtype=torch.int64, device=kernel_device)
+    problems = [
+        make_problem(50, 72, torch.float16, kernel_device, row_stride=3 * 72 + 8, row_index=idx32),
+        make_problem(77, 40, torch.float16, kernel_device, row_stride=100, row_index=idx64),
+        make_problem(5, 96, torch.float16, kernel_device, row_stride=200),
+    ]
+    GroupedLayerNorm(problems)()
+    for p in problems:
+        check(p)
+
+
+def test_out_dtype_differs_from_x(kernel_device):
+    p = make_problem(77, 96, torch.float32, kernel_device, out_dtype=torch.float16)
+    GroupedLayerNorm([p])()
+    check(p, torch.float16)
+
+
+def test_repeat_and_static_buffers(kernel_device):
+    problems = [make_problem(50, 40, torch.float16, kernel_device), make_problem(3, 72, torch.float16, kernel_device)]
+    op = GroupedLayerNorm(problems)
+    op()
+    first = [p.out.clone() for p in problems]
+    op()
+    for p, f in zip(problems, first):
+        assert torch.equal(p.out, f)
+    # new contents in the same buffers: the prepared op picks them up
+    for p in problems:
+        p.x.copy_(torch.randn_like(p.x, dtype=torch.float32).to(p.x.dtype))
+        p.out.fill_(float("nan"))
+    op()
+    for p in problems:
+        check(p)
+
+
+def test_convenience_nd(kernel_device):
+    x1 = torch.randn(2, 50, 72, device=kernel_device, dtype=torch.float16)
+    x2 = torch.randn(77, 40, device=kernel_device, dtype=torch.float16)
+    ws = [torch.randn(72, device=kernel_device, dtype=torch.float16), torch.randn(40, device=kernel_device, dtype=torch.float16)]
+    bs = [torch.randn(72, device=kernel_device, dtype=torch.float16), torch.randn(40, device=kernel_device, dtype=torch.float16)]
+    idx = torch.tensor([3, 5], device=kernel_device)
+    o1, o2 = grouped_layer_norm([x1, x2], ws, bs, 1e-5, [None, idx])
+    assert o1.shape == x1.shape and o2.shape == (2, 40)
+    torch.testing.assert_close(o1.float(), F.layer_norm(x1.float(), (72,), ws[0].float(), bs[0].float(), 1e-5),
+                               atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(o2.float(), F.layer_norm(x2.float()[idx], (40,), ws[1].float(), bs[1].float(), 1e-5),
+                               atol=2e-2, rtol=1e-2)
+
+
+def test_bad_inputs(kernel_device):
+    dev = kernel_device
+    good = make_problem(3, 40, torch.float16, dev)
+    with pytest.raises(ValueError, match="at least one"):
+        GroupedLayerNorm([])
+    with pytest.raises(ValueError, match="weight"):
+        GroupedLayerNorm([LayerNormProblem(good.x, good.weight[:39], good.bias, good.out, 1e-5)])
+    with pytest.raises(ValueError, match="contiguous last dim"):
+        x = torch.randn(40, 3, device=dev, dtype=torch.float16).t()
+        GroupedLayerNorm([LayerNormProblem(x, good.weight, good.bias, good.out, 1e-5)])
+    with pytest.raises(ValueError, match="out must be"):
+        GroupedLayerNorm([LayerNormProblem(good.x, good.weight, good.bias, good.out[:2], 1e-5)])
+    with pytest.raises(ValueError, match="differ"):
+        other = make_problem(3, 40, torch.float32, dev)
+        GroupedLayerNorm([good, other])
+    with pytest.raises(ValueError, match="row_index"):
+        GroupedLayerNorm([LayerNormProblem(good.x, good.weight, good.bias, good.out, 1e-5,
+                                           torch.zeros(3, device=dev, dtype=torch.float32))])
+    with pytest.raises(ValueError, match="dtype"):
+        p = make_problem(3, 40, torch.float16, dev)
+        GroupedLayerNorm([LayerNormProblem(p.x.to(torch.int32), p.weight, p.bias, p.out, 1e-5)])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_real_sizes(dtype):
+    shapes = [(32 * 50, 768), (32 * 77, 512), (32 * 257, 1024), (32 * 77, 768), (1, 768), (32 * 196, 768)]
+    problems = [make_problem(r, d, dtype, "cuda") for r, d in shapes]
+    op = GroupedLayerNorm(problems)
+    op()
+    for p in problems:
+        check(p)
+    # CUDA graph capture and replay
+    for p in problems:
+        p.out.fill_(float("nan"))
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        op()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        op()
+    for p in problems:
+        p.out.fill_(float("nan"))
+    g.replay()
+    torch.cuda.synchronize()
+    for p in problems:
+        check(p)
