@@ -1,0 +1,339 @@
+"""What every executor shares: the interface, device/dtype resolution, input validation, and the one
+place that knows how to call a source model's towers.
+
+Interface (every executor, stock or fused)::
+
+    ex = dualfuse.executors.get("graph", model, dtype="fp16", device="cuda")
+    image_embeds, text_embeds = ex.encode(pixel_values, input_ids)
+    image_embeds = ex.encode_image(pixel_values)
+    text_embeds = ex.encode_text(input_ids)
+    logits_per_image, logits_per_text = ex.logits(image_embeds, text_embeds)
+
+Embeddings are unnormalized, exactly what HF ``get_image_features``/``get_text_features`` and open_clip
+``encode_image``/``encode_text`` return. Inputs go through :func:`validate_inputs` first.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import torch
+
+from ..spec import DualEncoderSpec, PatchEmbed, TokenEmbed
+
+DTYPES = {
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+}
+DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+class ExecutorUnavailable(RuntimeError):
+    """The executor cannot run here (missing hardware or optional dependency); not a bug in the inputs."""
+
+
+class NeedsCUDA(ExecutorUnavailable):
+    """The executor needs a CUDA device."""
+
+
+# --------------------------------------------------------------------------------------------- resolution
+
+def resolve_device(device=None) -> torch.device:
+    """``None`` -> the current CUDA device if there is one, else CPU. ``"cuda"`` gets an explicit index so that
+    it compares equal to ``tensor.device``."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"invalid device {device!r}: expected e.g. 'cpu', 'cuda' or 'cuda:0'") from e
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise NeedsCUDA(f"device {str(device)!r} was asked for, but CUDA is not available on this machine")
+        index = torch.cuda.current_device() if device.index is None else device.index
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"device cuda:{index} does not exist: this machine has {torch.cuda.device_count()} "
+                             "CUDA device(s)")
+        device = torch.device("cuda", index)
+    return device
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """fp16 on CUDA, fp32 on CPU (half precision on CPU is slow and not what anyone deploys)."""
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def resolve_dtype(dtype=None, device: torch.device | None = None) -> torch.dtype:
+    if dtype is None:
+        return default_dtype(device if device is not None else resolve_device(None))
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPE_NAMES:
+            raise ValueError(f"unsupported dtype {dtype}: expected one of fp16, bf16, fp32")
+        return dtype
+    key = str(dtype).lower().removeprefix("torch.")
+    if key not in DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r}: expected one of fp16, bf16, fp32")
+    return DTYPES[key]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+
+
+# --------------------------------------------------------------------------------------------- validation
+
+def _describe(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"a {x.dtype} tensor of shape {list(x.shape)} on {x.device}"
+    return f"a {type(x).__name__}"
+
+
+def validate_inputs(spec: DualEncoderSpec, pixel_values=None, input_ids=None, *, device, dtype,
+                    check_ids: bool = True):
+    """Check inputs against the model and return them ready to run: ``(pixel_values, input_ids)``.
+
+    - ``pixel_values``: ``[B, C, H, W]`` floating tensor with the model's channels and image size, B >= 1, on the
+      executor's device. Any floating dtype is accepted and cast to the executor's ``dtype``; integer pixels
+      (e.g. uint8 images that were never normalized) are rejected.
+    - ``input_ids``: ``[B, L]`` integer tensor (any integer dtype; converted to int64), B >= 1,
+      1 <= L <= the context length, every id in ``[0, vocab_size)``, on the executor's device.
+      The range check reads one flag back from the device (a small synchronisation); ``check_ids=False`` skips it.
+
+    Either input may be ``None`` (that tower is not run). Anything else raises ``ValueError`` naming what was
+    expected and what came.
+    """
+    device = torch.device(device)
+    if pixel_values is not None:
+        pixel_values = _validate_pixels(spec, pixel_values, device, dtype)
+    if input_ids is not None:
+        input_ids = _validate_ids(spec, input_ids, device, check_ids)
+    return pixel_values, input_ids
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    if a.type != b.type:
+        return False
+    if a.type == "cuda":
+        ia = a.index if a.index is not None else torch.cuda.current_device()
+        ib = b.index if b.index is not None else torch.cuda.current_device()
+        return ia == ib
+    return True
+
+
+def _validate_pixels(spec, px, device, dtype):
+    emb = spec.vision.embed
+    assert isinstance(emb, PatchEmbed)
+    want = f"[batch, {emb.channels}, {emb.image_size}, {emb.image_size}]"
+    if not isinstance(px, torch.Tensor):
+        raise ValueError(f"pixel_values: expected a torch.Tensor of shape {want}, got {_describe(px)}")
+    if px.dim() != 4:
+        raise ValueError(f"pixel_values: expected a 4-D tensor {want}, got {px.dim()}-D shape {list(px.shape)}")
+    if not px.is_floating_point():
+        raise ValueError(f"pixel_values: expected a floating-point tensor (normalized pixels), got {px.dtype}; "
+                         "convert and normalize images first (e.g. the model's image processor)")
+    b, c, h, w = px.shape
+    if b == 0:
+        raise ValueError(f"pixel_values: empty batch: expected {want} with batch >= 1, got {list(px.shape)}")
+    if c != emb.channels:
+        raise ValueError(f"pixel_values: expected {emb.channels} channels ({want}), got {c} channels in "
+                         f"shape {list(px.shape)}")
+    if h != emb.image_size or w != emb.image_size:
+        raise ValueError(f"pixel_values: expected images of {emb.image_size}x{emb.image_size} ({want}), "
+                         f"got {h}x{w} in shape {list(px.shape)}")
+    if not _same_device(px.device, device):
+        raise ValueError(f"pixel_values: expected a tensor on {device} (the executor's device), got one on "
+                         f"{px.device}; move it with .to('{device}')")
+    return px if px.dtype == dtype else px.to(dtype)
+
+
+def _validate_ids(spec, ids, device, check_ids):
+    emb = spec.text.embed
+    assert isinstance(emb, TokenEmbed)
+    ctx, vocab = spec.text.context_length, emb.vocab_size
+    want = f"[batch, length] with 1 <= length <= {ctx}"
+    if not isinstance(ids, torch.Tensor):
+        raise ValueError(f"input_ids: expected a torch.Tensor of token ids {want}, got {_describe(ids)}")
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise ValueError(f"input_ids: expected an integer tensor of token ids, got {ids.dtype}")
+    if ids.dim() != 2:
+        raise ValueError(f"input_ids: expected a 2-D tensor {want}, got {ids.dim()}-D shape {list(ids.shape)}")
+    b, n = ids.shape
+    if b == 0:
+        raise ValueError(f"input_ids: empty batch: expected {want} and batch >= 1, got {list(ids.shape)}")
+    if n == 0:
+        raise ValueError(f"input_ids: empty sequences: expected {want}, got {list(ids.shape)}")
+    if n > ctx:
+        raise ValueError(f"input_ids: sequences of {n} tokens are longer than the model's context length {ctx} "
+                         f"(expected {want}, got {list(ids.shape)})")
+    if not _same_device(ids.device, device):
+        raise ValueError(f"input_ids: expected a tensor on {device} (the executor's device), got one on "
+                         f"{ids.device}; move it with .to('{device}')")
+    if ids.dtype != torch.long:
+        ids = ids.long()
+    if check_ids:
+        lo, hi = torch.aminmax(ids)
+        lo, hi = int(lo), int(hi)  # one read-back
+        if lo < 0 or hi >= vocab:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"input_ids: token id {bad} is out of the vocabulary: expected ids in [0, {vocab}), "
+                             f"got min {lo}, max {hi}")
+    return ids
+
+
+# --------------------------------------------------------------------------------------------- source model
+
+def _pooled(out) -> torch.Tensor:
+    """HF get_*_features return a tensor (transformers 4) or an output object with pooler_output (5)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    pooled = getattr(out, "pooler_output", None)
+    if pooled is None and isinstance(out, (tuple, list)):
+        pooled = out[0]
+    if pooled is None:
+        raise TypeError(f"cannot read embeddings from {type(out).__name__}")
+    return pooled
+
+
+def source_forward(model, family: str) -> tuple[Callable, Callable]:
+    """(image_fn, text_fn) calling the source model's own tower forwards; each returns unnormalized embeddings.
+
+    The single place that knows how each family is called: eager, streams, graph and compile all use it.
+    """
+    if family in ("hf_clip", "hf_siglip"):
+        def image_fn(pixel_values):
+            return _pooled(model.get_image_features(pixel_values=pixel_values))
+
+        def text_fn(input_ids):
+            return _pooled(model.get_text_features(input_ids=input_ids))
+    elif family == "open_clip":
+        def image_fn(pixel_values):
+            return model.encode_image(pixel_values)
+
+        def text_fn(input_ids):
+            return model.encode_text(input_ids)
+    else:
+        raise ValueError(f"unknown model family {family!r}: expected hf_clip, hf_siglip or open_clip")
+    return image_fn, text_fn
+
+
+def copy_source_model(model, device: torch.device, dtype: torch.dtype):
+    """A deep copy of the user's model on ``device`` in ``dtype``, eval mode, no grads. The original is untouched."""
+    dup = copy.deepcopy(model)
+    dup = dup.to(device=device, dtype=dtype).eval()
+    dup.requires_grad_(False)
+    return dup
+
+
+# --------------------------------------------------------------------------------------------- base class
+
+class Executor:
+    """Base class. Subclasses set ``name`` / ``needs_cuda`` (the registry sets ``name``) and implement
+    ``_encode``, ``_encode_image`` and ``_encode_text`` on validated inputs; the public methods validate first.
+
+    ``model`` is the source model (HF CLIPModel / SiglipModel, open_clip CLIP), a preset name, or — for
+    executors that only need the spec (``uses_source_model = False``) — a :class:`DualEncoderSpec`.
+    ``spec`` may be passed in to avoid re-reading the weights when several executors are built from one model.
+    """
+
+    name: str = ""
+    needs_cuda: bool = False
+    stock: bool = True  # a stock PyTorch way to run the model (bench compares ours against the best of these)
+    uses_source_model: bool = True
+    notes: str = ""  # shown by `dualfuse bench` next to the timings
+
+    def __init__(self, model, dtype=None, device=None, *, spec: DualEncoderSpec | None = None,
+                 check_ids: bool = True):
+        from ..adapters import family_of, to_spec
+
+        self.device = resolve_device(device) if not self.needs_cuda else self._cuda_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.check_ids = check_ids
+        if isinstance(model, (str,)):
+            from ..presets import load
+            model = load(model)
+        if isinstance(model, DualEncoderSpec):
+            if self.uses_source_model:
+                raise ValueError(f"executor {self.name!r} runs the source model: pass the HF/open_clip model "
+                                 "object (or a preset name), not a DualEncoderSpec")
+            self.spec = model
+            self.family = model.family
+        else:
+            self.family = family_of(model)
+            self.spec = spec if spec is not None else to_spec(model)
+        self._source = model  # for subclasses' __init__ only; dropped by them (never keep the user's model)
+
+    def _cuda_device(self, device) -> torch.device:
+        want = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.device(want).type != "cuda" or not torch.cuda.is_available():
+            where = "this machine has no CUDA" if not torch.cuda.is_available() else f"device {want} was asked for"
+            raise NeedsCUDA(f"executor {self.name!r} needs a CUDA device ({where}); executors that run on CPU: "
+                            "eager, compile")
+        return resolve_device(want)
+
+    # -- public interface ----------------------------------------------------------------------------
+    def validate(self, pixel_values=None, input_ids=None):
+        return validate_inputs(self.spec, pixel_values, input_ids, device=self.device, dtype=self.dtype,
+                               check_ids=self.check_ids)
+
+    @torch.no_grad()
+    def encode(self, pixel_values, input_ids):
+        """(image_embeds [Bi, E], text_embeds [Bt, E]), unnormalized, in the executor's dtype."""
+        if pixel_values is None or input_ids is None:
+            raise ValueError("encode needs both pixel_values and input_ids; use encode_image / encode_text "
+                             "for one tower")
+        px, ids = self.validate(pixel_values, input_ids)
+        return self._encode(px, ids)
+
+    @torch.no_grad()
+    def encode_image(self, pixel_values):
+        if pixel_values is None:
+            raise ValueError("pixel_values: expected a tensor, got None")
+        px, _ = self.validate(pixel_values, None)
+        return self._encode_image(px)
+
+    @torch.no_grad()
+    def encode_text(self, input_ids):
+        if input_ids is None:
+            raise ValueError("input_ids: expected a tensor, got None")
+        _, ids = self.validate(None, input_ids)
+        return self._encode_text(ids)
+
+    @torch.no_grad()
+    def logits(self, image_embeds, text_embeds):
+        """(logits_per_image [Bi, Bt], logits_per_text [Bt, Bi]) as CLIP/SigLIP compute them (normalize, scale by
+        exp(logit_scale), add SigLIP's logit_bias); computed in fp32, returned in the embeddings' dtype."""
+        from .. import reference
+
+        for what, x in (("image_embeds", image_embeds), ("text_embeds", text_embeds)):
+            if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[-1] != self.spec.embed_dim:
+                raise ValueError(f"{what}: expected a tensor [batch, {self.spec.embed_dim}], got {_describe(x)}")
+        per_image, per_text = reference.logits(self.spec, image_embeds.float(), text_embeds.float())
+        return per_image.to(image_embeds.dtype), per_text.to(text_embeds.dtype)
+
+    def __call__(self, pixel_values, input_ids):
+        return self.encode(pixel_values, input_ids)
+
+    def __repr__(self) -> str:
+        return (f"<{type(self).__name__} {self.name!r} {self.spec.name or self.family} "
+                f"{dtype_name(self.dtype)} on {self.device}>")
+
+    # -- to implement ----------------------------------------------------------------------------------
+    def _encode(self, px, ids):
+        return self._encode_image(px), self._encode_text(ids)
+
+    def _encode_image(self, px):
+        raise NotImplementedError
+
+    def _encode_text(self, ids):
+        raise NotImplementedError
+
+
+class SourceExecutor(Executor):
+    """Runs a private deep copy of the source model (moved to ``device``, cast to ``dtype``)."""
+
+    def __init__(self, model, dtype=None, device=None, **kwargs):
+        super().__init__(model, dtype, device, **kwargs)
+        self.model = copy_source_model(self._source, self.device, self.dtype)
+        del self._source
+        self.image_fn, self.text_fn = source_forward(self.model, self.family)

@@ -1,0 +1,144 @@
+"""`dualfuse bench` end to end through the CLI entry point, on a tiny preset, plus the timing helpers."""
+import json
+import sys
+
+import pytest
+import torch
+
+from dualfuse import cli, executors, reference
+from dualfuse.bench import random_inputs, stats, time_calls
+
+HAS_CUDA = torch.cuda.is_available()
+FAST = ["--model", "clip-tiny", "--iters", "3", "--warmup", "1", "--no-progress"]
+
+
+def test_bench_runs_and_writes_json(tmp_path, capsys):
+    path = tmp_path / "out" / "bench.json"
+    rc = cli.main(["bench", *FAST, "--executors", "eager,streams,graph", "--batch", "2", "--json", str(path)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "median ms" in out and "eager" in out
+    data = json.loads(path.read_text())
+    for key in ("card", "torch", "triton", "date", "args", "resolved", "environment", "model", "results",
+                "best_stock", "eager_median_ms"):
+        assert key in data, key
+    assert data["args"]["model"] == "clip-tiny" and data["args"]["executors"] == "eager,streams,graph"
+    assert data["resolved"]["image_batch"] == 2 and data["resolved"]["text_length"] == 16
+    assert data["resolved"]["dtype"] == ("fp16" if HAS_CUDA else "fp32")
+    rows = {r["executor"]: r for r in data["results"]}
+    assert list(rows) == ["eager", "streams", "graph"]
+    eager = rows["eager"]
+    assert eager["status"] == "ok" and eager["runs"] == 3 and len(eager["samples_ms"]) == 3
+    for k in ("median_ms", "p90_ms", "mean_ms", "min_ms"):
+        assert eager[k] > 0
+    assert eager["min_cosine"] > 0.9999 and eager["cosine_ok"] is True
+    assert eager["speedup_vs_eager"] == pytest.approx(1.0)
+    if not HAS_CUDA:
+        assert rows["graph"]["status"] == rows["streams"]["status"] == "needs CUDA"
+        assert "needs CUDA" in out
+        assert data["best_stock"] == "eager" and data["card"].startswith("CPU")
+
+
+def test_unknown_executor_is_a_clear_error(capsys):
+    rc = cli.main(["bench", *FAST, "--executors", "eager,warp"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "unknown executor(s): warp; known executors: eager, streams, graph, compile" in err
+
+
+def test_unknown_model_is_a_clear_error(capsys):
+    assert cli.main(["bench", "--model", "nope", "--no-progress"]) == 2
+    assert "unknown model 'nope'" in capsys.readouterr().err
+
+
+class _Broken(executors.Executor):
+    uses_source_model = False
+
+    def _encode_image(self, px):
+        raise RuntimeError("kernel exploded")
+
+    _encode_text = _encode_image
+
+
+class _Wrong(executors.Executor):
+    uses_source_model = False
+
+    def _encode_image(self, px):
+        return torch.randn(px.shape[0], self.spec.embed_dim)
+
+    def _encode_text(self, ids):
+        return torch.randn(ids.shape[0], self.spec.embed_dim)
+
+
+def test_failing_and_wrong_executors_get_rows_and_others_still_run(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(executors, "_REGISTRY", dict(executors._REGISTRY))
+    executors.register("broken")(_Broken)
+    executors.register("wrong")(_Wrong)
+    path = tmp_path / "b.json"
+    rc = cli.main(["bench", *FAST, "--executors", "broken,wrong,eager", "--json", str(path)])
+    out = capsys.readouterr().out
+    assert rc == 1  # something failed: the exit code says so
+    rows = {r["executor"]: r for r in json.loads(path.read_text())["results"]}
+    assert rows["broken"]["status"] == "error" and "kernel exploded" in rows["broken"]["message"]
+    assert rows["wrong"]["status"] == "ok" and rows["wrong"]["cosine_ok"] is False
+    assert rows["eager"]["status"] == "ok" and rows["eager"]["cosine_ok"] is True
+    assert "kernel exploded" in out and "WRONG" in out
+
+
+def test_single_tower_and_separate_batches(tmp_path):
+    path = tmp_path / "b.json"
+    assert cli.main(["bench", *FAST, "--executors", "eager", "--image-batch", "1", "--text-batch", "0",
+                     "--json", str(path)]) == 0
+    row = json.loads(path.read_text())["results"][0]
+    assert row["status"] == "ok" and row["cosine_ok"]
+    assert cli.main(["bench", *FAST, "--model", "siglip-tiny", "--executors", "eager", "--image-batch", "1",
+                     "--text-batch", "5", "--text-length", "7", "--json", str(path)]) == 0
+    data = json.loads(path.read_text())
+    assert data["resolved"]["text_batch"] == 5 and data["resolved"]["text_length"] == 7
+
+
+def test_cli_without_a_command_prints_help(capsys):
+    assert cli.main([]) == 2
+    assert "bench" in capsys.readouterr().out
+
+
+def test_cli_offers_only_subcommands_that_exist(tmp_path, capsys, monkeypatch):
+    (tmp_path / "df_broken_cmd.py").write_text("raise ImportError('boom')\n")
+    (tmp_path / "df_hello_cmd.py").write_text(
+        '"""Say hello."""\ndef add_arguments(p):\n    p.add_argument("--who", default="world")\n'
+        'def run(args):\n    print("hello", args.who)\n    return 0\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(cli, "SUBCOMMANDS", {"bench": "dualfuse.bench", "hello": "df_hello_cmd",
+                                             "ghost": "dualfuse.no_such_module", "broken": "df_broken_cmd"})
+    helptext = cli.build_parser().format_help()
+    assert "bench" in helptext and "hello" in helptext and "Say hello." in helptext and "ghost" not in helptext
+    assert cli.main(["hello", "--who", "you"]) == 0
+    assert "hello you" in capsys.readouterr().out
+    assert cli.main(["broken"]) == 1
+    assert "cannot import df_broken_cmd: ImportError: boom" in capsys.readouterr().err
+    sys.modules.pop("df_hello_cmd", None)
+
+
+def test_stats_and_cpu_timer():
+    s = stats([float(x) for x in range(10, 0, -1)])
+    assert s["median_ms"] == pytest.approx(5.5) and s["p90_ms"] == pytest.approx(9.1)
+    assert s["min_ms"] == 1 and s["mean_ms"] == pytest.approx(5.5) and s["runs"] == 10
+    calls = []
+    samples = time_calls(calls.append, 4, "cpu")
+    assert calls == [0, 1, 2, 3] and len(samples) == 4 and all(x >= 0 for x in samples)
+
+
+def test_random_inputs_are_deterministic_and_pool_where_expected():
+    import dualfuse
+    from dualfuse.adapters import to_spec
+
+    spec = to_spec(dualfuse.load("clip-tiny"))  # first-EOS pooling, eos id 99
+    a = random_inputs(spec, 2, 4, 10, sets=3, seed=1)
+    b = random_inputs(spec, 2, 4, 10, sets=3, seed=1)
+    assert all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(a, b))
+    assert not torch.equal(a[0][1], a[1][1])
+    px, ids = a[0]
+    assert px.shape == (2, 3, 32, 32) and ids.shape == (4, 10)
+    pos = reference.pool_positions(spec.text, ids, 4, 10)
+    assert (ids[torch.arange(4), pos] == 99).all() and (pos >= 1).all()
+    assert random_inputs(spec, 0, 3, sets=1)[0][0] is None
