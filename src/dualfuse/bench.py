@@ -304,8 +304,9 @@ def run(args: argparse.Namespace) -> int:
     v, t = summary["vision"], summary["text"]
     shape = (f"image {bi}×{v['channels']}×{v['image_size']}² ({v['seq_len']} tokens)" if bi else "no images") + \
         " + " + (f"text {bt}×{length} tokens" if bt else "no text")
-    out.print(f"[bold]dualfuse bench[/]: {args.model} ({spec.family}; vision {v['layers']}×{v['width']}, "
-              f"text {t['layers']}×{t['width']}) · {shape} · {dtype_name(dtype)} · {env['card']}")
+    out.print(f"[bold]dualfuse bench[/] {args.model} ({spec.family}; vision {v['layers']}×{v['width']}, "
+              f"text {t['layers']}×{t['width']}) · {dtype_name(dtype)} · {env['card']}", highlight=False)
+    out.print(f"inputs: {shape}", highlight=False)
 
     rows: list[Row] = []
     progress = Progress(TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -422,10 +423,10 @@ def _print_table(console, rows, best, cuda, iters, warmup, sets):
         table.add_row(name, _fmt(r.median_ms), _fmt(r.p90_ms), _fmt(r.speedup_vs_eager, "{:.2f}×"),
                       _fmt(r.time_vs_best_stock, "{:.2f}"), cos, r.notes)
     console.print(table)
-    timer = "CUDA events, synchronized per call" if cuda else "perf_counter (CPU: few runs, a smoke test, not a figure)"
-    lines = [f"median/p90 of {iters} runs after {warmup} warm-up, rotating {sets} input sets; timer: {timer}",
-             "vs eager: eager median / median (speedup); vs best stock: median / best stock median "
-             f"(best stock here: {best.executor if best else '—'}); † = not stock",
-             f"min cos: lowest per-embedding cosine vs the fp32 reference forward (pass ≥ {COSINE_PASS})"]
+    timer = "CUDA events, synchronized per call" if cuda else "perf_counter (CPU: a smoke test, not a figure)"
+    lines = [f"median/p90 of {iters} runs after {warmup} warm-up · {sets} input sets rotated · timer: {timer}",
+             "vs eager = eager median / median · vs best stock = median / best stock median "
+             f"(here: {best.executor if best else '—'}) · † = not stock",
+             f"min cos = lowest per-embedding cosine vs the fp32 reference forward (pass ≥ {COSINE_PASS})"]
     for line in lines:
         console.print(line, style="dim", highlight=False)
