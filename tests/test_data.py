@@ -159,3 +159,13 @@ def test_demo_and_synthetic():
     assert syn.pixel_values.shape == (5, 3, 32, 32) and syn.labels is None and syn.caption_image is None
     assert len(syn.prompts) == 4 and len(syn.captions) == 5
     assert torch.equal(syn.pixel_values, D.synthetic(pre, num_images=5, num_classes=4, seed=3).pixel_values)
+
+
+def test_synthetic_tokenizer_ignores_config_ids_outside_the_vocabulary():
+    """HF SiglipTextConfig defaults to CLIP's BOS/EOS 49406/49407 even with a small vocabulary."""
+    m = presets.load("siglip-tiny")
+    m.config.text_config.eos_token_id = 49407
+    m.config.text_config.pad_token_id = 49407
+    tok = D.make_tokenizer(to_spec(m), m)
+    ids = tok(["a b"])
+    assert int(ids.max()) < 100 and tok.eos == 1 and tok.pad == 1

@@ -221,3 +221,56 @@ def test_real_green_context_sweep(tmp_path):
     assert [r["sms"] for r in doc["runs"]] == [n, None]
     assert doc["runs"][0]["green_context"]["sms"] == n
     assert all(r["results"][0]["status"] == "ok" for r in doc["runs"])
+
+
+# ----------------------------------------------------------------------------------------- bench integration (CPU)
+
+def test_bench_energy_rows_with_fake_meter(tmp_path, monkeypatch, capsys):
+    from dualfuse import cli
+
+    monkeypatch.setattr(energy, "bench_meter", lambda device: (energy.nvml_meter(0, nvml=FakeNVML(watts=50.0)),
+                                                               "energy: fake meter"))
+    out = tmp_path / "e.json"
+    rc = cli.main(["bench", "--model", "clip-tiny", "--device", "cpu", "--executors", "eager", "--iters", "2",
+                   "--warmup", "0", "--batch", "2", "--energy", "--energy-seconds", "0.2", "--no-progress",
+                   "--json", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "energy: fake meter" in text and "J/inf" in text and "img/s/W" in text
+    row = json.loads(out.read_text())["results"][0]
+    assert row["joules_per_inference"] > 0 and row["images_per_s_per_w"] > 0
+    assert row["energy"]["energy_calls"] >= 10 and row["energy"]["avg_power_w"] == pytest.approx(50, rel=0.2)
+
+
+def test_bench_energy_not_available_on_cpu(capsys):
+    from dualfuse import cli
+
+    rc = cli.main(["bench", "--model", "clip-tiny", "--device", "cpu", "--executors", "eager", "--iters", "1",
+                   "--warmup", "0", "--energy", "--no-progress"])
+    assert rc == 0
+    assert "energy: not available" in capsys.readouterr().out
+
+
+def test_bench_sms_end_to_end_fake_green_context(tmp_path):
+    """The real `dualfuse bench --sms` fan-out: a child process per SM count (green context faked: no GPU here;
+    one count keeps the test short — test_run_sweep_orchestration covers several, 'full' and a dying child)."""
+    out = tmp_path / "sms.json"
+    env = dict(os.environ, **{green.FAKE_ENV: "1"})
+    proc = subprocess.run([sys.executable, "-m", "dualfuse.cli", "bench", "--model", "clip-tiny", "--device", "cpu",
+                           "--executors", "eager", "--iters", "1", "--warmup", "0", "--no-progress",
+                           "--sms", "8", "--json", str(out)], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "green context: 8 SMs" in proc.stdout and "memory bandwidth" in proc.stdout
+    doc = json.loads(out.read_text())
+    assert doc["schema"] == "dualfuse.bench-sweep/1" and [r["sms"] for r in doc["runs"]] == [8]
+    run = doc["runs"][0]
+    assert run["green_context"]["fake"] and run["sms"] == 8 and run["results"][0]["status"] == "ok"
+    assert "8 SMs" in proc.stdout.split("median ms per SM count")[1]
+
+
+def test_bench_sms_rejects_bad_counts(capsys):
+    from dualfuse import cli
+
+    rc = cli.main(["bench", "--model", "clip-tiny", "--sms", "eight"])
+    assert rc == 2 and "--sms" in capsys.readouterr().err

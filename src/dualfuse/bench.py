@@ -204,6 +204,10 @@ class Row:
     cosine_ok: bool | None = None
     speedup_vs_eager: float | None = None
     time_vs_best_stock: float | None = None
+    # --energy (dualfuse.energy): whole-board energy over a loop of the timed calls; details in `energy`
+    joules_per_inference: float | None = None
+    images_per_s_per_w: float | None = None
+    energy: dict | None = None
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -226,6 +230,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="weights and inputs seed (default 0)")
     p.add_argument("--json", metavar="PATH", help="write machine-readable results here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    # ---- SM-limited runs and energy (dualfuse.green, dualfuse.energy; docs/evaluation.md)
+    p.add_argument("--sms", metavar="N[,N...]",
+                   help="time inside CUDA green contexts of N SMs, one process per count ('full' = whole GPU); "
+                        "8 ≈ Jetson Orin Nano, 16 ≈ AGX Orin; Hopper allocates multiples of 8. Limits SMs only: "
+                        "memory bandwidth and clocks stay the big card's")
+    p.add_argument("--energy", action="store_true",
+                   help="measure energy (NVML energy counter / power, Jetson rails): J/inference and images/s/W")
+    p.add_argument("--energy-seconds", type=float, default=2.0,
+                   help="length of the energy loop per executor (default 2 s)")
+    p.add_argument("--_in-green-context", dest="_in_green_context", type=int, help=argparse.SUPPRESS)
 
 
 def _err(msg: str) -> int:
@@ -242,6 +256,19 @@ def run(args: argparse.Namespace) -> int:
     from . import executors, presets, reference
     from .adapters import to_spec
     from .executors.base import ExecutorUnavailable, NeedsCUDA, dtype_name, resolve_device, resolve_dtype
+
+    # ---- SM-limited runs (dualfuse.green): the parent runs one child process per SM count and merges; a child
+    # enters its green context here, before anything touches CUDA
+    if getattr(args, "sms", None) and getattr(args, "_in_green_context", None) is None:
+        from .green import sweep_from_args
+        return sweep_from_args(args)
+    green_info = None
+    if getattr(args, "_in_green_context", None) is not None:
+        from .green import enter_from_args
+        try:
+            green_info = enter_from_args(args)
+        except (ValueError, RuntimeError) as e:
+            return _err(str(e))
 
     # ---- arguments
     try:
@@ -307,6 +334,16 @@ def run(args: argparse.Namespace) -> int:
     out.print(f"[bold]dualfuse bench[/] {args.model} ({spec.family}; vision {v['layers']}×{v['width']}, "
               f"text {t['layers']}×{t['width']}) · {dtype_name(dtype)} · {env['card']}", highlight=False)
     out.print(f"inputs: {shape}", highlight=False)
+    # ---- green context / energy meter (dualfuse.green, dualfuse.energy)
+    if green_info:
+        out.print(f"green context: {green_info['sms']} SMs {green_info.get('equivalent', '')}"
+                  f"{' (FAKE: test mode)' if green_info.get('fake') else ''}; {green_info['not_emulated']}",
+                  highlight=False)
+    meter = None
+    if getattr(args, "energy", False):
+        from .energy import bench_meter
+        meter, energy_line = bench_meter(device)
+        out.print(energy_line, highlight=False)
 
     rows: list[Row] = []
     progress = Progress(TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -342,6 +379,12 @@ def run(args: argparse.Namespace) -> int:
                 row.samples_ms = samples
                 for k, val in stats(samples).items():
                     setattr(row, k, val)
+                if meter is not None:  # --energy: the same calls again under the meter (dualfuse.energy)
+                    from .energy import bench_energy
+                    progress.update(task, description=f"{name}: energy")
+                    for k, val in bench_energy(lambda i: call(ex, i), meter, device, bi,
+                                               seconds=args.energy_seconds).items():
+                        setattr(row, k, val)
                 row.notes = getattr(ex, "notes", "") or row.notes
             except NeedsCUDA as e:
                 row.status, row.message = "needs CUDA", str(e)
@@ -369,7 +412,7 @@ def run(args: argparse.Namespace) -> int:
         if best:
             r.time_vs_best_stock = r.median_ms / best.median_ms
 
-    _print_table(out, rows, best, cuda, iters, warmup, len(inputs))
+    _print_table(out, rows, best, cuda, iters, warmup, len(inputs), energy=meter is not None)
 
     if args.json:
         result = dict(
@@ -383,6 +426,8 @@ def run(args: argparse.Namespace) -> int:
             environment=env, card=env["card"], torch=env["torch"], triton=env["triton"], date=env["date"],
             model=summary, eager_median_ms=eager.median_ms if eager else None,
             best_stock=best.executor if best else None,
+            sms=green_info["sms"] if green_info else None, green_context=green_info,
+            energy_meter=(meter.source if meter is not None else None) if getattr(args, "energy", False) else None,
             results=[asdict(r) for r in rows],
         )
         d = os.path.dirname(os.path.abspath(args.json))
@@ -399,7 +444,7 @@ def _fmt(x, spec="{:.3f}", none="—"):
     return none if x is None or (isinstance(x, float) and math.isnan(x)) else spec.format(x)
 
 
-def _print_table(console, rows, best, cuda, iters, warmup, sets):
+def _print_table(console, rows, best, cuda, iters, warmup, sets, energy: bool = False):
     from rich.table import Table
 
     table = Table(show_edge=False, header_style="bold")
@@ -409,19 +454,23 @@ def _print_table(console, rows, best, cuda, iters, warmup, sets):
     table.add_column("vs eager", justify="right")
     table.add_column("vs best stock", justify="right")
     table.add_column("min cos", justify="right")
+    if energy:
+        table.add_column("J/inf", justify="right")
+        table.add_column("img/s/W", justify="right")
     table.add_column("notes", overflow="fold")
     for r in rows:
+        extra = [_fmt(r.joules_per_inference, "{:.4g}"), _fmt(r.images_per_s_per_w, "{:.3g}")] if energy else []
         name = r.executor + ("" if r.stock else " †")
         if r.status != "ok":
             style = "yellow" if r.status in ("needs CUDA", "unavailable") else "red"
             note = "needs CUDA" if r.status == "needs CUDA" else f"{r.status}: {r.message}"
-            table.add_row(name, "—", "—", "—", "—", "—", f"[{style}]{note}[/]")
+            table.add_row(name, "—", "—", "—", "—", "—", *(["—", "—"] if energy else []), f"[{style}]{note}[/]")
             continue
         cos = _fmt(r.min_cosine, "{:.6f}")
         if r.cosine_ok is False:
             cos = f"[red]{cos} WRONG[/]"
         table.add_row(name, _fmt(r.median_ms), _fmt(r.p90_ms), _fmt(r.speedup_vs_eager, "{:.2f}×"),
-                      _fmt(r.time_vs_best_stock, "{:.2f}"), cos, r.notes)
+                      _fmt(r.time_vs_best_stock, "{:.2f}"), cos, *extra, r.notes)
     console.print(table)
     timer = "CUDA events, synchronized per call" if cuda else "perf_counter (CPU: a smoke test, not a figure)"
     lines = [f"median/p90 of {iters} runs after {warmup} warm-up · {sets} input sets rotated · timer: {timer}",

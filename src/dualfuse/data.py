@@ -151,19 +151,23 @@ class SyntheticTokenizer(Tokenizer):
         self.pooling = t.pooling
         self.family = spec.family
         cfg = getattr(getattr(model, "config", None), "text_config", None)
-        bos = getattr(cfg, "bos_token_id", None)
-        pad = getattr(cfg, "pad_token_id", None)
+
+        def cfg_id(name):  # a config id, if it is a real id of this vocabulary (HF SiglipTextConfig defaults to
+            v = getattr(cfg, name, None)  # CLIP's 49406/49407 even with a 32000-token vocabulary)
+            return int(v) if isinstance(v, int) and 0 <= v < self.vocab else None
+
+        bos, pad = cfg_id("bos_token_id"), cfg_id("pad_token_id")
         if t.pooling == "argmax":
             self.bos, self.eos, self.pad = self.vocab - 2, self.vocab - 1, 0
         elif t.pooling == "first_eos":
             self.eos = int(t.eos_token_id)
-            self.bos = int(bos) if bos is not None and bos != self.eos else None
-            self.pad = int(pad) if pad is not None else self.eos
-        else:  # SigLIP: no BOS, EOS then padding; last-token pooling
-            eos = getattr(cfg, "eos_token_id", None)
+            self.bos = bos if bos is not None and bos != self.eos else None
+            self.pad = pad if pad is not None else self.eos
+        else:  # SigLIP: no BOS, EOS then padding; last-token pooling (real SigLIP: </s> = 1 is both)
+            eos = cfg_id("eos_token_id")
             self.bos = None
-            self.eos = int(eos) if eos is not None else 1
-            self.pad = int(pad) if pad is not None else self.eos
+            self.eos = eos if eos is not None else min(1, self.vocab - 1)
+            self.pad = pad if pad is not None else self.eos
         special = {x for x in (self.bos, self.eos, self.pad) if x is not None}
         self._ordinary = [i for i in range(self.vocab) if i not in special] if self.vocab < 4096 else None
         self._special = special

@@ -332,7 +332,10 @@ def bench_energy(call, meter: Meter, device, images_per_call: int, *, seconds: f
 
     device = torch.device(device)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
-    calls, reading = measure_calls(call, meter, min_seconds=seconds, min_calls=10, sync=sync, idle_seconds=0.5)
+    try:
+        calls, reading = measure_calls(call, meter, min_seconds=seconds, min_calls=10, sync=sync, idle_seconds=0.5)
+    except EnergyUnavailable as e:  # a meter that stops answering mid-run: no energy figure, the timing stands
+        return dict(energy=dict(error=str(e)))
     d = per_inference(calls, reading, images_per_call)
     return dict(joules_per_inference=d["joules_per_inference"], images_per_s_per_w=d["images_per_s_per_w"],
                 energy=d)

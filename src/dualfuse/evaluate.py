@@ -200,9 +200,24 @@ def _batched(fn, x: torch.Tensor, batch_size: int, device) -> torch.Tensor:
     return torch.cat(outs)
 
 
+def check_token_ids(spec, ids: torch.Tensor, what: str) -> torch.Tensor:
+    """Token ids must index the model's vocabulary (the reference does not check; an executor would refuse)."""
+    vocab = spec.text.embed.vocab_size
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        from .data import DataError
+
+        raise DataError(f"the tokenizer produced ids in [{int(ids.min())}, {int(ids.max())}] for the {what}, but the "
+                        f"model's vocabulary has {vocab} tokens: tokenizer and model do not match")
+    return ids
+
+
 def reference_embeddings(spec, data, tokenizer, device, batch_size: int = 32) -> dict:
     """fp32 reference embeddings of the dataset's images, class prompts and captions."""
     from . import reference
+
+    check_token_ids(spec, tokenizer(data.prompts), "class prompts")
+    if data.captions:
+        check_token_ids(spec, tokenizer(data.captions), "captions")
 
     ref_spec = spec.to(device=device, dtype=torch.float32)
     out = dict(image=_batched(lambda x: reference.encode_image(ref_spec, x.float()), data.pixel_values,
@@ -322,7 +337,10 @@ def run(args: argparse.Namespace) -> int:
     for msg in data.problems:
         out.print(f"[yellow]warning[/]: {msg}", highlight=False)
 
-    ref = reference_embeddings(spec, data, tok, device, args.batch_size)
+    try:
+        ref = reference_embeddings(spec, data, tok, device, args.batch_size)
+    except D.DataError as e:
+        return _err(str(e))
     results = []
     for name in wanted:
         res = dict(executor=name, status="ok")

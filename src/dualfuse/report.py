@@ -207,6 +207,7 @@ def section_latency(bench, outdir) -> list[str]:
         return []
     out = ["## Latency per executor per batch", ""]
     for (model, card, dtype), by_batch in groups.items():
+        by_batch = OrderedDict(sorted(by_batch.items()))
         runs = list(by_batch.values())
         batches = list(by_batch.keys())
         names = _executors(runs)
@@ -258,7 +259,8 @@ def section_latency(bench, outdir) -> list[str]:
 
 
 def section_energy(bench, outdir) -> list[str]:
-    rows = [(r, x) for r in bench for x in r.get("results", []) if isinstance(x.get("joules_per_inference"), (int, float))]
+    rows = [(r, {**(x.get("energy") or {}), **{k: v for k, v in x.items() if v is not None}})
+            for r in bench for x in r.get("results", []) if isinstance(x.get("joules_per_inference"), (int, float))]
     if not rows:
         return []
     out = ["## Energy", "", "whole-board energy over a loop of the timed calls (idle power included)", "",

@@ -45,8 +45,8 @@ def choose_providers(available: list[str], device: torch.device, dtype: torch.dt
     if "CUDAExecutionProvider" in available:
         chosen.append(("CUDAExecutionProvider", dict(common)))
     if not chosen:
-        raise ExecutorUnavailable(f"onnxruntime here has no GPU provider (available: {', '.join(available)}): "
-                                  "not installed: pip install onnxruntime-gpu")
+        cpu_only = ", ".join(short_provider(p) for p in available)
+        raise ExecutorUnavailable(f"not installed: pip install onnxruntime-gpu (providers here: {cpu_only})")
     return chosen + ["CPUExecutionProvider"]
 
 

@@ -17,7 +17,7 @@ from . import register
 from ._onnx_export import INPUT_IMAGE, INPUT_TEXT, OUTPUT, TowerExporter
 from .base import Executor, ExecutorUnavailable
 
-INSTALL_HINT = "pip install tensorrt (TensorRT 10, CUDA 12/13 wheels)"
+INSTALL_HINT = "pip install tensorrt"
 
 
 def _import_trt():
