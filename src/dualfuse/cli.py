@@ -17,9 +17,9 @@ import sys
 SUBCOMMANDS: dict[str, str | tuple[str, ...]] = {
     "bench": "dualfuse.bench",
     "plan": "dualfuse.plan",
-    "profile": ("dualfuse.profile", "dualfuse.profile.cli", "dualfuse.profile.report"),
+    "profile": "dualfuse.profile",
     "eval": "dualfuse.evaluate",
-    "report": ("dualfuse.report", "dualfuse.profile.report"),
+    "report": "dualfuse.report",
 }
 
 
