@@ -10,13 +10,17 @@ Variants, each captured in its own torch.cuda.CUDAGraph and timed by CUDA events
     torch     the two towers' torch calls: addmm (cuBLAS, = F.linear) + activation + residual add
               (8 calls per layer as counted in the table, 14-18 kernel launches)
     separate  our kernel, one launch per tower per step (8 launches per layer)
-    tuned     (--tune) like fused with GroupedLinear(tune=True)
+    tuned     (--tune) like fused with GroupedLinear(tune=True); the per-step candidate timings (cold L2,
+              one launch each) are printed after the table and kept in the JSON
+    before    (--before PATH) like fused with the GroupedLinear of another gemm.py (e.g. the previous
+              commit's: `git show HEAD~1:src/dualfuse/kernels/gemm.py > .bench_before/gemm.py`), so a
+              before/after pair comes from the same run and card
 The graph walks over enough distinct layers (separate weights) that the weights do not stay in L2, as in
 a real 12..24-layer tower; time per layer = replay time / layers. Every variant is checked against an fp32
 torch reference before timing (raises on mismatch). Ceilings measured in the same run: device-to-device
 copy bandwidth ((read + write) bytes / time) and a big matmul (8192^3 in --dtype).
 
-    python benchmarks/kernels.py [--dtype fp16|bf16] [--json out.json] [--quick] [--tune]
+    python benchmarks/kernels.py [--dtype fp16|bf16] [--json out.json] [--quick] [--tune] [--before PATH]
 
 Without CUDA it runs only the correctness path on tiny shapes through the Triton interpreter.
 
@@ -70,6 +74,13 @@ def parse_args(argv=None):
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {', '.join(MODELS)}")
     p.add_argument("--batches", default=",".join(map(str, BATCHES)), help="comma-separated batch sizes")
     p.add_argument("--replays", type=int, default=None, help="timed graph replays per variant (default 200, quick 30)")
+    p.add_argument("--variants", default=None,
+                   help="comma-separated subset of fused,torch,separate,before,tuned (default: all that apply)")
+    p.add_argument("--extra", action="append", default=[], metavar="NAME:JSON",
+                   help="another variant: fused with GroupedLinear(config=JSON), e.g. 'pdl:{\"pdl\": true}'")
+    p.add_argument("--gemm-only", action="store_true", help="skip the attention/layernorm part (kernels_attention.py)")
+    p.add_argument("--before", metavar="PATH", default=None,
+                   help="a gemm.py to time as variant 'before' (loaded as dualfuse.kernels._gemm_before)")
     return p.parse_args(argv)
 
 
@@ -164,14 +175,45 @@ class Tower:
 # ---------------------------------------------------------------------------------------------------
 # variants: a list (per layer) of callables that launch the layer's four steps
 # ---------------------------------------------------------------------------------------------------
-def build_variant(name, towers, n_layers):
-    from dualfuse.kernels.gemm import GroupedLinear
+_BEFORE = {}
+
+
+def load_before(path):
+    """The GroupedLinear of another gemm.py, imported inside the dualfuse.kernels package (relative imports)."""
+    if path not in _BEFORE:
+        import importlib.util
+
+        import dualfuse.kernels
+
+        name = "dualfuse.kernels._gemm_before"
+        spec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(spec)
+        mod.__package__ = "dualfuse.kernels"
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+        _BEFORE[path] = mod
+    return _BEFORE[path]
+
+
+def build_variant(name, towers, n_layers, before=None, extras=None):
+    from dualfuse.kernels.gemm import GroupedLinear, LinearProblem
 
     layers, info = [], {}
+    extras = extras or {}
     for layer in range(n_layers):
         probs = [t.problems(layer) for t in towers]
-        if name in ("fused", "tuned"):
-            ops = [GroupedLinear([p[s] for p in probs], tune=(name == "tuned")) for s in STEPS]
+        if name in ("fused", "tuned") or name in extras:
+            ops = [GroupedLinear([p[s] for p in probs], tune=(name == "tuned"), config=extras.get(name))
+                   for s in STEPS]
+            if layer == 0:
+                info = {s: dict(config=op.config, splits=op.splits, programs=op.num_programs,
+                                tune_table=getattr(op, "tune_table", None))
+                        for s, op in zip(STEPS, ops)}
+        elif name == "before":
+            mod = load_before(before)
+            conv = [{s: mod.LinearProblem(**{f: getattr(q, f) for f in LinearProblem.__dataclass_fields__})
+                     for s, q in p.items()} for p in probs]
+            ops = [mod.GroupedLinear([p[s] for p in conv]) for s in STEPS]
             if layer == 0:
                 info = {s: dict(config=op.config, splits=op.splits, programs=op.num_programs)
                         for s, op in zip(STEPS, ops)}
@@ -229,8 +271,14 @@ def time_graph(layers, replays, warmup=10):
         for ops in layers:
             for op in ops:
                 op()
-    for _ in range(warmup):
+    # warm up for >= 30 ms: clocks drop while the host compiles, and a few replays don't bring them back
+    t_end = datetime.datetime.now() + datetime.timedelta(milliseconds=30)
+    n = 0
+    while n < warmup or datetime.datetime.now() < t_end:
         graph.replay()
+        n += 1
+        if n % 10 == 0:
+            torch.cuda.synchronize()
     torch.cuda.synchronize()
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(replays)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(replays)]
@@ -291,20 +339,34 @@ def run_case(model, spec, batch, dtype, args, ceil, variants):
     byts = sum(t.flops_bytes()[1] for t in towers)
     rows = []
     for name in variants:
-        layers, info = build_variant(name, towers, n_layers)
-        errs = check_variant(name, towers, layers)
+        t0 = datetime.datetime.now()
+        try:
+            layers, info = build_variant(name, towers, n_layers, before=args.before, extras=args.extra_cfg)
+            errs = check_variant(name, towers, layers)
+        except Exception as e:  # reported (FAILED row), but one broken variant must not cost the rest of the run
+            traceback.print_exc()
+            rows.append(dict(model=model, batch=batch, variant=name, error=f"{type(e).__name__}: {e}"))
+            continue
         row = dict(model=model, batch=batch, variant=name, M=(towers[0].M, towers[1].M), layers_in_graph=n_layers,
                    flops_per_layer=flops, bytes_per_layer=byts, max_rel_err=max(errs.values()), rel_errs=errs,
                    kernel_info=info, launches_per_layer=sum(1 for _ in layers[0]))
         if HAS_CUDA:
             replays = args.replays or (30 if args.quick else 200)
-            ts = [t / n_layers for t in time_graph(layers, replays)]
+            try:
+                ts = [t / n_layers for t in time_graph(layers, replays)]
+            except Exception as e:
+                traceback.print_exc()
+                rows.append(dict(row, error=f"{type(e).__name__}: {e}"))
+                continue
             ts.sort()
             us = statistics.median(ts)
             row.update(us_median=us, us_p90=ts[int(0.9 * (len(ts) - 1))], us_min=ts[0], samples_us=ts,
                        tflops=flops / us / 1e6, gbps=byts / us / 1e3)
             row["peak_frac"] = row["tflops"] / ceil["matmul_TFLOPs"]
             row["bw_frac"] = row["gbps"] / ceil["copy_GBps"]
+        row["wall_s"] = (datetime.datetime.now() - t0).total_seconds()
+        print(f"   {name:<9} {row.get('us_median', float('nan')):8.1f} us/layer  ({row['wall_s']:.0f} s to build,"
+              f" check, time)", flush=True)
         rows.append(row)
         del layers
     del towers
@@ -334,6 +396,9 @@ def print_table(rows, ceil):
     print("-" * len(hdr))
     base = {(r["model"], r["batch"]): r for r in rows if r["variant"] == "torch"}
     for r in rows:
+        if "error" in r:
+            print(f"{r['model']:<12}{r['batch']:>3} {r['variant']:<9}  FAILED: {r['error'][:150]}")
+            continue
         if "us_median" not in r:
             print(f"{r['model']:<12}{r['batch']:>3} {r['variant']:<9}{r['launches_per_layer']:>7}"
                   f"  correctness ok (max rel err {r['max_rel_err']:.2e}); timing needs CUDA")
@@ -343,6 +408,42 @@ def print_table(rows, ceil):
         print(f"{r['model']:<12}{r['batch']:>3} {r['variant']:<9}{r['launches_per_layer']:>7}{r['us_median']:>10.1f}"
               f"{r['us_p90']:>8.1f}{r['tflops']:>9.1f}{r['peak_frac']:>7.0%}{r['gbps']:>8.0f}{r['bw_frac']:>6.0%}"
               f"{speed:>9}  {target_note(r)}")
+
+
+def _cfg_str(c):
+    s = f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']} w{c['num_warps']} s{c['num_stages']}"
+    if "programs_per_sm" in c:
+        s += f" pps{c['programs_per_sm']} mk{c.get('min_k_iters')} cap{c.get('max_split')}"
+    if c.get("split_reduce") == "atomic":
+        s += " atomic"
+    if c.get("prefetch"):
+        s += f" pf{c['prefetch']}"
+    if "early_epilogue" in c:
+        s += f" early{int(bool(c['early_epilogue']))}"
+    return s
+
+
+def print_tune_tables(rows, top=6):
+    """Per step: the heuristic default (candidate 0) and the fastest candidates, one launch, cold L2."""
+    for r in rows:
+        if r["variant"] != "tuned":
+            continue
+        print(f"\ntune candidates {r['model']} batch {r['batch']} (us per launch, cold L2; default = first candidate)")
+        for step, inf in r["kernel_info"].items():
+            table = [c for c in (inf.get("tune_table") or []) if "us" in c]
+            if not table:
+                continue
+            errs = [c for c in inf["tune_table"] if "error" in c]
+            d = table[0]
+            best = sorted(table, key=lambda c: c["us"])
+            print(f"  {step}: default {d['us']:.2f} us [{_cfg_str(d['config'])} S={d['splits']} P={d['programs']}]"
+                  f"  best {best[0]['us']:.2f}  ({len(table)} timed, {len(errs)} failed)")
+            for c in best[:top]:
+                print(f"      {c['us']:7.2f}  {_cfg_str(c['config'])}  S={c['splits']} P={c['programs']}")
+
+
+def any_failed(rows) -> bool:
+    return any("error" in r for r in rows)
 
 
 def main(argv=None) -> int:
@@ -358,29 +459,22 @@ def main(argv=None) -> int:
         print("no CUDA: correctness only, tiny shapes, Triton interpreter (fp16 dot; bf16 dot is broken there)")
         models, batches, card = TOY, [1], "cpu (TRITON_INTERPRET=1)"
         dtype = torch.float16
-    variants = ["fused", "torch", "separate"] + (["tuned"] if args.tune and HAS_CUDA else [])
+    args.extra_cfg = {}
+    for e in args.extra:
+        name, _, cfg = e.partition(":")
+        args.extra_cfg[name] = json.loads(cfg)
+    variants = (["fused", "torch", "separate"] + (["before"] if args.before else []) + list(args.extra_cfg)
+                + (["tuned"] if args.tune and HAS_CUDA else []))
+    if args.variants:
+        keep = {v.strip() for v in args.variants.split(",")} | set(args.extra_cfg)
+        variants = [v for v in variants if v in keep]
     ceil = ceilings(dtype, args.quick) if HAS_CUDA else None
     rows = []
-    for model, spec in models.items():
-        for batch in batches:
-            print(f"== {model} batch {batch}", flush=True)
-            rows += run_case(model, spec, batch, dtype, args, ceil, variants)
-
     attention, rc = None, 0
-    try:
-        from kernels_attention import run as run_attention
-    except ModuleNotFoundError as e:
-        if e.name != "kernels_attention":
-            raise
-        run_attention = None
-    if run_attention is not None:
-        try:
-            attention = run_attention(args)
-        except Exception:
-            traceback.print_exc()
-            attention, rc = {"error": traceback.format_exc()}, 1
 
-    if args.json:
+    def write_json():
+        if not args.json:
+            return
         record = dict(
             benchmark="kernels", card=card, dtype=str(dtype).replace("torch.", ""),
             date=datetime.datetime.now().isoformat(timespec="seconds"),
@@ -391,10 +485,34 @@ def main(argv=None) -> int:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(record, f, indent=1, default=str)
+
+    for model, spec in models.items():
+        for batch in batches:
+            print(f"== {model} batch {batch}", flush=True)
+            rows += run_case(model, spec, batch, dtype, args, ceil, variants)
+            write_json()  # after every case: a run cut short still leaves its results
+
+    run_attention = None
+    if not args.gemm_only:
+        try:
+            from kernels_attention import run as run_attention
+        except ModuleNotFoundError as e:
+            if e.name != "kernels_attention":
+                raise
+    if run_attention is not None:
+        try:
+            attention = run_attention(args)
+        except Exception:
+            traceback.print_exc()
+            attention, rc = {"error": traceback.format_exc()}, 1
+
+    if args.json:
+        write_json()
         print(f"wrote {args.json}")
     print(f"\nGEMM steps of one layer, both towers ({card}, {args.dtype if HAS_CUDA else 'fp16'}, CUDA graphs)")
     print_table(rows, ceil)
-    return rc
+    print_tune_tables(rows)
+    return 1 if any_failed(rows) else rc
 
 
 if __name__ == "__main__":

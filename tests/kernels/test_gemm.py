@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dualfuse.kernels.gemm import GroupedLinear, LinearProblem, grouped_linear
+from dualfuse.kernels.gemm import MAX_ARG_PROBLEMS, GroupedLinear, LinearProblem, _choose_splits, grouped_linear
 
 HAS_CUDA = torch.cuda.is_available()
 DEV = "cuda" if HAS_CUDA else "cpu"
@@ -180,6 +180,67 @@ def test_repeated_calls_identical(split_k, gen):
             assert torch.equal(a, b), "repeated call gave a different result"
 
 
+@pytest.mark.parametrize("split_k", [3])
+def test_atomic_split_reduce(split_k, gen):
+    """fp32-atomic split-K: right to rounding, workspace tiles and counters back to 0 after every call
+    (replay-safe without a memset), repeated calls agree to rounding (not necessarily bitwise)."""
+    dt = torch.float16
+    problems = [_make(50, 72, 96, dt, bias=True, activation="gelu", residual="inplace", gen=gen),
+                _make(77, 40, 96, dt, bias=True, residual="sep", gen=gen)]
+    h0 = problems[0].out.clone()
+    refs = _expected(problems)
+    g = GroupedLinear(problems, split_k=split_k, config={"split_reduce": "atomic"})
+    assert g._plan.constexprs["ATOMIC_REDUCE"] and max(g.splits) > 1
+    first = None
+    for _ in range(2):
+        problems[0].out.copy_(h0)
+        problems[1].out.fill_(float("nan"))
+        g()
+        _check(problems, refs, dt)
+        assert int(g._plan.cnt.abs().sum()) == 0
+        assert float(g._plan.ws.abs().sum()) == 0.0, "atomic workspace must be zeroed by the last program"
+        outs = [p.out.clone() for p in problems]
+        first = first or outs
+        for a, b in zip(first, outs):
+            torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("early", [False, True])
+def test_skinny_tiles_and_early_epilogue(early, gen):
+    """Narrow N tiles, BLOCK_K > K, several M tiles, bias/residual loaded before or after the K loop."""
+    dt = torch.float16
+    problems = [_make(50, 72, 40, dt, bias=True, activation="quick_gelu", residual="inplace", gen=gen),
+                _make(77, 40, 96, dt, bias=True, residual="sep", gen=gen)]
+    cfg = {"BLOCK_M": 64, "BLOCK_N": 16, "BLOCK_K": 64, "early_epilogue": early}
+    g = _run(problems, dt, split_k=2, config=cfg)
+    assert g._plan.constexprs["EARLY_EPI"] is early and g._plan.constexprs["EVEN_K"] is False
+
+
+def test_more_problems_than_kernel_arguments(gen):
+    """Above MAX_ARG_PROBLEMS problems the per-problem fields come from the device table instead."""
+    dt = torch.float16
+    dims = [(3, 40, 40), (50, 72, 96), (1, 16, 72), (77, 40, 40), (20, 96, 40), (9, 24, 72)]
+    acts = ACTS + ACTS
+    problems = [_make(m, n, k, dt, bias=i % 2 == 0, activation=acts[i], residual=("inplace", None, "sep")[i % 3],
+                      gen=gen) for i, (m, n, k) in enumerate(dims)]
+    assert len(problems) > MAX_ARG_PROBLEMS
+    g = _run(problems, dt, split_k=2)
+    assert g._plan.meta_in_args is False
+
+
+def test_split_heuristic_policies():
+    """Work-proportional splits, capped by max_split; programs_per_sm=0 or enough tiles: no split."""
+    dims = [(50, 768, 3072), (77, 512, 2048)]  # ViT-B/32 FC2 at batch 1
+    cfg = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, num_sms=132, programs_per_sm=1, min_k_iters=2, max_split=8)
+    s = _choose_splits(dims, cfg, torch.device("cpu"), None)
+    assert s[0] > s[1] > 1 and max(s) <= 8, s
+    tiles = [1 * 12, 1 * 8]
+    assert 0.7 * 132 <= sum(t * k for t, k in zip(tiles, s)) <= 1.3 * 132, s
+    assert _choose_splits(dims, {**cfg, "max_split": 3}, torch.device("cpu"), None) == [3, 3]
+    assert _choose_splits(dims, {**cfg, "programs_per_sm": 0}, torch.device("cpu"), None) == [1, 1]
+    assert _choose_splits(dims, {**cfg, "num_sms": 16}, torch.device("cpu"), None) == [1, 1]
+
+
 def test_inplace_accumulates_like_hidden_update(gen):
     """Two calls with out = residual = hidden: hidden + 2 * proj(x)."""
     dt = torch.float32
@@ -281,6 +342,8 @@ def test_errors():
         (lambda: GroupedLinear([p, _p()], split_k=[2]), "split_k"),
         (lambda: GroupedLinear([p], config={"BLOCK_Q": 3}), "config must be a dict"),
         (lambda: GroupedLinear([p], config={"BLOCK_N": 48}), "power of two"),
+        (lambda: GroupedLinear([p], config={"split_reduce": "tree"}), "split_reduce"),
+        (lambda: GroupedLinear([p], config={"prefetch": -2}), "prefetch"),
         (lambda: grouped_linear([p.x], [p.weight, p.weight]), "equal lengths"),
         (lambda: grouped_linear([p.x], [p.weight], out_dtype=torch.int8), "out_dtype"),
     ]
@@ -308,17 +371,49 @@ REAL = [  # (M, N, K) pairs of one ViT-B/32 layer at batch 1: vision then text
 ]
 
 
+REAL_L14 = [  # ViT-L/14 at batch 1: 257 vision rows (2 x 128 + 1), 77 text rows
+    ((257, 3072, 1024), (77, 2304, 768)),
+    ((257, 1024, 1024), (77, 768, 768)),
+    ((257, 4096, 1024), (77, 3072, 768)),
+    ((257, 1024, 4096), (77, 768, 3072)),
+]
+STEP_KW = [dict(bias=True), dict(bias=True, residual="inplace"), dict(bias=True, activation="quick_gelu"),
+           dict(bias=True, residual="inplace")]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("step", range(4))
 def test_gpu_real_shapes(dtype, step, gen):
-    kw = [dict(bias=True), dict(bias=True, residual="inplace"), dict(bias=True, activation="quick_gelu"),
-          dict(bias=True, residual="inplace")][step]
+    kw = STEP_KW[step]
     problems = [_make(*dims, dtype, **kw, gen=gen) for dims in REAL[step]]
+    _run(problems, dtype)
+    problems = [_make(*dims, dtype, **kw, gen=gen) for dims in REAL_L14[step]]
     _run(problems, dtype)
     # batch 32 (no split-K, big tiles)
     problems = [_make(32 * m, n, k, dtype, **kw, gen=gen) for m, n, k in REAL[step]]
     _run(problems, dtype)
+
+
+@pytest.mark.gpu
+def test_gpu_atomic_split_reduce_graph_replay(gen):
+    """fp32-atomic split-K inside a CUDA graph: every replay right to rounding, workspace self-cleaning."""
+    dt = torch.float16
+    problems = [_make(50, 768, 3072, dt, bias=True, residual="sep", gen=gen),
+                _make(77, 512, 2048, dt, bias=True, residual="sep", gen=gen)]
+    refs = _expected(problems)
+    g = GroupedLinear(problems, config={"split_reduce": "atomic"})
+    assert max(g.splits) > 1
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        g()
+    for _ in range(4):
+        for p in problems:
+            p.out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        _check(problems, refs, dt)
+    assert int(g._plan.cnt.abs().sum()) == 0 and float(g._plan.ws.abs().sum()) == 0.0
 
 
 @pytest.mark.gpu
@@ -368,6 +463,62 @@ def test_gpu_cuda_graph_replay(dtype, gen):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("prefetch", [True, 2])
+@pytest.mark.parametrize("split_k", [None, 3])
+def test_gpu_pdl_prefetch_chain(split_k, prefetch, gen):
+    """Three dependent launches (y = x W1; h += y W2; z = act(h W3)) with programmatic dependent launch and
+    the L2 weight prefetch: each program must read its producer's output only after gdc_wait. Eager calls
+    and CUDA-graph replays, awkward K (not a multiple of BLOCK_K), in-place residual, split-K counters
+    reused by back-to-back launches."""
+    from dualfuse.kernels.gemm import pdl_supported
+
+    dt = torch.float16
+    cfg = {"pdl": True, "prefetch": prefetch}
+    x = torch.randn(77, 520, generator=gen).to(DEV, dt)
+    w1 = (torch.randn(776, 520, generator=gen) / 520**0.5).to(DEV, dt)
+    w2 = (torch.randn(512, 776, generator=gen) / 776**0.5).to(DEV, dt)
+    w3 = (torch.randn(1000, 512, generator=gen) / 512**0.5).to(DEV, dt)
+    b3 = torch.randn(1000, generator=gen).to(DEV, dt)
+    h0 = torch.randn(77, 512, generator=gen).to(DEV, dt)
+    y = torch.empty(77, 776, device=DEV, dtype=dt)
+    h = h0.clone()
+    z = torch.empty(77, 1000, device=DEV, dtype=dt)
+    ops = [GroupedLinear([LinearProblem(x, w1, y)], config=cfg, split_k=split_k),
+           GroupedLinear([LinearProblem(y, w2, h, residual=h)], config=cfg, split_k=split_k),
+           GroupedLinear([LinearProblem(h, w3, z, bias=b3, activation="gelu")], config=cfg, split_k=split_k)]
+    assert ops[0]._plan.constexprs["USE_PDL"] == pdl_supported(DEV)
+    assert ops[0]._plan.constexprs["PREFETCH"] == (-1 if prefetch is True else prefetch)
+
+    def check(h_in):  # each stage against fp64 from the fp16 input the kernel read
+        y_ref = x.double() @ w1.double().T
+        assert _rel_err(y, y_ref) <= 1e-2
+        assert _rel_err(h, h_in.double() + y.double() @ w2.double().T) <= 1e-2
+        assert _rel_err(z, F.gelu(h.double() @ w3.double().T + b3.double())) <= 1e-2
+
+    for _ in range(2):  # eager, back to back
+        h.copy_(h0)
+        y.fill_(float("nan"))
+        z.fill_(float("nan"))
+        for op in ops:
+            op()
+        torch.cuda.synchronize()
+        check(h0)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for op in ops:
+            op()
+    for _ in range(3):
+        h.copy_(h0)
+        y.fill_(float("nan"))
+        z.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        check(h0)
+    for op in ops:
+        assert int(op._plan.cnt.abs().sum()) == 0
+
+
+@pytest.mark.gpu
 def test_gpu_tune_picks_a_working_config(gen):
     dt = torch.float16
     problems = [_make(50, 2304, 768, dt, bias=True, gen=gen), _make(77, 1536, 512, dt, bias=True, gen=gen)]
@@ -375,3 +526,6 @@ def test_gpu_tune_picks_a_working_config(gen):
     g = GroupedLinear(problems, tune=True)
     g()
     _check(problems, refs, dt)
+    timed = [c for c in g.tune_table if "us" in c]
+    assert len(timed) >= 2 and all(c["us"] > 0 for c in timed)
+    assert g.config == min(timed, key=lambda c: c["us"])["config"]
