@@ -117,3 +117,20 @@ def l2_cache_bytes(device=None) -> int:
 
 
 TORCH_TO_TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+def pow2_divisor(values, cap: int) -> int:
+    """Largest power of two <= cap dividing every non-zero value (alignment hints for the compiler)."""
+    a = cap
+    for v in values:
+        v = abs(int(v))
+        while v and a > 1 and v % a:
+            a //= 2
+    return a
+
+
+def describe(t) -> str:
+    """A tensor's shape, dtype and strides for error messages (the type name for anything else)."""
+    if not isinstance(t, torch.Tensor):
+        return type(t).__name__
+    return f"{tuple(t.shape)} {t.dtype} strides {tuple(t.stride())}"

@@ -28,6 +28,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._utils import describe, pow2_divisor
+
 __all__ = ["AttentionProblem", "GroupedAttention", "grouped_attention", "split_packed_qkv"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -207,24 +209,14 @@ def _attention_kernel(
              acc.to(o_ref.dtype.element_ty), mask=md_ok)
 
 
-def _pow2_divisor(values, cap: int) -> int:
-    """Largest power of two <= cap dividing every non-zero value (alignment hints for the compiler)."""
-    a = cap
-    for v in values:
-        v = abs(int(v))
-        while v and a > 1 and v % a:
-            a //= 2
-    return a
 
 
-def _shape(t: Tensor) -> str:
-    return f"{tuple(t.shape)} {t.dtype} strides {tuple(t.stride())}"
 
 
 def split_packed_qkv(qkv: Tensor, width: int) -> tuple[Tensor, Tensor, Tensor]:
     """Split a packed QKV GEMM output [B, S, 3*width] (q|k|v, each heads-major) into strided views."""
     if not isinstance(qkv, Tensor) or qkv.dim() != 3 or qkv.shape[-1] != 3 * width:
-        got = _shape(qkv) if isinstance(qkv, Tensor) else type(qkv).__name__
+        got = describe(qkv) if isinstance(qkv, Tensor) else type(qkv).__name__
         raise ValueError(f"split_packed_qkv: expected [B, S, {3 * width}] (3*width), got {got}")
     return qkv[..., :width], qkv[..., width:2 * width], qkv[..., 2 * width:]
 
@@ -276,7 +268,7 @@ class GroupedAttention:
                 if not isinstance(t, Tensor):
                     raise ValueError(f"{where}: {name} must be a Tensor, got {type(t).__name__}")
                 if t.dim() != 3 or t.stride(2) != 1:
-                    raise ValueError(f"{where}: {name} must be [B, S, H*Dh] with a contiguous last dim, got {_shape(t)}")
+                    raise ValueError(f"{where}: {name} must be [B, S, H*Dh] with a contiguous last dim, got {describe(t)}")
                 if t.device != device:
                     raise ValueError(f"{where}: {name} is on {t.device}, expected {device} (all on one device)")
                 want = o_dtype if name == "out" else dtype
@@ -302,7 +294,7 @@ class GroupedAttention:
             max_dh = max(max_dh, Dh)
             for name, t in (("q", q), ("k", k), ("v", v), ("out", out)):
                 if (t.shape[1] + max(self.block_m, self.block_n)) * t.stride(1) + W >= 2 ** 31:
-                    raise ValueError(f"{where}: {name} token offsets exceed int32 ({_shape(t)})")
+                    raise ValueError(f"{where}: {name} token offsets exceed int32 ({describe(t)})")
             n_m = triton.cdiv(Sq, self.block_m)
             r = [0] * _NF
             r[_F["q"]], r[_F["k"]], r[_F["v"]], r[_F["o"]] = q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr()
@@ -335,8 +327,8 @@ class GroupedAttention:
         self._refs = (p0.q, p0.out)
         self._ieee = dtype == torch.float32
         self._even_d = all(r[_F["Dh"]] == self.block_d for r in rows)
-        self._ptr_align = _pow2_divisor([r[j] for r in rows for j in range(4)], 16)
-        self._elt_align = _pow2_divisor([r[j] for r in rows for j in range(4, 12)] + [r[_F["Dh"]] for r in rows], 16)
+        self._ptr_align = pow2_divisor([r[j] for r in rows for j in range(4)], 16)
+        self._elt_align = pow2_divisor([r[j] for r in rows for j in range(4, 12)] + [r[_F["Dh"]] for r in rows], 16)
 
     @property
     def outputs(self) -> list[Tensor]:

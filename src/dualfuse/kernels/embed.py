@@ -28,6 +28,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._utils import describe, pow2_divisor
+
 __all__ = ["PatchEmbedProblem", "TokenEmbedProblem", "Embeddings", "PatchEmbed", "TokenEmbed",
            "patch_embed", "token_embed"]
 
@@ -255,20 +257,8 @@ def _embed_kernel(pm, tm, n_patch, n_token, n_patch_tiles, pix_ref, w_ref, o_ref
         _token_tile(pid, tm, n_token, w_ref, o_ref, NTF, BLOCK_T, BLOCK_DT, PTR_ALIGN, ELT_ALIGN)
 
 
-def _pow2_divisor(values, cap: int) -> int:
-    """Largest power of two <= cap dividing every non-zero value (alignment hints for the compiler)."""
-    a = cap
-    for v in values:
-        v = abs(int(v))
-        while v and a > 1 and v % a:
-            a //= 2
-    return a
 
 
-def _shape(t) -> str:
-    if not isinstance(t, Tensor):
-        return type(t).__name__
-    return f"{tuple(t.shape)} {t.dtype} strides {tuple(t.stride())}"
 
 
 class Embeddings:
@@ -338,7 +328,7 @@ class Embeddings:
             if not isinstance(P, int) or isinstance(P, bool) or P < 1:
                 raise ValueError(f"{where}: patch_size must be a positive int, got {P!r}")
             if x.dim() != 4:
-                raise ValueError(f"{where}: pixel_values must be [B, C, H, W], got {_shape(x)}")
+                raise ValueError(f"{where}: pixel_values must be [B, C, H, W], got {describe(x)}")
             B, C, Hh, Ww = x.shape
             if B < 1 or Hh % P or Ww % P or Hh < P or Ww < P:
                 raise ValueError(f"{where}: image {Hh}x{Ww} (batch {B}) must be a non-empty multiple of patch_size {P}")
@@ -347,20 +337,20 @@ class Embeddings:
             w = p.weight
             if w.dim() != 2 or w.shape[1] != Kdim or w.stride(1) != 1:
                 raise ValueError(f"{where}: weight must be [D, C*p*p] = [D, {Kdim}] with a contiguous last dim, "
-                                 f"got {_shape(w)}")
+                                 f"got {describe(w)}")
             D = w.shape[0]
             has_cls = p.class_embedding is not None
             T = Hp * Wp + int(has_cls)
             for name in ("bias", "class_embedding"):
                 t = getattr(p, name)
                 if t is not None and (t.shape != (D,) or (D > 1 and t.stride(0) != 1)):
-                    raise ValueError(f"{where}: {name} must be contiguous [{D}], got {_shape(t)}")
+                    raise ValueError(f"{where}: {name} must be contiguous [{D}], got {describe(t)}")
             pos = p.pos_embedding
             if pos.dim() != 2 or tuple(pos.shape) != (T, D) or pos.stride(1) != 1:
-                raise ValueError(f"{where}: pos_embedding must be [{T}, {D}] with a contiguous last dim, got {_shape(pos)}")
+                raise ValueError(f"{where}: pos_embedding must be [{T}, {D}] with a contiguous last dim, got {describe(pos)}")
             out = p.out
             if out.dim() != 3 or tuple(out.shape) != (B, T, D) or out.stride(2) != 1:
-                raise ValueError(f"{where}: out must be [{B}, {T}, {D}] with a contiguous last dim, got {_shape(out)}")
+                raise ValueError(f"{where}: out must be [{B}, {T}, {D}] with a contiguous last dim, got {describe(out)}")
             r = [0] * _NPF
             r[_PF["pix"]], r[_PF["sb"]], r[_PF["sc"]], r[_PF["sh"]], r[_PF["sw"]] = (x.data_ptr(),) + tuple(x.stride())
             r[_PF["p"]], r[_PF["Wp"]] = P, Wp
@@ -393,7 +383,7 @@ class Embeddings:
             ids = p.input_ids
             check_tensor(where, "input_ids", ids, None)
             if ids.dtype not in (torch.int32, torch.int64) or ids.dim() != 2:
-                raise ValueError(f"{where}: input_ids must be [B, L] int32/int64, got {_shape(ids)}")
+                raise ValueError(f"{where}: input_ids must be [B, L] int32/int64, got {describe(ids)}")
             B, L = ids.shape
             if B < 1 or L < 1:
                 raise ValueError(f"{where}: input_ids must be non-empty, got {tuple(ids.shape)}")
@@ -402,12 +392,12 @@ class Embeddings:
             check_tensor(where, "out", p.out, o_dtype)
             tw, pos, out = p.token_weight, p.pos_embedding, p.out
             if tw.dim() != 2 or tw.stride(1) != 1:
-                raise ValueError(f"{where}: token_weight must be [V, D] with a contiguous last dim, got {_shape(tw)}")
+                raise ValueError(f"{where}: token_weight must be [V, D] with a contiguous last dim, got {describe(tw)}")
             D = tw.shape[1]
             if pos.dim() != 2 or pos.shape[0] < L or pos.shape[1] != D or pos.stride(1) != 1:
-                raise ValueError(f"{where}: pos_embedding must be [>= {L}, {D}] with a contiguous last dim, got {_shape(pos)}")
+                raise ValueError(f"{where}: pos_embedding must be [>= {L}, {D}] with a contiguous last dim, got {describe(pos)}")
             if out.dim() != 3 or tuple(out.shape) != (B, L, D) or out.stride(2) != 1:
-                raise ValueError(f"{where}: out must be [{B}, {L}, {D}] with a contiguous last dim, got {_shape(out)}")
+                raise ValueError(f"{where}: out must be [{B}, {L}, {D}] with a contiguous last dim, got {describe(out)}")
             r = [0] * _NTF
             r[_TF["ids"]], r[_TF["ids_kind"]] = ids.data_ptr(), (1 if ids.dtype == torch.int32 else 2)
             r[_TF["ids_sb"]], r[_TF["ids_sl"]] = ids.stride(0), ids.stride(1)
@@ -428,10 +418,10 @@ class Embeddings:
         pix_ref = patch_problems[0].pixel_values if patch_problems else w0
         self._refs = (pix_ref, w0, first.out)
         self._ieee = w_dtype == torch.float32
-        self._ptr_align = _pow2_divisor(
+        self._ptr_align = pow2_divisor(
             [r[_PF[k]] for r in pm_rows for k in ("pix", "w", "pos", "out")]
             + [r[_TF[k]] for r in tm_rows for k in ("tok", "pos", "out")], 16)
-        self._elt_align = _pow2_divisor(
+        self._elt_align = pow2_divisor(
             [r[_PF[k]] for r in pm_rows for k in ("sb", "sc", "sh", "w_sn", "pos_s", "o_sb", "o_st", "D")]
             + [r[_TF[k]] for r in tm_rows for k in ("tok_s", "pos_s", "o_sb", "o_sl", "D")], 16)
 
@@ -475,7 +465,7 @@ def patch_embed(pixel_values: Tensor, weight: Tensor, bias: Tensor | None, class
         weight = weight.reshape(weight.shape[0], -1)
     if not isinstance(pixel_values, Tensor) or pixel_values.dim() != 4 or not isinstance(weight, Tensor):
         raise ValueError(f"patch_embed: expected pixel_values [B, C, H, W] and weight tensors, got "
-                         f"{_shape(pixel_values)}, {_shape(weight)}")
+                         f"{describe(pixel_values)}, {describe(weight)}")
     if not isinstance(patch_size, int) or patch_size < 1:
         raise ValueError(f"patch_embed: patch_size must be a positive int, got {patch_size!r}")
     B, _, Hh, Ww = pixel_values.shape
@@ -492,7 +482,7 @@ def token_embed(input_ids: Tensor, token_weight: Tensor, pos_embedding: Tensor,
     if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or not isinstance(token_weight, Tensor) \
             or token_weight.dim() != 2:
         raise ValueError(f"token_embed: expected input_ids [B, L] and token_weight [V, D], got "
-                         f"{_shape(input_ids)}, {_shape(token_weight)}")
+                         f"{describe(input_ids)}, {describe(token_weight)}")
     B, L = input_ids.shape
     out = torch.empty((B, L, token_weight.shape[1]), dtype=out_dtype or token_weight.dtype, device=token_weight.device)
     op = TokenEmbed([TokenEmbedProblem(input_ids, token_weight, pos_embedding, out)])

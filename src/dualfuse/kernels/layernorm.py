@@ -23,6 +23,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._utils import describe, pow2_divisor
+
 __all__ = ["LayerNormProblem", "GroupedLayerNorm", "grouped_layer_norm"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -116,18 +118,8 @@ def _layer_norm_kernel(
     tl.store(o_ptr + rows[:, None] * o_stride + cols[None, :], y.to(o_ref.dtype.element_ty), mask=mask)
 
 
-def _pow2_divisor(values, cap: int) -> int:
-    """Largest power of two <= cap dividing every non-zero value (alignment hints for the compiler)."""
-    a = cap
-    for v in values:
-        v = abs(int(v))
-        while v and a > 1 and v % a:
-            a //= 2
-    return a
 
 
-def _shape(t: Tensor) -> str:
-    return f"{tuple(t.shape)} {t.dtype} strides {tuple(t.stride())}"
 
 
 class GroupedLayerNorm:
@@ -163,7 +155,7 @@ class GroupedLayerNorm:
                 if t.device != device:
                     raise ValueError(f"{where}: {name} is on {t.device}, expected {device} (all on one device)")
             if x.dim() != 2 or x.stride(1) != 1:
-                raise ValueError(f"{where}: x must be [R, D] with a contiguous last dim, got {_shape(x)}")
+                raise ValueError(f"{where}: x must be [R, D] with a contiguous last dim, got {describe(x)}")
             R, D = x.shape
             if R < 1 or D < 1:
                 raise ValueError(f"{where}: x must have at least one row and column, got {tuple(x.shape)}")
@@ -174,22 +166,22 @@ class GroupedLayerNorm:
                                  f"{x_dtype}/{o_dtype} (one launch shares dtypes)")
             for name, t in (("weight", w), ("bias", b)):
                 if t.shape != (D,) or (D > 1 and t.stride(0) != 1):
-                    raise ValueError(f"{where}: {name} must be contiguous [{D}], got {_shape(t)}")
+                    raise ValueError(f"{where}: {name} must be contiguous [{D}], got {describe(t)}")
                 if t.dtype != w_dtype:
                     raise ValueError(f"{where}: {name} dtype {t.dtype} differs from problem 0's weight dtype {w_dtype}")
             idx_addr, idx_kind, n_out = 0, 0, R
             if p.row_index is not None:
                 ri = p.row_index
                 if not isinstance(ri, Tensor) or ri.dim() != 1 or ri.dtype not in (torch.int32, torch.int64):
-                    got = _shape(ri) if isinstance(ri, Tensor) else type(ri).__name__
+                    got = describe(ri) if isinstance(ri, Tensor) else type(ri).__name__
                     raise ValueError(f"{where}: row_index must be a 1-D int32/int64 tensor, got {got}")
                 if ri.device != device:
                     raise ValueError(f"{where}: row_index is on {ri.device}, expected {device}")
                 if ri.numel() < 1 or (ri.numel() > 1 and ri.stride(0) != 1):
-                    raise ValueError(f"{where}: row_index must be contiguous and non-empty, got {_shape(ri)}")
+                    raise ValueError(f"{where}: row_index must be contiguous and non-empty, got {describe(ri)}")
                 idx_addr, idx_kind, n_out = ri.data_ptr(), (1 if ri.dtype == torch.int32 else 2), ri.numel()
             if out.dim() != 2 or tuple(out.shape) != (n_out, D) or out.stride(1) != 1:
-                raise ValueError(f"{where}: out must be [{n_out}, {D}] with a contiguous last dim, got {_shape(out)}")
+                raise ValueError(f"{where}: out must be [{n_out}, {D}] with a contiguous last dim, got {describe(out)}")
             eps = float(p.eps)
             if not eps >= 0.0:
                 raise ValueError(f"{where}: eps must be >= 0, got {p.eps}")
@@ -216,8 +208,8 @@ class GroupedLayerNorm:
         self.meta = torch.tensor(rows_meta, dtype=torch.int64).to(device)
         self.eps = torch.tensor(eps_list, dtype=torch.float32).to(device)
         self._refs = (p0.x, p0.weight, p0.out)
-        self._ptr_align = _pow2_divisor([r[j] for r in rows_meta for j in (_X, _W, _B, _OUT)], 16)
-        self._elt_align = _pow2_divisor([r[j] for r in rows_meta for j in (_D, _XS, _OS)], 16)
+        self._ptr_align = pow2_divisor([r[j] for r in rows_meta for j in (_X, _W, _B, _OUT)], 16)
+        self._elt_align = pow2_divisor([r[j] for r in rows_meta for j in (_D, _XS, _OS)], 16)
 
     @property
     def outputs(self) -> list[Tensor]:
