@@ -46,7 +46,7 @@ def unsupported_reason(spec: DualEncoderSpec, dtype: torch.dtype, device: torch.
 class _TowerBuffers:
     """Static activations of one tower for one batch size. Rows are flattened [B*S, ...]."""
 
-    def __init__(self, tower: TowerSpec, w: TowerSpec, batch: int, seq: int, dtype, device):
+    def __init__(self, tower: TowerSpec, batch: int, seq: int, dtype, device):
         d, f = tower.width, tower.mlp_dim
         rows = batch * seq
         e = lambda *shape: torch.empty(*shape, dtype=dtype, device=device)  # noqa: E731
@@ -81,15 +81,14 @@ class Runner:
 
     def __init__(self, ex: "FusedExecutor", image_batch: int, text_batch: int, text_len: int):
         self.ex = ex
-        spec, w = ex.spec, ex.weights
+        spec = ex.spec
         self.plan: Plan = make_plan(spec, image_batch, text_batch, text_len,
                                     elt=torch.finfo(ex.dtype).bits // 8)
         self.buf: dict[str, _TowerBuffers] = {}
         if image_batch:
-            self.buf["vision"] = _TowerBuffers(spec.vision, w.vision, image_batch, spec.vision.seq_len,
-                                               ex.dtype, ex.device)
+            self.buf["vision"] = _TowerBuffers(spec.vision, image_batch, spec.vision.seq_len, ex.dtype, ex.device)
         if text_batch:
-            self.buf["text"] = _TowerBuffers(spec.text, w.text, text_batch, text_len, ex.dtype, ex.device)
+            self.buf["text"] = _TowerBuffers(spec.text, text_batch, text_len, ex.dtype, ex.device)
         self.ops = [self._build(stage) for stage in self.plan.stages]
         self.graph = None
         if ex.device.type == "cuda" and ex.use_graph:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 
 TOWERS = ("vision", "text", "both", "host", "unattributed")
 OP_CLASSES = ("gemm", "attention", "norm", "elementwise", "embed", "other")
