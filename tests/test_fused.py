@@ -136,3 +136,37 @@ def test_unsupported_config_reason_and_fallback_rules():
     if KERNEL_DEVICE == "cpu":
         with pytest.raises(ValueError, match="cannot run this model: vision head dim 256"):
             FusedExecutor(spec, dtype=torch.float16, device="cpu")
+
+
+REAL_PRESETS = ["clip-vit-b-32", "clip-vit-b-16", "clip-vit-l-14", "siglip-base-patch16-224"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", REAL_PRESETS)
+def test_fused_real_presets_gpu(name, dtype):
+    """Issue #4 on the GPU: every preset, odd batches, one-tower calls, fp16 and bf16."""
+    model = dualfuse.load(name)
+    spec = to_spec(model)
+    ex = executors.get("fused", model, dtype=dtype, device="cuda")
+    px, ids = _inputs(spec, 3, 7)
+    ref = spec.to("cuda", torch.float32)
+    img, txt = ex.encode(px.cuda(), ids.cuda())
+    _check(img, reference.encode_image(ref, px.cuda()))
+    _check(txt, reference.encode_text(ref, ids.cuda()))
+    _check(ex.encode_text(ids[:2].cuda()), reference.encode_text(ref, ids[:2].cuda()))
+
+
+@pytest.mark.gpu
+def test_unsupported_model_falls_back_to_graph_with_a_warning_gpu(monkeypatch):
+    import dualfuse.executors.fused as fused_mod
+
+    model = dualfuse.load("clip-tiny")
+    monkeypatch.setattr(fused_mod, "MAX_HEAD_DIM", 8)  # pretend the kernels cover less than head dim 16
+    with pytest.warns(UserWarning, match="falling back to the CUDA graph executor"):
+        ex = FusedExecutor(model, dtype=torch.float16, device="cuda")
+    assert ex.fallback is not None and "FALLBACK" in ex.notes
+    spec = to_spec(model)
+    px, ids = _inputs(spec, 2, 2)
+    img, _ = ex.encode(px.cuda(), ids.cuda())
+    _check(img, reference.encode_image(spec.to("cuda", torch.float32), px.cuda()))

@@ -77,3 +77,18 @@ def test_bad_plan_requests(b32):
         make_plan(b32, 0, 0)
     with pytest.raises(ValueError, match="text length must be in 1..77"):
         make_plan(b32, 1, 1, 78)
+
+
+def test_plan_cli_prints_table_and_writes_json(tmp_path, capsys):
+    import json
+
+    from dualfuse.cli import main
+
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--model", "clip-vit-l-14", "--image-batch", "1", "--text-batch", "1000",
+                 "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "launches" in printed and "balance" in printed
+    data = json.loads(out.read_text())
+    assert data["text_batch"] == 1000 and len(data["stages"]) == data["totals"]["launches"]
+    assert data["totals"]["vision"]["steps"] == 172 and data["totals"]["text"]["steps"] == 88
