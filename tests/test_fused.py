@@ -10,7 +10,7 @@ from dualfuse import executors, reference
 from dualfuse.adapters import to_spec
 from dualfuse.executors.fused import FusedExecutor, FusedModel, unsupported_reason
 
-from conftest import KERNEL_DEVICE
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # as tests/conftest.py: interpreter on CPU
 
 FAMILIES = ["clip-tiny", "siglip-tiny", "open_clip-tiny"]
 

@@ -1,21 +1,13 @@
 """GroupedAttention vs torch.nn.functional.scaled_dot_product_attention (fp32 reference)."""
-import secrets
-
 import pytest
 import torch
 import torch.nn.functional as F
 
+from graphs import capture_graph
+
 from dualfuse.kernels.attention import AttentionProblem, GroupedAttention, grouped_attention, split_packed_qkv
 
 TOL = {torch.float16: (4e-3, 1e-2), torch.bfloat16: (3e-2, 2e-2), torch.float32: (2e-5, 1e-5)}
-
-
-@pytest.fixture(autouse=True)
-def fresh_seed():
-    seed = secrets.randbits(31)
-    torch.manual_seed(seed)
-    print(f"seed={seed}")
-    return seed
 
 
 def packed_problem(B, S, heads, dh, dtype, device, causal=False, scale=None, batch_pad=0):
@@ -191,14 +183,7 @@ def test_gpu_real_shapes(dtype, model, batch):
     op()
     for p in problems:
         check(p)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        op()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        op()
+    g = capture_graph(op)
     for p in problems:
         p.out.fill_(float("nan"))
     g.replay()

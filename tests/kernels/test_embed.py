@@ -1,22 +1,14 @@
 """Embeddings (patch GEMM + class/pos, token gather + pos) vs conv2d / indexing (fp32 reference)."""
-import secrets
-
 import pytest
 import torch
 import torch.nn.functional as F
+
+from graphs import capture_graph
 
 from dualfuse.kernels.embed import (Embeddings, PatchEmbed, PatchEmbedProblem, TokenEmbed, TokenEmbedProblem,
                                     patch_embed, token_embed)
 
 TOL = {torch.float16: (1e-2, 1e-2), torch.bfloat16: (6e-2, 2e-2), torch.float32: (1e-4, 1e-5)}
-
-
-@pytest.fixture(autouse=True)
-def fresh_seed():
-    seed = secrets.randbits(31)
-    torch.manual_seed(seed)
-    print(f"seed={seed}")
-    return seed
 
 
 def make_patch(B, C, H, W, P, D, dtype, device, *, cls=True, bias=True, pix_dtype=torch.float32,
@@ -186,14 +178,7 @@ def test_gpu_real_sizes(dtype, batch):
     op()
     for p in patches + tokens:
         check(p)
-    g = torch.cuda.CUDAGraph()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        op()
-    torch.cuda.current_stream().wait_stream(s)
-    with torch.cuda.graph(g):
-        op()
+    g = capture_graph(op)
     for p in patches + tokens:
         p.out.fill_(float("nan"))
     g.replay()

@@ -1,20 +1,12 @@
 """Pooled row indices on the device vs the HF / open_clip torch expressions."""
-import secrets
-
 import pytest
 import torch
 import torch.nn.functional as F
 
+from graphs import capture_graph
+
 from dualfuse.kernels.heads import PoolIndices, PoolProblem, pool_indices
 from dualfuse.kernels.layernorm import GroupedLayerNorm, LayerNormProblem
-
-
-@pytest.fixture(autouse=True)
-def fresh_seed():
-    seed = secrets.randbits(31)
-    torch.manual_seed(seed)
-    print(f"seed={seed}")
-    return seed
 
 
 def reference(kind, ids, eos, S, B=None):
@@ -131,14 +123,7 @@ def test_gpu_graph_capture():
     out = torch.full((32,), -1, dtype=torch.int64, device="cuda")
     op = PoolIndices([PoolProblem("first_eos", out, ids, eos_token_id=49407)])
     op()
-    g = torch.cuda.CUDAGraph()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        op()
-    torch.cuda.current_stream().wait_stream(s)
-    with torch.cuda.graph(g):
-        op()
+    g = capture_graph(op)
     ids.copy_(random_ids(32, 77, 49407, "cuda").flip(0))
     out.fill_(-1)
     g.replay()

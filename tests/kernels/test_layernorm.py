@@ -1,21 +1,13 @@
 """GroupedLayerNorm vs torch.nn.functional.layer_norm (fp32 reference)."""
-import secrets
-
 import pytest
 import torch
 import torch.nn.functional as F
 
+from graphs import capture_graph
+
 from dualfuse.kernels.layernorm import GroupedLayerNorm, LayerNormProblem, grouped_layer_norm
 
 TOL = {torch.float16: (2e-2, 1e-2), torch.bfloat16: (6e-2, 2e-2), torch.float32: (2e-5, 1e-5)}
-
-
-@pytest.fixture(autouse=True)
-def fresh_seed():
-    seed = secrets.randbits(31)
-    torch.manual_seed(seed)
-    print(f"seed={seed}")
-    return seed
 
 
 def make_problem(rows, d, dtype, device, *, row_stride=None, eps=1e-5, row_index=None, out_dtype=None):
@@ -148,14 +140,7 @@ def test_gpu_real_sizes(dtype):
     # CUDA graph capture and replay
     for p in problems:
         p.out.fill_(float("nan"))
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        op()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        op()
+    g = capture_graph(op)
     for p in problems:
         p.out.fill_(float("nan"))
     g.replay()
