@@ -73,6 +73,34 @@ def test_fused_one_tower_calls_and_short_texts(family):
     assert all(s.towers == ("vision",) for s in ex.runners[(2, 0, spec.text.context_length)].plan.stages)
 
 
+@pytest.mark.parametrize("name", ["clip-tiny", "siglip-tiny"])
+def test_fold_ln_off_matches_and_on_drops_unfolded_weights(name):
+    """Vertical fusion on (default) and off give the same embeddings to rounding; with it on, the plan has no
+    LN launch before a GEMM and the executor keeps no second copy of the QKV / FC1 weights."""
+    model = dualfuse.load(name)
+    spec = to_spec(model)
+    px, ids = _inputs(spec, 2, 3, seed=5)
+    px, ids = px.to(KERNEL_DEVICE), ids.to(KERNEL_DEVICE)
+    on = FusedExecutor(model, dtype=torch.float16, device=KERNEL_DEVICE)
+    off = FusedExecutor(model, dtype=torch.float16, device=KERNEL_DEVICE, fold_ln=False)
+    (ia, ta), (ib, tb) = on.encode(px, ids), off.encode(px, ids)
+    ref_img, ref_txt = reference.encode(spec, px.cpu(), ids.cpu())
+    for a, b, ref in ((ia, ib, ref_img), (ta, tb, ref_txt)):
+        _check(a.cpu(), ref)
+        _check(b.cpu(), ref)
+        _check(a.cpu(), b.float().cpu())
+    ops_on = [st.op for s in on.runners[(2, 3, ids.shape[1])].plan.stages for st in s.steps]
+    ops_off = [st.op for s in off.runners[(2, 3, ids.shape[1])].plan.stages for st in s.steps]
+    assert "ln1" not in ops_on and "ln2" not in ops_on and "ln1_qkv" in ops_on and "ln2_fc1" in ops_on
+    assert "ln1" in ops_off and "ln1_qkv" not in ops_off
+    assert len(ops_off) - len(ops_on) == 2 * (spec.vision.num_layers + spec.text.num_layers) + (
+        2 if spec.vision.pool_head is not None else 0)
+    assert all(b.qkv is None and b.fc1 is None for b in on.weights.vision.blocks + on.weights.text.blocks)
+    assert all(b.qkv is not None for b in off.weights.vision.blocks)
+    with pytest.raises(ValueError, match="fold_ln must be True or False"):
+        FusedExecutor(model, dtype=torch.float16, device=KERNEL_DEVICE, fold_ln="yes")
+
+
 def test_runner_cache_is_bounded_and_replays_are_stable():
     model = dualfuse.load("clip-tiny")
     spec = to_spec(model)

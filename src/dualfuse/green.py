@@ -135,6 +135,9 @@ def enter(n: int, device_index: int = 0) -> dict:
         # allocations: with the green context current for the whole process, all of them live inside it.
         ctx.set_context()
     _ACTIVE = ctx
+    from .kernels._utils import set_sm_limit
+
+    set_sm_limit(n)  # the device properties still say all SMs: the kernels' grid heuristics must plan for n
     info.update(total_sms=total, capability_major=major)
     return info
 

@@ -5,6 +5,11 @@ kernel launch: it covers one step of each tower, or of one tower alone. Steps ca
 they use the same kernel ("kind"): layernorm, linear, attention, embed, pool_index. Within a tower the
 order of steps is kept, so every step's inputs were written by an earlier stage.
 
+Vertical fusion (``fold_ln=True``, the default): a LayerNorm whose only reader is the next GEMM is folded
+into it (dualfuse.kernels.gemm.fold_layernorm): ``ln1 -> qkv`` becomes one step ``ln1_qkv``, ``ln2 -> fc1``
+becomes ``ln2_fc1`` (and SigLIP's ``final_ln -> map_kv``, ``map_ln -> map_fc1``): two launches fewer per
+layer, and no normalized copy of the activations.
+
 The two step sequences are aligned by dynamic programming (longest common subsequence over kinds): the
 plan with the fewest launches, and among those the one whose fused stages are best balanced by the cost
 model (estimated time = max(bytes / bandwidth, FLOPs / matmul rate)). With equal depths this pairs layer i
@@ -28,7 +33,7 @@ KINDS = ("embed", "pool_index", "layernorm", "linear", "attention")
 @dataclass(frozen=True)
 class Step:
     tower: str  # "vision" | "text"
-    op: str  # e.g. "ln1", "qkv", "attn", "out", "ln2", "fc1", "fc2", "patch_embed", "proj", "map_kv"
+    op: str  # e.g. "ln1_qkv" (LN folded in), "qkv", "attn", "out", "ln2_fc1", "fc2", "patch_embed", "proj"
     kind: str  # the kernel that runs it, one of KINDS
     layer: int | None  # block index, None for embeddings and heads
     flops: float
@@ -122,8 +127,15 @@ def _attn(tower, op, layer, b, heads, sq, sk, dh, causal, elt):
     return Step(tower, op, "attention", layer, flops, elt * b * heads * dh * (2 * sq + 2 * sk))
 
 
-def tower_steps(tower: TowerSpec, batch: int, seq: int, elt: int = 2) -> list[Step]:
-    """The ordered steps of one tower's forward for a batch (seq = tokens per sample)."""
+def _fold(ln: Step, lin: Step) -> Step:
+    """LN -> linear as one linear step over the raw input (the LN's statistics are computed in the GEMM)."""
+    return Step(lin.tower, f"{ln.op}_{lin.op.removeprefix('map_') if ln.op.startswith('map_') else lin.op}",
+                "linear", lin.layer, lin.flops + ln.flops, lin.bytes)
+
+
+def tower_steps(tower: TowerSpec, batch: int, seq: int, elt: int = 2, fold_ln: bool = True) -> list[Step]:
+    """The ordered steps of one tower's forward for a batch (seq = tokens per sample). fold_ln: LayerNorms
+    that feed one GEMM become part of that GEMM's step (see the module docstring)."""
     name, d, f, rows = tower.kind, tower.width, tower.mlp_dim, batch * seq
     steps: list[Step] = []
     if name == "vision":
@@ -139,25 +151,25 @@ def tower_steps(tower: TowerSpec, batch: int, seq: int, elt: int = 2) -> list[St
     if tower.pre_ln is not None:
         steps.append(_ln(name, "pre_ln", None, rows, d, elt))
     causal = tower.mask == "causal"
+    def ln_linear(ln: Step, lin: Step) -> list[Step]:
+        return [_fold(ln, lin)] if fold_ln else [ln, lin]
+
     for i in range(tower.num_layers):
         steps += [
-            _ln(name, "ln1", i, rows, d, elt),
-            _linear(name, "qkv", i, rows, 3 * d, d, elt),
+            *ln_linear(_ln(name, "ln1", i, rows, d, elt), _linear(name, "qkv", i, rows, 3 * d, d, elt)),
             _attn(name, "attn", i, batch, tower.heads, seq, seq, tower.head_dim, causal, elt),
             _linear(name, "out", i, rows, d, d, elt, residual=True),
-            _ln(name, "ln2", i, rows, d, elt),
-            _linear(name, "fc1", i, rows, f, d, elt),
+            *ln_linear(_ln(name, "ln2", i, rows, d, elt), _linear(name, "fc1", i, rows, f, d, elt)),
             _linear(name, "fc2", i, rows, d, f, elt, residual=True),
         ]
     if tower.pooling == "map":
         h = tower.pool_head
         steps += [
-            _ln(name, "final_ln", None, rows, d, elt),
-            _linear(name, "map_kv", None, rows, 2 * d, d, elt),
+            *ln_linear(_ln(name, "final_ln", None, rows, d, elt), _linear(name, "map_kv", None, rows, 2 * d, d, elt)),
             _attn(name, "map_attn", None, batch, h.heads, 1, seq, d // h.heads, False, elt),
             _linear(name, "map_out", None, batch, d, d, elt),
-            _ln(name, "map_ln", None, batch, d, elt),
-            _linear(name, "map_fc1", None, batch, h.fc1.out_features, d, elt),
+            *ln_linear(_ln(name, "map_ln", None, batch, d, elt),
+                       _linear(name, "map_fc1", None, batch, h.fc1.out_features, d, elt)),
             _linear(name, "map_fc2", None, batch, d, h.fc1.out_features, elt, residual=True),
         ]
     else:
@@ -210,15 +222,16 @@ def align(a: list[Step], b: list[Step]) -> list[Stage]:
 
 
 def make_plan(spec: DualEncoderSpec, image_batch: int, text_batch: int, text_len: int | None = None,
-              elt: int = 2) -> Plan:
-    """Plan for one call shape; image_batch or text_batch may be 0 (image-only / text-only calls)."""
+              elt: int = 2, fold_ln: bool = True) -> Plan:
+    """Plan for one call shape; image_batch or text_batch may be 0 (image-only / text-only calls).
+    fold_ln: fold each LayerNorm into the GEMM it feeds (vertical fusion; see the module docstring)."""
     if image_batch < 0 or text_batch < 0 or image_batch + text_batch == 0:
         raise ValueError(f"need a positive image or text batch, got image_batch={image_batch}, text_batch={text_batch}")
     text_len = spec.text.context_length if text_len is None else text_len
     if not 1 <= text_len <= spec.text.context_length:
         raise ValueError(f"text length must be in 1..{spec.text.context_length}, got {text_len}")
-    a = tower_steps(spec.vision, image_batch, spec.vision.seq_len, elt) if image_batch else []
-    b = tower_steps(spec.text, text_batch, text_len, elt) if text_batch else []
+    a = tower_steps(spec.vision, image_batch, spec.vision.seq_len, elt, fold_ln) if image_batch else []
+    b = tower_steps(spec.text, text_batch, text_len, elt, fold_ln) if text_batch else []
     return Plan(spec.name, image_batch, text_batch, text_len, align(a, b))
 
 
@@ -247,6 +260,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--text-batch", type=int, default=None, help="text batch (0 = image-only call)")
     parser.add_argument("--text-len", type=int, default=None, help="tokens per text (default: the context length)")
     parser.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"])
+    parser.add_argument("--no-fold-ln", action="store_true",
+                        help="keep every LayerNorm as its own launch (default: fold LN into the GEMM it feeds)")
     parser.add_argument("--json", default=None, help="write the plan as JSON here")
 
 
@@ -265,7 +280,7 @@ def run(args) -> int:
         spec = to_spec(load(args.model, arch=args.arch))
     bi = args.batch if args.image_batch is None else args.image_batch
     bt = args.batch if args.text_batch is None else args.text_batch
-    plan = make_plan(spec, bi, bt, args.text_len, elt=4 if args.dtype == "fp32" else 2)
+    plan = make_plan(spec, bi, bt, args.text_len, elt=4 if args.dtype == "fp32" else 2, fold_ln=not args.no_fold_ln)
     console = Console()
     table = Table(title=f"{args.model}: {bi} image(s) x {bt} text(s), {plan.text_len} tokens, {args.dtype} — "
                         f"{plan.num_launches} launches, {plan.fused_stages} fused")

@@ -529,3 +529,125 @@ def test_gpu_tune_picks_a_working_config(gen):
     timed = [c for c in g.tune_table if "us" in c]
     assert len(timed) >= 2 and all(c["us"] > 0 for c in timed)
     assert g.config == min(timed, key=lambda c: c["us"])["config"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# LayerNorm folded into the GEMM (vertical fusion): out = act(LN(x) @ W.T + b) + residual
+# ---------------------------------------------------------------------------------------------------
+def _make_ln(M, N, K, dtype, *, activation=None, residual=None, offset=0.0, scale=1.0, eps=1e-5, device=DEV,
+             gen=None):
+    """A folded-LN problem and its fp64 reference LN(x) @ W.T + b from the unfolded parameters."""
+    from dualfuse.kernels.gemm import fold_layernorm
+
+    x = (torch.randn(M, K, generator=gen) * scale + offset).to(device=device, dtype=dtype)
+    w = (torch.randn(N, K, generator=gen) / K**0.5).to(device=device, dtype=dtype)
+    b = torch.randn(N, generator=gen).to(device=device, dtype=dtype)
+    g = (1 + 0.5 * torch.randn(K, generator=gen)).to(device=device, dtype=dtype)
+    beta = (0.5 * torch.randn(K, generator=gen)).to(device=device, dtype=dtype)
+    res = torch.randn(M, N, generator=gen).to(device=device, dtype=dtype) if residual else None
+    out = res if residual == "inplace" else torch.full((M, N), float("nan"), device=device, dtype=dtype)
+    ln = F.layer_norm(x.double(), (K,), g.double(), beta.double(), eps)
+    ref = _ref(ln, w, b, activation, res)
+    wf, bf, norm = fold_layernorm(w, b, g, beta, eps)
+    return LinearProblem(x, wf, out, bias=bf, activation=activation, residual=res, norm=norm), ref
+
+
+LN_SHAPES = [(1, 40, 48), (3, 72, 136), (50, 96, 64), (77, 33 * 8, 200)]  # K not a multiple of BLOCK_K too
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("kw", [dict(), dict(activation="quick_gelu"), dict(activation="gelu_tanh"),
+                                dict(residual="inplace"), dict(residual="sep", activation="gelu")],
+                         ids=["plain", "quick_gelu", "gelu_tanh", "res_inplace", "res_gelu"])
+def test_folded_layernorm(dtype, kw, gen):
+    """Folded LN problems, alone and mixed with a plain problem in the same launch (3 problems)."""
+    made = [_make_ln(*s, dtype, **kw, gen=gen) for s in LN_SHAPES[:2]]
+    plain = _make(50, 40, 72, dtype, bias=True, gen=gen)
+    refs = [r for _, r in made] + _expected([plain])
+    problems = [p for p, _ in made] + [plain]
+    GroupedLinear(problems)()
+    _check(problems, refs, dtype)
+    made = [_make_ln(*s, dtype, **kw, gen=gen) for s in LN_SHAPES[2:]]
+    GroupedLinear([p for p, _ in made])()
+    _check([p for p, _ in made], [r for _, r in made], dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_folded_layernorm_large_mean(dtype, gen):
+    """Rows whose mean is far larger than their spread (|mean| / std = 40): the shifted statistics keep
+    LN(x) accurate where E[x^2] - E[x]^2 in fp32 would lose it."""
+    p, ref = _make_ln(50, 64, 96, dtype, offset=40.0, scale=1.0, gen=gen)
+    GroupedLinear([p])()
+    _check([p], [ref], dtype)
+
+
+def test_folded_layernorm_more_problems_than_args(gen):
+    """Above MAX_ARG_PROBLEMS the per-problem fields (eps as float64 bits, colsum address) come from the table."""
+    dt = torch.float32
+    made = [_make_ln(7 + i, 24 + 8 * i, 40, dt, eps=10.0 ** -(3 + i), gen=gen) for i in range(MAX_ARG_PROBLEMS + 1)]
+    g = GroupedLinear([p for p, _ in made])
+    assert not g._plan.meta_in_args
+    g()
+    _check([p for p, _ in made], [r for _, r in made], dt)
+
+
+def test_folded_layernorm_never_splits(gen):
+    dt = torch.float16
+    p, ref = _make_ln(1, 32, 512, dt, gen=gen)  # skinny, long K: would split without the LN
+    plain = _make(1, 32, 512, dt, gen=gen)
+    refs = [ref] + _expected([plain])
+    g = GroupedLinear([p, plain], config={"programs_per_sm": 4, "min_k_iters": 1})
+    assert g.splits[0] == 1 and g.splits[1] > 1, g.splits
+    g()
+    _check([p, plain], refs, dt)
+    with pytest.raises(ValueError, match="folded LayerNorm"):
+        GroupedLinear([p], split_k=2)
+    GroupedLinear([p, plain], split_k=[1, 4])()  # a per-problem list that leaves the LN problem whole is fine
+
+
+def test_fold_layernorm_bad_input():
+    from dualfuse.kernels.gemm import FoldedLayerNorm, fold_layernorm
+
+    w, b = torch.randn(8, 16), torch.randn(8)
+    with pytest.raises(ValueError, match=r"ln_weight must be a \[16\] tensor"):
+        fold_layernorm(w, b, torch.ones(8), torch.zeros(16), 1e-5)
+    with pytest.raises(ValueError, match="eps must be >= 0"):
+        fold_layernorm(w, b, torch.ones(16), torch.zeros(16), -1.0)
+    with pytest.raises(ValueError, match="2-D"):
+        fold_layernorm(torch.randn(8), b, torch.ones(16), None, 1e-5)
+    x, out = torch.randn(4, 16).to(DEV), torch.empty(4, 8, device=DEV)
+    with pytest.raises(ValueError, match="colsum must be a contiguous fp32"):
+        GroupedLinear([LinearProblem(x, w.to(DEV), out, norm=FoldedLayerNorm(torch.zeros(8, dtype=torch.float16,
+                                                                                          device=DEV), 1e-5))])
+    with pytest.raises(ValueError, match="norm must be a FoldedLayerNorm"):
+        GroupedLinear([LinearProblem(x, w.to(DEV), out, norm=(torch.zeros(8), 1e-5))])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_folded_layernorm_real_shapes_graph(dtype, gen):
+    """QKV and FC1 of ViT-B/32 and ViT-L/14 (batch 1 and 32) with the LN folded in, inside a CUDA graph
+    after a producer launch (PDL ordering), replayed."""
+    cases = [((50, 2304, 768), (77, 1536, 512)), ((257, 4096, 1024), (77, 3072, 768)),
+             ((32 * 50, 3072, 768), (32 * 77, 2048, 512))]
+    for dims, act in zip(cases, (None, "quick_gelu", "quick_gelu")):
+        made = [_make_ln(*d, dtype, activation=act, gen=gen) for d in dims]
+        problems = [p for p, _ in made]
+        refs = [r for _, r in made]
+        x0 = [p.x.clone() for p in problems]
+        src = [torch.zeros_like(p.x) for p in problems]  # a producer launch writes x right before
+        prod = GroupedLinear([LinearProblem(s, torch.zeros(s.shape[1], s.shape[1], device=DEV, dtype=dtype), p.x,
+                                            residual=s) for s, p in zip(src, problems)])
+        g = GroupedLinear(problems)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            prod()
+            g()
+        for _ in range(3):
+            for s, x, p in zip(src, x0, problems):
+                s.copy_(x)
+                p.x.fill_(float("nan"))
+                p.out.fill_(float("nan"))
+            graph.replay()
+            torch.cuda.synchronize()
+            _check(problems, refs, dtype)

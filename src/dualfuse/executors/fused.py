@@ -83,7 +83,7 @@ class Runner:
         self.ex = ex
         spec = ex.spec
         self.plan: Plan = make_plan(spec, image_batch, text_batch, text_len,
-                                    elt=torch.finfo(ex.dtype).bits // 8)
+                                    elt=torch.finfo(ex.dtype).bits // 8, fold_ln=ex.fold_ln)
         self.buf: dict[str, _TowerBuffers] = {}
         if image_batch:
             self.buf["vision"] = _TowerBuffers(spec.vision, image_batch, spec.vision.seq_len, ex.dtype, ex.device)
@@ -108,9 +108,16 @@ class Runner:
             patch = [p for p in problems if isinstance(p, PatchEmbedProblem)]
             token = [p for p in problems if not isinstance(p, PatchEmbedProblem)]
             return Embeddings(patch, token)
-        cls = {"linear": GroupedLinear, "layernorm": GroupedLayerNorm, "attention": GroupedAttention,
-               "pool_index": PoolIndices}[stage.kind]
-        return cls(problems)
+        pdl = self.ex.pdl
+        if stage.kind == "linear":
+            return GroupedLinear(problems, config=None if pdl else {"pdl": False})
+        if stage.kind == "layernorm":
+            return GroupedLayerNorm(problems, pdl=pdl)
+        if stage.kind == "attention":
+            return GroupedAttention(problems, pdl=pdl)
+        if stage.kind == "pool_index":
+            return PoolIndices(problems)
+        raise AssertionError(f"plan stage kind {stage.kind!r} has no kernel")
 
     def _problem(self, step: Step):
         from ..kernels.attention import AttentionProblem, split_packed_qkv
@@ -131,6 +138,11 @@ class Runner:
             return LinearProblem(x, layer.weight if weight is None else weight, out,
                                  layer.bias if weight is None else bias, activation, residual)
 
+        def folded(x, out, activation=None):
+            # LN -> linear as one GEMM over the raw rows (weights folded once in _prepare_weights)
+            w, bias, norm = self.ex.folded[(step.tower, step.layer, step.op)]
+            return LinearProblem(x, w, out, bias, activation, norm=norm)
+
         op = step.op
         if op == "patch_embed":
             emb: PatchEmbed = t.embed
@@ -146,6 +158,8 @@ class Runner:
             return ln(b.x, blk.ln1, b.h)
         if op == "qkv":
             return lin(b.h, blk.qkv, b.qkv)
+        if op == "ln1_qkv":
+            return folded(b.x, b.qkv)
         if op == "attn":
             q, k, v = split_packed_qkv(b.qkv.view(B, S, 3 * D), D)
             return AttentionProblem(q, k, v, b.a.view(B, S, D), t.heads, causal=t.mask == "causal")
@@ -155,6 +169,8 @@ class Runner:
             return ln(b.x, blk.ln2, b.h)
         if op == "fc1":
             return lin(b.h, blk.fc1, b.m, activation=t.activation)
+        if op == "ln2_fc1":
+            return folded(b.x, b.m, activation=t.activation)
         if op == "fc2":
             return lin(b.m, blk.fc2, b.x, residual=b.x)
         if op == "pool_ln":
@@ -167,6 +183,8 @@ class Runner:
             return ln(b.x, t.final_ln, b.h)
         if op == "map_kv":
             return lin(b.h, head.qkv, b.kv, weight=self.ex.map_kv_weight, bias=self.ex.map_kv_bias)
+        if op == "final_ln_map_kv":
+            return folded(b.x, b.kv)
         if op == "map_attn":
             kv = b.kv.view(B, S, 2 * D)
             q = self.ex.map_query.view(1, 1, D).expand(B, 1, D)  # batch stride 0: one probe for all images
@@ -177,6 +195,8 @@ class Runner:
             return ln(b.mh, head.ln, b.mln)
         if op == "map_fc1":
             return lin(b.mln, head.fc1, b.mm, activation=t.activation)
+        if op == "map_ln_fc1":
+            return folded(b.mh, b.mm, activation=t.activation)
         if op == "map_fc2":
             return lin(b.mm, head.fc2, b.mh, residual=b.mh)
         raise AssertionError(f"plan step {step.op!r} has no kernel problem")  # plan and executor out of sync
@@ -218,11 +238,16 @@ class FusedExecutor(Executor):
     notes = "horizontally fused Triton launches, one CUDA graph"
 
     def __init__(self, model, dtype=None, device=None, *, max_graphs: int = 8, use_graph: bool = True,
-                 fallback: bool = True, **kwargs):
+                 fallback: bool = True, fold_ln: bool = True, pdl: bool = True, **kwargs):
         super().__init__(model, dtype, device, **kwargs)
         if max_graphs < 1:
             raise ValueError(f"max_graphs must be >= 1, got {max_graphs}")
-        self.max_graphs, self.use_graph = max_graphs, use_graph
+        for name, v in (("fold_ln", fold_ln), ("pdl", pdl)):
+            if not isinstance(v, bool):
+                raise ValueError(f"{name} must be True or False, got {v!r}")
+        # fold_ln: LayerNorms folded into the GEMMs they feed (plan.py); pdl: programmatic dependent launch
+        # between consecutive kernels where the card supports it (sm_90+; a no-op elsewhere)
+        self.max_graphs, self.use_graph, self.fold_ln, self.pdl = max_graphs, use_graph, fold_ln, pdl
         self.runners: OrderedDict[tuple, Runner] = OrderedDict()
         self.fallback = None
         reason = unsupported_reason(self.spec, self.dtype, self.device)
@@ -255,6 +280,38 @@ class FusedExecutor(Executor):
                                       bq.float() if bq is not None else None).to(self.dtype).contiguous()
             self.map_kv_weight = head.qkv.weight[d:].contiguous()
             self.map_kv_bias = head.qkv.bias[d:].contiguous() if head.qkv.bias is not None else None
+        self.folded: dict[tuple, tuple] = {}
+        if self.fold_ln:
+            self._fold_layernorms()
+
+    def _fold_layernorms(self):
+        """(tower, layer, plan op) -> (folded weight, folded bias, FoldedLayerNorm) for every LN -> GEMM pair
+        of the plan (kernels.gemm.fold_layernorm), folded in fp32 from the source weights, stored in the
+        executor's dtype. The unfolded GEMM weights they replace are dropped from self.weights (no second
+        copy of QKV / FC1 on the device)."""
+        from ..kernels.gemm import fold_layernorm
+
+        def fold(linear, norm, weight=None, bias=None):
+            w = (linear.weight if weight is None else weight).to(self.device)
+            b = linear.bias if weight is None else bias
+            return fold_layernorm(w, None if b is None else b.to(self.device), norm.weight.to(self.device),
+                                  norm.bias.to(self.device), norm.eps, dtype=self.dtype)
+
+        for name in ("vision", "text"):
+            src: TowerSpec = getattr(self.spec, name)
+            dst: TowerSpec = getattr(self.weights, name)
+            for i, (blk, own) in enumerate(zip(src.blocks, dst.blocks)):
+                self.folded[(name, i, "ln1_qkv")] = fold(blk.qkv, blk.ln1)
+                self.folded[(name, i, "ln2_fc1")] = fold(blk.fc1, blk.ln2)
+                own.qkv = own.fc1 = None  # replaced by the folded copies
+            head = src.pool_head
+            if head is not None:
+                d = src.width
+                kv_b = head.qkv.bias[d:] if head.qkv.bias is not None else None
+                self.folded[(name, None, "final_ln_map_kv")] = fold(None, src.final_ln, head.qkv.weight[d:], kv_b)
+                self.folded[(name, None, "map_ln_fc1")] = fold(head.fc1, head.ln)
+                self.map_kv_weight = self.map_kv_bias = None
+                dst.pool_head.fc1 = None
 
     def runner(self, image_batch: int, text_batch: int, text_len: int) -> Runner:
         key = (image_batch, text_batch, text_len)

@@ -8,6 +8,8 @@ Kept small and stable: other kernels (LayerNorm, attention) import from here.
 - `ACTIVATIONS` / `activation_code(name)`: the name -> code table shared by host and kernels.
 - `num_sms()`, `device_smem_bytes()`, `l2_cache_bytes()`: device queries that also answer on CPU.
 - `is_interpreter()`: True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1).
+- `gdc_wait()`, `gdc_launch()`, `pdl_supported(device)`: programmatic dependent launch (sm_90+, optional).
+- `set_sm_limit(n)`: the SM count of a green context, so the kernels plan their grids for it.
 """
 from __future__ import annotations
 
@@ -83,13 +85,30 @@ CPU_SMEM_BYTES = 99 * 1024
 CPU_L2_BYTES = 4 * 1024 * 1024
 
 
-@functools.lru_cache(maxsize=None)
-def num_sms(device=None) -> int:
-    """Streaming multiprocessors of the CUDA device (CPU_NUM_SMS on CPU).
+_SM_LIMIT: int | None = None  # SMs of the green context this process runs in (None: the whole device)
 
-    Note: a green context limits the SMs a kernel gets but not this number; pass an explicit count to
-    the kernels' configs in that case."""
-    idx = _cuda_index(device)
+
+def set_sm_limit(n: int | None) -> None:
+    """Plan kernel grids for ``n`` SMs (a green context's count; None = the whole device).
+
+    A green context limits the SMs kernels get, but the device properties still report all of them; the
+    grid heuristics (waves, split-K) would then plan for SMs the kernels cannot use. dualfuse.green.enter
+    calls this. Affects kernels prepared after the call."""
+    global _SM_LIMIT
+    if n is not None and (not isinstance(n, int) or n < 1):
+        raise ValueError(f"SM limit must be None or a positive int, got {n!r}")
+    _SM_LIMIT = n
+
+
+def num_sms(device=None) -> int:
+    """Streaming multiprocessors the kernels may use: the device's (CPU_NUM_SMS on CPU), or fewer when a
+    green context's limit was set (set_sm_limit)."""
+    n = _device_sms(_cuda_index(device))
+    return min(n, _SM_LIMIT) if _SM_LIMIT is not None else n
+
+
+@functools.lru_cache(maxsize=None)
+def _device_sms(idx: int | None) -> int:
     if idx is None:
         return CPU_NUM_SMS
     return torch.cuda.get_device_properties(idx).multi_processor_count
@@ -114,6 +133,49 @@ def l2_cache_bytes(device=None) -> int:
     if idx is None:
         return CPU_L2_BYTES
     return int(getattr(torch.cuda.get_device_properties(idx), "L2_cache_size", 50 * 1024 * 1024))
+
+
+# Programmatic dependent launch (sm_90+, optional): a kernel launched with launch_pdl=True may start its
+# programs while the previous kernel drains. gdc_launch() lets the NEXT launch start; gdc_wait() blocks until
+# the previous launch has completed and its writes are visible. A kernel may do before gdc_wait only what
+# reads nothing an earlier kernel writes (weights, metadata tables). Called through wrappers so a kernel's
+# source never names tl.extra.cuda where it is missing (an older Triton, the interpreter).
+try:
+    from triton.language.extra.cuda import gdc_launch_dependents as _gdc_launch_dependents
+    from triton.language.extra.cuda import gdc_wait as _gdc_wait_impl
+
+    @triton.jit
+    def gdc_wait():
+        _gdc_wait_impl()
+
+    @triton.jit
+    def gdc_launch():
+        _gdc_launch_dependents()
+
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions as _CUDAOptions
+
+        HAS_PDL = "launch_pdl" in _CUDAOptions.__dataclass_fields__
+    except Exception:  # pragma: no cover
+        HAS_PDL = False
+except Exception:  # pragma: no cover - Triton without the intrinsics
+    HAS_PDL = False
+
+    @triton.jit
+    def gdc_wait():
+        pass
+
+    @triton.jit
+    def gdc_launch():
+        pass
+
+
+def pdl_supported(device) -> bool:
+    """Programmatic dependent launch: CUDA device of compute capability >= 9 and a Triton that has it."""
+    device = torch.device(device)
+    if not HAS_PDL or device.type != "cuda" or is_interpreter():
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9
 
 
 TORCH_TO_TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._utils import describe, pow2_divisor
+from ._utils import describe, gdc_launch, gdc_wait, pdl_supported, pow2_divisor
 
 __all__ = ["AttentionProblem", "GroupedAttention", "grouped_attention", "split_packed_qkv"]
 
@@ -123,8 +123,11 @@ def _attention_kernel(
     IEEE: tl.constexpr,  # fp32 inputs: IEEE fp32 dots (not TF32)
     PTR_ALIGN: tl.constexpr,  # every data pointer is a multiple of this many bytes
     ELT_ALIGN: tl.constexpr,  # every stride and head dim is a multiple of this many elements
+    USE_PDL: tl.constexpr,  # launched with programmatic dependent launch (sm_90+)
 ):
     pid = tl.program_id(0)
+    if USE_PDL:
+        gdc_launch()  # the next launch may start (its programs wait for all of this one to finish)
     prob = 0
     for p in range(1, n_problems):
         prob += (pid >= tl.load(meta + p * NF + 18)).to(tl.int32)
@@ -185,6 +188,8 @@ def _attention_kernel(
     else:
         md_ok = m_ok[:, None] & d_ok[None, :]
 
+    if USE_PDL:
+        gdc_wait()  # the metadata above is host-written; q/k/v are the previous launch's output
     q = tl.load(q_ptr + b * q_sb + head_off + offs_m[:, None] * q_ss + offs_d[None, :], mask=md_ok, other=0.0)
     k_base = k_ptr + b * k_sb + head_off
     v_base = v_ptr + b * v_sb + head_off
@@ -235,10 +240,13 @@ class GroupedAttention:
 
     All problems share the device, the q/k/v dtype and the output dtype. ``block_m``, ``block_n``,
     ``num_warps``, ``num_stages`` override the defaults (64, 64, 4, 2 on CUDA; 32, 32 for fp32).
+    ``pdl`` (default True): launch with programmatic dependent launch where supported (sm_90+), so this
+    launch starts while the previous one drains and the next one while this one drains.
     """
 
     def __init__(self, problems: Sequence[AttentionProblem], *, block_m: int | None = None,
-                 block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None):
+                 block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
+                 pdl: bool = True):
         problems = list(problems)
         if not problems:
             raise ValueError("GroupedAttention: expected at least one AttentionProblem, got none")
@@ -329,6 +337,7 @@ class GroupedAttention:
         self._even_d = all(r[_F["Dh"]] == self.block_d for r in rows)
         self._ptr_align = pow2_divisor([r[j] for r in rows for j in range(4)], 16)
         self._elt_align = pow2_divisor([r[j] for r in rows for j in range(4, 12)] + [r[_F["Dh"]] for r in rows], 16)
+        self._pdl = bool(pdl) and pdl_supported(device)
 
     @property
     def outputs(self) -> list[Tensor]:
@@ -339,8 +348,8 @@ class GroupedAttention:
         _attention_kernel[(self.num_programs,)](
             self.meta, self.scales, len(self.problems), ref, o_ref,
             NF=_NF, BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_D=self.block_d, EVEN_D=self._even_d,
-            IEEE=self._ieee, PTR_ALIGN=self._ptr_align, ELT_ALIGN=self._elt_align,
-            num_warps=self.num_warps, num_stages=self.num_stages,
+            IEEE=self._ieee, PTR_ALIGN=self._ptr_align, ELT_ALIGN=self._elt_align, USE_PDL=self._pdl,
+            num_warps=self.num_warps, num_stages=self.num_stages, **({"launch_pdl": True} if self._pdl else {}),
         )
 
 

@@ -1,5 +1,10 @@
 """Grouped GEMM: `out_i = act(x_i @ w_i.T + bias_i) + residual_i` for several problems in ONE launch.
 
+Optionally with the LayerNorm before it folded in (vertical fusion, `fold_layernorm`):
+`out_i = act(LN(x_i) @ w_i.T + bias_i) + residual_i` without an LN launch or a normalized copy of x: the
+LN's scale and shift are folded into the weight and bias once, the program accumulates each x row's sum and
+sum of squares from the A tiles it loads anyway, and the epilogue applies mean and rstd.
+
 Why: the two towers of a dual encoder do the same step (QKV, out-proj, FC1, FC2) on different shapes.
 At batch 1 each step is tiny (M = 50 / 77 rows), so the time is launch gaps, per-program latency and
 streaming the weights; one launch that covers both towers halves the launches and lets the tiles of both
@@ -41,56 +46,19 @@ The last program resets the counter to 0 in both modes.
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from ._utils import (
-    activation_code,
-    apply_activation,
-    device_smem_bytes,
-    is_interpreter,
-    l2_cache_bytes,
-    num_sms,
-)
+from ._utils import activation_code, apply_activation, device_smem_bytes, is_interpreter, l2_cache_bytes, num_sms
+from ._utils import gdc_launch as _gdc_launch
+from ._utils import gdc_wait as _gdc_wait
+from ._utils import pdl_supported
 
-__all__ = ["LinearProblem", "GroupedLinear", "grouped_linear"]
-
-# Programmatic dependent launch (sm_90+, optional): the next launch's programs may start while this one
-# drains; before `gdc_wait` a program only prefetches weights and loads bias (never written by a kernel),
-# and touches activations / outputs / workspace only after it. Called through wrappers so the kernel's
-# source never names tl.extra.cuda where it is missing (an older Triton, the interpreter).
-try:
-    from triton.language.extra.cuda import gdc_launch_dependents as _gdc_launch_dependents
-    from triton.language.extra.cuda import gdc_wait as _gdc_wait_impl
-
-    @triton.jit
-    def _gdc_wait():
-        _gdc_wait_impl()
-
-    @triton.jit
-    def _gdc_launch():
-        _gdc_launch_dependents()
-
-    try:
-        from triton.backends.nvidia.compiler import CUDAOptions as _CUDAOptions
-
-        _HAS_PDL = "launch_pdl" in _CUDAOptions.__dataclass_fields__
-    except Exception:  # pragma: no cover
-        _HAS_PDL = False
-except Exception:  # pragma: no cover - Triton without the intrinsics
-    _HAS_PDL = False
-
-    @triton.jit
-    def _gdc_wait():
-        pass
-
-    @triton.jit
-    def _gdc_launch():
-        pass
-
+__all__ = ["FoldedLayerNorm", "LinearProblem", "GroupedLinear", "fold_layernorm", "grouped_linear"]
 
 @triton.jit
 def _prefetch_l2(ptrs):
@@ -107,21 +75,24 @@ def _prefetch_l2(ptrs):
 _F_X, _F_W, _F_OUT, _F_BIAS, _F_RES = (tl.constexpr(i) for i in range(5))  # addresses (bias/res: x's if absent)
 _F_M, _F_N, _F_K = tl.constexpr(5), tl.constexpr(6), tl.constexpr(7)
 _F_SXM, _F_SOM, _F_SRM = tl.constexpr(8), tl.constexpr(9), tl.constexpr(10)  # row strides (elements): x, out, res
-_F_FLAGS = tl.constexpr(11)  # activation code (bits 0-3, see _utils.ACTIVATIONS) | 16 has bias | 32 has residual
+_F_FLAGS = tl.constexpr(11)  # activation code (bits 0-3, see _utils.ACTIVATIONS) | 16 bias | 32 residual | 64 LN
 _F_START = tl.constexpr(12)  # first program id of this problem
 _F_SPLIT = tl.constexpr(13)  # number of K splits S (1 = no split-K)
 _F_IPS = tl.constexpr(14)  # K iterations (of BLOCK_K) per split
 _F_WS = tl.constexpr(15)  # fp32 element offset of this problem's split-K workspace
 _F_CNT = tl.constexpr(16)  # offset of this problem's tile counters
-_NF = tl.constexpr(17)
-_FLAG_BIAS, _FLAG_RES = 16, 32
+_F_NORM = tl.constexpr(17)  # address of the folded LayerNorm's fp32 column sums (x's if absent)
+_F_EPS = tl.constexpr(18)  # the folded LayerNorm's eps, float64 bits (kernel arguments: the float)
+_NF = tl.constexpr(19)
+_FLAG_BIAS, _FLAG_RES, _FLAG_NORM = 16, 32, 64
 MAX_ARG_PROBLEMS = 4  # up to this many problems travel as kernel arguments
-_ARG_FIELDS = ("xa", "wa", "oa", "ba", "ra", "M", "N", "K", "sx", "so", "sr", "fl", "st", "S", "ips", "wso", "cno")
+_ARG_FIELDS = ("xa", "wa", "oa", "ba", "ra", "M", "N", "K", "sx", "so", "sr", "fl", "st", "S", "ips", "wso", "cno",
+               "na", "ep")
 # per-problem scalars that vary between steps and gain nothing from Triton's value specialization: not
 # specialized (one binary serves every step of a model). Addresses, N, K and row strides keep it: their
 # divisibility by 16 is what lets the loads be 16 bytes wide (a tl.multiple_of on a kernel argument is
 # dropped by the compiler: an argument has no defining op to carry the hint).
-_NO_SPEC = [f"{f}{i}" for i in range(MAX_ARG_PROBLEMS) for f in ("M", "fl", "st", "S", "ips", "wso", "cno")]
+_NO_SPEC = [f"{f}{i}" for i in range(MAX_ARG_PROBLEMS) for f in ("M", "fl", "st", "S", "ips", "wso", "cno", "ep")]
 
 
 @triton.jit
@@ -145,10 +116,10 @@ def _grouped_linear_kernel(
     x_ref,  # problem 0's x: only its dtype is used (the real pointers are the per-problem fields)
     out_ref,  # problem 0's out: dtype of every out / residual
     bias_ref,  # a bias (or x when no problem has one): dtype of every bias
-    xa0, wa0, oa0, ba0, ra0, M0, N0, K0, sx0, so0, sr0, fl0, st0, S0, ips0, wso0, cno0,
-    xa1, wa1, oa1, ba1, ra1, M1, N1, K1, sx1, so1, sr1, fl1, st1, S1, ips1, wso1, cno1,
-    xa2, wa2, oa2, ba2, ra2, M2, N2, K2, sx2, so2, sr2, fl2, st2, S2, ips2, wso2, cno2,
-    xa3, wa3, oa3, ba3, ra3, M3, N3, K3, sx3, so3, sr3, fl3, st3, S3, ips3, wso3, cno3,
+    xa0, wa0, oa0, ba0, ra0, M0, N0, K0, sx0, so0, sr0, fl0, st0, S0, ips0, wso0, cno0, na0, ep0,
+    xa1, wa1, oa1, ba1, ra1, M1, N1, K1, sx1, so1, sr1, fl1, st1, S1, ips1, wso1, cno1, na1, ep1,
+    xa2, wa2, oa2, ba2, ra2, M2, N2, K2, sx2, so2, sr2, fl2, st2, S2, ips2, wso2, cno2, na2, ep2,
+    xa3, wa3, oa3, ba3, ra3, M3, N3, K3, sx3, so3, sr3, fl3, st3, S3, ips3, wso3, cno3, na3, ep3,
     NUM_PROBLEMS: tl.constexpr,
     META_IN_ARGS: tl.constexpr,  # NUM_PROBLEMS <= 4: fields are the arguments above, else the table
     BLOCK_M: tl.constexpr,
@@ -167,6 +138,7 @@ def _grouped_linear_kernel(
     PREFETCH: tl.constexpr,  # L2 prefetch of this program's weights at its start: 0 off, -1 all, n first n steps
     PF_LINES: tl.constexpr,  # 128-byte lines per weight row per BLOCK_K step (>= 1)
     USE_PDL: tl.constexpr,  # launched with programmatic dependent launch (sm_90+)
+    NORM: tl.constexpr,  # some problem has a folded LayerNorm: accumulate x's row statistics in the K loop
 ):
     pid = tl.program_id(0)
     if USE_PDL:
@@ -198,6 +170,8 @@ def _grouped_linear_kernel(
         ips = _pick(g, ips0, ips1, ips2, ips3, NUM_PROBLEMS).to(tl.int32)
         ws_off = _pick(g, wso0, wso1, wso2, wso3, NUM_PROBLEMS).to(tl.int64)
         cnt_off = _pick(g, cno0, cno1, cno2, cno3, NUM_PROBLEMS).to(tl.int32)
+        n_addr = _pick(g, na0, na1, na2, na3, NUM_PROBLEMS).to(tl.int64)
+        eps = _pick(g, ep0, ep1, ep2, ep3, NUM_PROBLEMS).to(tl.float32)
     else:
         g = pid * 0
         for i in tl.static_range(1, NUM_PROBLEMS):
@@ -220,6 +194,8 @@ def _grouped_linear_kernel(
         ips = tl.load(row + _F_IPS).to(tl.int32)
         ws_off = tl.load(row + _F_WS)
         cnt_off = tl.load(row + _F_CNT).to(tl.int32)
+        n_addr = tl.load(row + _F_NORM)
+        eps = tl.load(row + _F_EPS).to(tl.float64, bitcast=True).to(tl.float32)
 
     in_ty = x_ref.dtype.element_ty
     out_ty = out_ref.dtype.element_ty
@@ -228,6 +204,7 @@ def _grouped_linear_kernel(
     out_ptr = o_addr.to(tl.pointer_type(out_ty))  # [M, N]
     bias_ptr = b_addr.to(tl.pointer_type(bias_ref.dtype.element_ty))  # [N] (x's address when absent: never read)
     res_ptr = r_addr.to(tl.pointer_type(out_ty))  # [M, N], may be out itself (x's address when absent)
+    colsum_ptr = n_addr.to(tl.pointer_type(tl.float32))  # [N] folded LayerNorm column sums (x's when absent)
     if ALIGNED:  # lets the compiler use 16-byte loads/stores (values from arguments/memory carry no hints)
         x_ptr = tl.multiple_of(x_ptr, 16)
         w_ptr = tl.multiple_of(w_ptr, 16)
@@ -242,6 +219,7 @@ def _grouped_linear_kernel(
     act = flags & 15
     has_bias = (flags & 16) != 0
     has_res = (flags & 32) != 0
+    has_norm = (flags & 64) != 0
 
     # ---- (tile, split) of this program; tiles in GROUP_M-grouped order for L2 reuse ----
     local = pid - start
@@ -285,8 +263,18 @@ def _grouped_linear_kernel(
         # issued now, consumed after the K loop: their latency hides behind it. Bias is never written by
         # a kernel: safe before gdc_wait
         bias = tl.load(bias_ptr + offs_n, mask=n_mask & has_bias, other=0.0)
+    if NORM:
+        # column sums of the folded weight (weights: safe before gdc_wait)
+        colsum = tl.load(colsum_ptr + offs_n, mask=n_mask & has_norm, other=0.0)
     if USE_PDL:
         _gdc_wait()  # the previous launch is complete and its writes visible from here on
+    if NORM:
+        # row statistics of x, accumulated from the A tiles the K loop loads anyway (a problem with a folded
+        # LayerNorm never splits K, so this program sees whole rows). Shifted by each row's first element:
+        # E[(x-s)^2] - E[x-s]^2 stays accurate when |mean| >> std.
+        shift = tl.load(x_ptr + rm * stride_xm, mask=m_mask & has_norm, other=0.0).to(tl.float32)
+        row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        row_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
     if EARLY_EPI:
         # safe with residual is out: only the last program of this tile writes out, after its own read here
         res = tl.load(res_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=out_mask & has_res, other=0.0)
@@ -303,6 +291,12 @@ def _grouped_linear_kernel(
             a = tl.load(x_ptrs, mask=m_mask[:, None] & (offs_k[None, :] < k_left), other=0.0)
             b = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        if NORM:
+            d = a.to(tl.float32) - shift[:, None]
+            if not EVEN_K:
+                d = tl.where(offs_k[None, :] < k_left, d, 0.0)
+            row_sum += tl.sum(d, axis=1)
+            row_sq += tl.sum(d * d, axis=1)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
 
@@ -352,8 +346,17 @@ def _grouped_linear_kernel(
     else:
         is_last = True
 
-    # ---- epilogue: bias -> activation -> residual -> store ----
+    # ---- epilogue: [LayerNorm] -> bias -> activation -> residual -> store ----
     if is_last:
+        if NORM:
+            # LN(x) @ W.T + b == rstd * (x @ W'.T - mean * colsum(W')) + b', W' = W * gamma, b' = W @ beta + b
+            k_f = K.to(tl.float32)
+            mean_s = row_sum / k_f
+            var = tl.maximum(row_sq / k_f - mean_s * mean_s, 0.0)
+            rstd = 1.0 / tl.sqrt(var + eps)
+            mean = mean_s + shift
+            normed = rstd[:, None] * (acc - mean[:, None] * colsum[None, :])
+            acc = tl.where(has_norm, normed, acc)
         if not EARLY_EPI:
             bias = tl.load(bias_ptr + offs_n, mask=n_mask & has_bias, other=0.0)
         acc += bias.to(tl.float32)[None, :]
@@ -371,6 +374,15 @@ def _grouped_linear_kernel(
 # host side
 # ---------------------------------------------------------------------------------------------------
 @dataclass
+class FoldedLayerNorm:
+    """A LayerNorm over x's rows folded into the GEMM that follows it (vertical fusion: no LN launch, no
+    normalized copy of x). Build it with :func:`fold_layernorm`, which also gives the folded weight and bias."""
+
+    colsum: torch.Tensor  # fp32 [N]: row sums of the folded weight exactly as the GEMM reads it
+    eps: float
+
+
+@dataclass
 class LinearProblem:
     x: torch.Tensor  # [M, K]; last dim contiguous, row stride may be > K
     weight: torch.Tensor  # [N, K] contiguous (nn.Linear layout): out = x @ weight.T
@@ -378,6 +390,41 @@ class LinearProblem:
     bias: torch.Tensor | None = None  # [N]
     activation: str | None = None  # None | "quick_gelu" | "gelu" (exact erf) | "gelu_tanh"
     residual: torch.Tensor | None = None  # [M, N]; may be the same tensor as out (in-place add)
+    # out = act(LayerNorm(x) @ W.T + b) + residual, given the folded weight / bias / norm of fold_layernorm
+    norm: FoldedLayerNorm | None = None
+
+
+def fold_layernorm(weight: torch.Tensor, bias: torch.Tensor | None, ln_weight: torch.Tensor,
+                   ln_bias: torch.Tensor | None, eps: float, dtype: torch.dtype | None = None):
+    """Fold ``LayerNorm(x; ln_weight, ln_bias, eps)`` into the linear layer after it.
+
+    ``LN(x) @ W.T + b = rstd * (x @ W'.T - mean * colsum(W')) + b'`` with ``W' = W * ln_weight`` (per input
+    column) and ``b' = W @ ln_bias + b``; the GEMM accumulates each row's mean and rstd from the x tiles it
+    loads anyway and applies them in the epilogue. Computed in fp32, stored in ``dtype`` (default: weight's);
+    colsum sums the stored W', so the mean term cancels what the GEMM really multiplies.
+    Returns ``(folded_weight [N, K], folded_bias [N], FoldedLayerNorm)`` for a :class:`LinearProblem`."""
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(f"fold_layernorm: weight must be a 2-D [N, K] tensor, got {_shape_or_type(weight)}")
+    n, k = weight.shape
+    for name, t, size in (("bias", bias, n), ("ln_weight", ln_weight, k), ("ln_bias", ln_bias, k)):
+        if t is None and name != "ln_weight":
+            continue
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != (size,):
+            raise ValueError(f"fold_layernorm: {name} must be a [{size}] tensor, got {_shape_or_type(t)}")
+    if not float(eps) >= 0.0:
+        raise ValueError(f"fold_layernorm: eps must be >= 0, got {eps!r}")
+    dtype = dtype or weight.dtype
+    w32 = weight.detach().float()
+    folded = (w32 * ln_weight.detach().float()[None, :]).to(dtype).contiguous()
+    b32 = torch.zeros(n, dtype=torch.float32, device=weight.device) if bias is None else bias.detach().float()
+    if ln_bias is not None:
+        b32 = b32 + w32 @ ln_bias.detach().float()
+    colsum = folded.float().sum(dim=1).contiguous()
+    return folded, b32.to(dtype).contiguous(), FoldedLayerNorm(colsum, float(eps))
+
+
+def _shape_or_type(t) -> str:
+    return _shape(t) if isinstance(t, torch.Tensor) else type(t).__name__
 
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -404,14 +451,6 @@ def _prefetch_steps(v) -> int:
     if not isinstance(v, int) or v < 0:
         raise ValueError(f"config prefetch must be a bool or an int >= 0 (BLOCK_K steps), got {v!r}")
     return v
-
-
-def pdl_supported(device) -> bool:
-    """Programmatic dependent launch: CUDA device of compute capability >= 9 and a Triton that has it."""
-    device = torch.device(device)
-    if not _HAS_PDL or device.type != "cuda" or is_interpreter():
-        return False
-    return torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def _shape(t) -> str:
@@ -479,7 +518,18 @@ def _validate(problems) -> None:
             if not same_view and ro[0] < oo[1] and oo[0] < ro[1]:
                 raise ValueError(f"{where}: residual overlaps out without being the same view "
                                  f"(residual {_shape(r)}, out {_shape(out)}); pass out itself or a disjoint tensor")
-        tensors = [("x", x), ("weight", w), ("out", out), ("bias", p.bias), ("residual", p.residual)]
+        if p.norm is not None:
+            nm = p.norm
+            if not isinstance(nm, FoldedLayerNorm):
+                raise ValueError(f"{where}: norm must be a FoldedLayerNorm (see fold_layernorm), got {type(nm).__name__}")
+            c = nm.colsum
+            if (not isinstance(c, torch.Tensor) or c.dtype != torch.float32 or tuple(c.shape) != (N,)
+                    or not c.is_contiguous()):
+                raise ValueError(f"{where}: norm.colsum must be a contiguous fp32 [N={N}] tensor, got {_shape_or_type(c)}")
+            if not isinstance(nm.eps, (int, float)) or not float(nm.eps) >= 0.0:
+                raise ValueError(f"{where}: norm.eps must be a number >= 0, got {nm.eps!r}")
+        tensors = [("x", x), ("weight", w), ("out", out), ("bias", p.bias), ("residual", p.residual),
+                   ("norm.colsum", p.norm.colsum if p.norm is not None else None)]
         if first is None:
             first = (x.dtype, out.dtype, x.device)
         for name, t in tensors:
@@ -576,7 +626,7 @@ def _skinny_configs(max_m: int) -> list[dict]:
     return out
 
 
-def _ranked_skinny(dims, elt, device, base=None) -> list[tuple[float, dict]]:
+def _ranked_skinny(dims, elt, device, base=None, nosplit=None) -> list[tuple[float, dict]]:
     """Skinny configs (fitting the device's shared memory), best modelled first."""
     sms, limit = num_sms(device), device_smem_bytes(device)
     ranked = []
@@ -584,7 +634,7 @@ def _ranked_skinny(dims, elt, device, base=None) -> list[tuple[float, dict]]:
         c = {**c, **(base or {})}
         if _smem_bytes(c, elt) > limit:
             continue
-        ranked.append((_estimate_us(dims, c, _choose_splits(dims, c, device, None), elt, c.get("num_sms") or sms,
+        ranked.append((_estimate_us(dims, c, _choose_splits(dims, c, device, None, nosplit), elt, c.get("num_sms") or sms,
                                     limit), c))
     ranked.sort(key=lambda t: t[0])  # stable: ties keep the table's order
     return ranked
@@ -602,7 +652,7 @@ def _default_config(problems, device, base: dict | None = None) -> dict:
         cfg = dict(BLOCK_M=min(64, max(16, _next_pow2(max_m))), BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4,
                    num_stages=3)
     elif _is_skinny(dims, device):
-        ranked = _ranked_skinny(dims, elt, device, base)
+        ranked = _ranked_skinny(dims, elt, device, base, _nosplit(problems))
         if ranked:
             return dict(ranked[0][1])
         cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3, programs_per_sm=0,
@@ -622,8 +672,14 @@ def _default_config(problems, device, base: dict | None = None) -> dict:
     return _fit_smem(cfg, elt, device)
 
 
-def _choose_splits(dims, cfg, device, split_k) -> list[int]:
+def _nosplit(problems) -> list[bool]:
+    """Problems that must keep all of K in one program: a folded LayerNorm needs whole rows of x."""
+    return [p.norm is not None for p in problems]
+
+
+def _choose_splits(dims, cfg, device, split_k, nosplit=None) -> list[int]:
     """K splits per problem. dims: [(M, N, K)]. split_k: None (auto), int (all), or list (per problem).
+    nosplit: per problem, True = never split (folded LayerNorm); an explicit split_k > 1 there is an error.
 
     Auto: no split while the output tiles of all problems fill the SMs (or programs_per_sm == 0); below
     that (skinny M), split so the launch has ~num_sms * programs_per_sm programs of about equal K work: a
@@ -636,7 +692,12 @@ def _choose_splits(dims, cfg, device, split_k) -> list[int]:
         ks = [split_k] * len(dims) if isinstance(split_k, int) else list(split_k)
         if len(ks) != len(dims) or any(not isinstance(s, int) or s < 1 for s in ks):
             raise ValueError(f"split_k must be None, an int >= 1 or one int >= 1 per problem, got {split_k!r}")
-        return [min(s, it) for s, it in zip(ks, iters)]
+        out = [min(s, it) for s, it in zip(ks, iters)]
+        bad = [i for i, s in enumerate(out) if s > 1 and nosplit and nosplit[i]]
+        if bad:
+            raise ValueError(f"split_k: problem(s) {bad} have a folded LayerNorm, which needs all of K in one "
+                             f"program; give them split 1 (a per-problem list), got {split_k!r}")
+        return out
     sms = cfg.get("num_sms") or num_sms(device)
     pps = cfg.get("programs_per_sm", 2)
     if sum(tiles) >= sms or not pps:
@@ -645,7 +706,16 @@ def _choose_splits(dims, cfg, device, split_k) -> list[int]:
     work = sum(t * it for t, it in zip(tiles, iters))
     per_split = max(cfg.get("min_k_iters", 4), work / target)
     cap = cfg.get("max_split", 64)
-    return [max(1, min(cap, it, int(it / per_split + 0.5))) for it in iters]
+    out = [max(1, min(cap, it, int(it / per_split + 0.5))) for it in iters]
+    return [1 if nosplit and nosplit[i] else s for i, s in enumerate(out)]
+
+
+def _float_bits(v: float) -> int:
+    return struct.unpack("<q", struct.pack("<d", float(v)))[0]
+
+
+def _bits_float(v: int) -> float:
+    return struct.unpack("<d", struct.pack("<q", int(v)))[0]
 
 
 class _Plan:
@@ -684,9 +754,12 @@ class _Plan:
             m[_F_SXM.value], m[_F_SOM.value] = p.x.stride(0), out.stride(0)
             m[_F_SRM.value] = p.residual.stride(0) if p.residual is not None else 0
             m[_F_FLAGS.value] = (activation_code(p.activation) | (_FLAG_BIAS if p.bias is not None else 0)
-                                 | (_FLAG_RES if p.residual is not None else 0))
+                                 | (_FLAG_RES if p.residual is not None else 0)
+                                 | (_FLAG_NORM if p.norm is not None else 0))
             m[_F_START.value], m[_F_SPLIT.value], m[_F_IPS.value] = start, r["S"], r["ips"]
             m[_F_WS.value], m[_F_CNT.value] = ws_off, cnt_off
+            m[_F_NORM.value] = (p.norm.colsum if p.norm is not None else p.x).data_ptr()
+            m[_F_EPS.value] = _float_bits(p.norm.eps if p.norm is not None else 1.0)  # 1.0: unused, finite
             start += r["tiles"] * r["S"]
             if r["S"] > 1:
                 ws_off += r["tiles"] * (1 if atomic else r["S"]) * bm * bn
@@ -701,7 +774,8 @@ class _Plan:
         self.ws = (torch.zeros if atomic else torch.empty)(max(ws_off, 1), dtype=torch.float32, device=device)
         self.cnt = torch.zeros(max(cnt_off, 1), dtype=torch.int32, device=device)  # last arrival resets
         padded = fields[:MAX_ARG_PROBLEMS] + [fields[0]] * (MAX_ARG_PROBLEMS - min(len(fields), MAX_ARG_PROBLEMS))
-        scalars = [v for m in padded for v in m]
+        # kernel arguments carry eps as a float (the table as its float64 bits)
+        scalars = [_bits_float(v) if j == _F_EPS.value else v for m in padded for j, v in enumerate(m)]
 
         ptrs = [t for p, out in zip(problems, outs) for t in (p.x, p.weight, out, p.bias, p.residual) if t is not None]
         strides = [(p.x.stride(0), p.x.element_size()) for p in problems]
@@ -737,6 +811,7 @@ class _Plan:
             PREFETCH=0 if interp else _prefetch_steps(cfg.get("prefetch", False)),
             PF_LINES=max(1, bk * problems[0].x.element_size() // 128),
             USE_PDL=use_pdl,
+            NORM=any(p.norm is not None for p in problems),
         )
         self.launch_opts = dict(num_warps=warps, num_stages=cfg["num_stages"])
         if use_pdl:
@@ -799,7 +874,7 @@ class GroupedLinear:
                 raise ValueError(f"config {k} must be a power of two >= 16, got {v!r}")
         dims = [(p.x.shape[0], p.weight.shape[0], p.x.shape[1]) for p in self.problems]
         self.config = cfg
-        self._plan = _Plan(self.problems, cfg, _choose_splits(dims, cfg, device, split_k))
+        self._plan = _Plan(self.problems, cfg, _choose_splits(dims, cfg, device, split_k, _nosplit(self.problems)))
         self.splits = self._plan.splits  # K splits per problem, in the caller's order
         self.num_programs = self._plan.num_programs
         self._plan.warmup()
@@ -812,27 +887,29 @@ class GroupedLinear:
         self._plan.launch()
 
 
-def grouped_linear(xs, weights, biases=None, activations=None, residuals=None, out_dtype=None,
+def grouped_linear(xs, weights, biases=None, activations=None, residuals=None, out_dtype=None, norms=None,
                    **kwargs) -> list[torch.Tensor]:
-    """Convenience: allocate outputs, build a GroupedLinear, run it once, return outputs."""
+    """Convenience: allocate outputs, build a GroupedLinear, run it once, return outputs. norms: per problem
+    None or the FoldedLayerNorm of fold_layernorm (then weights/biases must be the folded ones)."""
     if not isinstance(xs, (list, tuple)) or not isinstance(weights, (list, tuple)):
         raise ValueError("xs and weights must be lists of tensors")
     n = len(xs)
     biases = [None] * n if biases is None else list(biases)
     activations = [activations] * n if activations is None or isinstance(activations, str) else list(activations)
     residuals = [None] * n if residuals is None else list(residuals)
-    if not (len(weights) == len(biases) == len(activations) == len(residuals) == n):
-        raise ValueError(f"xs, weights, biases, activations, residuals must have equal lengths, got "
-                         f"{n}, {len(weights)}, {len(biases)}, {len(activations)}, {len(residuals)}")
+    norms = [None] * n if norms is None else list(norms)
+    if not (len(weights) == len(biases) == len(activations) == len(residuals) == len(norms) == n):
+        raise ValueError(f"xs, weights, biases, activations, residuals, norms must have equal lengths, got "
+                         f"{n}, {len(weights)}, {len(biases)}, {len(activations)}, {len(residuals)}, {len(norms)}")
     if out_dtype is not None and out_dtype not in _DTYPES:
         raise ValueError(f"out_dtype must be None or one of fp16/bf16/fp32, got {out_dtype}")
     problems = []
-    for x, w, b, a, r in zip(xs, weights, biases, activations, residuals):
+    for x, w, b, a, r, nm in zip(xs, weights, biases, activations, residuals, norms):
         if not isinstance(x, torch.Tensor) or not isinstance(w, torch.Tensor) or x.dim() != 2 or w.dim() != 2:
             raise ValueError(f"each x must be a 2-D [M, K] tensor and each weight a 2-D [N, K] tensor, got "
                              f"{getattr(x, 'shape', type(x).__name__)} and {getattr(w, 'shape', type(w).__name__)}")
         out = torch.empty((x.shape[0], w.shape[0]), dtype=out_dtype or x.dtype, device=x.device)
-        problems.append(LinearProblem(x, w, out, bias=b, activation=a, residual=r))
+        problems.append(LinearProblem(x, w, out, bias=b, activation=a, residual=r, norm=nm))
     GroupedLinear(problems, **kwargs)()
     return [p.out for p in problems]
 
@@ -855,7 +932,7 @@ def _candidates(problems, device, base: dict) -> list[dict]:
     if elt == 4:
         pass  # fp32: correctness path, the heuristic only
     elif _is_skinny(dims, device):
-        cands += [c for _, c in _ranked_skinny(dims, elt, device, base)]
+        cands += [c for _, c in _ranked_skinny(dims, elt, device, base, _nosplit(problems))]
     else:
         for bm, bn, warps, stages in ((128, 256, 8, 3), (64, 128, 4, 3), (128, 128, 8, 3), (128, 128, 8, 4),
                                       (64, 128, 4, 4), (256, 128, 8, 3)):
@@ -941,7 +1018,7 @@ def _tune(problems, base: dict, split_k):
         torch.cuda.get_device_name(device), problems[0].x.dtype, problems[0].out.dtype, repr(sorted(base.items())),
         repr(split_k),
         tuple((p.x.shape[0], p.weight.shape[0], p.x.shape[1], p.bias is not None, p.activation,
-               p.residual is not None) for p in problems),
+               p.residual is not None, p.norm is not None) for p in problems),
     )
     if key in _TUNE_CACHE:
         return _TUNE_CACHE[key]
@@ -952,7 +1029,8 @@ def _tune(problems, base: dict, split_k):
     plans = []
     for cfg in _candidates(problems, device, base):
         try:
-            plans.append((cfg, _Plan(problems, cfg, _choose_splits(dims, cfg, device, split_k), outs=outs)))
+            plans.append((cfg, _Plan(problems, cfg, _choose_splits(dims, cfg, device, split_k, _nosplit(problems)),
+                                     outs=outs)))
         except Exception as e:
             table.append(dict(config=cfg, error=f"{type(e).__name__}: {str(e)[:200]}"))
     _precompile([plan for _, plan in plans])

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._utils import describe, pow2_divisor
+from ._utils import describe, gdc_launch, gdc_wait, pdl_supported, pow2_divisor
 
 __all__ = ["LayerNormProblem", "GroupedLayerNorm", "grouped_layer_norm"]
 
@@ -67,8 +67,11 @@ def _layer_norm_kernel(
     BLOCK_D: tl.constexpr,
     PTR_ALIGN: tl.constexpr,  # every x/weight/bias/out pointer is a multiple of this many bytes
     ELT_ALIGN: tl.constexpr,  # every row stride and width is a multiple of this many elements
+    USE_PDL: tl.constexpr,  # launched with programmatic dependent launch (sm_90+)
 ):
     pid = tl.program_id(0)
+    if USE_PDL:
+        gdc_launch()  # the next launch may start (its programs wait for all of this one to finish)
     # Which problem does this program belong to? (few problems: linear scan of the block starts)
     prob = 0
     for p in range(1, n_problems):
@@ -96,6 +99,13 @@ def _layer_norm_kernel(
         x_stride = tl.multiple_of(x_stride, ELT_ALIGN)
         o_stride = tl.multiple_of(o_stride, ELT_ALIGN)
 
+    cols = tl.arange(0, BLOCK_D)
+    col_ok = cols < D
+    # LayerNorm parameters are never written by a kernel: loaded before waiting on the previous launch
+    w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    if USE_PDL:
+        gdc_wait()  # x and row_index are earlier launches' outputs
     rows = (pid - start) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
     row_ok = rows < n_rows
     src_rows = rows
@@ -104,16 +114,12 @@ def _layer_norm_kernel(
     elif idx_kind == 2:
         src_rows = tl.load(idx_addr.to(tl.pointer_type(tl.int64)) + rows, mask=row_ok, other=0)
 
-    cols = tl.arange(0, BLOCK_D)
-    col_ok = cols < D
     mask = row_ok[:, None] & col_ok[None, :]
     x = tl.load(x_ptr + src_rows[:, None] * x_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     mean = tl.sum(x, axis=1) / D
     xc = tl.where(mask, x - mean[:, None], 0.0)
     var = tl.sum(xc * xc, axis=1) / D
     rstd = 1.0 / tl.sqrt(var + eps)
-    w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    b = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     y = xc * rstd[:, None] * w[None, :] + b[None, :]
     tl.store(o_ptr + rows[:, None] * o_stride + cols[None, :], y.to(o_ref.dtype.element_ty), mask=mask)
 
@@ -127,11 +133,12 @@ class GroupedLayerNorm:
 
     All problems share the activation dtype (``x``), the parameter dtype (``weight``/``bias``) and
     the output dtype (each fp16, bf16 or fp32; they may differ from one another), and the device.
-    ``block_rows`` / ``num_warps`` override the heuristics.
+    ``block_rows`` / ``num_warps`` override the heuristics. ``pdl`` (default True): launch with
+    programmatic dependent launch where supported (sm_90+).
     """
 
     def __init__(self, problems: Sequence[LayerNormProblem], *, block_rows: int | None = None,
-                 num_warps: int | None = None):
+                 num_warps: int | None = None, pdl: bool = True):
         problems = list(problems)
         if not problems:
             raise ValueError("GroupedLayerNorm: expected at least one LayerNormProblem, got none")
@@ -210,6 +217,7 @@ class GroupedLayerNorm:
         self._refs = (p0.x, p0.weight, p0.out)
         self._ptr_align = pow2_divisor([r[j] for r in rows_meta for j in (_X, _W, _B, _OUT)], 16)
         self._elt_align = pow2_divisor([r[j] for r in rows_meta for j in (_D, _XS, _OS)], 16)
+        self._pdl = bool(pdl) and pdl_supported(device)
 
     @property
     def outputs(self) -> list[Tensor]:
@@ -220,7 +228,8 @@ class GroupedLayerNorm:
         _layer_norm_kernel[(self.num_programs,)](
             self.meta, self.eps, len(self.problems), x_ref, w_ref, o_ref,
             NF=_NF, BLOCK_R=self.block_rows, BLOCK_D=self.block_d, PTR_ALIGN=self._ptr_align,
-            ELT_ALIGN=self._elt_align, num_warps=self.num_warps,
+            ELT_ALIGN=self._elt_align, USE_PDL=self._pdl, num_warps=self.num_warps,
+            **({"launch_pdl": True} if self._pdl else {}),
         )
 
 

@@ -1,0 +1,88 @@
+"""A/B of the fused executor's options in ONE process: LayerNorm folded into the GEMMs (vertical fusion) on/off,
+programmatic dependent launch on/off, next to the two-branch CUDA graph executor as the stock baseline.
+
+Every variant is timed like `dualfuse bench` times an executor (bench.time_calls: CUDA events around each
+`encode` call, synchronized per call, inputs rotated), in rounds that interleave the variants so clock or
+thermal drift hits all of them alike. Each variant's output is checked against the fp32 reference first.
+
+    python benchmarks/fused_variants.py --model clip-vit-b-32 --batch 1 --json out.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+
+import torch
+
+VARIANTS = {  # name: (executor, kwargs)
+    "graph": ("graph", {}),
+    "fused": ("fused", {}),
+    "fused-nofold": ("fused", {"fold_ln": False}),
+    "fused-nopdl": ("fused", {"pdl": False}),
+}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="clip-vit-b-32")
+    p.add_argument("--batch", type=int, default=1, help="image and text batch")
+    p.add_argument("--text-batch", type=int, default=None)
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--iters", type=int, default=50, help="calls per variant per round")
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--device", default="cuda", help="cuda (figures); cpu only as a smoke test (TRITON_INTERPRET=1)")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+
+    import dualfuse
+    from dualfuse import executors, reference
+    from dualfuse.bench import cosine_check, environment, random_inputs, time_calls
+
+    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        print(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}", file=sys.stderr)
+        return 2
+    dev = torch.device(args.device)
+    bt = args.batch if args.text_batch is None else args.text_batch
+    model = dualfuse.load(args.model)
+    exs = {n: executors.get(VARIANTS[n][0], model, dtype=torch.float16, device=dev, **VARIANTS[n][1]) for n in names}
+    spec = next(iter(exs.values())).spec
+    inputs = random_inputs(spec, args.batch, bt, None, sets=4, device=dev, dtype=torch.float16)
+    ref_spec = spec.to(dev, torch.float32)
+    px0, ids0 = inputs[0]
+    refs = reference.encode(ref_spec, px0.float(), ids0)
+    cos = {}
+    for n, ex in exs.items():
+        cos[n] = cosine_check(ex.encode(px0, ids0), refs)["min_cosine"]
+        for _ in range(10):  # warm-up (graph capture happened in the first call)
+            ex.encode(*inputs[0])
+    samples = {n: [] for n in names}
+    for r in range(args.rounds):
+        for n in (names if r % 2 == 0 else names[::-1]):
+            ex = exs[n]
+            samples[n] += time_calls(lambda i: ex.encode(*inputs[i % len(inputs)]), args.iters, dev)
+    base = statistics.median(samples["graph"]) if "graph" in samples else None
+    card = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU (smoke test, not a figure)"
+    print(f"{args.model} {args.batch}+{bt} fp16 on {card}: median (p10..p90) ms of "
+          f"{args.rounds * args.iters} calls")
+    rows = []
+    for n in names:
+        xs = sorted(samples[n])
+        med = statistics.median(xs)
+        row = dict(variant=n, median_ms=med, p10_ms=xs[len(xs) // 10], p90_ms=xs[(9 * len(xs)) // 10],
+                   min_cosine=cos[n], vs_graph=(med / base) if base else None, samples=xs)
+        rows.append(row)
+        extra = f"  {row['vs_graph']:.3f} of graph" if base else ""
+        print(f"  {n:<14} {med:8.3f} ({row['p10_ms']:.3f}..{row['p90_ms']:.3f})  min cos {cos[n]:.6f}{extra}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(model=args.model, image_batch=args.batch, text_batch=bt, env=environment(dev),
+                           rows=rows), f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
