@@ -21,6 +21,9 @@ VARIANTS = {  # name: (executor, kwargs)
     "fused": ("fused", {}),
     "fused-nofold": ("fused", {"fold_ln": False}),
     "fused-nopdl": ("fused", {"pdl": False}),
+    "fused-reuse": ("fused", {"gemm_config": {"norm_stats": "reuse"}}),
+    "fused-prepass": ("fused", {"gemm_config": {"norm_stats": "prepass"}}),
+    "fused-nofold-nopdl": ("fused", {"fold_ln": False, "pdl": False}),
 }
 
 

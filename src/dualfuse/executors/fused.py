@@ -110,7 +110,10 @@ class Runner:
             return Embeddings(patch, token)
         pdl = self.ex.pdl
         if stage.kind == "linear":
-            return GroupedLinear(problems, config=None if pdl else {"pdl": False})
+            cfg = dict(self.ex.gemm_config)
+            if not pdl:
+                cfg["pdl"] = False
+            return GroupedLinear(problems, config=cfg or None)
         if stage.kind == "layernorm":
             return GroupedLayerNorm(problems, pdl=pdl)
         if stage.kind == "attention":
@@ -238,7 +241,8 @@ class FusedExecutor(Executor):
     notes = "horizontally fused Triton launches, one CUDA graph"
 
     def __init__(self, model, dtype=None, device=None, *, max_graphs: int = 8, use_graph: bool = True,
-                 fallback: bool = True, fold_ln: bool = True, pdl: bool = True, **kwargs):
+                 fallback: bool = True, fold_ln: bool = True, pdl: bool = True, gemm_config: dict | None = None,
+                 **kwargs):
         super().__init__(model, dtype, device, **kwargs)
         if max_graphs < 1:
             raise ValueError(f"max_graphs must be >= 1, got {max_graphs}")
@@ -248,6 +252,9 @@ class FusedExecutor(Executor):
         # fold_ln: LayerNorms folded into the GEMMs they feed (plan.py); pdl: programmatic dependent launch
         # between consecutive kernels where the card supports it (sm_90+; a no-op elsewhere)
         self.max_graphs, self.use_graph, self.fold_ln, self.pdl = max_graphs, use_graph, fold_ln, pdl
+        if gemm_config is not None and not isinstance(gemm_config, dict):
+            raise ValueError(f"gemm_config must be a dict of GroupedLinear config keys, got {gemm_config!r}")
+        self.gemm_config = dict(gemm_config or {})  # overrides for every GEMM launch (benchmarks, experiments)
         self.runners: OrderedDict[tuple, Runner] = OrderedDict()
         self.fallback = None
         reason = unsupported_reason(self.spec, self.dtype, self.device)

@@ -138,7 +138,8 @@ def _grouped_linear_kernel(
     PREFETCH: tl.constexpr,  # L2 prefetch of this program's weights at its start: 0 off, -1 all, n first n steps
     PF_LINES: tl.constexpr,  # 128-byte lines per weight row per BLOCK_K step (>= 1)
     USE_PDL: tl.constexpr,  # launched with programmatic dependent launch (sm_90+)
-    NORM: tl.constexpr,  # some problem has a folded LayerNorm: accumulate x's row statistics in the K loop
+    NORM: tl.constexpr,  # some problem has a folded LayerNorm: accumulate x's row statistics
+    NORM_STATS: tl.constexpr,  # how: 0 from the dot's A tiles, 1 a second load of each A tile, 2 a pass before the loop
 ):
     pid = tl.program_id(0)
     if USE_PDL:
@@ -275,6 +276,14 @@ def _grouped_linear_kernel(
         shift = tl.load(x_ptr + rm * stride_xm, mask=m_mask & has_norm, other=0.0).to(tl.float32)
         row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
         row_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        if NORM_STATS == 2:
+            for kk in range(k_lo, k_hi):
+                k_ok = (kk * BLOCK_K + offs_k) < K
+                xs = tl.load(x_ptr + rm[:, None] * stride_xm + (kk * BLOCK_K + offs_k)[None, :],
+                             mask=m_mask[:, None] & k_ok[None, :], other=0.0)
+                d = tl.where(k_ok[None, :], xs.to(tl.float32) - shift[:, None], 0.0)
+                row_sum += tl.sum(d, axis=1)
+                row_sq += tl.sum(d * d, axis=1)
     if EARLY_EPI:
         # safe with residual is out: only the last program of this tile writes out, after its own read here
         res = tl.load(res_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=out_mask & has_res, other=0.0)
@@ -291,10 +300,17 @@ def _grouped_linear_kernel(
             a = tl.load(x_ptrs, mask=m_mask[:, None] & (offs_k[None, :] < k_left), other=0.0)
             b = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-        if NORM:
-            d = a.to(tl.float32) - shift[:, None]
+        if NORM and NORM_STATS < 2:
+            if NORM_STATS == 1:  # a separate load (L1/L2-hot): the dot's operand path stays as without LN
+                if EVEN_K:
+                    a_s = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
+                else:
+                    a_s = tl.load(x_ptrs, mask=m_mask[:, None] & ((kk * BLOCK_K + offs_k)[None, :] < K), other=0.0)
+            else:
+                a_s = a
+            d = a_s.to(tl.float32) - shift[:, None]
             if not EVEN_K:
-                d = tl.where(offs_k[None, :] < k_left, d, 0.0)
+                d = tl.where((kk * BLOCK_K + offs_k)[None, :] < K, d, 0.0)
             row_sum += tl.sum(d, axis=1)
             row_sq += tl.sum(d * d, axis=1)
         x_ptrs += BLOCK_K
@@ -440,7 +456,9 @@ _CONFIG_KEYS = {
     "prefetch",  # L2 prefetch of each program's weights at its start: False, True (all), n (first n K steps);
     # default 2 for skinny M, off for many rows
     "pdl",  # programmatic dependent launch (default True; used where supported: sm_90+, Triton with launch_pdl)
+    "norm_stats",  # folded LayerNorm row statistics: "reload" (default), "reuse" (the dot's A tiles), "prepass"
 }
+_NORM_STATS = {"reuse": 0, "reload": 1, "prepass": 2}
 
 
 def _prefetch_steps(v) -> int:
@@ -812,6 +830,7 @@ class _Plan:
             PF_LINES=max(1, bk * problems[0].x.element_size() // 128),
             USE_PDL=use_pdl,
             NORM=any(p.norm is not None for p in problems),
+            NORM_STATS=_NORM_STATS[cfg.get("norm_stats", "reload")],
         )
         self.launch_opts = dict(num_warps=warps, num_stages=cfg["num_stages"])
         if use_pdl:
@@ -861,6 +880,8 @@ class GroupedLinear:
             if not isinstance(config, dict) or not set(config) <= _CONFIG_KEYS:
                 raise ValueError(f"config must be a dict with keys from {sorted(_CONFIG_KEYS)}, got {config!r}")
             _prefetch_steps(config.get("prefetch", False))
+            if config.get("norm_stats", "reload") not in _NORM_STATS:
+                raise ValueError(f"config norm_stats must be one of {sorted(_NORM_STATS)}, got {config['norm_stats']!r}")
             if config.get("split_reduce", "ordered") not in ("ordered", "atomic"):
                 raise ValueError(f"config split_reduce must be 'ordered' or 'atomic', got {config['split_reduce']!r}")
         self.tune_table = None
