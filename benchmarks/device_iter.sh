@@ -10,7 +10,6 @@ nvidia-smi --query-gpu=name,driver_version --format=csv | tee "$O/card.txt"
 step 60 python3 benchmarks/fused_variants.py --model clip-vit-b-32 --batch 1 --json "$O/fv-b32-1.json"
 step 90 python3 benchmarks/fused_variants.py --model clip-vit-l-14 --batch 1 --json "$O/fv-l14-1.json"
 step 60 python3 benchmarks/fused_variants.py --model clip-vit-b-32 --batch 32 --iters 25 --json "$O/fv-b32-32.json"
-step 60 python3 benchmarks/fused_variants.py --model siglip-base-patch16-224 --batch 1 --variants graph,fused,fused-nofold --json "$O/fv-siglip-1.json"
-step 60 python3 benchmarks/stage_times.py --model clip-vit-b-32 --top 8
-TAIL=40 step 240 python3 -m pytest -m gpu -q -x -p no:cacheprovider tests/kernels tests/test_fused.py
+step 60 python3 benchmarks/fused_variants.py --model siglip-base-patch16-224 --batch 1 --variants graph,fused,fused-nopdl,fused-fold --json "$O/fv-siglip-1.json"
+TAIL=40 step 240 python3 -m pytest -m gpu -q -p no:cacheprovider tests/kernels tests/test_fused.py tests/test_executors.py
 echo "=== done $(date +%T)"

@@ -1,5 +1,5 @@
-"""A/B of the fused executor's options in ONE process: LayerNorm folded into the GEMMs (vertical fusion) on/off,
-programmatic dependent launch on/off, next to the two-branch CUDA graph executor as the stock baseline.
+"""A/B of the fused executor's options in ONE process: LayerNorm folded into the GEMMs (vertical fusion, off by
+default) on/off, programmatic dependent launch on/off, next to the two-branch CUDA graph executor as the stock baseline.
 
 Every variant is timed like `dualfuse bench` times an executor (bench.time_calls: CUDA events around each
 `encode` call, synchronized per call, inputs rotated), in rounds that interleave the variants so clock or
@@ -19,11 +19,9 @@ import torch
 VARIANTS = {  # name: (executor, kwargs)
     "graph": ("graph", {}),
     "fused": ("fused", {}),
-    "fused-nofold": ("fused", {"fold_ln": False}),
     "fused-nopdl": ("fused", {"pdl": False}),
-    "fused-reuse": ("fused", {"gemm_config": {"norm_stats": "reuse"}}),
-    "fused-prepass": ("fused", {"gemm_config": {"norm_stats": "prepass"}}),
-    "fused-nofold-nopdl": ("fused", {"fold_ln": False, "pdl": False}),
+    "fused-fold": ("fused", {"fold_ln": True}),
+    "fused-fold-nopdl": ("fused", {"fold_ln": True, "pdl": False}),
 }
 
 

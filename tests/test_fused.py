@@ -74,15 +74,15 @@ def test_fused_one_tower_calls_and_short_texts(family):
 
 
 @pytest.mark.parametrize("name", ["clip-tiny", "siglip-tiny"])
-def test_fold_ln_off_matches_and_on_drops_unfolded_weights(name):
-    """Vertical fusion on (default) and off give the same embeddings to rounding; with it on, the plan has no
+def test_fold_ln_on_matches_off_and_drops_unfolded_weights(name):
+    """Vertical fusion on and off (default) give the same embeddings to rounding; with it on, the plan has no
     LN launch before a GEMM and the executor keeps no second copy of the QKV / FC1 weights."""
     model = dualfuse.load(name)
     spec = to_spec(model)
     px, ids = _inputs(spec, 2, 3, seed=5)
     px, ids = px.to(KERNEL_DEVICE), ids.to(KERNEL_DEVICE)
-    on = FusedExecutor(model, dtype=torch.float16, device=KERNEL_DEVICE)
-    off = FusedExecutor(model, dtype=torch.float16, device=KERNEL_DEVICE, fold_ln=False)
+    on = FusedExecutor(model, dtype=torch.float16, device=KERNEL_DEVICE, fold_ln=True)
+    off = FusedExecutor(model, dtype=torch.float16, device=KERNEL_DEVICE)
     (ia, ta), (ib, tb) = on.encode(px, ids), off.encode(px, ids)
     ref_img, ref_txt = reference.encode(spec, px.cpu(), ids.cpu())
     for a, b, ref in ((ia, ib, ref_img), (ta, tb, ref_txt)):
@@ -156,6 +156,27 @@ def test_fused_validates_inputs():
         ex.encode_text(torch.full((1, 5), 100, device=KERNEL_DEVICE))
 
 
+def test_fused_checks_token_ids_in_the_graph_and_recovers():
+    """Out-of-vocabulary ids are caught by the embedding kernel's flag (no read-back before the forward), the
+    call raises, and the same cached runner then serves valid ids correctly."""
+    model = dualfuse.load("clip-tiny")
+    spec = to_spec(model)
+    ex = FusedExecutor(model, dtype=torch.float16, device=KERNEL_DEVICE)
+    px, ids = _inputs(spec, 1, 2, seed=6)
+    px, ids = px.to(KERNEL_DEVICE), ids.to(KERNEL_DEVICE)
+    vocab = spec.text.embed.vocab_size
+    bad = ids.clone()
+    bad[1, 0] = vocab + 7
+    with pytest.raises(ValueError, match=rf"out of the vocabulary.*\[1, {vocab + 7}\]"):
+        ex.encode(px, bad)
+    img, txt = ex.encode(px, ids)  # same shape: same runner, flag was reset
+    assert len(ex.runners) == 1
+    _check(txt.cpu(), reference.encode_text(spec, ids.cpu()))
+    _check(img.cpu(), reference.encode_image(spec, px.cpu()))
+    unchecked = FusedExecutor(model, dtype=torch.float16, device=KERNEL_DEVICE, check_ids=False)
+    unchecked.encode(px, bad)  # the caller opted out: no error (and no out-of-bounds read)
+
+
 def test_unsupported_config_reason_and_fallback_rules():
     spec = to_spec(dualfuse.load("clip-tiny"))
     spec.vision.heads = 1
@@ -198,3 +219,17 @@ def test_unsupported_model_falls_back_to_graph_with_a_warning_gpu(monkeypatch):
     px, ids = _inputs(spec, 2, 2)
     img, _ = ex.encode(px.cuda(), ids.cuda())
     _check(img, reference.encode_image(spec.to("cuda", torch.float32), px.cuda()))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["clip-vit-b-32", "siglip-base-patch16-224"])
+def test_fused_fold_ln_real_presets_gpu(name):
+    """Vertical fusion (LN folded into QKV / FC1, and SigLIP's head) on the GPU's real configs."""
+    model = dualfuse.load(name)
+    spec = to_spec(model)
+    ex = FusedExecutor(model, dtype=torch.float16, device="cuda", fold_ln=True)
+    px, ids = _inputs(spec, 3, 7)
+    ref = spec.to("cuda", torch.float32)
+    img, txt = ex.encode(px.cuda(), ids.cuda())
+    _check(img, reference.encode_image(ref, px.cuda()))
+    _check(txt, reference.encode_text(ref, ids.cuda()))

@@ -17,7 +17,7 @@ def l14():
     return to_spec(build_hf("clip-vit-l-14", meta=True))
 
 
-def _assert_order_kept(plan, spec, fold_ln=True):
+def _assert_order_kept(plan, spec, fold_ln=False):
     for tower, t in (("vision", spec.vision), ("text", spec.text)):
         steps = plan.steps(tower)
         batch = plan.image_batch if tower == "vision" else plan.text_batch
@@ -36,18 +36,17 @@ def test_equal_depth_pairs_layer_with_layer(b32):
             assert v.kind == t.kind
             if v.layer is not None and t.layer is not None:
                 assert v.layer == t.layer and v.op == t.op
-    # LN folded into QKV and FC1: 5 launches per layer; + embeddings, final LN+pool, projection
-    assert plan.fused_stages == 12 * 5 + 3
+    assert plan.fused_stages == 12 * 7 + 3  # all blocks, embeddings, final LN+pool, projection
     assert plan.num_launches == plan.fused_stages + 2  # vision pre-LN, text EOS index
     assert "clip-vit-b-32" in format_plan(plan)
-    assert [s.steps[0].op for s in plan.stages[3:8]] == ["ln1_qkv", "attn", "out", "ln2_fc1", "fc2"]
-    # unfolded: 7 launches per layer, same order of the underlying ops
-    unfolded = make_plan(b32, 1, 1, fold_ln=False)
-    assert unfolded.fused_stages == 12 * 7 + 3 and unfolded.num_launches == plan.num_launches + 24
-    _assert_order_kept(unfolded, b32, fold_ln=False)
+    # LN folded into QKV and FC1 (vertical fusion): 5 launches per layer, same order of the underlying ops
+    folded = make_plan(b32, 1, 1, fold_ln=True)
+    assert folded.fused_stages == 12 * 5 + 3 and folded.num_launches == plan.num_launches - 24
+    _assert_order_kept(folded, b32, fold_ln=True)
+    assert [s.steps[0].op for s in folded.stages[3:8]] == ["ln1_qkv", "attn", "out", "ln2_fc1", "fc2"]
     # a folded step costs the GEMM's bytes (x read once, no normalized copy) plus the LN's FLOPs
-    f = plan.stages[3].steps[0]
-    ln, qkv = unfolded.stages[3].steps[0], unfolded.stages[4].steps[0]
+    f = folded.stages[3].steps[0]
+    ln, qkv = plan.stages[3].steps[0], plan.stages[4].steps[0]
     assert (ln.op, qkv.op) == ("ln1", "qkv")
     assert f.bytes == qkv.bytes and f.flops == qkv.flops + ln.flops
 
@@ -58,7 +57,7 @@ def test_deeper_vision_tower_pairs_each_text_layer_once(l14):
     paired_text = {s.steps[1].layer for s in plan.stages if len(s.steps) == 2 and s.steps[1].layer is not None}
     assert paired_text == set(range(12))
     solo_vision = [s for s in plan.stages if s.towers == ("vision",) and s.steps[0].layer is not None]
-    assert len(solo_vision) == 12 * 5  # 24 vision layers, 12 of them fused with the text layers
+    assert len(solo_vision) == 12 * 7  # 24 vision layers, 12 of them fused with the text layers
     totals = plan.totals()
     assert totals["vision"]["steps"] == len(tower_steps(l14.vision, 1, 257))
     assert totals["vision"]["gflops"] > totals["text"]["gflops"]
@@ -79,9 +78,9 @@ def test_siglip_plan_has_attention_pooling_head():
     spec = to_spec(dualfuse.load("siglip-tiny"))
     plan = make_plan(spec, 2, 3)
     ops = [s.op for s in plan.steps("vision")]
-    assert ops[-5:] == ["final_ln_map_kv", "map_attn", "map_out", "map_ln_fc1", "map_fc2"]
-    ops = [s.op for s in make_plan(spec, 2, 3, fold_ln=False).steps("vision")]
     assert ops[-7:] == ["final_ln", "map_kv", "map_attn", "map_out", "map_ln", "map_fc1", "map_fc2"]
+    ops = [s.op for s in make_plan(spec, 2, 3, fold_ln=True).steps("vision")]
+    assert ops[-5:] == ["final_ln_map_kv", "map_attn", "map_out", "map_ln_fc1", "map_fc2"]
     assert "proj" not in ops and plan.steps("text")[-1].op == "proj"
 
 
@@ -104,7 +103,7 @@ def test_plan_cli_prints_table_and_writes_json(tmp_path, capsys):
     assert "launches" in printed and "balance" in printed
     data = json.loads(out.read_text())
     assert data["text_batch"] == 1000 and len(data["stages"]) == data["totals"]["launches"]
-    assert data["totals"]["vision"]["steps"] == 124 and data["totals"]["text"]["steps"] == 64
-    assert main(["plan", "--model", "clip-vit-l-14", "--no-fold-ln", "--json", str(out)]) == 0
-    data = json.loads(out.read_text())
     assert data["totals"]["vision"]["steps"] == 172 and data["totals"]["text"]["steps"] == 88
+    assert main(["plan", "--model", "clip-vit-l-14", "--fold-ln", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["totals"]["vision"]["steps"] == 124 and data["totals"]["text"]["steps"] == 64

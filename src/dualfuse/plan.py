@@ -5,7 +5,7 @@ kernel launch: it covers one step of each tower, or of one tower alone. Steps ca
 they use the same kernel ("kind"): layernorm, linear, attention, embed, pool_index. Within a tower the
 order of steps is kept, so every step's inputs were written by an earlier stage.
 
-Vertical fusion (``fold_ln=True``, the default): a LayerNorm whose only reader is the next GEMM is folded
+Vertical fusion (``fold_ln=True``; off by default because it measured slower, see BENCHMARKS.md): a LayerNorm whose only reader is the next GEMM is folded
 into it (dualfuse.kernels.gemm.fold_layernorm): ``ln1 -> qkv`` becomes one step ``ln1_qkv``, ``ln2 -> fc1``
 becomes ``ln2_fc1`` (and SigLIP's ``final_ln -> map_kv``, ``map_ln -> map_fc1``): two launches fewer per
 layer, and no normalized copy of the activations.
@@ -133,7 +133,7 @@ def _fold(ln: Step, lin: Step) -> Step:
                 "linear", lin.layer, lin.flops + ln.flops, lin.bytes)
 
 
-def tower_steps(tower: TowerSpec, batch: int, seq: int, elt: int = 2, fold_ln: bool = True) -> list[Step]:
+def tower_steps(tower: TowerSpec, batch: int, seq: int, elt: int = 2, fold_ln: bool = False) -> list[Step]:
     """The ordered steps of one tower's forward for a batch (seq = tokens per sample). fold_ln: LayerNorms
     that feed one GEMM become part of that GEMM's step (see the module docstring)."""
     name, d, f, rows = tower.kind, tower.width, tower.mlp_dim, batch * seq
@@ -222,7 +222,7 @@ def align(a: list[Step], b: list[Step]) -> list[Stage]:
 
 
 def make_plan(spec: DualEncoderSpec, image_batch: int, text_batch: int, text_len: int | None = None,
-              elt: int = 2, fold_ln: bool = True) -> Plan:
+              elt: int = 2, fold_ln: bool = False) -> Plan:
     """Plan for one call shape; image_batch or text_batch may be 0 (image-only / text-only calls).
     fold_ln: fold each LayerNorm into the GEMM it feeds (vertical fusion; see the module docstring)."""
     if image_batch < 0 or text_batch < 0 or image_batch + text_batch == 0:
@@ -260,8 +260,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--text-batch", type=int, default=None, help="text batch (0 = image-only call)")
     parser.add_argument("--text-len", type=int, default=None, help="tokens per text (default: the context length)")
     parser.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"])
-    parser.add_argument("--no-fold-ln", action="store_true",
-                        help="keep every LayerNorm as its own launch (default: fold LN into the GEMM it feeds)")
+    parser.add_argument("--fold-ln", action="store_true",
+                        help="fold each LayerNorm into the GEMM it feeds (the fused executor's fold_ln=True)")
     parser.add_argument("--json", default=None, help="write the plan as JSON here")
 
 
@@ -280,7 +280,7 @@ def run(args) -> int:
         spec = to_spec(load(args.model, arch=args.arch))
     bi = args.batch if args.image_batch is None else args.image_batch
     bt = args.batch if args.text_batch is None else args.text_batch
-    plan = make_plan(spec, bi, bt, args.text_len, elt=4 if args.dtype == "fp32" else 2, fold_ln=not args.no_fold_ln)
+    plan = make_plan(spec, bi, bt, args.text_len, elt=4 if args.dtype == "fp32" else 2, fold_ln=args.fold_ln)
     console = Console()
     table = Table(title=f"{args.model}: {bi} image(s) x {bt} text(s), {plan.text_len} tokens, {args.dtype} — "
                         f"{plan.num_launches} launches, {plan.fused_stages} fused")

@@ -185,3 +185,27 @@ def test_gpu_real_sizes(dtype, batch):
     torch.cuda.synchronize()
     for p in patches + tokens:
         check(p)
+
+
+@pytest.mark.parametrize("bad_id", [-1, 1000, 10**9])
+def test_out_of_vocabulary_ids_are_flagged_not_read(bad_id, kernel_device):
+    """An id outside [0, V) sets bad_ids on the device (no host sync in the launch), reads row 0 instead of
+    memory outside the table, and raise_on_bad_ids reports it once and resets the flag."""
+    good = make_token(2, 9, 1000, 40, torch.float16, kernel_device)
+    bad = make_token(3, 7, 1000, 40, torch.float16, kernel_device)
+    bad.input_ids[1, 4] = bad_id
+    op = TokenEmbed([good, bad])
+    op.raise_on_bad_ids()  # nothing run yet: no error
+    op()
+    assert int(op.bad_ids.item()) == 1
+    assert not torch.isnan(bad.out).any()
+    torch.testing.assert_close(bad.out[1, 4].float(), (bad.token_weight[0] + bad.pos_embedding[4]).float(),
+                               atol=1e-2, rtol=1e-2)
+    check(good)  # the other problem is unaffected
+    with pytest.raises(ValueError, match=r"out of the vocabulary.*table of 1000"):
+        op.raise_on_bad_ids()
+    assert int(op.bad_ids.item()) == 0
+    bad.input_ids[1, 4] = 5
+    op()
+    op.raise_on_bad_ids()  # valid again: no error
+    check(bad)

@@ -624,9 +624,8 @@ def test_fold_layernorm_bad_input():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("mode", ["reload", "reuse", "prepass"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_gpu_folded_layernorm_real_shapes_graph(dtype, mode, gen):
+def test_gpu_folded_layernorm_real_shapes_graph(dtype, gen):
     """QKV and FC1 of ViT-B/32 and ViT-L/14 (batch 1 and 32) with the LN folded in, inside a CUDA graph
     after a producer launch (PDL ordering), replayed."""
     cases = [((50, 2304, 768), (77, 1536, 512)), ((257, 4096, 1024), (77, 3072, 768)),
@@ -639,7 +638,7 @@ def test_gpu_folded_layernorm_real_shapes_graph(dtype, mode, gen):
         src = [torch.zeros_like(p.x) for p in problems]  # a producer launch writes x right before
         prod = GroupedLinear([LinearProblem(s, torch.zeros(s.shape[1], s.shape[1], device=DEV, dtype=dtype), p.x,
                                             residual=s) for s, p in zip(src, problems)])
-        g = GroupedLinear(problems, config={"norm_stats": mode})
+        g = GroupedLinear(problems)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             prod()
@@ -652,16 +651,3 @@ def test_gpu_folded_layernorm_real_shapes_graph(dtype, mode, gen):
             graph.replay()
             torch.cuda.synchronize()
             _check(problems, refs, dtype)
-
-
-@pytest.mark.parametrize("mode", ["reuse", "reload", "prepass"])
-def test_folded_layernorm_stats_modes(mode, gen):
-    """Every way of gathering the row statistics gives the same answer (awkward K, mixed launch)."""
-    dt = torch.float16
-    p, ref = _make_ln(50, 40, 200, dt, activation="gelu", gen=gen)
-    plain = _make(3, 24, 72, dt, bias=True, residual="sep", gen=gen)
-    refs = [ref] + _expected([plain])
-    GroupedLinear([p, plain], config={"norm_stats": mode})()
-    _check([p, plain], refs, dt)
-    with pytest.raises(ValueError, match="norm_stats must be one of"):
-        GroupedLinear([p], config={"norm_stats": "fast"})

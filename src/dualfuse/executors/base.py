@@ -172,8 +172,7 @@ def _validate_ids(spec, ids, device, check_ids):
     if ids.dtype != torch.long:
         ids = ids.long()
     if check_ids:
-        lo, hi = torch.aminmax(ids)
-        lo, hi = int(lo), int(hi)  # one read-back
+        lo, hi = torch.stack(torch.aminmax(ids)).tolist()  # one read-back
         if lo < 0 or hi >= vocab:
             bad = lo if lo < 0 else hi
             raise ValueError(f"input_ids: token id {bad} is out of the vocabulary: expected ids in [0, {vocab}), "

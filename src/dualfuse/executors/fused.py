@@ -46,7 +46,7 @@ def unsupported_reason(spec: DualEncoderSpec, dtype: torch.dtype, device: torch.
 class _TowerBuffers:
     """Static activations of one tower for one batch size. Rows are flattened [B*S, ...]."""
 
-    def __init__(self, tower: TowerSpec, batch: int, seq: int, dtype, device):
+    def __init__(self, tower: TowerSpec, batch: int, seq: int, dtype, device, output: torch.Tensor):
         d, f = tower.width, tower.mlp_dim
         rows = batch * seq
         e = lambda *shape: torch.empty(*shape, dtype=dtype, device=device)  # noqa: E731
@@ -60,18 +60,20 @@ class _TowerBuffers:
             self.input = torch.zeros(batch, emb.channels, emb.image_size, emb.image_size, dtype=dtype, device=device)
         else:
             self.input = torch.zeros(batch, seq, dtype=torch.long, device=device)
+        # output: [batch, embed dim], this tower's rows of the runner's one output buffer (one clone per call)
         if tower.pooling == "map":
             fh = tower.pool_head.fc1.out_features
             self.kv, self.ma = e(rows, 2 * d), e(batch, 1, d)
-            self.mh, self.mln, self.mm = e(batch, d), e(batch, d), e(batch, fh)
+            self.mh = output if tower.projection is None else e(batch, d)  # the head's residual stream
+            self.mln, self.mm = e(batch, d), e(batch, fh)
             self.pooled = self.mh
         else:
-            self.pooled = e(batch, d)
+            self.pooled = output if tower.projection is None else e(batch, d)
             self.pool_idx = torch.empty(batch, dtype=torch.long, device=device)
             if tower.pooling in ("cls", "last"):  # fixed positions: no launch needed
                 pos = 0 if tower.pooling == "cls" else seq - 1
                 self.pool_idx.copy_(torch.arange(batch, device=device) * seq + pos)
-        self.output = e(batch, tower.projection.out_features) if tower.projection is not None else self.pooled
+        self.output = output
         # the embeddings write the residual stream, or the LN input when a pre-LN follows
         self.embed_out = self.h if tower.pre_ln is not None else self.x
 
@@ -85,11 +87,17 @@ class Runner:
         self.plan: Plan = make_plan(spec, image_batch, text_batch, text_len,
                                     elt=torch.finfo(ex.dtype).bits // 8, fold_ln=ex.fold_ln)
         self.buf: dict[str, _TowerBuffers] = {}
+        # both towers' embeddings in one buffer: a call clones it once and returns the two row ranges
+        self.output = torch.empty(image_batch + text_batch, spec.embed_dim, dtype=ex.dtype, device=ex.device)
+        self.image_batch = image_batch
         if image_batch:
-            self.buf["vision"] = _TowerBuffers(spec.vision, image_batch, spec.vision.seq_len, ex.dtype, ex.device)
+            self.buf["vision"] = _TowerBuffers(spec.vision, image_batch, spec.vision.seq_len, ex.dtype, ex.device,
+                                               self.output[:image_batch])
         if text_batch:
-            self.buf["text"] = _TowerBuffers(spec.text, text_batch, text_len, ex.dtype, ex.device)
+            self.buf["text"] = _TowerBuffers(spec.text, text_batch, text_len, ex.dtype, ex.device,
+                                             self.output[image_batch:])
         self.ops = [self._build(stage) for stage in self.plan.stages]
+        self.embed_op = self.ops[[s.kind for s in self.plan.stages].index("embed")]
         self.graph = None
         if ex.device.type == "cuda" and ex.use_graph:
             self._capture()
@@ -220,7 +228,7 @@ class Runner:
         with torch.cuda.graph(self.graph):
             self.launch_all()
 
-    def __call__(self, px, ids):
+    def __call__(self, px, ids, check_ids: bool = True):
         if px is not None:
             self.buf["vision"].input.copy_(px)
         if ids is not None:
@@ -229,8 +237,13 @@ class Runner:
             self.graph.replay()
         else:
             self.launch_all()
-        img = self.buf["vision"].output.clone() if "vision" in self.buf else None
-        txt = self.buf["text"].output.clone() if "text" in self.buf else None
+        out = self.output.clone()
+        if check_ids and ids is not None:
+            # the embedding kernel flagged ids outside the vocabulary (on the device, no sync before the forward);
+            # reading the flag waits for this call's work, which the caller is about to use anyway
+            self.embed_op.raise_on_bad_ids()
+        img = out[:self.image_batch] if "vision" in self.buf else None
+        txt = out[self.image_batch:] if "text" in self.buf else None
         return img, txt
 
 
@@ -241,7 +254,7 @@ class FusedExecutor(Executor):
     notes = "horizontally fused Triton launches, one CUDA graph"
 
     def __init__(self, model, dtype=None, device=None, *, max_graphs: int = 8, use_graph: bool = True,
-                 fallback: bool = True, fold_ln: bool = True, pdl: bool = True, gemm_config: dict | None = None,
+                 fallback: bool = True, fold_ln: bool = False, pdl: bool = True, gemm_config: dict | None = None,
                  **kwargs):
         super().__init__(model, dtype, device, **kwargs)
         if max_graphs < 1:
@@ -249,8 +262,9 @@ class FusedExecutor(Executor):
         for name, v in (("fold_ln", fold_ln), ("pdl", pdl)):
             if not isinstance(v, bool):
                 raise ValueError(f"{name} must be True or False, got {v!r}")
-        # fold_ln: LayerNorms folded into the GEMMs they feed (plan.py); pdl: programmatic dependent launch
-        # between consecutive kernels where the card supports it (sm_90+; a no-op elsewhere)
+        # fold_ln: LayerNorms folded into the GEMMs they feed (plan.py; off by default: measured slower on an
+        # H100, BENCHMARKS.md); pdl: programmatic dependent launch between consecutive kernels where the card
+        # supports it (sm_90+; a no-op elsewhere)
         self.max_graphs, self.use_graph, self.fold_ln, self.pdl = max_graphs, use_graph, fold_ln, pdl
         if gemm_config is not None and not isinstance(gemm_config, dict):
             raise ValueError(f"gemm_config must be a dict of GroupedLinear config keys, got {gemm_config!r}")
@@ -320,6 +334,15 @@ class FusedExecutor(Executor):
                 self.map_kv_weight = self.map_kv_bias = None
                 dst.pool_head.fc1 = None
 
+    def validate(self, pixel_values=None, input_ids=None):
+        if self.fallback is not None:
+            return super().validate(pixel_values, input_ids)
+        from .base import validate_inputs
+
+        # token ids are range-checked inside the fused graph (Embeddings.bad_ids), not by a read-back before it
+        return validate_inputs(self.spec, pixel_values, input_ids, device=self.device, dtype=self.dtype,
+                               check_ids=False)
+
     def runner(self, image_batch: int, text_batch: int, text_len: int) -> Runner:
         key = (image_batch, text_batch, text_len)
         r = self.runners.get(key)
@@ -338,7 +361,7 @@ class FusedExecutor(Executor):
     def _encode(self, px, ids):
         if self.fallback is not None:
             return self.fallback._encode(px, ids)
-        return self.runner(px.shape[0], ids.shape[0], ids.shape[1])(px, ids)
+        return self.runner(px.shape[0], ids.shape[0], ids.shape[1])(px, ids, self.check_ids)
 
     def _encode_image(self, px):
         if self.fallback is not None:
@@ -348,7 +371,7 @@ class FusedExecutor(Executor):
     def _encode_text(self, ids):
         if self.fallback is not None:
             return self.fallback._encode_text(ids)
-        return self.runner(0, ids.shape[0], ids.shape[1])(None, ids)[1]
+        return self.runner(0, ids.shape[0], ids.shape[1])(None, ids, self.check_ids)[1]
 
 
 class FusedModel:

@@ -41,8 +41,8 @@ _PF = dict(pix=0, sb=1, sc=2, sh=3, sw=4, p=5, Wp=6, w=7, w_sn=8, C=9, bias=10, 
 _NPF = 23
 # Token metadata columns.
 _TF = dict(ids=0, ids_kind=1, ids_sb=2, ids_sl=3, tok=4, tok_s=5, pos=6, pos_s=7, out=8, o_sb=9,
-           o_sl=10, B=11, L=12, D=13, start=14)
-_NTF = 15
+           o_sl=10, B=11, L=12, D=13, start=14, V=15)
+_NTF = 16
 
 
 @dataclass
@@ -186,7 +186,7 @@ def _patch_tile(tile, pm, n_patch, pix_ref, w_ref, o_ref, NPF: tl.constexpr, BLO
 
 
 @triton.jit
-def _token_tile(tile, tm, n_token, w_ref, o_ref, NTF: tl.constexpr, BLOCK_T: tl.constexpr,
+def _token_tile(tile, tm, n_token, w_ref, o_ref, bad_ptr, NTF: tl.constexpr, BLOCK_T: tl.constexpr,
                 BLOCK_DT: tl.constexpr, PTR_ALIGN: tl.constexpr, ELT_ALIGN: tl.constexpr):
     prob = 0
     for p in range(1, n_token):
@@ -207,6 +207,7 @@ def _token_tile(tile, tm, n_token, w_ref, o_ref, NTF: tl.constexpr, BLOCK_T: tl.
     L = tl.load(row + 12)
     D = tl.load(row + 13)
     start = tl.load(row + 14)
+    V = tl.load(row + 15)
     if PTR_ALIGN > 1:
         tok_ptr = tl.multiple_of(tok_ptr, PTR_ALIGN)
         pos_ptr = tl.multiple_of(pos_ptr, PTR_ALIGN)
@@ -227,6 +228,12 @@ def _token_tile(tile, tm, n_token, w_ref, o_ref, NTF: tl.constexpr, BLOCK_T: tl.
         ids = tl.load(ids_addr.to(tl.pointer_type(tl.int32)) + id_off, mask=t_ok, other=0).to(tl.int64)
     else:
         ids = tl.load(ids_addr.to(tl.pointer_type(tl.int64)) + id_off, mask=t_ok, other=0)
+    # an id outside the table is flagged for the caller (no host sync here) and reads row 0 instead of memory
+    # outside the table
+    bad = t_ok & ((ids < 0) | (ids >= V))
+    n_bad = tl.sum(bad.to(tl.int32), axis=0)
+    tl.atomic_max(bad_ptr, 1, mask=n_bad > 0)
+    ids = tl.where(bad, 0, ids)
     offs_d0 = tl.arange(0, BLOCK_DT)
     for d0 in range(0, D, BLOCK_DT):
         offs_d = d0 + offs_d0
@@ -238,7 +245,7 @@ def _token_tile(tile, tm, n_token, w_ref, o_ref, NTF: tl.constexpr, BLOCK_T: tl.
 
 
 @triton.jit
-def _embed_kernel(pm, tm, n_patch, n_token, n_patch_tiles, pix_ref, w_ref, o_ref,
+def _embed_kernel(pm, tm, n_patch, n_token, n_patch_tiles, pix_ref, w_ref, o_ref, bad_ptr,
                   NPF: tl.constexpr, NTF: tl.constexpr, HAS_PATCH: tl.constexpr, HAS_TOKEN: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KP: tl.constexpr,
                   EVEN_P: tl.constexpr, PIX_W1: tl.constexpr, IEEE: tl.constexpr, BLOCK_T: tl.constexpr,
@@ -249,12 +256,13 @@ def _embed_kernel(pm, tm, n_patch, n_token, n_patch_tiles, pix_ref, w_ref, o_ref
             _patch_tile(pid, pm, n_patch, pix_ref, w_ref, o_ref, NPF, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_KP, EVEN_P,
                         PIX_W1, IEEE, PTR_ALIGN, ELT_ALIGN)
         else:
-            _token_tile(pid - n_patch_tiles, tm, n_token, w_ref, o_ref, NTF, BLOCK_T, BLOCK_DT, PTR_ALIGN, ELT_ALIGN)
+            _token_tile(pid - n_patch_tiles, tm, n_token, w_ref, o_ref, bad_ptr, NTF, BLOCK_T, BLOCK_DT, PTR_ALIGN,
+                        ELT_ALIGN)
     elif HAS_PATCH:
         _patch_tile(pid, pm, n_patch, pix_ref, w_ref, o_ref, NPF, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_KP, EVEN_P,
                     PIX_W1, IEEE, PTR_ALIGN, ELT_ALIGN)
     else:
-        _token_tile(pid, tm, n_token, w_ref, o_ref, NTF, BLOCK_T, BLOCK_DT, PTR_ALIGN, ELT_ALIGN)
+        _token_tile(pid, tm, n_token, w_ref, o_ref, bad_ptr, NTF, BLOCK_T, BLOCK_DT, PTR_ALIGN, ELT_ALIGN)
 
 
 
@@ -266,6 +274,11 @@ class Embeddings:
 
     ``block_m``, ``block_n``, ``block_k`` (patch GEMM tile), ``block_t`` (tokens per text program),
     ``num_warps``, ``num_stages`` override the defaults.
+
+    Token ids are range-checked on the device, without a host sync: a launch that meets an id outside
+    ``[0, V)`` sets ``bad_ids`` (int32 [1], on the device) to 1 and reads table row 0 for that id (never memory
+    outside the table). The caller reads ``bad_ids`` when it needs the outputs anyway, raises, and zeroes it;
+    see :meth:`raise_on_bad_ids`.
     """
 
     def __init__(self, patch_problems: Sequence[PatchEmbedProblem] = (),
@@ -405,6 +418,7 @@ class Embeddings:
             r[_TF["pos"]], r[_TF["pos_s"]] = pos.data_ptr(), pos.stride(0)
             r[_TF["out"]], r[_TF["o_sb"]], r[_TF["o_sl"]] = out.data_ptr(), out.stride(0), out.stride(1)
             r[_TF["B"]], r[_TF["L"]], r[_TF["D"]], r[_TF["start"]] = B, L, D, start
+            r[_TF["V"]] = tw.shape[0]
             start += triton.cdiv(B * L, self.block_t)
             max_d = max(max_d, D)
             tm_rows.append(r)
@@ -415,6 +429,7 @@ class Embeddings:
         self.num_programs = self.num_patch_tiles + self.num_token_tiles
         self.pm = torch.tensor(pm_rows or [[0] * _NPF], dtype=torch.int64).to(device)
         self.tm = torch.tensor(tm_rows or [[0] * _NTF], dtype=torch.int64).to(device)
+        self.bad_ids = torch.zeros(1, dtype=torch.int32, device=device)
         pix_ref = patch_problems[0].pixel_values if patch_problems else w0
         self._refs = (pix_ref, w0, first.out)
         self._ieee = w_dtype == torch.float32
@@ -433,12 +448,25 @@ class Embeddings:
         pix_ref, w_ref, o_ref = self._refs
         _embed_kernel[(self.num_programs,)](
             self.pm, self.tm, len(self.patch_problems), len(self.token_problems), self.num_patch_tiles,
-            pix_ref, w_ref, o_ref,
+            pix_ref, w_ref, o_ref, self.bad_ids,
             NPF=_NPF, NTF=_NTF, HAS_PATCH=bool(self.patch_problems), HAS_TOKEN=bool(self.token_problems),
             BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k, BLOCK_KP=self.block_kp,
             EVEN_P=self._even_p, PIX_W1=self._pix_w1, IEEE=self._ieee, BLOCK_T=self.block_t, BLOCK_DT=self.block_dt,
             PTR_ALIGN=self._ptr_align, ELT_ALIGN=self._elt_align, num_warps=self.num_warps, num_stages=self.num_stages,
         )
+
+
+    def raise_on_bad_ids(self) -> None:
+        """Raise ValueError if an earlier launch met a token id outside its table (reads ``bad_ids``: one device
+        sync), naming each problem's id range; ``bad_ids`` is zeroed first, so the op stays usable."""
+        if not self.token_problems or not int(self.bad_ids.item()):
+            return
+        self.bad_ids.zero_()
+        ranges = []
+        for p in self.token_problems:
+            lo, hi = torch.aminmax(p.input_ids)
+            ranges.append(f"ids in [{int(lo)}, {int(hi)}] for a table of {p.token_weight.shape[0]}")
+        raise ValueError(f"input_ids: token ids out of the vocabulary (expected ids in [0, V)); got {'; '.join(ranges)}")
 
 
 class PatchEmbed(Embeddings):

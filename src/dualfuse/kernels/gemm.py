@@ -2,8 +2,9 @@
 
 Optionally with the LayerNorm before it folded in (vertical fusion, `fold_layernorm`):
 `out_i = act(LN(x_i) @ w_i.T + bias_i) + residual_i` without an LN launch or a normalized copy of x: the
-LN's scale and shift are folded into the weight and bias once, the program accumulates each x row's sum and
-sum of squares from the A tiles it loads anyway, and the epilogue applies mean and rstd.
+LN's scale and shift are folded into the weight and bias once, each program computes its x rows' mean and
+rstd in a pass before its K loop, and the epilogue applies them. Measured on an H100 (BENCHMARKS.md) this
+costs more per GEMM than the LN launch it saves, so the fused executor leaves it off by default.
 
 Why: the two towers of a dual encoder do the same step (QKV, out-proj, FC1, FC2) on different shapes.
 At batch 1 each step is tiny (M = 50 / 77 rows), so the time is launch gaps, per-program latency and
@@ -138,8 +139,7 @@ def _grouped_linear_kernel(
     PREFETCH: tl.constexpr,  # L2 prefetch of this program's weights at its start: 0 off, -1 all, n first n steps
     PF_LINES: tl.constexpr,  # 128-byte lines per weight row per BLOCK_K step (>= 1)
     USE_PDL: tl.constexpr,  # launched with programmatic dependent launch (sm_90+)
-    NORM: tl.constexpr,  # some problem has a folded LayerNorm: accumulate x's row statistics
-    NORM_STATS: tl.constexpr,  # how: 0 from the dot's A tiles, 1 a second load of each A tile, 2 a pass before the loop
+    NORM: tl.constexpr,  # some problem has a folded LayerNorm: x's row statistics in a pass before the K loop
 ):
     pid = tl.program_id(0)
     if USE_PDL:
@@ -270,20 +270,21 @@ def _grouped_linear_kernel(
     if USE_PDL:
         _gdc_wait()  # the previous launch is complete and its writes visible from here on
     if NORM:
-        # row statistics of x, accumulated from the A tiles the K loop loads anyway (a problem with a folded
-        # LayerNorm never splits K, so this program sees whole rows). Shifted by each row's first element:
-        # E[(x-s)^2] - E[x-s]^2 stays accurate when |mean| >> std.
+        # row statistics of x in a pass over this program's rows before the K loop (a problem with a folded
+        # LayerNorm never splits K, so the program covers whole rows). Shifted by each row's first element:
+        # E[(x-s)^2] - E[x-s]^2 stays accurate when |mean| >> std. Accumulating them inside the K loop from
+        # the dot's A tiles (or a second load of them) instead gave WRONG results on an H100 with the skinny
+        # configs (Triton 3.6; right under the interpreter and at batch 32) and was slower there anyway.
         shift = tl.load(x_ptr + rm * stride_xm, mask=m_mask & has_norm, other=0.0).to(tl.float32)
         row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
         row_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        if NORM_STATS == 2:
-            for kk in range(k_lo, k_hi):
-                k_ok = (kk * BLOCK_K + offs_k) < K
-                xs = tl.load(x_ptr + rm[:, None] * stride_xm + (kk * BLOCK_K + offs_k)[None, :],
-                             mask=m_mask[:, None] & k_ok[None, :], other=0.0)
-                d = tl.where(k_ok[None, :], xs.to(tl.float32) - shift[:, None], 0.0)
-                row_sum += tl.sum(d, axis=1)
-                row_sq += tl.sum(d * d, axis=1)
+        for kk in range(k_lo, k_hi):
+            k_ok = (kk * BLOCK_K + offs_k) < K
+            xs = tl.load(x_ptr + rm[:, None] * stride_xm + (kk * BLOCK_K + offs_k)[None, :],
+                         mask=m_mask[:, None] & k_ok[None, :], other=0.0)
+            d = tl.where(k_ok[None, :], xs.to(tl.float32) - shift[:, None], 0.0)
+            row_sum += tl.sum(d, axis=1)
+            row_sq += tl.sum(d * d, axis=1)
     if EARLY_EPI:
         # safe with residual is out: only the last program of this tile writes out, after its own read here
         res = tl.load(res_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=out_mask & has_res, other=0.0)
@@ -300,19 +301,6 @@ def _grouped_linear_kernel(
             a = tl.load(x_ptrs, mask=m_mask[:, None] & (offs_k[None, :] < k_left), other=0.0)
             b = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-        if NORM and NORM_STATS < 2:
-            if NORM_STATS == 1:  # a separate load (L1/L2-hot): the dot's operand path stays as without LN
-                if EVEN_K:
-                    a_s = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
-                else:
-                    a_s = tl.load(x_ptrs, mask=m_mask[:, None] & ((kk * BLOCK_K + offs_k)[None, :] < K), other=0.0)
-            else:
-                a_s = a
-            d = a_s.to(tl.float32) - shift[:, None]
-            if not EVEN_K:
-                d = tl.where((kk * BLOCK_K + offs_k)[None, :] < K, d, 0.0)
-            row_sum += tl.sum(d, axis=1)
-            row_sq += tl.sum(d * d, axis=1)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
 
@@ -456,9 +444,7 @@ _CONFIG_KEYS = {
     "prefetch",  # L2 prefetch of each program's weights at its start: False, True (all), n (first n K steps);
     # default 2 for skinny M, off for many rows
     "pdl",  # programmatic dependent launch (default True; used where supported: sm_90+, Triton with launch_pdl)
-    "norm_stats",  # folded LayerNorm row statistics: "reload" (default), "reuse" (the dot's A tiles), "prepass"
 }
-_NORM_STATS = {"reuse": 0, "reload": 1, "prepass": 2}
 
 
 def _prefetch_steps(v) -> int:
@@ -830,7 +816,6 @@ class _Plan:
             PF_LINES=max(1, bk * problems[0].x.element_size() // 128),
             USE_PDL=use_pdl,
             NORM=any(p.norm is not None for p in problems),
-            NORM_STATS=_NORM_STATS[cfg.get("norm_stats", "reload")],
         )
         self.launch_opts = dict(num_warps=warps, num_stages=cfg["num_stages"])
         if use_pdl:
@@ -880,8 +865,6 @@ class GroupedLinear:
             if not isinstance(config, dict) or not set(config) <= _CONFIG_KEYS:
                 raise ValueError(f"config must be a dict with keys from {sorted(_CONFIG_KEYS)}, got {config!r}")
             _prefetch_steps(config.get("prefetch", False))
-            if config.get("norm_stats", "reload") not in _NORM_STATS:
-                raise ValueError(f"config norm_stats must be one of {sorted(_NORM_STATS)}, got {config['norm_stats']!r}")
             if config.get("split_reduce", "ordered") not in ("ordered", "atomic"):
                 raise ValueError(f"config split_reduce must be 'ordered' or 'atomic', got {config['split_reduce']!r}")
         self.tune_table = None
