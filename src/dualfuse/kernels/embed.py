@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._utils import describe, pow2_divisor
+from ._utils import describe, gdc_launch, pdl_supported, pow2_divisor
 
 __all__ = ["PatchEmbedProblem", "TokenEmbedProblem", "Embeddings", "PatchEmbed", "TokenEmbed",
            "patch_embed", "token_embed"]
@@ -249,8 +249,13 @@ def _embed_kernel(pm, tm, n_patch, n_token, n_patch_tiles, pix_ref, w_ref, o_ref
                   NPF: tl.constexpr, NTF: tl.constexpr, HAS_PATCH: tl.constexpr, HAS_TOKEN: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KP: tl.constexpr,
                   EVEN_P: tl.constexpr, PIX_W1: tl.constexpr, IEEE: tl.constexpr, BLOCK_T: tl.constexpr,
-                  BLOCK_DT: tl.constexpr, PTR_ALIGN: tl.constexpr, ELT_ALIGN: tl.constexpr):
+                  BLOCK_DT: tl.constexpr, PTR_ALIGN: tl.constexpr, ELT_ALIGN: tl.constexpr,
+                  PDL_TRIGGER: tl.constexpr):
     pid = tl.program_id(0)
+    if PDL_TRIGGER:
+        # let a PDL-launched next kernel start now (it waits for this launch's completion before reading
+        # what it writes). This kernel itself is not PDL-launched: it reads inputs copied in before it.
+        gdc_launch()
     if HAS_PATCH and HAS_TOKEN:
         if pid < n_patch_tiles:
             _patch_tile(pid, pm, n_patch, pix_ref, w_ref, o_ref, NPF, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_KP, EVEN_P,
@@ -430,6 +435,7 @@ class Embeddings:
         self.pm = torch.tensor(pm_rows or [[0] * _NPF], dtype=torch.int64).to(device)
         self.tm = torch.tensor(tm_rows or [[0] * _NTF], dtype=torch.int64).to(device)
         self.bad_ids = torch.zeros(1, dtype=torch.int32, device=device)
+        self._pdl_trigger = pdl_supported(device)
         pix_ref = patch_problems[0].pixel_values if patch_problems else w0
         self._refs = (pix_ref, w0, first.out)
         self._ieee = w_dtype == torch.float32
@@ -452,7 +458,8 @@ class Embeddings:
             NPF=_NPF, NTF=_NTF, HAS_PATCH=bool(self.patch_problems), HAS_TOKEN=bool(self.token_problems),
             BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k, BLOCK_KP=self.block_kp,
             EVEN_P=self._even_p, PIX_W1=self._pix_w1, IEEE=self._ieee, BLOCK_T=self.block_t, BLOCK_DT=self.block_dt,
-            PTR_ALIGN=self._ptr_align, ELT_ALIGN=self._elt_align, num_warps=self.num_warps, num_stages=self.num_stages,
+            PTR_ALIGN=self._ptr_align, ELT_ALIGN=self._elt_align, PDL_TRIGGER=self._pdl_trigger,
+            num_warps=self.num_warps, num_stages=self.num_stages,
         )
 
 
