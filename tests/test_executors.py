@@ -22,6 +22,8 @@ _MODELS = {}
 
 
 def model(name):
+    if name.startswith("open_clip"):
+        pytest.importorskip("open_clip", reason="open_clip is not installed here (pip install 'dualfuse[openclip]')")
     if name not in _MODELS:
         _MODELS[name] = dualfuse.load(name)
     return _MODELS[name]

@@ -233,3 +233,49 @@ def test_fused_fold_ln_real_presets_gpu(name):
     img, txt = ex.encode(px.cuda(), ids.cuda())
     _check(img, reference.encode_image(ref, px.cuda()))
     _check(txt, reference.encode_text(ref, ids.cuda()))
+
+
+def test_residual_stream_dtype_options():
+    """The residual stream is fp32 by default (closer to the reference); the model dtype on request; LN folding
+    needs the model dtype there."""
+    model = dualfuse.load("clip-tiny")
+    spec = to_spec(model)
+    px, ids = _inputs(spec, 2, 2, seed=7)
+    px, ids = px.to(KERNEL_DEVICE), ids.to(KERNEL_DEVICE)
+    ref_img, ref_txt = reference.encode(spec, px.cpu(), ids.cpu())
+    default = FusedExecutor(model, dtype=torch.float16, device=KERNEL_DEVICE)
+    assert default.residual_dtype == torch.float32
+    half = FusedExecutor(model, dtype=torch.float16, device=KERNEL_DEVICE, residual_dtype=torch.float16)
+    for ex in (default, half):
+        img, txt = ex.encode(px, ids)
+        _check(img.cpu(), ref_img)
+        _check(txt.cpu(), ref_txt)
+        r = ex.runners[(2, 2, ids.shape[1])]
+        assert r.buf["vision"].x.dtype == ex.residual_dtype and r.buf["vision"].h.dtype == torch.float16
+    assert FusedExecutor(model, dtype=torch.float16, device=KERNEL_DEVICE, fold_ln=True).residual_dtype == torch.float16
+    with pytest.raises(ValueError, match="fold_ln=True needs residual_dtype"):
+        FusedExecutor(model, dtype=torch.float16, device=KERNEL_DEVICE, fold_ln=True, residual_dtype=torch.float32)
+    with pytest.raises(ValueError, match="residual_dtype must be"):
+        FusedExecutor(model, dtype=torch.float16, device=KERNEL_DEVICE, residual_dtype="fp32")
+
+
+def test_stage_with_mixed_dtypes_runs_as_one_launch_per_dtype_pair():
+    from dualfuse.executors.fused import _in_dtype_groups
+    from dualfuse.kernels.gemm import GroupedLinear, LinearProblem
+
+    dev = KERNEL_DEVICE
+    x = torch.randn(5, 32, device=dev, dtype=torch.float16)
+    w = torch.randn(16, 32, device=dev, dtype=torch.float16) / 6
+    outs = [torch.full((5, 16), float("nan"), device=dev, dtype=dt) for dt in (torch.float32, torch.float16)]
+    built = []
+
+    def build(ps):
+        built.append(len(ps))
+        return GroupedLinear(ps)
+
+    op = _in_dtype_groups([LinearProblem(x, w, o) for o in outs], build)
+    assert built == [1, 1]
+    op()
+    ref = x.float() @ w.float().T
+    for o in outs:
+        torch.testing.assert_close(o.float(), ref, atol=2e-2, rtol=2e-2)

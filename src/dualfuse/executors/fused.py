@@ -46,12 +46,16 @@ def unsupported_reason(spec: DualEncoderSpec, dtype: torch.dtype, device: torch.
 class _TowerBuffers:
     """Static activations of one tower for one batch size. Rows are flattened [B*S, ...]."""
 
-    def __init__(self, tower: TowerSpec, batch: int, seq: int, dtype, device, output: torch.Tensor):
+    def __init__(self, tower: TowerSpec, batch: int, seq: int, dtype, device, output: torch.Tensor,
+                 residual_dtype: torch.dtype):
         d, f = tower.width, tower.mlp_dim
         rows = batch * seq
         e = lambda *shape: torch.empty(*shape, dtype=dtype, device=device)  # noqa: E731
         self.batch, self.seq = batch, seq
-        self.x, self.h = e(rows, d), e(rows, d)  # residual stream, LN output
+        # the residual stream in residual_dtype (fp32 by default: 12..24 rounding steps to fp16/bf16 otherwise
+        # add up), everything else in the model dtype
+        self.x = torch.empty(rows, d, dtype=residual_dtype, device=device)
+        self.h = e(rows, d)  # LN output
         self.qkv, self.a, self.m = e(rows, 3 * d), e(rows, d), e(rows, f)
         # Inputs start as zeros, not torch.empty: the warm-up and capture run before any real input is copied
         # in, and garbage token ids would make the embedding gather read far out of bounds.
@@ -75,7 +79,9 @@ class _TowerBuffers:
                 self.pool_idx.copy_(torch.arange(batch, device=device) * seq + pos)
         self.output = output
         # the embeddings write the residual stream, or the LN input when a pre-LN follows
-        self.embed_out = self.h if tower.pre_ln is not None else self.x
+        self.embed_out = self.x
+        if tower.pre_ln is not None:  # embeddings -> pre-LN -> residual stream
+            self.embed_out = torch.empty(rows, d, dtype=residual_dtype, device=device)
 
 
 class Runner:
@@ -92,10 +98,10 @@ class Runner:
         self.image_batch = image_batch
         if image_batch:
             self.buf["vision"] = _TowerBuffers(spec.vision, image_batch, spec.vision.seq_len, ex.dtype, ex.device,
-                                               self.output[:image_batch])
+                                               self.output[:image_batch], ex.residual_dtype)
         if text_batch:
             self.buf["text"] = _TowerBuffers(spec.text, text_batch, text_len, ex.dtype, ex.device,
-                                             self.output[image_batch:])
+                                             self.output[image_batch:], ex.residual_dtype)
         self.ops = [self._build(stage) for stage in self.plan.stages]
         self.embed_op = self.ops[[s.kind for s in self.plan.stages].index("embed")]
         self.graph = None
@@ -121,9 +127,9 @@ class Runner:
             cfg = dict(self.ex.gemm_config)
             if not pdl:
                 cfg["pdl"] = False
-            return GroupedLinear(problems, config=cfg or None)
+            return _in_dtype_groups(problems, lambda ps: GroupedLinear(ps, config=cfg or None))
         if stage.kind == "layernorm":
-            return GroupedLayerNorm(problems, pdl=pdl)
+            return _in_dtype_groups(problems, lambda ps: GroupedLayerNorm(ps, pdl=pdl))
         if stage.kind == "attention":
             return GroupedAttention(problems, pdl=pdl)
         if stage.kind == "pool_index":
@@ -164,7 +170,7 @@ class Runner:
         if op == "pool_index":
             return PoolProblem(t.pooling, b.pool_idx, b.input, t.eos_token_id, S)
         if op == "pre_ln":
-            return ln(b.h, t.pre_ln, b.x)
+            return ln(b.embed_out, t.pre_ln, b.x)
         if op == "ln1":
             return ln(b.x, blk.ln1, b.h)
         if op == "qkv":
@@ -247,6 +253,23 @@ class Runner:
         return img, txt
 
 
+def _in_dtype_groups(problems, build):
+    """One launch shares its input and output dtypes: a stage whose steps differ there (a residual-stream
+    step, fp32, paired with a model-dtype one) runs as one launch per dtype pair, in order."""
+    groups: dict[tuple, list] = {}
+    for p in problems:
+        groups.setdefault((p.x.dtype, p.out.dtype), []).append(p)
+    if len(groups) == 1:
+        return build(problems)
+    ops = [build(ps) for ps in groups.values()]
+
+    def run_all():
+        for op in ops:
+            op()
+
+    return run_all
+
+
 @register("fused")
 class FusedExecutor(Executor):
     stock = False
@@ -255,7 +278,7 @@ class FusedExecutor(Executor):
 
     def __init__(self, model, dtype=None, device=None, *, max_graphs: int = 8, use_graph: bool = True,
                  fallback: bool = True, fold_ln: bool = False, pdl: bool = True, gemm_config: dict | None = None,
-                 **kwargs):
+                 residual_dtype: torch.dtype | None = None, **kwargs):
         super().__init__(model, dtype, device, **kwargs)
         if max_graphs < 1:
             raise ValueError(f"max_graphs must be >= 1, got {max_graphs}")
@@ -269,6 +292,17 @@ class FusedExecutor(Executor):
         if gemm_config is not None and not isinstance(gemm_config, dict):
             raise ValueError(f"gemm_config must be a dict of GroupedLinear config keys, got {gemm_config!r}")
         self.gemm_config = dict(gemm_config or {})  # overrides for every GEMM launch (benchmarks, experiments)
+        # residual stream dtype: fp32 by default (closer to the fp32 reference: bf16 rounding of the residual
+        # stream over 12 layers alone costs ~1e-2 relative error); the model dtype when LN is folded into the
+        # GEMMs (their x operand is the residual stream and must have the weights' dtype)
+        if residual_dtype is None:
+            residual_dtype = self.dtype if fold_ln else torch.float32
+        if residual_dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise ValueError(f"residual_dtype must be torch.float16, torch.bfloat16 or torch.float32, got {residual_dtype!r}")
+        if fold_ln and residual_dtype != self.dtype:
+            raise ValueError(f"fold_ln=True needs residual_dtype == dtype ({self.dtype}): the folded GEMMs read the "
+                             f"residual stream directly; got residual_dtype={residual_dtype}")
+        self.residual_dtype = residual_dtype
         self.runners: OrderedDict[tuple, Runner] = OrderedDict()
         self.fallback = None
         reason = unsupported_reason(self.spec, self.dtype, self.device)
