@@ -1,30 +1,42 @@
 #!/usr/bin/env bash
-# One device call that produces every GPU figure the README/BENCHMARKS.md cite, in priority order, each step
-# under its own time limit. Results go to $OUT/results.tar.gz (the device returns at most 8 files).
-#   run on the device:  bash benchmarks/device_session.sh
+# The device calls that produce every GPU figure the README/BENCHMARKS.md cite, in priority order, each step
+# under its own time limit. A call may not run past 10 minutes, so the session is split in parts:
+#   bash benchmarks/device_session.sh A    # end-to-end: all executors, the cases; fused A/B; SM limits + energy
+#   bash benchmarks/device_session.sh B    # accuracy parity (fp16, bf16), kernels, profile, GPU tests
+# Results go to $OUT/results-<part>.tar.gz (the device returns at most 8 files).
 set -u
+PART=${1:-A}
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 R=${OUT:-out}/r; mkdir -p "$R"
 # each step: its own time limit, its output tail logged, and the archive refreshed (a cut-off call still returns it)
 step() {
-  local t=$1; shift; echo "=== $(date +%T) $*" | tee -a "$R/log.txt"
-  timeout "$t" "$@" 2>&1 | grep -v "Warning\|warn_once\|^\s*$" | tail -40 | tee -a "$R/log.txt"
-  tar czf "${OUT:-out}/results.tar.gz" -C "$R" .
+  local t=$1; shift; echo "=== $(date +%T) $*" | tee -a "$R/log-$PART.txt"
+  timeout "$t" "$@" 2>&1 | grep -v "Warning\|warn_once\|^\s*$\|Model config" | tail -${TAIL:-40} | tee -a "$R/log-$PART.txt"
+  tar czf "${OUT:-out}/results-$PART.tar.gz" -C "$R" .
 }
 nvidia-smi --query-gpu=name,driver_version --format=csv | tee "$R/card.txt"
 python3 -c "import torch,triton,transformers;print('torch',torch.__version__,'triton',triton.__version__,'transformers',transformers.__version__)" | tee -a "$R/card.txt"
-# 1. end-to-end, all stock executors + fused, the cases
-step 200 python3 benchmarks/e2e.py --cases b32-1,b32-32,l14-1 --executors eager,streams,graph,compile,fused --out "$R"
-# 2. SigLIP and zero-shot (1 image x 1000 prompts) next to the graph executor
-step 90 python3 benchmarks/e2e.py --cases siglip-1,b32-zeroshot --executors eager,graph,fused --iters 50 --out "$R"
-# 3. 8-SM green context (stand-in for Orin Nano; SMs only, not bandwidth) vs the full card, with energy
-step 100 python3 -m dualfuse.cli bench --model clip-vit-b-32 --batch 1 --executors graph,fused --sms 8,full --energy --no-progress --json "$R/sms-b32-1.json"
-step 60 python3 -m dualfuse.cli bench --model clip-vit-l-14 --batch 1 --executors graph,fused --sms 8 --iters 30 --no-progress --json "$R/sms-l14-1.json"
-# 4. profiles: eager alone, graph vs fused side by side
-step 60 python3 -m dualfuse.cli profile --model clip-vit-b-32 --executor eager --out "$R/profile-eager"
-step 90 python3 -m dualfuse.cli profile --model clip-vit-b-32 --compare graph,fused --out "$R/profile-graph-vs-fused"
-# 5. accuracy parity of every CUDA executor on all four presets
-for m in clip-vit-b-32 clip-vit-b-16 clip-vit-l-14 siglip-base-patch16-224; do
-  step 45 python3 -m dualfuse.cli eval --model $m --executor eager,streams,graph,fused --json "$R/eval-$m.json"
-done
+if [ "$PART" = A ]; then
+  # 1. end-to-end, all stock executors + fused, the cases
+  step 220 python3 benchmarks/e2e.py --cases b32-1,b32-32,l14-1 --executors eager,streams,graph,compile,fused --out "$R"
+  # 2. SigLIP, ViT-B/16 and zero-shot (1 image x 1000 prompts) next to the graph executor
+  step 120 python3 benchmarks/e2e.py --cases siglip-1,b16-1,b32-zeroshot --executors eager,graph,fused --iters 50 --out "$R"
+  # 3. the fused executor's options, A/B in one process (PDL, LN folding, fp32 residual stream)
+  step 60 python3 benchmarks/fused_variants.py --model clip-vit-b-32 --batch 1 --variants graph,fused,fused-nopdl,fused-fold,fused-res16 --json "$R/variants-b32-1.json"
+  # 4. green contexts (stand-ins for Orin Nano 8 SMs / AGX Orin 16 SMs; SMs only, not bandwidth) vs the full card, with energy
+  step 150 python3 -m dualfuse.cli bench --model clip-vit-b-32 --batch 1 --executors graph,fused --sms 8,16,full --energy --no-progress --json "$R/sms-b32-1.json"
+  step 90 python3 -m dualfuse.cli bench --model clip-vit-l-14 --batch 1 --executors graph,fused --sms 8 --iters 30 --no-progress --json "$R/sms-l14-1.json"
+else
+  # 5. accuracy parity of every CUDA executor on all four presets (fp16), and bf16 on two
+  for m in clip-vit-b-32 clip-vit-b-16 clip-vit-l-14 siglip-base-patch16-224; do
+    step 70 python3 -m dualfuse.cli eval --model $m --executor eager,streams,graph,compile,fused --json "$R/eval-$m.json"
+  done
+  for m in clip-vit-b-32 siglip-base-patch16-224; do
+    step 50 python3 -m dualfuse.cli eval --model $m --executor eager,graph,fused --dtype bf16 --json "$R/eval-bf16-$m.json"
+  done
+  # 6. kernels of all four architectures at batch 1 and 32 (GEMM steps, attention, LayerNorm)
+  step 200 python3 benchmarks/kernels.py --json "$R/kernels.json"
+  # 7. GPU tests
+  TAIL=15 step 200 python3 -m pytest -m gpu -q -p no:cacheprovider tests
+fi
 echo "=== done $(date +%T)"

@@ -22,6 +22,7 @@ VARIANTS = {  # name: (executor, kwargs)
     "fused-nopdl": ("fused", {"pdl": False}),
     "fused-fold": ("fused", {"fold_ln": True}),
     "fused-fold-nopdl": ("fused", {"fold_ln": True, "pdl": False}),
+    "fused-res16": ("fused", {"residual_dtype": "model"}),  # residual stream in the model dtype, not fp32
 }
 
 
@@ -49,7 +50,13 @@ def main(argv=None) -> int:
     dev = torch.device(args.device)
     bt = args.batch if args.text_batch is None else args.text_batch
     model = dualfuse.load(args.model)
-    exs = {n: executors.get(VARIANTS[n][0], model, dtype=torch.float16, device=dev, **VARIANTS[n][1]) for n in names}
+    def kwargs(n):
+        kw = dict(VARIANTS[n][1])
+        if kw.get("residual_dtype") == "model":
+            kw["residual_dtype"] = torch.float16
+        return kw
+
+    exs = {n: executors.get(VARIANTS[n][0], model, dtype=torch.float16, device=dev, **kwargs(n)) for n in names}
     spec = next(iter(exs.values())).spec
     inputs = random_inputs(spec, args.batch, bt, None, sets=4, device=dev, dtype=torch.float16)
     ref_spec = spec.to(dev, torch.float32)
