@@ -22,7 +22,7 @@ VARIANTS = {  # name: (executor, kwargs)
     "fused-nopdl": ("fused", {"pdl": False}),
     "fused-fold": ("fused", {"fold_ln": True}),
     "fused-fold-nopdl": ("fused", {"fold_ln": True, "pdl": False}),
-    "fused-res16": ("fused", {"residual_dtype": "model"}),  # residual stream in the model dtype, not fp32
+    "fused-res32": ("fused", {"residual_dtype": torch.float32}),  # residual stream in fp32, not the model dtype
 }
 
 
@@ -51,10 +51,7 @@ def main(argv=None) -> int:
     bt = args.batch if args.text_batch is None else args.text_batch
     model = dualfuse.load(args.model)
     def kwargs(n):
-        kw = dict(VARIANTS[n][1])
-        if kw.get("residual_dtype") == "model":
-            kw["residual_dtype"] = torch.float16
-        return kw
+        return dict(VARIANTS[n][1])
 
     exs = {n: executors.get(VARIANTS[n][0], model, dtype=torch.float16, device=dev, **kwargs(n)) for n in names}
     spec = next(iter(exs.values())).spec

@@ -236,17 +236,18 @@ def test_fused_fold_ln_real_presets_gpu(name):
 
 
 def test_residual_stream_dtype_options():
-    """The residual stream is fp32 by default (closer to the reference); the model dtype on request; LN folding
-    needs the model dtype there."""
+    """The residual stream: fp32 by default for bf16 models, the model dtype for fp16 ones, either on request;
+    LN folding needs the model dtype there."""
     model = dualfuse.load("clip-tiny")
     spec = to_spec(model)
     px, ids = _inputs(spec, 2, 2, seed=7)
     px, ids = px.to(KERNEL_DEVICE), ids.to(KERNEL_DEVICE)
     ref_img, ref_txt = reference.encode(spec, px.cpu(), ids.cpu())
     default = FusedExecutor(model, dtype=torch.float16, device=KERNEL_DEVICE)
-    assert default.residual_dtype == torch.float32
-    half = FusedExecutor(model, dtype=torch.float16, device=KERNEL_DEVICE, residual_dtype=torch.float16)
-    for ex in (default, half):
+    assert default.residual_dtype == torch.float16
+    assert FusedExecutor(model, dtype=torch.bfloat16, device=KERNEL_DEVICE).residual_dtype == torch.float32
+    wide = FusedExecutor(model, dtype=torch.float16, device=KERNEL_DEVICE, residual_dtype=torch.float32)
+    for ex in (default, wide):
         img, txt = ex.encode(px, ids)
         _check(img.cpu(), ref_img)
         _check(txt.cpu(), ref_txt)
