@@ -39,14 +39,15 @@ def test_equal_depth_pairs_layer_with_layer(b32):
     assert plan.fused_stages == 12 * 7 + 3  # all blocks, embeddings, final LN+pool, projection
     assert plan.num_launches == plan.fused_stages + 2  # vision pre-LN, text EOS index
     assert "clip-vit-b-32" in format_plan(plan)
-    # LN folded into QKV and FC1 (vertical fusion): 5 launches per layer, same order of the underlying ops
+    # LN folded into QKV (layers >= 1) and FC1 (vertical fusion): 5 launches per layer, 6 in layer 0
     folded = make_plan(b32, 1, 1, fold_ln=True)
-    assert folded.fused_stages == 12 * 5 + 3 and folded.num_launches == plan.num_launches - 24
+    assert folded.fused_stages == 6 + 11 * 5 + 3 and folded.num_launches == plan.num_launches - 23
     _assert_order_kept(folded, b32, fold_ln=True)
-    assert [s.steps[0].op for s in folded.stages[3:8]] == ["ln1_qkv", "attn", "out", "ln2_fc1", "fc2"]
+    assert [s.steps[0].op for s in folded.stages[3:14]] == ["ln1", "qkv", "attn", "out", "ln2_fc1", "fc2",
+                                                             "ln1_qkv", "attn", "out", "ln2_fc1", "fc2"]
     # a folded step costs the GEMM's bytes (x read once, no normalized copy) plus the LN's FLOPs
-    f = folded.stages[3].steps[0]
-    ln, qkv = plan.stages[3].steps[0], plan.stages[4].steps[0]
+    f = folded.stages[9].steps[0]
+    ln, qkv = plan.stages[10].steps[0], plan.stages[11].steps[0]
     assert (ln.op, qkv.op) == ("ln1", "qkv")
     assert f.bytes == qkv.bytes and f.flops == qkv.flops + ln.flops
 
@@ -106,4 +107,4 @@ def test_plan_cli_prints_table_and_writes_json(tmp_path, capsys):
     assert data["totals"]["vision"]["steps"] == 172 and data["totals"]["text"]["steps"] == 88
     assert main(["plan", "--model", "clip-vit-l-14", "--fold-ln", "--json", str(out)]) == 0
     data = json.loads(out.read_text())
-    assert data["totals"]["vision"]["steps"] == 124 and data["totals"]["text"]["steps"] == 64
+    assert data["totals"]["vision"]["steps"] == 125 and data["totals"]["text"]["steps"] == 65

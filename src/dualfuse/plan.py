@@ -5,10 +5,11 @@ kernel launch: it covers one step of each tower, or of one tower alone. Steps ca
 they use the same kernel ("kind"): layernorm, linear, attention, embed, pool_index. Within a tower the
 order of steps is kept, so every step's inputs were written by an earlier stage.
 
-Vertical fusion (``fold_ln=True``; off by default because it measured slower, see BENCHMARKS.md): a LayerNorm whose only reader is the next GEMM is folded
-into it (dualfuse.kernels.gemm.fold_layernorm): ``ln1 -> qkv`` becomes one step ``ln1_qkv``, ``ln2 -> fc1``
-becomes ``ln2_fc1`` (and SigLIP's ``final_ln -> map_kv``, ``map_ln -> map_fc1``): two launches fewer per
-layer, and no normalized copy of the activations.
+Vertical fusion (``fold_ln=True``): a LayerNorm whose input was written by a GEMM and whose only reader is the
+next GEMM is folded into that GEMM (dualfuse.kernels.gemm.fold_layernorm): ``ln1 -> qkv`` becomes one step
+``ln1_qkv`` (layers >= 1), ``ln2 -> fc1`` becomes ``ln2_fc1`` (and SigLIP's ``final_ln -> map_kv``,
+``map_ln -> map_fc1``): about two launches fewer per layer and no normalized copy of the activations. The
+GEMM that wrote the LN's input leaves per-tile row statistics that the folded GEMM merges.
 
 The two step sequences are aligned by dynamic programming (longest common subsequence over kinds): the
 plan with the fewest launches, and among those the one whose fused stages are best balanced by the cost
@@ -155,8 +156,10 @@ def tower_steps(tower: TowerSpec, batch: int, seq: int, elt: int = 2, fold_ln: b
         return [_fold(ln, lin)] if fold_ln else [ln, lin]
 
     for i in range(tower.num_layers):
+        ln1, qkv = _ln(name, "ln1", i, rows, d, elt), _linear(name, "qkv", i, rows, 3 * d, d, elt)
         steps += [
-            *ln_linear(_ln(name, "ln1", i, rows, d, elt), _linear(name, "qkv", i, rows, 3 * d, d, elt)),
+            # layer 0's LN reads the embeddings, which no GEMM wrote: no statistics to fold with; kept apart
+            *(ln_linear(ln1, qkv) if i > 0 else [ln1, qkv]),
             _attn(name, "attn", i, batch, tower.heads, seq, seq, tower.head_dim, causal, elt),
             _linear(name, "out", i, rows, d, d, elt, residual=True),
             *ln_linear(_ln(name, "ln2", i, rows, d, elt), _linear(name, "fc1", i, rows, f, d, elt)),

@@ -651,3 +651,62 @@ def test_gpu_folded_layernorm_real_shapes_graph(dtype, gen):
             graph.replay()
             torch.cuda.synchronize()
             _check(problems, refs, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("split_k", [None, 3])
+def test_folded_layernorm_with_statistics_from_the_producer(dtype, split_k, gen):
+    """The launch that writes x (here: h += a @ Wo.T, in place, maybe split-K) leaves per-tile row statistics;
+    the next launch's folded LayerNorm merges them (Chan) instead of a pass over x. Mixed with a problem that
+    computes its own statistics, one without LN and one with awkward widths."""
+    from dualfuse.kernels.gemm import fold_layernorm, row_stats_buffer
+
+    shapes = [(50, 72, 40), (3, 136, 24), (77, 200, 96)]  # (rows, width, producer K)
+    prods, cons, refs = [], [], []
+    for M, D, Ka in shapes:
+        a = torch.randn(M, Ka, generator=gen).to(DEV, dtype)
+        wo = (torch.randn(D, Ka, generator=gen) / Ka**0.5).to(DEV, dtype)
+        h = (torch.randn(M, D, generator=gen) * 2 + 3).to(DEV, dtype)  # residual stream, mean far from 0
+        stats = row_stats_buffer(M, D, DEV)
+        prods.append(LinearProblem(a, wo, h, residual=h, row_stats_out=stats))
+        cons.append((h, stats, D))
+    h_new = [(p.residual.double() + p.x.double() @ p.weight.double().T) for p in prods]
+    g_prod = GroupedLinear(prods, split_k=split_k)
+    g_prod()
+    problems = []
+    for (h, stats, D), hn in zip(cons, h_new):
+        N = 48
+        w = (torch.randn(N, D, generator=gen) / D**0.5).to(DEV, dtype)
+        b = torch.randn(N, generator=gen).to(DEV, dtype)
+        gam = (1 + 0.5 * torch.randn(D, generator=gen)).to(DEV, dtype)
+        bet = (0.5 * torch.randn(D, generator=gen)).to(DEV, dtype)
+        wf, bf, norm = fold_layernorm(w, b, gam, bet, 1e-5)
+        norm.stats, norm.stats_part_width = stats, g_prod.block_n
+        out = torch.full((h.shape[0], N), float("nan"), device=DEV, dtype=dtype)
+        problems.append(LinearProblem(h, wf, out, bf, "gelu", norm=norm))
+        # reference from the h the producer really stored (rounded), as an unfused LN would see it
+        refs.append(_ref(F.layer_norm(h.double(), (D,), gam.double(), bet.double(), 1e-5), w, b, "gelu"))
+    for h, hn in zip([c[0] for c in cons], h_new):
+        assert _rel_err(h, hn) <= TOL[dtype]
+    own, own_ref = _make_ln(7, 40, 72, dtype, gen=gen)
+    plain = _make(5, 24, 40, dtype, bias=True, gen=gen)
+    all_p = problems + [own, plain]
+    g = GroupedLinear(all_p, split_k=[2, 1, 2, 1, 1] if split_k else None)
+    g()
+    _check(all_p, refs + [own_ref] + _expected([plain]), dtype)
+
+
+def test_row_statistics_bad_input():
+    from dualfuse.kernels.gemm import fold_layernorm, row_stats_buffer
+
+    x, w = torch.randn(4, 32, device=DEV), torch.randn(8, 32, device=DEV)
+    out = torch.empty(4, 8, device=DEV)
+    with pytest.raises(ValueError, match=r"row_stats_out must be a contiguous fp32 \[4, 2\]"):
+        GroupedLinear([LinearProblem(x, w, out, row_stats_out=torch.zeros(4, 4, device=DEV))])
+    wf, bf, norm = fold_layernorm(w, None, torch.ones(32, device=DEV), None, 1e-5)
+    norm.stats, norm.stats_part_width = row_stats_buffer(4, 32, DEV), 24
+    with pytest.raises(ValueError, match="stats_part_width must be the producing launch's BLOCK_N"):
+        GroupedLinear([LinearProblem(x, wf, out, bf, norm=norm)])
+    norm.stats, norm.stats_part_width = torch.zeros(4, 3, device=DEV), 32
+    with pytest.raises(ValueError, match=r"norm.stats must be a contiguous fp32 \[4, 4\]"):
+        GroupedLinear([LinearProblem(x, wf, out, bf, norm=norm)])

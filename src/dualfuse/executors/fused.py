@@ -13,6 +13,7 @@ On CPU the same launches run through the Triton interpreter when TRITON_INTERPRE
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections import OrderedDict
 
@@ -47,7 +48,7 @@ class _TowerBuffers:
     """Static activations of one tower for one batch size. Rows are flattened [B*S, ...]."""
 
     def __init__(self, tower: TowerSpec, batch: int, seq: int, dtype, device, output: torch.Tensor,
-                 residual_dtype: torch.dtype):
+                 residual_dtype: torch.dtype, fold_ln: bool = False):
         d, f = tower.width, tower.mlp_dim
         rows = batch * seq
         e = lambda *shape: torch.empty(*shape, dtype=dtype, device=device)  # noqa: E731
@@ -78,6 +79,12 @@ class _TowerBuffers:
                 pos = 0 if tower.pooling == "cls" else seq - 1
                 self.pool_idx.copy_(torch.arange(batch, device=device) * seq + pos)
         self.output = output
+        if fold_ln:  # row statistics of the residual stream(s), written by the GEMM that updates them
+            from ..kernels.gemm import row_stats_buffer
+
+            self.x_stats = row_stats_buffer(rows, d, device)
+            if tower.pooling == "map":
+                self.mh_stats = row_stats_buffer(batch, d, device)
         # the embeddings write the residual stream, or the LN input when a pre-LN follows
         self.embed_out = self.x
         if tower.pre_ln is not None:  # embeddings -> pre-LN -> residual stream
@@ -98,10 +105,11 @@ class Runner:
         self.image_batch = image_batch
         if image_batch:
             self.buf["vision"] = _TowerBuffers(spec.vision, image_batch, spec.vision.seq_len, ex.dtype, ex.device,
-                                               self.output[:image_batch], ex.residual_dtype)
+                                               self.output[:image_batch], ex.residual_dtype, ex.fold_ln)
         if text_batch:
             self.buf["text"] = _TowerBuffers(spec.text, text_batch, text_len, ex.dtype, ex.device,
-                                             self.output[image_batch:], ex.residual_dtype)
+                                             self.output[image_batch:], ex.residual_dtype, ex.fold_ln)
+        self._stats_width: dict[int, int] = {}  # row-statistics buffer address -> BLOCK_N of the launch writing it
         self.ops = [self._build(stage) for stage in self.plan.stages]
         self.embed_op = self.ops[[s.kind for s in self.plan.stages].index("embed")]
         self.graph = None
@@ -127,7 +135,15 @@ class Runner:
             cfg = dict(self.ex.gemm_config)
             if not pdl:
                 cfg["pdl"] = False
-            return _in_dtype_groups(problems, lambda ps: GroupedLinear(ps, config=cfg or None))
+
+            def linear(ps):
+                op = GroupedLinear(ps, config=cfg or None)
+                for p in ps:  # a later folded LN merges these statistics: it needs their part width
+                    if p.row_stats_out is not None:
+                        self._stats_width[p.row_stats_out.data_ptr()] = op.block_n
+                return op
+
+            return _in_dtype_groups(problems, linear)
         if stage.kind == "layernorm":
             return _in_dtype_groups(problems, lambda ps: GroupedLayerNorm(ps, pdl=pdl))
         if stage.kind == "attention":
@@ -155,10 +171,14 @@ class Runner:
             return LinearProblem(x, layer.weight if weight is None else weight, out,
                                  layer.bias if weight is None else bias, activation, residual)
 
-        def folded(x, out, activation=None):
-            # LN -> linear as one GEMM over the raw rows (weights folded once in _prepare_weights)
+        def folded(x, out, stats, activation=None):
+            # LN -> linear as one GEMM over the raw rows (weights folded once in _prepare_weights); x's row
+            # statistics come from the GEMM that wrote x (an earlier stage of this runner)
             w, bias, norm = self.ex.folded[(step.tower, step.layer, step.op)]
+            norm = dataclasses.replace(norm, stats=stats, stats_part_width=self._stats_width[stats.data_ptr()])
             return LinearProblem(x, w, out, bias, activation, norm=norm)
+
+        fold = self.ex.fold_ln
 
         op = step.op
         if op == "patch_embed":
@@ -176,20 +196,21 @@ class Runner:
         if op == "qkv":
             return lin(b.h, blk.qkv, b.qkv)
         if op == "ln1_qkv":
-            return folded(b.x, b.qkv)
+            return folded(b.x, b.qkv, b.x_stats)
         if op == "attn":
             q, k, v = split_packed_qkv(b.qkv.view(B, S, 3 * D), D)
             return AttentionProblem(q, k, v, b.a.view(B, S, D), t.heads, causal=t.mask == "causal")
-        if op == "out":
-            return lin(b.a, blk.out, b.x, residual=b.x)
+        if op == "out":  # the next LN (ln2) reads x
+            return replace_stats(lin(b.a, blk.out, b.x, residual=b.x), b.x_stats if fold else None)
         if op == "ln2":
             return ln(b.x, blk.ln2, b.h)
         if op == "fc1":
             return lin(b.h, blk.fc1, b.m, activation=t.activation)
         if op == "ln2_fc1":
-            return folded(b.x, b.m, activation=t.activation)
-        if op == "fc2":
-            return lin(b.m, blk.fc2, b.x, residual=b.x)
+            return folded(b.x, b.m, b.x_stats, activation=t.activation)
+        if op == "fc2":  # the next layer's ln1, or SigLIP's head LN, reads x
+            emit = fold and (step.layer + 1 < len(t.blocks) or t.pooling == "map")
+            return replace_stats(lin(b.m, blk.fc2, b.x, residual=b.x), b.x_stats if emit else None)
         if op == "pool_ln":
             return ln(b.x, t.final_ln, b.pooled, row_index=b.pool_idx)
         if op == "proj":
@@ -201,19 +222,19 @@ class Runner:
         if op == "map_kv":
             return lin(b.h, head.qkv, b.kv, weight=self.ex.map_kv_weight, bias=self.ex.map_kv_bias)
         if op == "final_ln_map_kv":
-            return folded(b.x, b.kv)
+            return folded(b.x, b.kv, b.x_stats)
         if op == "map_attn":
             kv = b.kv.view(B, S, 2 * D)
             q = self.ex.map_query.view(1, 1, D).expand(B, 1, D)  # batch stride 0: one probe for all images
             return AttentionProblem(q, kv[..., :D], kv[..., D:], b.ma, head.heads)
-        if op == "map_out":
-            return lin(b.ma.view(B, D), head.out, b.mh)
+        if op == "map_out":  # the head's LN reads mh
+            return replace_stats(lin(b.ma.view(B, D), head.out, b.mh), b.mh_stats if fold else None)
         if op == "map_ln":
             return ln(b.mh, head.ln, b.mln)
         if op == "map_fc1":
             return lin(b.mln, head.fc1, b.mm, activation=t.activation)
         if op == "map_ln_fc1":
-            return folded(b.mh, b.mm, activation=t.activation)
+            return folded(b.mh, b.mm, b.mh_stats, activation=t.activation)
         if op == "map_fc2":
             return lin(b.mm, head.fc2, b.mh, residual=b.mh)
         raise AssertionError(f"plan step {step.op!r} has no kernel problem")  # plan and executor out of sync
@@ -251,6 +272,11 @@ class Runner:
         img = out[:self.image_batch] if "vision" in self.buf else None
         txt = out[self.image_batch:] if "text" in self.buf else None
         return img, txt
+
+
+def replace_stats(problem, stats):
+    """The problem, also writing its out's row statistics to ``stats`` (None: as it is)."""
+    return problem if stats is None else dataclasses.replace(problem, row_stats_out=stats)
 
 
 def _in_dtype_groups(problems, build):
@@ -358,9 +384,11 @@ class FusedExecutor(Executor):
             src: TowerSpec = getattr(self.spec, name)
             dst: TowerSpec = getattr(self.weights, name)
             for i, (blk, own) in enumerate(zip(src.blocks, dst.blocks)):
-                self.folded[(name, i, "ln1_qkv")] = fold(blk.qkv, blk.ln1)
+                if i > 0:  # layer 0's LN reads the embeddings: not folded (plan.py)
+                    self.folded[(name, i, "ln1_qkv")] = fold(blk.qkv, blk.ln1)
+                    own.qkv = None  # replaced by the folded copy
                 self.folded[(name, i, "ln2_fc1")] = fold(blk.fc1, blk.ln2)
-                own.qkv = own.fc1 = None  # replaced by the folded copies
+                own.fc1 = None
             head = src.pool_head
             if head is not None:
                 d = src.width

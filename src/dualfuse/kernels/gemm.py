@@ -59,7 +59,7 @@ from ._utils import gdc_launch as _gdc_launch
 from ._utils import gdc_wait as _gdc_wait
 from ._utils import pdl_supported
 
-__all__ = ["FoldedLayerNorm", "LinearProblem", "GroupedLinear", "fold_layernorm", "grouped_linear"]
+__all__ = ["FoldedLayerNorm", "LinearProblem", "GroupedLinear", "fold_layernorm", "grouped_linear", "row_stats_buffer"]
 
 @triton.jit
 def _prefetch_l2(ptrs):
@@ -76,7 +76,7 @@ def _prefetch_l2(ptrs):
 _F_X, _F_W, _F_OUT, _F_BIAS, _F_RES = (tl.constexpr(i) for i in range(5))  # addresses (bias/res: x's if absent)
 _F_M, _F_N, _F_K = tl.constexpr(5), tl.constexpr(6), tl.constexpr(7)
 _F_SXM, _F_SOM, _F_SRM = tl.constexpr(8), tl.constexpr(9), tl.constexpr(10)  # row strides (elements): x, out, res
-_F_FLAGS = tl.constexpr(11)  # activation code (bits 0-3, see _utils.ACTIVATIONS) | 16 bias | 32 residual | 64 LN
+_F_FLAGS = tl.constexpr(11)  # act code (bits 0-3) | 16 bias | 32 residual | 64 LN | 128 stats out | 256 stats in
 _F_START = tl.constexpr(12)  # first program id of this problem
 _F_SPLIT = tl.constexpr(13)  # number of K splits S (1 = no split-K)
 _F_IPS = tl.constexpr(14)  # K iterations (of BLOCK_K) per split
@@ -84,16 +84,19 @@ _F_WS = tl.constexpr(15)  # fp32 element offset of this problem's split-K worksp
 _F_CNT = tl.constexpr(16)  # offset of this problem's tile counters
 _F_NORM = tl.constexpr(17)  # address of the folded LayerNorm's fp32 column sums (x's if absent)
 _F_EPS = tl.constexpr(18)  # the folded LayerNorm's eps, float64 bits (kernel arguments: the float)
-_NF = tl.constexpr(19)
-_FLAG_BIAS, _FLAG_RES, _FLAG_NORM = 16, 32, 64
+_F_SOUT = tl.constexpr(19)  # address of the row statistics this problem writes of its out (x's if absent)
+_F_SIN = tl.constexpr(20)  # address of the row statistics of x its folded LayerNorm reads (x's if absent)
+_F_SPW = tl.constexpr(21)  # columns per part of those statistics (the producing launch's BLOCK_N; 16 if absent)
+_NF = tl.constexpr(22)
+_FLAG_BIAS, _FLAG_RES, _FLAG_NORM, _FLAG_STATS_OUT, _FLAG_STATS_IN = 16, 32, 64, 128, 256
 MAX_ARG_PROBLEMS = 4  # up to this many problems travel as kernel arguments
 _ARG_FIELDS = ("xa", "wa", "oa", "ba", "ra", "M", "N", "K", "sx", "so", "sr", "fl", "st", "S", "ips", "wso", "cno",
-               "na", "ep")
+               "na", "ep", "sa", "sb", "sw")
 # per-problem scalars that vary between steps and gain nothing from Triton's value specialization: not
 # specialized (one binary serves every step of a model). Addresses, N, K and row strides keep it: their
 # divisibility by 16 is what lets the loads be 16 bytes wide (a tl.multiple_of on a kernel argument is
 # dropped by the compiler: an argument has no defining op to carry the hint).
-_NO_SPEC = [f"{f}{i}" for i in range(MAX_ARG_PROBLEMS) for f in ("M", "fl", "st", "S", "ips", "wso", "cno", "ep")]
+_NO_SPEC = [f"{f}{i}" for i in range(MAX_ARG_PROBLEMS) for f in ("M", "fl", "st", "S", "ips", "wso", "cno", "ep", "sw")]
 
 
 @triton.jit
@@ -117,10 +120,10 @@ def _grouped_linear_kernel(
     x_ref,  # problem 0's x: only its dtype is used (the real pointers are the per-problem fields)
     out_ref,  # problem 0's out: dtype of every out / residual
     bias_ref,  # a bias (or x when no problem has one): dtype of every bias
-    xa0, wa0, oa0, ba0, ra0, M0, N0, K0, sx0, so0, sr0, fl0, st0, S0, ips0, wso0, cno0, na0, ep0,
-    xa1, wa1, oa1, ba1, ra1, M1, N1, K1, sx1, so1, sr1, fl1, st1, S1, ips1, wso1, cno1, na1, ep1,
-    xa2, wa2, oa2, ba2, ra2, M2, N2, K2, sx2, so2, sr2, fl2, st2, S2, ips2, wso2, cno2, na2, ep2,
-    xa3, wa3, oa3, ba3, ra3, M3, N3, K3, sx3, so3, sr3, fl3, st3, S3, ips3, wso3, cno3, na3, ep3,
+    xa0, wa0, oa0, ba0, ra0, M0, N0, K0, sx0, so0, sr0, fl0, st0, S0, ips0, wso0, cno0, na0, ep0, sa0, sb0, sw0,
+    xa1, wa1, oa1, ba1, ra1, M1, N1, K1, sx1, so1, sr1, fl1, st1, S1, ips1, wso1, cno1, na1, ep1, sa1, sb1, sw1,
+    xa2, wa2, oa2, ba2, ra2, M2, N2, K2, sx2, so2, sr2, fl2, st2, S2, ips2, wso2, cno2, na2, ep2, sa2, sb2, sw2,
+    xa3, wa3, oa3, ba3, ra3, M3, N3, K3, sx3, so3, sr3, fl3, st3, S3, ips3, wso3, cno3, na3, ep3, sa3, sb3, sw3,
     NUM_PROBLEMS: tl.constexpr,
     META_IN_ARGS: tl.constexpr,  # NUM_PROBLEMS <= 4: fields are the arguments above, else the table
     BLOCK_M: tl.constexpr,
@@ -139,7 +142,11 @@ def _grouped_linear_kernel(
     PREFETCH: tl.constexpr,  # L2 prefetch of this program's weights at its start: 0 off, -1 all, n first n steps
     PF_LINES: tl.constexpr,  # 128-byte lines per weight row per BLOCK_K step (>= 1)
     USE_PDL: tl.constexpr,  # launched with programmatic dependent launch (sm_90+)
-    NORM: tl.constexpr,  # some problem has a folded LayerNorm: x's row statistics in a pass before the K loop
+    NORM: tl.constexpr,  # some problem has a folded LayerNorm
+    NORM_PREPASS: tl.constexpr,  # ... whose row statistics come from a pass over x before the K loop
+    NORM_STATS_IN: tl.constexpr,  # ... whose row statistics come from the launch that wrote x (per-part, merged)
+    MAX_PARTS: tl.constexpr,  # power of two >= the parts of any statistics read
+    STATS_OUT: tl.constexpr,  # some problem writes per-tile row statistics of its out (for the next LN fold)
 ):
     pid = tl.program_id(0)
     if USE_PDL:
@@ -173,6 +180,9 @@ def _grouped_linear_kernel(
         cnt_off = _pick(g, cno0, cno1, cno2, cno3, NUM_PROBLEMS).to(tl.int32)
         n_addr = _pick(g, na0, na1, na2, na3, NUM_PROBLEMS).to(tl.int64)
         eps = _pick(g, ep0, ep1, ep2, ep3, NUM_PROBLEMS).to(tl.float32)
+        so_addr = _pick(g, sa0, sa1, sa2, sa3, NUM_PROBLEMS).to(tl.int64)
+        si_addr = _pick(g, sb0, sb1, sb2, sb3, NUM_PROBLEMS).to(tl.int64)
+        spw = _pick(g, sw0, sw1, sw2, sw3, NUM_PROBLEMS).to(tl.int32)
     else:
         g = pid * 0
         for i in tl.static_range(1, NUM_PROBLEMS):
@@ -197,6 +207,9 @@ def _grouped_linear_kernel(
         cnt_off = tl.load(row + _F_CNT).to(tl.int32)
         n_addr = tl.load(row + _F_NORM)
         eps = tl.load(row + _F_EPS).to(tl.float64, bitcast=True).to(tl.float32)
+        so_addr = tl.load(row + _F_SOUT)
+        si_addr = tl.load(row + _F_SIN)
+        spw = tl.load(row + _F_SPW).to(tl.int32)
 
     in_ty = x_ref.dtype.element_ty
     out_ty = out_ref.dtype.element_ty
@@ -206,6 +219,10 @@ def _grouped_linear_kernel(
     bias_ptr = b_addr.to(tl.pointer_type(bias_ref.dtype.element_ty))  # [N] (x's address when absent: never read)
     res_ptr = r_addr.to(tl.pointer_type(out_ty))  # [M, N], may be out itself (x's address when absent)
     colsum_ptr = n_addr.to(tl.pointer_type(tl.float32))  # [N] folded LayerNorm column sums (x's when absent)
+    # row statistics, fp32 [rows, cdiv(cols, 16), 2]: per part of a row (the producer's BLOCK_N columns) its
+    # mean and sum of squared deviations (Chan et al.: merged exactly and stably by the reader)
+    stats_out_ptr = so_addr.to(tl.pointer_type(tl.float32))  # [M, cdiv(N, 16), 2] (x's when absent)
+    stats_in_ptr = si_addr.to(tl.pointer_type(tl.float32))  # [M, cdiv(K, 16), 2] (x's when absent)
     if ALIGNED:  # lets the compiler use 16-byte loads/stores (values from arguments/memory carry no hints)
         x_ptr = tl.multiple_of(x_ptr, 16)
         w_ptr = tl.multiple_of(w_ptr, 16)
@@ -221,6 +238,8 @@ def _grouped_linear_kernel(
     has_bias = (flags & 16) != 0
     has_res = (flags & 32) != 0
     has_norm = (flags & 64) != 0
+    has_stats_out = (flags & 128) != 0
+    has_stats_in = (flags & 256) != 0
 
     # ---- (tile, split) of this program; tiles in GROUP_M-grouped order for L2 reuse ----
     local = pid - start
@@ -269,19 +288,29 @@ def _grouped_linear_kernel(
         colsum = tl.load(colsum_ptr + offs_n, mask=n_mask & has_norm, other=0.0)
     if USE_PDL:
         _gdc_wait()  # the previous launch is complete and its writes visible from here on
-    if NORM:
+    if NORM_STATS_IN:
+        # the statistics of x the launch that wrote it left per part; issued now, merged after the K loop
+        n_parts = tl.cdiv(K, spw)
+        offs_p = tl.arange(0, MAX_PARTS)
+        p_ok = offs_p < n_parts
+        s_ptrs = stats_in_ptr + rm[:, None].to(tl.int64) * (tl.cdiv(K, 16) * 2) + offs_p[None, :] * 2
+        s_mask = (m_mask & has_norm & has_stats_in)[:, None] & p_ok[None, :]
+        part_mean = tl.load(s_ptrs, mask=s_mask, other=0.0)
+        part_m2 = tl.load(s_ptrs + 1, mask=s_mask, other=0.0)
+    if NORM_PREPASS:
         # row statistics of x in a pass over this program's rows before the K loop (a problem with a folded
-        # LayerNorm never splits K, so the program covers whole rows). Shifted by each row's first element:
+        # LayerNorm and no statistics given never splits K, so the program covers whole rows). Shifted by each row's first element:
         # E[(x-s)^2] - E[x-s]^2 stays accurate when |mean| >> std. Accumulating them inside the K loop from
         # the dot's A tiles (or a second load of them) instead gave WRONG results on an H100 with the skinny
         # configs (Triton 3.6; right under the interpreter and at batch 32) and was slower there anyway.
-        shift = tl.load(x_ptr + rm * stride_xm, mask=m_mask & has_norm, other=0.0).to(tl.float32)
+        pre = m_mask & has_norm & ((flags & 256) == 0)
+        shift = tl.load(x_ptr + rm * stride_xm, mask=pre, other=0.0).to(tl.float32)
         row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
         row_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for kk in range(k_lo, k_hi):
             k_ok = (kk * BLOCK_K + offs_k) < K
             xs = tl.load(x_ptr + rm[:, None] * stride_xm + (kk * BLOCK_K + offs_k)[None, :],
-                         mask=m_mask[:, None] & k_ok[None, :], other=0.0)
+                         mask=pre[:, None] & k_ok[None, :], other=0.0)
             d = tl.where(k_ok[None, :], xs.to(tl.float32) - shift[:, None], 0.0)
             row_sum += tl.sum(d, axis=1)
             row_sq += tl.sum(d * d, axis=1)
@@ -355,10 +384,20 @@ def _grouped_linear_kernel(
         if NORM:
             # LN(x) @ W.T + b == rstd * (x @ W'.T - mean * colsum(W')) + b', W' = W * gamma, b' = W @ beta + b
             k_f = K.to(tl.float32)
-            mean_s = row_sum / k_f
-            var = tl.maximum(row_sq / k_f - mean_s * mean_s, 0.0)
+            mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            var = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            if NORM_PREPASS:
+                mean_s = row_sum / k_f
+                var = tl.maximum(row_sq / k_f - mean_s * mean_s, 0.0)
+                mean = mean_s + shift
+            if NORM_STATS_IN:
+                cnt = tl.where(p_ok, tl.minimum(spw, K - offs_p * spw), 0).to(tl.float32)  # columns per part
+                mean_p = tl.sum(part_mean * cnt[None, :], axis=1) / k_f
+                dev = part_mean - mean_p[:, None]
+                var_p = tl.sum(part_m2 + cnt[None, :] * dev * dev, axis=1) / k_f
+                mean = tl.where(has_stats_in, mean_p, mean)
+                var = tl.where(has_stats_in, var_p, var)
             rstd = 1.0 / tl.sqrt(var + eps)
-            mean = mean_s + shift
             normed = rstd[:, None] * (acc - mean[:, None] * colsum[None, :])
             acc = tl.where(has_norm, normed, acc)
         if not EARLY_EPI:
@@ -372,6 +411,17 @@ def _grouped_linear_kernel(
         acc += res.to(tl.float32)
         out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
         tl.store(out_ptrs, acc.to(out_ty), mask=out_mask)
+        if STATS_OUT:
+            # this tile's share of out's row statistics (of the values as stored), for a LayerNorm folded into
+            # the GEMM that reads out next: mean and sum of squared deviations over this tile's columns
+            v = tl.where(n_mask[None, :], acc.to(out_ty).to(tl.float32), 0.0)
+            cnt_n = tl.minimum(BLOCK_N, N - pid_n * BLOCK_N).to(tl.float32)
+            t_mean = tl.sum(v, axis=1) / cnt_n
+            dv = tl.where(n_mask[None, :], v - t_mean[:, None], 0.0)
+            t_m2 = tl.sum(dv * dv, axis=1)
+            sp = stats_out_ptr + offs_m.to(tl.int64) * (tl.cdiv(N, 16) * 2) + pid_n * 2
+            tl.store(sp, t_mean, mask=m_mask & has_stats_out)
+            tl.store(sp + 1, t_m2, mask=m_mask & has_stats_out)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -384,6 +434,16 @@ class FoldedLayerNorm:
 
     colsum: torch.Tensor  # fp32 [N]: row sums of the folded weight exactly as the GEMM reads it
     eps: float
+    # x's row statistics as the launch that wrote x left them (LinearProblem.row_stats_out of that launch) and
+    # that launch's BLOCK_N (GroupedLinear.block_n). None: each program computes them in a pass over x first.
+    stats: torch.Tensor | None = None
+    stats_part_width: int = 0
+
+
+def row_stats_buffer(rows: int, cols: int, device) -> torch.Tensor:
+    """A buffer for the row statistics of a [rows, cols] output (LinearProblem.row_stats_out): fp32
+    [rows, cdiv(cols, 16) * 2], per part of a row its mean and sum of squared deviations."""
+    return torch.zeros(rows, triton.cdiv(cols, 16) * 2, dtype=torch.float32, device=device)
 
 
 @dataclass
@@ -396,6 +456,9 @@ class LinearProblem:
     residual: torch.Tensor | None = None  # [M, N]; may be the same tensor as out (in-place add)
     # out = act(LayerNorm(x) @ W.T + b) + residual, given the folded weight / bias / norm of fold_layernorm
     norm: FoldedLayerNorm | None = None
+    # also write out's per-tile row statistics here (row_stats_buffer(M, N)) for a LayerNorm folded into the
+    # GEMM that reads out next
+    row_stats_out: torch.Tensor | None = None
 
 
 def fold_layernorm(weight: torch.Tensor, bias: torch.Tensor | None, ln_weight: torch.Tensor,
@@ -532,8 +595,27 @@ def _validate(problems) -> None:
                 raise ValueError(f"{where}: norm.colsum must be a contiguous fp32 [N={N}] tensor, got {_shape_or_type(c)}")
             if not isinstance(nm.eps, (int, float)) or not float(nm.eps) >= 0.0:
                 raise ValueError(f"{where}: norm.eps must be a number >= 0, got {nm.eps!r}")
+            if nm.stats is not None:
+                want = (M, triton.cdiv(K, 16) * 2)
+                st = nm.stats
+                if (not isinstance(st, torch.Tensor) or st.dtype != torch.float32 or tuple(st.shape) != want
+                        or not st.is_contiguous()):
+                    raise ValueError(f"{where}: norm.stats must be a contiguous fp32 {list(want)} tensor "
+                                     f"(row_stats_buffer(M, K)), got {_shape_or_type(st)}")
+                w_ = nm.stats_part_width
+                if not isinstance(w_, int) or w_ < 16 or w_ & (w_ - 1):
+                    raise ValueError(f"{where}: norm.stats_part_width must be the producing launch's BLOCK_N "
+                                     f"(a power of two >= 16), got {w_!r}")
+        if p.row_stats_out is not None:
+            want = (M, triton.cdiv(N, 16) * 2)
+            st = p.row_stats_out
+            if (not isinstance(st, torch.Tensor) or st.dtype != torch.float32 or tuple(st.shape) != want
+                    or not st.is_contiguous()):
+                raise ValueError(f"{where}: row_stats_out must be a contiguous fp32 {list(want)} tensor "
+                                 f"(row_stats_buffer(M, N)), got {_shape_or_type(st)}")
         tensors = [("x", x), ("weight", w), ("out", out), ("bias", p.bias), ("residual", p.residual),
-                   ("norm.colsum", p.norm.colsum if p.norm is not None else None)]
+                   ("norm.colsum", p.norm.colsum if p.norm is not None else None),
+                   ("norm.stats", p.norm.stats if p.norm is not None else None), ("row_stats_out", p.row_stats_out)]
         if first is None:
             first = (x.dtype, out.dtype, x.device)
         for name, t in tensors:
@@ -677,8 +759,9 @@ def _default_config(problems, device, base: dict | None = None) -> dict:
 
 
 def _nosplit(problems) -> list[bool]:
-    """Problems that must keep all of K in one program: a folded LayerNorm needs whole rows of x."""
-    return [p.norm is not None for p in problems]
+    """Problems that must keep all of K in one program: a folded LayerNorm without given statistics computes
+    them from whole rows of x."""
+    return [p.norm is not None and p.norm.stats is None for p in problems]
 
 
 def _choose_splits(dims, cfg, device, split_k, nosplit=None) -> list[int]:
@@ -759,11 +842,17 @@ class _Plan:
             m[_F_SRM.value] = p.residual.stride(0) if p.residual is not None else 0
             m[_F_FLAGS.value] = (activation_code(p.activation) | (_FLAG_BIAS if p.bias is not None else 0)
                                  | (_FLAG_RES if p.residual is not None else 0)
-                                 | (_FLAG_NORM if p.norm is not None else 0))
+                                 | (_FLAG_NORM if p.norm is not None else 0)
+                                 | (_FLAG_STATS_OUT if p.row_stats_out is not None else 0)
+                                 | (_FLAG_STATS_IN if p.norm is not None and p.norm.stats is not None else 0))
             m[_F_START.value], m[_F_SPLIT.value], m[_F_IPS.value] = start, r["S"], r["ips"]
             m[_F_WS.value], m[_F_CNT.value] = ws_off, cnt_off
             m[_F_NORM.value] = (p.norm.colsum if p.norm is not None else p.x).data_ptr()
             m[_F_EPS.value] = _float_bits(p.norm.eps if p.norm is not None else 1.0)  # 1.0: unused, finite
+            stats_in = p.norm.stats if p.norm is not None else None
+            m[_F_SOUT.value] = (p.row_stats_out if p.row_stats_out is not None else p.x).data_ptr()
+            m[_F_SIN.value] = (stats_in if stats_in is not None else p.x).data_ptr()
+            m[_F_SPW.value] = p.norm.stats_part_width if stats_in is not None else 16
             start += r["tiles"] * r["S"]
             if r["S"] > 1:
                 ws_off += r["tiles"] * (1 if atomic else r["S"]) * bm * bn
@@ -816,6 +905,11 @@ class _Plan:
             PF_LINES=max(1, bk * problems[0].x.element_size() // 128),
             USE_PDL=use_pdl,
             NORM=any(p.norm is not None for p in problems),
+            NORM_PREPASS=any(p.norm is not None and p.norm.stats is None for p in problems),
+            NORM_STATS_IN=any(p.norm is not None and p.norm.stats is not None for p in problems),
+            MAX_PARTS=_next_pow2(max([triton.cdiv(p.x.shape[1], p.norm.stats_part_width) for p in problems
+                                      if p.norm is not None and p.norm.stats is not None] or [1])),
+            STATS_OUT=any(p.row_stats_out is not None for p in problems),
         )
         self.launch_opts = dict(num_warps=warps, num_stages=cfg["num_stages"])
         if use_pdl:
@@ -886,6 +980,11 @@ class GroupedLinear:
     @property
     def outputs(self) -> list[torch.Tensor]:
         return [p.out for p in self.problems]
+
+    @property
+    def block_n(self) -> int:
+        """Columns per output tile: the part width of the row statistics this launch writes (row_stats_out)."""
+        return self.config["BLOCK_N"]
 
     def __call__(self) -> None:
         self._plan.launch()
@@ -1022,7 +1121,8 @@ def _tune(problems, base: dict, split_k):
         torch.cuda.get_device_name(device), problems[0].x.dtype, problems[0].out.dtype, repr(sorted(base.items())),
         repr(split_k),
         tuple((p.x.shape[0], p.weight.shape[0], p.x.shape[1], p.bias is not None, p.activation,
-               p.residual is not None, p.norm is not None) for p in problems),
+               p.residual is not None, p.norm is not None, p.norm is not None and p.norm.stats is not None,
+               p.row_stats_out is not None) for p in problems),
     )
     if key in _TUNE_CACHE:
         return _TUNE_CACHE[key]
