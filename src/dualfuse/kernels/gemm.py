@@ -2,9 +2,12 @@
 
 Optionally with the LayerNorm before it folded in (vertical fusion, `fold_layernorm`):
 `out_i = act(LN(x_i) @ w_i.T + bias_i) + residual_i` without an LN launch or a normalized copy of x: the
-LN's scale and shift are folded into the weight and bias once, each program computes its x rows' mean and
-rstd in a pass before its K loop, and the epilogue applies them. Measured on an H100 (BENCHMARKS.md) this
-costs more per GEMM than the LN launch it saves, so the fused executor leaves it off by default.
+LN's scale and shift are folded into the weight and bias once and the epilogue applies each row's mean and
+rstd. The row statistics come from the launch that wrote x (`row_stats_out`: every output tile leaves its
+rows' mean and sum of squared deviations; the folded GEMM merges the parts, Chan et al.), or, without them,
+from a pass over the program's x rows before its K loop. Measured on H100/H200 (BENCHMARKS.md) the folded
+GEMMs cost about what the LayerNorm launches they replace cost under PDL, so the fused executor leaves it off
+by default.
 
 Why: the two towers of a dual encoder do the same step (QKV, out-proj, FC1, FC2) on different shapes.
 At batch 1 each step is tiny (M = 50 / 77 rows), so the time is launch gaps, per-program latency and
