@@ -75,14 +75,14 @@ def test_fused_one_tower_calls_and_short_texts(family):
 
 @pytest.mark.parametrize("name", ["clip-tiny", "siglip-tiny"])
 def test_fold_ln_on_matches_off_and_drops_unfolded_weights(name):
-    """Vertical fusion on and off (default) give the same embeddings to rounding; with it on, the plan has no
+    """Vertical fusion on and off give the same embeddings to rounding; with it on, the plan has no
     LN launch before a GEMM and the executor keeps no second copy of the QKV / FC1 weights."""
     model = dualfuse.load(name)
     spec = to_spec(model)
     px, ids = _inputs(spec, 2, 3, seed=5)
     px, ids = px.to(KERNEL_DEVICE), ids.to(KERNEL_DEVICE)
     on = FusedExecutor(model, dtype=torch.float16, device=KERNEL_DEVICE, fold_ln=True)
-    off = FusedExecutor(model, dtype=torch.float16, device=KERNEL_DEVICE)
+    off = FusedExecutor(model, dtype=torch.float16, device=KERNEL_DEVICE, fold_ln=False)
     (ia, ta), (ib, tb) = on.encode(px, ids), off.encode(px, ids)
     ref_img, ref_txt = reference.encode(spec, px.cpu(), ids.cpu())
     for a, b, ref in ((ia, ib, ref_img), (ta, tb, ref_txt)):
@@ -104,8 +104,16 @@ def test_fold_ln_on_matches_off_and_drops_unfolded_weights(name):
     r = on.runners[(2, 3, ids.shape[1])]
     folded_ops = [op for op, st in zip(r.ops, r.plan.stages) if any(x.op == "ln2_fc1" for x in st.steps)]
     assert folded_ops and all(p.norm.stats is not None for op in folded_ops for p in op.problems)
-    with pytest.raises(ValueError, match="fold_ln must be True or False"):
+    with pytest.raises(ValueError, match="fold_ln must be None"):
         FusedExecutor(model, dtype=torch.float16, device=KERNEL_DEVICE, fold_ln="yes")
+    # auto: folded where launches run without PDL (sm_80/87, the interpreter, pdl=False) and the residual
+    # stream has the model dtype
+    from dualfuse.kernels._utils import pdl_supported
+
+    no_pdl = not pdl_supported(torch.device(KERNEL_DEVICE))
+    assert FusedExecutor(model, dtype=torch.float16, device=KERNEL_DEVICE).fold_ln == no_pdl
+    assert FusedExecutor(model, dtype=torch.float16, device=KERNEL_DEVICE, pdl=False).fold_ln
+    assert not FusedExecutor(model, dtype=torch.bfloat16, device=KERNEL_DEVICE).fold_ln  # fp32 residual stream
 
 
 def test_runner_cache_is_bounded_and_replays_are_stable():

@@ -303,17 +303,25 @@ class FusedExecutor(Executor):
     notes = "horizontally fused Triton launches, one CUDA graph"
 
     def __init__(self, model, dtype=None, device=None, *, max_graphs: int = 8, use_graph: bool = True,
-                 fallback: bool = True, fold_ln: bool = False, pdl: bool = True, gemm_config: dict | None = None,
+                 fallback: bool = True, fold_ln: bool | None = None, pdl: bool = True, gemm_config: dict | None = None,
                  residual_dtype: torch.dtype | None = None, **kwargs):
         super().__init__(model, dtype, device, **kwargs)
         if max_graphs < 1:
             raise ValueError(f"max_graphs must be >= 1, got {max_graphs}")
-        for name, v in (("fold_ln", fold_ln), ("pdl", pdl)):
-            if not isinstance(v, bool):
-                raise ValueError(f"{name} must be True or False, got {v!r}")
-        # fold_ln: LayerNorms folded into the GEMMs they feed (plan.py; off by default: measured slower on an
-        # H100, BENCHMARKS.md); pdl: programmatic dependent launch between consecutive kernels where the card
-        # supports it (sm_90+; a no-op elsewhere)
+        if fold_ln is not None and not isinstance(fold_ln, bool):
+            raise ValueError(f"fold_ln must be None (auto), True or False, got {fold_ln!r}")
+        if not isinstance(pdl, bool):
+            raise ValueError(f"pdl must be True or False, got {pdl!r}")
+        # pdl: programmatic dependent launch between consecutive kernels where the card supports it (sm_90+).
+        # fold_ln: LayerNorms folded into the GEMMs they feed (plan.py). Auto (None): folded where the launches
+        # run without PDL (sm_80/87, e.g. Jetson Orin, or pdl=False) and the residual stream has the model
+        # dtype: measured on an H200 without PDL it saved 10% at ViT-B/32 batch 1; with PDL a LayerNorm launch
+        # costs about what folding adds to the GEMMs (BENCHMARKS.md).
+        if fold_ln is None:
+            from ..kernels._utils import pdl_supported
+
+            wide_residual = (residual_dtype or (torch.float32 if self.dtype == torch.bfloat16 else self.dtype)) != self.dtype
+            fold_ln = not (pdl and pdl_supported(self.device)) and not wide_residual
         self.max_graphs, self.use_graph, self.fold_ln, self.pdl = max_graphs, use_graph, fold_ln, pdl
         if gemm_config is not None and not isinstance(gemm_config, dict):
             raise ValueError(f"gemm_config must be a dict of GroupedLinear config keys, got {gemm_config!r}")
