@@ -274,3 +274,26 @@ def test_bench_sms_rejects_bad_counts(capsys):
 
     rc = cli.main(["bench", "--model", "clip-tiny", "--sms", "eight"])
     assert rc == 2 and "--sms" in capsys.readouterr().err
+
+
+def test_sm_limit_feeds_the_kernels_grid_heuristics():
+    """A green context's SM count (set by green.enter) is what the kernels plan for; reset afterwards."""
+    from dualfuse.kernels import _utils
+    from dualfuse.kernels.gemm import _choose_splits
+
+    full = _utils.num_sms("cpu")
+    dims = [(1, 64, 4096)]  # one output tile: split-K fills the SMs the kernels may use
+    cfg = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, programs_per_sm=2, min_k_iters=1)
+    try:
+        _utils.set_sm_limit(2)
+        assert _utils.num_sms("cpu") == 2
+        small = _choose_splits(dims, cfg, torch.device("cpu"), None)
+        _utils.set_sm_limit(None)
+        assert _utils.num_sms("cpu") == full
+        assert _choose_splits(dims, cfg, torch.device("cpu"), None)[0] > small[0]
+        _utils.set_sm_limit(10_000)  # never more than the device has
+        assert _utils.num_sms("cpu") == full
+        with pytest.raises(ValueError, match="positive int"):
+            _utils.set_sm_limit(0)
+    finally:
+        _utils.set_sm_limit(None)
