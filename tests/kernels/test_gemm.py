@@ -710,3 +710,50 @@ def test_row_statistics_bad_input():
     norm.stats, norm.stats_part_width = torch.zeros(4, 3, device=DEV), 32
     with pytest.raises(ValueError, match=r"norm.stats must be a contiguous fp32 \[4, 4\]"):
         GroupedLinear([LinearProblem(x, wf, out, bf, norm=norm)])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("batch", [1, 32])
+def test_gpu_folded_layernorm_statistics_chain_in_graph(dtype, batch, gen):
+    """ViT-B/32 shapes: out-proj (+ residual, in place, leaves statistics) -> FC1 with ln2 folded, captured in one
+    CUDA graph (PDL between them where supported) and replayed; statistics buffers reused across replays."""
+    from dualfuse.kernels.gemm import fold_layernorm, row_stats_buffer
+
+    towers = [(50 * batch, 768, 3072), (77 * batch, 512, 2048)]
+    prods, cons, h0s, refs = [], [], [], []
+    for M, D, Fdim in towers:
+        a = torch.randn(M, D, generator=gen).to(DEV, dtype)
+        wo = (torch.randn(D, D, generator=gen) / D**0.5).to(DEV, dtype)
+        h = (torch.randn(M, D, generator=gen) + 0.5).to(DEV, dtype)
+        stats = row_stats_buffer(M, D, DEV)
+        prods.append(LinearProblem(a, wo, h, residual=h, row_stats_out=stats))
+        w1 = (torch.randn(Fdim, D, generator=gen) / D**0.5).to(DEV, dtype)
+        b1 = torch.randn(Fdim, generator=gen).to(DEV, dtype)
+        gam = (1 + 0.3 * torch.randn(D, generator=gen)).to(DEV, dtype)
+        bet = (0.3 * torch.randn(D, generator=gen)).to(DEV, dtype)
+        wf, bf, norm = fold_layernorm(w1, b1, gam, bet, 1e-5)
+        norm.stats = stats
+        out = torch.empty(M, Fdim, device=DEV, dtype=dtype)
+        cons.append((LinearProblem(h, wf, out, bf, "quick_gelu", norm=norm), (w1, b1, gam, bet)))
+        h0s.append(h.clone())
+    g_prod = GroupedLinear(prods)
+    for p, _ in cons:
+        p.norm.stats_part_width = g_prod.block_n
+    g_cons = GroupedLinear([p for p, _ in cons])
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        g_prod()
+        g_cons()
+    for _ in range(3):
+        for p, h0 in zip(prods, h0s):
+            p.out.copy_(h0)
+        for p, _ in cons:
+            p.out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        refs = []
+        for (p, (w1, b1, gam, bet)) in cons:
+            ln = F.layer_norm(p.x.double(), (p.x.shape[1],), gam.double(), bet.double(), 1e-5)
+            refs.append(_ref(ln, w1, b1, "quick_gelu"))
+        _check([p for p, _ in cons], refs, dtype)
