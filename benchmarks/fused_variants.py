@@ -50,10 +50,7 @@ def main(argv=None) -> int:
     dev = torch.device(args.device)
     bt = args.batch if args.text_batch is None else args.text_batch
     model = dualfuse.load(args.model)
-    def kwargs(n):
-        return dict(VARIANTS[n][1])
-
-    exs = {n: executors.get(VARIANTS[n][0], model, dtype=torch.float16, device=dev, **kwargs(n)) for n in names}
+    exs = {n: executors.get(VARIANTS[n][0], model, dtype=torch.float16, device=dev, **VARIANTS[n][1]) for n in names}
     spec = next(iter(exs.values())).spec
     inputs = random_inputs(spec, args.batch, bt, None, sets=4, device=dev, dtype=torch.float16)
     ref_spec = spec.to(dev, torch.float32)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from ..plan import Plan, Stage, Step, make_plan
 from ..spec import DualEncoderSpec, PatchEmbed, TowerSpec
 from . import register
-from .base import Executor, NeedsCUDA
+from .base import Executor, NeedsCUDA, validate_inputs
 
 MAX_HEAD_DIM = 128  # attention keeps a [BLOCK_M, head_dim] accumulator in registers
 
@@ -201,7 +201,7 @@ class Runner:
             q, k, v = split_packed_qkv(b.qkv.view(B, S, 3 * D), D)
             return AttentionProblem(q, k, v, b.a.view(B, S, D), t.heads, causal=t.mask == "causal")
         if op == "out":  # the next LN (ln2) reads x
-            return replace_stats(lin(b.a, blk.out, b.x, residual=b.x), b.x_stats if fold else None)
+            return _with_stats(lin(b.a, blk.out, b.x, residual=b.x), b.x_stats if fold else None)
         if op == "ln2":
             return ln(b.x, blk.ln2, b.h)
         if op == "fc1":
@@ -210,7 +210,7 @@ class Runner:
             return folded(b.x, b.m, b.x_stats, activation=t.activation)
         if op == "fc2":  # the next layer's ln1, or SigLIP's head LN, reads x
             emit = fold and (step.layer + 1 < len(t.blocks) or t.pooling == "map")
-            return replace_stats(lin(b.m, blk.fc2, b.x, residual=b.x), b.x_stats if emit else None)
+            return _with_stats(lin(b.m, blk.fc2, b.x, residual=b.x), b.x_stats if emit else None)
         if op == "pool_ln":
             return ln(b.x, t.final_ln, b.pooled, row_index=b.pool_idx)
         if op == "proj":
@@ -228,7 +228,7 @@ class Runner:
             q = self.ex.map_query.view(1, 1, D).expand(B, 1, D)  # batch stride 0: one probe for all images
             return AttentionProblem(q, kv[..., :D], kv[..., D:], b.ma, head.heads)
         if op == "map_out":  # the head's LN reads mh
-            return replace_stats(lin(b.ma.view(B, D), head.out, b.mh), b.mh_stats if fold else None)
+            return _with_stats(lin(b.ma.view(B, D), head.out, b.mh), b.mh_stats if fold else None)
         if op == "map_ln":
             return ln(b.mh, head.ln, b.mln)
         if op == "map_fc1":
@@ -274,7 +274,7 @@ class Runner:
         return img, txt
 
 
-def replace_stats(problem, stats):
+def _with_stats(problem, stats):
     """The problem, also writing its out's row statistics to ``stats`` (None: as it is)."""
     return problem if stats is None else dataclasses.replace(problem, row_stats_out=stats)
 
@@ -317,22 +317,22 @@ class FusedExecutor(Executor):
         # run without PDL (sm_80/87, e.g. Jetson Orin, or pdl=False) and the residual stream has the model
         # dtype: measured on an H200 without PDL it saved 10% at ViT-B/32 batch 1; with PDL a LayerNorm launch
         # costs about what folding adds to the GEMMs (BENCHMARKS.md).
-        if fold_ln is None:
-            from ..kernels._utils import pdl_supported
-
-            wide_residual = (residual_dtype or (torch.float32 if self.dtype == torch.bfloat16 else self.dtype)) != self.dtype
-            fold_ln = not (pdl and pdl_supported(self.device)) and not wide_residual
-        self.max_graphs, self.use_graph, self.fold_ln, self.pdl = max_graphs, use_graph, fold_ln, pdl
-        if gemm_config is not None and not isinstance(gemm_config, dict):
-            raise ValueError(f"gemm_config must be a dict of GroupedLinear config keys, got {gemm_config!r}")
-        self.gemm_config = dict(gemm_config or {})  # overrides for every GEMM launch (benchmarks, experiments)
         # residual stream dtype. Default: fp32 for bf16 models (8 mantissa bits: rounding the residual stream in
         # bf16 at every layer gave 1.07e-2 relative error on clip-vit-b-32, over the 1e-2 tolerance), the model
         # dtype otherwise (fp16: 1.3e-3; an fp32 stream cost 3% at ViT-B/32 and 8% at ViT-L/14 batch 1 on an
         # H100). Always the model dtype when LN is folded into the GEMMs (their x operand is the residual
         # stream and must have the weights' dtype).
+        usual_residual = torch.float32 if self.dtype == torch.bfloat16 else self.dtype
+        if fold_ln is None:
+            from ..kernels._utils import pdl_supported
+
+            fold_ln = not (pdl and pdl_supported(self.device)) and (residual_dtype or usual_residual) == self.dtype
         if residual_dtype is None:
-            residual_dtype = torch.float32 if self.dtype == torch.bfloat16 and not fold_ln else self.dtype
+            residual_dtype = self.dtype if fold_ln else usual_residual
+        self.max_graphs, self.use_graph, self.fold_ln, self.pdl = max_graphs, use_graph, fold_ln, pdl
+        if gemm_config is not None and not isinstance(gemm_config, dict):
+            raise ValueError(f"gemm_config must be a dict of GroupedLinear config keys, got {gemm_config!r}")
+        self.gemm_config = dict(gemm_config or {})  # overrides for every GEMM launch (benchmarks, experiments)
         if residual_dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise ValueError(f"residual_dtype must be torch.float16, torch.bfloat16 or torch.float32, got {residual_dtype!r}")
         if fold_ln and residual_dtype != self.dtype:
@@ -409,8 +409,6 @@ class FusedExecutor(Executor):
     def validate(self, pixel_values=None, input_ids=None):
         if self.fallback is not None:
             return super().validate(pixel_values, input_ids)
-        from .base import validate_inputs
-
         # token ids are range-checked inside the fused graph (Embeddings.bad_ids), not by a read-back before it
         return validate_inputs(self.spec, pixel_values, input_ids, device=self.device, dtype=self.dtype,
                                check_ids=False)

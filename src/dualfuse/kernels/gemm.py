@@ -534,6 +534,14 @@ def _byte_range(t: torch.Tensor) -> tuple[int, int]:
     return (t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size())
 
 
+def _check_stats_buffer(what: str, t, rows: int, cols: int, hint: str) -> None:
+    """A row-statistics buffer of a [rows, cols] tensor: contiguous fp32 [rows, cdiv(cols, 16) * 2]."""
+    want = (rows, triton.cdiv(cols, 16) * 2)
+    if (not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or tuple(t.shape) != want
+            or not t.is_contiguous()):
+        raise ValueError(f"{what} must be a contiguous fp32 {list(want)} tensor ({hint}), got {_shape_or_type(t)}")
+
+
 def _validate(problems) -> None:
     if not isinstance(problems, (list, tuple)) or len(problems) == 0:
         raise ValueError(f"expected a non-empty list of LinearProblem, got {problems!r}")
@@ -599,23 +607,13 @@ def _validate(problems) -> None:
             if not isinstance(nm.eps, (int, float)) or not float(nm.eps) >= 0.0:
                 raise ValueError(f"{where}: norm.eps must be a number >= 0, got {nm.eps!r}")
             if nm.stats is not None:
-                want = (M, triton.cdiv(K, 16) * 2)
-                st = nm.stats
-                if (not isinstance(st, torch.Tensor) or st.dtype != torch.float32 or tuple(st.shape) != want
-                        or not st.is_contiguous()):
-                    raise ValueError(f"{where}: norm.stats must be a contiguous fp32 {list(want)} tensor "
-                                     f"(row_stats_buffer(M, K)), got {_shape_or_type(st)}")
+                _check_stats_buffer(f"{where}: norm.stats", nm.stats, M, K, "row_stats_buffer(M, K)")
                 w_ = nm.stats_part_width
                 if not isinstance(w_, int) or w_ < 16 or w_ & (w_ - 1):
                     raise ValueError(f"{where}: norm.stats_part_width must be the producing launch's BLOCK_N "
                                      f"(a power of two >= 16), got {w_!r}")
         if p.row_stats_out is not None:
-            want = (M, triton.cdiv(N, 16) * 2)
-            st = p.row_stats_out
-            if (not isinstance(st, torch.Tensor) or st.dtype != torch.float32 or tuple(st.shape) != want
-                    or not st.is_contiguous()):
-                raise ValueError(f"{where}: row_stats_out must be a contiguous fp32 {list(want)} tensor "
-                                 f"(row_stats_buffer(M, N)), got {_shape_or_type(st)}")
+            _check_stats_buffer(f"{where}: row_stats_out", p.row_stats_out, M, N, "row_stats_buffer(M, N)")
         tensors = [("x", x), ("weight", w), ("out", out), ("bias", p.bias), ("residual", p.residual),
                    ("norm.colsum", p.norm.colsum if p.norm is not None else None),
                    ("norm.stats", p.norm.stats if p.norm is not None else None), ("row_stats_out", p.row_stats_out)]
