@@ -10,6 +10,8 @@ Variants, each captured in its own torch.cuda.CUDAGraph and timed by CUDA events
     torch     the two towers' torch calls: addmm (cuBLAS, = F.linear) + activation + residual add
               (8 calls per layer as counted in the table, 14-18 kernel launches)
     separate  our kernel, one launch per tower per step (8 launches per layer)
+    ahead1/2  like fused, each launch asking L2 for the weights of the launch 1 / 2 later (prefetch_ahead)
+    hot       like fused, but every layer uses layer 0's weights: they stay in L2 (a bound for prefetching)
     tuned     (--tune) like fused with GroupedLinear(tune=True); the per-step candidate timings (cold L2,
               one launch each) are printed after the table and kept in the JSON
     before    (--before PATH) like fused with the GroupedLinear of another gemm.py (e.g. the previous
@@ -75,7 +77,7 @@ def parse_args(argv=None):
     p.add_argument("--batches", default=",".join(map(str, BATCHES)), help="comma-separated batch sizes")
     p.add_argument("--replays", type=int, default=None, help="timed graph replays per variant (default 200, quick 30)")
     p.add_argument("--variants", default=None,
-                   help="comma-separated subset of fused,torch,separate,before,tuned (default: all that apply)")
+                   help="comma-separated subset of fused,torch,separate,before,tuned,ahead1,ahead2,hot (default: the first five that apply)")
     p.add_argument("--extra", action="append", default=[], metavar="NAME:JSON",
                    help="another variant: fused with GroupedLinear(config=JSON), e.g. 'pdl:{\"pdl\": true}'")
     p.add_argument("--gemm-only", action="store_true", help="skip the attention/layernorm part (kernels_attention.py)")
@@ -201,8 +203,8 @@ def build_variant(name, towers, n_layers, before=None, extras=None):
     layers, info = [], {}
     extras = extras or {}
     for layer in range(n_layers):
-        probs = [t.problems(layer) for t in towers]
-        if name in ("fused", "tuned") or name in extras:
+        probs = [t.problems(0 if name == "hot" else layer) for t in towers]
+        if name in ("fused", "tuned", "ahead1", "ahead2", "hot") or name in extras:
             ops = [GroupedLinear([p[s] for p in probs], tune=(name == "tuned"), config=extras.get(name))
                    for s in STEPS]
             if layer == 0:
@@ -228,6 +230,11 @@ def build_variant(name, towers, n_layers, before=None, extras=None):
         else:
             raise ValueError(name)
         layers.append(ops)
+    if name in ("ahead1", "ahead2"):  # launch i asks for the weights of launch i + d (wrapping: the next replay)
+        d = int(name[-1])
+        flat = [op for ops in layers for op in ops]
+        on = [op.prefetch_ahead([p.weight for p in flat[(i + d) % len(flat)].problems]) for i, op in enumerate(flat)]
+        info["prefetch_ahead_on"] = sum(on)
     return layers, info
 
 
@@ -467,7 +474,11 @@ def main(argv=None) -> int:
                 + (["tuned"] if args.tune and HAS_CUDA else []))
     if args.variants:
         keep = {v.strip() for v in args.variants.split(",")} | set(args.extra_cfg)
-        variants = [v for v in variants if v in keep]
+        optional = ["ahead1", "ahead2", "hot"]  # only when asked for
+        unknown = keep - set(variants) - set(optional) - {"before", "tuned"}
+        if unknown:
+            raise SystemExit(f"unknown variants {sorted(unknown)}")
+        variants = [v for v in variants + optional if v in keep]
     ceil = ceilings(dtype, args.quick) if HAS_CUDA else None
     rows = []
     attention, rc = None, 0
