@@ -4,7 +4,6 @@
 #   bash benchmarks/device_session.sh A    # end-to-end: all executors, the issue's cases; fused A/B; SM limits + energy
 #   bash benchmarks/device_session.sh B    # accuracy parity (fp16, bf16), kernels
 #   bash benchmarks/device_session.sh C    # GPU tests
-#   bash benchmarks/device_session.sh P    # experiment: L2 prefetch of later GEMMs' weights (tests + A/B)
 # Results go to $OUT/results-<part>.tar.gz (the device returns at most 8 files).
 set -u
 PART=${1:-A}
@@ -38,14 +37,6 @@ elif [ "$PART" = B ]; then
   done
   # 6. kernels of all four architectures at batch 1 and 32 (GEMM steps, attention, LayerNorm)
   step 200 python3 benchmarks/kernels.py --json "$R/kernels.json"
-elif [ "$PART" = P ]; then
-  # prefetch of later GEMMs' weights into L2 (prefetch_ahead): its GPU tests, then kernel-level and end-to-end A/B
-  TAIL=15 step 200 python3 -m pytest -m gpu -q -p no:cacheprovider tests/kernels/test_prefetch.py tests/kernels/test_gemm.py -k "prefetch or statistics_chain or pdl"
-  TAIL=10 step 120 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_fused.py -k prefetch
-  step 150 python3 benchmarks/kernels.py --models ViT-B/32,ViT-L/14 --batches 1 --gemm-only --variants fused,ahead1,ahead2,hot,torch --json "$R/kernels-ahead.json"
-  step 60 python3 benchmarks/fused_variants.py --model clip-vit-b-32 --batch 1 --variants graph,fused,fused-ahead1,fused-ahead2,fused-fold-ahead1 --json "$R/variants-ahead-b32-1.json"
-  step 60 python3 benchmarks/fused_variants.py --model clip-vit-l-14 --batch 1 --iters 20 --variants graph,fused,fused-ahead1,fused-ahead2 --json "$R/variants-ahead-l14-1.json"
-  step 60 python3 benchmarks/fused_variants.py --model clip-vit-b-32 --batch 32 --iters 20 --variants graph,fused,fused-ahead1 --json "$R/variants-ahead-b32-32.json"
 else
   # 7. GPU tests
   TAIL=25 step 560 python3 -m pytest -m gpu -q -p no:cacheprovider tests

@@ -23,10 +23,6 @@ VARIANTS = {  # name: (executor, kwargs)
     "fused-fold": ("fused", {"fold_ln": True}),
     "fused-fold-nopdl": ("fused", {"fold_ln": True, "pdl": False}),
     "fused-res32": ("fused", {"residual_dtype": torch.float32}),  # residual stream in fp32, not the model dtype
-    # each GEMM launch asks L2 for the weights of the GEMM 1 / 2 launches later
-    "fused-ahead1": ("fused", {"prefetch_ahead": 1}),
-    "fused-ahead2": ("fused", {"prefetch_ahead": 2}),
-    "fused-fold-ahead1": ("fused", {"fold_ln": True, "prefetch_ahead": 1}),
 }
 
 

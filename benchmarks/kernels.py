@@ -10,8 +10,8 @@ Variants, each captured in its own torch.cuda.CUDAGraph and timed by CUDA events
     torch     the two towers' torch calls: addmm (cuBLAS, = F.linear) + activation + residual add
               (8 calls per layer as counted in the table, 14-18 kernel launches)
     separate  our kernel, one launch per tower per step (8 launches per layer)
-    ahead1/2  like fused, each launch asking L2 for the weights of the launch 1 / 2 later (prefetch_ahead)
-    hot       like fused, but every layer uses layer 0's weights: they stay in L2 (a bound for prefetching)
+    hot       like fused, but every layer uses layer 0's weights: they stay in L2 (what a perfect weight
+              prefetch could give at best)
     tuned     (--tune) like fused with GroupedLinear(tune=True); the per-step candidate timings (cold L2,
               one launch each) are printed after the table and kept in the JSON
     before    (--before PATH) like fused with the GroupedLinear of another gemm.py (e.g. the previous
@@ -77,9 +77,12 @@ def parse_args(argv=None):
     p.add_argument("--batches", default=",".join(map(str, BATCHES)), help="comma-separated batch sizes")
     p.add_argument("--replays", type=int, default=None, help="timed graph replays per variant (default 200, quick 30)")
     p.add_argument("--variants", default=None,
-                   help="comma-separated subset of fused,torch,separate,before,tuned,ahead1,ahead2,hot (default: the first five that apply)")
+                   help="comma-separated subset of fused,torch,separate,before,tuned,hot (default: the first five that apply)")
     p.add_argument("--extra", action="append", default=[], metavar="NAME:JSON",
-                   help="another variant: fused with GroupedLinear(config=JSON), e.g. 'pdl:{\"pdl\": true}'")
+                   help="another variant: fused with GroupedLinear(config=JSON), e.g. 'pdl:{\"pdl\": true}'; "
+                        "a JSON keyed by step names (qkv, out, fc1, fc2) gives those steps their own config")
+    p.add_argument("--sms", type=int, default=None,
+                   help="run inside a CUDA green context of this many SMs (dualfuse.green; kernels plan for it)")
     p.add_argument("--gemm-only", action="store_true", help="skip the attention/layernorm part (kernels_attention.py)")
     p.add_argument("--before", metavar="PATH", default=None,
                    help="a gemm.py to time as variant 'before' (loaded as dualfuse.kernels._gemm_before)")
@@ -204,8 +207,11 @@ def build_variant(name, towers, n_layers, before=None, extras=None):
     extras = extras or {}
     for layer in range(n_layers):
         probs = [t.problems(0 if name == "hot" else layer) for t in towers]
-        if name in ("fused", "tuned", "ahead1", "ahead2", "hot") or name in extras:
-            ops = [GroupedLinear([p[s] for p in probs], tune=(name == "tuned"), config=extras.get(name))
+        if name in ("fused", "tuned", "hot") or name in extras:
+            cfg = extras.get(name)
+            per_step = isinstance(cfg, dict) and set(cfg) <= set(STEPS) and bool(cfg)
+            ops = [GroupedLinear([p[s] for p in probs], tune=(name == "tuned"),
+                                 config=cfg.get(s) if per_step else cfg)
                    for s in STEPS]
             if layer == 0:
                 info = {s: dict(config=op.config, splits=op.splits, programs=op.num_programs,
@@ -230,11 +236,6 @@ def build_variant(name, towers, n_layers, before=None, extras=None):
         else:
             raise ValueError(name)
         layers.append(ops)
-    if name in ("ahead1", "ahead2"):  # launch i asks for the weights of launch i + d (wrapping: the next replay)
-        d = int(name[-1])
-        flat = [op for ops in layers for op in ops]
-        on = [op.prefetch_ahead([p.weight for p in flat[(i + d) % len(flat)].problems]) for i, op in enumerate(flat)]
-        info["prefetch_ahead_on"] = sum(on)
     return layers, info
 
 
@@ -458,6 +459,13 @@ def main(argv=None) -> int:
     dtype = DTYPES[args.dtype]
     import triton
 
+    green = None
+    if args.sms is not None:
+        if not HAS_CUDA:
+            raise SystemExit("--sms needs a CUDA GPU")
+        from dualfuse import green as green_ctx
+
+        green = green_ctx.enter(args.sms)  # before anything else touches CUDA
     if HAS_CUDA:
         models = {m: MODELS[m] for m in (s.strip() for s in args.models.split(",")) if m}
         batches = [int(b) for b in args.batches.split(",") if b.strip()]
@@ -474,7 +482,7 @@ def main(argv=None) -> int:
                 + (["tuned"] if args.tune and HAS_CUDA else []))
     if args.variants:
         keep = {v.strip() for v in args.variants.split(",")} | set(args.extra_cfg)
-        optional = ["ahead1", "ahead2", "hot"]  # only when asked for
+        optional = ["hot"]  # only when asked for
         unknown = keep - set(variants) - set(optional) - {"before", "tuned"}
         if unknown:
             raise SystemExit(f"unknown variants {sorted(unknown)}")
@@ -490,7 +498,7 @@ def main(argv=None) -> int:
             benchmark="kernels", card=card, dtype=str(dtype).replace("torch.", ""),
             date=datetime.datetime.now().isoformat(timespec="seconds"),
             torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
-            ceilings=ceil, targets=dict(vit_b32_b1_us=TARGET_B32_B1_US, b32_peak_frac=TARGET_B32_PEAK_FRAC),
+            green_context=green, ceilings=ceil, targets=dict(vit_b32_b1_us=TARGET_B32_B1_US, b32_peak_frac=TARGET_B32_PEAK_FRAC),
             gemm=rows, attention=attention,
         )
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

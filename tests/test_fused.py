@@ -295,38 +295,3 @@ def test_stage_with_mixed_dtypes_runs_as_one_launch_per_dtype_pair():
     ref = x.float() @ w.float().T
     for o in outs:
         torch.testing.assert_close(o.float(), ref, atol=2e-2, rtol=2e-2)
-
-
-def test_prefetch_ahead_option():
-    """prefetch_ahead: every GEMM launch asks L2 for a later GEMM's weights. A hint: same embeddings; on CPU
-    (interpreter, no prefetch instruction) nothing is prefetched; bad values are refused."""
-    model = dualfuse.load("clip-tiny")
-    spec = to_spec(model)
-    px, ids = _inputs(spec, 2, 3, seed=3)
-    px, ids = px.to(KERNEL_DEVICE), ids.to(KERNEL_DEVICE)
-    ref_img, ref_txt = reference.encode(spec, px.cpu(), ids.cpu())
-    ex = FusedExecutor(model, dtype=torch.float16, device=KERNEL_DEVICE, prefetch_ahead=2)
-    img, txt = ex.encode(px, ids)
-    _check(img.cpu(), ref_img)
-    _check(txt.cpu(), ref_txt)
-    runner = ex.runners[(2, 3, ids.shape[1])]
-    from dualfuse.kernels._utils import is_interpreter
-    assert (runner.prefetching > 0) == (KERNEL_DEVICE == "cuda" and not is_interpreter())
-    for bad in (-1, 5, 1.0, True, "2"):
-        with pytest.raises(ValueError, match="prefetch_ahead must be"):
-            FusedExecutor(model, dtype=torch.float16, device=KERNEL_DEVICE, prefetch_ahead=bad)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("name", ["clip-vit-b-32", "siglip-base-patch16-224"])
-@pytest.mark.parametrize("distance", [1, 2])
-def test_fused_prefetch_ahead_real_presets_gpu(name, distance):
-    """The L2 prefetch of later GEMMs' weights on the GPU's real configs: on, and the same bits as without."""
-    model = dualfuse.load(name)
-    spec = to_spec(model)
-    px, ids = (t.cuda() for t in _inputs(spec, 3, 7))
-    base = FusedExecutor(model, dtype=torch.float16, device="cuda")
-    ex = FusedExecutor(model, dtype=torch.float16, device="cuda", prefetch_ahead=distance)
-    a, b = base.encode(px, ids), ex.encode(px, ids)
-    assert ex.runners[(3, 7, ids.shape[1])].prefetching > 0
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])

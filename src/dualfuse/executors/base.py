@@ -124,6 +124,10 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
 def _validate_pixels(spec, px, device, dtype):
     emb = spec.vision.embed
     assert isinstance(emb, PatchEmbed)
+    b, c, h, w = px.shape if isinstance(px, torch.Tensor) and px.dim() == 4 else (None,) * 4
+    if (c == emb.channels and h == emb.image_size and w == emb.image_size and b and px.is_floating_point()
+            and _same_device(px.device, device)):  # the usual case, without building any message (hot path)
+        return px if px.dtype == dtype else px.to(dtype)
     want = f"[batch, {emb.channels}, {emb.image_size}, {emb.image_size}]"
     if not isinstance(px, torch.Tensor):
         raise ValueError(f"pixel_values: expected a torch.Tensor of shape {want}, got {_describe(px)}")
@@ -151,6 +155,9 @@ def _validate_ids(spec, ids, device, check_ids):
     emb = spec.text.embed
     assert isinstance(emb, TokenEmbed)
     ctx, vocab = spec.text.context_length, emb.vocab_size
+    if (isinstance(ids, torch.Tensor) and ids.dtype in _INT_DTYPES and ids.dim() == 2 and ids.shape[0]
+            and 0 < ids.shape[1] <= ctx and _same_device(ids.device, device)):  # the usual case (hot path)
+        return _check_id_range(ids if ids.dtype == torch.long else ids.long(), vocab, check_ids)
     want = f"[batch, length] with 1 <= length <= {ctx}"
     if not isinstance(ids, torch.Tensor):
         raise ValueError(f"input_ids: expected a torch.Tensor of token ids {want}, got {_describe(ids)}")
@@ -169,8 +176,13 @@ def _validate_ids(spec, ids, device, check_ids):
     if not _same_device(ids.device, device):
         raise ValueError(f"input_ids: expected a tensor on {device} (the executor's device), got one on "
                          f"{ids.device}; move it with .to('{device}')")
-    if ids.dtype != torch.long:
-        ids = ids.long()
+    return _check_id_range(ids if ids.dtype == torch.long else ids.long(), vocab, check_ids)
+
+
+_INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def _check_id_range(ids, vocab: int, check_ids: bool):
     if check_ids:
         lo, hi = torch.stack(torch.aminmax(ids)).tolist()  # one read-back
         if lo < 0 or hi >= vocab:

@@ -111,8 +111,6 @@ class Runner:
                                              self.output[image_batch:], ex.residual_dtype, ex.fold_ln)
         self._stats_width: dict[int, int] = {}  # row-statistics buffer address -> BLOCK_N of the launch writing it
         self.ops = [self._build(stage) for stage in self.plan.stages]
-        if ex.prefetch_ahead:
-            self._prefetch_ahead(ex.prefetch_ahead)
         self.embed_op = self.ops[[s.kind for s in self.plan.stages].index("embed")]
         self.graph = None
         if ex.device.type == "cuda" and ex.use_graph:
@@ -153,18 +151,6 @@ class Runner:
         if stage.kind == "pool_index":
             return PoolIndices(problems)
         raise AssertionError(f"plan stage kind {stage.kind!r} has no kernel")
-
-    def _prefetch_ahead(self, distance: int):
-        """Every GEMM launch asks L2 for the weights of the GEMM launch ``distance`` GEMMs later (in launch order),
-        so their DRAM reads overlap the launches in between instead of that GEMM's own critical path."""
-        from ..kernels.gemm import GroupedLinear
-
-        gemms = []
-        for op in self.ops:
-            gemms += [o for o in getattr(op, "ops", [op]) if isinstance(o, GroupedLinear)]
-        self.prefetching = 0
-        for i, op in enumerate(gemms[:len(gemms) - distance]):
-            self.prefetching += op.prefetch_ahead([p.weight for p in gemms[i + distance].problems])
 
     def _problem(self, step: Step):
         from ..kernels.attention import AttentionProblem, split_packed_qkv
@@ -307,7 +293,6 @@ def _in_dtype_groups(problems, build):
         for op in ops:
             op()
 
-    run_all.ops = ops
     return run_all
 
 
@@ -319,7 +304,7 @@ class FusedExecutor(Executor):
 
     def __init__(self, model, dtype=None, device=None, *, max_graphs: int = 8, use_graph: bool = True,
                  fallback: bool = True, fold_ln: bool | None = None, pdl: bool = True, gemm_config: dict | None = None,
-                 residual_dtype: torch.dtype | None = None, prefetch_ahead: int = 0, **kwargs):
+                 residual_dtype: torch.dtype | None = None, **kwargs):
         super().__init__(model, dtype, device, **kwargs)
         if max_graphs < 1:
             raise ValueError(f"max_graphs must be >= 1, got {max_graphs}")
@@ -327,10 +312,6 @@ class FusedExecutor(Executor):
             raise ValueError(f"fold_ln must be None (auto), True or False, got {fold_ln!r}")
         if not isinstance(pdl, bool):
             raise ValueError(f"pdl must be True or False, got {pdl!r}")
-        if isinstance(prefetch_ahead, bool) or not isinstance(prefetch_ahead, int) or not 0 <= prefetch_ahead <= 4:
-            raise ValueError(f"prefetch_ahead must be an int from 0 (off) to 4, got {prefetch_ahead!r}")
-        # prefetch_ahead: each GEMM launch asks L2 for the weights of the GEMM this many GEMM launches later
-        self.prefetch_ahead = prefetch_ahead
         # pdl: programmatic dependent launch between consecutive kernels where the card supports it (sm_90+).
         # fold_ln: LayerNorms folded into the GEMMs they feed (plan.py). Auto (None): folded where the launches
         # run without PDL (sm_80/87, e.g. Jetson Orin, or pdl=False) and the residual stream has the model

@@ -10,8 +10,6 @@ Kept small and stable: other kernels (LayerNorm, attention) import from here.
 - `is_interpreter()`: True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1).
 - `gdc_wait()`, `gdc_launch()`, `pdl_supported(device)`: programmatic dependent launch (sm_90+, optional).
 - `set_sm_limit(n)`: the SM count of a green context, so the kernels plan their grids for it.
-- `prefetch_l2(ptrs)`, `prefetch_share_l2(...)`, `l2_regions(tensors)`: ask L2 for memory a LATER launch reads
-  (weights), each program of a launch taking its share of the lines.
 """
 from __future__ import annotations
 
@@ -178,83 +176,6 @@ def pdl_supported(device) -> bool:
     if not HAS_PDL or device.type != "cuda" or is_interpreter():
         return False
     return torch.cuda.get_device_capability(device)[0] >= 9
-
-
-@triton.jit
-def prefetch_l2(ptrs):
-    """Ask L2 for the lines at ptrs (no registers, no shared memory held; sm_20+ PTX; not in the interpreter)."""
-    tl.inline_asm_elementwise("mov.u32 $0, 0;\n\tprefetch.global.L2 [$1];", "=r,l", [ptrs], dtype=tl.int32,
-                              is_pure=False, pack=1)
-
-
-L2_LINE = 128  # bytes per line asked for by prefetch_share_l2
-
-
-@triton.jit
-def _select(r: tl.constexpr, v0, v1, v2, v3):
-    """v_r for a compile-time r."""
-    v = v0
-    if r == 1:
-        v = v1
-    if r == 2:
-        v = v2
-    if r == 3:
-        v = v3
-    return v
-
-
-@triton.jit
-def prefetch_share_l2(pid, num_programs, a0, n0, a1, n1, a2, n2, a3, n3, count_ptr,
-                      REGIONS: tl.constexpr, CHUNK: tl.constexpr, COUNT: tl.constexpr):
-    """Program ``pid`` of ``num_programs`` asks L2 for its contiguous share of the 128-byte lines of up to 4
-    regions (a_r: 128-byte aligned start address, n_r: lines; see l2_regions). Weights a later launch reads:
-    their DRAM traffic then overlaps this launch instead of sitting on that launch's critical path.
-    COUNT (tests, the interpreter has no prefetch): instead of prefetching, add 1 to count_ptr[line] for every
-    line of the concatenated regions this program covers."""
-    total = n0 * 0
-    for r in tl.static_range(REGIONS):
-        total += _select(r, n0, n1, n2, n3)
-    per = tl.cdiv(total, num_programs)
-    lo = pid * per
-    hi = tl.minimum(lo + per, total)
-    base = total * 0
-    for r in tl.static_range(REGIONS):
-        addr = _select(r, a0, a1, a2, a3)
-        lines = _select(r, n0, n1, n2, n3)
-        r_lo = tl.maximum(lo - base, 0)
-        r_hi = tl.minimum(hi - base, lines)
-        for c in range(r_lo, r_hi, CHUNK):
-            offs = c + tl.arange(0, CHUNK)
-            if COUNT:
-                tl.atomic_add(count_ptr + base + offs, 1, mask=offs < r_hi)
-            else:
-                line = tl.minimum(offs, r_hi - 1).to(tl.int64)  # past the share: repeat its last line
-                prefetch_l2((addr + line * 128).to(tl.pointer_type(tl.int8)))
-        base += lines
-
-
-def l2_regions(tensors, max_regions: int = 4) -> list[tuple[int, int]]:
-    """(128-byte aligned start address, lines) of each tensor's memory (first max_regions, merged where they
-    touch), padded with (0, 0) to max_regions: the arguments of prefetch_share_l2."""
-    spans = []
-    for t in tensors:
-        if not isinstance(t, torch.Tensor) or t.numel() == 0:
-            continue
-        if not t.is_contiguous():
-            raise ValueError(f"l2_regions: expected contiguous tensors (weights), got {describe(t)}")
-        lo = t.data_ptr() // L2_LINE * L2_LINE
-        spans.append((lo, t.data_ptr() + t.numel() * t.element_size()))
-    spans.sort()
-    merged: list[list[int]] = []
-    for lo, hi in spans:
-        if merged and lo <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], hi)
-        else:
-            merged.append([lo, hi])
-    if len(merged) > max_regions:
-        raise ValueError(f"l2_regions: at most {max_regions} separate regions, got {len(merged)}")
-    out = [(lo, -(-(hi - lo) // L2_LINE)) for lo, hi in merged]
-    return out + [(0, 0)] * (max_regions - len(out))
 
 
 TORCH_TO_TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}

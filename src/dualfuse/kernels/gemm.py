@@ -60,9 +60,16 @@ import triton.language as tl
 from ._utils import activation_code, apply_activation, device_smem_bytes, is_interpreter, l2_cache_bytes, num_sms
 from ._utils import gdc_launch as _gdc_launch
 from ._utils import gdc_wait as _gdc_wait
-from ._utils import l2_regions, pdl_supported, prefetch_l2, prefetch_share_l2
+from ._utils import pdl_supported
 
 __all__ = ["FoldedLayerNorm", "LinearProblem", "GroupedLinear", "fold_layernorm", "grouped_linear", "row_stats_buffer"]
+
+@triton.jit
+def _prefetch_l2(ptrs):
+    """Ask L2 for the lines at ptrs (no registers, no shared memory held; sm_20+ PTX)."""
+    tl.inline_asm_elementwise("mov.u32 $0, 0;\n\tprefetch.global.L2 [$1];", "=r,l", [ptrs], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
 
 # ---------------------------------------------------------------------------------------------------
 # per-problem fields: kernel arguments (<= 4 problems) or one int64 table row per problem (> 4)
@@ -93,7 +100,6 @@ _ARG_FIELDS = ("xa", "wa", "oa", "ba", "ra", "M", "N", "K", "sx", "so", "sr", "f
 # divisibility by 16 is what lets the loads be 16 bytes wide (a tl.multiple_of on a kernel argument is
 # dropped by the compiler: an argument has no defining op to carry the hint).
 _NO_SPEC = [f"{f}{i}" for i in range(MAX_ARG_PROBLEMS) for f in ("M", "fl", "st", "S", "ips", "wso", "cno", "ep", "sw")]
-_NO_SPEC += [f"{f}{i}" for i in range(4) for f in ("pfa", "pfn")]  # prefetch-ahead regions
 
 
 @triton.jit
@@ -121,7 +127,6 @@ def _grouped_linear_kernel(
     xa1, wa1, oa1, ba1, ra1, M1, N1, K1, sx1, so1, sr1, fl1, st1, S1, ips1, wso1, cno1, na1, ep1, sa1, sb1, sw1,
     xa2, wa2, oa2, ba2, ra2, M2, N2, K2, sx2, so2, sr2, fl2, st2, S2, ips2, wso2, cno2, na2, ep2, sa2, sb2, sw2,
     xa3, wa3, oa3, ba3, ra3, M3, N3, K3, sx3, so3, sr3, fl3, st3, S3, ips3, wso3, cno3, na3, ep3, sa3, sb3, sw3,
-    pfa0, pfn0, pfa1, pfn1, pfa2, pfn2, pfa3, pfn3,  # regions of a later launch's weights (address, 128 B lines)
     NUM_PROBLEMS: tl.constexpr,
     META_IN_ARGS: tl.constexpr,  # NUM_PROBLEMS <= 4: fields are the arguments above, else the table
     BLOCK_M: tl.constexpr,
@@ -145,7 +150,6 @@ def _grouped_linear_kernel(
     NORM_STATS_IN: tl.constexpr,  # ... whose row statistics come from the launch that wrote x (per-part, merged)
     MAX_PARTS: tl.constexpr,  # power of two >= the parts of any statistics read
     STATS_OUT: tl.constexpr,  # some problem writes per-tile row statistics of its out (for the next LN fold)
-    AHEAD_REGIONS: tl.constexpr,  # regions pfa*/pfn* this launch asks L2 for, shared by its programs (0: none)
 ):
     pid = tl.program_id(0)
     if USE_PDL:
@@ -277,7 +281,7 @@ def _grouped_linear_kernel(
         if PREFETCH > 0:
             pf_hi = tl.minimum(k_hi, k_lo + PREFETCH)
         for kk in range(k_lo, pf_hi):
-            prefetch_l2(pf_rows + tl.minimum(kk * BLOCK_K + offs_pf, K - 1)[None, :])
+            _prefetch_l2(pf_rows + tl.minimum(kk * BLOCK_K + offs_pf, K - 1)[None, :])
     if EARLY_EPI:
         # issued now, consumed after the K loop: their latency hides behind it. Bias is never written by
         # a kernel: safe before gdc_wait
@@ -285,11 +289,6 @@ def _grouped_linear_kernel(
     if NORM:
         # column sums of the folded weight (weights: safe before gdc_wait)
         colsum = tl.load(colsum_ptr + offs_n, mask=n_mask & has_norm, other=0.0)
-    if AHEAD_REGIONS > 0:
-        # a later launch's weights (GroupedLinear.prefetch_ahead), this program's share of their lines: the DRAM
-        # reads overlap this launch (and its wait) instead of that launch's critical path
-        prefetch_share_l2(pid, tl.num_programs(0), pfa0, pfn0, pfa1, pfn1, pfa2, pfn2, pfa3, pfn3, cnt_ptr,
-                          AHEAD_REGIONS, 256, False)
     if USE_PDL:
         _gdc_wait()  # the previous launch is complete and its writes visible from here on
     if NORM_STATS_IN:
@@ -886,7 +885,7 @@ class _Plan:
         max_tiles_m = max(triton.cdiv(r["M"], bm) for r in rows)
         warps = cfg["num_warps"]
         per_thread = bm * bn // (32 * warps)  # fp32 accumulator elements per thread
-        self.args = (self.meta, self.ws, self.cnt, problems[0].x, outs[0], bias_ref, *scalars, *[0] * 8)
+        self.args = (self.meta, self.ws, self.cnt, problems[0].x, outs[0], bias_ref, *scalars)
         self.constexprs = dict(
             NUM_PROBLEMS=len(rows),
             META_IN_ARGS=self.meta_in_args,
@@ -912,19 +911,11 @@ class _Plan:
             MAX_PARTS=_next_pow2(max([triton.cdiv(p.x.shape[1], p.norm.stats_part_width) for p in problems
                                       if p.norm is not None and p.norm.stats is not None] or [1])),
             STATS_OUT=any(p.row_stats_out is not None for p in problems),
-            AHEAD_REGIONS=0,
         )
         self.launch_opts = dict(num_warps=warps, num_stages=cfg["num_stages"])
         if use_pdl:
             self.launch_opts["launch_pdl"] = True
         self.grid = (self.num_programs,)
-
-    def set_ahead(self, regions: list[tuple[int, int]]):
-        """The (address, lines) regions this launch asks L2 for on behalf of a later launch (l2_regions)."""
-        used = [r for r in regions if r[1] > 0]
-        flat = [v for r in used + [(0, 0)] * (4 - len(used)) for v in r]
-        self.args = (*self.args[:-8], *flat)
-        self.constexprs["AHEAD_REGIONS"] = len(used)
 
     def warmup(self):
         """Compile and load without running, so the first __call__ can be captured by a CUDA graph."""
@@ -995,27 +986,6 @@ class GroupedLinear:
     def block_n(self) -> int:
         """Columns per output tile: the part width of the row statistics this launch writes (row_stats_out)."""
         return self.config["BLOCK_N"]
-
-    def prefetch_ahead(self, tensors) -> bool:
-        """Ask L2, at the start of every launch, for ``tensors`` (contiguous, on this device: typically the
-        weights of the GEMM launched next) — their DRAM reads then overlap this launch instead of delaying the
-        next one. The launch's programs share the lines. A hint only: results do not change. Call before a CUDA
-        graph captures this op; an empty list turns it off. Off where it cannot work: under the Triton
-        interpreter (no prefetch instruction) or when the tensors exceed a quarter of the L2 cache (they would
-        evict each other before use). Returns whether it is on."""
-        device = self.problems[0].x.device
-        tensors = list(tensors)
-        for t in tensors:
-            if not isinstance(t, torch.Tensor) or t.device != device:
-                raise ValueError(f"prefetch_ahead: expected tensors on {device}, got {_shape_or_type(t)}"
-                                 + (f" on {t.device}" if isinstance(t, torch.Tensor) else ""))
-        regions = l2_regions(tensors)  # validates (contiguous, <= 4 separate regions)
-        nbytes = sum(n * 128 for _, n in regions)
-        on = (bool(tensors) and device.type == "cuda" and not is_interpreter()
-              and nbytes <= l2_cache_bytes(device) // 4)
-        self._plan.set_ahead(regions if on else [])
-        self._plan.warmup()
-        return on
 
     def __call__(self) -> None:
         self._plan.launch()
