@@ -757,3 +757,59 @@ def test_gpu_folded_layernorm_statistics_chain_in_graph(dtype, batch, gen):
             ln = F.layer_norm(p.x.double(), (p.x.shape[1],), gam.double(), bet.double(), 1e-5)
             refs.append(_ref(ln, w1, b1, "quick_gelu"))
         _check([p for p, _ in cons], refs, dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# tensor-descriptor (TMA) loads: config {"tma": True}
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("split_k", [None, 3])
+def test_tma_loads_awkward_shapes(split_k, gen):
+    """x / w tiles by tensor descriptors: rows past M and N and columns past K arrive as zeros (M = 1, 3, 50, 77;
+    K not a multiple of BLOCK_K), three unequal problems, every epilogue, in-place residual, split-K."""
+    dt = torch.float16
+    problems = [_make(50, 72, 96, dt, bias=True, residual="inplace", gen=gen),
+                _make(77, 40, 80, dt, bias=True, activation="quick_gelu", gen=gen),
+                _make(3, 48, 72, dt, activation="gelu_tanh", residual="sep", gen=gen),
+                _make(1, 24, 40, dt, gen=gen)]
+    g = _run(problems, dt, split_k=split_k, config={"tma": True})
+    assert g.uses_tma
+
+
+def test_tma_falls_back_where_it_cannot_apply(gen):
+    """fp32 inputs, misaligned rows or more problems than kernel arguments: the pointer loads, same results."""
+    p32 = [_make(5, 24, 40, torch.float32, gen=gen)]
+    assert not _run(p32, torch.float32, config={"tma": True}).uses_tma
+    x = torch.randn(6, 41, generator=gen).to(DEV, torch.float16)[:, 1:]  # rows 82 bytes apart: not 16-byte aligned
+    w = torch.randn(16, 40, generator=gen).to(DEV, torch.float16)
+    prob = [LinearProblem(x, w, torch.full((6, 16), float("nan"), device=DEV, dtype=torch.float16))]
+    assert not _run(prob, torch.float16, config={"tma": True}).uses_tma
+    many = [_make(5, 16, 32, torch.float16, gen=gen) for _ in range(MAX_ARG_PROBLEMS + 1)]
+    assert not _run(many, torch.float16, config={"tma": True}).uses_tma
+    assert not GroupedLinear([_make(5, 16, 32, torch.float16, gen=gen)]).uses_tma  # off by default
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 32])
+def test_gpu_tma_real_shapes_graph(dtype, rows, gen):
+    """The TMA path at ViT-B/32 and SigLIP shapes (batch 1 and 32), each step, eager and replayed in a graph."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("tensor-descriptor loads are used on sm_90+ only")
+    for (mv, dv, fv), (mt, dt_, ft) in (((50, 768, 3072), (77, 512, 2048)), ((196, 768, 3072), (64, 768, 3072))):
+        for n_of, k_of, res in ((lambda d, f: 3 * d, lambda d, f: d, False), (lambda d, f: f, lambda d, f: d, False),
+                                (lambda d, f: d, lambda d, f: f, True)):
+            probs = [_make(rows * m, n_of(d, f), k_of(d, f), dtype, bias=True, residual="inplace" if res else None,
+                           gen=gen) for m, d, f in ((mv, dv, fv), (mt, dt_, ft))]
+            res0 = [p.out.clone() for p in probs]
+            refs = _expected(probs)
+            g = GroupedLinear(probs, config={"tma": True})
+            assert g.uses_tma
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                g()
+            for _ in range(2):
+                for p, r0 in zip(probs, res0):
+                    p.out.copy_(r0) if res else p.out.fill_(float("nan"))
+                graph.replay()
+                torch.cuda.synchronize()
+                _check(probs, refs, dtype)

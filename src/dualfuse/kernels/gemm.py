@@ -62,6 +62,11 @@ from ._utils import gdc_launch as _gdc_launch
 from ._utils import gdc_wait as _gdc_wait
 from ._utils import pdl_supported
 
+try:  # host-side tensor descriptors (Triton >= 3.4): the optional TMA path
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover
+    TensorDescriptor = None
+
 __all__ = ["FoldedLayerNorm", "LinearProblem", "GroupedLinear", "fold_layernorm", "grouped_linear", "row_stats_buffer"]
 
 @triton.jit
@@ -115,6 +120,16 @@ def _pick(g, v0, v1, v2, v3, NUM_PROBLEMS: tl.constexpr):
     return r
 
 
+@triton.jit
+def _tma_k_loop(x_desc, w_desc, off_m, off_n, k_lo, k_hi, acc, BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """acc += x[off_m:, k_lo*BK:k_hi*BK] @ w[off_n:, same].T by tensor descriptors (blocks [BM, BK] and [BN, BK])."""
+    for kk in range(k_lo, k_hi):
+        a = x_desc.load([off_m, kk * BLOCK_K])
+        b = w_desc.load([off_n, kk * BLOCK_K])
+        acc = tl.dot(a, b.T, acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
 @triton.jit(do_not_specialize=_NO_SPEC)
 def _grouped_linear_kernel(
     meta_ptr,  # int64 [G, _NF] per-problem table (read only when not META_IN_ARGS), see _F_* above
@@ -127,6 +142,7 @@ def _grouped_linear_kernel(
     xa1, wa1, oa1, ba1, ra1, M1, N1, K1, sx1, so1, sr1, fl1, st1, S1, ips1, wso1, cno1, na1, ep1, sa1, sb1, sw1,
     xa2, wa2, oa2, ba2, ra2, M2, N2, K2, sx2, so2, sr2, fl2, st2, S2, ips2, wso2, cno2, na2, ep2, sa2, sb2, sw2,
     xa3, wa3, oa3, ba3, ra3, M3, N3, K3, sx3, so3, sr3, fl3, st3, S3, ips3, wso3, cno3, na3, ep3, sa3, sb3, sw3,
+    dx0, dw0, dx1, dw1, dx2, dw2, dx3, dw3,  # USE_TMA: per problem, tensor descriptors of x [M, K] and w [N, K]
     NUM_PROBLEMS: tl.constexpr,
     META_IN_ARGS: tl.constexpr,  # NUM_PROBLEMS <= 4: fields are the arguments above, else the table
     BLOCK_M: tl.constexpr,
@@ -150,6 +166,7 @@ def _grouped_linear_kernel(
     NORM_STATS_IN: tl.constexpr,  # ... whose row statistics come from the launch that wrote x (per-part, merged)
     MAX_PARTS: tl.constexpr,  # power of two >= the parts of any statistics read
     STATS_OUT: tl.constexpr,  # some problem writes per-tile row statistics of its out (for the next LN fold)
+    USE_TMA: tl.constexpr,  # x and w tiles by tensor descriptors (TMA on sm_90+): no per-element addresses or masks
 ):
     pid = tl.program_id(0)
     if USE_PDL:
@@ -321,20 +338,36 @@ def _grouped_linear_kernel(
         # safe with residual is out: only the last program of this tile writes out, after its own read here
         res = tl.load(res_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=out_mask & has_res, other=0.0)
 
-    x_ptrs = x_ptr + rm[:, None] * stride_xm + (k_lo * BLOCK_K + offs_k)[None, :]  # [BLOCK_M, BLOCK_K]
-    w_ptrs = w_ptr + rn[None, :].to(tl.int64) * K + (k_lo * BLOCK_K + offs_k)[:, None]  # [BLOCK_K, BLOCK_N] = w.T
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kk in range(k_lo, k_hi):
-        if EVEN_K:
-            a = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
-            b = tl.load(w_ptrs)
-        else:
-            k_left = K - kk * BLOCK_K
-            a = tl.load(x_ptrs, mask=m_mask[:, None] & (offs_k[None, :] < k_left), other=0.0)
-            b = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-        x_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
+    if USE_TMA:
+        # one tensor-memory copy per tile and step; rows past M / N and columns past K arrive as zeros
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        if g == 0:
+            acc = _tma_k_loop(dx0, dw0, off_m, off_n, k_lo, k_hi, acc, BLOCK_K, INPUT_PRECISION)
+        if NUM_PROBLEMS > 1:
+            if g == 1:
+                acc = _tma_k_loop(dx1, dw1, off_m, off_n, k_lo, k_hi, acc, BLOCK_K, INPUT_PRECISION)
+        if NUM_PROBLEMS > 2:
+            if g == 2:
+                acc = _tma_k_loop(dx2, dw2, off_m, off_n, k_lo, k_hi, acc, BLOCK_K, INPUT_PRECISION)
+        if NUM_PROBLEMS > 3:
+            if g == 3:
+                acc = _tma_k_loop(dx3, dw3, off_m, off_n, k_lo, k_hi, acc, BLOCK_K, INPUT_PRECISION)
+    else:
+        x_ptrs = x_ptr + rm[:, None] * stride_xm + (k_lo * BLOCK_K + offs_k)[None, :]  # [BLOCK_M, BLOCK_K]
+        w_ptrs = w_ptr + rn[None, :].to(tl.int64) * K + (k_lo * BLOCK_K + offs_k)[:, None]  # [BLOCK_K, BLOCK_N] = w.T
+        for kk in range(k_lo, k_hi):
+            if EVEN_K:
+                a = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
+                b = tl.load(w_ptrs)
+            else:
+                k_left = K - kk * BLOCK_K
+                a = tl.load(x_ptrs, mask=m_mask[:, None] & (offs_k[None, :] < k_left), other=0.0)
+                b = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+            x_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
 
     # ---- split-K: park the partial, the last of the S programs of this tile reduces ----
     if ANY_SPLIT:
@@ -510,6 +543,8 @@ _CONFIG_KEYS = {
     "prefetch",  # L2 prefetch of each program's weights at its start: False, True (all), n (first n K steps);
     # default 2 for skinny M, off for many rows
     "pdl",  # programmatic dependent launch (default True; used where supported: sm_90+, Triton with launch_pdl)
+    "tma",  # x / w tiles by tensor descriptors (default False; used where tma_supported(): <= 4 problems, 16-bit,
+    # 16-byte aligned rows, Triton with TensorDescriptor; on the GPU sm_90+)
 }
 
 
@@ -629,6 +664,19 @@ def _validate(problems) -> None:
     dev = first[2]
     if dev.type != "cuda" and not is_interpreter():
         raise ValueError(f"tensors must be on a CUDA device (or set TRITON_INTERPRET=1 for CPU), got {dev}")
+
+
+def _tma_supported(problems, device, aligned: bool, bm: int, bn: int, bk: int) -> bool:
+    """Tensor-descriptor loads apply: a Triton with TensorDescriptor, an sm_90+ GPU (or the interpreter), <= 4
+    problems (descriptors travel as kernel arguments), 16-bit inputs, 16-byte aligned rows, 2-D x and w with
+    unit column stride."""
+    if TensorDescriptor is None or len(problems) > MAX_ARG_PROBLEMS or not aligned:
+        return False
+    if problems[0].x.element_size() != 2:
+        return False
+    if not is_interpreter() and (device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9):
+        return False
+    return all(p.x.stride(1) == 1 and p.weight.stride(1) == 1 for p in problems)
 
 
 def _next_pow2(n: int) -> int:
@@ -885,7 +933,14 @@ class _Plan:
         max_tiles_m = max(triton.cdiv(r["M"], bm) for r in rows)
         warps = cfg["num_warps"]
         per_thread = bm * bn // (32 * warps)  # fp32 accumulator elements per thread
-        self.args = (self.meta, self.ws, self.cnt, problems[0].x, outs[0], bias_ref, *scalars)
+        use_tma = bool(cfg.get("tma", False)) and _tma_supported(problems, device, aligned, bm, bn, bk)
+        descs = [None] * (2 * MAX_ARG_PROBLEMS)
+        if use_tma:  # in the kernel's problem order (rows), padded with problem 0's
+            for j in range(MAX_ARG_PROBLEMS):
+                p = rows[j]["p"] if j < len(rows) else rows[0]["p"]
+                descs[2 * j] = TensorDescriptor.from_tensor(p.x, [bm, bk])
+                descs[2 * j + 1] = TensorDescriptor.from_tensor(p.weight, [bn, bk])
+        self.args = (self.meta, self.ws, self.cnt, problems[0].x, outs[0], bias_ref, *scalars, *descs)
         self.constexprs = dict(
             NUM_PROBLEMS=len(rows),
             META_IN_ARGS=self.meta_in_args,
@@ -911,6 +966,7 @@ class _Plan:
             MAX_PARTS=_next_pow2(max([triton.cdiv(p.x.shape[1], p.norm.stats_part_width) for p in problems
                                       if p.norm is not None and p.norm.stats is not None] or [1])),
             STATS_OUT=any(p.row_stats_out is not None for p in problems),
+            USE_TMA=use_tma,
         )
         self.launch_opts = dict(num_warps=warps, num_stages=cfg["num_stages"])
         if use_pdl:
@@ -981,6 +1037,11 @@ class GroupedLinear:
     @property
     def outputs(self) -> list[torch.Tensor]:
         return [p.out for p in self.problems]
+
+    @property
+    def uses_tma(self) -> bool:
+        """Whether the launch loads x / w tiles by tensor descriptors (config "tma" where _tma_supported)."""
+        return bool(self._plan.constexprs["USE_TMA"])
 
     @property
     def block_n(self) -> int:
