@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._utils import describe, gdc_launch, gdc_wait, pdl_supported, pow2_divisor
+from ._utils import describe, gdc_launch, gdc_wait, num_sms, pdl_supported, pow2_divisor
 
 __all__ = ["AttentionProblem", "GroupedAttention", "grouped_attention", "split_packed_qkv"]
 
@@ -226,20 +226,28 @@ def split_packed_qkv(qkv: Tensor, width: int) -> tuple[Tensor, Tensor, Tensor]:
     return qkv[..., :width], qkv[..., width:2 * width], qkv[..., 2 * width:]
 
 
-def _default_blocks(device: torch.device, dtype: torch.dtype) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the device and dtype."""
+def _default_blocks(device: torch.device, dtype: torch.dtype, problems=()) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the device, dtype and problems.
+
+    16-bit on CUDA (sweep of 22 configs on an H200, benchmarks/kernels_attention.py --sweep): 64 x 64, 3 stages
+    while the launch has few programs (batch 1: each program's chain of K/V blocks is the latency); 64 x 32,
+    3 stages once there are >= 2 programs per SM (batch 32: 13-18% faster than 64 x 64 there; more programs
+    fit per SM)."""
     if device.type != "cuda":  # interpreter
         return 32, 32, 4, 1
     if dtype == torch.float32:  # IEEE fp32 dots: larger tiles spill registers
         return 32, 32, 4, 2
-    return 64, 64, 4, 2
+    programs = sum(p.q.shape[0] * p.heads * -(-p.q.shape[1] // 64) for p in problems
+                   if isinstance(p, AttentionProblem) and isinstance(p.q, Tensor) and p.q.dim() == 3)
+    return (64, 32, 4, 3) if programs >= 2 * num_sms(device) else (64, 64, 4, 3)
 
 
 class GroupedAttention:
     """Prepared grouped attention: ``GroupedAttention(problems)()`` runs every problem in one launch.
 
     All problems share the device, the q/k/v dtype and the output dtype. ``block_m``, ``block_n``,
-    ``num_warps``, ``num_stages`` override the defaults (64, 64, 4, 2 on CUDA; 32, 32 for fp32).
+    ``num_warps``, ``num_stages`` override the defaults (_default_blocks: 64 x 64 or 64 x 32 by program count, 4 warps,
+    3 stages on CUDA; 32 x 32 for fp32).
     ``pdl`` (default True): launch with programmatic dependent launch where supported (sm_90+), so this
     launch starts while the previous one drains and the next one while this one drains.
     """
@@ -256,7 +264,7 @@ class GroupedAttention:
         device, dtype, o_dtype = p0.q.device, p0.q.dtype, p0.out.dtype
         if dtype not in _FLOAT_DTYPES or o_dtype not in _FLOAT_DTYPES:
             raise ValueError(f"GroupedAttention: q/k/v and out dtypes must be in {_FLOAT_DTYPES}, got {dtype}, {o_dtype}")
-        bm, bn, nw, ns = _default_blocks(device, dtype)
+        bm, bn, nw, ns = _default_blocks(device, dtype, problems)
         self.block_m = block_m or bm
         self.block_n = block_n or bn
         self.num_warps = num_warps or nw

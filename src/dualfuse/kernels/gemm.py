@@ -789,9 +789,14 @@ def _default_config(problems, device, base: dict | None = None) -> dict:
     elif _is_skinny(dims, device):
         ranked = _ranked_skinny(dims, elt, device, base, _nosplit(problems))
         if ranked:
-            return dict(ranked[0][1])
-        cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3, programs_per_sm=0,
-                   prefetch=_SKINNY_PREFETCH)
+            cfg = dict(ranked[0][1])
+        else:
+            cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3, programs_per_sm=0,
+                       prefetch=_SKINNY_PREFETCH)
+        # TMA loads where every problem has <= 128 rows (ViT-B/32 batch 1: -4% per layer on an H200); with more
+        # rows (ViT-B/16, L/14, SigLIP at batch 1: 196..257) they were 1-5% slower there
+        cfg["tma"] = max_m <= 128
+        return cfg
     else:
         # many rows (batch 32): 128 x 256 tiles where there are enough of them for ~2.5 waves (or long K
         # amortises a ragged last wave), else 64 x 128 (3 programs per SM smooth a ragged wave). Measured
