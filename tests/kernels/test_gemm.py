@@ -813,3 +813,65 @@ def test_gpu_tma_real_shapes_graph(dtype, rows, gen):
                 graph.replay()
                 torch.cuda.synchronize()
                 _check(probs, refs, dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# persistent TMA kernel (many rows): config {"persistent": True}
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("num_sms", [1, 3])
+@pytest.mark.parametrize("flatten", [True, False])
+def test_persistent_walks_every_tile(num_sms, flatten, gen):
+    """Fewer programs than tiles: each program walks its round-robin share of every problem's tiles (the share
+    continues from one problem into the next); every epilogue, in-place residual, rows / columns / K ragged."""
+    dt = torch.float16
+    problems = [_make(100, 72, 96, dt, bias=True, residual="inplace", gen=gen),
+                _make(77, 40, 80, dt, bias=True, activation="quick_gelu", gen=gen),
+                _make(3, 48, 72, dt, activation="gelu", residual="sep", gen=gen)]
+    g = _run(problems, dt, config={"tma": True, "persistent": True, "num_sms": num_sms, "flatten": flatten})
+    assert g.persistent and g.uses_tma
+    assert g._plan.num_programs < sum(-(-p.x.shape[0] // 32) * -(-p.weight.shape[0] // 32) for p in problems)
+
+
+def test_persistent_only_where_it_applies(gen):
+    """A K split, a folded LayerNorm, row statistics or fp32 inputs keep the main kernel (same results)."""
+    from dualfuse.kernels.gemm import fold_layernorm, row_stats_buffer
+
+    cfg = {"tma": True, "persistent": True}
+    assert not _run([_make(40, 32, 96, torch.float16, gen=gen)], torch.float16, split_k=3, config=cfg).persistent
+    assert not _run([_make(40, 32, 64, torch.float32, gen=gen)], torch.float32, config=cfg).persistent
+    p = _make(40, 32, 64, torch.float16, gen=gen)
+    stats = row_stats_buffer(40, 32, p.x.device)
+    p = LinearProblem(p.x, p.weight, p.out, row_stats_out=stats)
+    assert not GroupedLinear([p], config=cfg).persistent
+    w, b, norm = fold_layernorm(p.weight, None, torch.ones(64, device=DEV), torch.zeros(64, device=DEV), 1e-5)
+    assert not GroupedLinear([LinearProblem(p.x, w, p.out, b, norm=norm)], config=cfg).persistent
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_persistent_real_shapes_graph(dtype, gen):
+    """The persistent kernel at ViT-B/32 and SigLIP batch-32 shapes, every step, replayed in a CUDA graph."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the persistent kernel uses TMA: sm_90+ only")
+    for (mv, dv, fv), (mt, dt_, ft) in (((1600, 768, 3072), (2464, 512, 2048)), ((6272, 768, 3072), (2048, 768, 3072))):
+        for n_of, k_of, act, res in ((lambda d, f: 3 * d, lambda d, f: d, None, False),
+                                     (lambda d, f: f, lambda d, f: d, "gelu_tanh", False),
+                                     (lambda d, f: d, lambda d, f: f, None, True)):
+            probs = [_make(m, n_of(d, f), k_of(d, f), dtype, bias=True, activation=act,
+                           residual="inplace" if res else None, gen=gen) for m, d, f in ((mv, dv, fv), (mt, dt_, ft))]
+            res0 = [p.out.clone() for p in probs]
+            refs = _expected(probs)
+            g = GroupedLinear(probs, config={"persistent": True})
+            assert g.persistent
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                g()
+            for _ in range(2):
+                for p, r0 in zip(probs, res0):
+                    if res:
+                        p.out.copy_(r0)
+                    else:
+                        p.out.fill_(float("nan"))
+                graph.replay()
+                torch.cuda.synchronize()
+                _check(probs, refs, dtype)
