@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Session 3 probe: the persistent TMA GEMM kernel (config persistent) at batch 32, 12-layer CUDA graphs, after its
+# Session 3 probe (kernel since removed: run it at commit c99e361): the persistent TMA GEMM kernel (config persistent)
+# at batch 32, 12-layer CUDA graphs, after its
 # GPU tests.
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 R=/tmp/r11; mkdir -p $R

@@ -461,90 +461,6 @@ def _grouped_linear_kernel(
 
 
 # ---------------------------------------------------------------------------------------------------
-# persistent variant (many rows, TMA): one program per SM slot walks the tiles of every problem
-# ---------------------------------------------------------------------------------------------------
-@triton.jit
-def _persistent_tiles(pid, x_desc, w_desc, o_addr, b_addr, r_addr, M, N, K, stride_om, stride_rm, flags, t_start,
-                      out_ref, bias_ref, NUM_PROGRAMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, FLATTEN: tl.constexpr,
-                      INPUT_PRECISION: tl.constexpr):
-    """The tiles of one problem that fall to program ``pid``: global tile ids t_start + i (i < tiles) with
-    (t_start + i) % NUM_PROGRAMS == pid, so programs continue round-robin from one problem into the next."""
-    out_ty = out_ref.dtype.element_ty
-    out_ptr = o_addr.to(tl.pointer_type(out_ty))  # [M, N]
-    bias_ptr = b_addr.to(tl.pointer_type(bias_ref.dtype.element_ty))  # [N] (x's address when absent)
-    res_ptr = r_addr.to(tl.pointer_type(out_ty))  # [M, N], may be out itself
-    act = flags & 15
-    has_bias = (flags & 16) != 0
-    has_res = (flags & 32) != 0
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    tiles = tiles_m * tiles_n
-    k_steps = tl.cdiv(K, BLOCK_K)
-    width = GROUP_M * tiles_n
-    first = (pid - t_start % NUM_PROGRAMS + NUM_PROGRAMS) % NUM_PROGRAMS
-    tile_c = first - NUM_PROGRAMS  # the epilogue's own tile counter: keeps it independent of the next loads
-    for tile in tl.range(first, tiles, NUM_PROGRAMS, flatten=FLATTEN):
-        first_m = (tile // width) * GROUP_M
-        group_m = tl.minimum(tiles_m - first_m, GROUP_M)
-        pid_m = first_m + (tile % width) % group_m
-        pid_n = (tile % width) // group_m
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for kk in range(k_steps):
-            a = x_desc.load([pid_m * BLOCK_M, kk * BLOCK_K])
-            b = w_desc.load([pid_n * BLOCK_N, kk * BLOCK_K])
-            acc = tl.dot(a, b.T, acc, input_precision=INPUT_PRECISION)
-        tile_c += NUM_PROGRAMS
-        first_m = (tile_c // width) * GROUP_M
-        group_m = tl.minimum(tiles_m - first_m, GROUP_M)
-        pm = first_m + (tile_c % width) % group_m
-        pn = (tile_c % width) // group_m
-        offs_m = pm * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pn * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < N
-        out_mask = (offs_m < M)[:, None] & n_mask[None, :]
-        acc += tl.load(bias_ptr + offs_n, mask=n_mask & has_bias, other=0.0).to(tl.float32)[None, :]
-        acc = apply_activation(acc, act)
-        acc += tl.load(res_ptr + offs_m[:, None].to(tl.int64) * stride_rm + offs_n[None, :], mask=out_mask & has_res,
-                       other=0.0).to(tl.float32)
-        tl.store(out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :], acc.to(out_ty), mask=out_mask)
-
-
-@triton.jit(do_not_specialize=[f"{f}{i}" for i in range(MAX_ARG_PROBLEMS) for f in ("M", "fl", "t")])
-def _grouped_linear_persistent_kernel(
-    out_ref, bias_ref,  # dtypes of every out / residual and of every bias
-    dx0, dw0, oa0, ba0, ra0, M0, N0, K0, so0, sr0, fl0, t0,  # per problem: x / w descriptors, out / bias / residual
-    dx1, dw1, oa1, ba1, ra1, M1, N1, K1, so1, sr1, fl1, t1,  # addresses, sizes, row strides, flags (as above), and
-    dx2, dw2, oa2, ba2, ra2, M2, N2, K2, so2, sr2, fl2, t2,  # the global id of its first tile
-    dx3, dw3, oa3, ba3, ra3, M3, N3, K3, so3, sr3, fl3, t3,
-    NUM_PROBLEMS: tl.constexpr,
-    NUM_PROGRAMS: tl.constexpr,  # the grid: programs that fit on the SMs at once
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
-    FLATTEN: tl.constexpr,  # flatten the tile and K loops for the software pipeliner (epilogue overlaps loads)
-    INPUT_PRECISION: tl.constexpr,
-    USE_PDL: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    if USE_PDL:
-        _gdc_launch()
-        _gdc_wait()
-    _persistent_tiles(pid, dx0, dw0, oa0, ba0, ra0, M0, N0, K0, so0, sr0, fl0, t0, out_ref, bias_ref, NUM_PROGRAMS,
-                      BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, FLATTEN, INPUT_PRECISION)
-    if NUM_PROBLEMS > 1:
-        _persistent_tiles(pid, dx1, dw1, oa1, ba1, ra1, M1, N1, K1, so1, sr1, fl1, t1, out_ref, bias_ref, NUM_PROGRAMS,
-                          BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, FLATTEN, INPUT_PRECISION)
-    if NUM_PROBLEMS > 2:
-        _persistent_tiles(pid, dx2, dw2, oa2, ba2, ra2, M2, N2, K2, so2, sr2, fl2, t2, out_ref, bias_ref, NUM_PROGRAMS,
-                          BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, FLATTEN, INPUT_PRECISION)
-    if NUM_PROBLEMS > 3:
-        _persistent_tiles(pid, dx3, dw3, oa3, ba3, ra3, M3, N3, K3, so3, sr3, fl3, t3, out_ref, bias_ref, NUM_PROGRAMS,
-                          BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, FLATTEN, INPUT_PRECISION)
-
-
-# ---------------------------------------------------------------------------------------------------
 # host side
 # ---------------------------------------------------------------------------------------------------
 @dataclass
@@ -627,8 +543,6 @@ _CONFIG_KEYS = {
     "prefetch",  # L2 prefetch of each program's weights at its start: False, True (all), n (first n K steps);
     # default 2 for skinny M, off for many rows
     "pdl",  # programmatic dependent launch (default True; used where supported: sm_90+, Triton with launch_pdl)
-    "persistent",  # many rows: the persistent TMA kernel where _persistent_ok (default off)
-    "flatten",  # persistent kernel: flatten its tile and K loops for the pipeliner (default True)
     "tma",  # x / w tiles by tensor descriptors (default: on for many rows, off for skinny M; used where
     # _tma_supported: <= 4 problems, 16-bit, 16-byte aligned rows, Triton with TensorDescriptor, sm_90+ GPU)
 }
@@ -750,17 +664,6 @@ def _validate(problems) -> None:
     dev = first[2]
     if dev.type != "cuda" and not is_interpreter():
         raise ValueError(f"tensors must be on a CUDA device (or set TRITON_INTERPRET=1 for CPU), got {dev}")
-
-
-def _all_aligned(problems, outs) -> bool:
-    """Every pointer 16-byte aligned and every row stride (and N, K) a multiple of 16 bytes."""
-    ptrs = [t for p, out in zip(problems, outs) for t in (p.x, p.weight, out, p.bias, p.residual) if t is not None]
-    strides = [(p.x.stride(0), p.x.element_size()) for p in problems]
-    strides += [(p.weight.shape[1], p.weight.element_size()) for p in problems]
-    strides += [(o.stride(0), o.element_size()) for o in outs]
-    strides += [(o.shape[1], e) for o in outs for e in (o.element_size(), problems[0].x.element_size())]
-    strides += [(p.residual.stride(0), p.residual.element_size()) for p in problems if p.residual is not None]
-    return all(t.data_ptr() % 16 == 0 for t in ptrs) and all((s * e) % 16 == 0 for s, e in strides)
 
 
 def _tma_supported(problems, device, aligned: bool, bm: int, bn: int, bk: int) -> bool:
@@ -1024,7 +927,13 @@ class _Plan:
         # kernel arguments carry eps as a float (the table as its float64 bits)
         scalars = [_bits_float(v) if j == _F_EPS.value else v for m in padded for j, v in enumerate(m)]
 
-        aligned = _all_aligned(problems, outs)
+        ptrs = [t for p, out in zip(problems, outs) for t in (p.x, p.weight, out, p.bias, p.residual) if t is not None]
+        strides = [(p.x.stride(0), p.x.element_size()) for p in problems]
+        strides += [(p.weight.shape[1], p.weight.element_size()) for p in problems]
+        strides += [(o.stride(0), o.element_size()) for o in outs]
+        strides += [(o.shape[1], e) for o in outs for e in (o.element_size(), problems[0].x.element_size())]
+        strides += [(p.residual.stride(0), p.residual.element_size()) for p in problems if p.residual is not None]
+        aligned = all(t.data_ptr() % 16 == 0 for t in ptrs) and all((s * e) % 16 == 0 for s, e in strides)
         bias_ref = next((p.bias for p in problems if p.bias is not None), problems[0].x)
         interp = is_interpreter() or device.type != "cuda"
         use_pdl = bool(cfg.get("pdl", True)) and pdl_supported(device)
@@ -1085,68 +994,6 @@ class _Plan:
             _grouped_linear_kernel[self.grid](*self.args, **self.constexprs, **self.launch_opts)
 
 
-def _persistent_ok(problems, cfg: dict, splits, device) -> bool:
-    """The persistent TMA kernel covers this launch: asked for (config "persistent"), TMA applies, no K split,
-    no folded LayerNorm and no row statistics (those live in the main kernel only)."""
-    if not cfg.get("persistent") or any(s > 1 for s in splits):
-        return False
-    if any(p.norm is not None or p.row_stats_out is not None for p in problems):
-        return False
-    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    return _tma_supported(problems, device, _all_aligned(problems, [p.out for p in problems]), bm, bn, bk)
-
-
-class _PersistentPlan:
-    """One launch of _grouped_linear_persistent_kernel: as many programs as fit on the SMs at once, each walking
-    its share of every problem's output tiles (no ragged last wave, and with FLATTEN the epilogue of one tile
-    overlaps the loads of the next). Many rows only; built once like _Plan."""
-
-    def __init__(self, problems, cfg: dict):
-        device = problems[0].x.device
-        bm, bn, bk, warps = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_warps"]
-        elt = problems[0].x.element_size()
-        self.splits = [1] * len(problems)
-        fields, start = [], 0
-        for p in problems:
-            M, K = p.x.shape
-            N = p.weight.shape[0]
-            flags = (activation_code(p.activation) | (_FLAG_BIAS if p.bias is not None else 0)
-                     | (_FLAG_RES if p.residual is not None else 0))
-            fields.append([TensorDescriptor.from_tensor(p.x, [bm, bk]), TensorDescriptor.from_tensor(p.weight, [bn, bk]),
-                           p.out.data_ptr(), (p.bias if p.bias is not None else p.x).data_ptr(),
-                           (p.residual if p.residual is not None else p.x).data_ptr(), M, N, K, p.out.stride(0),
-                           p.residual.stride(0) if p.residual is not None else 0, flags, start])
-            start += triton.cdiv(M, bm) * triton.cdiv(N, bn)
-        per_thread = bm * bn // (32 * warps)  # fp32 accumulator registers per thread
-        ctas = max(1, min(device_smem_bytes(device) // max(1, _smem_bytes(cfg, elt)),
-                          65536 // (32 * warps * (per_thread + 72))))
-        sms = cfg.get("num_sms") or num_sms(device)
-        self.num_programs = max(1, min(start, sms * ctas))
-        padded = fields + [fields[0]] * (MAX_ARG_PROBLEMS - len(fields))
-        bias_ref = next((p.bias for p in problems if p.bias is not None), problems[0].x)
-        use_pdl = bool(cfg.get("pdl", True)) and pdl_supported(device)
-        self.args = (problems[0].out, bias_ref, *[v for f in padded for v in f])
-        self.constexprs = dict(NUM_PROBLEMS=len(problems), NUM_PROGRAMS=self.num_programs, BLOCK_M=bm, BLOCK_N=bn,
-                               BLOCK_K=bk, GROUP_M=cfg["GROUP_M"], FLATTEN=bool(cfg.get("flatten", True)),
-                               INPUT_PRECISION="tf32", USE_PDL=use_pdl)
-        self.launch_opts = dict(num_warps=warps, num_stages=cfg["num_stages"])
-        if use_pdl:
-            self.launch_opts["launch_pdl"] = True
-        self.grid = (self.num_programs,)
-        self.cnt = torch.zeros(1, dtype=torch.int32, device=device)  # no split-K counters (kept for callers)
-
-    def warmup(self):
-        if not is_interpreter():
-            ck = _grouped_linear_persistent_kernel.warmup(*self.args, grid=self.grid, **self.constexprs,
-                                                          **self.launch_opts)
-            init = getattr(ck, "_init_handles", None)
-            if init is not None:
-                init()
-
-    def launch(self):
-        _grouped_linear_persistent_kernel[self.grid](*self.args, **self.constexprs, **self.launch_opts)
-
-
 class GroupedLinear:
     """All problems in ONE kernel launch.
 
@@ -1190,11 +1037,7 @@ class GroupedLinear:
                 raise ValueError(f"config {k} must be a power of two >= 16, got {v!r}")
         dims = [(p.x.shape[0], p.weight.shape[0], p.x.shape[1]) for p in self.problems]
         self.config = cfg
-        splits = _choose_splits(dims, cfg, device, split_k, _nosplit(self.problems))
-        if _persistent_ok(self.problems, cfg, splits, device):
-            self._plan = _PersistentPlan(self.problems, cfg)
-        else:
-            self._plan = _Plan(self.problems, cfg, splits)
+        self._plan = _Plan(self.problems, cfg, _choose_splits(dims, cfg, device, split_k, _nosplit(self.problems)))
         self.splits = self._plan.splits  # K splits per problem, in the caller's order
         self.num_programs = self._plan.num_programs
         self._plan.warmup()
@@ -1206,12 +1049,7 @@ class GroupedLinear:
     @property
     def uses_tma(self) -> bool:
         """Whether the launch loads x / w tiles by tensor descriptors (config "tma" where _tma_supported)."""
-        return self.persistent or bool(self._plan.constexprs["USE_TMA"])
-
-    @property
-    def persistent(self) -> bool:
-        """Whether the launch is the persistent TMA kernel (config "persistent" where _persistent_ok)."""
-        return isinstance(self._plan, _PersistentPlan)
+        return bool(self._plan.constexprs["USE_TMA"])
 
     @property
     def block_n(self) -> int:
