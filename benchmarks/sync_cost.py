@@ -20,7 +20,10 @@ import torch
 import triton
 import triton.language as tl
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+from kernels import time_graph  # noqa: E402  (benchmarks/kernels.py: capture once, replay, CUDA events)
+
 from dualfuse.kernels._utils import gdc_launch, gdc_wait, pdl_supported  # noqa: E402
 
 
@@ -70,30 +73,6 @@ def _persistent_kernel(buf, cnt, P, PHASES: tl.constexpr, GLOBAL: tl.constexpr):
         tl.atomic_xchg(cnt + 1 + PHASES * P, 0, sem="release", scope="gpu")
 
 
-def _time(fn, replays=200):
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    for _ in range(50):
-        g.replay()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(replays):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        ts.append((a, b))
-    torch.cuda.synchronize()
-    return statistics.median(a.elapsed_time(b) * 1e3 for a, b in ts)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--programs", default="112,132", help="comma-separated program counts (<= SMs: co-resident)")
@@ -124,7 +103,7 @@ def main(argv=None) -> int:
         variants["persistent-flag"] = lambda: _persistent_kernel[(P,)](buf, cnt, P, PHASES=N, GLOBAL=False)
         for name, fn in variants.items():
             buf.zero_()
-            us = _time(fn)
+            us = statistics.median(time_graph([[fn]], replays=200))
             if name.startswith("persistent"):  # each phase read the previous phase's value: the last one is N
                 buf.zero_()
                 fn()
