@@ -214,15 +214,10 @@ def _attention_kernel(
              acc.to(o_ref.dtype.element_ty), mask=md_ok)
 
 
-
-
-
-
 def split_packed_qkv(qkv: Tensor, width: int) -> tuple[Tensor, Tensor, Tensor]:
     """Split a packed QKV GEMM output [B, S, 3*width] (q|k|v, each heads-major) into strided views."""
     if not isinstance(qkv, Tensor) or qkv.dim() != 3 or qkv.shape[-1] != 3 * width:
-        got = describe(qkv) if isinstance(qkv, Tensor) else type(qkv).__name__
-        raise ValueError(f"split_packed_qkv: expected [B, S, {3 * width}] (3*width), got {got}")
+        raise ValueError(f"split_packed_qkv: expected [B, S, {3 * width}] (3*width), got {describe(qkv)}")
     return qkv[..., :width], qkv[..., width:2 * width], qkv[..., 2 * width:]
 
 

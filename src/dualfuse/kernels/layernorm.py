@@ -180,8 +180,7 @@ class GroupedLayerNorm:
             if p.row_index is not None:
                 ri = p.row_index
                 if not isinstance(ri, Tensor) or ri.dim() != 1 or ri.dtype not in (torch.int32, torch.int64):
-                    got = describe(ri) if isinstance(ri, Tensor) else type(ri).__name__
-                    raise ValueError(f"{where}: row_index must be a 1-D int32/int64 tensor, got {got}")
+                    raise ValueError(f"{where}: row_index must be a 1-D int32/int64 tensor, got {describe(ri)}")
                 if ri.device != device:
                     raise ValueError(f"{where}: row_index is on {ri.device}, expected {device}")
                 if ri.numel() < 1 or (ri.numel() > 1 and ri.stride(0) != 1):
