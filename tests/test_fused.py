@@ -295,3 +295,16 @@ def test_stage_with_mixed_dtypes_runs_as_one_launch_per_dtype_pair():
     ref = x.float() @ w.float().T
     for o in outs:
         torch.testing.assert_close(o.float(), ref, atol=2e-2, rtol=2e-2)
+
+
+def test_executor_plan_is_the_plan_its_calls_run():
+    """FusedExecutor.plan(...) gives the stages a call of that shape launches, LayerNorm folding included."""
+    model = dualfuse.load("clip-tiny")
+    spec = to_spec(model)
+    px, ids = (t.to(KERNEL_DEVICE) for t in _inputs(spec, 1, 2, seed=5))
+    for fold in (False, True):
+        ex = FusedExecutor(model, dtype=torch.float16, device=KERNEL_DEVICE, fold_ln=fold)
+        ex.encode(px, ids)
+        ran = ex.runners[(1, 2, ids.shape[1])].plan
+        assert [s.kind for s in ex.plan(1, 2, ids.shape[1]).stages] == [s.kind for s in ran.stages]
+        assert ex.plan(1, 2, ids.shape[1]) == ran

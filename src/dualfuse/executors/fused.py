@@ -97,8 +97,7 @@ class Runner:
     def __init__(self, ex: "FusedExecutor", image_batch: int, text_batch: int, text_len: int):
         self.ex = ex
         spec = ex.spec
-        self.plan: Plan = make_plan(spec, image_batch, text_batch, text_len,
-                                    elt=torch.finfo(ex.dtype).bits // 8, fold_ln=ex.fold_ln)
+        self.plan: Plan = ex.plan(image_batch, text_batch, text_len)
         self.buf: dict[str, _TowerBuffers] = {}
         # both towers' embeddings in one buffer: a call clones it once and returns the two row ranges
         self.output = torch.empty(image_batch + text_batch, spec.embed_dim, dtype=ex.dtype, device=ex.device)
@@ -426,7 +425,9 @@ class FusedExecutor(Executor):
         return r
 
     def plan(self, image_batch: int, text_batch: int, text_len: int | None = None) -> Plan:
-        return make_plan(self.spec, image_batch, text_batch, text_len)
+        """The plan a call of this shape runs (the executor's dtype and LayerNorm folding included)."""
+        return make_plan(self.spec, image_batch, text_batch, text_len, elt=torch.finfo(self.dtype).bits // 8,
+                         fold_ln=self.fold_ln)
 
     def _encode(self, px, ids):
         if self.fallback is not None:
