@@ -619,7 +619,7 @@ def _validate(problems) -> None:
             b = p.bias
             if not isinstance(b, torch.Tensor) or b.dim() != 1 or b.shape[0] != N or not b.is_contiguous():
                 raise ValueError(f"{where}: bias must be a contiguous [N={N}] tensor, got "
-                                 f"{_shape(b) if isinstance(b, torch.Tensor) else type(b).__name__}")
+                                 f"{_shape_or_type(b)}")
             if b.dtype != x.dtype:
                 raise ValueError(f"{where}: bias dtype must equal x dtype {x.dtype}, got {b.dtype}")
         activation_code(p.activation)  # raises ValueError on an unknown name
@@ -627,7 +627,7 @@ def _validate(problems) -> None:
             r = p.residual
             if not isinstance(r, torch.Tensor) or r.dim() != 2 or tuple(r.shape) != (M, N):
                 raise ValueError(f"{where}: residual must be [M={M}, N={N}], got "
-                                 f"{_shape(r) if isinstance(r, torch.Tensor) else type(r).__name__}")
+                                 f"{_shape_or_type(r)}")
             if N > 1 and r.stride(1) != 1:
                 raise ValueError(f"{where}: residual must have a contiguous last dim, got {_shape(r)}")
             if r.dtype != out.dtype:
