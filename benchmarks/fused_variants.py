@@ -23,6 +23,7 @@ VARIANTS = {  # name: (executor, kwargs)
     "fused-fold": ("fused", {"fold_ln": True}),
     "fused-fold-nopdl": ("fused", {"fold_ln": True, "pdl": False}),
     "fused-res32": ("fused", {"residual_dtype": torch.float32}),  # residual stream in fp32, not the model dtype
+    "fused-nodefer": ("fused", {"defer_split_reduce": False}),  # split-K reduced in the GEMM, not the next LN
 }
 
 

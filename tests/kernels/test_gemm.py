@@ -813,3 +813,135 @@ def test_gpu_tma_real_shapes_graph(dtype, rows, gen):
                 graph.replay()
                 torch.cuda.synchronize()
                 _check(probs, refs, dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# deferred split-K reduction: partial_sums=True (the raw per-split sums; a LayerNorm with `add` finishes them)
+# ---------------------------------------------------------------------------------------------------
+def _partial_problem(M, N, K, slices, dtype, gen, block_k=32):
+    x = torch.randn(M, K, generator=gen).to(DEV, dtype)
+    w = (torch.randn(N, K, generator=gen) / K**0.5).to(DEV, dtype)
+    s = GroupedLinear.partial_slices(K, slices, block_k)
+    out = torch.full((s, M, N), float("nan"), device=DEV)
+    return LinearProblem(x, w, out, partial_sums=True)
+
+
+@pytest.mark.parametrize("tma", [False, True])
+def test_partial_sums_slices_sum_to_the_product(tma, gen):
+    """Every slice written (NaN-poisoned before), slices sum to x @ w.T; unequal slice counts (1, 3, 4, and a
+    K whose split drops an empty part) next to an ordinary split-K problem with an in-place residual."""
+    dt = torch.float16
+    cfg = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "tma": tma}
+    parts = [_partial_problem(50, 72, 128, 4, dt, gen), _partial_problem(77, 40, 96, 3, dt, gen),
+             _partial_problem(3, 48, 64, 1, dt, gen), _partial_problem(1, 24, 96, 5, dt, gen)]
+    assert [p.out.shape[0] for p in parts] == [4, 3, 1, 3]  # K=96 in 3 steps of 32: 3 non-empty parts of 5
+    plain = _make(50, 40, 96, dt, bias=True, residual="inplace", gen=gen)
+    h = plain.out.float()  # one launch shares the out dtype: an fp32 residual stream, as in the fused executor
+    plain = LinearProblem(plain.x, plain.weight, h, bias=plain.bias, residual=h)
+    refs = _expected([plain])
+    g = GroupedLinear(parts[:3] + [plain], config=cfg, split_k=[1, 1, 1, 3])
+    assert g.splits == [4, 3, 1, 3]
+    assert g._plan.constexprs["ANY_PARTIAL"] and g._plan.constexprs["ANY_SPLIT"]
+    g()
+    g2 = GroupedLinear(parts[3:], config=cfg)
+    g2()
+    for i, p in enumerate(parts):
+        assert not torch.isnan(p.out).any(), f"partial problem {i}: a slice not fully written"
+        assert _rel_err(p.out.double().sum(0), p.x.double() @ p.weight.double().T) <= TOL[dt]
+        if p.out.shape[0] > 1:  # really split: no slice holds the whole product
+            assert not torch.allclose(p.out[0].double(), p.out.double().sum(0), rtol=1e-2, atol=1e-2)
+    _check([plain], refs, torch.float16)
+
+
+def test_partial_sums_feed_a_layernorm_like_the_unfused_epilogue(gen):
+    """GEMM (partial sums) -> LayerNorm(add=..., add_bias=bias) == GEMM(bias, residual in place) -> LayerNorm,
+    on the residual stream in fp32: x and the normalized rows agree to fp32 rounding."""
+    from dualfuse.kernels.layernorm import GroupedLayerNorm, LayerNormProblem
+
+    dt = torch.float16
+    M, N, K = 50, 72, 192
+    x_in = torch.randn(M, K, generator=gen).to(DEV, dt)
+    w = (torch.randn(N, K, generator=gen) / K**0.5).to(DEV, dt)
+    b = torch.randn(N, generator=gen).to(DEV, dt)
+    h0 = torch.randn(M, N, generator=gen).to(DEV)  # fp32 residual stream
+    ln_w, ln_b = torch.randn(N, generator=gen).to(DEV, dt), torch.randn(N, generator=gen).to(DEV, dt)
+    cfg = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}
+    # unfused: split-K with the in-kernel reduction, then a LayerNorm
+    h_ref = h0.clone()
+    y_ref = torch.empty(M, N, device=DEV, dtype=dt)
+    GroupedLinear([LinearProblem(x_in, w, h_ref, bias=b, residual=h_ref)], config=cfg, split_k=3)()
+    GroupedLayerNorm([LayerNormProblem(h_ref, ln_w, ln_b, y_ref, 1e-5)])()
+    # deferred: partial sums, the LayerNorm adds them (and the bias) into the residual stream
+    h = h0.clone()
+    y = torch.full((M, N), float("nan"), device=DEV, dtype=dt)
+    parts = torch.full((3, M, N), float("nan"), device=DEV)
+    GroupedLinear([LinearProblem(x_in, w, parts, partial_sums=True)], config=cfg)()
+    GroupedLayerNorm([LayerNormProblem(h, ln_w, ln_b, y, 1e-5, add=parts, add_bias=b)])()
+    torch.testing.assert_close(h, h_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(y.float(), y_ref.float(), atol=2e-3, rtol=1e-3)
+
+
+def test_partial_sums_bad_input(gen):
+    dt = torch.float16
+    x = torch.randn(5, 64, generator=gen).to(DEV, dt)
+    w = torch.randn(16, 64, generator=gen).to(DEV, dt)
+    cfg = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}
+    with pytest.raises(ValueError, match=r"contiguous fp32 \[S, M=5, N=16\]"):
+        GroupedLinear([LinearProblem(x, w, torch.empty(5, 16, device=DEV), partial_sums=True)])
+    with pytest.raises(ValueError, match=r"contiguous fp32 \[S, M=5, N=16\]"):
+        GroupedLinear([LinearProblem(x, w, torch.empty(2, 5, 16, device=DEV, dtype=dt), partial_sums=True)])
+    with pytest.raises(ValueError, match="bias, residual must be None"):
+        out = torch.empty(2, 5, 16, device=DEV)
+        GroupedLinear([LinearProblem(x, w, out, bias=torch.zeros(16, device=DEV, dtype=dt),
+                                     residual=torch.zeros(5, 16, device=DEV), partial_sums=True)])
+    with pytest.raises(ValueError, match="splits into 2 non-empty parts"):  # 64 = 2 steps of 32: not 3 slices
+        GroupedLinear([LinearProblem(x, w, torch.empty(3, 5, 16, device=DEV), partial_sums=True)], config=cfg)
+    with pytest.raises(ValueError, match="does not support partial_sums"):
+        GroupedLinear([LinearProblem(x, w, torch.empty(2, 5, 16, device=DEV), partial_sums=True)], tune=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_partial_sums_into_layernorm_chain_graph(dtype, gen):
+    """ViT-B/32 batch-1 FC2 shapes of both towers as partial sums (4 slices, the default tiles, PDL, TMA where
+    the default uses it) -> both towers' next LayerNorm adding them, replayed in a CUDA graph; against the
+    unfused chain (in-kernel split-K reduction + residual, then LayerNorm)."""
+    from dualfuse.kernels.layernorm import GroupedLayerNorm, LayerNormProblem
+
+    towers = [(50, 768, 3072), (77, 512, 2048)]
+    xs = [torch.randn(m, f, generator=gen).to(DEV, dtype) for m, d, f in towers]
+    ws = [(torch.randn(d, f, generator=gen) / f**0.5).to(DEV, dtype) for m, d, f in towers]
+    bs = [torch.randn(d, generator=gen).to(DEV, dtype) for m, d, f in towers]
+    h0 = [torch.randn(m, d, generator=gen).to(DEV) * 3 for m, d, f in towers]
+    lns = [(torch.randn(d, generator=gen).to(DEV, dtype), torch.randn(d, generator=gen).to(DEV, dtype))
+           for m, d, f in towers]
+    ref_h = [h.clone() for h in h0]
+    ref_y = [torch.empty(m, d, device=DEV, dtype=dtype) for m, d, f in towers]
+    ref_gemm = GroupedLinear([LinearProblem(x, w, h, bias=b, residual=h) for x, w, b, h in zip(xs, ws, bs, ref_h)],
+                             split_k=4)
+    ref_gemm()
+    GroupedLayerNorm([LayerNormProblem(h, lw, lb, y, 1e-5) for h, (lw, lb), y in zip(ref_h, lns, ref_y)])()
+    cfg = ref_gemm.config
+    slices = [GroupedLinear.partial_slices(f, 4, cfg["BLOCK_K"]) for m, d, f in towers]
+    parts = [torch.empty(s, m, d, device=DEV) for s, (m, d, f) in zip(slices, towers)]
+    hs = [h.clone() for h in h0]
+    ys = [torch.empty(m, d, device=DEV, dtype=dtype) for m, d, f in towers]
+    gemm = GroupedLinear([LinearProblem(x, w, p, partial_sums=True) for x, w, p in zip(xs, ws, parts)], config=cfg)
+    ln = GroupedLayerNorm([LayerNormProblem(h, lw, lb, y, 1e-5, add=p, add_bias=b)
+                           for h, (lw, lb), y, p, b in zip(hs, lns, ys, parts, bs)])
+    graph = torch.cuda.CUDAGraph()
+    gemm()  # compile / load outside the capture
+    ln()
+    with torch.cuda.graph(graph):
+        gemm()
+        ln()
+    for _ in range(2):
+        for h, h_init, y, p in zip(hs, h0, ys, parts):
+            h.copy_(h_init)
+            y.fill_(float("nan"))
+            p.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        for h, y, rh, ry in zip(hs, ys, ref_h, ref_y):
+            torch.testing.assert_close(h, rh, atol=1e-4, rtol=1e-5)
+            torch.testing.assert_close(y.float(), ry.float(), atol=2e-2, rtol=1e-2)

@@ -145,3 +145,70 @@ def test_gpu_real_sizes(dtype):
     torch.cuda.synchronize()
     for p in problems:
         check(p)
+
+
+# ---- deferred residual add: x += add_bias + sum of a split-K GEMM's partial sums, then LN(x) ----
+def _with_add(p, slices, with_bias=True):
+    R, D = p.x.shape
+    add = torch.randn(slices, R, D, device=p.x.device) * 0.7
+    bias = torch.randn(D, device=p.x.device).to(p.weight.dtype) if with_bias else None
+    return LayerNormProblem(p.x, p.weight, p.bias, p.out, p.eps, add=add, add_bias=bias)
+
+
+def _x_after_add(x0, p):
+    """What the unfused GEMM epilogue would leave in x: ((sum of slices) + bias) + residual, in x's dtype."""
+    acc = p.add[0].clone()
+    for s in range(1, p.add.shape[0]):
+        acc += p.add[s]
+    if p.add_bias is not None:
+        acc += p.add_bias.float()
+    return (x0.float() + acc).to(x0.dtype)
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.float16])
+def test_add_partial_sums_then_normalize(x_dtype, kernel_device):
+    # unequal slices per problem (1, 3, 4) next to a problem without add, one launch; widths not powers of two;
+    # x written back (the residual stream), out = LN of the new x
+    plain = [make_problem(r, d, x_dtype, kernel_device) for r, d in [(50, 96), (77, 40), (3, 72), (1, 96)]]
+    problems = [_with_add(plain[0], 4), _with_add(plain[1], 1, with_bias=False), _with_add(plain[2], 3), plain[3]]
+    x0 = [p.x.clone() for p in problems]
+    GroupedLayerNorm(problems)()
+    for p, x_before in zip(problems, x0):
+        want_x = _x_after_add(x_before, p) if p.add is not None else x_before
+        # fp32 sums may associate differently from the reference by an ulp or so; fp16 rounds once to x's dtype
+        tol = dict(atol=1e-5, rtol=1e-5) if x_dtype == torch.float32 else dict(atol=2e-3, rtol=1e-3)
+        torch.testing.assert_close(p.x.float(), want_x.float(), **tol)
+        check(p)  # reference(p) normalizes the x now in memory
+
+
+def test_add_repeats_from_the_updated_x(kernel_device):
+    # a second launch adds again onto the x the first one wrote (what a replayed graph step does)
+    p = _with_add(make_problem(7, 40, torch.float32, kernel_device), 2)
+    x0 = p.x.clone()
+    op = GroupedLayerNorm([p])
+    op()
+    op()
+    twice = _x_after_add(_x_after_add(x0, p), p)
+    torch.testing.assert_close(p.x, twice, atol=1e-5, rtol=1e-5)
+    check(p)
+
+
+def test_add_bad_inputs(kernel_device):
+    dev = kernel_device
+    p = make_problem(5, 40, torch.float32, dev)
+    good = torch.zeros(2, 5, 40, device=dev)
+    for bad, match in [(torch.zeros(2, 5, 41, device=dev), r"fp32 \[S, R=5, D=40\]"),
+                       (torch.zeros(2, 5, 40, device=dev, dtype=torch.float16), "fp32"),
+                       (torch.zeros(9, 5, 40, device=dev), "1 <= S <= 8"),
+                       (torch.zeros(5, 40, device=dev), r"\[S, R=5"),
+                       (torch.zeros(2, 40, 5, device=dev).transpose(1, 2), "contiguous")]:
+        with pytest.raises(ValueError, match=match):
+            GroupedLayerNorm([LayerNormProblem(p.x, p.weight, p.bias, p.out, 1e-5, add=bad)])
+    with pytest.raises(ValueError, match="add_bias must be a contiguous \\[40\\]"):
+        GroupedLayerNorm([LayerNormProblem(p.x, p.weight, p.bias, p.out, 1e-5, add=good,
+                                           add_bias=torch.zeros(40, device=dev, dtype=torch.float16))])
+    with pytest.raises(ValueError, match="add_bias is only used with add"):
+        GroupedLayerNorm([LayerNormProblem(p.x, p.weight, p.bias, p.out, 1e-5, add_bias=p.bias)])
+    with pytest.raises(ValueError, match="cannot be combined with row_index"):
+        idx = torch.zeros(2, dtype=torch.long, device=dev)
+        GroupedLayerNorm([LayerNormProblem(p.x, p.weight, p.bias, p.out[:2], 1e-5, idx, add=good)])

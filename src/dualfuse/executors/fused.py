@@ -109,7 +109,12 @@ class Runner:
             self.buf["text"] = _TowerBuffers(spec.text, text_batch, text_len, ex.dtype, ex.device,
                                              self.output[image_batch:], ex.residual_dtype, ex.fold_ln)
         self._stats_width: dict[int, int] = {}  # row-statistics buffer address -> BLOCK_N of the launch writing it
+        # (tower, layer) of an FC2 whose split-K sums the next LayerNorm launch finishes -> (partial sums, FC2 bias)
+        self._deferred: dict[tuple, tuple] = {}
         self.ops = [self._build(stage) for stage in self.plan.stages]
+        if self._deferred:  # partial sums nobody adds would leave the residual stream silently wrong
+            raise AssertionError(f"fused runner: split-K partial sums of {sorted(self._deferred)} have no LayerNorm "
+                                 f"launch to finish them (plan and executor out of sync)")
         self.embed_op = self.ops[[s.kind for s in self.plan.stages].index("embed")]
         self.graph = None
         if ex.device.type == "cuda" and ex.use_graph:
@@ -124,6 +129,7 @@ class Runner:
         from ..kernels.layernorm import GroupedLayerNorm
 
         problems = [self._problem(step) for step in stage.steps]
+        deferrable = {id(p): st for p, st in zip(problems, stage.steps) if self._can_defer(st)}
         if stage.kind == "embed":
             from ..kernels.embed import PatchEmbedProblem
             patch = [p for p in problems if isinstance(p, PatchEmbedProblem)]
@@ -137,6 +143,7 @@ class Runner:
 
             def linear(ps):
                 op = GroupedLinear(ps, config=cfg or None)
+                op = self._defer_split_reduction(op, ps, deferrable)
                 for p in ps:  # a later folded LN merges these statistics: it needs their part width
                     if p.row_stats_out is not None:
                         self._stats_width[p.row_stats_out.data_ptr()] = op.block_n
@@ -151,6 +158,36 @@ class Runner:
             return PoolIndices(problems)
         raise AssertionError(f"plan stage kind {stage.kind!r} has no kernel")
 
+    def _can_defer(self, step: Step) -> bool:
+        """An FC2 whose output (the residual stream) is read next by a LayerNorm launch of its own rows (the
+        next layer's ln1, or SigLIP's head LN): that launch can finish its split-K reduction."""
+        if not self.ex.defer_split_reduce or self.ex.fold_ln or step.op != "fc2":
+            return False
+        t: TowerSpec = getattr(self.ex.weights, step.tower)
+        return step.layer + 1 < len(t.blocks) or t.pooling == "map"
+
+    def _defer_split_reduction(self, op, problems, deferrable):
+        """Where the launch splits a deferrable FC2's K, rebuild it (same tiles and splits) with that problem
+        writing raw partial sums, and leave them to the LayerNorm launch that reads the residual stream next
+        (kernels.layernorm `add`): the GEMM loses its split-K tail (arrival counter, partial loads by the last
+        program), which sits on the critical path at batch 1."""
+        from ..kernels.gemm import GroupedLinear, LinearProblem
+
+        chosen = [i for i, p in enumerate(problems) if id(p) in deferrable and op.splits[i] > 1]
+        if not chosen:
+            return op
+        # one launch shares its out dtype: partial sums are fp32, so every other problem must write fp32 too
+        if any(i not in chosen and p.out.dtype != torch.float32 for i, p in enumerate(problems)):
+            return op
+        new = list(problems)
+        for i in chosen:
+            p = problems[i]
+            parts = torch.empty(op.splits[i], *p.out.shape, dtype=torch.float32, device=p.out.device)
+            new[i] = LinearProblem(p.x, p.weight, parts, partial_sums=True)
+            step = deferrable[id(p)]
+            self._deferred[(step.tower, step.layer)] = (parts, p.bias)
+        return GroupedLinear(new, config=dict(op.config), split_k=list(op.splits))
+
     def _problem(self, step: Step):
         from ..kernels.attention import AttentionProblem, split_packed_qkv
         from ..kernels.embed import PatchEmbedProblem, TokenEmbedProblem
@@ -163,8 +200,10 @@ class Runner:
         B, S, D = b.batch, b.seq, t.width
         blk = t.blocks[step.layer] if step.layer is not None else None
 
-        def ln(x, norm, out, row_index=None):
-            return LayerNormProblem(x, norm.weight, norm.bias, out, norm.eps, row_index)
+        def ln(x, norm, out, row_index=None, after_layer=None):
+            # after_layer: the FC2 of that layer (this tower) may have left its split-K sums for this launch
+            add, add_bias = self._deferred.pop((step.tower, after_layer), (None, None))
+            return LayerNormProblem(x, norm.weight, norm.bias, out, norm.eps, row_index, add=add, add_bias=add_bias)
 
         def lin(x, layer, out, activation=None, residual=None, weight=None, bias=None):
             return LinearProblem(x, layer.weight if weight is None else weight, out,
@@ -191,7 +230,7 @@ class Runner:
         if op == "pre_ln":
             return ln(b.embed_out, t.pre_ln, b.x)
         if op == "ln1":
-            return ln(b.x, blk.ln1, b.h)
+            return ln(b.x, blk.ln1, b.h, after_layer=step.layer - 1)
         if op == "qkv":
             return lin(b.h, blk.qkv, b.qkv)
         if op == "ln1_qkv":
@@ -217,7 +256,7 @@ class Runner:
         # SigLIP attention-pooling head
         head = t.pool_head
         if op == "final_ln":
-            return ln(b.x, t.final_ln, b.h)
+            return ln(b.x, t.final_ln, b.h, after_layer=len(t.blocks) - 1)
         if op == "map_kv":
             return lin(b.h, head.qkv, b.kv, weight=self.ex.map_kv_weight, bias=self.ex.map_kv_bias)
         if op == "final_ln_map_kv":
@@ -303,7 +342,7 @@ class FusedExecutor(Executor):
 
     def __init__(self, model, dtype=None, device=None, *, max_graphs: int = 8, use_graph: bool = True,
                  fallback: bool = True, fold_ln: bool | None = None, pdl: bool = True, gemm_config: dict | None = None,
-                 residual_dtype: torch.dtype | None = None, **kwargs):
+                 residual_dtype: torch.dtype | None = None, defer_split_reduce: bool = True, **kwargs):
         super().__init__(model, dtype, device, **kwargs)
         if max_graphs < 1:
             raise ValueError(f"max_graphs must be >= 1, got {max_graphs}")
@@ -311,6 +350,11 @@ class FusedExecutor(Executor):
             raise ValueError(f"fold_ln must be None (auto), True or False, got {fold_ln!r}")
         if not isinstance(pdl, bool):
             raise ValueError(f"pdl must be True or False, got {pdl!r}")
+        if not isinstance(defer_split_reduce, bool):
+            raise ValueError(f"defer_split_reduce must be True or False, got {defer_split_reduce!r}")
+        # defer_split_reduce: an FC2 that splits K (batch 1) leaves its partial sums to the next LayerNorm launch,
+        # which adds them, the bias and the residual (kernels.layernorm `add`): no split-K tail in the GEMM
+        self.defer_split_reduce = defer_split_reduce
         # pdl: programmatic dependent launch between consecutive kernels where the card supports it (sm_90+).
         # fold_ln: LayerNorms folded into the GEMMs they feed (plan.py). Auto (None): folded where the launches
         # run without PDL (sm_80/87, e.g. Jetson Orin, or pdl=False) and the residual stream has the model

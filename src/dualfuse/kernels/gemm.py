@@ -90,6 +90,7 @@ _F_X, _F_W, _F_OUT, _F_BIAS, _F_RES = (tl.constexpr(i) for i in range(5))  # add
 _F_M, _F_N, _F_K = tl.constexpr(5), tl.constexpr(6), tl.constexpr(7)
 _F_SXM, _F_SOM, _F_SRM = tl.constexpr(8), tl.constexpr(9), tl.constexpr(10)  # row strides (elements): x, out, res
 _F_FLAGS = tl.constexpr(11)  # act code (bits 0-3) | 16 bias | 32 residual | 64 LN | 128 stats out | 256 stats in
+#                                 | 512 partial sums (out is [S, M, N] fp32: raw per-split sums, no epilogue)
 _F_START = tl.constexpr(12)  # first program id of this problem
 _F_SPLIT = tl.constexpr(13)  # number of K splits S (1 = no split-K)
 _F_IPS = tl.constexpr(14)  # K iterations (of BLOCK_K) per split
@@ -101,7 +102,7 @@ _F_SOUT = tl.constexpr(19)  # address of the row statistics this problem writes 
 _F_SIN = tl.constexpr(20)  # address of the row statistics of x its folded LayerNorm reads (x's if absent)
 _F_SPW = tl.constexpr(21)  # columns per part of those statistics (the producing launch's BLOCK_N; 16 if absent)
 _NF = tl.constexpr(22)
-_FLAG_BIAS, _FLAG_RES, _FLAG_NORM, _FLAG_STATS_OUT, _FLAG_STATS_IN = 16, 32, 64, 128, 256
+_FLAG_BIAS, _FLAG_RES, _FLAG_NORM, _FLAG_STATS_OUT, _FLAG_STATS_IN, _FLAG_PARTIAL = 16, 32, 64, 128, 256, 512
 MAX_ARG_PROBLEMS = 4  # up to this many problems travel as kernel arguments
 _ARG_FIELDS = ("xa", "wa", "oa", "ba", "ra", "M", "N", "K", "sx", "so", "sr", "fl", "st", "S", "ips", "wso", "cno",
                "na", "ep", "sa", "sb", "sw")
@@ -159,7 +160,8 @@ def _grouped_linear_kernel(
     VEC_IN: tl.constexpr,  # 16 // sizeof(input element)
     VEC_OUT: tl.constexpr,  # 16 // sizeof(output element)
     EARLY_EPI: tl.constexpr,  # load bias / residual before the K loop (small tiles: latency hidden)
-    ANY_SPLIT: tl.constexpr,  # some problem uses split-K
+    ANY_SPLIT: tl.constexpr,  # some problem uses split-K reduced in this launch
+    ANY_PARTIAL: tl.constexpr,  # some problem stores raw per-split partial sums (partial_sums=True)
     ATOMIC_REDUCE: tl.constexpr,  # split-K partials summed by fp32 atomics (else ordered, deterministic)
     RED_CHUNK: tl.constexpr,  # ordered reduction: partial tiles loaded at once (1, 2 or 4)
     INPUT_PRECISION: tl.constexpr,  # tl.dot input_precision ("ieee" for fp32 inputs by default)
@@ -240,7 +242,7 @@ def _grouped_linear_kernel(
     out_ty = out_ref.dtype.element_ty
     x_ptr = x_addr.to(tl.pointer_type(in_ty))  # [M, K], row stride stride_xm
     w_ptr = w_addr.to(tl.pointer_type(in_ty))  # [N, K] contiguous (nn.Linear layout)
-    out_ptr = o_addr.to(tl.pointer_type(out_ty))  # [M, N]
+    out_ptr = o_addr.to(tl.pointer_type(out_ty))  # [M, N]; partial sums: fp32 [S, M, N]
     bias_ptr = b_addr.to(tl.pointer_type(bias_ref.dtype.element_ty))  # [N] (x's address when absent: never read)
     res_ptr = r_addr.to(tl.pointer_type(out_ty))  # [M, N], may be out itself (x's address when absent)
     colsum_ptr = n_addr.to(tl.pointer_type(tl.float32))  # [N] folded LayerNorm column sums (x's when absent)
@@ -375,9 +377,19 @@ def _grouped_linear_kernel(
             w_ptrs += BLOCK_K
 
     # ---- split-K: park the partial, the last of the S programs of this tile reduces ----
+    if ANY_SPLIT or ANY_PARTIAL:
+        is_last = pid >= 0  # (true; a runtime value, as the branches below assign)
+    else:
+        is_last = True
+    if ANY_PARTIAL:
+        if (flags & 512) != 0:
+            # deferred reduction: the raw partial goes to out[split]; the launch that reads out (a LayerNorm
+            # with `add`) sums the S slices and applies bias and residual, so no counter, no tail here
+            p_ptrs = out_ptr + split.to(tl.int64) * M * stride_om + offs_m[:, None] * stride_om + offs_n[None, :]
+            tl.store(p_ptrs, acc.to(out_ty), mask=out_mask)
+            is_last = pid < 0
     if ANY_SPLIT:
-        is_last = S == 1
-        if S > 1:
+        if (S > 1) & is_last:
             TILE: tl.constexpr = BLOCK_M * BLOCK_N
             offs_tile = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
             ws_off = tl.multiple_of(ws_off, TILE)  # true by construction
@@ -417,8 +429,6 @@ def _grouped_linear_kernel(
                             acc += p2
                             acc += p3
                 tl.atomic_xchg(cnt, 0)  # ready for the next launch / graph replay
-    else:
-        is_last = True
 
     # ---- epilogue: [LayerNorm] -> bias -> activation -> residual -> store ----
     if is_last:
@@ -500,6 +510,11 @@ class LinearProblem:
     # also write out's per-tile row statistics here (row_stats_buffer(M, N)) for a LayerNorm folded into the
     # GEMM that reads out next
     row_stats_out: torch.Tensor | None = None
+    # deferred split-K reduction: out is a contiguous fp32 [S, M, N] tensor and program s of each output tile
+    # stores its raw partial sum over its share of K in out[s] (S = out.shape[0] splits, every slice written);
+    # no bias, activation, residual, norm or statistics here: the launch that reads out sums the slices (a
+    # LayerNormProblem with `add`), so this launch has no split-K tail (arrival counter, partial loads)
+    partial_sums: bool = False
 
 
 def fold_layernorm(weight: torch.Tensor, bias: torch.Tensor | None, ln_weight: torch.Tensor,
@@ -601,7 +616,17 @@ def _validate(problems) -> None:
         if w.dim() != 2 or w.shape[1] != K:
             raise ValueError(f"{where}: weight must be [N, K={K}] (nn.Linear layout), got {_shape(w)}")
         N = w.shape[0]
-        if out.dim() != 2 or tuple(out.shape) != (M, N):
+        if p.partial_sums:
+            if (out.dim() != 3 or tuple(out.shape[1:]) != (M, N) or out.shape[0] < 1 or out.dtype != torch.float32
+                    or not out.is_contiguous()):
+                raise ValueError(f"{where}: with partial_sums, out must be a contiguous fp32 [S, M={M}, N={N}] "
+                                 f"tensor (one slice per K split), got {_shape(out)}")
+            extras = [name for name, v in (("bias", p.bias), ("activation", p.activation), ("residual", p.residual),
+                                           ("norm", p.norm), ("row_stats_out", p.row_stats_out)) if v is not None]
+            if extras:
+                raise ValueError(f"{where}: partial_sums stores raw partial sums only; the reader applies the "
+                                 f"epilogue, so {', '.join(extras)} must be None")
+        elif out.dim() != 2 or tuple(out.shape) != (M, N):
             raise ValueError(f"{where}: out must be [M={M}, N={N}], got {_shape(out)}")
         if x.dtype not in _DTYPES:
             raise ValueError(f"{where}: x dtype must be one of fp16/bf16/fp32, got {x.dtype}")
@@ -613,7 +638,7 @@ def _validate(problems) -> None:
             raise ValueError(f"{where}: x must have a contiguous last dim (stride 1), got {_shape(x)}")
         if not w.is_contiguous():
             raise ValueError(f"{where}: weight must be contiguous, got {_shape(w)}")
-        if N > 1 and out.stride(1) != 1:
+        if N > 1 and out.stride(-1) != 1:
             raise ValueError(f"{where}: out must have a contiguous last dim (stride 1), got {_shape(out)}")
         if p.bias is not None:
             b = p.bias
@@ -886,6 +911,11 @@ class _Plan:
             s = max(1, min(splits[i], iters)) if iters > 0 else 1
             ips = triton.cdiv(iters, s) if iters > 0 else 0
             s = triton.cdiv(iters, ips) if iters > 0 else 1  # drop empty splits
+            if p.partial_sums and s != out.shape[0]:
+                raise ValueError(
+                    f"problem {i}: partial_sums out has {out.shape[0]} slices, but K={K} in steps of BLOCK_K={bk} "
+                    f"({iters} steps) splits into {s} non-empty parts; allocate [S, M, N] with S = "
+                    f"GroupedLinear.partial_slices(K, S, BLOCK_K) (here {s}) or pass a matching split")
             tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
             rows.append(dict(i=i, p=p, out=out, M=M, N=N, K=K, S=s, ips=ips, tiles=tiles))
         # heaviest programs get the lowest ids: they start first (longest-processing-time-first)
@@ -901,13 +931,14 @@ class _Plan:
             m[_F_BIAS.value] = (p.bias if p.bias is not None else p.x).data_ptr()
             m[_F_RES.value] = (p.residual if p.residual is not None else p.x).data_ptr()
             m[_F_M.value], m[_F_N.value], m[_F_K.value] = r["M"], r["N"], r["K"]
-            m[_F_SXM.value], m[_F_SOM.value] = p.x.stride(0), out.stride(0)
+            m[_F_SXM.value], m[_F_SOM.value] = p.x.stride(0), out.stride(-2)
             m[_F_SRM.value] = p.residual.stride(0) if p.residual is not None else 0
             m[_F_FLAGS.value] = (activation_code(p.activation) | (_FLAG_BIAS if p.bias is not None else 0)
                                  | (_FLAG_RES if p.residual is not None else 0)
                                  | (_FLAG_NORM if p.norm is not None else 0)
                                  | (_FLAG_STATS_OUT if p.row_stats_out is not None else 0)
-                                 | (_FLAG_STATS_IN if p.norm is not None and p.norm.stats is not None else 0))
+                                 | (_FLAG_STATS_IN if p.norm is not None and p.norm.stats is not None else 0)
+                                 | (_FLAG_PARTIAL if p.partial_sums else 0))
             m[_F_START.value], m[_F_SPLIT.value], m[_F_IPS.value] = start, r["S"], r["ips"]
             m[_F_WS.value], m[_F_CNT.value] = ws_off, cnt_off
             m[_F_NORM.value] = (p.norm.colsum if p.norm is not None else p.x).data_ptr()
@@ -917,7 +948,7 @@ class _Plan:
             m[_F_SIN.value] = (stats_in if stats_in is not None else p.x).data_ptr()
             m[_F_SPW.value] = p.norm.stats_part_width if stats_in is not None else 16
             start += r["tiles"] * r["S"]
-            if r["S"] > 1:
+            if r["S"] > 1 and not p.partial_sums:
                 ws_off += r["tiles"] * (1 if atomic else r["S"]) * bm * bn
                 cnt_off += r["tiles"]
             fields.append(m)
@@ -936,14 +967,15 @@ class _Plan:
         ptrs = [t for p, out in zip(problems, outs) for t in (p.x, p.weight, out, p.bias, p.residual) if t is not None]
         strides = [(p.x.stride(0), p.x.element_size()) for p in problems]
         strides += [(p.weight.shape[1], p.weight.element_size()) for p in problems]
-        strides += [(o.stride(0), o.element_size()) for o in outs]
-        strides += [(o.shape[1], e) for o in outs for e in (o.element_size(), problems[0].x.element_size())]
+        strides += [(o.stride(-2), o.element_size()) for o in outs]
+        strides += [(o.shape[-1], e) for o in outs for e in (o.element_size(), problems[0].x.element_size())]
         strides += [(p.residual.stride(0), p.residual.element_size()) for p in problems if p.residual is not None]
         aligned = all(t.data_ptr() % 16 == 0 for t in ptrs) and all((s * e) % 16 == 0 for s, e in strides)
         bias_ref = next((p.bias for p in problems if p.bias is not None), problems[0].x)
         interp = is_interpreter() or device.type != "cuda"
         use_pdl = bool(cfg.get("pdl", True)) and pdl_supported(device)
-        any_split = any(r["S"] > 1 for r in rows)
+        any_split = any(r["S"] > 1 and not r["p"].partial_sums for r in rows)
+        any_partial = any(r["p"].partial_sums for r in rows)
         max_tiles_m = max(triton.cdiv(r["M"], bm) for r in rows)
         warps = cfg["num_warps"]
         per_thread = bm * bn // (32 * warps)  # fp32 accumulator elements per thread
@@ -968,6 +1000,7 @@ class _Plan:
             VEC_OUT=16 // outs[0].element_size(),
             EARLY_EPI=bool(cfg.get("early_epilogue", bm * bn <= 128 * 64 and max_tiles_m <= 8)),
             ANY_SPLIT=any_split,
+            ANY_PARTIAL=any_partial,
             ATOMIC_REDUCE=atomic and any_split,
             RED_CHUNK=(4 if per_thread <= 32 else 2 if per_thread <= 64 else 1) if any_split else 1,
             INPUT_PRECISION=cfg.get("input_precision", "ieee") if x_dtype == torch.float32 else "tf32",
@@ -1033,6 +1066,9 @@ class GroupedLinear:
             if config.get("split_reduce", "ordered") not in ("ordered", "atomic"):
                 raise ValueError(f"config split_reduce must be 'ordered' or 'atomic', got {config['split_reduce']!r}")
         self.tune_table = None
+        if tune and any(p.partial_sums for p in self.problems):
+            raise ValueError("tune=True does not support partial_sums problems: the slices of their out fix the "
+                             "split; tune the launch without partial_sums, then pass its config")
         if tune and device.type == "cuda":
             cfg, split_k, self.tune_table = _tune(self.problems, config or {}, split_k)
         else:
@@ -1043,7 +1079,10 @@ class GroupedLinear:
                 raise ValueError(f"config {k} must be a power of two >= 16, got {v!r}")
         dims = [(p.x.shape[0], p.weight.shape[0], p.x.shape[1]) for p in self.problems]
         self.config = cfg
-        self._plan = _Plan(self.problems, cfg, _choose_splits(dims, cfg, device, split_k, _nosplit(self.problems)))
+        splits = _choose_splits(dims, cfg, device, split_k, _nosplit(self.problems))
+        # partial-sums problems split into as many parts as their out has slices (checked by _Plan)
+        splits = [p.out.shape[0] if p.partial_sums else s for p, s in zip(self.problems, splits)]
+        self._plan = _Plan(self.problems, cfg, splits)
         self.splits = self._plan.splits  # K splits per problem, in the caller's order
         self.num_programs = self._plan.num_programs
         self._plan.warmup()
@@ -1051,6 +1090,14 @@ class GroupedLinear:
     @property
     def outputs(self) -> list[torch.Tensor]:
         return [p.out for p in self.problems]
+
+    @staticmethod
+    def partial_slices(K: int, split: int, block_k: int) -> int:
+        """Slices a partial_sums out needs when K (in steps of block_k) is split `split` ways: empty parts are
+        dropped, so this can be less than `split`."""
+        iters = max(1, triton.cdiv(K, block_k))
+        s = max(1, min(split, iters))
+        return triton.cdiv(iters, triton.cdiv(iters, s))
 
     @property
     def uses_tma(self) -> bool:

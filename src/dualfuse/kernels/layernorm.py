@@ -12,6 +12,11 @@ buffers the caller keeps alive; their *contents* may change between calls.
 
 Numerics: statistics and the affine transform are computed in fp32 (two passes over the row held
 in registers: mean, then the mean of squared deviations, as ``torch.nn.functional.layer_norm``).
+
+Deferred residual add (``add``): the LayerNorm that follows a split-K GEMM on the residual stream can finish
+that GEMM's reduction: ``x += add_bias + sum_s add[s]`` (the GEMM's raw per-split partial sums, see
+``LinearProblem.partial_sums``), written back to ``x``, then ``out = LN(x)``. The GEMM launch then has no
+split-K tail (counter atomic, partial loads by the last program): on the critical path at batch 1.
 """
 from __future__ import annotations
 
@@ -31,8 +36,9 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_D = 16384
 
 # Metadata columns (int64 table, one row per problem).
-_X, _W, _B, _OUT, _IDX, _IDX_KIND, _ROWS, _D, _XS, _OS, _START = range(11)
-_NF = 11
+_X, _W, _B, _OUT, _IDX, _IDX_KIND, _ROWS, _D, _XS, _OS, _START, _ADD, _ADD_S, _ADD_B = range(14)
+_NF = 14
+_MAX_ADD = 8  # partial-sum slices one problem may add (loaded all at once: one L2 round trip)
 
 
 @dataclass
@@ -44,6 +50,10 @@ class LayerNormProblem:
     out: [R, D] (or [len(row_index), D] with ``row_index``), last dim contiguous.
     row_index: optional 1-D int32/int64 tensor; ``out[i] = LN(x[row_index[i]])``. Its values are
         read on the device at launch time and must lie in ``[0, R)`` (not checked: no sync).
+    add: optional contiguous fp32 [S, R, D] (1 <= S <= 8): partial sums of a GEMM whose result belongs in x.
+        First ``x += add_bias + add[0] + ... + add[S-1]`` (fp32, written back to x in x's dtype), then
+        ``out = LN(x)``. Not with row_index.
+    add_bias: optional [D] (the weight's dtype), only with ``add``.
     """
 
     x: Tensor
@@ -52,6 +62,8 @@ class LayerNormProblem:
     out: Tensor
     eps: float
     row_index: Tensor | None = None
+    add: Tensor | None = None
+    add_bias: Tensor | None = None
 
 
 @triton.jit
@@ -68,6 +80,7 @@ def _layer_norm_kernel(
     PTR_ALIGN: tl.constexpr,  # every x/weight/bias/out pointer is a multiple of this many bytes
     ELT_ALIGN: tl.constexpr,  # every row stride and width is a multiple of this many elements
     USE_PDL: tl.constexpr,  # launched with programmatic dependent launch (sm_90+)
+    MAX_ADD: tl.constexpr,  # 0: no problem has `add`; else a power of two >= every problem's slices
 ):
     pid = tl.program_id(0)
     if USE_PDL:
@@ -89,6 +102,10 @@ def _layer_norm_kernel(
     o_stride = tl.load(row + 9)
     start = tl.load(row + 10)
     eps = tl.load(eps_ptr + prob)
+    if MAX_ADD > 0:
+        add_ptr = tl.load(row + 11).to(tl.pointer_type(tl.float32))  # [S, n_rows, D] (x's address when absent)
+        n_add = tl.load(row + 12)  # S; 0 when absent
+        add_b_ptr = tl.load(row + 13).to(w_ref.dtype)  # [D] (weight's address when absent)
     if PTR_ALIGN > 1:
         x_ptr = tl.multiple_of(x_ptr, PTR_ALIGN)
         w_ptr = tl.multiple_of(w_ptr, PTR_ALIGN)
@@ -104,6 +121,8 @@ def _layer_norm_kernel(
     # LayerNorm parameters are never written by a kernel: loaded before waiting on the previous launch
     w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    if MAX_ADD > 0:
+        add_b = tl.load(add_b_ptr + cols, mask=col_ok & (n_add > 0), other=0.0).to(tl.float32)
     if USE_PDL:
         gdc_wait()  # x and row_index are earlier launches' outputs
     rows = (pid - start) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
@@ -115,17 +134,25 @@ def _layer_norm_kernel(
         src_rows = tl.load(idx_addr.to(tl.pointer_type(tl.int64)) + rows, mask=row_ok, other=0)
 
     mask = row_ok[:, None] & col_ok[None, :]
-    x = tl.load(x_ptr + src_rows[:, None] * x_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    x_ptrs = x_ptr + src_rows[:, None] * x_stride + cols[None, :]
+    x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+    if MAX_ADD > 0:
+        # finish the split-K GEMM that writes x: its partial sums (all slices in flight at once), in the order
+        # and association of the GEMM's own reduction ((sum of slices) + bias) + residual
+        a_ptrs = add_ptr + rows[:, None] * D + cols[None, :]
+        slab = n_rows * D
+        acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+        for s in tl.static_range(MAX_ADD):
+            acc += tl.load(a_ptrs + s * slab, mask=mask & (s < n_add), other=0.0)
+        x_new = (x + (acc + add_b[None, :])).to(x_ref.dtype.element_ty)
+        tl.store(x_ptrs, x_new, mask=mask & (n_add > 0))
+        x = tl.where(n_add > 0, x_new.to(tl.float32), x)
     mean = tl.sum(x, axis=1) / D
     xc = tl.where(mask, x - mean[:, None], 0.0)
     var = tl.sum(xc * xc, axis=1) / D
     rstd = 1.0 / tl.sqrt(var + eps)
     y = xc * rstd[:, None] * w[None, :] + b[None, :]
     tl.store(o_ptr + rows[:, None] * o_stride + cols[None, :], y.to(o_ref.dtype.element_ty), mask=mask)
-
-
-
-
 
 
 class GroupedLayerNorm:
@@ -150,6 +177,7 @@ class GroupedLayerNorm:
                 raise ValueError(f"GroupedLayerNorm: {name} dtype must be one of {_FLOAT_DTYPES}, got {dt}")
         rows_meta = []
         eps_list = []
+        keep = []  # tensors only the device table refers to
         max_d = 1
         for i, p in enumerate(problems):
             where = f"GroupedLayerNorm problem {i}"
@@ -186,6 +214,31 @@ class GroupedLayerNorm:
                 if ri.numel() < 1 or (ri.numel() > 1 and ri.stride(0) != 1):
                     raise ValueError(f"{where}: row_index must be contiguous and non-empty, got {describe(ri)}")
                 idx_addr, idx_kind, n_out = ri.data_ptr(), (1 if ri.dtype == torch.int32 else 2), ri.numel()
+            add_addr, add_s, add_b_addr = x.data_ptr(), 0, w.data_ptr()
+            if p.add is not None:
+                a = p.add
+                if p.row_index is not None:
+                    raise ValueError(f"{where}: add (partial sums written back to x) cannot be combined with "
+                                     f"row_index (x would be updated in the gathered rows only)")
+                if (not isinstance(a, Tensor) or a.dim() != 3 or tuple(a.shape[1:]) != (R, D)
+                        or not 1 <= a.shape[0] <= _MAX_ADD or a.dtype != torch.float32 or not a.is_contiguous()):
+                    raise ValueError(f"{where}: add must be a contiguous fp32 [S, R={R}, D={D}] tensor with "
+                                     f"1 <= S <= {_MAX_ADD}, got {describe(a)}")
+                if a.device != device:
+                    raise ValueError(f"{where}: add is on {a.device}, expected {device}")
+                ab = p.add_bias
+                if ab is not None:
+                    if (not isinstance(ab, Tensor) or ab.shape != (D,) or ab.dtype != w_dtype
+                            or (D > 1 and ab.stride(0) != 1) or ab.device != device):
+                        raise ValueError(f"{where}: add_bias must be a contiguous [{D}] {w_dtype} tensor on {device} "
+                                         f"(the LayerNorm weight's dtype), got "
+                                         f"{describe(ab)}")
+                else:  # the kernel always adds a bias with `add`: zeros, kept alive with this op
+                    ab = torch.zeros(D, dtype=w_dtype, device=device)
+                    keep.append(ab)
+                add_addr, add_s, add_b_addr = a.data_ptr(), a.shape[0], ab.data_ptr()
+            elif p.add_bias is not None:
+                raise ValueError(f"{where}: add_bias is only used with add (partial sums); got add_bias without add")
             if out.dim() != 2 or tuple(out.shape) != (n_out, D) or out.stride(1) != 1:
                 raise ValueError(f"{where}: out must be [{n_out}, {D}] with a contiguous last dim, got {describe(out)}")
             eps = float(p.eps)
@@ -193,10 +246,11 @@ class GroupedLayerNorm:
                 raise ValueError(f"{where}: eps must be >= 0, got {p.eps}")
             max_d = max(max_d, D)
             rows_meta.append([x.data_ptr(), w.data_ptr(), b.data_ptr(), out.data_ptr(), idx_addr, idx_kind,
-                              n_out, D, x.stride(0), out.stride(0), 0])
+                              n_out, D, x.stride(0), out.stride(0), 0, add_addr, add_s, add_b_addr])
             eps_list.append(eps)
 
         self.problems = problems
+        self._keep = keep
         self.block_d = triton.next_power_of_2(max_d)
         if block_rows is None:
             block_rows = max(1, min(16, 4096 // self.block_d))
@@ -217,6 +271,8 @@ class GroupedLayerNorm:
         self._ptr_align = pow2_divisor([r[j] for r in rows_meta for j in (_X, _W, _B, _OUT)], 16)
         self._elt_align = pow2_divisor([r[j] for r in rows_meta for j in (_D, _XS, _OS)], 16)
         self._pdl = bool(pdl) and pdl_supported(device)
+        max_add = max(r[_ADD_S] for r in rows_meta)
+        self._max_add = triton.next_power_of_2(max_add) if max_add else 0
 
     @property
     def outputs(self) -> list[Tensor]:
@@ -227,7 +283,7 @@ class GroupedLayerNorm:
         _layer_norm_kernel[(self.num_programs,)](
             self.meta, self.eps, len(self.problems), x_ref, w_ref, o_ref,
             NF=_NF, BLOCK_R=self.block_rows, BLOCK_D=self.block_d, PTR_ALIGN=self._ptr_align,
-            ELT_ALIGN=self._elt_align, USE_PDL=self._pdl, num_warps=self.num_warps,
+            ELT_ALIGN=self._elt_align, USE_PDL=self._pdl, MAX_ADD=self._max_add, num_warps=self.num_warps,
             **({"launch_pdl": True} if self._pdl else {}),
         )
 
