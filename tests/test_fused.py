@@ -332,8 +332,10 @@ def test_deferred_split_reduction_matches_in_kernel_reduction(name):
     r_on, r_off = on.runners[(2, 3, ids.shape[1])], off.runners[(2, 3, ids.shape[1])]
     partial = [p for op in r_on.ops if isinstance(op, GroupedLinear) for p in op.problems if p.partial_sums]
     adding = [p for op in r_on.ops if isinstance(op, GroupedLayerNorm) for p in op.problems if p.add is not None]
-    # every FC2 but the last layer's (its output goes to the pooled head LN, a row gather) of both towers
-    assert len(partial) == len(adding) == (spec.vision.num_layers - 1) + (spec.text.num_layers - 1)
+    # every out-proj (-> ln2) and every FC2 but the last layer's (-> the pooled head LN, a row gather; SigLIP's
+    # vision head LN is a plain LN, but its launch pairs with the text FC2's fp16 out) of both towers
+    layers = spec.vision.num_layers + spec.text.num_layers
+    assert len(partial) == len(adding) == layers + (layers - 2)
     assert {p.out.data_ptr() for p in partial} == {p.add.data_ptr() for p in adding}
     assert not any(p.partial_sums for op in r_off.ops if isinstance(op, GroupedLinear) for p in op.problems)
     with pytest.raises(ValueError, match="defer_split_reduce must be True or False"):
@@ -363,6 +365,6 @@ def test_deferred_split_reduction_real_presets_gpu(name):
     n_partial = sum(p.partial_sums for op in r.ops if isinstance(op, GroupedLinear) for p in op.problems)
     splits_off = [s for op in off.runners[(1, 1, ids.shape[1])].ops if isinstance(op, GroupedLinear)
                   for p, s in zip(op.problems, op.splits) if p.weight.shape[1] == p.x.shape[1] and s > 1]
-    print(f"{name}: {n_partial} FC2 problems deferred; split problems without deferral: {len(splits_off)}")
+    print(f"{name}: {n_partial} GEMM problems deferred; split problems without deferral: {len(splits_off)}")
     if name == "clip-vit-b-32":  # its FC2s split at batch 1 (benchmarks/NOTES-gemm.md)
-        assert n_partial == (spec.vision.num_layers - 1) + (spec.text.num_layers - 1)
+        assert n_partial >= (spec.vision.num_layers - 1) + (spec.text.num_layers - 1)

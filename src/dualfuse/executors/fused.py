@@ -109,7 +109,7 @@ class Runner:
             self.buf["text"] = _TowerBuffers(spec.text, text_batch, text_len, ex.dtype, ex.device,
                                              self.output[image_batch:], ex.residual_dtype, ex.fold_ln)
         self._stats_width: dict[int, int] = {}  # row-statistics buffer address -> BLOCK_N of the launch writing it
-        # (tower, layer) of an FC2 whose split-K sums the next LayerNorm launch finishes -> (partial sums, FC2 bias)
+        # the LayerNorm step (tower, layer, op) that finishes a GEMM's split-K sums -> (partial sums, GEMM bias)
         self._deferred: dict[tuple, tuple] = {}
         self.ops = [self._build(stage) for stage in self.plan.stages]
         if self._deferred:  # partial sums nobody adds would leave the residual stream silently wrong
@@ -129,7 +129,7 @@ class Runner:
         from ..kernels.layernorm import GroupedLayerNorm
 
         problems = [self._problem(step) for step in stage.steps]
-        deferrable = {id(p): st for p, st in zip(problems, stage.steps) if self._can_defer(st)}
+        deferrable = {id(p): self._deferred_to(st) for p, st in zip(problems, stage.steps)}
         if stage.kind == "embed":
             from ..kernels.embed import PatchEmbedProblem
             patch = [p for p in problems if isinstance(p, PatchEmbedProblem)]
@@ -142,7 +142,12 @@ class Runner:
                 cfg["pdl"] = False
 
             def linear(ps):
-                op = GroupedLinear(ps, config=cfg or None)
+                c = cfg
+                if "deferred_split" not in c and all(deferrable.get(id(p)) for p in ps):
+                    # every problem's split-K sums can go to a LayerNorm launch: pick tiles and splits knowing
+                    # that splitting costs no tail here
+                    c = {**c, "deferred_split": True}
+                op = GroupedLinear(ps, config=c or None)
                 op = self._defer_split_reduction(op, ps, deferrable)
                 for p in ps:  # a later folded LN merges these statistics: it needs their part width
                     if p.row_stats_out is not None:
@@ -158,24 +163,34 @@ class Runner:
             return PoolIndices(problems)
         raise AssertionError(f"plan stage kind {stage.kind!r} has no kernel")
 
-    def _can_defer(self, step: Step) -> bool:
-        """An FC2 whose output (the residual stream) is read next by a LayerNorm launch of its own rows (the
-        next layer's ln1, or SigLIP's head LN): that launch can finish its split-K reduction."""
-        if not self.ex.defer_split_reduce or self.ex.fold_ln or step.op != "fc2":
-            return False
+    def _deferred_to(self, step: Step):
+        """The LayerNorm step (tower, layer, op) that reads this GEMM's output (the residual stream) next and
+        can finish its split-K reduction: out-proj -> ln2, FC2 -> the next layer's ln1 or SigLIP's head LN.
+        None: no such launch (LN folded into the GEMMs, the last FC2 before a pooled-row LN, other steps)."""
+        if not self.ex.defer_split_reduce or self.ex.fold_ln:
+            return None
         t: TowerSpec = getattr(self.ex.weights, step.tower)
-        return step.layer + 1 < len(t.blocks) or t.pooling == "map"
+        if step.op == "out":
+            return (step.tower, step.layer, "ln2")
+        if step.op == "fc2" and step.layer + 1 < len(t.blocks):
+            return (step.tower, step.layer + 1, "ln1")
+        if step.op == "fc2" and t.pooling == "map":
+            return (step.tower, None, "final_ln")
+        return None
 
     def _defer_split_reduction(self, op, problems, deferrable):
-        """Where the launch splits a deferrable FC2's K, rebuild it (same tiles and splits) with that problem
-        writing raw partial sums, and leave them to the LayerNorm launch that reads the residual stream next
-        (kernels.layernorm `add`): the GEMM loses its split-K tail (arrival counter, partial loads by the last
-        program), which sits on the critical path at batch 1."""
+        """Where the launch splits the K of a GEMM on the residual stream (out-proj, FC2; batch 1), rebuild it
+        (same tiles and splits) with those problems writing raw partial sums, and leave them to the LayerNorm
+        launch that reads the residual stream next (kernels.layernorm `add`: it adds the slices, the bias and the
+        residual): the GEMM loses its split-K tail (arrival counter, partial loads by the last program), which
+        sits on the critical path at batch 1. Tiles and splits come from the cost model told that splitting
+        costs no tail (config "deferred_split") when every problem of the launch can defer."""
         from ..kernels.gemm import GroupedLinear, LinearProblem
 
-        chosen = [i for i, p in enumerate(problems) if id(p) in deferrable and op.splits[i] > 1]
-        if not chosen:
+        if not any(deferrable.get(id(p)) and s > 1 for p, s in zip(problems, op.splits)):
             return op
+        # every deferrable problem of the launch, split or not (1 slice), so their outs share fp32
+        chosen = [i for i, p in enumerate(problems) if deferrable.get(id(p))]
         # one launch shares its out dtype: partial sums are fp32, so every other problem must write fp32 too
         if any(i not in chosen and p.out.dtype != torch.float32 for i, p in enumerate(problems)):
             return op
@@ -184,8 +199,7 @@ class Runner:
             p = problems[i]
             parts = torch.empty(op.splits[i], *p.out.shape, dtype=torch.float32, device=p.out.device)
             new[i] = LinearProblem(p.x, p.weight, parts, partial_sums=True)
-            step = deferrable[id(p)]
-            self._deferred[(step.tower, step.layer)] = (parts, p.bias)
+            self._deferred[deferrable[id(p)]] = (parts, p.bias)
         return GroupedLinear(new, config=dict(op.config), split_k=list(op.splits))
 
     def _problem(self, step: Step):
@@ -200,9 +214,9 @@ class Runner:
         B, S, D = b.batch, b.seq, t.width
         blk = t.blocks[step.layer] if step.layer is not None else None
 
-        def ln(x, norm, out, row_index=None, after_layer=None):
-            # after_layer: the FC2 of that layer (this tower) may have left its split-K sums for this launch
-            add, add_bias = self._deferred.pop((step.tower, after_layer), (None, None))
+        def ln(x, norm, out, row_index=None):
+            # the GEMM that wrote x may have left its split-K sums for this launch to finish (_deferred_to)
+            add, add_bias = self._deferred.pop((step.tower, step.layer, step.op), (None, None))
             return LayerNormProblem(x, norm.weight, norm.bias, out, norm.eps, row_index, add=add, add_bias=add_bias)
 
         def lin(x, layer, out, activation=None, residual=None, weight=None, bias=None):
@@ -230,7 +244,7 @@ class Runner:
         if op == "pre_ln":
             return ln(b.embed_out, t.pre_ln, b.x)
         if op == "ln1":
-            return ln(b.x, blk.ln1, b.h, after_layer=step.layer - 1)
+            return ln(b.x, blk.ln1, b.h)
         if op == "qkv":
             return lin(b.h, blk.qkv, b.qkv)
         if op == "ln1_qkv":
@@ -256,7 +270,7 @@ class Runner:
         # SigLIP attention-pooling head
         head = t.pool_head
         if op == "final_ln":
-            return ln(b.x, t.final_ln, b.h, after_layer=len(t.blocks) - 1)
+            return ln(b.x, t.final_ln, b.h)
         if op == "map_kv":
             return lin(b.h, head.qkv, b.kv, weight=self.ex.map_kv_weight, bias=self.ex.map_kv_bias)
         if op == "final_ln_map_kv":
