@@ -42,25 +42,19 @@ def main(argv=None) -> int:
     med = lambda xs: statistics.median(xs) * 1e3  # noqa: E731  ms -> µs
     out = {}
     out["graph executor: whole call"] = med(time_calls(lambda i: graph.encode(px, ids), args.iters, dev))
-    from dualfuse.executors import fused as fused_mod
-
     out["fused: whole call"] = med(time_calls(lambda i: fused.encode(px, ids), args.iters, dev))
-    fused_mod.FAST_INPUT_COPY = False  # A/B in the same process: inputs copied by Tensor.copy_
-    out["fused: whole call, inputs by Tensor.copy_"] = med(time_calls(lambda i: fused.encode(px, ids), args.iters, dev))
-    fused_mod.FAST_INPUT_COPY = True
-    out["fused: whole call (again, driver copies)"] = med(time_calls(lambda i: fused.encode(px, ids), args.iters, dev))
     runner = fused.runner(args.batch, args.batch, ids.shape[1])
     out["fused: graph.replay() alone, GPU (events)"] = med(time_calls(lambda i: runner.graph.replay(), args.iters, dev))
 
     host = {k: [] for k in ("validate", "copy inputs", "graph.replay() host", "clone output", "flag read (sync)",
-                            "whole call host", "copy inputs by Tensor.copy_")}
+                            "whole call host")}
     for _ in range(args.iters):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         v_px, v_ids = fused.validate(px, ids)
         t1 = time.perf_counter()
-        fused_mod._copy_into(runner.buf["vision"].input, v_px)
-        fused_mod._copy_into(runner.buf["text"].input, v_ids)
+        runner.buf["vision"].input.copy_(v_px)
+        runner.buf["text"].input.copy_(v_ids)
         t2 = time.perf_counter()
         runner.graph.replay()
         t3 = time.perf_counter()
@@ -71,11 +65,6 @@ def main(argv=None) -> int:
         for k, a, b in (("validate", t0, t1), ("copy inputs", t1, t2), ("graph.replay() host", t2, t3),
                         ("clone output", t3, t4), ("flag read (sync)", t4, t5), ("whole call host", t0, t5)):
             host[k].append((b - a) * 1e6)
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        runner.buf["vision"].input.copy_(v_px)
-        runner.buf["text"].input.copy_(v_ids)
-        host["copy inputs by Tensor.copy_"].append((time.perf_counter() - t0) * 1e6)
     del o
     for k, xs in host.items():
         out[f"fused host: {k}"] = statistics.median(xs)

@@ -368,30 +368,3 @@ def test_deferred_split_reduction_real_presets_gpu(name):
     print(f"{name}: {n_partial} GEMM problems deferred; split problems without deferral: {len(splits_off)}")
     if name == "clip-vit-b-32":  # its FC2s split at batch 1 (benchmarks/NOTES-gemm.md)
         assert n_partial >= (spec.vision.num_layers - 1) + (spec.text.num_layers - 1)
-
-
-@pytest.mark.gpu
-def test_input_copies_driver_path_and_fallbacks_gpu():
-    """Inputs reach the graph's buffers by the driver's async copy in the plain case and by Tensor.copy_
-    otherwise (another dtype, a non-contiguous layout): the same embeddings either way, call after call."""
-    from dualfuse.executors import fused as fused_mod
-
-    model = dualfuse.load("clip-tiny")
-    spec = to_spec(model)
-    ex = FusedExecutor(model, dtype=torch.float16, device="cuda")
-    assert fused_mod._driver_memcpy(), "libcuda's cuMemcpyDtoDAsync_v2 should load where CUDA runs"
-    outs = []
-    for seed in (1, 2):
-        px, ids = _inputs(spec, 2, 3, seed=seed)
-        px, ids = px.cuda(), ids.cuda()
-        plain = ex.encode(px.half(), ids)
-        other = ex.encode(px.to(memory_format=torch.channels_last), ids.int())  # fp32, NHWC; int32 ids
-        try:
-            fused_mod.FAST_INPUT_COPY = False
-            ref = ex.encode(px.half(), ids)
-        finally:
-            fused_mod.FAST_INPUT_COPY = True
-        for a, b, c in zip(plain, other, ref):
-            assert torch.equal(a, c) and torch.equal(b, c)
-        outs.append(plain)
-    assert not torch.equal(outs[0][0], outs[1][0])  # the second call saw its own inputs

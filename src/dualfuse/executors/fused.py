@@ -13,7 +13,6 @@ On CPU the same launches run through the Triton interpreter when TRITON_INTERPRE
 """
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import warnings
 from collections import OrderedDict
@@ -27,39 +26,6 @@ from . import register
 from .base import Executor, NeedsCUDA, validate_inputs
 
 MAX_HEAD_DIM = 128  # attention keeps a [BLOCK_M, head_dim] accumulator in registers
-
-# Input copies into the graph's static buffers through the driver's cuMemcpyDtoDAsync: ~1/3 of Tensor.copy_'s
-# host time (argument parsing, dispatch, TensorIterator), which at batch 1 runs while the GPU waits for its work.
-# Only for the plain case (same device, dtype and shape, both contiguous); anything else takes copy_.
-FAST_INPUT_COPY = True
-_memcpy_dtod = None  # the driver function, False where unavailable
-
-
-def _driver_memcpy():
-    global _memcpy_dtod
-    if _memcpy_dtod is None:
-        try:
-            fn = ctypes.CDLL("libcuda.so.1").cuMemcpyDtoDAsync_v2
-            fn.argtypes = [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_void_p]
-            fn.restype = ctypes.c_int
-            _memcpy_dtod = fn
-        except (OSError, AttributeError):
-            _memcpy_dtod = False
-    return _memcpy_dtod
-
-
-def _copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
-    """dst.copy_(src), on the current stream; the driver's async device-to-device copy where it applies."""
-    if (FAST_INPUT_COPY and src.is_cuda and src.dtype == dst.dtype and src.shape == dst.shape
-            and src.device == dst.device and src.is_contiguous()):
-        fn = _driver_memcpy()
-        if fn:
-            err = fn(dst.data_ptr(), src.data_ptr(), src.nbytes, torch.cuda.current_stream(dst.device).cuda_stream)
-            if err != 0:
-                raise RuntimeError(f"cuMemcpyDtoDAsync failed (CUresult {err}) copying an input into the fused "
-                                   f"graph's buffer {tuple(dst.shape)} {dst.dtype}")
-            return
-    dst.copy_(src)
 
 
 def unsupported_reason(spec: DualEncoderSpec, dtype: torch.dtype, device: torch.device) -> str | None:
@@ -343,9 +309,9 @@ class Runner:
 
     def __call__(self, px, ids, check_ids: bool = True):
         if px is not None:
-            _copy_into(self.buf["vision"].input, px)
+            self.buf["vision"].input.copy_(px)
         if ids is not None:
-            _copy_into(self.buf["text"].input, ids)
+            self.buf["text"].input.copy_(ids)
         if self.graph is not None:
             self.graph.replay()
         else:
