@@ -24,8 +24,6 @@ VARIANTS = {  # name: (executor, kwargs)
     "fused-fold-nopdl": ("fused", {"fold_ln": True, "pdl": False}),
     "fused-res32": ("fused", {"residual_dtype": torch.float32}),  # residual stream in fp32, not the model dtype
     "fused-nodefer": ("fused", {"defer_split_reduce": False}),  # split-K reduced in the GEMM, not the next LN
-    # deferred only where the tail-charging cost model splits anyway (the default also lets it split more)
-    "fused-defer-oldsplits": ("fused", {"gemm_config": {"deferred_split": False}}),
 }
 
 

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Session 4 probe: deferred split-K reduction (out-proj / FC2 partial sums finished by the next LayerNorm launch),
 # driver input copies, and the weight-resident batch-1 GEMM experiment. GPU tests of the new paths first.
+# (Run at commit c70e58a: there "fused" let the cost model split more once the split tail was deferred, and
+# "fused-defer-oldsplits" kept the old splits; the latter became the default, the former was removed.)
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 R=/tmp/s4probe; mkdir -p $R
 nvidia-smi --query-gpu=name --format=csv,noheader | tee $R/card.txt

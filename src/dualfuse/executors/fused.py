@@ -142,12 +142,7 @@ class Runner:
                 cfg["pdl"] = False
 
             def linear(ps):
-                c = cfg
-                if "deferred_split" not in c and all(deferrable.get(id(p)) for p in ps):
-                    # every problem's split-K sums can go to a LayerNorm launch: pick tiles and splits knowing
-                    # that splitting costs no tail here
-                    c = {**c, "deferred_split": True}
-                op = GroupedLinear(ps, config=c or None)
+                op = GroupedLinear(ps, config=cfg or None)
                 op = self._defer_split_reduction(op, ps, deferrable)
                 for p in ps:  # a later folded LN merges these statistics: it needs their part width
                     if p.row_stats_out is not None:
@@ -183,8 +178,8 @@ class Runner:
         (same tiles and splits) with those problems writing raw partial sums, and leave them to the LayerNorm
         launch that reads the residual stream next (kernels.layernorm `add`: it adds the slices, the bias and the
         residual): the GEMM loses its split-K tail (arrival counter, partial loads by the last program), which
-        sits on the critical path at batch 1. Tiles and splits come from the cost model told that splitting
-        costs no tail (config "deferred_split") when every problem of the launch can defer."""
+        sits on the critical path at batch 1. Tiles and splits stay the cost model's (which charges the tail:
+        letting it split more once the tail is gone was slower end to end, BENCHMARKS.md)."""
         from ..kernels.gemm import GroupedLinear, LinearProblem
 
         if not any(deferrable.get(id(p)) and s > 1 for p, s in zip(problems, op.splits)):

@@ -563,8 +563,6 @@ _CONFIG_KEYS = {
     "prefetch",  # L2 prefetch of each program's weights at its start: False, True (all), n (first n K steps);
     # default 2 for skinny M, off for many rows
     "pdl",  # programmatic dependent launch (default True; used where supported: sm_90+, Triton with launch_pdl)
-    "deferred_split",  # the skinny cost model charges no split-K tail: the caller makes every split problem
-    # partial_sums and a later launch adds the slices (the fused executor does; default False)
     "tma",  # x / w tiles by tensor descriptors (default: on for many rows, and for skinny M where every problem has
     # <= 128 rows; used where _tma_supported: <= 4 problems, 16-bit, 16-byte aligned rows, Triton with
     # TensorDescriptor, sm_90+ GPU or the interpreter)
@@ -776,8 +774,8 @@ def _estimate_us(dims, cfg: dict, splits, elt: int, sms: int, smem_limit: int) -
         compute = 2 * bm * bn * bk * ips / (_SM_FLOP_PER_US * (1.0 if bn >= 64 else 0.75 if bn == 32 else 0.5))
         t_prog = max(t_prog, stream, compute)
     t = _T_LAUNCH + triton.cdiv(programs, sms * ctas) * _T_PROGRAM + triton.cdiv(programs, sms) * t_prog
-    if max_s > 1:  # deferred: no counter / partial loads here; the reader loads S slices (kept: S-1 term)
-        t += (0.0 if cfg.get("deferred_split") else _T_SPLIT) + _T_SPLIT_EACH * (max_s - 1)
+    if max_s > 1:
+        t += _T_SPLIT + _T_SPLIT_EACH * (max_s - 1)
     return t
 
 
