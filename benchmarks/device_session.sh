@@ -22,8 +22,8 @@ if [ "$PART" = A ]; then
   step 220 python3 benchmarks/e2e.py --cases b32-1,b32-32,l14-1 --executors eager,streams,graph,compile,fused --out "$R"
   # 2. SigLIP, ViT-B/16 and zero-shot (1 image x 1000 prompts) next to the graph executor
   step 120 python3 benchmarks/e2e.py --cases siglip-1,b16-1,b32-zeroshot --executors eager,graph,fused --iters 50 --out "$R"
-  # 3. the fused executor's options, A/B in one process (PDL, LN folding, fp32 residual stream)
-  step 60 python3 benchmarks/fused_variants.py --model clip-vit-b-32 --batch 1 --variants graph,fused,fused-nopdl,fused-fold,fused-fold-nopdl,fused-res32 --json "$R/variants-b32-1.json"
+  # 3. the fused executor's options, A/B in one process (deferred split-K, PDL, LN folding, fp32 residual stream)
+  step 90 python3 benchmarks/fused_variants.py --model clip-vit-b-32 --batch 1 --variants graph,fused,fused-nodefer,fused-nopdl,fused-fold,fused-fold-nopdl,fused-res32 --json "$R/variants-b32-1.json"
   # 4. green contexts (stand-ins for Orin Nano 8 SMs / AGX Orin 16 SMs; SMs only, not bandwidth) vs the full card, with energy
   step 150 python3 -m dualfuse.cli bench --model clip-vit-b-32 --batch 1 --executors graph,fused --sms 8,16,full --energy --no-progress --json "$R/sms-b32-1.json"
   step 90 python3 -m dualfuse.cli bench --model clip-vit-l-14 --batch 1 --executors graph,fused --sms 8 --iters 30 --no-progress --json "$R/sms-l14-1.json"
