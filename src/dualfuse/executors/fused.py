@@ -181,11 +181,14 @@ class Runner:
         sits on the critical path at batch 1. Tiles and splits stay the cost model's (which charges the tail:
         letting it split more once the tail is gone was slower end to end, BENCHMARKS.md)."""
         from ..kernels.gemm import GroupedLinear, LinearProblem
+        from ..kernels.layernorm import MAX_ADD_SLICES
 
         if not any(deferrable.get(id(p)) and s > 1 for p, s in zip(problems, op.splits)):
             return op
         # every deferrable problem of the launch, split or not (1 slice), so their outs share fp32
         chosen = [i for i, p in enumerate(problems) if deferrable.get(id(p))]
+        if any(op.splits[i] > MAX_ADD_SLICES for i in chosen):  # more slices than a LayerNorm launch adds
+            return op
         # one launch shares its out dtype: partial sums are fp32, so every other problem must write fp32 too
         if any(i not in chosen and p.out.dtype != torch.float32 for i, p in enumerate(problems)):
             return op
@@ -361,8 +364,8 @@ class FusedExecutor(Executor):
             raise ValueError(f"pdl must be True or False, got {pdl!r}")
         if not isinstance(defer_split_reduce, bool):
             raise ValueError(f"defer_split_reduce must be True or False, got {defer_split_reduce!r}")
-        # defer_split_reduce: an FC2 that splits K (batch 1) leaves its partial sums to the next LayerNorm launch,
-        # which adds them, the bias and the residual (kernels.layernorm `add`): no split-K tail in the GEMM
+        # defer_split_reduce: an out-proj / FC2 that splits K (batch 1) leaves its partial sums to the next LayerNorm
+        # launch, which adds them, the bias and the residual (kernels.layernorm `add`): no split-K tail in the GEMM
         self.defer_split_reduce = defer_split_reduce
         # pdl: programmatic dependent launch between consecutive kernels where the card supports it (sm_90+).
         # fold_ln: LayerNorms folded into the GEMMs they feed (plan.py). Auto (None): folded where the launches

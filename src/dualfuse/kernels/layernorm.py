@@ -30,7 +30,7 @@ from torch import Tensor
 
 from ._utils import describe, gdc_launch, gdc_wait, pdl_supported, pow2_divisor
 
-__all__ = ["LayerNormProblem", "GroupedLayerNorm", "grouped_layer_norm"]
+__all__ = ["LayerNormProblem", "GroupedLayerNorm", "grouped_layer_norm", "MAX_ADD_SLICES"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_D = 16384
@@ -38,7 +38,7 @@ _MAX_D = 16384
 # Metadata columns (int64 table, one row per problem).
 _X, _W, _B, _OUT, _IDX, _IDX_KIND, _ROWS, _D, _XS, _OS, _START, _ADD, _ADD_S, _ADD_B = range(14)
 _NF = 14
-_MAX_ADD = 8  # partial-sum slices one problem may add (loaded all at once: one L2 round trip)
+MAX_ADD_SLICES = 8  # partial-sum slices one problem may add (loaded all at once: one L2 round trip)
 
 
 @dataclass
@@ -221,9 +221,9 @@ class GroupedLayerNorm:
                     raise ValueError(f"{where}: add (partial sums written back to x) cannot be combined with "
                                      f"row_index (x would be updated in the gathered rows only)")
                 if (not isinstance(a, Tensor) or a.dim() != 3 or tuple(a.shape[1:]) != (R, D)
-                        or not 1 <= a.shape[0] <= _MAX_ADD or a.dtype != torch.float32 or not a.is_contiguous()):
+                        or not 1 <= a.shape[0] <= MAX_ADD_SLICES or a.dtype != torch.float32 or not a.is_contiguous()):
                     raise ValueError(f"{where}: add must be a contiguous fp32 [S, R={R}, D={D}] tensor with "
-                                     f"1 <= S <= {_MAX_ADD}, got {describe(a)}")
+                                     f"1 <= S <= {MAX_ADD_SLICES}, got {describe(a)}")
                 if a.device != device:
                     raise ValueError(f"{where}: add is on {a.device}, expected {device}")
                 ab = p.add_bias
