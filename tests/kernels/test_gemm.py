@@ -945,3 +945,64 @@ def test_gpu_partial_sums_into_layernorm_chain_graph(dtype, gen):
         for h, y, rh, ry in zip(hs, ys, ref_h, ref_y):
             torch.testing.assert_close(h, rh, atol=1e-4, rtol=1e-5)
             torch.testing.assert_close(y.float(), ry.float(), atol=2e-2, rtol=1e-2)
+
+
+# ---------------------------------------------------------------------------------------------------
+# warp specialization (config "warp_specialize"): device-side descriptors, one top-level K loop
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("activation", [None, "quick_gelu", "gelu_tanh"])
+def test_warp_specialized_path_awkward_shapes(activation, gen):
+    """Three unequal problems with one activation (M = 77, 50, 3; K not a multiple of BLOCK_K), bias, in-place
+    residual: device-side descriptors per program and the single K loop give the pointer path's results."""
+    dt = torch.float16
+    problems = [_make(77, 72, 96, dt, bias=True, activation=activation, residual="inplace", gen=gen),
+                _make(50, 40, 80, dt, bias=True, activation=activation, gen=gen),
+                _make(3, 48, 72, dt, activation=activation, residual="sep", gen=gen)]
+    g = _run(problems, dt, config={"tma": True, "warp_specialize": True})
+    assert g._plan.constexprs["WARP_SPEC"] and g._plan.constexprs["ACT"] >= 0
+
+
+def test_warp_specialized_path_only_where_it_applies(gen):
+    """Mixed activations (a runtime branch), split-K, or no TMA: the launch keeps the other paths, same results."""
+    dt = torch.float16
+    mixed = [_make(50, 40, 64, dt, activation="quick_gelu", gen=gen), _make(7, 24, 64, dt, gen=gen)]
+    assert not _run(mixed, dt, config={"tma": True, "warp_specialize": True})._plan.constexprs["WARP_SPEC"]
+    split = [_make(50, 40, 128, dt, gen=gen)]
+    assert not _run(split, dt, split_k=2, config={"tma": True, "warp_specialize": True})._plan.constexprs["WARP_SPEC"]
+    no_tma = [_make(50, 40, 64, dt, gen=gen)]
+    assert not _run(no_tma, dt, config={"tma": False, "warp_specialize": True})._plan.constexprs["WARP_SPEC"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_warp_specialized_real_shapes_graph(dtype, gen):
+    """Warp-specialized launches (Hopper) at ViT-B/32 and SigLIP batch-32 shapes, every step (QKV, FC1 + act,
+    out / FC2 + in-place residual), eager and replayed in a CUDA graph (each launch keeps its own descriptor
+    scratch), against fp64."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("tensor-descriptor loads are used on sm_90+ only")
+    cfg = {"tma": True, "warp_specialize": True, "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4,
+           "num_stages": 4}
+    for (mv, dv, fv), (mt, dt_, ft), act in (((50, 768, 3072), (77, 512, 2048), "quick_gelu"),
+                                             ((196, 768, 3072), (64, 768, 3072), "gelu_tanh")):
+        for n_of, k_of, res, a in ((lambda d, f: 3 * d, lambda d, f: d, False, None),
+                                   (lambda d, f: f, lambda d, f: d, False, act),
+                                   (lambda d, f: d, lambda d, f: f, True, None)):
+            probs = [_make(32 * m, n_of(d, f), k_of(d, f), dtype, bias=True, activation=a,
+                           residual="inplace" if res else None, gen=gen) for m, d, f in ((mv, dv, fv), (mt, dt_, ft))]
+            res0 = [p.out.clone() for p in probs]
+            refs = _expected(probs)
+            g = GroupedLinear(probs, config=cfg)
+            assert g._plan.constexprs["WARP_SPEC"]
+            g()
+            torch.cuda.synchronize()
+            _check(probs, refs, dtype)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                g()
+            for _ in range(2):
+                for p, r0 in zip(probs, res0):
+                    p.out.copy_(r0) if res else p.out.fill_(float("nan"))
+                graph.replay()
+                torch.cuda.synchronize()
+                _check(probs, refs, dtype)
