@@ -24,11 +24,6 @@ VARIANTS = {  # name: (executor, kwargs)
     "fused-fold-nopdl": ("fused", {"fold_ln": True, "pdl": False}),
     "fused-res32": ("fused", {"residual_dtype": torch.float32}),  # residual stream in fp32, not the model dtype
     "fused-nodefer": ("fused", {"defer_split_reduce": False}),  # split-K reduced in the GEMM, not the next LN
-    # warp-specialized GEMMs (Hopper) with one tile config for every launch (batch-32 experiments)
-    "fused-ws128": ("fused", {"gemm_config": {"warp_specialize": True, "tma": True, "BLOCK_M": 128, "BLOCK_N": 128,
-                                              "BLOCK_K": 64, "num_warps": 4, "num_stages": 4}}),
-    "fused-ws256": ("fused", {"gemm_config": {"warp_specialize": True, "tma": True, "BLOCK_M": 128, "BLOCK_N": 256,
-                                              "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}}),
 }
 
 

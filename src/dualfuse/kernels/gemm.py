@@ -54,7 +54,6 @@ The last program resets the counter to 0 in both modes.
 """
 from __future__ import annotations
 
-import contextvars
 import math
 import struct
 from dataclasses import dataclass
@@ -128,12 +127,9 @@ def _pick(g, v0, v1, v2, v3, NUM_PROBLEMS: tl.constexpr):
 
 
 @triton.jit
-def _tma_k_loop(x_desc, w_desc, off_m, off_n, k_lo, k_hi, acc, BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                WARP_SPEC: tl.constexpr):
-    """acc += x[off_m:, k_lo*BK:k_hi*BK] @ w[off_n:, same].T by tensor descriptors (blocks [BM, BK] and [BN, BK]).
-    WARP_SPEC: Triton's automatic warp specialization of the loop (a TMA producer warp group and MMA consumer warp
-    groups; on Hopper with num_warps=4 Triton 3.6 makes 2 consumers of 4 warps plus the producer)."""
-    for kk in tl.range(k_lo, k_hi, warp_specialize=WARP_SPEC):
+def _tma_k_loop(x_desc, w_desc, off_m, off_n, k_lo, k_hi, acc, BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """acc += x[off_m:, k_lo*BK:k_hi*BK] @ w[off_n:, same].T by tensor descriptors (blocks [BM, BK] and [BN, BK])."""
+    for kk in range(k_lo, k_hi):
         a = x_desc.load([off_m, kk * BLOCK_K])
         b = w_desc.load([off_n, kk * BLOCK_K])
         acc = tl.dot(a, b.T, acc, input_precision=INPUT_PRECISION)
@@ -178,8 +174,6 @@ def _grouped_linear_kernel(
     MAX_PARTS: tl.constexpr,  # power of two >= the parts of any statistics read
     STATS_OUT: tl.constexpr,  # some problem writes per-tile row statistics of its out (for the next LN fold)
     USE_TMA: tl.constexpr,  # x and w tiles by tensor descriptors (TMA on sm_90+): no per-element addresses or masks
-    WARP_SPEC: tl.constexpr,  # device-side descriptors + automatic warp specialization of the K loop (see _Plan)
-    ACT: tl.constexpr,  # the activation code shared by every problem, or -1 (per problem, from the flags)
 ):
     pid = tl.program_id(0)
     if USE_PDL:
@@ -319,11 +313,6 @@ def _grouped_linear_kernel(
     if NORM:
         # column sums of the folded weight (weights: safe before gdc_wait)
         colsum = tl.load(colsum_ptr + offs_n, mask=n_mask & has_norm, other=0.0)
-    if WARP_SPEC:
-        # device-side tensor descriptors of this program's x and w (into this launch's own scratch: no other launch,
-        # PDL-overlapped or not, writes there), so one loop serves every problem
-        x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[stride_xm, 1], block_shape=[BLOCK_M, BLOCK_K])
-        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[K, 1], block_shape=[BLOCK_N, BLOCK_K])
     if USE_PDL:
         _gdc_wait()  # the previous launch is complete and its writes visible from here on
     if NORM_STATS_IN:
@@ -357,26 +346,21 @@ def _grouped_linear_kernel(
         res = tl.load(res_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=out_mask & has_res, other=0.0)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if WARP_SPEC:
-        # one top-level K loop over this program's problem (descriptors built above): the shape Triton's automatic
-        # warp specialization takes (no runtime branch around or after it)
-        acc = _tma_k_loop(x_desc, w_desc, pid_m * BLOCK_M, pid_n * BLOCK_N, k_lo, k_hi, acc, BLOCK_K, INPUT_PRECISION,
-                          True)
-    elif USE_TMA:
+    if USE_TMA:
         # one tensor-memory copy per tile and step; rows past M / N and columns past K arrive as zeros
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
         if g == 0:
-            acc = _tma_k_loop(dx0, dw0, off_m, off_n, k_lo, k_hi, acc, BLOCK_K, INPUT_PRECISION, False)
+            acc = _tma_k_loop(dx0, dw0, off_m, off_n, k_lo, k_hi, acc, BLOCK_K, INPUT_PRECISION)
         if NUM_PROBLEMS > 1:
             if g == 1:
-                acc = _tma_k_loop(dx1, dw1, off_m, off_n, k_lo, k_hi, acc, BLOCK_K, INPUT_PRECISION, False)
+                acc = _tma_k_loop(dx1, dw1, off_m, off_n, k_lo, k_hi, acc, BLOCK_K, INPUT_PRECISION)
         if NUM_PROBLEMS > 2:
             if g == 2:
-                acc = _tma_k_loop(dx2, dw2, off_m, off_n, k_lo, k_hi, acc, BLOCK_K, INPUT_PRECISION, False)
+                acc = _tma_k_loop(dx2, dw2, off_m, off_n, k_lo, k_hi, acc, BLOCK_K, INPUT_PRECISION)
         if NUM_PROBLEMS > 3:
             if g == 3:
-                acc = _tma_k_loop(dx3, dw3, off_m, off_n, k_lo, k_hi, acc, BLOCK_K, INPUT_PRECISION, False)
+                acc = _tma_k_loop(dx3, dw3, off_m, off_n, k_lo, k_hi, acc, BLOCK_K, INPUT_PRECISION)
     else:
         x_ptrs = x_ptr + rm[:, None] * stride_xm + (k_lo * BLOCK_K + offs_k)[None, :]  # [BLOCK_M, BLOCK_K]
         w_ptrs = w_ptr + rn[None, :].to(tl.int64) * K + (k_lo * BLOCK_K + offs_k)[:, None]  # [BLOCK_K, BLOCK_N] = w.T
@@ -470,10 +454,7 @@ def _grouped_linear_kernel(
         if not EARLY_EPI:
             bias = tl.load(bias_ptr + offs_n, mask=n_mask & has_bias, other=0.0)
         acc += bias.to(tl.float32)[None, :]
-        if ACT >= 0:  # one activation for every problem: resolved at compile time, no runtime branch
-            acc = apply_activation(acc, ACT)
-        else:
-            acc = apply_activation(acc, act)
+        acc = apply_activation(acc, act)
         if not EARLY_EPI:
             # read before this program's store of the same elements: in-place `hidden += proj` is safe
             res = tl.load(res_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=out_mask & has_res,
@@ -582,8 +563,6 @@ _CONFIG_KEYS = {
     "prefetch",  # L2 prefetch of each program's weights at its start: False, True (all), n (first n K steps);
     # default 2 for skinny M, off for many rows
     "pdl",  # programmatic dependent launch (default True; used where supported: sm_90+, Triton with launch_pdl)
-    "warp_specialize",  # with tma: Triton's automatic warp specialization of the K loop (producer / consumer warp
-    # groups; default off)
     "tma",  # x / w tiles by tensor descriptors (default: on for many rows, and for skinny M where every problem has
     # <= 128 rows; used where _tma_supported: <= 4 problems, 16-bit, 16-byte aligned rows, Triton with
     # TensorDescriptor, sm_90+ GPU or the interpreter)
@@ -1001,13 +980,6 @@ class _Plan:
         warps = cfg["num_warps"]
         per_thread = bm * bn // (32 * warps)  # fp32 accumulator elements per thread
         use_tma = bool(cfg.get("tma", False)) and _tma_supported(problems, device, aligned)
-        acts = {activation_code(p.activation) for p in problems}
-        # warp specialization (config "warp_specialize", Hopper): Triton 3.6 only specializes a K loop at the top
-        # level of a kernel without runtime branches, so: one activation for all problems (a constexpr), no split-K,
-        # folded LayerNorm, statistics or partial sums, no L2 prefetch loop
-        use_ws = (bool(cfg.get("warp_specialize", False)) and use_tma and len(acts) == 1 and not any_split
-                  and not any(p.partial_sums or p.norm is not None or p.row_stats_out is not None for p in problems)
-                  and not (_prefetch_steps(cfg.get("prefetch", False)) and not interp))
         descs = [None] * (2 * MAX_ARG_PROBLEMS)
         if use_tma:  # in the kernel's problem order (rows), padded with problem 0's
             for j in range(MAX_ARG_PROBLEMS):
@@ -1042,50 +1014,23 @@ class _Plan:
                                       if p.norm is not None and p.norm.stats is not None] or [1])),
             STATS_OUT=any(p.row_stats_out is not None for p in problems),
             USE_TMA=use_tma,
-            WARP_SPEC=use_ws,
-            ACT=acts.pop() if len(acts) == 1 else -1,
         )
         self.launch_opts = dict(num_warps=warps, num_stages=cfg["num_stages"])
         if use_pdl:
             self.launch_opts["launch_pdl"] = True
         self.grid = (self.num_programs,)
-        self.scratch = None  # device-side descriptors' global scratch (WARP_SPEC), see _with_scratch
 
     def warmup(self):
         """Compile and load without running, so the first __call__ can be captured by a CUDA graph."""
         if self.num_programs and not is_interpreter():
-            ck = _with_scratch(self, lambda: _grouped_linear_kernel.warmup(
-                *self.args, grid=self.grid, **self.constexprs, **self.launch_opts))
+            ck = _grouped_linear_kernel.warmup(*self.args, grid=self.grid, **self.constexprs, **self.launch_opts)
             init = getattr(ck, "_init_handles", None)
             if init is not None:
                 init()  # module load onto the device now, not lazily inside a graph capture
-            size = getattr(ck.metadata, "global_scratch_size", 0) * self.num_programs
-            if size:  # device-side descriptors: this launch's own scratch, allocated now (not inside a capture)
-                self.scratch = torch.empty(size, dtype=torch.uint8, device=self.meta.device)
 
     def launch(self):
         if self.num_programs:
-            _with_scratch(self, lambda: _grouped_linear_kernel[self.grid](*self.args, **self.constexprs,
-                                                                          **self.launch_opts))
-
-
-def _with_scratch(plan, run):
-    """Run a launch (or compile) of `plan`. With device-side tensor descriptors (WARP_SPEC) Triton asks an allocator
-    for global scratch at each launch; it gets the plan's own buffer, set in a copy of the context only (the
-    caller's triton.set_allocator, if any, is untouched)."""
-    if not plan.constexprs["WARP_SPEC"]:
-        return run()
-
-    def alloc(size, alignment, stream):
-        if plan.scratch is None or plan.scratch.numel() < size:
-            plan.scratch = torch.empty(size, dtype=torch.uint8, device=plan.meta.device)
-        return plan.scratch
-
-    def run_with_alloc():
-        triton.set_allocator(alloc)
-        return run()
-
-    return contextvars.copy_context().run(run_with_alloc)
+            _grouped_linear_kernel[self.grid](*self.args, **self.constexprs, **self.launch_opts)
 
 
 class GroupedLinear:
