@@ -1,5 +1,5 @@
 """Does Triton's automatic warp specialization (tl.range(..., warp_specialize=True)) work on this Hopper card, and
-does it pay? Standalone matmul kernels (no dualfuse code), ViT-B/32 batch-32 FC1 shapes, fp16, bias + quick_gelu:
+does it pay? Standalone matmul kernels (only dualfuse's PDL helpers), ViT-B/32 batch-32 FC1 shapes, fp16, bias + quick_gelu:
 
   host-desc   one problem (vision FC1 1600x768 @ 3072x768^T), host TensorDescriptors, WS off / on
   dev-desc    both towers in one launch (vision + text FC1), device-side descriptors, WS off / on, PDL off / on
@@ -18,16 +18,24 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-
-@triton.jit
-def _gdc_wait():
-    tl.inline_asm_elementwise("griddepcontrol.wait; // dummy $0", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+from dualfuse.kernels._utils import gdc_launch, gdc_wait
 
 
 @triton.jit
-def _gdc_launch():
-    tl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [], dtype=tl.int32, is_pure=False,
-                              pack=1)
+def _k_loop_and_epilogue(x_desc, w_desc, b_ptr, c_ptr, pid_m, pid_n, M, N, K, BM: tl.constexpr, BN: tl.constexpr,
+                         BK: tl.constexpr, WS: tl.constexpr, STAGES: tl.constexpr):
+    """c[tile] = quick_gelu(x @ w.T + b) for one [BM, BN] tile: the K loop (warp-specialized or not) at top level."""
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k in tl.range(0, tl.cdiv(K, BK), num_stages=STAGES, warp_specialize=WS):
+        a = x_desc.load([pid_m * BM, k * BK])
+        b = w_desc.load([pid_n * BN, k * BK])
+        acc = tl.dot(a, b.T, acc)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    acc = acc * tl.sigmoid(1.702 * acc)
+    tl.store(c_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(tl.float16),
+             mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
 @triton.jit
@@ -36,17 +44,7 @@ def host_desc_mm(a_desc, b_desc, bias_ptr, c_ptr, M, N, K, BM: tl.constexpr, BN:
     pid = tl.program_id(0)
     pid_m = pid % tl.cdiv(M, BM)
     pid_n = pid // tl.cdiv(M, BM)
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k in tl.range(0, tl.cdiv(K, BK), num_stages=STAGES, warp_specialize=WS):
-        a = a_desc.load([pid_m * BM, k * BK])
-        b = b_desc.load([pid_n * BN, k * BK])
-        acc = tl.dot(a, b.T, acc)
-    offs_m = pid_m * BM + tl.arange(0, BM)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    acc = acc * tl.sigmoid(1.702 * acc)
-    tl.store(c_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(tl.float16),
-             mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+    _k_loop_and_epilogue(a_desc, b_desc, bias_ptr, c_ptr, pid_m, pid_n, M, N, K, BM, BN, BK, WS, STAGES)
 
 
 @triton.jit
@@ -54,7 +52,7 @@ def dev_desc_mm(xa0, xa1, wa0, wa1, ba0, ba1, ca0, ca1, M0, M1, N0, N1, K0, K1, 
                 BK: tl.constexpr, WS: tl.constexpr, PDL: tl.constexpr, STAGES: tl.constexpr):
     pid = tl.program_id(0)
     if PDL:
-        _gdc_launch()
+        gdc_launch()
     g = (pid >= st1).to(tl.int32)
     M = tl.where(g == 0, M0, M1)
     N = tl.where(g == 0, N0, N1)
@@ -69,19 +67,9 @@ def dev_desc_mm(xa0, xa1, wa0, wa1, ba0, ba1, ca0, ca1, M0, M1, N0, N1, K0, K1, 
     K = tl.multiple_of(K, 16)
     x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[K, 1], block_shape=[BM, BK])
     w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[K, 1], block_shape=[BN, BK])
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
     if PDL:
-        _gdc_wait()
-    for k in tl.range(0, tl.cdiv(K, BK), num_stages=STAGES, warp_specialize=WS):
-        a = x_desc.load([pid_m * BM, k * BK])
-        b = w_desc.load([pid_n * BN, k * BK])
-        acc = tl.dot(a, b.T, acc)
-    offs_m = pid_m * BM + tl.arange(0, BM)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    acc = acc * tl.sigmoid(1.702 * acc)
-    tl.store(c_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(tl.float16),
-             mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+        gdc_wait()
+    _k_loop_and_epilogue(x_desc, w_desc, b_ptr, c_ptr, pid_m, pid_n, M, N, K, BM, BN, BK, WS, STAGES)
 
 
 def ref(x, w, b):

@@ -129,7 +129,6 @@ class Runner:
         from ..kernels.layernorm import GroupedLayerNorm
 
         problems = [self._problem(step) for step in stage.steps]
-        deferrable = {id(p): self._deferred_to(st) for p, st in zip(problems, stage.steps)}
         if stage.kind == "embed":
             from ..kernels.embed import PatchEmbedProblem
             patch = [p for p in problems if isinstance(p, PatchEmbedProblem)]
@@ -140,6 +139,7 @@ class Runner:
             cfg = dict(self.ex.gemm_config)
             if not pdl:
                 cfg["pdl"] = False
+            deferrable = {id(p): self._deferred_to(st) for p, st in zip(problems, stage.steps)}
 
             def linear(ps):
                 op = GroupedLinear(ps, config=cfg or None)
