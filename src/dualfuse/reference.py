@@ -10,7 +10,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .spec import AttentionPoolHead, Block, DualEncoderSpec, LayerNorm, Linear, PatchEmbed, TowerSpec
+from .spec import AttentionPoolHead, Block, DualEncoderSpec, LayerNorm, Linear, PatchEmbed, PatchSequence, TowerSpec
 
 
 def activation(x: torch.Tensor, kind: str) -> torch.Tensor:
@@ -56,20 +56,65 @@ def block(x: torch.Tensor, blk: Block, tower: TowerSpec) -> torch.Tensor:
 
 
 def patchify(pixel_values: torch.Tensor, patch: int) -> torch.Tensor:
-    """[B, C, H, W] -> [B, (H/p)*(W/p), C*p*p] in (c, ph, pw) order, row-major over the patch grid."""
+    """[B, C, H, W] -> [B, (H//p)*(W//p), C*p*p] in (c, ph, pw) order, row-major over the patch grid.
+    Like a stride-p Conv2d, the last H % p rows and W % p columns are dropped (SigLIP so400m: 384 px, patch 14)."""
     b, c, h, w = pixel_values.shape
-    x = pixel_values.reshape(b, c, h // patch, patch, w // patch, patch)
-    return x.permute(0, 2, 4, 1, 3, 5).reshape(b, (h // patch) * (w // patch), c * patch * patch)
+    gh, gw = h // patch, w // patch
+    x = pixel_values[:, :, : gh * patch, : gw * patch].reshape(b, c, gh, patch, gw, patch)
+    return x.permute(0, 2, 4, 1, 3, 5).reshape(b, gh * gw, c * patch * patch)
+
+
+def naflex_pos_embedding(embed: PatchEmbed, pos: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """SigLIP2's position grid pos [G*G, D] resized to an h x w patch grid -> [h*w, D], row-major.
+    As HF: bilinear, align_corners=False, antialias=True (a triangle filter widened when downsampling),
+    computed in fp32 and cast back to pos's dtype. At h == w == G it is the identity."""
+    g = embed.pos_grid
+    grid = pos.reshape(g, g, -1).permute(2, 0, 1).unsqueeze(0).float()  # [1, D, G, G]
+    if w == 1:
+        # torch's CPU antialias kernel (seen in 2.11 and 2.14; CUDA is right) gives every row of a width-1 output
+        # the first row's value, so resize the transposed grid to (1, h): it flattens in the same order.
+        h, w, grid = w, h, grid.transpose(2, 3)
+    resized = F.interpolate(grid, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+    return resized.reshape(-1, h * w).t().to(pos.dtype)
 
 
 def embed_image(tower: TowerSpec, pixel_values: torch.Tensor) -> torch.Tensor:
     emb = tower.embed
     assert isinstance(emb, PatchEmbed)
     x = F.linear(patchify(pixel_values.to(emb.weight.dtype), emb.patch_size), emb.weight, emb.bias)
+    if emb.pos_grid is not None:  # NaFlex: a whole image is one unpadded patch sequence of its own grid
+        gh, gw = pixel_values.shape[-2] // emb.patch_size, pixel_values.shape[-1] // emb.patch_size
+        return x + naflex_pos_embedding(emb, tower.pos_embedding, gh, gw)
     if tower.class_embedding is not None:
         cls = tower.class_embedding.expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1)
     return x + tower.pos_embedding[: x.shape[1]]
+
+
+def embed_patch_sequence(tower: TowerSpec, images: PatchSequence) -> list[torch.Tensor]:
+    """NaFlex images -> one [1, h*w, D] tensor per image: its valid patches only, embedded, plus positions.
+    HF runs the padded batch with padded keys masked in every attention and in the MAP head, so each image's
+    valid tokens (and its pooled output) equal a run over those tokens alone, which is what this gives."""
+    emb = tower.embed
+    if not isinstance(emb, PatchEmbed) or emb.pos_grid is None:
+        raise ValueError("a PatchSequence needs a NaFlex (SigLIP2) vision tower: spec.vision.embed.pos_grid is None")
+    p, c = emb.patch_size, emb.channels
+    n = images.pixel_values.shape[1]
+    out = []
+    for i, (h, w) in enumerate(images.spatial_shapes.tolist()):
+        if h < 1 or w < 1 or h * w > n:
+            raise ValueError(f"image {i}: spatial shape ({h}, {w}) does not fit a sequence of {n} patches")
+        mask = images.pixel_attention_mask[i].bool()
+        if not torch.equal(mask, torch.arange(n, device=mask.device) < h * w):
+            ones = int(mask.sum())
+            got = f"{ones} ones" if ones != h * w else "ones that are not that prefix"
+            raise ValueError(f"image {i}: pixel_attention_mask must be 1 for exactly the first {h * w} of {n} "
+                             f"patches (spatial shape ({h}, {w})), got {got}")
+        # patches come flattened (ph, pw, c); the spec's weight columns are (c, ph, pw)
+        patches = images.pixel_values[i, : h * w].to(emb.weight.dtype).reshape(h * w, p, p, c).permute(0, 3, 1, 2)
+        x = F.linear(patches.reshape(h * w, c * p * p), emb.weight, emb.bias)
+        out.append((x + naflex_pos_embedding(emb, tower.pos_embedding, h, w)).unsqueeze(0))
+    return out
 
 
 def embed_text(tower: TowerSpec, input_ids: torch.Tensor) -> torch.Tensor:
@@ -117,7 +162,9 @@ def encode_tower(tower: TowerSpec, x: torch.Tensor, input_ids: torch.Tensor | No
     return linear(pooled, tower.projection) if tower.projection is not None else pooled
 
 
-def encode_image(spec: DualEncoderSpec, pixel_values: torch.Tensor) -> torch.Tensor:
+def encode_image(spec: DualEncoderSpec, pixel_values: torch.Tensor | PatchSequence) -> torch.Tensor:
+    if isinstance(pixel_values, PatchSequence):  # images of different grids: one tower run each
+        return torch.cat([encode_tower(spec.vision, x) for x in embed_patch_sequence(spec.vision, pixel_values)])
     return encode_tower(spec.vision, embed_image(spec.vision, pixel_values))
 
 
