@@ -2,15 +2,20 @@
 and loading of real weights from local files.
 
 Names:
-- HF presets (configs as published for the real checkpoints): clip-vit-b-32, clip-vit-b-16, clip-vit-l-14,
-  siglip-base-patch16-224; tiny test models: clip-tiny, siglip-tiny.
+- HF presets (configs as published for the real checkpoints, see each Preset's description):
+  CLIP clip-vit-b-32, clip-vit-b-16, clip-vit-l-14, clip-vit-l-14-336, clip-vit-h-14, clip-vit-bigg-14;
+  SigLIP siglip-base-patch16-224, siglip-base-patch16-256, siglip-base-patch16-384, siglip-large-patch16-256,
+  siglip-so400m-patch14-384; MetaCLIP 2 metaclip2-worldwide-huge-quickgelu;
+  tiny test models: clip-tiny, siglip-tiny, metaclip2-tiny.
 - ``open_clip:ARCH`` (e.g. ``open_clip:ViT-B-32``) builds open_clip's architecture with random weights
-  (needs open_clip_torch); ``open_clip-tiny`` is a tiny open_clip CLIP for tests.
+  (needs open_clip_torch); ``open_clip-tiny`` is a tiny open_clip CLIP for tests, ``open_clip-siglip-tiny`` a
+  tiny open_clip CustomTextCLIP with a timm SigLIP-style ViT (MAP head) vision tower (needs timm).
 - A local path: an HF model directory (config.json + weights, read with local_files_only) or an open_clip
   checkpoint file (``arch`` names its architecture, e.g. ``load(path, arch="ViT-B-32")``).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 
@@ -19,7 +24,7 @@ import torch
 
 @dataclass(frozen=True)
 class Preset:
-    family: str  # "hf_clip" | "hf_siglip" | "open_clip"
+    family: str  # "hf_clip" | "hf_siglip" | "hf_metaclip2"
     vision: dict
     text: dict
     top: dict = field(default_factory=dict)
@@ -32,24 +37,71 @@ _CLIP_TEXT_B = dict(hidden_size=512, intermediate_size=2048, num_attention_heads
 _CLIP_VIS_B = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
                    image_size=224, hidden_act="quick_gelu")
 
+_CLIP_VIS_L = dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=24,
+                   image_size=224, patch_size=14, hidden_act="quick_gelu")
+_CLIP_TEXT_L = dict(_CLIP_TEXT_B, hidden_size=768, intermediate_size=3072, num_attention_heads=12)
+# SigLIP: HF's SiglipConfig defaults (gelu_pytorch_tanh, LayerNorm eps 1e-6, 64 text tokens, vocab 32000) are the
+# published ones; only the sizes differ between checkpoints.
+_SIGLIP_B = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12)
+_SIGLIP_L = dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=24)
+_SIGLIP_SO400M = dict(hidden_size=1152, intermediate_size=4304, num_attention_heads=16, num_hidden_layers=27)
+_SIGLIP_TEXT = dict(max_position_embeddings=64, vocab_size=32000)
+
 PRESETS: dict[str, Preset] = {
     "clip-vit-b-32": Preset("hf_clip", dict(_CLIP_VIS_B, patch_size=32), _CLIP_TEXT_B, dict(projection_dim=512),
                             "openai/clip-vit-base-patch32 architecture: 50 image tokens, 77 text tokens"),
     "clip-vit-b-16": Preset("hf_clip", dict(_CLIP_VIS_B, patch_size=16), _CLIP_TEXT_B, dict(projection_dim=512),
                             "openai/clip-vit-base-patch16 architecture: 197 image tokens"),
     "clip-vit-l-14": Preset(
-        "hf_clip",
-        dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=24, image_size=224,
-             patch_size=14, hidden_act="quick_gelu"),
-        dict(_CLIP_TEXT_B, hidden_size=768, intermediate_size=3072, num_attention_heads=12),
+        "hf_clip", _CLIP_VIS_L, _CLIP_TEXT_L,
         dict(projection_dim=768), "openai/clip-vit-large-patch14 architecture: 24 vision layers, 257 tokens"),
+    "clip-vit-l-14-336": Preset(
+        "hf_clip", dict(_CLIP_VIS_L, image_size=336), _CLIP_TEXT_L, dict(projection_dim=768),
+        "openai/clip-vit-large-patch14-336 architecture: 336 px, 24x24 patches + class token = 577 tokens"),
+    "clip-vit-h-14": Preset(
+        "hf_clip",
+        dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=16, num_hidden_layers=32, image_size=224,
+             patch_size=14, hidden_act="gelu"),
+        dict(_CLIP_TEXT_B, hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=24,
+             hidden_act="gelu"),
+        dict(projection_dim=1024),
+        "laion/CLIP-ViT-H-14-laion2B-s32B-b79K architecture (open_clip ViT-H-14): vision 1280 wide, 32 layers, "
+        "head dim 80, exact GELU; text 1024 wide, 24 layers"),
+    "clip-vit-bigg-14": Preset(
+        "hf_clip",
+        dict(hidden_size=1664, intermediate_size=8192, num_attention_heads=16, num_hidden_layers=48, image_size=224,
+             patch_size=14, hidden_act="gelu"),
+        dict(_CLIP_TEXT_B, hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
+             hidden_act="gelu"),
+        dict(projection_dim=1280),
+        "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k architecture (open_clip ViT-bigG-14): vision 1664 wide, 48 layers, "
+        "head dim 104, mlp 8192; text 1280 wide, 32 layers, 20 heads"),
     "siglip-base-patch16-224": Preset(
-        "hf_siglip",
-        dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12, image_size=224,
-             patch_size=16),
-        dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
-             max_position_embeddings=64, vocab_size=32000),
+        "hf_siglip", dict(_SIGLIP_B, image_size=224, patch_size=16), dict(_SIGLIP_B, **_SIGLIP_TEXT),
         {}, "google/siglip-base-patch16-224 architecture: 196 image tokens, 64 text tokens, MAP head"),
+    "siglip-base-patch16-256": Preset(
+        "hf_siglip", dict(_SIGLIP_B, image_size=256, patch_size=16), dict(_SIGLIP_B, **_SIGLIP_TEXT),
+        {}, "google/siglip-base-patch16-256 architecture: 256 image tokens, 64 text tokens"),
+    "siglip-base-patch16-384": Preset(
+        "hf_siglip", dict(_SIGLIP_B, image_size=384, patch_size=16), dict(_SIGLIP_B, **_SIGLIP_TEXT),
+        {}, "google/siglip-base-patch16-384 architecture: 576 image tokens, 64 text tokens"),
+    "siglip-large-patch16-256": Preset(
+        "hf_siglip", dict(_SIGLIP_L, image_size=256, patch_size=16), dict(_SIGLIP_L, **_SIGLIP_TEXT),
+        {}, "google/siglip-large-patch16-256 architecture: 1024 wide, 24 layers, 256 image tokens"),
+    "siglip-so400m-patch14-384": Preset(
+        "hf_siglip", dict(_SIGLIP_SO400M, image_size=384, patch_size=14), dict(_SIGLIP_SO400M, **_SIGLIP_TEXT),
+        {}, "google/siglip-so400m-patch14-384 architecture: 1152 wide (head dim 72), mlp 4304, 27 layers; "
+            "384 px / patch 14 -> 27x27 = 729 image tokens (the last 6 px rows/columns are dropped)"),
+    "metaclip2-worldwide-huge-quickgelu": Preset(
+        "hf_metaclip2",
+        dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=16, num_hidden_layers=32, image_size=224,
+             patch_size=14, hidden_act="quick_gelu"),
+        dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=24,
+             max_position_embeddings=77, vocab_size=901629, hidden_act="quick_gelu", bos_token_id=0,
+             eos_token_id=2, pad_token_id=1),
+        dict(projection_dim=1024),
+        "facebook/metaclip-2-worldwide-huge-quickgelu architecture (open_clip ViT-H-14-worldwide-quickgelu): "
+        "ViT-H/14 vision, XLM-V text vocabulary of 901629, pooled at the first </s> (id 2)"),
     "clip-tiny": Preset(
         "hf_clip",
         dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_hidden_layers=2, image_size=32,
@@ -65,6 +117,15 @@ PRESETS: dict[str, Preset] = {
         dict(hidden_size=64, intermediate_size=80, num_attention_heads=4, num_hidden_layers=2,
              max_position_embeddings=12, vocab_size=100, bos_token_id=98, eos_token_id=99, pad_token_id=1),
         {}, "tiny SigLIP for tests (16 image tokens, 12 text tokens)"),
+    "metaclip2-tiny": Preset(
+        "hf_metaclip2",
+        dict(hidden_size=80, intermediate_size=96, num_attention_heads=4, num_hidden_layers=2, image_size=36,
+             patch_size=8, hidden_act="quick_gelu"),
+        dict(hidden_size=72, intermediate_size=80, num_attention_heads=2, num_hidden_layers=2,
+             max_position_embeddings=16, vocab_size=120, hidden_act="quick_gelu", bos_token_id=0, eos_token_id=2,
+             pad_token_id=1),
+        dict(projection_dim=40),
+        "tiny MetaCLIP 2 for tests: 36 px / patch 8 (a 4x4 grid, 4 px dropped), head dims 20 and 36, eos id 2"),
 }
 
 OPEN_CLIP_TINY = dict(embed_dim=32,
@@ -72,55 +133,91 @@ OPEN_CLIP_TINY = dict(embed_dim=32,
                       text_cfg=dict(context_length=16, vocab_size=100, width=48, heads=4, layers=2, mlp_ratio=1.5))
 
 
+# open_clip CustomTextCLIP shaped like open_clip's ViT-B-16-SigLIP (bidirectional text pooled at the last token,
+# projection with bias, LN eps 1e-6, logit bias) with a tiny timm SigLIP ViT (_timm_tiny.py): head dims 36
+# (vision) and 18 (text).
+OPEN_CLIP_SIGLIP_TINY = dict(
+    embed_dim=72, init_logit_bias=-10.0,
+    vision_cfg=dict(timm_model_name="dualfuse_test_vit_siglip_tiny", timm_pool="map", timm_proj="none",
+                    image_size=32),
+    text_cfg=dict(context_length=12, vocab_size=100, width=72, heads=4, layers=2, mlp_ratio=1.5,
+                  no_causal_mask=True, proj_bias=True, pool_type="last", norm_kwargs=dict(eps=1e-6)))
+
+
 def available() -> list[str]:
-    return list(PRESETS) + ["open_clip-tiny", "open_clip:<ARCH>"]
+    return list(PRESETS) + ["open_clip-tiny", "open_clip-siglip-tiny", "open_clip:<ARCH>"]
 
 
-def build_hf(name: str, seed: int = 0, meta: bool = False):
-    """The preset's HF model with seeded random weights; ``meta=True`` builds shapes only (no memory, instant),
-    enough for planning and cost estimates."""
+def _forked_rng(device: torch.device | None):
+    """Keep the caller's RNG state: the CPU's, and the CUDA device's when weights are drawn there."""
+    if device is not None and device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return torch.random.fork_rng(devices=[index], device_type="cuda")
+    return torch.random.fork_rng(devices=[])
+
+
+def _on(device: torch.device | None):
+    return torch.device(device) if device is not None else contextlib.nullcontext()
+
+
+def build_hf(name: str, seed: int = 0, meta: bool = False, device=None):
+    """The preset's HF model with seeded random weights, built directly on ``device`` (default CPU; large presets
+    build in seconds on a GPU). The same seed gives the same weights on one kind of device. ``meta=True`` builds
+    shapes only (no memory, instant), enough for planning and cost estimates."""
     preset = PRESETS[name]
-    if meta:
-        with torch.device("meta"):
-            return build_hf(name, seed)
-    with torch.random.fork_rng(devices=[]):
+    device = torch.device("meta") if meta else (torch.device(device) if device is not None else None)
+    with _forked_rng(device), _on(device):
         torch.manual_seed(seed)
-        if preset.family == "hf_clip":
-            from transformers import CLIPConfig, CLIPModel
-            cfg = CLIPConfig(text_config=preset.text, vision_config=preset.vision, **preset.top)
-            model = CLIPModel(cfg)
-        else:
-            from transformers import SiglipConfig, SiglipModel
-            cfg = SiglipConfig(text_config=preset.text, vision_config=preset.vision, **preset.top)
-            model = SiglipModel(cfg)
-            # HF's init zeroes logit scale/bias; give them values like a trained SigLIP so logits mean something.
-            with torch.no_grad():  # (no-ops on meta tensors)
-                model.logit_scale.fill_(2.3)
-                model.logit_bias.fill_(-10.0)
-    cfg._name_or_path = name
+        model = _construct(preset)
+    model.config._name_or_path = name
     return model.eval()
 
 
-def build_open_clip(arch: str | None = None, seed: int = 0, pretrained: str | None = None):
+def _construct(preset: Preset):
+    if preset.family == "hf_clip":
+        from transformers import CLIPConfig, CLIPModel
+        return CLIPModel(CLIPConfig(text_config=preset.text, vision_config=preset.vision, **preset.top))
+    if preset.family == "hf_metaclip2":
+        from transformers import MetaClip2Config, MetaClip2Model
+        return MetaClip2Model(MetaClip2Config(text_config=preset.text, vision_config=preset.vision, **preset.top))
+    from transformers import SiglipConfig, SiglipModel
+    model = SiglipModel(SiglipConfig(text_config=preset.text, vision_config=preset.vision, **preset.top))
+    # HF's init zeroes logit scale/bias; give them values like a trained SigLIP so logits mean something.
+    with torch.no_grad():  # (no-ops on meta tensors)
+        model.logit_scale.fill_(2.3)
+        model.logit_bias.fill_(-10.0)
+    return model
+
+
+def build_open_clip(arch: str | None = None, seed: int = 0, pretrained: str | None = None, device=None):
+    """open_clip architecture ``arch`` with seeded random weights (or ``pretrained`` weights) on ``device``
+    ("meta": shapes only). ``arch=None``: the tiny CLIP; ``"siglip-tiny"``: the tiny CustomTextCLIP + timm ViT."""
     try:
         import open_clip
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ValueError("open_clip models need the optional extra: pip install 'dualfuse[openclip]'") from e
-    with torch.random.fork_rng(devices=[]):
+    device = torch.device(device) if device is not None else None
+    with _forked_rng(device), _on(device):
         torch.manual_seed(seed)
         if arch is None:
             from open_clip.model import CLIP
             model = CLIP(**OPEN_CLIP_TINY, quick_gelu=True)
+        elif arch == "siglip-tiny":
+            from open_clip.model import CustomTextCLIP
+            from . import _timm_tiny  # noqa: F401  (registers the tiny timm trunk)
+            model = CustomTextCLIP(**OPEN_CLIP_SIGLIP_TINY)
         else:
             if arch not in open_clip.list_models():
                 raise ValueError(f"unknown open_clip architecture {arch!r}; open_clip knows e.g. "
                                  f"{', '.join(open_clip.list_models()[:8])}, ...")
-            model = open_clip.create_model(arch, pretrained=pretrained)
+            model = open_clip.create_model(arch, pretrained=pretrained,
+                                           **({"device": device} if device is not None else {}))
     return model.eval()
 
 
 def load(name_or_path: str, *, seed: int = 0, arch: str | None = None):
-    """Return the source model (HF CLIPModel / SiglipModel or open_clip CLIP) in eval mode."""
+    """Return the source model (HF CLIPModel / MetaClip2Model / SiglipModel, open_clip CLIP / CustomTextCLIP)
+    in eval mode."""
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise ValueError(f"expected a preset name or a local path, got {type(name_or_path).__name__}")
     name = str(name_or_path)
@@ -128,6 +225,8 @@ def load(name_or_path: str, *, seed: int = 0, arch: str | None = None):
         return build_hf(name, seed)
     if name == "open_clip-tiny":
         return build_open_clip(None, seed)
+    if name == "open_clip-siglip-tiny":
+        return build_open_clip("siglip-tiny", seed)
     if name.startswith("open_clip:"):
         return build_open_clip(name.split(":", 1)[1], seed)
     if os.path.isdir(name):
@@ -151,8 +250,13 @@ def _load_hf_dir(path: str):
         model_type = json.load(f).get("model_type")
     if model_type == "clip":
         from transformers import CLIPModel as cls
+    elif model_type == "metaclip_2":
+        from transformers import MetaClip2Model as cls
     elif model_type == "siglip":
         from transformers import SiglipModel as cls
+    elif model_type == "siglip2":
+        from transformers import Siglip2Model as cls
     else:
-        raise ValueError(f"{path}: model_type {model_type!r} is not supported (expected 'clip' or 'siglip')")
+        raise ValueError(f"{path}: model_type {model_type!r} is not supported "
+                         "(expected 'clip', 'metaclip_2', 'siglip' or 'siglip2')")
     return cls.from_pretrained(path, local_files_only=True).eval()

@@ -1,34 +1,75 @@
-"""Adapters: read a user's model object (never modifying it) into a DualEncoderSpec."""
+"""Adapters: read a user's model object (never modifying it) into a DualEncoderSpec.
+
+Three outcomes for a model object:
+- a family the stock executors run whose towers the spec describes: ``to_spec`` returns the spec;
+- a family the stock executors run, but a tower the spec cannot describe (a convolutional image tower,
+  LayerScale, ...): ``to_spec`` raises :class:`NotCovered` naming the tower and why; ``model_io`` still works;
+- anything else: ``ValueError("unsupported model class ...")``.
+"""
 from __future__ import annotations
 
-from ..spec import DualEncoderSpec
+from ..spec import DualEncoderSpec, ModelIO
 
-SUPPORTED = "transformers CLIPModel, transformers SiglipModel, open_clip CLIP (ViT towers), or a DualEncoderSpec"
+
+class NotCovered(ValueError):
+    """The model's family is runnable (the stock executors can call it) but a tower is not expressible in
+    DualEncoderSpec, so the fused kernels cannot run it. ``tower`` names the tower, ``what`` the part."""
+
+    def __init__(self, tower: str, what: str, hint: str = ""):
+        self.tower, self.what, self.hint = tower, what, hint
+        super().__init__(f"{tower} {what} is not covered by the fused kernels" + (f" ({hint})" if hint else ""))
+
+
+SUPPORTED = ("transformers CLIPModel, MetaClip2Model, SiglipModel, Siglip2Model, open_clip CLIP / CustomTextCLIP, "
+             "or a DualEncoderSpec")
+
+# (module prefix, class name) -> family; the family names how executors.base.source_forward calls the model
+_FAMILIES = {
+    ("transformers", "CLIPModel"): "hf_clip",
+    ("transformers", "MetaClip2Model"): "hf_metaclip2",
+    ("transformers", "SiglipModel"): "hf_siglip",
+    ("transformers", "Siglip2Model"): "hf_siglip2",
+    ("open_clip", "CLIP"): "open_clip",
+    ("open_clip", "CustomTextCLIP"): "open_clip",
+}
 
 
 def family_of(model) -> str:
-    """'hf_clip' | 'hf_siglip' | 'open_clip' for supported model objects, else ValueError listing what is supported."""
-    name = type(model).__name__
-    module = type(model).__module__
-    if name == "CLIPModel" and module.startswith("transformers"):
-        return "hf_clip"
-    if name == "SiglipModel" and module.startswith("transformers"):
-        return "hf_siglip"
-    if name in ("CLIP",) and module.startswith("open_clip"):
-        return "open_clip"
-    raise ValueError(f"unsupported model class {module}.{name}; supported: {SUPPORTED}")
+    """'hf_clip' | 'hf_metaclip2' | 'hf_siglip' | 'hf_siglip2' | 'open_clip' for runnable model objects,
+    else ValueError listing what is supported."""
+    cls = type(model)
+    family = _FAMILIES.get((cls.__module__.split(".")[0], cls.__name__))
+    if family is None:
+        raise ValueError(f"unsupported model class {cls.__module__}.{cls.__name__}; supported: {SUPPORTED}")
+    return family
 
 
 def to_spec(model) -> DualEncoderSpec:
-    """The canonical spec of a supported model (weights copied, fp32 unless the model is in another dtype)."""
+    """The canonical spec of a supported model (weights copied, fp32 unless the model is in another dtype).
+    Raises NotCovered when the family is runnable but a tower is not expressible in the spec."""
     if isinstance(model, DualEncoderSpec):
         return model
     family = family_of(model)
     if family == "hf_clip":
         from .hf_clip import from_hf_clip
         return from_hf_clip(model)
+    if family == "hf_metaclip2":
+        from .hf_metaclip2 import from_hf_metaclip2
+        return from_hf_metaclip2(model)
     if family == "hf_siglip":
         from .hf_siglip import from_hf_siglip
         return from_hf_siglip(model)
+    if family == "hf_siglip2":
+        from .hf_siglip2 import from_hf_siglip2
+        return from_hf_siglip2(model)
     from .open_clip import from_open_clip
     return from_open_clip(model)
+
+
+def model_io(model) -> ModelIO:
+    """Inputs and outputs of any runnable model, covered or not (read from its config / attributes, no weights
+    copied); equals ``to_spec(model).io`` for a covered model."""
+    if isinstance(model, DualEncoderSpec):
+        return model.io
+    from ._io import read_model_io
+    return read_model_io(model, family_of(model))

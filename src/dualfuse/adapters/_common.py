@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from ..spec import LayerNorm, Linear
+from . import NotCovered
 
 
 def t(x: torch.Tensor) -> torch.Tensor:
@@ -28,25 +29,44 @@ def packed_linear(q: nn.Linear, k: nn.Linear, v: nn.Linear) -> Linear:
     return Linear(t(torch.cat([q.weight, k.weight, v.weight])), bias)
 
 
-def patch_weight(conv: nn.Conv2d) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if conv.kernel_size != conv.stride or conv.padding not in ((0, 0), 0, "valid") or conv.kernel_size[0] != conv.kernel_size[1]:
-        raise ValueError(
-            "patch embedding must be a square Conv2d with stride == kernel size and no padding; got "
-            f"kernel {conv.kernel_size}, stride {conv.stride}, padding {conv.padding}"
-        )
+def patch_weight(conv: nn.Conv2d, tower: str = "vision tower") -> tuple[torch.Tensor, torch.Tensor | None]:
+    if (conv.kernel_size != conv.stride or conv.padding not in ((0, 0), 0, "valid")
+            or conv.kernel_size[0] != conv.kernel_size[1] or conv.dilation not in ((1, 1), 1) or conv.groups != 1):
+        raise NotCovered(tower, "patch embedding",
+                         "it must be a square Conv2d with stride == kernel size and no padding; got "
+                         f"kernel {conv.kernel_size}, stride {conv.stride}, padding {conv.padding}")
     w = conv.weight.detach()
     return t(w.reshape(w.shape[0], -1)), (t(conv.bias) if conv.bias is not None else None)
 
 
 HF_ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
-                  "gelu_new": "gelu_tanh", "gelu_fast": None}
+                  "gelu_new": "gelu_tanh"}
 
 
-def hf_activation(name: str) -> str:
+def hf_activation(name: str, tower: str = "HF tower") -> str:
     act = HF_ACTIVATIONS.get(name)
     if act is None:
-        raise ValueError(f"hidden_act {name!r} is not supported; supported: quick_gelu, gelu, gelu_pytorch_tanh, gelu_new")
+        raise NotCovered(tower, f"activation hidden_act={name!r}", f"covered: {', '.join(HF_ACTIVATIONS)}")
     return act
+
+
+def module_activation(act: nn.Module, tower: str) -> str:
+    """The spec's activation for an activation module (torch, open_clip or timm), matched by class name since
+    open_clip and timm each define their own GELU variants."""
+    name = type(act).__name__
+    if name == "QuickGELU":
+        return "quick_gelu"
+    if name == "GELU":  # torch's (approximate attr) or timm's (always exact)
+        return "gelu_tanh" if getattr(act, "approximate", "none") == "tanh" else "gelu"
+    if name == "GELUTanh":  # timm
+        return "gelu_tanh"
+    raise NotCovered(tower, f"activation {name}", "covered: QuickGELU, GELU (exact or tanh)")
+
+
+def check_layer_norm(m: nn.Module, tower: str, where: str) -> None:
+    """A plain affine LayerNorm with a bias (RMSNorm, BatchNorm, bias-free LN are not in the spec)."""
+    if not isinstance(m, nn.LayerNorm) or m.weight is None or m.bias is None:
+        raise NotCovered(tower, f"norm {where} ({type(m).__name__})", "only affine LayerNorm with a bias")
 
 
 def scalar(x: torch.Tensor) -> float:

@@ -1,4 +1,4 @@
-"""HF transformers CLIPModel -> DualEncoderSpec."""
+"""HF transformers CLIPModel -> DualEncoderSpec (MetaClip2Model reuses the towers: hf_metaclip2.py)."""
 from __future__ import annotations
 
 from ..spec import Block, DualEncoderSpec, PatchEmbed, TokenEmbed, TowerSpec
@@ -19,13 +19,13 @@ def _blocks(encoder) -> list[Block]:
     ]
 
 
-def from_hf_clip(model) -> DualEncoderSpec:
-    vcfg, tcfg = model.config.vision_config, model.config.text_config
-    vm, tm = model.vision_model, model.text_model
-    w, b = patch_weight(vm.embeddings.patch_embedding)
-    vision = TowerSpec(
+def clip_vision_tower(model, label: str) -> TowerSpec:
+    """CLIP's vision tower: class token, pre-LN, LN on the class token, visual_projection."""
+    vcfg, vm = model.config.vision_config, model.vision_model
+    w, b = patch_weight(vm.embeddings.patch_embedding, f"{label} vision tower")
+    return TowerSpec(
         kind="vision", width=vcfg.hidden_size, heads=vcfg.num_attention_heads, mlp_dim=vcfg.intermediate_size,
-        activation=hf_activation(vcfg.hidden_act), mask="none",
+        activation=hf_activation(vcfg.hidden_act, f"{label} vision tower"), mask="none",
         embed=PatchEmbed(w, b, vcfg.patch_size, vcfg.image_size, vcfg.num_channels),
         pos_embedding=t(vm.embeddings.position_embedding.weight),
         class_embedding=t(vm.embeddings.class_embedding),
@@ -33,16 +33,29 @@ def from_hf_clip(model) -> DualEncoderSpec:
         blocks=_blocks(vm.encoder), final_ln=layer_norm(vm.post_layernorm), pooling="cls",
         projection=linear(model.visual_projection),
     )
-    # Before HF PR #24773 CLIP configs carried eos_token_id 2 and pooled at input_ids.argmax().
-    eos = tcfg.eos_token_id
-    text = TowerSpec(
+
+
+def clip_text_tower(model, label: str, pooling: str, eos_token_id: int | None) -> TowerSpec:
+    """CLIP's causal text tower pooled at one token, then text_projection."""
+    tcfg, tm = model.config.text_config, model.text_model
+    return TowerSpec(
         kind="text", width=tcfg.hidden_size, heads=tcfg.num_attention_heads, mlp_dim=tcfg.intermediate_size,
-        activation=hf_activation(tcfg.hidden_act), mask="causal",
+        activation=hf_activation(tcfg.hidden_act, f"{label} text tower"), mask="causal",
         embed=TokenEmbed(t(tm.embeddings.token_embedding.weight)),
         pos_embedding=t(tm.embeddings.position_embedding.weight),
         blocks=_blocks(tm.encoder), final_ln=layer_norm(tm.final_layer_norm),
-        pooling="argmax" if eos == 2 else "first_eos", eos_token_id=None if eos == 2 else int(eos),
-        projection=linear(model.text_projection),
+        pooling=pooling, eos_token_id=eos_token_id, projection=linear(model.text_projection),
     )
-    return DualEncoderSpec(vision, text, logit_scale=scalar(model.logit_scale), family="hf_clip",
+
+
+def clip_text_pooling(eos: int) -> tuple[str, int | None]:
+    """Before HF PR #24773 CLIP configs carried eos_token_id 2 and CLIPTextTransformer still pools those at
+    input_ids.argmax(); newer configs pool at the first eos_token_id."""
+    return ("argmax", None) if eos == 2 else ("first_eos", int(eos))
+
+
+def from_hf_clip(model) -> DualEncoderSpec:
+    pooling, eos = clip_text_pooling(model.config.text_config.eos_token_id)
+    return DualEncoderSpec(clip_vision_tower(model, "HF CLIP"), clip_text_tower(model, "HF CLIP", pooling, eos),
+                           logit_scale=scalar(model.logit_scale), family="hf_clip",
                            name=getattr(model.config, "_name_or_path", "") or "hf_clip")
