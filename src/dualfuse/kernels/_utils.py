@@ -5,6 +5,7 @@ Kept small and stable: other kernels (LayerNorm, attention) import from here.
 - `quick_gelu`, `gelu_erf`, `gelu_tanh`: @triton.jit activations on fp32 values.
 - `apply_activation(x, act)`: picks one by integer code; `act` may be a tl.constexpr (branch resolved at
   compile time) or a runtime scalar loaded from memory (one uniform branch per program).
+- `scalar_bool(c)`: a runtime scalar condition that can be combined with a bool block (`mask & scalar_bool(c)`).
 - `ACTIVATIONS` / `activation_code(name)`: the name -> code table shared by host and kernels.
 - `num_sms()`, `device_smem_bytes()`, `l2_cache_bytes()`: device queries that also answer on CPU.
 - `is_interpreter()`: True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1).
@@ -63,6 +64,17 @@ def apply_activation(x, act):
     elif act == 3:
         x = gelu_tanh(x)
     return x
+
+
+@triton.jit
+def scalar_bool(c):
+    """``c``, a runtime scalar condition, as a bool that combines with a bool block: ``mask & scalar_bool(c)``.
+
+    Under the interpreter a scalar comparison (``n > 0``, ``(flags & 16) != 0``) keeps its operands' dtype, so
+    ``mask & (n > 0)`` is an int32 mask, which Triton 3.9's interpreter rejects ("mask has unsupported dtype");
+    through tl.where it is a bool. Compiled, tl.where(c, True, False) folds to ``c``: the same code as ``mask & c``.
+    """
+    return tl.where(c, True, False)
 
 
 def is_interpreter() -> bool:

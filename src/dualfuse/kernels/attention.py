@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._utils import describe, gdc_launch, gdc_wait, num_sms, pdl_supported, pow2_divisor
+from ._utils import describe, gdc_launch, gdc_wait, num_sms, pdl_supported, pow2_divisor, scalar_bool
 
 __all__ = ["AttentionProblem", "GroupedAttention", "grouped_attention", "split_packed_qkv"]
 
@@ -84,7 +84,7 @@ def _attention_inner(acc, l_i, m_i, q, k_base, v_base, k_ss, v_ss, offs_m, offs_
             qk = tl.dot(q, kt)
         qk = qk * qk_scale
         if MASKED:
-            valid = n_ok[None, :] & ((offs_n[None, :] <= offs_m[:, None]) | (causal == 0))
+            valid = n_ok[None, :] & ((offs_n[None, :] <= offs_m[:, None]) | scalar_bool(causal == 0))
             qk = tl.where(valid, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, axis=1))
         p = tl.math.exp2(qk - m_new[:, None])

@@ -65,7 +65,7 @@ import triton.language as tl
 from ._utils import activation_code, apply_activation, device_smem_bytes, is_interpreter, l2_cache_bytes, num_sms
 from ._utils import gdc_launch as _gdc_launch
 from ._utils import gdc_wait as _gdc_wait
-from ._utils import pdl_supported
+from ._utils import pdl_supported, scalar_bool
 
 try:  # host-side tensor descriptors (Triton >= 3.4): the optional TMA path
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -262,11 +262,12 @@ def _grouped_linear_kernel(
         K = tl.multiple_of(K, VEC_IN)
         N = tl.multiple_of(N, VEC_IN if VEC_IN > VEC_OUT else VEC_OUT)  # n masks constant over 16 bytes
     act = flags & 15
-    has_bias = (flags & 16) != 0
-    has_res = (flags & 32) != 0
-    has_norm = (flags & 64) != 0
-    has_stats_out = (flags & 128) != 0
-    has_stats_in = (flags & 256) != 0
+    # runtime scalars that gate bool-block masks: through scalar_bool (a bool under the interpreter too)
+    has_bias = scalar_bool((flags & 16) != 0)
+    has_res = scalar_bool((flags & 32) != 0)
+    has_norm = scalar_bool((flags & 64) != 0)
+    has_stats_out = scalar_bool((flags & 128) != 0)
+    has_stats_in = scalar_bool((flags & 256) != 0)
 
     # ---- (tile, split) of this program; tiles in GROUP_M-grouped order for L2 reuse ----
     local = pid - start
@@ -330,7 +331,7 @@ def _grouped_linear_kernel(
         # E[(x-s)^2] - E[x-s]^2 stays accurate when |mean| >> std. Accumulating them inside the K loop from
         # the dot's A tiles (or a second load of them) instead gave WRONG results on an H100 with the skinny
         # configs (Triton 3.6; right under the interpreter and at batch 32) and was slower there anyway.
-        pre = m_mask & has_norm & ((flags & 256) == 0)
+        pre = m_mask & has_norm & scalar_bool((flags & 256) == 0)
         shift = tl.load(x_ptr + rm * stride_xm, mask=pre, other=0.0).to(tl.float32)
         row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
         row_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -415,12 +416,12 @@ def _grouped_linear_kernel(
                     for t0 in range(0, S, RED_CHUNK):
                         p0 = tl.load(ws_tile + t0 * TILE + offs_tile, mask=rows, other=0.0, cache_modifier=".cg")
                         if RED_CHUNK > 1:
-                            p1 = tl.load(ws_tile + (t0 + 1) * TILE + offs_tile, mask=rows & (t0 + 1 < S),
+                            p1 = tl.load(ws_tile + (t0 + 1) * TILE + offs_tile, mask=rows & scalar_bool(t0 + 1 < S),
                                          other=0.0, cache_modifier=".cg")
                         if RED_CHUNK > 2:
-                            p2 = tl.load(ws_tile + (t0 + 2) * TILE + offs_tile, mask=rows & (t0 + 2 < S),
+                            p2 = tl.load(ws_tile + (t0 + 2) * TILE + offs_tile, mask=rows & scalar_bool(t0 + 2 < S),
                                          other=0.0, cache_modifier=".cg")
-                            p3 = tl.load(ws_tile + (t0 + 3) * TILE + offs_tile, mask=rows & (t0 + 3 < S),
+                            p3 = tl.load(ws_tile + (t0 + 3) * TILE + offs_tile, mask=rows & scalar_bool(t0 + 3 < S),
                                          other=0.0, cache_modifier=".cg")
                         acc += p0
                         if RED_CHUNK > 1:

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._utils import describe, gdc_launch, gdc_wait, pdl_supported, pow2_divisor
+from ._utils import describe, gdc_launch, gdc_wait, pdl_supported, pow2_divisor, scalar_bool
 
 __all__ = ["LayerNormProblem", "GroupedLayerNorm", "grouped_layer_norm", "MAX_ADD_SLICES"]
 
@@ -122,7 +122,7 @@ def _layer_norm_kernel(
     w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     if MAX_ADD > 0:
-        add_b = tl.load(add_b_ptr + cols, mask=col_ok & (n_add > 0), other=0.0).to(tl.float32)
+        add_b = tl.load(add_b_ptr + cols, mask=col_ok & scalar_bool(n_add > 0), other=0.0).to(tl.float32)
     if USE_PDL:
         gdc_wait()  # x and row_index are earlier launches' outputs
     rows = (pid - start) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
@@ -143,9 +143,9 @@ def _layer_norm_kernel(
         slab = n_rows * D
         acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
         for s in tl.static_range(MAX_ADD):
-            acc += tl.load(a_ptrs + s * slab, mask=mask & (s < n_add), other=0.0)
+            acc += tl.load(a_ptrs + s * slab, mask=mask & scalar_bool(s < n_add), other=0.0)
         x_new = (x + (acc + add_b[None, :])).to(x_ref.dtype.element_ty)
-        tl.store(x_ptrs, x_new, mask=mask & (n_add > 0))
+        tl.store(x_ptrs, x_new, mask=mask & scalar_bool(n_add > 0))
         x = tl.where(n_add > 0, x_new.to(tl.float32), x)
     mean = tl.sum(x, axis=1) / D
     xc = tl.where(mask, x - mean[:, None], 0.0)
