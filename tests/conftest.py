@@ -1,6 +1,10 @@
-"""Test setup: on a machine without CUDA every Triton kernel runs through the interpreter."""
+"""Test setup: on a machine without CUDA every Triton kernel runs through the interpreter; every test's random
+inputs come from a seed of its own (one base seed mixed with the test's node id), printed when the test fails."""
+import hashlib
 import os
+import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -12,6 +16,42 @@ if not HAS_CUDA:
 # Kernel tests run where the kernels can run: the GPU when there is one, else the CPU interpreter.
 KERNEL_DEVICE = "cuda" if HAS_CUDA else "cpu"
 
+SEED_ENV = "DUALFUSE_TEST_SEED"
+DEFAULT_BASE_SEED = 20251126
+
+
+def base_seed() -> int:
+    raw = os.environ.get(SEED_ENV, "").strip()
+    if not raw:
+        return DEFAULT_BASE_SEED
+    try:
+        return int(raw, 0)
+    except ValueError:
+        raise pytest.UsageError(f"{SEED_ENV} must be an integer, got {raw!r}") from None
+
+
+def seed_for(nodeid: str, base: int | None = None) -> int:
+    """The seed of one test: a hash of the base seed and the node id (different tests, different inputs).
+    31 bits: valid for torch, numpy's legacy global generator and random alike."""
+    base = base_seed() if base is None else base
+    digest = hashlib.blake2b(f"{base}:{nodeid}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFF_FFFF
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # CPU and every CUDA device
+
+
+def pytest_configure(config):
+    # a malformed DUALFUSE_TEST_SEED stops the run here; a seeded start for fixtures built before any test's seed
+    seed_everything(base_seed())
+
+
+def pytest_report_header(config):
+    return f"dualfuse test seed: base {base_seed()} ({SEED_ENV}), mixed with each test's node id"
+
 
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:
@@ -20,6 +60,24 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def test_seed(request) -> int:
+    """Seeds torch, random and numpy for this test; the seed, for a test that wants a generator of its own."""
+    seed = seed_for(request.node.nodeid)
+    seed_everything(seed)
+    return seed
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.failed:
+        base = base_seed()
+        rep.sections.append(("dualfuse test seed", f"dualfuse test seed: {seed_for(item.nodeid, base)} "
+                             f"(rerun with {SEED_ENV}={base} python -m pytest '{item.nodeid}')"))
 
 
 @pytest.fixture
