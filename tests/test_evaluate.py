@@ -138,6 +138,7 @@ def test_fp16_tolerance_used_for_half(tiny):
 
 
 def test_cli_eval_demo_json(tmp_path):
+    pytest.importorskip("skimage", reason="scikit-image is not installed here (pip install 'dualfuse[eval]')")
     from dualfuse import cli
 
     out = tmp_path / "eval.json"

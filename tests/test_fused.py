@@ -13,6 +13,7 @@ from dualfuse.executors.fused import FusedExecutor, FusedModel, unsupported_reas
 KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # as tests/conftest.py: interpreter on CPU
 
 FAMILIES = ["clip-tiny", "siglip-tiny", "open_clip-tiny"]
+NO_OPEN_CLIP = "open_clip is not installed here (pip install 'dualfuse[openclip]')"
 
 
 def _inputs(spec, bi, bt, text_len=None, seed=0):
@@ -38,6 +39,8 @@ def _check(out, ref):
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def family(request):
+    if request.param.startswith("open_clip"):
+        pytest.importorskip("open_clip", reason=NO_OPEN_CLIP)
     model = dualfuse.load(request.param)
     return request.param, model, to_spec(model)
 
@@ -149,6 +152,7 @@ def test_drop_in_hf_calls_match_source_model():
 
 
 def test_drop_in_open_clip_call():
+    pytest.importorskip("open_clip", reason=NO_OPEN_CLIP)
     model = dualfuse.load("open_clip-tiny")
     spec = to_spec(model)
     fused = dualfuse.fuse(model, dtype=torch.float16, device=KERNEL_DEVICE)

@@ -48,6 +48,8 @@ def source_outputs(model, family, px, ids):
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_reference_matches_source_model(name):
+    if name.startswith("open_clip"):
+        pytest.importorskip("open_clip", reason="open_clip is not installed here (pip install 'dualfuse[openclip]')")
     model = dualfuse.load(name)
     before = copy.deepcopy(model.state_dict())
     spec = to_spec(model)
