@@ -75,7 +75,7 @@ def naflex_pos_embedding(embed: PatchEmbed, pos: torch.Tensor, h: int, w: int) -
         # the first row's value, so resize the transposed grid to (1, h): it flattens in the same order.
         h, w, grid = w, h, grid.transpose(2, 3)
     resized = F.interpolate(grid, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
-    return resized.reshape(-1, h * w).t().to(pos.dtype)
+    return resized.reshape(-1, h * w).t().contiguous().to(pos.dtype)
 
 
 def embed_image(tower: TowerSpec, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -57,19 +57,58 @@ class Block:
 
 @dataclass
 class PatchEmbed:
+    """The patch "convolution" (stride = kernel = patch). Like a Conv2d it drops the last H % p rows and
+    W % p columns (SigLIP so400m: 384 px, patch 14 -> 27x27 patches)."""
+
     weight: torch.Tensor  # [width, channels*patch*patch], (c, ph, pw) order
     bias: torch.Tensor | None  # [width] or None
     patch_size: int
-    image_size: int
+    image_size: int  # height (and width, unless image_width is set)
     channels: int
+    image_width: int | None = None  # None: square images
+    # NaFlex (SigLIP2): the tower's pos_embedding is a pos_grid x pos_grid grid, resized to each image's patch
+    # grid; images come as patch sequences (PatchSequence). None: fixed resolution, pos_embedding per token.
+    pos_grid: int | None = None
+
+    @property
+    def width(self) -> int:
+        return self.image_size if self.image_width is None else self.image_width
+
+    @property
+    def grid_hw(self) -> tuple[int, int]:
+        return self.image_size // self.patch_size, self.width // self.patch_size
 
     @property
     def grid(self) -> int:
+        """Patches per side (square images)."""
         return self.image_size // self.patch_size
 
     @property
     def num_patches(self) -> int:
-        return self.grid * self.grid
+        gh, gw = self.grid_hw
+        return gh * gw
+
+    @property
+    def patch_dim(self) -> int:
+        return self.channels * self.patch_size * self.patch_size
+
+
+@dataclass
+class PatchSequence:
+    """SigLIP2 NaFlex images as its processor gives them: each image cut into a (h, w) grid of patches,
+    flattened in (ph, pw, c) order and right-padded to a common length.
+
+    pixel_values: [B, N, p*p*C] float. spatial_shapes: [B, 2] int (h, w) with h*w <= N.
+    pixel_attention_mask: [B, N], 1 for the first h*w patches of each image, 0 for padding.
+    """
+
+    pixel_values: torch.Tensor
+    spatial_shapes: torch.Tensor
+    pixel_attention_mask: torch.Tensor
+
+    @property
+    def shape(self):  # batch first, like a tensor, for code that only needs the batch size
+        return self.pixel_values.shape
 
 
 @dataclass
@@ -173,6 +212,11 @@ class DualEncoderSpec:
         return self.vision.out_dim
 
     @property
+    def io(self) -> "ModelIO":
+        """The model's inputs and outputs (what validation, input making and logits need)."""
+        return spec_io(self)
+
+    @property
     def dtype(self) -> torch.dtype:
         return self.vision.pos_embedding.dtype
 
@@ -225,3 +269,35 @@ def _map(obj, fn):
                    if f.name != "extra"}
         return dataclasses.replace(obj, **changes)
     return obj
+
+
+@dataclass(frozen=True)
+class ModelIO:
+    """What callers and the stock executors need to know of a model's inputs and outputs: enough to validate
+    and make inputs and to compute logits, also for a model whose towers DualEncoderSpec cannot describe
+    (a convolutional image tower, say), which the stock executors still run. ``DualEncoderSpec.io`` gives it
+    for a covered model, ``adapters.model_io(model)`` for any runnable model."""
+
+    name: str
+    family: str
+    image_size: int
+    channels: int
+    context_length: int
+    vocab_size: int
+    embed_dim: int
+    logit_scale: float  # log of the temperature
+    logit_bias: float | None = None
+    text_pooling: str = "argmax"  # where the text tower pools: shapes realistic random token ids
+    eos_token_id: int | None = None
+    patch_size: int | None = None
+    naflex: bool = False  # images come as PatchSequence (SigLIP2 NaFlex)
+
+
+def spec_io(spec: "DualEncoderSpec") -> ModelIO:
+    v, t = spec.vision, spec.text
+    return ModelIO(name=spec.name, family=spec.family, image_size=v.embed.image_size, channels=v.embed.channels,
+                   context_length=t.context_length, vocab_size=t.embed.vocab_size, embed_dim=spec.embed_dim,
+                   logit_scale=spec.logit_scale, logit_bias=spec.logit_bias, text_pooling=t.pooling,
+                   eos_token_id=t.eos_token_id, patch_size=v.embed.patch_size,
+                   naflex=v.embed.pos_grid is not None)
+

@@ -141,14 +141,23 @@ def test_convenience(kernel_device):
     check(TokenEmbedProblem(ids, tw, pos, out2))
 
 
+@pytest.mark.parametrize("H,W", [(14, 19), (9, 8)])
+def test_patch_not_multiple(H, W, kernel_device):
+    # H, W not multiples of the patch: like a stride-p conv, the last H % p rows / W % p columns are not read
+    # (SigLIP so400m: 384 px at patch 14 -> 27x27 patches)
+    p = make_patch(2, 3, H, W, 4, 40, torch.float16, kernel_device)
+    PatchEmbed([p])()
+    check(p)
+
+
 def test_bad_inputs(kernel_device):
     dev = kernel_device
     p = make_patch(1, 3, 8, 8, 4, 40, torch.float16, dev)
     t = make_token(1, 5, 10, 40, torch.float16, dev)
     with pytest.raises(ValueError, match="at least one"):
         Embeddings([], [])
-    with pytest.raises(ValueError, match="multiple of patch_size"):
-        PatchEmbed([PatchEmbedProblem(torch.randn(1, 3, 9, 8, device=dev), p.weight, p.bias, p.class_embedding,
+    with pytest.raises(ValueError, match="at least patch_size"):
+        PatchEmbed([PatchEmbedProblem(torch.randn(1, 3, 3, 8, device=dev), p.weight, p.bias, p.class_embedding,
                                       p.pos_embedding, p.out, 4)])
     with pytest.raises(ValueError, match="pos_embedding"):
         PatchEmbed([PatchEmbedProblem(p.pixel_values, p.weight, p.bias, p.class_embedding,

@@ -49,7 +49,8 @@ _NTF = 16
 class PatchEmbedProblem:
     """Vision tower input: patch GEMM + (class token) + positional embedding.
 
-    pixel_values: [B, C, H, W], any float dtype and strides, H and W multiples of patch_size.
+    pixel_values: [B, C, H, W], any float dtype and strides, H and W >= patch_size. Like a stride-p Conv2d,
+    the last H % p rows and W % p columns are not read (SigLIP so400m: 384 px, patch 14 -> 27x27 patches).
     weight: [D, C*p*p] (conv weight flattened in (c, ph, pw) order), any strides.
     bias: [D] or None. class_embedding: [D] or None. pos_embedding: [T, D], T = (H/p)*(W/p) + has_class.
     out: [B, T, D], last dim contiguous.
@@ -348,8 +349,8 @@ class Embeddings:
             if x.dim() != 4:
                 raise ValueError(f"{where}: pixel_values must be [B, C, H, W], got {describe(x)}")
             B, C, Hh, Ww = x.shape
-            if B < 1 or Hh % P or Ww % P or Hh < P or Ww < P:
-                raise ValueError(f"{where}: image {Hh}x{Ww} (batch {B}) must be a non-empty multiple of patch_size {P}")
+            if B < 1 or Hh < P or Ww < P:
+                raise ValueError(f"{where}: image {Hh}x{Ww} (batch {B}) must be non-empty and at least patch_size {P}")
             Hp, Wp = Hh // P, Ww // P
             Kdim = C * P * P
             w = p.weight
