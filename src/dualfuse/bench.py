@@ -35,20 +35,24 @@ CPU_ITERS, CPU_WARMUP = 10, 2
 
 # --------------------------------------------------------------------------------------------- inputs
 
-def random_inputs(spec, image_batch: int, text_batch: int, text_length: int | None = None, *, sets: int = 4,
+def random_inputs(io, image_batch: int, text_batch: int, text_length: int | None = None, *, sets: int = 4,
                   seed: int = 0, device="cpu", dtype=torch.float32):
     """``sets`` pairs ``(pixel_values [Bi, C, H, W] or None, input_ids [Bt, L] or None)``, deterministic in ``seed``.
 
-    Pixels are standard normal (like normalized images). Token ids look like tokenizer output: random ids, then
-    the pooled token (the EOS id for first-EOS pooling, the largest id for argmax pooling) at a random position,
-    zero padding after it. A batch of 0 gives None for that tower.
+    ``io``: the model's ModelIO (or its DualEncoderSpec). Pixels are standard normal (like normalized images);
+    SigLIP2 NaFlex models get a PatchSequence of the native patch grid (no padding). Token ids look like
+    tokenizer output: random ids, then the pooled token (the EOS id for first-EOS pooling, the largest id for
+    argmax pooling) at a random position, zero padding after it. A batch of 0 gives None for that tower.
     """
-    v, t = spec.vision, spec.text
-    length = t.context_length if text_length is None else text_length
-    vocab = t.embed.vocab_size
-    if t.pooling == "first_eos":
-        eos = t.eos_token_id
-    elif t.pooling == "argmax":
+    from .spec import DualEncoderSpec, PatchSequence
+
+    if isinstance(io, DualEncoderSpec):
+        io = io.io
+    length = io.context_length if text_length is None else text_length
+    vocab = io.vocab_size
+    if io.text_pooling == "first_eos":
+        eos = io.eos_token_id
+    elif io.text_pooling == "argmax":
         eos = vocab - 1
     else:
         eos = None
@@ -56,8 +60,14 @@ def random_inputs(spec, image_batch: int, text_batch: int, text_length: int | No
     for k in range(sets):
         g = torch.Generator().manual_seed(seed * 1000 + k)
         px = ids = None
-        if image_batch:
-            px = torch.randn(image_batch, v.embed.channels, v.embed.image_size, v.embed.image_size, generator=g)
+        if image_batch and io.naflex:
+            grid = io.image_size // io.patch_size
+            n, dim = grid * grid, io.channels * io.patch_size ** 2
+            patches = torch.randn(image_batch, n, dim, generator=g).to(device=device, dtype=dtype)
+            px = PatchSequence(patches, torch.tensor([[grid, grid]] * image_batch, device=device),
+                               torch.ones(image_batch, n, dtype=torch.int32, device=device))
+        elif image_batch:
+            px = torch.randn(image_batch, io.channels, io.image_size, io.image_size, generator=g)
             px = px.to(device=device, dtype=dtype)
         if text_batch:
             ids = torch.randint(1, max(vocab - 1, 2), (text_batch, length), generator=g)

@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from ..spec import DualEncoderSpec, PatchEmbed, TokenEmbed
+from ..spec import DualEncoderSpec, ModelIO, PatchSequence
 
 DTYPES = {
     "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
@@ -89,13 +89,16 @@ def _describe(x) -> str:
     return f"a {type(x).__name__}"
 
 
-def validate_inputs(spec: DualEncoderSpec, pixel_values=None, input_ids=None, *, device, dtype,
-                    check_ids: bool = True):
+def validate_inputs(io, pixel_values=None, input_ids=None, *, device, dtype, check_ids: bool = True):
     """Check inputs against the model and return them ready to run: ``(pixel_values, input_ids)``.
+
+    ``io``: the model's :class:`~dualfuse.spec.ModelIO` (a DualEncoderSpec is accepted too).
 
     - ``pixel_values``: ``[B, C, H, W]`` floating tensor with the model's channels and image size, B >= 1, on the
       executor's device. Any floating dtype is accepted and cast to the executor's ``dtype``; integer pixels
-      (e.g. uint8 images that were never normalized) are rejected.
+      (e.g. uint8 images that were never normalized) are rejected. SigLIP2 NaFlex models take a
+      :class:`~dualfuse.spec.PatchSequence` instead (its processor's ``pixel_values``, ``spatial_shapes`` and
+      ``pixel_attention_mask``).
     - ``input_ids``: ``[B, L]`` integer tensor (any integer dtype; converted to int64), B >= 1,
       1 <= L <= the context length, every id in ``[0, vocab_size)``, on the executor's device.
       The range check reads one flag back from the device (a small synchronisation); ``check_ids=False`` skips it.
@@ -103,11 +106,18 @@ def validate_inputs(spec: DualEncoderSpec, pixel_values=None, input_ids=None, *,
     Either input may be ``None`` (that tower is not run). Anything else raises ``ValueError`` naming what was
     expected and what came.
     """
+    from ..spec import DualEncoderSpec
+
+    if isinstance(io, DualEncoderSpec):
+        io = io.io
     device = torch.device(device)
     if pixel_values is not None:
-        pixel_values = _validate_pixels(spec, pixel_values, device, dtype)
+        if io.naflex:
+            pixel_values = _validate_patch_sequence(io, pixel_values, device, dtype)
+        else:
+            pixel_values = _validate_pixels(io, pixel_values, device, dtype)
     if input_ids is not None:
-        input_ids = _validate_ids(spec, input_ids, device, check_ids)
+        input_ids = _validate_ids(io, input_ids, device, check_ids)
     return pixel_values, input_ids
 
 
@@ -121,9 +131,11 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
     return True
 
 
-def _validate_pixels(spec, px, device, dtype):
-    emb = spec.vision.embed
-    assert isinstance(emb, PatchEmbed)
+def _validate_pixels(emb, px, device, dtype):
+    """emb: anything with ``channels`` and ``image_size`` (ModelIO)."""
+    if isinstance(px, PatchSequence):
+        raise ValueError("pixel_values: got a PatchSequence (SigLIP2 NaFlex patches), but this model takes images "
+                         f"[batch, {emb.channels}, {emb.image_size}, {emb.image_size}]")
     b, c, h, w = px.shape if isinstance(px, torch.Tensor) and px.dim() == 4 else (None,) * 4
     if (c == emb.channels and h == emb.image_size and w == emb.image_size and b and px.is_floating_point()
             and _same_device(px.device, device)):  # the usual case, without building any message (hot path)
@@ -151,10 +163,37 @@ def _validate_pixels(spec, px, device, dtype):
     return px if px.dtype == dtype else px.to(dtype)
 
 
-def _validate_ids(spec, ids, device, check_ids):
-    emb = spec.text.embed
-    assert isinstance(emb, TokenEmbed)
-    ctx, vocab = spec.text.context_length, emb.vocab_size
+def _validate_patch_sequence(io, seq, device, dtype):
+    """A SigLIP2 NaFlex call: PatchSequence(pixel_values [B, N, p*p*C], spatial_shapes [B, 2], mask [B, N])."""
+    dim = io.channels * io.patch_size ** 2
+    want = f"PatchSequence(pixel_values [batch, patches, {dim}], spatial_shapes [batch, 2], pixel_attention_mask [batch, patches])"
+    if not isinstance(seq, PatchSequence):
+        raise ValueError(f"pixel_values: this SigLIP2 NaFlex model takes {want} (its image processor's outputs), "
+                         f"got {_describe(seq)}")
+    px, shapes, mask = seq.pixel_values, seq.spatial_shapes, seq.pixel_attention_mask
+    for name, x in (("pixel_values", px), ("spatial_shapes", shapes), ("pixel_attention_mask", mask)):
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{name}: expected a tensor ({want}), got {_describe(x)}")
+    if px.dim() != 3 or px.shape[0] < 1 or px.shape[1] < 1 or px.shape[2] != dim or not px.is_floating_point():
+        raise ValueError(f"pixel_values: expected a float tensor [batch >= 1, patches >= 1, {dim}] of NaFlex patches, "
+                         f"got {_describe(px)}")
+    b, n = px.shape[:2]
+    if tuple(shapes.shape) != (b, 2) or shapes.is_floating_point():
+        raise ValueError(f"spatial_shapes: expected an integer tensor [{b}, 2] (patch rows, columns per image), "
+                         f"got {_describe(shapes)}")
+    if tuple(mask.shape) != (b, n):
+        raise ValueError(f"pixel_attention_mask: expected [{b}, {n}] (1 for each image's patches, 0 for padding), "
+                         f"got {_describe(mask)}")
+    if not _same_device(px.device, device):
+        raise ValueError(f"pixel_values: expected a tensor on {device} (the executor's device), got one on "
+                         f"{px.device}; move it with .to('{device}')")
+    if px.dtype != dtype:
+        seq = PatchSequence(px.to(dtype), shapes, mask)
+    return seq
+
+
+def _validate_ids(io, ids, device, check_ids):
+    ctx, vocab = io.context_length, io.vocab_size
     if (isinstance(ids, torch.Tensor) and ids.dtype in _INT_DTYPES and ids.dim() == 2 and ids.shape[0]
             and 0 < ids.shape[1] <= ctx and _same_device(ids.device, device)):  # the usual case (hot path)
         return _check_id_range(ids if ids.dtype == torch.long else ids.long(), vocab, check_ids)
@@ -211,7 +250,15 @@ def source_forward(model, family: str) -> tuple[Callable, Callable]:
 
     The single place that knows how each family is called: eager, streams, graph and compile all use it.
     """
-    if family in ("hf_clip", "hf_siglip"):
+    if family == "hf_siglip2":
+        def image_fn(pixel_values):  # a PatchSequence (NaFlex)
+            return _pooled(model.get_image_features(pixel_values=pixel_values.pixel_values,
+                                                    spatial_shapes=pixel_values.spatial_shapes,
+                                                    pixel_attention_mask=pixel_values.pixel_attention_mask))
+
+        def text_fn(input_ids):
+            return _pooled(model.get_text_features(input_ids=input_ids))
+    elif family in ("hf_clip", "hf_siglip", "hf_metaclip2"):
         def image_fn(pixel_values):
             return _pooled(model.get_image_features(pixel_values=pixel_values))
 
@@ -224,7 +271,7 @@ def source_forward(model, family: str) -> tuple[Callable, Callable]:
         def text_fn(input_ids):
             return model.encode_text(input_ids)
     else:
-        raise ValueError(f"unknown model family {family!r}: expected hf_clip, hf_siglip or open_clip")
+        raise ValueError(f"unknown model family {family!r}: expected hf_clip, hf_siglip, hf_siglip2, hf_metaclip2 or open_clip")
     return image_fn, text_fn
 
 
@@ -251,11 +298,14 @@ class Executor:
     needs_cuda: bool = False
     stock: bool = True  # a stock PyTorch way to run the model (bench compares ours against the best of these)
     uses_source_model: bool = True
+    # can run a model whose towers DualEncoderSpec does not describe (self.spec is then None): the executors
+    # that run the source model itself, and the fused executor (which falls back)
+    runs_uncovered: bool = True
     notes: str = ""  # shown by `dualfuse bench` next to the timings
 
     def __init__(self, model, dtype=None, device=None, *, spec: DualEncoderSpec | None = None,
                  check_ids: bool = True):
-        from ..adapters import family_of, to_spec
+        from ..adapters import NotCovered, family_of, model_io, to_spec
 
         self.device = resolve_device(device) if not self.needs_cuda else self._cuda_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
@@ -263,6 +313,9 @@ class Executor:
         if isinstance(model, (str,)):
             from ..presets import load
             model = load(model)
+        # why the spec cannot describe this model's towers (None: it can); executors that run the source model
+        # don't need the spec, the fused executor falls back
+        self.not_covered: str | None = None
         if isinstance(model, DualEncoderSpec):
             if self.uses_source_model:
                 raise ValueError(f"executor {self.name!r} runs the source model: pass the HF/open_clip model "
@@ -271,7 +324,13 @@ class Executor:
             self.family = model.family
         else:
             self.family = family_of(model)
-            self.spec = spec if spec is not None else to_spec(model)
+            try:
+                self.spec = spec if spec is not None else to_spec(model)
+            except NotCovered as e:
+                if not self.runs_uncovered:
+                    raise
+                self.spec, self.not_covered = None, str(e)
+        self.io: ModelIO = self.spec.io if self.spec is not None else model_io(model)
         self._source = model  # for subclasses' __init__ only; dropped by them (never keep the user's model)
 
     def _cuda_device(self, device) -> torch.device:
@@ -284,7 +343,7 @@ class Executor:
 
     # -- public interface ----------------------------------------------------------------------------
     def validate(self, pixel_values=None, input_ids=None):
-        return validate_inputs(self.spec, pixel_values, input_ids, device=self.device, dtype=self.dtype,
+        return validate_inputs(self.io, pixel_values, input_ids, device=self.device, dtype=self.dtype,
                                check_ids=self.check_ids)
 
     @torch.no_grad()
@@ -317,16 +376,16 @@ class Executor:
         from .. import reference
 
         for what, x in (("image_embeds", image_embeds), ("text_embeds", text_embeds)):
-            if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[-1] != self.spec.embed_dim:
-                raise ValueError(f"{what}: expected a tensor [batch, {self.spec.embed_dim}], got {_describe(x)}")
-        per_image, per_text = reference.logits(self.spec, image_embeds.float(), text_embeds.float())
+            if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[-1] != self.io.embed_dim:
+                raise ValueError(f"{what}: expected a tensor [batch, {self.io.embed_dim}], got {_describe(x)}")
+        per_image, per_text = reference.logits(self.io, image_embeds.float(), text_embeds.float())
         return per_image.to(image_embeds.dtype), per_text.to(text_embeds.dtype)
 
     def __call__(self, pixel_values, input_ids):
         return self.encode(pixel_values, input_ids)
 
     def __repr__(self) -> str:
-        return (f"<{type(self).__name__} {self.name!r} {self.spec.name or self.family} "
+        return (f"<{type(self).__name__} {self.name!r} {self.io.name or self.family} "
                 f"{dtype_name(self.dtype)} on {self.device}>")
 
     # -- to implement ----------------------------------------------------------------------------------

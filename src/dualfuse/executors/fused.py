@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..plan import Plan, Stage, Step, make_plan
-from ..spec import DualEncoderSpec, PatchEmbed, TowerSpec
+from ..spec import DualEncoderSpec, PatchEmbed, PatchSequence, TowerSpec
 from . import register
 from .base import Executor, NeedsCUDA, validate_inputs
 
@@ -62,7 +62,7 @@ class _TowerBuffers:
         # in, and garbage token ids would make the embedding gather read far out of bounds.
         if tower.kind == "vision":
             emb = tower.embed
-            self.input = torch.zeros(batch, emb.channels, emb.image_size, emb.image_size, dtype=dtype, device=device)
+            self.input = torch.zeros(batch, emb.channels, emb.image_size, emb.width, dtype=dtype, device=device)
         else:
             self.input = torch.zeros(batch, seq, dtype=torch.long, device=device)
         # output: [batch, embed dim], this tower's rows of the runner's one output buffer (one clone per call)
@@ -116,9 +116,8 @@ class Runner:
             raise AssertionError(f"fused runner: split-K partial sums of {sorted(self._deferred)} have no LayerNorm "
                                  f"launch to finish them (plan and executor out of sync)")
         self.embed_op = self.ops[[s.kind for s in self.plan.stages].index("embed")]
-        self.graph = None
-        if ex.device.type == "cuda" and ex.use_graph:
-            self._capture()
+        self.graph = None  # captured at the first call (fuse() builds runners only to check coverage)
+        self.wants_graph = ex.device.type == "cuda" and ex.use_graph
 
     # -- building ----------------------------------------------------------------------------------------
     def _build(self, stage: Stage):
@@ -306,8 +305,11 @@ class Runner:
             self.launch_all()
 
     def __call__(self, px, ids, check_ids: bool = True):
+        if self.wants_graph and self.graph is None:
+            self._capture()
         if px is not None:
-            self.buf["vision"].input.copy_(px)
+            dst = self.buf["vision"].input  # [B, C, H, W]; a NaFlex call gives a [B, C, h, p, w, p] view
+            (dst if px.dim() == 4 else dst.view(px.shape)).copy_(px)
         if ids is not None:
             self.buf["text"].input.copy_(ids)
         if self.graph is not None:
@@ -395,25 +397,35 @@ class FusedExecutor(Executor):
                              f"residual stream directly; got residual_dtype={residual_dtype}")
         self.residual_dtype = residual_dtype
         self.runners: OrderedDict[tuple, Runner] = OrderedDict()
+        self._grids: OrderedDict[tuple, FusedExecutor] | None = OrderedDict()  # NaFlex: (h, w) -> executor
         self.fallback = None
-        reason = unsupported_reason(self.spec, self.dtype, self.device)
+        # Whether the kernels cover the model is decided here, once: what they don't cover runs on the fallback
+        # executor from the first call on, with one warning that says why.
+        reason = self.not_covered or unsupported_reason(self.spec, self.dtype, self.device)
+        if reason is None:
+            self._prepare_weights()
+            reason = self._check_coverage()
         if reason is not None:
             self._fall_back(reason, fallback)
-        else:
-            self._prepare_weights()
         self.__dict__.pop("_source", None)
 
     def _fall_back(self, reason: str, allowed: bool):
+        """Run the source model with the CUDA graph executor (eager where there is no CUDA: the tests' case)."""
         source = self.__dict__.get("_source")
         if self.device.type != "cuda" and "CUDA" in reason:
             raise NeedsCUDA(f"executor 'fused': {reason}")
-        if not allowed or self.device.type != "cuda" or isinstance(source, DualEncoderSpec):
-            raise ValueError(f"executor 'fused' cannot run this model: {reason}")
-        from .graph import GraphExecutor
-
-        warnings.warn(f"dualfuse fused: {reason}; falling back to the CUDA graph executor", stacklevel=3)
-        self.fallback = GraphExecutor(source, self.dtype, self.device)
-        self.notes = f"FALLBACK to graph: {reason}"
+        if not allowed or isinstance(source, DualEncoderSpec):
+            why = "" if allowed else " (fallback=False)"
+            raise ValueError(f"executor 'fused' cannot run this model{why}: {reason}")
+        if self.device.type == "cuda":
+            from .graph import GraphExecutor as Fallback
+        else:
+            from .eager import EagerExecutor as Fallback
+        warnings.warn(f"dualfuse fused: {reason}; falling back to the {Fallback.name!r} executor", stacklevel=4)
+        self.fallback = Fallback(source, self.dtype, self.device, spec=self.spec)
+        self.weights = None
+        self.runners.clear()
+        self.notes = f"FALLBACK to {Fallback.name}: {reason}"
 
     def _prepare_weights(self):
         self.weights = self.spec.to(self.device, self.dtype)
@@ -468,17 +480,42 @@ class FusedExecutor(Executor):
         return validate_inputs(self.spec, pixel_values, input_ids, device=self.device, dtype=self.dtype,
                                check_ids=False)
 
-    def runner(self, image_batch: int, text_batch: int, text_len: int) -> Runner:
+    def runner(self, image_batch: int, text_batch: int, text_len: int, capture: bool = True) -> Runner:
+        """The cached runner of this call shape (built, and on CUDA captured, on first use)."""
         key = (image_batch, text_batch, text_len)
         r = self.runners.get(key)
         if r is None:
-            r = Runner(self, image_batch, text_batch, text_len)
+            try:
+                r = Runner(self, image_batch, text_batch, text_len)
+            except ValueError as e:  # coverage was settled at fuse(); only input sizes can get here
+                raise ValueError(f"fused: a call of {image_batch} image(s) and {text_batch} text(s) of length "
+                                 f"{text_len} is outside what the kernels cover: {e}") from None
             self.runners[key] = r
             while len(self.runners) > self.max_graphs:
                 self.runners.popitem(last=False)
         else:
             self.runners.move_to_end(key)
+        if capture and r.wants_graph and r.graph is None:
+            r._capture()
         return r
+
+    def _check_coverage(self) -> str | None:
+        """Decided once, at fuse(): build (without launching) the runners of a one-image + one-text call and of
+        each tower alone, so every kernel launcher validates its problems now rather than at a user's call.
+        They are dropped again (their buffers would hold memory for shapes that may never come). Returns why
+        the kernels refuse the model, or None."""
+        if self.spec.vision.embed.pos_grid is not None:  # NaFlex: check at the native grid
+            g = self.spec.vision.embed.pos_grid
+            return self._grid_executor(g, g)._check_coverage()
+        ctx = self.spec.text.context_length
+        try:
+            for shape in ((1, 1, ctx), (1, 0, ctx), (0, 1, ctx)):
+                self.runner(*shape, capture=False)
+        except ValueError as e:
+            return f"a kernel launcher refuses it ({e})"
+        finally:
+            self.runners.clear()
+        return None
 
     def plan(self, image_batch: int, text_batch: int, text_len: int | None = None) -> Plan:
         """The plan a call of this shape runs (the executor's dtype and LayerNorm folding included)."""
@@ -488,12 +525,64 @@ class FusedExecutor(Executor):
     def _encode(self, px, ids):
         if self.fallback is not None:
             return self.fallback._encode(px, ids)
+        if isinstance(px, PatchSequence):
+            return self._encode_naflex(px, ids)
         return self.runner(px.shape[0], ids.shape[0], ids.shape[1])(px, ids, self.check_ids)
 
     def _encode_image(self, px):
         if self.fallback is not None:
             return self.fallback._encode_image(px)
+        if isinstance(px, PatchSequence):
+            return self._encode_naflex(px, None)[0]
         return self.runner(px.shape[0], 0, self.spec.text.context_length)(px, None)[0]
+
+    # -- SigLIP2 NaFlex (executors/_naflex.py) ---------------------------------------------------------------
+    def _grid_executor(self, h: int, w: int) -> "FusedExecutor":
+        """This executor at one fixed (h, w) patch grid: the same weights and options, the positions resized to
+        the grid (once), runners of its own. Kept in an LRU of max_graphs grids."""
+        from ..reference import naflex_pos_embedding
+        from ._naflex import grid_spec
+
+        key = (h, w)
+        child = self._grids.get(key)
+        if child is None:
+            pos = naflex_pos_embedding(self.spec.vision.embed, self.spec.vision.pos_embedding.float(), h, w)
+            child = object.__new__(FusedExecutor)
+            child.__dict__.update(self.__dict__)
+            child.spec = grid_spec(self.spec, pos, h, w)
+            child.weights = grid_spec(self.weights, pos.to(self.device, self.dtype), h, w)
+            child.runners, child._grids = OrderedDict(), None
+            self._grids[key] = child
+            while len(self._grids) > self.max_graphs:
+                self._grids.popitem(last=False)
+        else:
+            self._grids.move_to_end(key)
+        return child
+
+    def _encode_naflex(self, seq: PatchSequence, ids):
+        """Images grouped by patch grid, one fixed-resolution call per group (the text tower rides with the
+        first); embeddings put back in the caller's order."""
+        from ._naflex import as_image, grid_groups
+
+        emb = self.spec.vision.embed
+        groups = grid_groups(seq)
+        if len(groups) == 1:
+            (h, w), _ = groups[0]
+            px = as_image(seq.pixel_values, h, w, emb.patch_size, emb.channels)
+            return self._grid_executor(h, w)._encode(px, ids) if ids is not None else \
+                (self._grid_executor(h, w)._encode_image(px), None)
+        img = torch.empty(seq.shape[0], self.spec.embed_dim, dtype=self.dtype, device=self.device)
+        txt = None
+        for k, ((h, w), idx) in enumerate(groups):
+            index = torch.tensor(idx, device=seq.pixel_values.device)
+            px = as_image(seq.pixel_values.index_select(0, index), h, w, emb.patch_size, emb.channels)
+            child = self._grid_executor(h, w)
+            if k == 0 and ids is not None:
+                part, txt = child._encode(px, ids)
+            else:
+                part = child._encode_image(px)
+            img.index_copy_(0, index.to(self.device), part)
+        return img, txt
 
     def _encode_text(self, ids):
         if self.fallback is not None:
@@ -538,8 +627,19 @@ class FusedModel:
         return F.normalize(x, dim=-1) if normalize else x
 
     def get_image_features(self, pixel_values=None, **kwargs):
+        pixel_values = self._naflex(pixel_values, kwargs)
         _reject_extra(kwargs, "get_image_features")
         return _pooling_output(self.executor.encode_image(pixel_values))
+
+    def _naflex(self, pixel_values, kwargs: dict):
+        """SigLIP2: HF's (pixel_values, spatial_shapes, pixel_attention_mask) as one PatchSequence."""
+        if self.family != "hf_siglip2" or pixel_values is None or isinstance(pixel_values, PatchSequence):
+            return pixel_values
+        shapes, mask = kwargs.pop("spatial_shapes", None), kwargs.pop("pixel_attention_mask", None)
+        if shapes is None or mask is None:
+            raise ValueError("SigLIP2 NaFlex: pass pixel_values with spatial_shapes and pixel_attention_mask, as "
+                             "its image processor returns them (fused(**processor(images=..., text=...)))")
+        return PatchSequence(pixel_values, shapes, mask)
 
     def get_text_features(self, input_ids=None, **kwargs):
         _reject_extra(kwargs, "get_text_features")
@@ -561,10 +661,13 @@ class FusedModel:
             input_ids = args[0]
             pixel_values = args[1] if len(args) == 2 else pixel_values
         kwargs.pop("return_dict", None)
+        pixel_values = self._naflex(pixel_values, kwargs)
         _reject_extra(kwargs, "forward")
         img, txt = self.executor.encode(pixel_values, input_ids)
         per_image, per_text = self.executor.logits(img, txt)
-        if self.family == "hf_siglip":
+        if self.family == "hf_siglip2":
+            from transformers.models.siglip2.modeling_siglip2 import Siglip2Output as Output
+        elif self.family == "hf_siglip":
             from transformers.models.siglip.modeling_siglip import SiglipOutput as Output
         else:
             from transformers.models.clip.modeling_clip import CLIPOutput as Output
