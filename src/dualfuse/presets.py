@@ -5,8 +5,8 @@ Names:
 - HF presets (configs as published for the real checkpoints, see each Preset's description):
   CLIP clip-vit-b-32, clip-vit-b-16, clip-vit-l-14, clip-vit-l-14-336, clip-vit-h-14, clip-vit-bigg-14;
   SigLIP siglip-base-patch16-224, siglip-base-patch16-256, siglip-base-patch16-384, siglip-large-patch16-256,
-  siglip-so400m-patch14-384; MetaCLIP 2 metaclip2-worldwide-huge-quickgelu;
-  tiny test models: clip-tiny, siglip-tiny, metaclip2-tiny.
+  siglip-so400m-patch14-384; SigLIP 2 NaFlex siglip2-base-patch16-naflex; MetaCLIP 2
+  metaclip2-worldwide-huge-quickgelu; tiny test models: clip-tiny, siglip-tiny, siglip2-tiny, metaclip2-tiny.
 - ``open_clip:ARCH`` (e.g. ``open_clip:ViT-B-32``) builds open_clip's architecture with random weights
   (needs open_clip_torch); ``open_clip-tiny`` is a tiny open_clip CLIP for tests, ``open_clip-siglip-tiny`` a
   tiny open_clip CustomTextCLIP with a timm SigLIP-style ViT (MAP head) vision tower (needs timm).
@@ -24,7 +24,7 @@ import torch
 
 @dataclass(frozen=True)
 class Preset:
-    family: str  # "hf_clip" | "hf_siglip" | "hf_metaclip2"
+    family: str  # "hf_clip" | "hf_siglip" | "hf_siglip2" | "hf_metaclip2"
     vision: dict
     text: dict
     top: dict = field(default_factory=dict)
@@ -92,6 +92,12 @@ PRESETS: dict[str, Preset] = {
         "hf_siglip", dict(_SIGLIP_SO400M, image_size=384, patch_size=14), dict(_SIGLIP_SO400M, **_SIGLIP_TEXT),
         {}, "google/siglip-so400m-patch14-384 architecture: 1152 wide (head dim 72), mlp 4304, 27 layers; "
             "384 px / patch 14 -> 27x27 = 729 image tokens (the last 6 px rows/columns are dropped)"),
+    "siglip2-base-patch16-naflex": Preset(
+        "hf_siglip2",
+        dict(_SIGLIP_B, patch_size=16, num_patches=256),
+        dict(_SIGLIP_B, vocab_size=256000, max_position_embeddings=64),
+        {}, "google/siglip2-base-patch16-naflex architecture: 768 wide, 12 layers, patch 16, a 16x16 position grid "
+            "resized to each image's patch grid, up to 256 patches per image; 64 text tokens, vocab 256000"),
     "metaclip2-worldwide-huge-quickgelu": Preset(
         "hf_metaclip2",
         dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=16, num_hidden_layers=32, image_size=224,
@@ -117,6 +123,13 @@ PRESETS: dict[str, Preset] = {
         dict(hidden_size=64, intermediate_size=80, num_attention_heads=4, num_hidden_layers=2,
              max_position_embeddings=12, vocab_size=100, bos_token_id=98, eos_token_id=99, pad_token_id=1),
         {}, "tiny SigLIP for tests (16 image tokens, 12 text tokens)"),
+    "siglip2-tiny": Preset(
+        "hf_siglip2",
+        dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, patch_size=8,
+             num_patches=16),
+        dict(hidden_size=64, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4, vocab_size=100,
+             max_position_embeddings=12, pad_token_id=0, eos_token_id=1, bos_token_id=2),
+        {}, "tiny SigLIP 2 NaFlex for tests (a 4x4 position grid, patch 8, up to 16 patches; 12 text tokens)"),
     "metaclip2-tiny": Preset(
         "hf_metaclip2",
         dict(hidden_size=80, intermediate_size=96, num_attention_heads=4, num_hidden_layers=2, image_size=36,
@@ -180,8 +193,11 @@ def _construct(preset: Preset):
     if preset.family == "hf_metaclip2":
         from transformers import MetaClip2Config, MetaClip2Model
         return MetaClip2Model(MetaClip2Config(text_config=preset.text, vision_config=preset.vision, **preset.top))
-    from transformers import SiglipConfig, SiglipModel
-    model = SiglipModel(SiglipConfig(text_config=preset.text, vision_config=preset.vision, **preset.top))
+    if preset.family == "hf_siglip2":
+        from transformers import Siglip2Config as config_cls, Siglip2Model as model_cls
+    else:
+        from transformers import SiglipConfig as config_cls, SiglipModel as model_cls
+    model = model_cls(config_cls(text_config=preset.text, vision_config=preset.vision, **preset.top))
     # HF's init zeroes logit scale/bias; give them values like a trained SigLIP so logits mean something.
     with torch.no_grad():  # (no-ops on meta tensors)
         model.logit_scale.fill_(2.3)
@@ -215,27 +231,29 @@ def build_open_clip(arch: str | None = None, seed: int = 0, pretrained: str | No
     return model.eval()
 
 
-def load(name_or_path: str, *, seed: int = 0, arch: str | None = None):
-    """Return the source model (HF CLIPModel / MetaClip2Model / SiglipModel, open_clip CLIP / CustomTextCLIP)
-    in eval mode."""
+def load(name_or_path: str, *, seed: int = 0, arch: str | None = None, device=None):
+    """Return the source model (HF CLIPModel / MetaClip2Model / SiglipModel / Siglip2Model, open_clip CLIP /
+    CustomTextCLIP) in eval mode. Presets are built directly on ``device`` (default CPU); loaded weights are
+    moved there."""
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise ValueError(f"expected a preset name or a local path, got {type(name_or_path).__name__}")
     name = str(name_or_path)
     if name in PRESETS:
-        return build_hf(name, seed)
+        return build_hf(name, seed, device=device)
     if name == "open_clip-tiny":
-        return build_open_clip(None, seed)
+        return build_open_clip(None, seed, device=device)
     if name == "open_clip-siglip-tiny":
-        return build_open_clip("siglip-tiny", seed)
+        return build_open_clip("siglip-tiny", seed, device=device)
     if name.startswith("open_clip:"):
-        return build_open_clip(name.split(":", 1)[1], seed)
+        return build_open_clip(name.split(":", 1)[1], seed, device=device)
     if os.path.isdir(name):
-        return _load_hf_dir(name)
+        model = _load_hf_dir(name)
+        return model.to(device) if device is not None else model
     if os.path.isfile(name):
         if arch is None:
             raise ValueError(f"{name} is a checkpoint file: name its open_clip architecture, e.g. arch='ViT-B-32' "
                              "(CLI: --arch ViT-B-32)")
-        return build_open_clip(arch, seed, pretrained=name)
+        return build_open_clip(arch, seed, pretrained=name, device=device)
     raise ValueError(f"unknown model {name!r}: expected one of {', '.join(available())}, "
                      "an HF model directory, or an open_clip checkpoint file")
 
