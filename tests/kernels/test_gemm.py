@@ -180,31 +180,6 @@ def test_repeated_calls_identical(split_k, gen):
             assert torch.equal(a, b), "repeated call gave a different result"
 
 
-@pytest.mark.parametrize("split_k", [3])
-def test_atomic_split_reduce(split_k, gen):
-    """fp32-atomic split-K: right to rounding, workspace tiles and counters back to 0 after every call
-    (replay-safe without a memset), repeated calls agree to rounding (not necessarily bitwise)."""
-    dt = torch.float16
-    problems = [_make(50, 72, 96, dt, bias=True, activation="gelu", residual="inplace", gen=gen),
-                _make(77, 40, 96, dt, bias=True, residual="sep", gen=gen)]
-    h0 = problems[0].out.clone()
-    refs = _expected(problems)
-    g = GroupedLinear(problems, split_k=split_k, config={"split_reduce": "atomic"})
-    assert g._plan.constexprs["ATOMIC_REDUCE"] and max(g.splits) > 1
-    first = None
-    for _ in range(2):
-        problems[0].out.copy_(h0)
-        problems[1].out.fill_(float("nan"))
-        g()
-        _check(problems, refs, dt)
-        assert int(g._plan.cnt.abs().sum()) == 0
-        assert float(g._plan.ws.abs().sum()) == 0.0, "atomic workspace must be zeroed by the last program"
-        outs = [p.out.clone() for p in problems]
-        first = first or outs
-        for a, b in zip(first, outs):
-            torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)
-
-
 @pytest.mark.parametrize("early", [False, True])
 def test_skinny_tiles_and_early_epilogue(early, gen):
     """Narrow N tiles, BLOCK_K > K, several M tiles, bias/residual loaded before or after the K loop."""
@@ -226,6 +201,20 @@ def test_more_problems_than_kernel_arguments(gen):
     assert len(problems) > MAX_ARG_PROBLEMS
     g = _run(problems, dt, split_k=2)
     assert g._plan.meta_in_args is False
+
+
+def test_table_columns_are_the_kernel_arguments():
+    """table.ARG_NAMES names the kernel's per-problem arguments in column order: one definition of the fields for
+    the host (pack_row, kernel_args) and both kernel paths (arguments, table rows)."""
+    import inspect
+
+    from dualfuse.kernels.gemm import kernel, table
+
+    params = list(inspect.signature(kernel._grouped_linear_kernel.fn).parameters)
+    first = params.index("xa0")
+    want = [f"{a}{i}" for i in range(table.MAX_ARG_PROBLEMS) for a in table.ARG_NAMES]
+    assert params[first:first + len(want)] == want
+    assert len(table.ARG_NAMES) == table.NUM_COLS.value
 
 
 def test_split_heuristic_policies():
@@ -342,8 +331,8 @@ def test_errors():
         (lambda: GroupedLinear([p, _p()], split_k=[2]), "split_k"),
         (lambda: GroupedLinear([p], config={"BLOCK_Q": 3}), "config must be a dict"),
         (lambda: GroupedLinear([p], config={"BLOCK_N": 48}), "power of two"),
-        (lambda: GroupedLinear([p], config={"split_reduce": "tree"}), "split_reduce"),
         (lambda: GroupedLinear([p], config={"prefetch": -2}), "prefetch"),
+        (lambda: GroupedLinear([p], config={"prefetch": True}), "prefetch"),
         (lambda: grouped_linear([p.x], [p.weight, p.weight]), "equal lengths"),
         (lambda: grouped_linear([p.x], [p.weight], out_dtype=torch.int8), "out_dtype"),
     ]
@@ -396,27 +385,6 @@ def test_gpu_real_shapes(dtype, step, gen):
 
 
 @pytest.mark.gpu
-def test_gpu_atomic_split_reduce_graph_replay(gen):
-    """fp32-atomic split-K inside a CUDA graph: every replay right to rounding, workspace self-cleaning."""
-    dt = torch.float16
-    problems = [_make(50, 768, 3072, dt, bias=True, residual="sep", gen=gen),
-                _make(77, 512, 2048, dt, bias=True, residual="sep", gen=gen)]
-    refs = _expected(problems)
-    g = GroupedLinear(problems, config={"split_reduce": "atomic"})
-    assert max(g.splits) > 1
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        g()
-    for _ in range(4):
-        for p in problems:
-            p.out.fill_(float("nan"))
-        graph.replay()
-        torch.cuda.synchronize()
-        _check(problems, refs, dt)
-    assert int(g._plan.cnt.abs().sum()) == 0 and float(g._plan.ws.abs().sum()) == 0.0
-
-
-@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("epilogue", list(EPILOGUES))
 def test_gpu_epilogues_awkward(dtype, epilogue, gen):
@@ -463,7 +431,7 @@ def test_gpu_cuda_graph_replay(dtype, gen):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("prefetch", [True, 2])
+@pytest.mark.parametrize("prefetch", [2])
 @pytest.mark.parametrize("split_k", [None, 3])
 def test_gpu_pdl_prefetch_chain(split_k, prefetch, gen):
     """Three dependent launches (y = x W1; h += y W2; z = act(h W3)) with programmatic dependent launch and
@@ -487,7 +455,7 @@ def test_gpu_pdl_prefetch_chain(split_k, prefetch, gen):
            GroupedLinear([LinearProblem(y, w2, h, residual=h)], config=cfg, split_k=split_k),
            GroupedLinear([LinearProblem(h, w3, z, bias=b3, activation="gelu")], config=cfg, split_k=split_k)]
     assert ops[0]._plan.constexprs["USE_PDL"] == pdl_supported(DEV)
-    assert ops[0]._plan.constexprs["PREFETCH"] == (-1 if prefetch is True else prefetch)
+    assert ops[0]._plan.constexprs["PREFETCH"] == prefetch
 
     def check(h_in):  # each stage against fp64 from the fp16 input the kernel read
         y_ref = x.double() @ w1.double().T
@@ -516,19 +484,6 @@ def test_gpu_pdl_prefetch_chain(split_k, prefetch, gen):
         check(h0)
     for op in ops:
         assert int(op._plan.cnt.abs().sum()) == 0
-
-
-@pytest.mark.gpu
-def test_gpu_tune_picks_a_working_config(gen):
-    dt = torch.float16
-    problems = [_make(50, 2304, 768, dt, bias=True, gen=gen), _make(77, 1536, 512, dt, bias=True, gen=gen)]
-    refs = _expected(problems)
-    g = GroupedLinear(problems, tune=True)
-    g()
-    _check(problems, refs, dt)
-    timed = [c for c in g.tune_table if "us" in c]
-    assert len(timed) >= 2 and all(c["us"] > 0 for c in timed)
-    assert g.config == min(timed, key=lambda c: c["us"])["config"]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -896,8 +851,6 @@ def test_partial_sums_bad_input(gen):
                                      residual=torch.zeros(5, 16, device=DEV), partial_sums=True)])
     with pytest.raises(ValueError, match="splits into 2 non-empty parts"):  # 64 = 2 steps of 32: not 3 slices
         GroupedLinear([LinearProblem(x, w, torch.empty(3, 5, 16, device=DEV), partial_sums=True)], config=cfg)
-    with pytest.raises(ValueError, match="does not support partial_sums"):
-        GroupedLinear([LinearProblem(x, w, torch.empty(2, 5, 16, device=DEV), partial_sums=True)], tune=True)
 
 
 @pytest.mark.gpu

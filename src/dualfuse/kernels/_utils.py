@@ -6,6 +6,8 @@ Kept small and stable: other kernels (LayerNorm, attention) import from here.
 - `apply_activation(x, act)`: picks one by integer code; `act` may be a tl.constexpr (branch resolved at
   compile time) or a runtime scalar loaded from memory (one uniform branch per program).
 - `scalar_bool(c)`: a runtime scalar condition that can be combined with a bool block (`mask & scalar_bool(c)`).
+- `problem_of(pid, meta, n, NF, COL_START)`, `load_field(row, col, ty, ALIGN)`: the prologue of a grouped kernel
+  whose problems are rows of an int64 metadata table (which problem a program belongs to; its fields, hinted).
 - `ACTIVATIONS` / `activation_code(name)`: the name -> code table shared by host and kernels.
 - `num_sms()`, `device_smem_bytes()`, `l2_cache_bytes()`: device queries that also answer on CPU.
 - `is_interpreter()`: True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1).
@@ -21,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-# name -> code used inside kernels. 0 means "no activation". Names follow the issue/HF meaning:
+# name -> code used inside kernels. 0 means "no activation". Names follow the HF meaning:
 #   quick_gelu: x * sigmoid(1.702 x) (CLIP)  gelu: exact 0.5 x (1 + erf(x / sqrt 2))
 #   gelu_tanh: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) (SigLIP's gelu_pytorch_tanh)
 ACT_NONE, ACT_QUICK_GELU, ACT_GELU, ACT_GELU_TANH = 0, 1, 2, 3
@@ -75,6 +77,34 @@ def scalar_bool(c):
     through tl.where it is a bool. Compiled, tl.where(c, True, False) folds to ``c``: the same code as ``mask & c``.
     """
     return tl.where(c, True, False)
+
+
+@triton.jit
+def problem_of(pid, meta, n_problems, NF: tl.constexpr, COL_START: tl.constexpr):
+    """The problem program ``pid`` belongs to, for a kernel whose problems are the rows of an int64 [P, NF] table
+    with each problem's first program id in column COL_START, increasing (a linear scan: there are few problems)."""
+    prob = 0
+    for p in range(1, n_problems):
+        prob += (pid >= tl.load(meta + p * NF + COL_START)).to(tl.int32)
+    return prob
+
+
+@triton.jit
+def load_field(row, col: tl.constexpr, ty, ALIGN: tl.constexpr):
+    """Column ``col`` of a problem's int64 metadata row as ``ty`` (an integer or pointer type), hinted to be a
+    multiple of ALIGN (bytes for a pointer, elements for an integer; 1: no hint) so loads can be 16 bytes wide.
+
+    The hint is set here, inside the helper: tl.multiple_of marks the op that defines its value, and the value
+    a @triton.jit helper returns keeps no such mark once the helper is inlined."""
+    v = tl.load(row + col).to(ty)
+    if ALIGN > 1:
+        v = tl.multiple_of(v, ALIGN)
+    return v
+
+
+# Options every launch passes. enable_fp_fusion: contract a*b+c into FMAs, as Triton 3.6-3.9 do by default;
+# stated explicitly because Triton 3.9 warns when it is unset and 3.10 turns the default off (other rounding).
+LAUNCH_OPTIONS = {"enable_fp_fusion": True}
 
 
 def is_interpreter() -> bool:

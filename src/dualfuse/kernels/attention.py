@@ -28,7 +28,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._utils import describe, gdc_launch, gdc_wait, num_sms, pdl_supported, pow2_divisor, scalar_bool
+from ._utils import (describe, gdc_launch, gdc_wait, load_field, num_sms, pdl_supported, pow2_divisor, problem_of,
+                     scalar_bool, LAUNCH_OPTIONS)
 
 __all__ = ["AttentionProblem", "GroupedAttention", "grouped_attention", "split_packed_qkv"]
 
@@ -36,9 +37,11 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = 1.4426950408889634
 _MAX_HEAD_DIM = 256
 
-# Metadata columns (int64 table, one row per problem, in launch order).
-_F = dict(q=0, k=1, v=2, o=3, q_sb=4, q_ss=5, k_sb=6, k_ss=7, v_sb=8, v_ss=9, o_sb=10, o_ss=11,
-          H=12, Sq=13, Sk=14, Dh=15, causal=16, n_m=17, start=18)
+# Metadata columns (int64 table, one row per problem, in launch order), read by the kernel as tl.constexpr globals.
+(_Q, _K, _V, _O, _Q_SB, _Q_SS, _K_SB, _K_SS, _V_SB, _V_SS, _O_SB, _O_SS, _H, _SQ, _SK, _DH, _CAUSAL, _N_M,
+ _START) = (tl.constexpr(i) for i in range(19))
+_F = dict(q=_Q, k=_K, v=_V, o=_O, q_sb=_Q_SB, q_ss=_Q_SS, k_sb=_K_SB, k_ss=_K_SS, v_sb=_V_SB, v_ss=_V_SS, o_sb=_O_SB,
+          o_ss=_O_SS, H=_H, Sq=_SQ, Sk=_SK, Dh=_DH, causal=_CAUSAL, n_m=_N_M, start=_START)
 _NF = 19
 
 
@@ -128,46 +131,29 @@ def _attention_kernel(
     pid = tl.program_id(0)
     if USE_PDL:
         gdc_launch()  # the next launch may start (its programs wait for all of this one to finish)
-    prob = 0
-    for p in range(1, n_problems):
-        prob += (pid >= tl.load(meta + p * NF + 18)).to(tl.int32)
+    prob = problem_of(pid, meta, n_problems, NF, _START)
     row = meta + prob * NF
-    q_ptr = tl.load(row + 0).to(ref.dtype)
-    k_ptr = tl.load(row + 1).to(ref.dtype)
-    v_ptr = tl.load(row + 2).to(ref.dtype)
-    o_ptr = tl.load(row + 3).to(o_ref.dtype)
+    q_ptr = load_field(row, _Q, ref.dtype, PTR_ALIGN)
+    k_ptr = load_field(row, _K, ref.dtype, PTR_ALIGN)
+    v_ptr = load_field(row, _V, ref.dtype, PTR_ALIGN)
+    o_ptr = load_field(row, _O, o_ref.dtype, PTR_ALIGN)
     # Batch strides stay int64 (scalar base offsets); per-element offsets are int32 (checked on the host).
-    q_sb = tl.load(row + 4)
-    q_ss = tl.load(row + 5).to(tl.int32)
-    k_sb = tl.load(row + 6)
-    k_ss = tl.load(row + 7).to(tl.int32)
-    v_sb = tl.load(row + 8)
-    v_ss = tl.load(row + 9).to(tl.int32)
-    o_sb = tl.load(row + 10)
-    o_ss = tl.load(row + 11).to(tl.int32)
-    H = tl.load(row + 12).to(tl.int32)
-    Sq = tl.load(row + 13).to(tl.int32)
-    Sk = tl.load(row + 14).to(tl.int32)
-    Dh = tl.load(row + 15).to(tl.int32)
-    causal = tl.load(row + 16).to(tl.int32)
-    n_m = tl.load(row + 17).to(tl.int32)
-    start = tl.load(row + 18).to(tl.int32)
+    q_sb = load_field(row, _Q_SB, tl.int64, ELT_ALIGN)
+    q_ss = load_field(row, _Q_SS, tl.int32, ELT_ALIGN)
+    k_sb = load_field(row, _K_SB, tl.int64, ELT_ALIGN)
+    k_ss = load_field(row, _K_SS, tl.int32, ELT_ALIGN)
+    v_sb = load_field(row, _V_SB, tl.int64, ELT_ALIGN)
+    v_ss = load_field(row, _V_SS, tl.int32, ELT_ALIGN)
+    o_sb = load_field(row, _O_SB, tl.int64, ELT_ALIGN)
+    o_ss = load_field(row, _O_SS, tl.int32, ELT_ALIGN)
+    H = tl.load(row + _H).to(tl.int32)
+    Sq = tl.load(row + _SQ).to(tl.int32)
+    Sk = tl.load(row + _SK).to(tl.int32)
+    Dh = load_field(row, _DH, tl.int32, ELT_ALIGN)
+    causal = tl.load(row + _CAUSAL).to(tl.int32)
+    n_m = tl.load(row + _N_M).to(tl.int32)
+    start = tl.load(row + _START).to(tl.int32)
     qk_scale = tl.load(scales + prob)
-    if PTR_ALIGN > 1:
-        q_ptr = tl.multiple_of(q_ptr, PTR_ALIGN)
-        k_ptr = tl.multiple_of(k_ptr, PTR_ALIGN)
-        v_ptr = tl.multiple_of(v_ptr, PTR_ALIGN)
-        o_ptr = tl.multiple_of(o_ptr, PTR_ALIGN)
-    if ELT_ALIGN > 1:
-        q_sb = tl.multiple_of(q_sb, ELT_ALIGN)
-        q_ss = tl.multiple_of(q_ss, ELT_ALIGN)
-        k_sb = tl.multiple_of(k_sb, ELT_ALIGN)
-        k_ss = tl.multiple_of(k_ss, ELT_ALIGN)
-        v_sb = tl.multiple_of(v_sb, ELT_ALIGN)
-        v_ss = tl.multiple_of(v_ss, ELT_ALIGN)
-        o_sb = tl.multiple_of(o_sb, ELT_ALIGN)
-        o_ss = tl.multiple_of(o_ss, ELT_ALIGN)
-        Dh = tl.multiple_of(Dh, ELT_ALIGN)
 
     local = pid - start
     m_blk = local % n_m
@@ -338,8 +324,9 @@ class GroupedAttention:
         self._refs = (p0.q, p0.out)
         self._ieee = dtype == torch.float32
         self._even_d = all(r[_F["Dh"]] == self.block_d for r in rows)
-        self._ptr_align = pow2_divisor([r[j] for r in rows for j in range(4)], 16)
-        self._elt_align = pow2_divisor([r[j] for r in rows for j in range(4, 12)] + [r[_F["Dh"]] for r in rows], 16)
+        self._ptr_align = pow2_divisor([r[j] for r in rows for j in (_Q, _K, _V, _O)], 16)
+        strides = (_Q_SB, _Q_SS, _K_SB, _K_SS, _V_SB, _V_SS, _O_SB, _O_SS)
+        self._elt_align = pow2_divisor([r[j] for r in rows for j in strides] + [r[_DH] for r in rows], 16)
         self._pdl = bool(pdl) and pdl_supported(device)
 
     @property
@@ -353,6 +340,7 @@ class GroupedAttention:
             NF=_NF, BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_D=self.block_d, EVEN_D=self._even_d,
             IEEE=self._ieee, PTR_ALIGN=self._ptr_align, ELT_ALIGN=self._elt_align, USE_PDL=self._pdl,
             num_warps=self.num_warps, num_stages=self.num_stages, **({"launch_pdl": True} if self._pdl else {}),
+            **LAUNCH_OPTIONS,
         )
 
 

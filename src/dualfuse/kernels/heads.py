@@ -32,6 +32,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._utils import LAUNCH_OPTIONS
+
 __all__ = ["POOL_KINDS", "PoolProblem", "PoolIndices", "pool_indices"]
 
 POOL_KINDS = {"cls": 0, "last": 1, "first_eos": 2, "argmax": 3}
@@ -170,7 +172,7 @@ class PoolIndices:
 
     def __call__(self) -> None:
         _pool_kernel[(self.num_programs,)](self.meta, self.starts, len(self.problems), NF=_NF,
-                                           BLOCK_L=self.block_l, num_warps=1)
+                                           BLOCK_L=self.block_l, num_warps=1, **LAUNCH_OPTIONS)
 
 
 def pool_indices(input_ids: Tensor | None, kind: str, eos_token_id: int | None = None,

@@ -28,15 +28,17 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._utils import describe, gdc_launch, gdc_wait, pdl_supported, pow2_divisor, scalar_bool
+from ._utils import (LAUNCH_OPTIONS, describe, gdc_launch, gdc_wait, load_field, pdl_supported, pow2_divisor,
+                     problem_of, scalar_bool)
 
 __all__ = ["LayerNormProblem", "GroupedLayerNorm", "grouped_layer_norm", "MAX_ADD_SLICES"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_D = 16384
 
-# Metadata columns (int64 table, one row per problem).
-_X, _W, _B, _OUT, _IDX, _IDX_KIND, _ROWS, _D, _XS, _OS, _START, _ADD, _ADD_S, _ADD_B = range(14)
+# Metadata columns (int64 table, one row per problem), read by the kernel as tl.constexpr globals.
+(_X, _W, _B, _OUT, _IDX, _IDX_KIND, _ROWS, _D, _XS, _OS, _START, _ADD, _ADD_S,
+ _ADD_B) = (tl.constexpr(i) for i in range(14))
 _NF = 14
 MAX_ADD_SLICES = 8  # partial-sum slices one problem may add (loaded all at once: one L2 round trip)
 
@@ -85,36 +87,24 @@ def _layer_norm_kernel(
     pid = tl.program_id(0)
     if USE_PDL:
         gdc_launch()  # the next launch may start (its programs wait for all of this one to finish)
-    # Which problem does this program belong to? (few problems: linear scan of the block starts)
-    prob = 0
-    for p in range(1, n_problems):
-        prob += (pid >= tl.load(meta + p * NF + 10)).to(tl.int32)
+    prob = problem_of(pid, meta, n_problems, NF, _START)
     row = meta + prob * NF
-    x_ptr = tl.load(row + 0).to(x_ref.dtype)
-    w_ptr = tl.load(row + 1).to(w_ref.dtype)
-    b_ptr = tl.load(row + 2).to(w_ref.dtype)
-    o_ptr = tl.load(row + 3).to(o_ref.dtype)
-    idx_addr = tl.load(row + 4)
-    idx_kind = tl.load(row + 5)
-    n_rows = tl.load(row + 6)
-    D = tl.load(row + 7)
-    x_stride = tl.load(row + 8)
-    o_stride = tl.load(row + 9)
-    start = tl.load(row + 10)
+    x_ptr = load_field(row, _X, x_ref.dtype, PTR_ALIGN)
+    w_ptr = load_field(row, _W, w_ref.dtype, PTR_ALIGN)
+    b_ptr = load_field(row, _B, w_ref.dtype, PTR_ALIGN)
+    o_ptr = load_field(row, _OUT, o_ref.dtype, PTR_ALIGN)
+    idx_addr = tl.load(row + _IDX)
+    idx_kind = tl.load(row + _IDX_KIND)
+    n_rows = tl.load(row + _ROWS)
+    D = load_field(row, _D, tl.int64, ELT_ALIGN)
+    x_stride = load_field(row, _XS, tl.int64, ELT_ALIGN)
+    o_stride = load_field(row, _OS, tl.int64, ELT_ALIGN)
+    start = tl.load(row + _START)
     eps = tl.load(eps_ptr + prob)
     if MAX_ADD > 0:
-        add_ptr = tl.load(row + 11).to(tl.pointer_type(tl.float32))  # [S, n_rows, D] (x's address when absent)
-        n_add = tl.load(row + 12)  # S; 0 when absent
-        add_b_ptr = tl.load(row + 13).to(w_ref.dtype)  # [D] (weight's address when absent)
-    if PTR_ALIGN > 1:
-        x_ptr = tl.multiple_of(x_ptr, PTR_ALIGN)
-        w_ptr = tl.multiple_of(w_ptr, PTR_ALIGN)
-        b_ptr = tl.multiple_of(b_ptr, PTR_ALIGN)
-        o_ptr = tl.multiple_of(o_ptr, PTR_ALIGN)
-    if ELT_ALIGN > 1:
-        D = tl.multiple_of(D, ELT_ALIGN)
-        x_stride = tl.multiple_of(x_stride, ELT_ALIGN)
-        o_stride = tl.multiple_of(o_stride, ELT_ALIGN)
+        add_ptr = tl.load(row + _ADD).to(tl.pointer_type(tl.float32))  # [S, n_rows, D] (x's address when absent)
+        n_add = tl.load(row + _ADD_S)  # S; 0 when absent
+        add_b_ptr = tl.load(row + _ADD_B).to(w_ref.dtype)  # [D] (weight's address when absent)
 
     cols = tl.arange(0, BLOCK_D)
     col_ok = cols < D
@@ -284,7 +274,7 @@ class GroupedLayerNorm:
             self.meta, self.eps, len(self.problems), x_ref, w_ref, o_ref,
             NF=_NF, BLOCK_R=self.block_rows, BLOCK_D=self.block_d, PTR_ALIGN=self._ptr_align,
             ELT_ALIGN=self._elt_align, USE_PDL=self._pdl, MAX_ADD=self._max_add, num_warps=self.num_warps,
-            **({"launch_pdl": True} if self._pdl else {}),
+            **({"launch_pdl": True} if self._pdl else {}), **LAUNCH_OPTIONS,
         )
 
 

@@ -1,0 +1,400 @@
+"""The grouped-linear kernel: `out_i = act([LN](x_i) @ w_i.T + bias_i) + residual_i` for several problems.
+
+One program = one (problem, output tile, K split). A program finds its problem by comparing its id with the
+problems' first program ids, then reads the problem's fields (table.py: kernel arguments for up to
+MAX_ARG_PROBLEMS problems, else a row of the device table).
+
+Tensor-descriptor (TMA) loads (USE_TMA, sm_90+): x and W tiles come through one host-built descriptor per problem
+instead of per-element addresses and masks (out-of-bounds rows and columns arrive as zeros).
+
+Programmatic dependent launch (USE_PDL, sm_90+): every program lets the next launch start at once, and waits
+(gdc_wait) for the previous one only before it touches activations, outputs or workspace, so launch latency and
+ragged tails overlap between consecutive GEMMs. Before gdc_wait a program reads only weights, biases, folded-LN
+column sums and the table, which no kernel writes.
+
+Split-K reduction, in the same launch, without a memset, replay-safe, correct with `residual is out` (only the
+last-arriving program of a tile writes out): every split program stores its fp32 partial to its own workspace
+slot and bumps a per-tile counter; the last to arrive loads all S partials, several loads in flight at once, and
+sums them in split order 0..S-1, so every replay gives the same bits. It resets the counter to 0.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .._utils import apply_activation, scalar_bool
+from .._utils import gdc_launch as _gdc_launch
+from .._utils import gdc_wait as _gdc_wait
+from .table import (ACT_MASK, COL_BIAS, COL_CNT, COL_COLSUM, COL_EPS, COL_FLAGS, COL_ITERS, COL_K, COL_M, COL_N,
+                    COL_OUT, COL_RES, COL_SPLITS, COL_START, COL_STATS_IN, COL_STATS_OUT, COL_STATS_WIDTH,
+                    COL_STRIDE_OUT, COL_STRIDE_RES, COL_STRIDE_X, COL_W, COL_WS, COL_X, FLAG_BIAS, FLAG_NORM,
+                    FLAG_PARTIAL, FLAG_RES, FLAG_STATS_IN, FLAG_STATS_OUT, NO_SPEC, NUM_COLS)
+
+
+@triton.jit
+def _prefetch_l2(ptrs):
+    """Ask L2 for the lines at ptrs (no registers, no shared memory held; sm_20+ PTX)."""
+    tl.inline_asm_elementwise("mov.u32 $0, 0;\n\tprefetch.global.L2 [$1];", "=r,l", [ptrs], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
+@triton.jit
+def _pick(g, v0, v1, v2, v3, NUM_PROBLEMS: tl.constexpr):
+    """Problem g's value of a per-problem scalar argument (branch-free select)."""
+    r = v0 + g * 0  # a tensor even where v0 was specialized to a constant (an argument equal to 1)
+    if NUM_PROBLEMS > 1:
+        r = tl.where(g == 1, v1, r)
+    if NUM_PROBLEMS > 2:
+        r = tl.where(g == 2, v2, r)
+    if NUM_PROBLEMS > 3:
+        r = tl.where(g == 3, v3, r)
+    return r
+
+
+@triton.jit
+def _find_problem(pid, meta_ptr, st1, st2, st3, NUM_PROBLEMS: tl.constexpr, META_IN_ARGS: tl.constexpr):
+    """The problem program pid belongs to: how many problems after the first start at or before pid."""
+    g = pid * 0
+    if META_IN_ARGS:
+        if NUM_PROBLEMS > 1:
+            g += (pid >= st1).to(tl.int32)
+        if NUM_PROBLEMS > 2:
+            g += (pid >= st2).to(tl.int32)
+        if NUM_PROBLEMS > 3:
+            g += (pid >= st3).to(tl.int32)
+    else:
+        for i in tl.static_range(1, NUM_PROBLEMS):
+            g += (pid >= tl.load(meta_ptr + i * NUM_COLS + COL_START)).to(tl.int32)
+    return g
+
+
+@triton.jit
+def _tma_k_loop(x_desc, w_desc, off_m, off_n, k_lo, k_hi, acc, BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """acc += x[off_m:, k_lo*BK:k_hi*BK] @ w[off_n:, same].T by tensor descriptors (blocks [BM, BK] and [BN, BK])."""
+    for kk in range(k_lo, k_hi):
+        a = x_desc.load([off_m, kk * BLOCK_K])
+        b = w_desc.load([off_n, kk * BLOCK_K])
+        acc = tl.dot(a, b.T, acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
+@triton.jit(do_not_specialize=NO_SPEC)
+def _grouped_linear_kernel(
+    meta_ptr,  # int64 [G, NUM_COLS] per-problem table (read only when not META_IN_ARGS), see table.py
+    ws_ptr,  # fp32 split-K workspace: per split tile [S, BLOCK_M, BLOCK_N]
+    cnt_ptr,  # int32 per split tile arrival counters; 0 between launches (the last arrival resets)
+    x_ref,  # problem 0's x: only its dtype is used (the real pointers are the per-problem fields)
+    out_ref,  # problem 0's out: dtype of every out / residual
+    bias_ref,  # a bias (or x when no problem has one): dtype of every bias
+    # per-problem fields of problems 0..3, in table.ARG_NAMES order (the columns COL_X .. COL_STATS_WIDTH)
+    xa0, wa0, oa0, ba0, ra0, M0, N0, K0, sx0, so0, sr0, fl0, st0, S0, ips0, wso0, cno0, na0, ep0, sa0, sb0, sw0,
+    xa1, wa1, oa1, ba1, ra1, M1, N1, K1, sx1, so1, sr1, fl1, st1, S1, ips1, wso1, cno1, na1, ep1, sa1, sb1, sw1,
+    xa2, wa2, oa2, ba2, ra2, M2, N2, K2, sx2, so2, sr2, fl2, st2, S2, ips2, wso2, cno2, na2, ep2, sa2, sb2, sw2,
+    xa3, wa3, oa3, ba3, ra3, M3, N3, K3, sx3, so3, sr3, fl3, st3, S3, ips3, wso3, cno3, na3, ep3, sa3, sb3, sw3,
+    dx0, dw0, dx1, dw1, dx2, dw2, dx3, dw3,  # USE_TMA: per problem, tensor descriptors of x [M, K] and w [N, K]
+    NUM_PROBLEMS: tl.constexpr,
+    META_IN_ARGS: tl.constexpr,  # NUM_PROBLEMS <= MAX_ARG_PROBLEMS: fields are the arguments above, else the table
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,  # every K % BLOCK_K == 0: no K masks in the main loop
+    ALIGNED: tl.constexpr,  # all pointers 16-byte aligned; row strides and N, K multiples of 16 bytes
+    VEC_IN: tl.constexpr,  # 16 // sizeof(input element)
+    VEC_OUT: tl.constexpr,  # 16 // sizeof(output element)
+    EARLY_EPI: tl.constexpr,  # load bias / residual before the K loop (small tiles: latency hidden)
+    ANY_SPLIT: tl.constexpr,  # some problem uses split-K reduced in this launch
+    ANY_PARTIAL: tl.constexpr,  # some problem stores raw per-split partial sums (partial_sums=True)
+    RED_CHUNK: tl.constexpr,  # split-K reduction: partial tiles loaded at once (1, 2 or 4)
+    INPUT_PRECISION: tl.constexpr,  # tl.dot input_precision ("ieee" for fp32 inputs by default)
+    PREFETCH: tl.constexpr,  # L2 prefetch of this program's first PREFETCH BLOCK_K steps of weights (0: off)
+    PF_LINES: tl.constexpr,  # 128-byte lines per weight row per BLOCK_K step (>= 1)
+    USE_PDL: tl.constexpr,  # launched with programmatic dependent launch (sm_90+)
+    NORM: tl.constexpr,  # some problem has a folded LayerNorm
+    NORM_PREPASS: tl.constexpr,  # ... whose row statistics come from a pass over x before the K loop
+    NORM_STATS_IN: tl.constexpr,  # ... whose row statistics come from the launch that wrote x (per-part, merged)
+    MAX_PARTS: tl.constexpr,  # power of two >= the parts of any statistics read
+    STATS_OUT: tl.constexpr,  # some problem writes per-tile row statistics of its out (for the next LN fold)
+    USE_TMA: tl.constexpr,  # x and w tiles by tensor descriptors (TMA on sm_90+): no per-element addresses or masks
+):
+    pid = tl.program_id(0)
+    if USE_PDL:
+        _gdc_launch()  # the next launch may start its programs (they wait for all of this one to finish)
+
+    # ---- which problem, and its fields ----
+    g = _find_problem(pid, meta_ptr, st1, st2, st3, NUM_PROBLEMS, META_IN_ARGS)
+    if META_IN_ARGS:
+        x_addr = _pick(g, xa0, xa1, xa2, xa3, NUM_PROBLEMS).to(tl.int64)
+        w_addr = _pick(g, wa0, wa1, wa2, wa3, NUM_PROBLEMS).to(tl.int64)
+        o_addr = _pick(g, oa0, oa1, oa2, oa3, NUM_PROBLEMS).to(tl.int64)
+        b_addr = _pick(g, ba0, ba1, ba2, ba3, NUM_PROBLEMS).to(tl.int64)
+        r_addr = _pick(g, ra0, ra1, ra2, ra3, NUM_PROBLEMS).to(tl.int64)
+        M = _pick(g, M0, M1, M2, M3, NUM_PROBLEMS).to(tl.int32)
+        N = _pick(g, N0, N1, N2, N3, NUM_PROBLEMS).to(tl.int32)
+        K = _pick(g, K0, K1, K2, K3, NUM_PROBLEMS).to(tl.int32)
+        stride_xm = _pick(g, sx0, sx1, sx2, sx3, NUM_PROBLEMS).to(tl.int64)
+        stride_om = _pick(g, so0, so1, so2, so3, NUM_PROBLEMS).to(tl.int64)
+        stride_rm = _pick(g, sr0, sr1, sr2, sr3, NUM_PROBLEMS).to(tl.int64)
+        flags = _pick(g, fl0, fl1, fl2, fl3, NUM_PROBLEMS).to(tl.int32)
+        start = _pick(g, st0, st1, st2, st3, NUM_PROBLEMS).to(tl.int32)
+        S = _pick(g, S0, S1, S2, S3, NUM_PROBLEMS).to(tl.int32)
+        ips = _pick(g, ips0, ips1, ips2, ips3, NUM_PROBLEMS).to(tl.int32)
+        ws_off = _pick(g, wso0, wso1, wso2, wso3, NUM_PROBLEMS).to(tl.int64)
+        cnt_off = _pick(g, cno0, cno1, cno2, cno3, NUM_PROBLEMS).to(tl.int32)
+        n_addr = _pick(g, na0, na1, na2, na3, NUM_PROBLEMS).to(tl.int64)
+        eps = _pick(g, ep0, ep1, ep2, ep3, NUM_PROBLEMS).to(tl.float32)
+        so_addr = _pick(g, sa0, sa1, sa2, sa3, NUM_PROBLEMS).to(tl.int64)
+        si_addr = _pick(g, sb0, sb1, sb2, sb3, NUM_PROBLEMS).to(tl.int64)
+        spw = _pick(g, sw0, sw1, sw2, sw3, NUM_PROBLEMS).to(tl.int32)
+    else:
+        # loaded here, not in a helper: tl.multiple_of (below) marks the op that defines its value, and the
+        # result of an inlined @triton.jit helper keeps no such mark
+        row = meta_ptr + g * NUM_COLS
+        x_addr = tl.load(row + COL_X)
+        w_addr = tl.load(row + COL_W)
+        o_addr = tl.load(row + COL_OUT)
+        b_addr = tl.load(row + COL_BIAS)
+        r_addr = tl.load(row + COL_RES)
+        M = tl.load(row + COL_M).to(tl.int32)
+        N = tl.load(row + COL_N).to(tl.int32)
+        K = tl.load(row + COL_K).to(tl.int32)
+        stride_xm = tl.load(row + COL_STRIDE_X)
+        stride_om = tl.load(row + COL_STRIDE_OUT)
+        stride_rm = tl.load(row + COL_STRIDE_RES)
+        flags = tl.load(row + COL_FLAGS).to(tl.int32)
+        start = tl.load(row + COL_START).to(tl.int32)
+        S = tl.load(row + COL_SPLITS).to(tl.int32)
+        ips = tl.load(row + COL_ITERS).to(tl.int32)
+        ws_off = tl.load(row + COL_WS)
+        cnt_off = tl.load(row + COL_CNT).to(tl.int32)
+        n_addr = tl.load(row + COL_COLSUM)
+        eps = tl.load(row + COL_EPS).to(tl.float64, bitcast=True).to(tl.float32)  # the table holds its bits
+        so_addr = tl.load(row + COL_STATS_OUT)
+        si_addr = tl.load(row + COL_STATS_IN)
+        spw = tl.load(row + COL_STATS_WIDTH).to(tl.int32)
+
+    in_ty = x_ref.dtype.element_ty
+    out_ty = out_ref.dtype.element_ty
+    x_ptr = x_addr.to(tl.pointer_type(in_ty))  # [M, K], row stride stride_xm
+    w_ptr = w_addr.to(tl.pointer_type(in_ty))  # [N, K] contiguous (nn.Linear layout)
+    out_ptr = o_addr.to(tl.pointer_type(out_ty))  # [M, N]; partial sums: fp32 [S, M, N]
+    bias_ptr = b_addr.to(tl.pointer_type(bias_ref.dtype.element_ty))  # [N] (x's address when absent: never read)
+    res_ptr = r_addr.to(tl.pointer_type(out_ty))  # [M, N], may be out itself (x's address when absent)
+    colsum_ptr = n_addr.to(tl.pointer_type(tl.float32))  # [N] folded LayerNorm column sums (x's when absent)
+    # row statistics, fp32 [rows, cdiv(cols, 16), 2]: per part of a row (the producer's BLOCK_N columns) its
+    # mean and sum of squared deviations (Chan et al.: merged exactly and stably by the reader)
+    stats_out_ptr = so_addr.to(tl.pointer_type(tl.float32))  # [M, cdiv(N, 16), 2] (x's when absent)
+    stats_in_ptr = si_addr.to(tl.pointer_type(tl.float32))  # [M, cdiv(K, 16), 2] (x's when absent)
+    if ALIGNED:  # lets the compiler use 16-byte loads/stores (values from arguments/memory carry no hints)
+        x_ptr = tl.multiple_of(x_ptr, 16)
+        w_ptr = tl.multiple_of(w_ptr, 16)
+        out_ptr = tl.multiple_of(out_ptr, 16)
+        bias_ptr = tl.multiple_of(bias_ptr, 16)
+        res_ptr = tl.multiple_of(res_ptr, 16)
+        stride_xm = tl.multiple_of(stride_xm, VEC_IN)
+        stride_om = tl.multiple_of(stride_om, VEC_OUT)
+        stride_rm = tl.multiple_of(stride_rm, VEC_OUT)
+        K = tl.multiple_of(K, VEC_IN)
+        N = tl.multiple_of(N, VEC_IN if VEC_IN > VEC_OUT else VEC_OUT)  # n masks constant over 16 bytes
+    act = flags & ACT_MASK
+    # runtime scalars that gate bool-block masks: through scalar_bool (a bool under the interpreter too)
+    has_bias = scalar_bool((flags & FLAG_BIAS) != 0)
+    has_res = scalar_bool((flags & FLAG_RES) != 0)
+    has_norm = scalar_bool((flags & FLAG_NORM) != 0)
+    has_stats_out = scalar_bool((flags & FLAG_STATS_OUT) != 0)
+    has_stats_in = scalar_bool((flags & FLAG_STATS_IN) != 0)
+
+    # ---- (tile, split) of this program; tiles in GROUP_M-grouped order for L2 reuse ----
+    local = pid - start
+    tile = local // S
+    split = local % S
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * tiles_n
+    first_m = (tile // width) * GROUP_M
+    group_m = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (tile % width) % group_m
+    pid_n = (tile % width) // group_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    # x rows past M are masked: at batch 1 a BLOCK_M tile is mostly padding and masked lanes cost no
+    # memory traffic. Weight rows past N wrap around instead (in bounds, no mask); never stored.
+    rm = tl.where(m_mask, offs_m, 0)
+    rn = offs_n % N
+
+    k_lo = split * ips
+    k_hi = tl.minimum(k_lo + ips, tl.cdiv(K, BLOCK_K))
+    if PREFETCH > 0:
+        # ask L2 for the weight lines of this program's first PREFETCH BLOCK_K steps (what the pipeline's
+        # prologue asks for first) now, before gdc_wait: under PDL their DRAM latency overlaps the previous
+        # launch's drain, and the pipelined loads below find them in (or on their way to) L2.
+        PF_STEP: tl.constexpr = BLOCK_K // PF_LINES
+        offs_pf = tl.arange(0, PF_LINES) * PF_STEP
+        pf_rows = w_ptr + rn[:, None].to(tl.int64) * K
+        pf_hi = tl.minimum(k_hi, k_lo + PREFETCH)
+        for kk in range(k_lo, pf_hi):
+            _prefetch_l2(pf_rows + tl.minimum(kk * BLOCK_K + offs_pf, K - 1)[None, :])
+    if EARLY_EPI:
+        # loaded now, consumed after the K loop: their latency hides behind it. Bias is never written by
+        # a kernel: safe before gdc_wait
+        bias = tl.load(bias_ptr + offs_n, mask=n_mask & has_bias, other=0.0)
+    if NORM:
+        # column sums of the folded weight (weights: safe before gdc_wait)
+        colsum = tl.load(colsum_ptr + offs_n, mask=n_mask & has_norm, other=0.0)
+    if USE_PDL:
+        _gdc_wait()  # the previous launch is complete and its writes visible from here on
+    if NORM_STATS_IN:
+        # the statistics of x the launch that wrote it left per part; loaded now, merged after the K loop
+        n_parts = tl.cdiv(K, spw)
+        offs_p = tl.arange(0, MAX_PARTS)
+        p_ok = offs_p < n_parts
+        s_ptrs = stats_in_ptr + rm[:, None].to(tl.int64) * (tl.cdiv(K, 16) * 2) + offs_p[None, :] * 2
+        s_mask = (m_mask & has_norm & has_stats_in)[:, None] & p_ok[None, :]
+        part_mean = tl.load(s_ptrs, mask=s_mask, other=0.0)
+        part_m2 = tl.load(s_ptrs + 1, mask=s_mask, other=0.0)
+    if NORM_PREPASS:
+        # row statistics of x in a pass over this program's rows before the K loop (a problem with a folded
+        # LayerNorm and no statistics given never splits K, so the program covers whole rows). Shifted by each
+        # row's first element: E[(x-s)^2] - E[x-s]^2 stays accurate when |mean| >> std. Not accumulated inside
+        # the K loop from the dot's A tiles (or a second load of them): Triton 3.6 miscompiles that with the
+        # skinny configs on sm_90, and it is slower.
+        pre = m_mask & has_norm & scalar_bool((flags & FLAG_STATS_IN) == 0)
+        shift = tl.load(x_ptr + rm * stride_xm, mask=pre, other=0.0).to(tl.float32)
+        row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        row_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for kk in range(k_lo, k_hi):
+            k_ok = (kk * BLOCK_K + offs_k) < K
+            xs = tl.load(x_ptr + rm[:, None] * stride_xm + (kk * BLOCK_K + offs_k)[None, :],
+                         mask=pre[:, None] & k_ok[None, :], other=0.0)
+            d = tl.where(k_ok[None, :], xs.to(tl.float32) - shift[:, None], 0.0)
+            row_sum += tl.sum(d, axis=1)
+            row_sq += tl.sum(d * d, axis=1)
+    if EARLY_EPI:
+        # safe with residual is out: only the last program of this tile writes out, after its own read here
+        res = tl.load(res_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=out_mask & has_res, other=0.0)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if USE_TMA:
+        # one tensor-memory copy per tile and step; rows past M / N and columns past K arrive as zeros
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        if g == 0:
+            acc = _tma_k_loop(dx0, dw0, off_m, off_n, k_lo, k_hi, acc, BLOCK_K, INPUT_PRECISION)
+        if NUM_PROBLEMS > 1:
+            if g == 1:
+                acc = _tma_k_loop(dx1, dw1, off_m, off_n, k_lo, k_hi, acc, BLOCK_K, INPUT_PRECISION)
+        if NUM_PROBLEMS > 2:
+            if g == 2:
+                acc = _tma_k_loop(dx2, dw2, off_m, off_n, k_lo, k_hi, acc, BLOCK_K, INPUT_PRECISION)
+        if NUM_PROBLEMS > 3:
+            if g == 3:
+                acc = _tma_k_loop(dx3, dw3, off_m, off_n, k_lo, k_hi, acc, BLOCK_K, INPUT_PRECISION)
+    else:
+        x_ptrs = x_ptr + rm[:, None] * stride_xm + (k_lo * BLOCK_K + offs_k)[None, :]  # [BLOCK_M, BLOCK_K]
+        w_ptrs = w_ptr + rn[None, :].to(tl.int64) * K + (k_lo * BLOCK_K + offs_k)[:, None]  # [BLOCK_K, BLOCK_N] = w.T
+        for kk in range(k_lo, k_hi):
+            if EVEN_K:
+                a = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
+                b = tl.load(w_ptrs)
+            else:
+                k_left = K - kk * BLOCK_K
+                a = tl.load(x_ptrs, mask=m_mask[:, None] & (offs_k[None, :] < k_left), other=0.0)
+                b = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+            x_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+
+    # ---- split-K: park the partial, the last of the S programs of this tile reduces ----
+    if ANY_SPLIT or ANY_PARTIAL:
+        is_last = pid >= 0  # (true; a runtime value, as the branches below assign)
+    else:
+        is_last = True
+    if ANY_PARTIAL:
+        if (flags & FLAG_PARTIAL) != 0:
+            # deferred reduction: the raw partial goes to out[split]; the launch that reads out (a LayerNorm
+            # with `add`) sums the S slices and applies bias and residual, so no counter, no tail here
+            p_ptrs = out_ptr + split.to(tl.int64) * M * stride_om + offs_m[:, None] * stride_om + offs_n[None, :]
+            tl.store(p_ptrs, acc.to(out_ty), mask=out_mask)
+            is_last = pid < 0
+    if ANY_SPLIT:
+        if (S > 1) & is_last:
+            TILE: tl.constexpr = BLOCK_M * BLOCK_N
+            offs_tile = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+            ws_off = tl.multiple_of(ws_off, TILE)  # true by construction
+            rows = m_mask[:, None]  # only rows < M: at batch 1 most of a BLOCK_M tile is padding
+            ws_tile = ws_ptr + ws_off + tile.to(tl.int64) * S * TILE
+            tl.store(ws_tile + split * TILE + offs_tile, acc, mask=rows)
+            tl.debug_barrier()  # all threads' partial writes happen before the (single-thread) release
+            cnt = cnt_ptr + cnt_off + tile
+            arrived = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
+            is_last = arrived == S - 1
+            if is_last:
+                # fixed order 0..S-1 whoever arrives last -> bitwise reproducible. RED_CHUNK partials
+                # in flight at once (one L2 round trip per chunk, not per split). .cg: read at L2.
+                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                for t0 in range(0, S, RED_CHUNK):
+                    p0 = tl.load(ws_tile + t0 * TILE + offs_tile, mask=rows, other=0.0, cache_modifier=".cg")
+                    if RED_CHUNK > 1:
+                        p1 = tl.load(ws_tile + (t0 + 1) * TILE + offs_tile, mask=rows & scalar_bool(t0 + 1 < S),
+                                     other=0.0, cache_modifier=".cg")
+                    if RED_CHUNK > 2:
+                        p2 = tl.load(ws_tile + (t0 + 2) * TILE + offs_tile, mask=rows & scalar_bool(t0 + 2 < S),
+                                     other=0.0, cache_modifier=".cg")
+                        p3 = tl.load(ws_tile + (t0 + 3) * TILE + offs_tile, mask=rows & scalar_bool(t0 + 3 < S),
+                                     other=0.0, cache_modifier=".cg")
+                    acc += p0
+                    if RED_CHUNK > 1:
+                        acc += p1
+                    if RED_CHUNK > 2:
+                        acc += p2
+                        acc += p3
+                tl.atomic_xchg(cnt, 0)  # ready for the next launch / graph replay
+
+    # ---- epilogue: [LayerNorm] -> bias -> activation -> residual -> store ----
+    if is_last:
+        if NORM:
+            # LN(x) @ W.T + b == rstd * (x @ W'.T - mean * colsum(W')) + b', W' = W * gamma, b' = W @ beta + b
+            k_f = K.to(tl.float32)
+            mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            var = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            if NORM_PREPASS:
+                mean_s = row_sum / k_f
+                var = tl.maximum(row_sq / k_f - mean_s * mean_s, 0.0)
+                mean = mean_s + shift
+            if NORM_STATS_IN:
+                cnt = tl.where(p_ok, tl.minimum(spw, K - offs_p * spw), 0).to(tl.float32)  # columns per part
+                mean_p = tl.sum(part_mean * cnt[None, :], axis=1) / k_f
+                dev = part_mean - mean_p[:, None]
+                var_p = tl.sum(part_m2 + cnt[None, :] * dev * dev, axis=1) / k_f
+                mean = tl.where(has_stats_in, mean_p, mean)
+                var = tl.where(has_stats_in, var_p, var)
+            rstd = 1.0 / tl.sqrt(var + eps)
+            normed = rstd[:, None] * (acc - mean[:, None] * colsum[None, :])
+            acc = tl.where(has_norm, normed, acc)
+        if not EARLY_EPI:
+            bias = tl.load(bias_ptr + offs_n, mask=n_mask & has_bias, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+        acc = apply_activation(acc, act)
+        if not EARLY_EPI:
+            # read before this program's store of the same elements: in-place `hidden += proj` is safe
+            res = tl.load(res_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=out_mask & has_res,
+                          other=0.0)
+        acc += res.to(tl.float32)
+        out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+        tl.store(out_ptrs, acc.to(out_ty), mask=out_mask)
+        if STATS_OUT:
+            # this tile's share of out's row statistics (of the values as stored), for a LayerNorm folded into
+            # the GEMM that reads out next: mean and sum of squared deviations over this tile's columns
+            v = tl.where(n_mask[None, :], acc.to(out_ty).to(tl.float32), 0.0)
+            cnt_n = tl.minimum(BLOCK_N, N - pid_n * BLOCK_N).to(tl.float32)
+            t_mean = tl.sum(v, axis=1) / cnt_n
+            dv = tl.where(n_mask[None, :], v - t_mean[:, None], 0.0)
+            t_m2 = tl.sum(dv * dv, axis=1)
+            sp = stats_out_ptr + offs_m.to(tl.int64) * (tl.cdiv(N, 16) * 2) + pid_n * 2
+            tl.store(sp, t_mean, mask=m_mask & has_stats_out)
+            tl.store(sp + 1, t_m2, mask=m_mask & has_stats_out)
