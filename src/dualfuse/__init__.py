@@ -9,8 +9,9 @@ __version__ = "0.1.0"
 
 
 def fuse(model, dtype=None, device=None, **kwargs):
-    """Both towers as one co-scheduled stream of fused launches; see dualfuse.executors.fused."""
-    from .executors.fused import fuse as _fuse
+    """The source model as a drop-in nn.Module running both towers as one co-scheduled stream of fused launches;
+    see dualfuse.executors.dropin (the drop-in) and dualfuse.executors.fused (the executor)."""
+    from .executors.dropin import fuse as _fuse
 
     return _fuse(model, dtype=dtype, device=device, **kwargs)
 
