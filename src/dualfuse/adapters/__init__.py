@@ -73,3 +73,13 @@ def model_io(model) -> ModelIO:
         return model.io
     from ._io import read_model_io
     return read_model_io(model, family_of(model))
+
+
+def image_normalization(model, family: str | None = None, **kwargs):
+    """The model's image ``(mean, std)`` per channel (family default, open_clip's ``visual.image_mean/std``,
+    overrides); see adapters/_norm.py."""
+    from ._norm import image_normalization as _image_normalization
+
+    if family is None and not isinstance(model, DualEncoderSpec):
+        family = family_of(model)
+    return _image_normalization(model, family, **kwargs)

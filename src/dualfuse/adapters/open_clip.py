@@ -174,6 +174,9 @@ def from_open_clip(model) -> DualEncoderSpec:
     vision = vision_tower(model.visual)
     text = text_tower(text_parts(model))
     bias = getattr(model, "logit_bias", None)
+    from ._norm import image_normalization
+
+    mean, std = image_normalization(model, "open_clip")  # kept for uint8 frames (executors fold it in)
     return DualEncoderSpec(vision, text, logit_scale=scalar(model.logit_scale),
                            logit_bias=scalar(bias) if bias is not None else None,
-                           family="open_clip", name="open_clip")
+                           family="open_clip", name="open_clip", extra={"image_mean": mean, "image_std": std})

@@ -89,7 +89,8 @@ def _describe(x) -> str:
     return f"a {type(x).__name__}"
 
 
-def validate_inputs(io, pixel_values=None, input_ids=None, *, device, dtype, check_ids: bool = True):
+def validate_inputs(io, pixel_values=None, input_ids=None, *, device, dtype, check_ids: bool = True,
+                    frames=None):
     """Check inputs against the model and return them ready to run: ``(pixel_values, input_ids)``.
 
     ``io``: the model's :class:`~dualfuse.spec.ModelIO` (a DualEncoderSpec is accepted too).
@@ -103,6 +104,13 @@ def validate_inputs(io, pixel_values=None, input_ids=None, *, device, dtype, che
       1 <= L <= the context length, every id in ``[0, vocab_size)``, on the executor's device.
       The range check reads one flag back from the device (a small synchronisation); ``check_ids=False`` skips it.
 
+    - ``frames``: whether uint8 camera frames are accepted as ``pixel_values``: ``None`` (default) rejects them;
+      ``"keep"`` returns them as a uint8 ``[B, C, H, W]`` view (no copy; a ``[B, H, W, C]`` frame is permuted),
+      for the fused executor, which folds the normalization into its patch embedding; ``(mean, std)`` (one value
+      per channel) normalizes them on the device to ``dtype``: ``(x / 255 - mean) / std``. Frames must be
+      ``[B, H, W, C]`` (channels-last, what capture and ``torchvision.io.decode_jpeg`` give) or ``[B, C, H, W]``
+      at exactly the model's image size.
+
     Either input may be ``None`` (that tower is not run). Anything else raises ``ValueError`` naming what was
     expected and what came.
     """
@@ -113,9 +121,13 @@ def validate_inputs(io, pixel_values=None, input_ids=None, *, device, dtype, che
     device = torch.device(device)
     if pixel_values is not None:
         if io.naflex:
+            if isinstance(pixel_values, torch.Tensor) and pixel_values.dtype == torch.uint8:
+                raise ValueError("pixel_values: uint8 frames are not supported for SigLIP2 NaFlex models (they take "
+                                 "patch sequences at each image's own resolution): run the model's image "
+                                 "processor and pass its pixel_values, spatial_shapes and pixel_attention_mask")
             pixel_values = _validate_patch_sequence(io, pixel_values, device, dtype)
         else:
-            pixel_values = _validate_pixels(io, pixel_values, device, dtype)
+            pixel_values = _validate_pixels(io, pixel_values, device, dtype, frames)
     if input_ids is not None:
         input_ids = _validate_ids(io, input_ids, device, check_ids)
     return pixel_values, input_ids
@@ -131,8 +143,8 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
     return True
 
 
-def _validate_pixels(emb, px, device, dtype):
-    """emb: anything with ``channels`` and ``image_size`` (ModelIO)."""
+def _validate_pixels(emb, px, device, dtype, frames=None):
+    """emb: anything with ``channels`` and ``image_size`` (ModelIO). frames: see validate_inputs."""
     if isinstance(px, PatchSequence):
         raise ValueError("pixel_values: got a PatchSequence (SigLIP2 NaFlex patches), but this model takes images "
                          f"[batch, {emb.channels}, {emb.image_size}, {emb.image_size}]")
@@ -143,11 +155,16 @@ def _validate_pixels(emb, px, device, dtype):
     want = f"[batch, {emb.channels}, {emb.image_size}, {emb.image_size}]"
     if not isinstance(px, torch.Tensor):
         raise ValueError(f"pixel_values: expected a torch.Tensor of shape {want}, got {_describe(px)}")
+    if px.dtype == torch.uint8 and frames is not None:
+        return _validate_frames(emb, px, device, dtype, frames)
     if px.dim() != 4:
         raise ValueError(f"pixel_values: expected a 4-D tensor {want}, got {px.dim()}-D shape {list(px.shape)}")
     if not px.is_floating_point():
-        raise ValueError(f"pixel_values: expected a floating-point tensor (normalized pixels), got {px.dtype}; "
-                         "convert and normalize images first (e.g. the model's image processor)")
+        also = " or uint8 frames [batch, H, W, C] / [batch, C, H, W]" if frames is not None else ""
+        raise ValueError(f"pixel_values: expected a floating-point tensor (normalized pixels){also}, got {px.dtype}; "
+                         "convert and normalize images first (e.g. the model's image processor)"
+                         + ("" if frames is not None else "; uint8 frames are taken by the fused executor "
+                            "(dualfuse.fuse)"))
     b, c, h, w = px.shape
     if b == 0:
         raise ValueError(f"pixel_values: empty batch: expected {want} with batch >= 1, got {list(px.shape)}")
@@ -161,6 +178,46 @@ def _validate_pixels(emb, px, device, dtype):
         raise ValueError(f"pixel_values: expected a tensor on {device} (the executor's device), got one on "
                          f"{px.device}; move it with .to('{device}')")
     return px if px.dtype == dtype else px.to(dtype)
+
+
+def _validate_frames(emb, px, device, dtype, frames):
+    """uint8 camera frames [B, H, W, C] or [B, C, H, W] at the model's size -> a uint8 [B, C, H, W] view (frames
+    "keep") or the normalized float image in ``dtype`` (frames = (mean, std))."""
+    c, s = emb.channels, emb.image_size
+    want = f"[batch, {s}, {s}, {c}] (channels-last) or [batch, {c}, {s}, {s}]"
+    if px.dim() != 4:
+        raise ValueError(f"pixel_values: uint8 frames must be a 4-D tensor {want}, got {px.dim()}-D shape "
+                         f"{list(px.shape)}")
+    if px.shape[3] == c and px.shape[1] != c:
+        layout, h, w = "nhwc", px.shape[1], px.shape[2]
+    elif px.shape[1] == c:
+        layout, h, w = "nchw", px.shape[2], px.shape[3]
+    else:
+        raise ValueError(f"pixel_values: uint8 frames: expected {want}, got shape {list(px.shape)} (no axis of "
+                         f"{c} channels after the batch or at the end)")
+    if (h, w) != (s, s):
+        raise ValueError(f"pixel_values: uint8 frames of {h}x{w}, but the model takes {s}x{s} (expected {want}); "
+                         f"resize (or crop) the frames to {s}x{s} first")
+    if px.shape[0] == 0:
+        raise ValueError(f"pixel_values: empty batch: expected {want} with batch >= 1, got {list(px.shape)}")
+    if not _same_device(px.device, device):
+        raise ValueError(f"pixel_values: expected a tensor on {device} (the executor's device), got one on "
+                         f"{px.device}; move it with .to('{device}')")
+    nchw = px.permute(0, 3, 1, 2) if layout == "nhwc" else px
+    if isinstance(frames, str):
+        if frames != "keep":
+            raise ValueError(f"frames: expected None, 'keep' or (mean, std), got {frames!r}")
+        return nchw
+    return normalize_frames(nchw, *frames, dtype=dtype)
+
+
+def normalize_frames(frames: torch.Tensor, mean, std, dtype=torch.float32) -> torch.Tensor:
+    """uint8 [B, C, H, W] -> ``((x / 255 - mean) / std)`` in ``dtype`` (computed in fp32, on the frames' device)."""
+    shape = (1, -1, 1, 1)
+    m = torch.tensor(mean, dtype=torch.float32, device=frames.device).view(shape)
+    sd = torch.tensor(std, dtype=torch.float32, device=frames.device).view(shape)
+    x = (frames.to(torch.float32) / 255 - m) / sd
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 def _validate_patch_sequence(io, seq, device, dtype):

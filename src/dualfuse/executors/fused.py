@@ -5,15 +5,22 @@ static buffers for both towers, the co-scheduled plan (dualfuse.plan: one stage 
 of each tower), and one prepared kernel op per stage (GroupedLinear, GroupedLayerNorm, GroupedAttention,
 Embeddings, PoolIndices). On CUDA the whole sequence of launches is captured into ONE CUDA graph; a call copies
 the inputs into the static buffers, replays the graph and clones the embeddings out. Runners are cached per
-shape in a bounded LRU. Image-only and text-only calls have plans (and graphs) of their own.
+shape in a bounded LRU. Image-only and text-only calls have plans (and graphs) of their own. Text lengths are
+padded up to a few buckets where that cannot change the output (causal text towers pooled at EOS / argmax / the
+first token: FusedExecutor._resolve_text_buckets), so ``padding=True`` streams reuse a handful of runners;
+``warmup(shapes)`` builds runners up front and ``build_times`` keeps each runner's first-call time. uint8 camera
+frames run on runners of their own whose patch embedding has the image mean/std folded in (``frame_patch``).
 
 On CPU the same launches run through the Triton interpreter when TRITON_INTERPRET=1 (slow; for tests).
 
-``dualfuse.fuse(model)`` wraps this executor in :class:`FusedModel`, a drop-in with the source model's calls.
+``dualfuse.fuse(model)`` wraps this executor in :class:`dualfuse.executors.dropin.FusedModel`, a drop-in
+with the source model's calls.
 """
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import time
 import warnings
 from collections import OrderedDict
 
@@ -48,7 +55,7 @@ class _TowerBuffers:
     """Static activations of one tower for one batch size. Rows are flattened [B*S, ...]."""
 
     def __init__(self, tower: TowerSpec, batch: int, seq: int, dtype, device, output: torch.Tensor,
-                 residual_dtype: torch.dtype, fold_ln: bool = False):
+                 residual_dtype: torch.dtype, fold_ln: bool = False, pixels: str = "float"):
         d, f = tower.width, tower.mlp_dim
         rows = batch * seq
         e = lambda *shape: torch.empty(*shape, dtype=dtype, device=device)  # noqa: E731
@@ -62,7 +69,11 @@ class _TowerBuffers:
         # in, and garbage token ids would make the embedding gather read far out of bounds.
         if tower.kind == "vision":
             emb = tower.embed
-            self.input = torch.zeros(batch, emb.channels, emb.image_size, emb.width, dtype=dtype, device=device)
+            if pixels == "uint8":  # camera frames: stored channels-last, read through a [B, C, H, W] view
+                self.input = torch.zeros(batch, emb.image_size, emb.width, emb.channels, dtype=torch.uint8,
+                                         device=device).permute(0, 3, 1, 2)
+            else:
+                self.input = torch.zeros(batch, emb.channels, emb.image_size, emb.width, dtype=dtype, device=device)
         else:
             self.input = torch.zeros(batch, seq, dtype=torch.long, device=device)
         # output: [batch, embed dim], this tower's rows of the runner's one output buffer (one clone per call)
@@ -94,9 +105,14 @@ class _TowerBuffers:
 class Runner:
     """One call shape: buffers, plan, one prepared op per stage, and (on CUDA) one captured graph."""
 
-    def __init__(self, ex: "FusedExecutor", image_batch: int, text_batch: int, text_len: int):
+    def __init__(self, ex: "FusedExecutor", image_batch: int, text_batch: int, text_len: int,
+                 pixels: str = "float"):
         self.ex = ex
         spec = ex.spec
+        # pixels: "float" (the executor's dtype) or "uint8" (camera frames; the patch embedding uses the weights
+        # with the image mean/std folded in, FusedExecutor.frame_patch)
+        self.pixels, self.text_len = pixels, text_len
+        self.key = None  # set by FusedExecutor.runner
         self.plan: Plan = ex.plan(image_batch, text_batch, text_len)
         self.buf: dict[str, _TowerBuffers] = {}
         # both towers' embeddings in one buffer: a call clones it once and returns the two row ranges
@@ -104,7 +120,7 @@ class Runner:
         self.image_batch = image_batch
         if image_batch:
             self.buf["vision"] = _TowerBuffers(spec.vision, image_batch, spec.vision.seq_len, ex.dtype, ex.device,
-                                               self.output[:image_batch], ex.residual_dtype, ex.fold_ln)
+                                               self.output[:image_batch], ex.residual_dtype, ex.fold_ln, pixels)
         if text_batch:
             self.buf["text"] = _TowerBuffers(spec.text, text_batch, text_len, ex.dtype, ex.device,
                                              self.output[image_batch:], ex.residual_dtype, ex.fold_ln)
@@ -232,7 +248,8 @@ class Runner:
         op = step.op
         if op == "patch_embed":
             emb: PatchEmbed = t.embed
-            return PatchEmbedProblem(b.input, emb.weight, emb.bias, t.class_embedding, t.pos_embedding,
+            w, bias = self.ex.frame_patch if self.pixels == "uint8" else (emb.weight, emb.bias)
+            return PatchEmbedProblem(b.input, w, bias, t.class_embedding, t.pos_embedding,
                                      b.embed_out.view(B, S, D), emb.patch_size)
         if op == "token_embed":
             return TokenEmbedProblem(b.input, t.embed.weight, t.pos_embedding, b.embed_out.view(B, S, D))
@@ -295,6 +312,7 @@ class Runner:
 
     def _capture(self):
         dev = self.ex.device
+        t0 = time.perf_counter()
         stream = torch.cuda.Stream(dev)
         stream.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(stream):
@@ -303,15 +321,30 @@ class Runner:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.launch_all()
+        torch.cuda.synchronize(dev)
+        if self.key is not None:  # first-call time: building the runner, then this capture
+            times = self.ex.build_times
+            times[self.key] = times.get(self.key, 0.0) + time.perf_counter() - t0
 
     def __call__(self, px, ids, check_ids: bool = True):
         if self.wants_graph and self.graph is None:
             self._capture()
         if px is not None:
-            dst = self.buf["vision"].input  # [B, C, H, W]; a NaFlex call gives a [B, C, h, p, w, p] view
+            # [B, C, H, W] (uint8 frames: a view of the channels-last buffer, which copy_ fills from either
+            # layout); a NaFlex call gives a [B, C, h, p, w, p] view
+            dst = self.buf["vision"].input
             (dst if px.dim() == 4 else dst.view(px.shape)).copy_(px)
         if ids is not None:
-            self.buf["text"].input.copy_(ids)
+            dst, n = self.buf["text"].input, ids.shape[1]
+            if n == dst.shape[1]:
+                dst.copy_(ids)
+            elif n < dst.shape[1] and self.ex.text_buckets is not None:
+                # a text-length bucket: the texts, then pad ids the pooling cannot pick (FusedExecutor.text_pad_id)
+                # in positions the causal mask hides from every earlier one
+                dst[:, :n].copy_(ids)
+                dst[:, n:].fill_(self.ex.text_pad_id)
+            else:
+                raise ValueError(f"fused runner: texts of length {n} given to the runner of length {dst.shape[1]}")
         if self.graph is not None:
             self.graph.replay()
         else:
@@ -356,8 +389,22 @@ class FusedExecutor(Executor):
 
     def __init__(self, model, dtype=None, device=None, *, max_graphs: int = 8, use_graph: bool = True,
                  fallback: bool = True, fold_ln: bool | None = None, pdl: bool = True, gemm_config: dict | None = None,
-                 residual_dtype: torch.dtype | None = None, defer_split_reduce: bool = True, **kwargs):
+                 residual_dtype: torch.dtype | None = None, defer_split_reduce: bool = True,
+                 text_buckets="auto", warmup=None, image_mean=None, image_std=None, **kwargs):
         super().__init__(model, dtype, device, **kwargs)
+        # image mean/std of uint8 camera frames: folded into a second patch-embedding weight (frame_patch), or
+        # applied on the device before a fallback executor (adapters/_norm.py has the family defaults)
+        from ..adapters import image_normalization
+
+        source = self.__dict__.get("_source")
+        self.image_mean, self.image_std = image_normalization(
+            source if source is not None else self.spec, self.family, image_mean=image_mean, image_std=image_std,
+            channels=self.io.channels)
+        # text lengths padded up to a few buckets where that provably keeps the output (_resolve_text_buckets)
+        self.text_buckets, self.text_pad_id, self.text_buckets_off = self._resolve_text_buckets(text_buckets)
+        # first-call time (building the runner, capturing its graph) per runner key, in seconds
+        self.build_times: dict[tuple, float] = {}
+        self._grid: tuple[int, int] | None = None  # NaFlex: the patch grid of a per-grid child executor
         if max_graphs < 1:
             raise ValueError(f"max_graphs must be >= 1, got {max_graphs}")
         if fold_ln is not None and not isinstance(fold_ln, bool):
@@ -408,6 +455,8 @@ class FusedExecutor(Executor):
         if reason is not None:
             self._fall_back(reason, fallback)
         self.__dict__.pop("_source", None)
+        if warmup is not None:
+            self.warmup(warmup)
 
     def _fall_back(self, reason: str, allowed: bool):
         """Run the source model with the CUDA graph executor (eager where there is no CUDA: the tests' case)."""
@@ -423,12 +472,19 @@ class FusedExecutor(Executor):
             from .eager import EagerExecutor as Fallback
         warnings.warn(f"dualfuse fused: {reason}; falling back to the {Fallback.name!r} executor", stacklevel=4)
         self.fallback = Fallback(source, self.dtype, self.device, spec=self.spec)
-        self.weights = None
+        self.weights = self.frame_patch = None
         self.runners.clear()
         self.notes = f"FALLBACK to {Fallback.name}: {reason}"
 
     def _prepare_weights(self):
         self.weights = self.spec.to(self.device, self.dtype)
+        emb = self.spec.vision.embed
+        self.frame_patch = None  # (weight, bias) of the patch embedding for uint8 frames: mean/std folded in
+        if emb.pos_grid is None:  # NaFlex takes patch sequences, never frames
+            from ..kernels.embed import fold_normalization
+
+            w, b = fold_normalization(emb.weight, emb.bias, self.image_mean, self.image_std, dtype=self.dtype)
+            self.frame_patch = (w.to(self.device), b.to(self.device))
         head = self.weights.vision.pool_head
         if head is not None:
             d = self.weights.vision.width
@@ -474,22 +530,94 @@ class FusedExecutor(Executor):
                 dst.pool_head.fc1 = None
 
     def validate(self, pixel_values=None, input_ids=None):
-        if self.fallback is not None:
-            return super().validate(pixel_values, input_ids)
-        # token ids are range-checked inside the fused graph (Embeddings.bad_ids), not by a read-back before it
+        if self.fallback is not None:  # uint8 frames: normalized on the device before the fallback runs
+            return validate_inputs(self.io, pixel_values, input_ids, device=self.device, dtype=self.dtype,
+                                   check_ids=self.check_ids, frames=(self.image_mean, self.image_std))
+        # token ids are range-checked inside the fused graph (Embeddings.bad_ids), not by a read-back before it;
+        # uint8 frames stay uint8 (a [B, C, H, W] view): the patch embedding reads them (frame_patch)
         return validate_inputs(self.spec, pixel_values, input_ids, device=self.device, dtype=self.dtype,
-                               check_ids=False)
+                               check_ids=False, frames="keep")
 
-    def runner(self, image_batch: int, text_batch: int, text_len: int, capture: bool = True) -> Runner:
-        """The cached runner of this call shape (built, and on CUDA captured, on first use)."""
+    # -- text-length buckets -------------------------------------------------------------------------------
+    DEFAULT_TEXT_BUCKETS = (16, 32, 48, 64, 77)
+
+    def _resolve_text_buckets(self, buckets):
+        """(buckets or None, pad id, why off or None). Texts are padded up to the next bucket only where that
+        provably cannot change the embeddings: a causal text tower (appended positions are hidden from every
+        earlier one) pooled at a position the padding cannot move — ``argmax`` (the first maximum id: pad id 0
+        is never above the row's maximum, and a tie keeps the earlier position), ``first_eos`` (the first EOS:
+        the pad id is not the EOS id) or ``cls`` (position 0). SigLIP-style towers (bidirectional attention,
+        pooled at the last token) run at the exact length."""
+        if buckets is None or buckets is False or (not isinstance(buckets, str) and hasattr(buckets, "__len__")
+                                                   and len(buckets) == 0):
+            return None, 0, "off (text_buckets=None)"
+        explicit = not (isinstance(buckets, str) and buckets == "auto")
+        if isinstance(buckets, str) and buckets != "auto":
+            raise ValueError(f"text_buckets must be 'auto', None or a sequence of text lengths, got {buckets!r}")
+        if not explicit:
+            buckets = self.DEFAULT_TEXT_BUCKETS
+        try:
+            values = list(buckets)
+        except TypeError:
+            raise ValueError(f"text_buckets must be 'auto', None or a sequence of text lengths, got {buckets!r}") \
+                from None
+        if not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in values):
+            raise ValueError(f"text_buckets: expected positive int text lengths, got {buckets!r}")
+        if self.spec is None:
+            return None, 0, "off (the kernels do not cover this model)"
+        t = self.spec.text
+        why = None
+        if t.mask != "causal":
+            why = f"the text tower's attention is bidirectional (mask {t.mask!r}): padding would change the output"
+        elif t.pooling not in ("argmax", "first_eos", "cls"):
+            why = f"the text tower pools at the {t.pooling!r} position, which padding would move"
+        if why is not None:
+            if explicit:
+                warnings.warn(f"dualfuse fused: text_buckets ignored: {why}; texts run at their exact length",
+                              stacklevel=4)
+            return None, 0, f"off ({why})"
+        ctx = t.context_length
+        pad = 0
+        if t.pooling == "first_eos" and t.eos_token_id == 0:
+            pad = 1
+        return tuple(sorted({min(b, ctx) for b in values} | {ctx})), pad, None
+
+    def text_bucket(self, text_len: int) -> int:
+        """The text length a call of ``text_len`` tokens runs at: the smallest bucket >= text_len (the exact
+        length when bucketing is off)."""
+        b = self.text_buckets
+        if b is None or text_len > b[-1]:
+            return text_len
+        return b[bisect.bisect_left(b, text_len)]
+
+    def runner_key(self, image_batch: int, text_batch: int, text_len: int | None, pixels: str = "float") -> tuple:
+        """The key of the runner a call of this shape uses: ``(images, texts, bucketed text length)``, plus
+        ``"uint8"`` for frame calls. Image-only calls use the context length."""
+        text_len = self.spec.text.context_length if not text_batch or text_len is None else self.text_bucket(text_len)
         key = (image_batch, text_batch, text_len)
+        return key if pixels == "float" else key + (pixels,)
+
+    def runner(self, image_batch: int, text_batch: int, text_len: int, capture: bool = True,
+               pixels: str = "float") -> Runner:
+        """The cached runner of this call shape (built, and on CUDA captured, on first use). ``text_len`` is
+        padded up to its bucket (text_bucket); ``pixels``: "float" or "uint8" (camera frames)."""
+        if pixels not in ("float", "uint8"):
+            raise ValueError(f"pixels must be 'float' or 'uint8', got {pixels!r}")
+        if pixels == "uint8" and self.frame_patch is None:
+            raise ValueError("pixel_values: uint8 frames are not supported for SigLIP2 NaFlex models; run the model's "
+                             "image processor and pass its patch sequences")
+        key = self.runner_key(image_batch, text_batch, text_len, pixels)
+        text_len = key[2]
         r = self.runners.get(key)
         if r is None:
+            t0 = time.perf_counter()
             try:
-                r = Runner(self, image_batch, text_batch, text_len)
+                r = Runner(self, image_batch, text_batch, text_len, pixels)
             except ValueError as e:  # coverage was settled at fuse(); only input sizes can get here
                 raise ValueError(f"fused: a call of {image_batch} image(s) and {text_batch} text(s) of length "
                                  f"{text_len} is outside what the kernels cover: {e}") from None
+            r.key = key if self._grid is None else key + ("grid %dx%d" % self._grid,)
+            self.build_times[r.key] = time.perf_counter() - t0
             self.runners[key] = r
             while len(self.runners) > self.max_graphs:
                 self.runners.popitem(last=False)
@@ -498,6 +626,53 @@ class FusedExecutor(Executor):
         if capture and r.wants_graph and r.graph is None:
             r._capture()
         return r
+
+    def warmup(self, shapes) -> dict:
+        """Build (and on CUDA capture) the runners of these call shapes now, so that no user call pays for it:
+        ``shapes`` is a list of ``(images, texts, text_len)`` (``text_len`` any length, padded to its bucket;
+        ignored when ``texts`` is 0) or ``(images, texts, text_len, "uint8")`` for camera frames. Returns
+        ``{runner key: seconds}`` for these shapes (also kept in ``build_times``). SigLIP2 NaFlex: runners of
+        the native patch grid. No-op (returns {}) when the executor fell back to a stock one."""
+        if self.fallback is not None:
+            return {}
+        if isinstance(shapes, tuple) and shapes and isinstance(shapes[0], int):
+            shapes = [shapes]  # one shape
+        try:
+            shapes = [tuple(s) for s in shapes]
+        except TypeError:
+            raise ValueError(f"warmup: expected a list of (images, texts, text_len) shapes, got {shapes!r}") from None
+        target = self
+        if self.spec.vision.embed.pos_grid is not None:
+            g = self.spec.vision.embed.pos_grid
+            target = self._grid_executor(g, g)
+        ctx = self.spec.text.context_length
+        keys = []
+        for s in shapes:
+            want = "(images, texts, text_len) or (images, texts, text_len, 'uint8')"
+            if len(s) not in (3, 4) or not all(isinstance(v, int) and not isinstance(v, bool) for v in s[:2]):
+                raise ValueError(f"warmup: expected shapes {want}, got {s!r}")
+            ni, nt, n = s[:3]
+            pixels = s[3] if len(s) == 4 else "float"
+            if ni < 0 or nt < 0 or ni + nt == 0:
+                raise ValueError(f"warmup: expected images >= 0 and texts >= 0, not both 0, got {s!r}")
+            if nt and (not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= ctx):
+                raise ValueError(f"warmup: text_len must be an int in [1, {ctx}] (the context length), got {s!r}")
+            if pixels not in ("float", "uint8") or (pixels == "uint8" and not ni):
+                raise ValueError(f"warmup: the 4th entry must be 'float' or 'uint8' (with images >= 1), got {s!r}")
+            keys.append(target.runner_key(ni, nt, n, pixels))
+        if len(set(keys)) > self.max_graphs:
+            raise ValueError(f"warmup: {len(set(keys))} distinct runners (after text buckets) but max_graphs="
+                             f"{self.max_graphs} keeps fewer; raise max_graphs or warm fewer shapes")
+        out = {}
+        for s, key in zip(shapes, keys):
+            r = target.runner(key[0], key[1], key[2], pixels=key[3] if len(key) == 4 else "float")
+            if not r.wants_graph and self.device.type == "cuda":  # no graph: compile the kernels now
+                t0 = time.perf_counter()
+                r.launch_all()
+                torch.cuda.synchronize(self.device)
+                self.build_times[r.key] = self.build_times.get(r.key, 0.0) + time.perf_counter() - t0
+            out[r.key] = self.build_times[r.key]
+        return out
 
     def _check_coverage(self) -> str | None:
         """Decided once, at fuse(): build (without launching) the runners of a one-image + one-text call and of
@@ -515,10 +690,14 @@ class FusedExecutor(Executor):
             return f"a kernel launcher refuses it ({e})"
         finally:
             self.runners.clear()
+            self.build_times.clear()
         return None
 
     def plan(self, image_batch: int, text_batch: int, text_len: int | None = None) -> Plan:
-        """The plan a call of this shape runs (the executor's dtype and LayerNorm folding included)."""
+        """The plan a call of this shape runs (the executor's dtype and LayerNorm folding included; the text
+        length padded to its bucket)."""
+        if text_batch and text_len is not None:
+            text_len = self.text_bucket(text_len)
         return make_plan(self.spec, image_batch, text_batch, text_len, elt=torch.finfo(self.dtype).bits // 8,
                          fold_ln=self.fold_ln)
 
@@ -527,14 +706,16 @@ class FusedExecutor(Executor):
             return self.fallback._encode(px, ids)
         if isinstance(px, PatchSequence):
             return self._encode_naflex(px, ids)
-        return self.runner(px.shape[0], ids.shape[0], ids.shape[1])(px, ids, self.check_ids)
+        pixels = "uint8" if px.dtype == torch.uint8 else "float"
+        return self.runner(px.shape[0], ids.shape[0], ids.shape[1], pixels=pixels)(px, ids, self.check_ids)
 
     def _encode_image(self, px):
         if self.fallback is not None:
             return self.fallback._encode_image(px)
         if isinstance(px, PatchSequence):
             return self._encode_naflex(px, None)[0]
-        return self.runner(px.shape[0], 0, self.spec.text.context_length)(px, None)[0]
+        pixels = "uint8" if px.dtype == torch.uint8 else "float"
+        return self.runner(px.shape[0], 0, self.spec.text.context_length, pixels=pixels)(px, None)[0]
 
     # -- SigLIP2 NaFlex (executors/_naflex.py) ---------------------------------------------------------------
     def _grid_executor(self, h: int, w: int) -> "FusedExecutor":
@@ -551,7 +732,7 @@ class FusedExecutor(Executor):
             child.__dict__.update(self.__dict__)
             child.spec = grid_spec(self.spec, pos, h, w)
             child.weights = grid_spec(self.weights, pos.to(self.device, self.dtype), h, w)
-            child.runners, child._grids = OrderedDict(), None
+            child.runners, child._grids, child._grid = OrderedDict(), None, (h, w)
             self._grids[key] = child
             while len(self._grids) > self.max_graphs:
                 self._grids.popitem(last=False)
@@ -590,104 +771,9 @@ class FusedExecutor(Executor):
         return self.runner(0, ids.shape[0], ids.shape[1])(None, ids, self.check_ids)[1]
 
 
-class FusedModel:
-    """Drop-in for the source model: the calls users already make, served by the fused executor.
+def __getattr__(name):  # FusedModel and fuse() moved to dualfuse.executors.dropin
+    if name in ("FusedModel", "fuse"):
+        from . import dropin
 
-    - ``encode_image(pixel_values, normalize=False)`` / ``encode_text(input_ids, normalize=False)`` (open_clip)
-    - ``get_image_features(pixel_values=...)`` / ``get_text_features(input_ids=...)`` (transformers: returns
-      what the source model's method returns in transformers 5 — an output object whose ``pooler_output``
-      holds the embeddings; ``last_hidden_state`` is not kept)
-    - calling it: transformers-style ``fused(input_ids=..., pixel_values=...)`` returns an object with
-      ``logits_per_image``, ``logits_per_text``, ``image_embeds``, ``text_embeds`` (normalized, as the source
-      model's output); open_clip-style ``fused(image, text)`` returns open_clip's tuple.
-    """
-
-    def __init__(self, executor: FusedExecutor):
-        self.executor = executor
-        self.spec = executor.spec
-        self.family = executor.family
-
-    def __repr__(self):
-        return f"<FusedModel {self.spec.name or self.family} {self.executor.dtype} on {self.executor.device}>"
-
-    @property
-    def dtype(self):
-        return self.executor.dtype
-
-    @property
-    def device(self):
-        return self.executor.device
-
-    def encode_image(self, pixel_values, normalize: bool = False):
-        x = self.executor.encode_image(pixel_values)
-        return F.normalize(x, dim=-1) if normalize else x
-
-    def encode_text(self, input_ids, normalize: bool = False):
-        x = self.executor.encode_text(input_ids)
-        return F.normalize(x, dim=-1) if normalize else x
-
-    def get_image_features(self, pixel_values=None, **kwargs):
-        pixel_values = self._naflex(pixel_values, kwargs)
-        _reject_extra(kwargs, "get_image_features")
-        return _pooling_output(self.executor.encode_image(pixel_values))
-
-    def _naflex(self, pixel_values, kwargs: dict):
-        """SigLIP2: HF's (pixel_values, spatial_shapes, pixel_attention_mask) as one PatchSequence."""
-        if self.family != "hf_siglip2" or pixel_values is None or isinstance(pixel_values, PatchSequence):
-            return pixel_values
-        shapes, mask = kwargs.pop("spatial_shapes", None), kwargs.pop("pixel_attention_mask", None)
-        if shapes is None or mask is None:
-            raise ValueError("SigLIP2 NaFlex: pass pixel_values with spatial_shapes and pixel_attention_mask, as "
-                             "its image processor returns them (fused(**processor(images=..., text=...)))")
-        return PatchSequence(pixel_values, shapes, mask)
-
-    def get_text_features(self, input_ids=None, **kwargs):
-        _reject_extra(kwargs, "get_text_features")
-        return _pooling_output(self.executor.encode_text(input_ids))
-
-    def __call__(self, *args, input_ids=None, pixel_values=None, **kwargs):
-        if self.family == "open_clip":
-            if len(args) != 2 or kwargs or input_ids is not None or pixel_values is not None:
-                raise ValueError("open_clip-style call: expected fused(image, text)")
-            img, txt = self.executor.encode(args[0], args[1])
-            img, txt = F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
-            scale = torch.tensor(self.spec.logit_scale, device=img.device).exp()
-            if self.spec.logit_bias is not None:
-                return img, txt, scale, torch.tensor(self.spec.logit_bias, device=img.device)
-            return img, txt, scale
-        if args:  # transformers' positional order: forward(input_ids, pixel_values)
-            if len(args) > 2 or (input_ids is not None) or (len(args) == 2 and pixel_values is not None):
-                raise ValueError("expected fused(input_ids, pixel_values) or fused(input_ids=..., pixel_values=...)")
-            input_ids = args[0]
-            pixel_values = args[1] if len(args) == 2 else pixel_values
-        kwargs.pop("return_dict", None)
-        pixel_values = self._naflex(pixel_values, kwargs)
-        _reject_extra(kwargs, "forward")
-        img, txt = self.executor.encode(pixel_values, input_ids)
-        per_image, per_text = self.executor.logits(img, txt)
-        if self.family == "hf_siglip2":
-            from transformers.models.siglip2.modeling_siglip2 import Siglip2Output as Output
-        elif self.family == "hf_siglip":
-            from transformers.models.siglip.modeling_siglip import SiglipOutput as Output
-        else:
-            from transformers.models.clip.modeling_clip import CLIPOutput as Output
-        return Output(logits_per_image=per_image, logits_per_text=per_text,
-                      image_embeds=F.normalize(img, dim=-1), text_embeds=F.normalize(txt, dim=-1))
-
-
-def _reject_extra(kwargs: dict, where: str):
-    if kwargs:
-        raise ValueError(f"{where}: the fused model takes pixel_values / input_ids only; got unsupported "
-                         f"arguments {sorted(kwargs)} (attention masks and position ids are not supported)")
-
-
-def _pooling_output(x):
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-    return BaseModelOutputWithPooling(pooler_output=x)
-
-
-def fuse(model, dtype=None, device=None, **kwargs) -> FusedModel:
-    """``dualfuse.fuse(model, dtype=torch.float16)``: the user's HF CLIPModel / SiglipModel, open_clip CLIP or a
-    preset name -> a drop-in :class:`FusedModel`. The source model is left untouched."""
-    return FusedModel(FusedExecutor(model, dtype=dtype, device=device, **kwargs))
+        return getattr(dropin, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

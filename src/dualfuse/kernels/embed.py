@@ -6,7 +6,10 @@
   has an all-zero A row and gets ``class_embedding`` instead of the conv bias. The epilogue adds
   the conv bias, the class embedding and the positional embedding and writes ``out[b, t]``.
   Pixels may be any float dtype; they are cast to the weight dtype for the tensor-core dot (fp32
-  weights use IEEE fp32 dots), accumulation in fp32.
+  weights use IEEE fp32 dots), accumulation in fp32. uint8 pixels (camera frames, any strides: a
+  channels-last ``[B, H, W, C]`` frame is passed as its ``permute(0, 3, 1, 2)`` view, no copy) are read
+  as ``x / 255``: the GEMM sums ``x * w`` exactly and the epilogue scales by 1/255 in fp32 before the
+  bias; fold the model's mean/std into ``weight`` and ``bias`` (:func:`fold_normalization`).
 * Text (:class:`TokenEmbedProblem`): a gather ``out[b, l] = token_weight[ids[b, l]] + pos[l]``.
   Token ids are read on the device and must lie in ``[0, V)`` (not checked: no host sync).
 
@@ -28,10 +31,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._utils import describe, gdc_launch, pdl_supported, pow2_divisor
+from ._utils import LAUNCH_OPTIONS, describe, gdc_launch, pdl_supported, pow2_divisor
 
 __all__ = ["PatchEmbedProblem", "TokenEmbedProblem", "Embeddings", "PatchEmbed", "TokenEmbed",
-           "patch_embed", "token_embed"]
+           "patch_embed", "token_embed", "fold_normalization"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -49,7 +52,8 @@ _NTF = 16
 class PatchEmbedProblem:
     """Vision tower input: patch GEMM + (class token) + positional embedding.
 
-    pixel_values: [B, C, H, W], any float dtype and strides, H and W >= patch_size. Like a stride-p Conv2d,
+    pixel_values: [B, C, H, W], any float dtype or uint8 (read as x / 255), any strides, H and W >= patch_size.
+    Like a stride-p Conv2d,
     the last H % p rows and W % p columns are not read (SigLIP so400m: 384 px, patch 14 -> 27x27 patches).
     weight: [D, C*p*p] (conv weight flattened in (c, ph, pw) order), any strides.
     bias: [D] or None. class_embedding: [D] or None. pos_embedding: [T, D], T = (H/p)*(W/p) + has_class.
@@ -82,7 +86,8 @@ class TokenEmbedProblem:
 @triton.jit
 def _patch_tile(tile, pm, n_patch, pix_ref, w_ref, o_ref, NPF: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KP: tl.constexpr, EVEN_P: tl.constexpr,
-                PIX_W1: tl.constexpr, IEEE: tl.constexpr, PTR_ALIGN: tl.constexpr, ELT_ALIGN: tl.constexpr):
+                PIX_W1: tl.constexpr, IEEE: tl.constexpr, PTR_ALIGN: tl.constexpr, ELT_ALIGN: tl.constexpr,
+                PIX_U8: tl.constexpr):
     # The K loop walks the (channel, kernel row) pixel rows of the patches, KY of them per step; a K
     # tile is KY rows x BLOCK_KP columns (kx), BLOCK_KP = next_pow2(patch size). EVEN_P: every
     # patch size == BLOCK_KP and a multiple of KY (no K masks; weight tiles contiguous).
@@ -174,6 +179,8 @@ def _patch_tile(tile, pm, n_patch, pix_ref, w_ref, o_ref, NPF: tl.constexpr, BLO
             acc += tl.dot(a.to(w.dtype), w, input_precision="ieee")
         else:
             acc += tl.dot(a.to(w.dtype), w)
+    if PIX_U8:  # uint8 pixels are x / 255: integers 0..255 are exact in every dot dtype, the scale is fp32
+        acc = acc * (1.0 / 255.0)
     mask = m_ok[:, None] & n_ok[None, :]
     acc += tl.load(pos_ptr + t[:, None] * pos_s + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
     if bias_addr != 0:
@@ -251,7 +258,7 @@ def _embed_kernel(pm, tm, n_patch, n_token, n_patch_tiles, pix_ref, w_ref, o_ref
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KP: tl.constexpr,
                   EVEN_P: tl.constexpr, PIX_W1: tl.constexpr, IEEE: tl.constexpr, BLOCK_T: tl.constexpr,
                   BLOCK_DT: tl.constexpr, PTR_ALIGN: tl.constexpr, ELT_ALIGN: tl.constexpr,
-                  PDL_TRIGGER: tl.constexpr):
+                  PDL_TRIGGER: tl.constexpr, PIX_U8: tl.constexpr):
     pid = tl.program_id(0)
     if PDL_TRIGGER:
         # let a PDL-launched next kernel start now (it waits for this launch's completion before reading
@@ -260,13 +267,13 @@ def _embed_kernel(pm, tm, n_patch, n_token, n_patch_tiles, pix_ref, w_ref, o_ref
     if HAS_PATCH and HAS_TOKEN:
         if pid < n_patch_tiles:
             _patch_tile(pid, pm, n_patch, pix_ref, w_ref, o_ref, NPF, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_KP, EVEN_P,
-                        PIX_W1, IEEE, PTR_ALIGN, ELT_ALIGN)
+                        PIX_W1, IEEE, PTR_ALIGN, ELT_ALIGN, PIX_U8)
         else:
             _token_tile(pid - n_patch_tiles, tm, n_token, w_ref, o_ref, bad_ptr, NTF, BLOCK_T, BLOCK_DT, PTR_ALIGN,
                         ELT_ALIGN)
     elif HAS_PATCH:
         _patch_tile(pid, pm, n_patch, pix_ref, w_ref, o_ref, NPF, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_KP, EVEN_P,
-                    PIX_W1, IEEE, PTR_ALIGN, ELT_ALIGN)
+                    PIX_W1, IEEE, PTR_ALIGN, ELT_ALIGN, PIX_U8)
     else:
         _token_tile(pid, tm, n_token, w_ref, o_ref, bad_ptr, NTF, BLOCK_T, BLOCK_DT, PTR_ALIGN, ELT_ALIGN)
 
@@ -335,8 +342,9 @@ class Embeddings:
             where = f"Embeddings patch problem {i}"
             x = p.pixel_values
             check_tensor(where, "pixel_values", x, pix_dtype)
-            if x.dtype not in _FLOAT_DTYPES + (torch.float64,):
-                raise ValueError(f"{where}: pixel_values must be a float tensor, got {x.dtype}")
+            if x.dtype not in _FLOAT_DTYPES + (torch.float64, torch.uint8):
+                raise ValueError(f"{where}: pixel_values must be a float tensor or uint8 (read as x / 255), got "
+                                 f"{x.dtype}")
             pix_dtype = x.dtype
             for name in ("weight", "pos_embedding"):
                 check_tensor(where, name, getattr(p, name), w_dtype)
@@ -440,6 +448,7 @@ class Embeddings:
         pix_ref = patch_problems[0].pixel_values if patch_problems else w0
         self._refs = (pix_ref, w0, first.out)
         self._ieee = w_dtype == torch.float32
+        self._pix_u8 = pix_dtype == torch.uint8
         self._ptr_align = pow2_divisor(
             [r[_PF[k]] for r in pm_rows for k in ("pix", "w", "pos", "out")]
             + [r[_TF[k]] for r in tm_rows for k in ("tok", "pos", "out")], 16)
@@ -460,7 +469,7 @@ class Embeddings:
             BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k, BLOCK_KP=self.block_kp,
             EVEN_P=self._even_p, PIX_W1=self._pix_w1, IEEE=self._ieee, BLOCK_T=self.block_t, BLOCK_DT=self.block_dt,
             PTR_ALIGN=self._ptr_align, ELT_ALIGN=self._elt_align, PDL_TRIGGER=self._pdl_trigger,
-            num_warps=self.num_warps, num_stages=self.num_stages,
+            PIX_U8=self._pix_u8, num_warps=self.num_warps, num_stages=self.num_stages, **LAUNCH_OPTIONS,
         )
 
 
@@ -474,7 +483,10 @@ class Embeddings:
         for p in self.token_problems:
             lo, hi = torch.aminmax(p.input_ids)
             ranges.append(f"ids in [{int(lo)}, {int(hi)}] for a table of {p.token_weight.shape[0]}")
-        raise ValueError(f"input_ids: token ids out of the vocabulary (expected ids in [0, V)); got {'; '.join(ranges)}")
+        vocabs = sorted({int(p.token_weight.shape[0]) for p in self.token_problems})
+        expected = " or ".join(f"[0, {v})" for v in vocabs)
+        raise ValueError(f"input_ids: token ids out of the vocabulary (expected ids in {expected}); "
+                         f"got {'; '.join(ranges)}")
 
 
 class PatchEmbed(Embeddings):
@@ -489,6 +501,30 @@ class TokenEmbed(Embeddings):
 
     def __init__(self, problems: Sequence[TokenEmbedProblem], **kwargs):
         super().__init__((), problems, **kwargs)
+
+
+def fold_normalization(weight: Tensor, bias: Tensor | None, mean, std, dtype: torch.dtype | None = None
+                       ) -> tuple[Tensor, Tensor]:
+    """The patch weight [D, C*p*p] ((c, ph, pw) order) and bias [D] that give, on uint8 pixels read as
+    ``x / 255``, what ``weight`` and ``bias`` give on ``(x / 255 - mean_c) / std_c``:
+    ``w' = w / std_c`` per input channel, ``b' = b - sum over (c, ky, kx) of w * mean_c / std_c``
+    (the kernel's 1/255 scale completes ``w / (255 std_c)``). Computed in fp64, returned in ``dtype``
+    (default the weight's), contiguous, on the weight's device."""
+    if weight.dim() == 4:
+        weight = weight.reshape(weight.shape[0], -1)
+    c = len(mean)
+    if len(std) != c or weight.dim() != 2 or weight.shape[1] % c:
+        raise ValueError(f"fold_normalization: expected a weight [D, C*p*p] and C = {c} means and stds, got "
+                         f"{describe(weight)} and {len(std)} stds")
+    dtype = dtype or weight.dtype
+    w = weight.detach().to(torch.float64).reshape(weight.shape[0], c, -1)
+    m = torch.tensor(mean, dtype=torch.float64, device=w.device).view(1, c, 1)
+    s = torch.tensor(std, dtype=torch.float64, device=w.device).view(1, c, 1)
+    b = bias.detach().to(torch.float64) if bias is not None else torch.zeros(w.shape[0], dtype=torch.float64,
+                                                                            device=w.device)
+    wf = (w / s).reshape(weight.shape[0], -1)
+    bf = b - (w * (m / s)).sum(dim=(1, 2))
+    return wf.to(dtype).contiguous(), bf.to(dtype).contiguous()
 
 
 def patch_embed(pixel_values: Tensor, weight: Tensor, bias: Tensor | None, class_embedding: Tensor | None,
