@@ -33,6 +33,12 @@ def test_bench_runs_and_writes_json(tmp_path, capsys):
         assert eager[k] > 0
     assert eager["min_cosine"] > 0.9999 and eager["cosine_ok"] is True
     assert eager["speedup_vs_eager"] == pytest.approx(1.0)
+    assert "time_vs_best_stock" not in eager  # the ratio is a speedup now: best stock median / this median
+    best = rows[data["best_stock"]]
+    assert eager["speedup_vs_best_stock"] == pytest.approx(best["median_ms"] / eager["median_ms"])
+    assert "speedup vs eager ×" in out and "bigger is better" in out
+    assert data["command"] == "dualfuse bench " + " ".join(
+        [*FAST, "--executors", "eager,streams,graph", "--batch", "2", "--json", str(path)])
     if not HAS_CUDA:
         assert rows["graph"]["status"] == rows["streams"]["status"] == "needs CUDA"
         assert "needs CUDA" in out
@@ -102,16 +108,17 @@ def test_cli_without_a_command_prints_help(capsys):
     assert "bench" in capsys.readouterr().out
 
 
-def test_cli_offers_only_subcommands_that_exist(tmp_path, capsys, monkeypatch):
+def test_cli_offers_listed_subcommands_and_reports_broken_imports(tmp_path, capsys, monkeypatch):
     (tmp_path / "df_broken_cmd.py").write_text("raise ImportError('boom')\n")
     (tmp_path / "df_hello_cmd.py").write_text(
         '"""Say hello."""\ndef add_arguments(p):\n    p.add_argument("--who", default="world")\n'
         'def run(args):\n    print("hello", args.who)\n    return 0\n')
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(cli, "SUBCOMMANDS", {"bench": "dualfuse.bench", "hello": "df_hello_cmd",
-                                             "ghost": "dualfuse.no_such_module", "broken": "df_broken_cmd"})
+                                             "broken": "df_broken_cmd"})
     helptext = cli.build_parser().format_help()
-    assert "bench" in helptext and "hello" in helptext and "Say hello." in helptext and "ghost" not in helptext
+    assert "bench" in helptext and "hello" in helptext and "Say hello." in helptext
+    assert "broken" in helptext and "(unavailable: ImportError)" in helptext
     assert cli.main(["hello", "--who", "you"]) == 0
     assert "hello you" in capsys.readouterr().out
     assert cli.main(["broken"]) == 1

@@ -147,6 +147,7 @@ def test_cli_eval_demo_json(tmp_path):
     assert rc == 0
     doc = json.loads(out.read_text())
     assert doc["schema"] == "dualfuse.eval/1" and doc["passed"]
+    assert doc["command"] == f"dualfuse eval --model siglip-tiny --executor eager --demo --device cpu --json {out}"
     assert doc["tokenizer"]["kind"] == "synthetic"
     r = doc["results"][0]
     assert "true" in r["retrieval"] and "zero_shot_accuracy" in r

@@ -131,6 +131,8 @@ def test_verdicts():
     v = A.verdict(s, classes)
     assert v.startswith("memory-bound: 383 kernels") and "overlap 55%" in v and "gemm takes 70%" in v
     assert A.verdict(dict(s, idle_frac=0.9), classes, device_type="cpu").startswith("dispatch-bound: 383 ops")
+    cpu = A.verdict(s, classes, device_type="cpu")  # no GPU: no roofline verdict
+    assert cpu.startswith("busy (no GPU: roofline not applicable): 383 ops") and "memory-bound" not in cpu
 
 
 @pytest.mark.parametrize("name,cls", [
@@ -349,7 +351,10 @@ def test_eager_cpu_files(eager_clip, tmp_path):
     assert len(data["events"]) == len(r.events)
     text = open(files["report"]).read()
     first = text.split("**Verdict.** ", 1)[1].splitlines()[0]
-    assert first.startswith(("dispatch-bound", "memory-bound", "compute-bound")) and "ops per forward" in first
+    # a CPU run has no roofline verdict
+    assert first.startswith(("dispatch-bound", "busy (no GPU: roofline not applicable)")) and "ops per forward" in first
+    assert "compute-bound" not in first and "memory-bound" not in first
+    assert "No GPU: roofline not applicable" in text
     for heading in ("## Per tower", "## Per layer", "## Top kernels", "## Op classes against the roofline",
                     "## Under-filled launches", "## Attribution"):
         assert heading in text

@@ -1,20 +1,25 @@
 """The ``dualfuse`` command.
 
-Subcommands live in their own modules, listed in SUBCOMMANDS (name -> module, or a tuple of candidate modules,
-the first that provides the command wins). A module provides ``add_arguments(parser)`` and
-``run(args) -> int`` (exit code); its docstring's first line is the help text. To add one, add a line here.
-A listed module that does not exist (not written yet) is simply not offered; one that exists but fails to import
-is offered and reports its import error when run.
+Subcommands live in their own modules, listed in SUBCOMMANDS (name -> module). A module provides
+``add_arguments(parser)`` and ``run(args) -> int`` (exit code); its docstring's first line is the help text. To add
+one, add a line here. A listed module that fails to import (a missing optional package) is still offered and
+reports its import error when run.
+
+Errors: a bad argument, a missing or unreadable file and the like raise ValueError (or another known error,
+see _known_errors) inside a command; :func:`main` prints ``dualfuse: error: <message>`` to stderr and returns 2, with no
+traceback. Anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
+import logging
+import os
 import re
+import shlex
 import sys
 
-SUBCOMMANDS: dict[str, str | tuple[str, ...]] = {
+SUBCOMMANDS: dict[str, str] = {
     "bench": "dualfuse.bench",
     "plan": "dualfuse.plan",
     "profile": "dualfuse.profile",
@@ -23,17 +28,47 @@ SUBCOMMANDS: dict[str, str | tuple[str, ...]] = {
 }
 
 
-def _exists(module: str) -> bool:
+def _known_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean "the input is wrong or the machine lacks something", not "dualfuse has a bug"."""
+    errors: list[type[BaseException]] = [ValueError, OSError]
     try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        return False
+        from .executors.base import ExecutorUnavailable
+        errors.append(ExecutorUnavailable)
+    except Exception:  # noqa: BLE001 - a broken import must not hide the user's error
+        pass
+    try:
+        from .energy import EnergyUnavailable
+        errors.append(EnergyUnavailable)
+    except Exception:  # noqa: BLE001
+        pass
+    return tuple(errors)
+
+
+def _message(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        return f"{e.filename}: {e.strerror}"
+    text = str(e).strip()
+    return text or type(e).__name__
+
+
+def user_command(argv: list[str] | None, default: str = "") -> str:
+    """The command line as the user typed it, for reports: ``dualfuse`` + ``argv`` without private flags
+    (``--_name VALUE`` / ``--_name=VALUE``, used between dualfuse's own processes)."""
+    items = list(argv) if argv else ([default] if default else [])
+    out, skip = [], False
+    for a in items:
+        if skip:
+            skip = False
+            continue
+        if a.startswith("--_"):
+            skip = "=" not in a
+            continue
+        out.append(a)
+    return shlex.join(["dualfuse", *out])
 
 
 def _load(module: str):
-    """The module if it provides a subcommand; None if absent or not a subcommand; the exception if broken."""
-    if not _exists(module):
-        return None
+    """The module if it provides a subcommand, None if it is not one, the exception if it fails to import."""
     try:
         mod = importlib.import_module(module)
     except Exception as e:  # noqa: BLE001
@@ -66,17 +101,11 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         description="Profile, fuse and evaluate dual-encoder vision-language models (CLIP, SigLIP).")
     parser.add_argument("--version", action="version", version=f"dualfuse {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, modules in SUBCOMMANDS.items():
-        candidates = (modules,) if isinstance(modules, str) else modules
+    for name, module in SUBCOMMANDS.items():
         if only is not None and name != only:
-            if any(_exists(m) for m in candidates):
-                sub.add_parser(name, add_help=False)
+            sub.add_parser(name, add_help=False)
             continue
-        mod = module = None
-        for module in candidates:
-            mod = _load(module)
-            if mod is not None:
-                break
+        mod = _load(module)
         if mod is None:
             continue
         if isinstance(mod, Exception):
@@ -90,6 +119,34 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+class _DropMessage(logging.Filter):
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+def quiet_cuda_probes(argv: list[str]) -> None:
+    """On a machine without a GPU, silence what a CUDA build of torch prints while it looks for CUDA: the
+    profiler's ``gpuGetDeviceCount failed`` (kineto's log, KINETO_LOG_LEVEL; a value the user set is kept) and
+    ``No CUDA runtime is found`` (torch.utils.cpp_extension, imported by torch.compile). With a GPU nothing
+    changes, so real profiler errors still show."""
+    if any(a.startswith("--_in-green-context") for a in argv):
+        return  # a green-context child: a GPU run, and CUDA must not be touched before the context exists
+    try:
+        import torch
+        if torch.cuda.is_available():
+            return
+    except Exception:  # noqa: BLE001 - best effort only
+        return
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # above ERROR (4) and USDT (5): kineto prints nothing
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    if not any(isinstance(f, _DropMessage) for f in logger.filters):
+        logger.addFilter(_DropMessage("No CUDA runtime is found"))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     first = next((a for a in argv if not a.startswith("-")), None)
@@ -100,7 +157,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     args._argv = argv
-    return int(run(args) or 0)
+    if args.command != "report":  # report reads JSON files and never imports torch
+        quiet_cuda_probes(argv)
+    try:
+        return int(run(args) or 0)
+    except _known_errors() as e:
+        print(f"dualfuse: error: {_message(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dualfuse: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

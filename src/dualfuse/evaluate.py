@@ -36,7 +36,8 @@ import torch
 COSINE_PASS = 0.999
 REL_TOL = {torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float32: 1e-5}
 RETRIEVAL_KS = (1, 5, 10)
-DEFAULT_MODEL = "clip-tiny"
+DEFAULT_MODEL = "clip-vit-b-32"  # the same default as every other command
+DEFAULT_EXECUTOR = "fused"  # compare dualfuse's executor with the reference (eager would compare it with itself)
 
 
 # --------------------------------------------------------------------------------------------- metrics
@@ -247,11 +248,13 @@ def evaluate_executor(ex, data, tokenizer, ref: dict, *, batch_size: int = 32) -
 # --------------------------------------------------------------------------------------------- CLI
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"preset name, HF model directory or open_clip checkpoint (default {DEFAULT_MODEL})")
+    p.add_argument("--model", default=DEFAULT_MODEL, metavar="NAME|PATH",
+                   help=f"preset name, open_clip:ARCH, HF model directory or open_clip checkpoint (default "
+                        f"{DEFAULT_MODEL})")
     p.add_argument("--arch", default=None, help="open_clip architecture of a checkpoint file (e.g. ViT-B-32)")
-    p.add_argument("--executor", "--executors", dest="executor", default="eager",
-                   help="executor(s) to compare with the reference, comma-separated (default eager)")
+    p.add_argument("--executor", "--executors", dest="executor", default=DEFAULT_EXECUTOR,
+                   help=f"executor(s) to compare with the reference, comma-separated (default {DEFAULT_EXECUTOR}; "
+                        "on CPU it needs TRITON_INTERPRET=1 and a tiny model, e.g. --model clip-tiny)")
     p.add_argument("--dtype", default=None, help="fp16 | bf16 | fp32 (default fp16 on CUDA, fp32 on CPU)")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default cuda when available)")
     src = p.add_mutually_exclusive_group()
@@ -361,7 +364,9 @@ def run(args: argparse.Namespace) -> int:
         from .bench import environment
 
         env = environment(device)
-        doc = dict(schema="dualfuse.eval/1", command="dualfuse " + " ".join(getattr(args, "_argv", None) or ["eval"]),
+        from .cli import user_command
+
+        doc = dict(schema="dualfuse.eval/1", command=user_command(getattr(args, "_argv", None), "eval"),
                    model=args.model, family=spec.family, weights=weights, dtype=dtype_name(dtype), device=str(device),
                    card=env.get("card"), environment=env, date=_dt.datetime.now().isoformat(timespec="seconds"),
                    data=data.summary(), tokenizer=dict(kind=tok.kind, description=tok.describe()),

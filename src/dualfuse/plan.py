@@ -255,13 +255,19 @@ HELP = "print the fused stage plan: per stage the tower steps it covers, FLOPs, 
 
 
 def add_arguments(parser) -> None:
+    import argparse
+
     parser.description = HELP
-    parser.add_argument("--model", default="clip-vit-b-32", help="preset name or local path (default clip-vit-b-32)")
+    parser.add_argument("--model", default="clip-vit-b-32", metavar="NAME|PATH",
+                        help="preset name, open_clip:ARCH, HF model directory or open_clip checkpoint "
+                             "(default clip-vit-b-32)")
     parser.add_argument("--arch", default=None, help="open_clip architecture of a checkpoint file")
     parser.add_argument("--batch", type=int, default=1, help="image and text batch (default 1)")
     parser.add_argument("--image-batch", type=int, default=None, help="image batch (0 = text-only call)")
     parser.add_argument("--text-batch", type=int, default=None, help="text batch (0 = image-only call)")
-    parser.add_argument("--text-len", type=int, default=None, help="tokens per text (default: the context length)")
+    parser.add_argument("--text-length", type=int, default=None, dest="text_length",
+                        help="tokens per text (default: the context length)")
+    parser.add_argument("--text-len", type=int, dest="text_length", help=argparse.SUPPRESS)  # old name, deprecated
     parser.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"])
     parser.add_argument("--fold-ln", action="store_true",
                         help="fold each LayerNorm into the GEMM it feeds (the fused executor's fold_ln=True)")
@@ -283,7 +289,12 @@ def run(args) -> int:
         spec = to_spec(load(args.model, arch=args.arch))
     bi = args.batch if args.image_batch is None else args.image_batch
     bt = args.batch if args.text_batch is None else args.text_batch
-    plan = make_plan(spec, bi, bt, args.text_len, elt=4 if args.dtype == "fp32" else 2, fold_ln=args.fold_ln)
+    ctx = spec.text.context_length
+    if args.text_length is not None and not 1 <= args.text_length <= ctx:
+        raise ValueError(f"--text-length must be in [1, {ctx}] for {args.model}, got {args.text_length}")
+    if bi < 0 or bt < 0 or bi + bt == 0:
+        raise ValueError(f"--image-batch / --text-batch must be >= 0 and not both 0 (got image {bi}, text {bt})")
+    plan = make_plan(spec, bi, bt, args.text_length, elt=4 if args.dtype == "fp32" else 2, fold_ln=args.fold_ln)
     console = Console()
     table = Table(title=f"{args.model}: {bi} image(s) x {bt} text(s), {plan.text_len} tokens, {args.dtype} — "
                         f"{plan.num_launches} launches, {plan.fused_stages} fused")

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -226,9 +228,70 @@ def build_open_clip(arch: str | None = None, seed: int = 0, pretrained: str | No
             if arch not in open_clip.list_models():
                 raise ValueError(f"unknown open_clip architecture {arch!r}; open_clip knows e.g. "
                                  f"{', '.join(open_clip.list_models()[:8])}, ...")
-            model = open_clip.create_model(arch, pretrained=pretrained,
-                                           **({"device": device} if device is not None else {}))
+            kwargs = {"device": device} if device is not None else {}
+            if pretrained is None:
+                model = open_clip.create_model(arch, **kwargs)
+            else:
+                model = _open_clip_checkpoint(open_clip, arch, pretrained, kwargs)
     return model.eval()
+
+
+def _open_clip_checkpoint(open_clip, arch: str, path: str, kwargs: dict):
+    """open_clip's ``arch`` with the weights of the checkpoint file ``path``; a file that can't be read, or whose
+    weights don't fit ``arch``, is a ValueError naming both (never torch's advice to load unsafely)."""
+    import inspect
+    import logging
+
+    class _NotRandom(logging.Filter):  # the weights are loaded next: open_clip's "initialized randomly" is wrong
+        def filter(self, record):
+            return "No pretrained weights loaded" not in record.getMessage()
+
+    quiet = _NotRandom()
+    logging.getLogger().addFilter(quiet)
+    try:
+        model = open_clip.create_model(arch, **kwargs)
+    finally:
+        logging.getLogger().removeFilter(quiet)
+    load = open_clip.load_checkpoint
+    safe = {"weights_only": True} if "weights_only" in inspect.signature(load).parameters else {}
+    what = (f"expected a state dict of tensors for open_clip {arch} (as written by torch.save(model.state_dict(), "
+            "path), optionally under a 'state_dict' key), or a .safetensors file of those tensors")
+    try:
+        load(model, path, strict=True, **safe)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        inside = (f"it holds a Python object of type {found.group(1)}" if found else
+                  "it is not a torch checkpoint, or it is truncated")
+        raise ValueError(f"{path}: cannot load this checkpoint for open_clip architecture {arch}: {inside}. dualfuse "
+                         "loads checkpoints with torch.load(weights_only=True), which reads only tensors and plain "
+                         f"containers; {what}. Re-save the weights alone, or re-download the file") from None
+    except Exception as e:  # noqa: BLE001 - whatever reading a bad file raises (torch, pickle, safetensors, zip)
+        msg = str(e)
+        if isinstance(e, RuntimeError) and "Error(s) in loading state_dict" in msg:
+            missing = re.findall(r'"([^"]+)"', msg.split("Missing key(s) in state_dict:", 1)[1].split(
+                "Unexpected key(s)", 1)[0]) if "Missing key(s)" in msg else []
+            unexpected = re.findall(r'"([^"]+)"', msg.split("Unexpected key(s) in state_dict:", 1)[1]) \
+                if "Unexpected key(s)" in msg else []
+            sizes = msg.count("size mismatch")
+            bits = [f"{len(missing)} missing (e.g. {', '.join(missing[:3])})" if missing else "",
+                    f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})" if unexpected else "",
+                    f"{sizes} with other shapes" if sizes else ""]
+            raise ValueError(f"{path}: the checkpoint's weights do not fit open_clip architecture {arch}: "
+                             f"{'; '.join(b for b in bits if b)}. Check --arch (the architecture this checkpoint was "
+                             f"trained with); {what}") from None
+        raise ValueError(f"{path}: cannot read this checkpoint for open_clip architecture {arch} "
+                         f"({type(e).__name__}: {_first_line(msg)}): the file is not a torch checkpoint, or it is "
+                         "corrupt or truncated. dualfuse loads checkpoints with torch.load(weights_only=True); "
+                         f"{what}. Re-download or re-save it") from None
+    return model
+
+
+def _first_line(text: str, limit: int = 200) -> str:
+    """The first line of an error message, without advice to load a file unsafely."""
+    line = next((x.strip() for x in text.splitlines() if x.strip()), "")
+    if "weights_only" in line:
+        line = "the file is not a plain checkpoint of tensors"
+    return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
 def load(name_or_path: str, *, seed: int = 0, arch: str | None = None, device=None):
@@ -254,8 +317,31 @@ def load(name_or_path: str, *, seed: int = 0, arch: str | None = None, device=No
             raise ValueError(f"{name} is a checkpoint file: name its open_clip architecture, e.g. arch='ViT-B-32' "
                              "(CLI: --arch ViT-B-32)")
         return build_open_clip(arch, seed, pretrained=name, device=device)
-    raise ValueError(f"unknown model {name!r}: expected one of {', '.join(available())}, "
-                     "an HF model directory, or an open_clip checkpoint file")
+    raise ValueError(_unknown_model(name))
+
+
+def _unknown_model(name: str) -> str:
+    """Why ``name`` is no model, and what to pass instead: a missing path, a Hub id (nothing is downloaded), or
+    an unknown name; with the list of presets."""
+    presets = f"presets: {', '.join(available())}"
+    hub = re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name)
+    if hub and not name.startswith((".", "~")):
+        same = [k for k, p in PRESETS.items() if p.description.startswith(f"{name} architecture")]
+        alike = (f"; preset {same[0]} has its architecture with seeded random weights (--model {same[0]})"
+                 if same else "")
+        local = name.rsplit("/", 1)[1]
+        return (f"{name!r} is not a local path and looks like a Hugging Face Hub id: dualfuse downloads nothing. "
+                f"Download it yourself, e.g. `hf download {name} --local-dir {local}` (huggingface_hub's CLI; "
+                f"older versions call it huggingface-cli), and pass the directory: --model {local}{alike}. "
+                f"Or use a preset ({presets})")
+    if os.sep in name or "/" in name or name.startswith(("~", ".")) or name.endswith(_CHECKPOINT_SUFFIXES):
+        return (f"{name}: no such file or directory (expected an HF model directory with config.json, or an "
+                f"open_clip checkpoint file); check the path, or use a preset ({presets})")
+    return (f"unknown model {name!r}: expected a preset, open_clip:ARCH, an HF model directory or an open_clip "
+            f"checkpoint file; {presets}")
+
+
+_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".npz")
 
 
 def _load_hf_dir(path: str):
@@ -264,8 +350,11 @@ def _load_hf_dir(path: str):
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise ValueError(f"{path} has no config.json: expected a transformers model directory")
-    with open(cfg_path) as f:
-        model_type = json.load(f).get("model_type")
+    try:
+        with open(cfg_path) as f:
+            model_type = json.load(f).get("model_type")
+    except (ValueError, AttributeError) as e:
+        raise ValueError(f"{cfg_path}: not a valid transformers config (JSON object with model_type): {e}") from None
     if model_type == "clip":
         from transformers import CLIPModel as cls
     elif model_type == "metaclip_2":
@@ -277,4 +366,29 @@ def _load_hf_dir(path: str):
     else:
         raise ValueError(f"{path}: model_type {model_type!r} is not supported "
                          "(expected 'clip', 'metaclip_2', 'siglip' or 'siglip2')")
-    return cls.from_pretrained(path, local_files_only=True).eval()
+    try:
+        return cls.from_pretrained(path, local_files_only=True).eval()
+    except Exception as e:  # noqa: BLE001 - safetensors' SafetensorError has no importable base in old versions
+        if type(e).__name__ != "SafetensorError" and not isinstance(e, (EOFError, pickle.UnpicklingError)):
+            raise
+        where = _unreadable_weights(path)
+        raise ValueError(f"{where}: cannot read the weights ({type(e).__name__}: {_first_line(str(e))}): the file is "
+                         "corrupt or truncated (an interrupted download or copy?). Re-download it, or re-save the "
+                         "model with save_pretrained") from None
+
+
+def _unreadable_weights(path: str) -> str:
+    """The weights file of an HF model directory that fails to open (the directory if none can be singled out)."""
+    files = sorted(f for f in os.listdir(path) if f.endswith((".safetensors", ".bin")))
+    for f in files:
+        full = os.path.join(path, f)
+        try:
+            if f.endswith(".safetensors"):
+                from safetensors import safe_open
+                with safe_open(full, framework="pt"):
+                    pass
+            else:
+                torch.load(full, map_location="meta", weights_only=True, mmap=True)
+        except Exception:  # noqa: BLE001 - this is the file
+            return full
+    return os.path.join(path, files[0]) if len(files) == 1 else path

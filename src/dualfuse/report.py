@@ -57,6 +57,34 @@ def load_runs(paths: list[str]) -> tuple[list[dict], list[dict], list[str]]:
     return bench, evals, problems
 
 
+def clean_command(command: str) -> str:
+    """A recorded command as the user typed it: without private flags (``--_name [VALUE]``, passed between
+    dualfuse's own processes) and without a --json path into a temporary folder (older files recorded the
+    ``bench --sms`` children's own command lines)."""
+    import shlex
+    import tempfile
+
+    try:
+        words = shlex.split(command)
+    except ValueError:
+        return command
+    tmp = os.path.join(os.path.realpath(tempfile.gettempdir()), "")
+    out, i = [], 0
+    while i < len(words):
+        w = words[i]
+        if w.startswith("--_"):
+            i += 1 if "=" in w else 2
+            continue
+        if w == "--json" and i + 1 < len(words):
+            path = words[i + 1]
+            if "dualfuse-sms-" in path or os.path.realpath(path).startswith(tmp) or path.startswith("/tmp/"):
+                i += 2
+                continue
+        out.append(w)
+        i += 1
+    return shlex.join(out)
+
+
 def _resolved(run: dict) -> dict:
     return run.get("resolved") or {}
 
@@ -195,7 +223,7 @@ def section_runs(bench, evals) -> list[str]:
         out.append(f"| `{os.path.basename(e['_file'])}` | eval | {e.get('model')} | {e.get('card', '—')} | "
                    f"{e.get('dtype', '—')} | {(e.get('data') or {}).get('images', '—')} images | full | "
                    f"{e.get('date', '—')} |")
-    cmds = sorted({r.get("command") for r in bench + evals if r.get("command")})
+    cmds = sorted({clean_command(r["command"]) for r in bench + evals if r.get("command")})
     if cmds:
         out += ["", "Commands:", ""] + [f"- `{c}`" for c in cmds]
     return out + [""]
@@ -247,9 +275,10 @@ def section_latency(bench, outdir) -> list[str]:
                 vals.append(best / row["median_ms"] if row and _ok(row) and best else None)
             spd[n] = vals
         img2 = f"speedup-{slug}.png"
-        _bar(os.path.join(outdir, img2), [_batch_label(b) for b in batches], spd, "× vs best stock",
-             f"{model} {dtype} — speedup vs best stock executor (same run)", hline=1.0)
-        out += ["speedup = best stock median / median (same run; > 1 is faster than every stock executor)", "",
+        _bar(os.path.join(outdir, img2), [_batch_label(b) for b in batches], spd, "speedup vs best stock ×",
+             f"{model} {dtype} — speedup vs best stock executor (same run; bigger is better)", hline=1.0)
+        out += ["speedup vs best stock × = best stock median / this median, same run; bigger is better "
+                "(> 1: faster than every stock executor)", "",
                 "| executor | " + " | ".join(_batch_label(b) for b in batches) + " |",
                 "|---|" + "---:|" * len(batches)]
         out += [f"| {n} | " + " | ".join(_num(v, "{:.2f}×") for v in spd[n]) + " |" for n in names]
@@ -302,7 +331,7 @@ def section_sms(bench, outdir) -> list[str]:
     for (model, card, dtype, b), runs in groups.items():
         if not any(r.get("sms") for r in runs):
             continue
-        # one run per SM count; for the full GPU prefer the sweep's own run (same session as the limited ones)
+        # one run per SM count; for the full GPU prefer the sweep's own run (the same process tree as the limited ones)
         by_sms: dict = {}
         for r in runs:
             old = by_sms.get(r.get("sms"))

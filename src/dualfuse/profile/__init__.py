@@ -14,7 +14,8 @@ warmed-up forwards under torch.profiler with every kernel labelled by tower, blo
 
 ``--compare A,B`` profiles two executors and writes one report side by side. ``--nvtx`` adds NVTX ranges named like
 the labels (for ``nsys profile``); ``--ncu`` runs Nsight Compute on the top kernels when it is installed. On CPU the
-same report is made of CPU ops. Python: ``dualfuse.profile.profile("eager", "clip-tiny", device="cpu")``.
+same report is made of CPU ops (or Triton interpreter runs), without a roofline verdict (no GPU). Python:
+``dualfuse.profile.profile("eager", "clip-tiny", device="cpu")``.
 """
 from __future__ import annotations
 
@@ -140,7 +141,7 @@ def profile(executor_or_name, model=None, *, batch: int = 1, image_batch: int | 
     import torch
 
     from .. import executors
-    from ..bench import environment, random_inputs
+    from ..bench import environment, random_inputs, run_label
     from ..executors.base import Executor, dtype_name
     from . import capture as cap
 
@@ -184,7 +185,7 @@ def profile(executor_or_name, model=None, *, batch: int = 1, image_batch: int | 
         notes.append("--nvtx ignored: NVTX ranges need CUDA")
     data = dict(
         schema=SCHEMA, command=command, model=model_name, model_summary=ex.spec.summary(), executor=name,
-        executor_notes=getattr(ex, "notes", ""), dtype=dtype_name(ex.dtype), device=str(device),
+        executor_notes=run_label(getattr(ex, "notes", ""), device), dtype=dtype_name(ex.dtype), device=str(device),
         device_type="cuda" if cuda else "cpu", card=env.get("card"), sm_count=sm, image_batch=bi, text_batch=bt,
         text_len=L if bt else None, iters=iters, warmup=warmup, nvtx=bool(nvtx and cuda), environment=env,
         ceilings=ceil, latency=c.latency or {},
@@ -249,8 +250,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=1, help="image and text batch (default 1)")
     p.add_argument("--image-batch", type=int, help="image batch (default --batch; 0 = text tower only)")
     p.add_argument("--text-batch", type=int, help="text batch (default --batch; 0 = image tower only)")
-    p.add_argument("--text-length", "--text-len", dest="text_length", type=int,
+    p.add_argument("--text-length", dest="text_length", type=int,
                    help="tokens per prompt (default the model's context length)")
+    p.add_argument("--text-len", dest="text_length", type=int, help=argparse.SUPPRESS)  # old name, deprecated
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="default fp16 on CUDA, fp32 on CPU")
     p.add_argument("--device", help="default cuda if available, else cpu")
     p.add_argument("--iters", type=int, default=3, help="profiled forwards (default 3)")
@@ -297,7 +299,9 @@ def run(args) -> int:
         model = presets.load(args.model, seed=args.seed, arch=args.arch)
     except (ValueError, OSError) as e:
         return _err(str(e))
-    command = "dualfuse " + " ".join(getattr(args, "_argv", None) or ["profile"])
+    from ..cli import user_command
+
+    command = user_command(getattr(args, "_argv", None), "profile")
     out = args.out or f"profile-{_slug(args.model)}-{'-vs-'.join(names)}"
     results = []
     from ..adapters import to_spec

@@ -348,27 +348,33 @@ def _pct(x: float) -> str:
     return f"{100 * x:.0f}%" if x is not None and not math.isnan(x) else "?%"
 
 
+NO_ROOFLINE = "busy (no GPU: roofline not applicable)"
+
+
 def verdict(summary: dict, classes: list[dict], *, device_type: str = "cuda", launch_bound_idle: float = 0.5) -> str:
     """One paragraph: launch-bound when the device is idle more than half the wall time, else memory- or
-    compute-bound by the op class with the most time; with the kernel count, idle % and tower overlap %."""
+    compute-bound by the op class with the most time (on CPU no roofline verdict: NO_ROOFLINE); with the kernel
+    count, idle % and tower overlap %."""
     gpu = device_type == "cuda"
     unit, dev = ("kernels", "GPU") if gpu else ("ops", "CPU")
     kernels = summary.get("kernels", 0)
     idle = summary.get("idle_frac", float("nan"))
     ov = summary.get("overlap_frac", float("nan"))
     dominant = max(classes, key=lambda r: r["time_us"]) if classes else None
+    # Without a GPU there is no roofline verdict: CPU ops (and Triton interpreter runs) are not near any ceiling
+    roofline = gpu and dominant is not None and dominant["bound"] != "unknown"
     if idle > launch_bound_idle:
         tag = "launch-bound" if gpu else "dispatch-bound"
-    elif dominant is not None and dominant["bound"] != "unknown":
+    elif roofline:
         tag = dominant["bound"]
     else:
-        tag = "busy (roofline unknown)"
+        tag = "busy (roofline unknown)" if gpu else NO_ROOFLINE
     busy_word = "idle" if gpu else "idle between ops (Python/dispatch)"
     text = (f"{tag}: {kernels:.0f} {unit} per forward, {dev} {busy_word} {_pct(idle)} of the wall time; "
             f"the towers overlap {_pct(ov)}.")
     if dominant is not None:
         extra = f" {dominant['op_class']} takes {_pct(dominant['share'])} of the {dev} time"
-        if dominant["bound"] != "unknown":
+        if roofline:
             extra += f" ({dominant['bound']}"
             if dominant.get("roof_frac") is not None:
                 extra += f", at {_pct(dominant['roof_frac'])} of its roofline"

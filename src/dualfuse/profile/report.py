@@ -76,6 +76,8 @@ def _setup_line(p: dict) -> str:
     bits = [f"{p['iters']} profiled forward(s) after {p['warmup']} warm-up",
             f"image batch {p['image_batch']}, text batch {p['text_batch']} × {p['text_len']} tokens",
             p["dtype"], p.get("card") or p["device"]]
+    if p.get("executor_notes"):
+        bits.append(f"{p['executor']}: {p['executor_notes']}")
     env = p.get("environment") or {}
     if env.get("torch"):
         bits.append(f"torch {env['torch']}")
@@ -171,12 +173,13 @@ def _ncu_match(name: str, by: dict):
 
 def _class_table(p):
     c = p.get("ceilings") or {}
+    gpu = p.get("device_type", "cuda") == "cuda"
     rows = []
     for r in p["analysis"]["op_classes"]:
         rows.append([r["op_class"], _num(r["time_us"]), _pct(r["share"]), _num(r["gflops"], "{:.4g}"),
                      _num(r["mbytes"], "{:.4g}"), _rate(r["flops_per_s"], "FLOP/s"), _pct(r["flops_frac"]),
-                     _rate(r["bytes_per_s"], "B/s"), _pct(r["bw_frac"]), _num(r["intensity"], "{:.3g}"), r["bound"],
-                     _pct(r["roof_frac"]), _pct(r["coverage"])])
+                     _rate(r["bytes_per_s"], "B/s"), _pct(r["bw_frac"]), _num(r["intensity"], "{:.3g}"),
+                     r["bound"] if gpu else "n/a", _pct(r["roof_frac"]) if gpu else "—", _pct(r["coverage"])])
     head = ["class", "time µs", "share", "GFLOP", "MB", "achieved FLOP/s", "of peak", "achieved B/s", "of peak",
             "FLOP/B", "roofline", "of roof", "cost known"]
     text = _table(head, rows, "lrrrrrrrrrlrr")
@@ -186,6 +189,10 @@ def _class_table(p):
                 f"{c['peak_flops'] / c['peak_bw']:.3g} FLOP/B.")
     else:
         ceil = f"Ceilings unknown ({c.get('source', 'not measured')}): no roofline tags."
+    if not gpu:
+        ceil = ("**No GPU: roofline not applicable.** CPU ops (and Triton interpreter runs) are timed, not held "
+                "against a roofline; the achieved rates are shown for reference. " + ceil.replace(
+                    "Ceilings (", "CPU ceilings (", 1))
     note = ("FLOPs and bytes come from the spec (the plan's cost model: weights + activations read and written "
             "once) for the plan's steps, and from recorded input shapes for other ops (activations, residual "
             "adds, copies). 'of roof' is the achieved rate over what the roofline allows at that intensity; "
@@ -288,8 +295,19 @@ COMPARE_ROWS = [
     ("gaps: largest (µs)", lambda p: _num(p["analysis"]["summary"].get("gap_largest_us"))),
     ("towers overlap (of the wall)", lambda p: _pct(p["analysis"]["summary"].get("overlap_frac"))),
     ("fused kernels serving both towers (µs)", lambda p: _num(p["analysis"]["summary"].get("fused_us"))),
-    ("verdict", lambda p: p["analysis"]["verdict"].split(":")[0]),
+    ("verdict", lambda p: _verdict_tag(p["analysis"]["verdict"])),
 ]
+
+
+def _verdict_tag(verdict: str) -> str:
+    """The verdict's leading tag ("launch-bound", "busy (no GPU: roofline not applicable)")."""
+    depth = 0
+    for i, ch in enumerate(verdict):
+        depth += ch == "("
+        depth -= ch == ")"
+        if ch == ":" and depth == 0:
+            return verdict[:i]
+    return verdict
 
 
 def compare_rows(profiles: list[dict]) -> list[dict]:
@@ -297,6 +315,14 @@ def compare_rows(profiles: list[dict]) -> list[dict]:
     out = []
     for name, fn in COMPARE_ROWS:
         out.append(dict(metric=name, **{p["executor"]: fn(p) for p in profiles}))
+    base = profiles[0]
+    base_ms = (base.get("latency") or {}).get("median_ms")
+    if base_ms:  # the same ratio as bench's: baseline median / this median, bigger is better
+        def speedup(p):
+            ms = (p.get("latency") or {}).get("median_ms")
+            return _num(base_ms / ms, "{:.2f}×") if ms else "—"
+        out.insert(1, dict(metric=f"speedup vs {base['executor']} × (its median / this median; bigger is better)",
+                           **{p["executor"]: speedup(p) for p in profiles}))
     return out
 
 
@@ -334,7 +360,10 @@ def render_compare(c: dict, *, images: bool = True) -> str:
     if images and files.get("roofline"):
         out += [f"![roofline]({os.path.basename(files['roofline'])})", ""]
     for p in ps:
-        out += [f"## {p['executor']}", "", f"**Verdict.** {p['analysis']['verdict']}", "",
+        out += [f"## {p['executor']}", ""]
+        if p.get("executor_notes"):
+            out += [f"Runs as: {p['executor_notes']}.", ""]
+        out += [f"**Verdict.** {p['analysis']['verdict']}", "",
                 "### Timeline", "", _table(["", "value"], _timeline_rows(p), "ll"), "",
                 "### Per tower", "", _tower_table(p), "",
                 "### Per layer", "", _layer_table(p), "",
