@@ -1,10 +1,11 @@
 """End-to-end benchmark cases for BENCHMARKS.md: `dualfuse bench` per case, all executors side by side in one
 process per case, then one summary table of fused vs the best stock executor and vs the two-branch graph.
 
-    python benchmarks/e2e.py --out results/            # all cases
+    python benchmarks/e2e.py --out benchmarks/results/<card>-<date>/e2e/    # all cases
     python benchmarks/e2e.py --cases b32-1,l14-1 --executors eager,graph,fused
 
-Each case writes results/<case>.json (the full `dualfuse bench --json` record: card, versions, every sample).
+Each case writes <out>/<case>.json (default out: ./results): the full `dualfuse bench --json` record (card,
+versions, every sample).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ CASES = {  # name: (model, image batch, text batch)
     "siglip-1": ("siglip-base-patch16-224", 1, 1),
     "b32-zeroshot": ("clip-vit-b-32", 1, 1000),
 }
-TARGETS = {  # fused time / two-branch graph time must be at most this (issue #4)
+TARGETS = {  # fused time / two-branch graph time must be at most this (the project's speed targets)
     "b32-1": 1 / 3, "l14-1": 1 / 3, "b32-32": 1 / 1.8,
 }
 

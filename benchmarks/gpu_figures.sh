@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# The device calls that produce every GPU figure the README/BENCHMARKS.md cite, in priority order, each step
-# under its own time limit. A call may not run past 10 minutes, so the session is split in parts:
-#   bash benchmarks/device_session.sh A    # end-to-end: all executors, the cases; fused A/B; SM limits + energy
-#   bash benchmarks/device_session.sh B    # accuracy parity (fp16, bf16), kernels
-#   bash benchmarks/device_session.sh C    # GPU tests
-# Results go to $OUT/results-<part>.tar.gz (the device returns at most 8 files).
+# The GPU runs that produce every figure README.md / BENCHMARKS.md cite, in priority order, each step under its
+# own time limit, split in three parts of at most 10 minutes each:
+#   bash benchmarks/gpu_figures.sh A    # end-to-end: all executors, the target cases; fused A/B; SM limits + energy
+#   bash benchmarks/gpu_figures.sh B    # accuracy parity (fp16, bf16), kernels
+#   bash benchmarks/gpu_figures.sh C    # GPU tests
+# JSON and logs are written to /tmp/dualfuse-results and packed into ${OUT:-out}/results-<part>.tar.gz after every
+# step (a run cut off by its time limit still leaves the archive). File them under
+# benchmarks/results/<card>-<date>/ (see benchmarks/README.md).
 set -u
 PART=${1:-A}
 export PYTHONPATH=src PYTHONUNBUFFERED=1
-R=/tmp/dualfuse-results; mkdir -p "$R"  # not under $OUT: only the archive comes back
-# each step: its own time limit, its output tail logged, and the archive refreshed (a cut-off call still returns it)
+R=/tmp/dualfuse-results; mkdir -p "$R" "${OUT:-out}"  # not under $OUT: only the archive is kept
+# each step: its own time limit, its output tail logged, and the archive refreshed (a run cut off by its limit still leaves it)
 step() {
   local t=$1; shift; echo "=== $(date +%T) $*" | tee -a "$R/log-$PART.txt"
   timeout "$t" "$@" 2>&1 | grep -v "Warning\|warn_once\|^\s*$\|Model config" | tail -${TAIL:-40} | tee -a "$R/log-$PART.txt"
@@ -18,7 +20,7 @@ step() {
 nvidia-smi --query-gpu=name,driver_version --format=csv | tee "$R/card.txt"
 python3 -c "import torch,triton,transformers;print('torch',torch.__version__,'triton',triton.__version__,'transformers',transformers.__version__)" | tee -a "$R/card.txt"
 if [ "$PART" = A ]; then
-  # 1. end-to-end, all stock executors + fused, the cases
+  # 1. end-to-end, all stock executors + fused, the target cases
   step 220 python3 benchmarks/e2e.py --cases b32-1,b32-32,l14-1 --executors eager,streams,graph,compile,fused --out "$R"
   # 2. SigLIP, ViT-B/16 and zero-shot (1 image x 1000 prompts) next to the graph executor
   step 120 python3 benchmarks/e2e.py --cases siglip-1,b16-1,b32-zeroshot --executors eager,graph,fused --iters 50 --out "$R"
@@ -36,7 +38,7 @@ elif [ "$PART" = B ]; then
     step 50 python3 -m dualfuse.cli eval --model $m --executor eager,graph,fused --dtype bf16 --json "$R/eval-bf16-$m.json"
   done
   # 6. kernels of all four architectures at batch 1 and 32 (GEMM steps, attention, LayerNorm)
-  step 200 python3 benchmarks/kernels.py --json "$R/kernels.json"
+  step 200 python3 benchmarks/kernel_bench.py --json "$R/kernels.json"
 else
   # 7. GPU tests
   TAIL=25 step 560 python3 -m pytest -m gpu -q -p no:cacheprovider tests

@@ -12,8 +12,6 @@ Variants, each captured in its own torch.cuda.CUDAGraph and timed by CUDA events
     separate  our kernel, one launch per tower per step (8 launches per layer)
     hot       like fused, but every layer uses layer 0's weights: they stay in L2 (what a perfect weight
               prefetch could give at best)
-    tuned     (--tune) like fused with GroupedLinear(tune=True); the per-step candidate timings (cold L2,
-              one launch each) are printed after the table and kept in the JSON
     before    (--before PATH) like fused with the GroupedLinear of another gemm.py (e.g. the previous
               commit's: `git show HEAD~1:src/dualfuse/kernels/gemm.py > .bench_before/gemm.py`), so a
               before/after pair comes from the same run and card
@@ -22,7 +20,7 @@ a real 12..24-layer tower; time per layer = replay time / layers. Every variant 
 torch reference before timing (raises on mismatch). Ceilings measured in the same run: device-to-device
 copy bandwidth ((read + write) bytes / time) and a big matmul (8192^3 in --dtype).
 
-    python benchmarks/kernels.py [--dtype fp16|bf16] [--json out.json] [--quick] [--tune] [--before PATH]
+    python benchmarks/kernel_bench.py [--dtype fp16|bf16] [--json out.json] [--quick] [--before PATH]
 
 Without CUDA it runs only the correctness path on tiny shapes through the Triton interpreter.
 
@@ -52,13 +50,11 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before any @triton.jit is created
 
-# name: (vision (width, tokens, mlp), text (width, tokens, mlp), activation)
-MODELS = {
-    "ViT-B/32": ((768, 50, 3072), (512, 77, 2048), "quick_gelu"),
-    "ViT-B/16": ((768, 197, 3072), (512, 77, 2048), "quick_gelu"),
-    "ViT-L/14": ((1024, 257, 4096), (768, 77, 3072), "quick_gelu"),
-    "SigLIP-B/16": ((768, 196, 3072), (768, 64, 3072), "gelu_tanh"),
-}
+import _shapes  # noqa: E402  (benchmarks/_shapes.py)
+
+# name: (vision (width, tokens, mlp), text (width, tokens, mlp), activation), read from the dualfuse presets
+# (_shapes.PRESETS: clip-vit-b-32, clip-vit-b-16, clip-vit-l-14, siglip-base-patch16-224) on the meta device
+MODELS = {name: _shapes.gemm_shapes(name) for name in _shapes.PRESETS}
 TOY = {"toy": ((64, 50, 128), (32, 77, 96), "quick_gelu")}  # CPU interpreter: correctness only
 BATCHES = (1, 32)
 STEPS = ("qkv", "out", "fc1", "fc2")
@@ -72,12 +68,11 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp16")
     p.add_argument("--json", metavar="PATH", default=None, help="write all results to this JSON file")
     p.add_argument("--quick", action="store_true", help="fewer replays (GPU); tiny shapes, correctness only (CPU)")
-    p.add_argument("--tune", action="store_true", help="also time GroupedLinear(tune=True) (one-time tuning)")
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {', '.join(MODELS)}")
     p.add_argument("--batches", default=",".join(map(str, BATCHES)), help="comma-separated batch sizes")
     p.add_argument("--replays", type=int, default=None, help="timed graph replays per variant (default 200, quick 30)")
     p.add_argument("--variants", default=None,
-                   help="comma-separated subset of fused,torch,separate,before,tuned,hot (default: the first five that apply)")
+                   help="comma-separated subset of fused,torch,separate,before,hot (default: the first five that apply)")
     p.add_argument("--extra", action="append", default=[], metavar="NAME:JSON",
                    help="another variant: fused with GroupedLinear(config=JSON), e.g. 'pdl:{\"pdl\": true}'; "
                         "a JSON keyed by step names (qkv, out, fc1, fc2) gives those steps their own config")
@@ -207,15 +202,13 @@ def build_variant(name, towers, n_layers, before=None, extras=None):
     extras = extras or {}
     for layer in range(n_layers):
         probs = [t.problems(0 if name == "hot" else layer) for t in towers]
-        if name in ("fused", "tuned", "hot") or name in extras:
+        if name in ("fused", "hot") or name in extras:
             cfg = extras.get(name)
             per_step = isinstance(cfg, dict) and set(cfg) <= set(STEPS) and bool(cfg)
-            ops = [GroupedLinear([p[s] for p in probs], tune=(name == "tuned"),
-                                 config=cfg.get(s) if per_step else cfg)
+            ops = [GroupedLinear([p[s] for p in probs], config=cfg.get(s) if per_step else cfg)
                    for s in STEPS]
             if layer == 0:
-                info = {s: dict(config=op.config, splits=op.splits, programs=op.num_programs,
-                                tune_table=getattr(op, "tune_table", None))
+                info = {s: dict(config=op.config, splits=op.splits, programs=op.num_programs)
                         for s, op in zip(STEPS, ops)}
         elif name == "before":
             mod = load_before(before)
@@ -384,7 +377,7 @@ def run_case(model, spec, batch, dtype, args, ceil, variants):
 
 
 def target_note(row):
-    if row["variant"] not in ("fused", "tuned") or "us_median" not in row:
+    if row["variant"] != "fused" or "us_median" not in row:
         return ""
     if row["model"] == "ViT-B/32" and row["batch"] == 1:
         ok = row["us_median"] <= TARGET_B32_B1_US
@@ -431,25 +424,6 @@ def _cfg_str(c):
     return s
 
 
-def print_tune_tables(rows, top=6):
-    """Per step: the heuristic default (candidate 0) and the fastest candidates, one launch, cold L2."""
-    for r in rows:
-        if r["variant"] != "tuned":
-            continue
-        print(f"\ntune candidates {r['model']} batch {r['batch']} (us per launch, cold L2; default = first candidate)")
-        for step, inf in r["kernel_info"].items():
-            table = [c for c in (inf.get("tune_table") or []) if "us" in c]
-            if not table:
-                continue
-            errs = [c for c in inf["tune_table"] if "error" in c]
-            d = table[0]
-            best = sorted(table, key=lambda c: c["us"])
-            print(f"  {step}: default {d['us']:.2f} us [{_cfg_str(d['config'])} S={d['splits']} P={d['programs']}]"
-                  f"  best {best[0]['us']:.2f}  ({len(table)} timed, {len(errs)} failed)")
-            for c in best[:top]:
-                print(f"      {c['us']:7.2f}  {_cfg_str(c['config'])}  S={c['splits']} P={c['programs']}")
-
-
 def any_failed(rows) -> bool:
     return any("error" in r for r in rows)
 
@@ -478,12 +452,11 @@ def main(argv=None) -> int:
     for e in args.extra:
         name, _, cfg = e.partition(":")
         args.extra_cfg[name] = json.loads(cfg)
-    variants = (["fused", "torch", "separate"] + (["before"] if args.before else []) + list(args.extra_cfg)
-                + (["tuned"] if args.tune and HAS_CUDA else []))
+    variants = (["fused", "torch", "separate"] + (["before"] if args.before else []) + list(args.extra_cfg))
     if args.variants:
         keep = {v.strip() for v in args.variants.split(",")} | set(args.extra_cfg)
         optional = ["hot"]  # only when asked for
-        unknown = keep - set(variants) - set(optional) - {"before", "tuned"}
+        unknown = keep - set(variants) - set(optional) - {"before"}
         if unknown:
             raise SystemExit(f"unknown variants {sorted(unknown)}")
         variants = [v for v in variants + optional if v in keep]
@@ -530,7 +503,6 @@ def main(argv=None) -> int:
         print(f"wrote {args.json}")
     print(f"\nGEMM steps of one layer, both towers ({card}, {args.dtype if HAS_CUDA else 'fp16'}, CUDA graphs)")
     print_table(rows, ceil)
-    print_tune_tables(rows)
     return 1 if any_failed(rows) else rc
 
 

@@ -22,7 +22,7 @@ p90 over the replays. `--sweep` also times other block configurations of the fus
     python benchmarks/kernels_attention.py [--dtype fp16|bf16] [--quick] [--sweep] [--json out.json]
 
 Without CUDA it runs only the correctness path on tiny shapes through the Triton interpreter.
-`benchmarks/kernels.py` calls `run(args)` with its own argparse namespace; `run(dtype, quick)` works too.
+`benchmarks/kernel_bench.py` calls `run(args)` with its own argparse namespace; `run(dtype, quick)` works too.
 """
 from __future__ import annotations
 
@@ -47,13 +47,12 @@ if not HAS_CUDA:
 
 import torch.nn.functional as F  # noqa: E402
 
-# name: [(tokens, heads, head_dim, causal, ln_eps) for vision, text]
-MODELS = {
-    "ViT-B/32": [(50, 12, 64, False, 1e-5), (77, 8, 64, True, 1e-5)],
-    "ViT-B/16": [(197, 12, 64, False, 1e-5), (77, 8, 64, True, 1e-5)],
-    "ViT-L/14": [(257, 16, 64, False, 1e-5), (77, 12, 64, True, 1e-5)],
-    "SigLIP-B/16": [(196, 12, 64, False, 1e-6), (64, 12, 64, False, 1e-6)],
-}
+sys.path.insert(0, str(_HERE))  # benchmarks/_shapes.py
+import _shapes  # noqa: E402
+
+# name: [(tokens, heads, head_dim, causal, ln_eps) for vision, text], read from the dualfuse presets
+# (_shapes.PRESETS) on the meta device
+MODELS = {name: _shapes.attention_shapes(name) for name in _shapes.PRESETS}
 TOY = {"toy": [(50, 2, 16, False, 1e-5), (77, 2, 32, True, 1e-5)]}  # CPU interpreter: correctness only
 BATCHES = (1, 32)
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -263,7 +262,7 @@ def print_table(rows, card, dtype_name):
 
 
 def _resolve(dtype, quick, models, batches, replays, sweep):
-    """Accept run(dtype, quick) or run(argparse.Namespace) (benchmarks/kernels.py passes its args)."""
+    """Accept run(dtype, quick) or run(argparse.Namespace) (benchmarks/kernel_bench.py passes its args)."""
     if isinstance(dtype, argparse.Namespace):
         ns = dtype
         quick = bool(getattr(ns, "quick", quick))

@@ -1,7 +1,7 @@
 """The model table: for each published architecture, whether the fused executor covers it (or falls back, and
 why), its parity with the fp32 source model, and fused vs the two-branch CUDA graph, all in one process.
 
-    python benchmarks/models.py --out results/models            # every row
+    python benchmarks/models.py --out benchmarks/results/<card>-<date>/models    # every row (default out: ./results/models)
     python benchmarks/models.py --models clip-vit-b-32,open_clip:RN50 --iters 50
 
 Weights are seeded random (built from the published configs, on the GPU); inputs are 1 image + 1 text of the

@@ -22,7 +22,7 @@ import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
-from kernels import time_graph  # noqa: E402  (benchmarks/kernels.py: capture once, replay, CUDA events)
+from kernel_bench import time_graph  # noqa: E402  (benchmarks/kernel_bench.py: capture once, replay, CUDA events)
 
 from dualfuse.kernels._utils import gdc_launch, gdc_wait, pdl_supported  # noqa: E402
 

@@ -1,7 +1,7 @@
 """The four GEMM launches of one ViT-B/32 layer (both towers) at batch 1, for Nsight Compute.
 
     ncu --kernel-name regex:_grouped_linear --launch-skip 4 --launch-count 8 --section SpeedOfLight \\
-        --section MemoryWorkloadAnalysis --section WarpStateStats python3 benchmarks/ncu_gemm_b1.py
+        --section MemoryWorkloadAnalysis --section WarpStateStats python3 benchmarks/experiments/ncu_gemm_b1.py
 
 Runs the steps (QKV, out-proj + residual, FC1 + act, FC2 + residual) with the default configs twice, then once
 more with each config override given as JSON arguments (e.g. '{"BLOCK_M": 128}'), eagerly (ncu serializes
@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
-from kernels import MODELS, STEPS, Tower  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/kernel_bench.py
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
+from kernel_bench import MODELS, STEPS, Tower  # noqa: E402
 
 from dualfuse.kernels.gemm import GroupedLinear  # noqa: E402
 

@@ -37,18 +37,18 @@ further to fit), min_programs (split K until the launch has one program per SM),
 How to run
 ----------
     # CPU, Triton interpreter (fp16): correctness of the kernel on small awkward shapes
-    TRITON_INTERPRET=1 PYTHONPATH=src python benchmarks/probe_ws_gemm.py --check
+    TRITON_INTERPRET=1 PYTHONPATH=src python benchmarks/experiments/probe_ws_gemm.py --check
     # CPU, no GPU needed: compile each variant for sm_90a, print registers / spills / shared memory / SASS order
-    PYTHONPATH=src python benchmarks/probe_ws_gemm.py --inspect [--sass] [--variants a,b]
+    PYTHONPATH=src python benchmarks/experiments/probe_ws_gemm.py --inspect [--sass] [--variants a,b]
     # CPU: the GPU-mode pipeline (build, check against GroupedLinear, table, JSON) on toy shapes, no timing
-    TRITON_INTERPRET=1 PYTHONPATH=src python benchmarks/probe_ws_gemm.py --smoke --replays 3
+    TRITON_INTERPRET=1 PYTHONPATH=src python benchmarks/experiments/probe_ws_gemm.py --smoke --replays 3
     # GPU (H100/H200): GroupedLinear default vs every variant, 12-layer CUDA graphs, median us per layer
-    PYTHONPATH=src python benchmarks/probe_ws_gemm.py --json ws.json [--model ViT-L/14] [--variants a,b]
+    PYTHONPATH=src python benchmarks/experiments/probe_ws_gemm.py --json ws.json [--model ViT-L/14] [--variants a,b]
 
 GPU mode: ViT-B/32 batch-1 shapes (vision M=50, D=768, F=3072; text M=77, D=512, F=2048; --model ViT-L/14:
 257/1024/4096 and 77/768/3072), distinct random fp16 weights per layer (layers = max(12, 3 x L2 / layer
-weights), as benchmarks/kernels.py), buffers and steps exactly as kernels.py's 'fused' variant (its Tower
-class); one CUDA graph per variant; `time_graph` of benchmarks/kernels.py -> median us per layer over --replays
+weights), as benchmarks/kernel_bench.py), buffers and steps exactly as kernel_bench.py's 'fused' variant (its Tower
+class); one CUDA graph per variant; `time_graph` of benchmarks/kernel_bench.py -> median us per layer over --replays
 (default 200). Each variant's layer-0 outputs are compared with GroupedLinear's (max abs error, fp16) and with
 an fp32 torch reference, before and after timing. A variant that fails to compile / run / check is recorded
 with its error and the run goes on. Prints a table; --json PATH writes everything.
@@ -70,8 +70,8 @@ from pathlib import Path
 
 import torch
 
-_HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(_HERE))  # benchmarks/kernels.py (time_graph, Tower, MODELS)
+_HERE = Path(__file__).resolve().parent.parent  # benchmarks/
+sys.path.insert(0, str(_HERE))  # benchmarks/kernel_bench.py (time_graph, Tower, MODELS)
 if (_HERE.parent / "src" / "dualfuse").is_dir():
     sys.path.insert(0, str(_HERE.parent / "src"))
 HAS_CUDA = torch.cuda.is_available()
@@ -615,7 +615,7 @@ def run_inspect(args) -> int:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from kernels import MODELS, Tower
+    from kernel_bench import MODELS, Tower
 
     vis, txt, act = MODELS[args.model]
     gen = torch.Generator().manual_seed(0)
@@ -707,8 +707,8 @@ def run_gpu(args, smoke: bool = False) -> int:
     script, not of the kernel's speed)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    import kernels
-    from kernels import MODELS, TOY, Tower
+    import kernel_bench as kernels
+    from kernel_bench import MODELS, TOY, Tower
 
     from dualfuse.kernels.gemm import GroupedLinear
 
@@ -736,7 +736,7 @@ def run_gpu(args, smoke: bool = False) -> int:
         layers = []
         for layer in range(n_layers):
             probs = [t.problems(layer) for t in towers]
-            if name.startswith("grouped"):  # as benchmarks/kernels.py 'fused': defaults, no tuning
+            if name.startswith("grouped"):  # as benchmarks/kernel_bench.py 'fused': defaults, no tuning
                 layers.append([GroupedLinear([p[s] for p in probs]) for s in STEPS])
             else:
                 cfg = _variant_cfg(name, args)

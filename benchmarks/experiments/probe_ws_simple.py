@@ -7,7 +7,7 @@ does it pay? Standalone matmul kernels (only dualfuse's PDL helpers), ViT-B/32 b
 Each variant: max relative error against torch (fp32 from the same fp16 inputs) and the median µs of
 triton.testing.do_bench_cudagraph. torch.matmul (cuBLAS) of the same problems for reference.
 
-    python benchmarks/probe_ws_simple.py [--json PATH]
+    python benchmarks/experiments/probe_ws_simple.py [--json PATH]
 """
 import argparse
 import json
