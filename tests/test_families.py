@@ -144,3 +144,8 @@ def test_models_the_kernels_do_not_cover_fall_back_once_with_the_reason(build, r
         assert _rel(got_img, image_fn(px)) < 1e-5 and _rel(got_txt, text_fn(ids)) < 1e-5
     with pytest.raises(ValueError, match=r"cannot run this model \(fallback=False\)"):
         executors.get("fused", model, dtype=torch.float32, fallback=False)
+
+
+def test_fuse_refuses_a_model_class_outside_the_families():
+    with pytest.raises(ValueError, match="unsupported model class .*supported: transformers CLIPModel"):
+        dualfuse.fuse(torch.nn.Linear(4, 4))
