@@ -77,7 +77,7 @@ def clean_command(command: str) -> str:
             continue
         if w == "--json" and i + 1 < len(words):
             path = words[i + 1]
-            if "dualfuse-sms-" in path or os.path.realpath(path).startswith(tmp) or path.startswith("/tmp/"):
+            if "dualfuse-sms-" in path or (os.path.isabs(path) and os.path.realpath(path).startswith(tmp)) or path.startswith("/tmp/"):
                 i += 2
                 continue
         out.append(w)
