@@ -4,12 +4,14 @@
 #   bash benchmarks/gpu_figures.sh A    # end-to-end: all executors, the target cases; fused A/B; SM limits + energy
 #   bash benchmarks/gpu_figures.sh B    # accuracy parity (fp16, bf16), kernels
 #   bash benchmarks/gpu_figures.sh C    # GPU tests
+#   bash benchmarks/gpu_figures.sh D    # drop-in: text-length stream with buckets, first calls, uint8 frames, memory
+#   bash benchmarks/gpu_figures.sh M1   # README's model table, smaller models (M2: the larger ones)
 # JSON and logs are written to /tmp/dualfuse-results and packed into ${OUT:-out}/results-<part>.tar.gz after every
 # step (a run cut off by its time limit still leaves the archive). File them under
 # benchmarks/results/<card>-<date>/ (see benchmarks/README.md).
 set -u
 PART=${1:-A}
-export PYTHONPATH=src PYTHONUNBUFFERED=1
+export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 R=/tmp/dualfuse-results; mkdir -p "$R" "${OUT:-out}"  # not under $OUT: only the archive is kept
 # each step: its own time limit, its output tail logged, and the archive refreshed (a run cut off by its limit still leaves it)
 step() {
@@ -39,8 +41,19 @@ elif [ "$PART" = B ]; then
   done
   # 6. kernels of all four architectures at batch 1 and 32 (GEMM steps, attention, LayerNorm)
   step 200 python3 benchmarks/kernel_bench.py --json "$R/kernels.json"
-else
+elif [ "$PART" = C ]; then
   # 7. GPU tests
-  TAIL=25 step 560 python3 -m pytest -m gpu -q -p no:cacheprovider tests
+  TAIL=25 step ${TESTS_S:-560} python3 -m pytest -m gpu -q -p no:cacheprovider --durations=10 tests
+elif [ "$PART" = D ]; then
+  # 8. the drop-in: a stream cycling through 12 text lengths (buckets on/off), first-call times, uint8 frames vs host
+  #    normalization at batch 1 and 32; GPU memory of fuse() beyond the weights
+  step 150 python3 benchmarks/frames_buckets.py --model clip-vit-b-32 --out "$R/frames-buckets-b32.json"
+  step 60 python3 benchmarks/fuse_memory.py --model clip-vit-b-32 --dtype fp16 --device cuda
+  step 60 python3 benchmarks/fuse_memory.py --model clip-vit-b-32 --dtype fp16 --device cuda --fold-ln off
+elif [ "$PART" = M1 ]; then
+  # 9. the model table (README "Supported models"), one row per architecture
+  step ${MODELS_S:-500} python3 benchmarks/models.py --out "$R/models" --models clip-vit-b-32,clip-vit-b-16,siglip-base-patch16-224,siglip-base-patch16-256,siglip-base-patch16-384,siglip2-base-patch16-naflex,open_clip:ViT-B-32,open_clip:ViT-B-16-SigLIP,open_clip:RN50,siglip-so400m-patch14-384
+else
+  step ${MODELS_S:-560} python3 benchmarks/models.py --out "$R/models" --models clip-vit-l-14,clip-vit-l-14-336,siglip-large-patch16-256,metaclip2-worldwide-huge-quickgelu,clip-vit-h-14,clip-vit-bigg-14
 fi
 echo "=== done $(date +%T)"
