@@ -49,11 +49,12 @@ elif [ "$PART" = D ]; then
   #    normalization at batch 1 and 32; GPU memory of fuse() beyond the weights
   step 150 python3 benchmarks/frames_buckets.py --model clip-vit-b-32 --out "$R/frames-buckets-b32.json"
   step 60 python3 benchmarks/fuse_memory.py --model clip-vit-b-32 --dtype fp16 --device cuda
-  step 60 python3 benchmarks/fuse_memory.py --model clip-vit-b-32 --dtype fp16 --device cuda --fold-ln off
 elif [ "$PART" = M1 ]; then
   # 9. the model table (README "Supported models"), one row per architecture
   step ${MODELS_S:-500} python3 benchmarks/models.py --out "$R/models" --models clip-vit-b-32,clip-vit-b-16,siglip-base-patch16-224,siglip-base-patch16-256,siglip-base-patch16-384,siglip2-base-patch16-naflex,open_clip:ViT-B-32,open_clip:ViT-B-16-SigLIP,open_clip:RN50,siglip-so400m-patch14-384
-else
+elif [ "$PART" = M2 ]; then
   step ${MODELS_S:-560} python3 benchmarks/models.py --out "$R/models" --models clip-vit-l-14,clip-vit-l-14-336,siglip-large-patch16-256,metaclip2-worldwide-huge-quickgelu,clip-vit-h-14,clip-vit-bigg-14
+else
+  echo "unknown part '$PART': expected A, B, C, D, M1 or M2" >&2; exit 2
 fi
 echo "=== done $(date +%T)"
