@@ -234,7 +234,7 @@ def test_unsupported_model_falls_back_to_graph_with_a_warning_gpu(monkeypatch):
 
     model = dualfuse.load("clip-tiny")
     monkeypatch.setattr(fused_mod, "MAX_HEAD_DIM", 8)  # pretend the kernels cover less than head dim 16
-    with pytest.warns(UserWarning, match="falling back to the CUDA graph executor"):
+    with pytest.warns(UserWarning, match="head dim 16 > 8; falling back to the 'graph' executor"):
         ex = FusedExecutor(model, dtype=torch.float16, device="cuda")
     assert ex.fallback is not None and "FALLBACK" in ex.notes
     spec = to_spec(model)

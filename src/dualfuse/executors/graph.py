@@ -9,15 +9,83 @@ for ``encode`` and per-tower keys for ``encode_image``/``encode_text`` — kept 
 (``max_graphs``, default 8; the least recently used graph and its memory pool are released). Before capture the
 forward runs ``warmup`` times on a side stream (as torch.cuda.graphs recommends: lazy inits, cuBLAS workspaces).
 Outputs are cloned out of the graph's static buffers, so results stay valid after the next replay.
+
+SigLIP2 NaFlex images (:class:`~dualfuse.spec.PatchSequence`): the position grid is resized to each image's
+``spatial_shapes``, which sizes tensors, so a graph is captured per (batch, patches, every image's grid). How HF
+consumes ``spatial_shapes`` differs between transformers versions (some read them back to the host, which a capture
+cannot do; others compute on the device and only check them with a read-back). :func:`naflex_capture_mode` finds
+out once per model, by running the vision embeddings with synchronizing CUDA calls turned into errors; when no mode
+is free of read-backs the image tower runs outside the graph, with a warning.
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import warnings
 from collections import OrderedDict
 
 import torch
 
+from ..spec import PatchSequence
 from . import register
 from .base import SourceExecutor
+
+# HF's checks on spatial_shapes (torch_compilable_check) read a flag back from the device; with this set they are
+# skipped. Only during a capture: the warm-up runs just before it checked the same inputs.
+_HF_CHECKS_OFF = "TRANSFORMERS_DISABLE_TORCH_CHECK"
+
+
+@contextlib.contextmanager
+def _hf_checks_off(on: bool):
+    if not on:
+        yield
+        return
+    old = os.environ.get(_HF_CHECKS_OFF)
+    os.environ[_HF_CHECKS_OFF] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(_HF_CHECKS_OFF, None)
+        else:
+            os.environ[_HF_CHECKS_OFF] = old
+
+
+def naflex_capture_mode(embeddings, seq: PatchSequence) -> str | None:
+    """How a CUDA graph can capture a SigLIP2 vision embedding (``model.vision_model.embeddings``) called on
+    ``seq``: ``"device"`` (spatial_shapes on the GPU, HF's checks skipped during the capture), ``"host"``
+    (spatial_shapes on the CPU: HF reads them there), or None (every way reads back from the GPU or copies from
+    pageable host memory, neither of which a capture can hold)."""
+    for mode in ("device", "host"):
+        shapes = seq.spatial_shapes if mode == "device" else seq.spatial_shapes.cpu()
+        previous = torch.cuda.get_sync_debug_mode()
+        try:
+            with _hf_checks_off(mode == "device"):
+                torch.cuda.set_sync_debug_mode("error")
+                embeddings(seq.pixel_values, shapes)
+        except RuntimeError:
+            continue
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+        return mode
+    return None
+
+
+def _static(x, shapes_on_host: bool):
+    """A replay buffer holding a copy of ``x`` (a tensor or a PatchSequence)."""
+    if isinstance(x, PatchSequence):
+        shapes = x.spatial_shapes.cpu() if shapes_on_host else x.spatial_shapes.clone()
+        return PatchSequence(x.pixel_values.clone(), shapes.clone(), x.pixel_attention_mask.clone())
+    return x.clone()
+
+
+def _fill(static, x):
+    """Copy a call's inputs into a graph's buffers (NaFlex grids are part of the graph's key: not copied)."""
+    if isinstance(static, PatchSequence):
+        static.pixel_values.copy_(x.pixel_values)
+        static.pixel_attention_mask.copy_(x.pixel_attention_mask)
+    else:
+        static.copy_(x)
 
 
 class _Captured:
@@ -41,6 +109,9 @@ class GraphExecutor(SourceExecutor):
         self.captures = 0  # how many graphs were captured (re-captures after eviction count again)
         self.side_stream = torch.cuda.Stream(self.device)
         self.notes = "one CUDA graph, two branches"
+        # SigLIP2 NaFlex: "device" / "host" (see naflex_capture_mode), "eager" (the image tower runs outside the
+        # graph), or None until the first image call decides
+        self.naflex_mode: str | None = None
 
     # -- capture -------------------------------------------------------------------------------------
     def _forward(self, px, ids):
@@ -58,12 +129,8 @@ class GraphExecutor(SourceExecutor):
         return img, txt
 
     def _capture(self, px, ids) -> _Captured:
-        static_px = torch.empty_like(px) if px is not None else None
-        static_ids = torch.empty_like(ids) if ids is not None else None
-        if static_px is not None:
-            static_px.copy_(px)
-        if static_ids is not None:
-            static_ids.copy_(ids)
+        static_px = _static(px, self.naflex_mode == "host") if px is not None else None
+        static_ids = ids.clone() if ids is not None else None
         cur = torch.cuda.current_stream(self.device)
         warm = torch.cuda.Stream(self.device)
         warm.wait_stream(cur)
@@ -72,7 +139,7 @@ class GraphExecutor(SourceExecutor):
                 self._forward(static_px, static_ids)
         cur.wait_stream(warm)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with _hf_checks_off(self.naflex_mode == "device"), torch.cuda.graph(graph):
             outputs = self._forward(static_px, static_ids)
         self.captures += 1
         return _Captured(graph, (static_px, static_ids), outputs)
@@ -88,18 +155,37 @@ class GraphExecutor(SourceExecutor):
             self.graphs.move_to_end(key)
             static_px, static_ids = entry.inputs
             if static_px is not None:
-                static_px.copy_(px)
+                _fill(static_px, px)
             if static_ids is not None:
                 static_ids.copy_(ids)
         entry.graph.replay()
         return tuple(o.clone() if o is not None else None for o in entry.outputs)
 
     # -- interface -----------------------------------------------------------------------------------
+    def _image_key(self, px):
+        if not isinstance(px, PatchSequence):
+            return px.shape[0]
+        if self.naflex_mode is None:
+            self.naflex_mode = naflex_capture_mode(self.model.vision_model.embeddings, px) or "eager"
+            if self.naflex_mode == "eager":
+                warnings.warn("dualfuse graph: this transformers version's SigLIP2 vision embeddings read "
+                              "spatial_shapes back from the GPU, which a CUDA graph cannot capture; the image tower "
+                              "runs outside the graph (eagerly), the text tower in it", stacklevel=4)
+                self.notes = "text tower in a CUDA graph; SigLIP2 NaFlex image tower eager (see the warning)"
+        b, n = px.pixel_values.shape[:2]
+        return (b, n, tuple(map(tuple, px.spatial_shapes.tolist())))  # one small read-back: the grids
+
     def _encode(self, px, ids):
-        return self._run((px.shape[0], ids.shape[0], ids.shape[1]), px, ids)
+        key = self._image_key(px)
+        if self.naflex_mode == "eager":
+            return self.image_fn(px), self._encode_text(ids)
+        return self._run((key, ids.shape[0], ids.shape[1]), px, ids)
 
     def _encode_image(self, px):
-        return self._run((px.shape[0], None, None), px, None)[0]
+        key = self._image_key(px)
+        if self.naflex_mode == "eager":
+            return self.image_fn(px)
+        return self._run((key, None, None), px, None)[0]
 
     def _encode_text(self, ids):
         return self._run((None, ids.shape[0], ids.shape[1]), None, ids)[1]
