@@ -41,7 +41,8 @@ def main(argv=None) -> int:
 
     import dualfuse
     from dualfuse import executors, reference
-    from dualfuse.bench import cosine_check, environment, random_inputs
+    from dualfuse.bench import cosine_check, random_inputs
+    from dualfuse.environment import environment
     from dualfuse.timing import time_calls
 
     names = [v.strip() for v in args.variants.split(",") if v.strip()]

@@ -170,7 +170,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("benchmarks/models.py needs a CUDA GPU", file=sys.stderr)
         return 2
-    from dualfuse.bench import environment
+    from dualfuse.environment import environment
     from dualfuse.util import slug
 
     device = torch.device("cuda", torch.cuda.current_device())

@@ -298,7 +298,7 @@ def run_eval(model: str = DEFAULT_MODEL, executors: list[str] = (DEFAULT_EXECUTO
     from . import executors as registry
     from . import presets
     from .adapters import to_spec
-    from .bench import environment
+    from .environment import environment
     from .executors.base import ExecutorUnavailable, dtype_name, resolve_device, resolve_dtype
 
     progress = progress or Progress()

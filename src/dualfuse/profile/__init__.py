@@ -142,7 +142,8 @@ def profile(executor_or_name, model=None, *, batch: int = 1, image_batch: int | 
     import torch
 
     from .. import executors
-    from ..bench import environment, random_inputs, run_label
+    from ..bench import random_inputs, run_label
+    from ..environment import environment
     from ..executors.base import Executor, dtype_name
     from .capture import capture
     from .ceilings import ceilings

@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from ..bench import cpu_name
+from ..environment import cpu_name
 from ..timing import best_of, sync
 from ..util import slug, write_json
 
