@@ -4,9 +4,9 @@ Subcommands live in their own modules, listed in SUBCOMMANDS (name -> module). A
 ``add_arguments(parser)`` and ``run(args) -> int`` (exit code); its docstring's first line is the help text and
 ``DESCRIPTION`` (default: the docstring) the ``--help`` description. To add one, add a line here. A listed module
 that fails to import (a missing optional package) is still offered and reports its import error when run.
-bench, eval and profile are in this package (``cli/bench.py``, ``cli/evaluate.py``, ``cli/profile.py``: each
-calls ``run_bench`` / ``run_eval`` / ``run_profile`` and prints the result); plan and report keep theirs beside
-their code.
+bench, eval, profile and report are in this package (``cli/bench.py``, ``cli/evaluate.py``, ``cli/profile.py``,
+``cli/report.py``: each calls ``run_bench`` / ``run_eval`` / ``run_profile`` / ``build_report`` and prints the
+result); plan's is still beside its code in ``plan.py``.
 
 Errors: a bad argument, a missing or unreadable file and the like raise ValueError (or another known error,
 see _known_errors) inside a command; :func:`main` prints ``dualfuse: error: <message>`` to stderr and returns 2, with no
@@ -28,7 +28,7 @@ SUBCOMMANDS: dict[str, str] = {
     "plan": "dualfuse.plan",
     "profile": "dualfuse.cli.profile",
     "eval": "dualfuse.cli.evaluate",
-    "report": "dualfuse.report",
+    "report": "dualfuse.cli.report",
 }
 
 
