@@ -154,8 +154,8 @@ class Labeller:
     """Installs the labels on an executor for the duration of a ``with`` block and removes them after.
 
     ``mode``: "full" (tower wrappers + per-layer/op hooks), "split" (compile: no hooks, the towers are called
-    one by one inside tower ranges by :func:`capture`), "fused" (per-stage wrappers of a fused Runner's ops),
-    "none" (an executor we do not know: no labels)."""
+    one by one inside tower ranges by :func:`dualfuse.profile.capture.capture`), "fused" (per-stage wrappers of
+    a fused Runner's ops), "none" (an executor we do not know: no labels)."""
 
     def __init__(self, ex, mode: str, *, nvtx: bool = False, runner=None):
         self.ex, self.mode, self.nvtx, self.runner = ex, mode, nvtx, runner
