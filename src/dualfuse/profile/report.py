@@ -162,11 +162,11 @@ def _avg(rows, key):
 
 
 def _ncu_match(name: str, by: dict):
-    from .capture import _ncu_base
+    from .ncu import base_name
 
-    base = _ncu_base(name)
+    base = base_name(name)
     for k, v in by.items():
-        if k == name or _ncu_base(k) == base or base in k:
+        if k == name or base_name(k) == base or base in k:
             return v
     return None
 
