@@ -271,7 +271,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"])
     parser.add_argument("--fold-ln", action="store_true",
                         help="fold each LayerNorm into the GEMM it feeds (the fused executor's fold_ln=True)")
-    parser.add_argument("--json", default=None, help="write the plan as JSON here")
+    parser.add_argument("--target", action="append", default=None, metavar="NAME",
+                        help="also print the device floor on this target (repeatable): "
+                             "orin-nano, orin-nano-super, orin-nx, agx-orin, h100, h200 (dualfuse.floors)")
+    parser.add_argument("--json", default=None, help="write the plan (and floors) as JSON here")
 
 
 def run(args) -> int:
@@ -283,6 +286,11 @@ def run(args) -> int:
     from .adapters import to_spec
     from .presets import PRESETS, build_hf, load
 
+    targets = []
+    if getattr(args, "target", None):
+        from .targets import get_target
+
+        targets = [get_target(n) for arg in args.target for n in arg.split(",") if n.strip()]
     if args.model in PRESETS:  # shapes are all a plan needs: build on the meta device, instantly
         spec = to_spec(build_hf(args.model, meta=True))
     else:
@@ -310,8 +318,18 @@ def run(args) -> int:
         console.print(f"{tower}: {t['steps']} steps, {t['gflops']:.2f} GFLOP, {t['mbytes']:.1f} MB, "
                       f"estimated {t['est_us']:.0f} µs at {DEFAULT_BANDWIDTH / 1e12:.1f} TB/s / "
                       f"{DEFAULT_MATMUL_RATE / 1e12:.0f} TFLOP/s (estimates, not measurements)")
+    found = []
+    if targets:
+        from .floors import floors, print_floors
+
+        for i, t in enumerate(targets):
+            found.append(floors(spec, t, bi, bt, args.text_length, model=args.model))
+            print_floors(found[-1], console, notes=i == len(targets) - 1)
     if args.json:
+        doc = dict(model=args.model, image_batch=bi, text_batch=bt, text_len=plan.text_len,
+                   stages=plan.table(), totals=tot)
+        if found:
+            doc["floors"] = [f.to_dict() for f in found]
         with open(args.json, "w") as f:
-            json.dump(dict(model=args.model, image_batch=bi, text_batch=bt, text_len=plan.text_len,
-                           stages=plan.table(), totals=tot), f, indent=2)
+            json.dump(doc, f, indent=2)
     return 0
