@@ -25,6 +25,7 @@ SUBCOMMANDS: dict[str, str] = {
     "profile": "dualfuse.profile",
     "eval": "dualfuse.evaluate",
     "report": "dualfuse.report",
+    "stream": "dualfuse.stream",
 }
 
 
