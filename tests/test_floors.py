@@ -172,3 +172,15 @@ def test_plan_target_json_schema(tmp_path, capsys):
         assert set(p) >= {"weight_bytes", "activation_bytes", "bytes", "flops", "memory_ms", "compute_ms",
                           "int8_peak_ms", "floor_ms", "bound"}
         assert p["floor_ms"] == max(p["memory_ms"], p["compute_ms"])
+
+
+def test_profile_floor_entry():
+    from dualfuse.floors import profile_floor
+
+    p = dict(model="clip-tiny", card="NVIDIA H100 80GB HBM3", image_batch=1, text_batch=1, text_len=16,
+             latency=dict(median_ms=0.5))
+    e = profile_floor(p)
+    f = floors(to_spec(build_hf("clip-tiny", meta=True)), "h100", 1, 1, 16).get("fp16")
+    assert e["target"] == "h100" and e["share"] == pytest.approx(f.floor_ms / 0.5)
+    assert e["line"].startswith("this run reached ") and "of the h100 floor" in e["line"]
+    assert profile_floor(dict(p, card="cpu")) is None and profile_floor(dict(p, latency={})) is None

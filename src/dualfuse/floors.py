@@ -215,6 +215,29 @@ def share_line(spec: DualEncoderSpec, card: str, measured_ms: float, image_batch
             f"({f.floor_ms:.3f} ms, {f.bound}-bound, {weights} weights)")
 
 
+def profile_floor(p: dict, spec: DualEncoderSpec | None = None) -> dict | None:
+    """The floor entry of a profile result dict (dualfuse.profile: ``model``, ``card``, ``image_batch``,
+    ``text_batch``, ``text_len``, ``latency.median_ms``): ``{"target", "floor_ms", "bound", "share", "line"}``, or
+    None when the card is not a known target or there is no latency. ``spec``: the model's (default: the preset
+    named ``p["model"]``, built on the meta device)."""
+    target = target_for_card(p.get("card") or "")
+    ms = (p.get("latency") or {}).get("median_ms")
+    if target is None or not ms:
+        return None
+    if spec is None:
+        from .adapters import to_spec
+        from .presets import PRESETS, build_hf
+
+        if p.get("model") not in PRESETS:
+            return None
+        spec = to_spec(build_hf(p["model"], meta=True))
+    f = floors(spec, target, p.get("image_batch") or 0, p.get("text_batch") or 0, p.get("text_len")).get("fp16")
+    share = floor_share(f.floor_ms, ms)
+    return dict(target=target.name, floor_ms=f.floor_ms, bound=f.bound, share=share,
+                line=f"this run reached {100 * share:.1f}% of the {target.name} floor ({f.floor_ms:.3f} ms, "
+                     f"{f.bound}-bound, fp16 weights)")
+
+
 # ------------------------------------------------------------------------------------------------ printing
 
 
