@@ -113,8 +113,11 @@ def _patch_interpreter_flag():
 class _Compiler:
     """jit_cache_hook: compile every distinct specialization once per arch; record resources; skip the launch."""
 
-    def __init__(self, archs, limits=None, label=""):
+    def __init__(self, archs, limits=None, label="", cache: dict | None = None):
         self.archs, self.limits, self.label = archs, limits, label
+        # (kernel, specialization key, arch) -> (record, error) shared between targets: a specialization two targets
+        # pick is compiled once (the binary depends on the arch, not on the SM count)
+        self.cache = {} if cache is None else cache
         self.seen: set = set()
         self.records: list[dict] = []
         self.failures: list[dict] = []
@@ -134,19 +137,25 @@ class _Compiler:
             if name in CONFIG_KEYS:
                 config[name] = getattr(val, "value", val)
         for cc in self.archs:
-            t0 = time.perf_counter()
-            try:
-                out = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=options)
-            except Exception as e:  # report every failing specialization, keep going
-                self.failures.append({"kernel": fn.name, "arch": f"sm_{cc}", "target": self.label,
-                                      "error": repr(e)[:500]})
+            hit = self.cache.get(ident + (cc,))
+            if hit is None:
+                t0 = time.perf_counter()
+                try:
+                    out = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=options)
+                except Exception as e:  # report every failing specialization, keep going
+                    hit = (None, repr(e)[:500])
+                else:
+                    use = resource_usage(out.asm["cubin"])
+                    hit = (dict(kernel=fn.name, arch=f"sm_{cc}", config=config, num_warps=out.metadata.num_warps,
+                                num_stages=options.get("num_stages"), launch_pdl=bool(options.get("launch_pdl", False)),
+                                threads=out.metadata.num_warps * 32,
+                                shared=int(out.metadata.shared) + use.get("shared", 0), regs=use.get("reg"),
+                                local=use.get("local"), compile_s=round(time.perf_counter() - t0, 2)), None)
+                self.cache[ident + (cc,)] = hit
+            if hit[0] is None:
+                self.failures.append({"kernel": fn.name, "arch": f"sm_{cc}", "target": self.label, "error": hit[1]})
                 continue
-            use = resource_usage(out.asm["cubin"])
-            rec = dict(kernel=fn.name, arch=f"sm_{cc}", target=self.label, config=config,
-                       num_warps=out.metadata.num_warps, num_stages=options.get("num_stages"),
-                       launch_pdl=bool(options.get("launch_pdl", False)),
-                       threads=out.metadata.num_warps * 32, shared=int(out.metadata.shared) + use.get("shared", 0),
-                       regs=use.get("reg"), local=use.get("local"), compile_s=round(time.perf_counter() - t0, 2))
+            rec = dict(hit[0], target=self.label)
             self.records.append(rec)
             if self.limits is not None:
                 over = []
@@ -209,12 +218,13 @@ def compile_for_targets(names: list[str], targets: list[str], batches=(1, 8, 32)
 
     _patch_interpreter_flag()
     runs, failures, records = [], [], []
+    cache: dict = {}
     t_all = time.perf_counter()
     for tname in targets:
         target = get_target(tname)
         cc = target.capability[0] * 10 + target.capability[1]
         hook = _Compiler([cc] + [a for a in also_archs if a != cc],
-                         limits=dict(shared=target.smem_per_block), label=target.name)
+                         limits=dict(shared=target.smem_per_block), label=target.name, cache=cache)
         knobs.runtime.jit_cache_hook = hook
         driver.set_active(_StubDriver(GPUTarget("cuda", target.capability[0] * 10 + target.capability[1], 32)))
         for name in names:
