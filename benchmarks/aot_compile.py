@@ -24,7 +24,6 @@ limit is exceeded.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import subprocess

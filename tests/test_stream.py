@@ -1,7 +1,6 @@
 """`dualfuse stream` on CPU: the fused executor (Triton interpreter) labels synthetic uint8 frames end to end; the
 summary, PNG and JSON; clear errors for a missing video, no video decoder, no prompts."""
 import json
-import os
 
 import pytest
 import torch
