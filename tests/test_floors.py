@@ -184,3 +184,13 @@ def test_profile_floor_entry():
     assert e["target"] == "h100" and e["share"] == pytest.approx(f.floor_ms / 0.5)
     assert e["line"].startswith("this run reached ") and "of the h100 floor" in e["line"]
     assert profile_floor(dict(p, card="cpu")) is None and profile_floor(dict(p, latency={})) is None
+
+
+def test_profile_report_prints_the_floor_line():
+    from dualfuse.profile.report import _timeline_rows
+
+    p = dict(device_type="cuda", analysis=dict(summary={}), latency={},
+             floor=dict(line="this run reached 12.0% of the h200 floor (0.063 ms, memory-bound, fp16 weights)"))
+    rows = _timeline_rows(p)
+    assert rows[-1] == ["device floor", p["floor"]["line"]]
+    assert all(r[0] != "device floor" for r in _timeline_rows(dict(p, floor=None)))
