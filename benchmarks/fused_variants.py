@@ -24,6 +24,9 @@ VARIANTS = {  # name: (executor, kwargs)
     "fused-fold-nopdl": ("fused", {"fold_ln": True, "pdl": False}),
     "fused-res32": ("fused", {"residual_dtype": torch.float32}),  # residual stream in fp32, not the model dtype
     "fused-nodefer": ("fused", {"defer_split_reduce": False}),  # split-K reduced in the GEMM, not the next LN
+    # the sm_80 / sm_87 (Jetson Orin) path on a Hopper card: no PDL, no TMA loads; LayerNorms apart or folded
+    "fused-notma-nopdl": ("fused", {"pdl": False, "fold_ln": False, "gemm_config": {"tma": False}}),
+    "fused-notma-nopdl-fold": ("fused", {"pdl": False, "fold_ln": True, "gemm_config": {"tma": False}}),
 }
 
 

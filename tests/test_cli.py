@@ -97,7 +97,7 @@ def test_bad_argument_names_the_flag(capsys):
 
 
 def test_unexpected_errors_keep_their_traceback(monkeypatch):
-    from dualfuse import plan
+    from dualfuse.cli import plan
 
     def boom(args):
         raise RuntimeError("a bug")
@@ -154,7 +154,7 @@ def test_plan_text_length_flag(capsys):
 
 
 def test_only_existing_commands_are_offered():
-    assert set(cli.SUBCOMMANDS) == {"bench", "plan", "profile", "eval", "report"}
+    assert set(cli.SUBCOMMANDS) == {"bench", "plan", "profile", "eval", "report", "stream"}
     helptext = cli.build_parser().format_help()
     assert "not written" not in helptext and "unavailable" not in helptext
 

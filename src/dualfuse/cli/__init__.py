@@ -25,10 +25,11 @@ import sys
 
 SUBCOMMANDS: dict[str, str] = {
     "bench": "dualfuse.cli.bench",
-    "plan": "dualfuse.plan",
+    "plan": "dualfuse.cli.plan",
     "profile": "dualfuse.cli.profile",
     "eval": "dualfuse.cli.evaluate",
     "report": "dualfuse.cli.report",
+    "stream": "dualfuse.cli.stream",
 }
 
 

@@ -197,6 +197,10 @@ def profile(executor_or_name, model=None, *, batch: int = 1, image_batch: int | 
         analysis=result, windows=[list(w) for w in c.windows],
         events=[e.to_dict() for e in c.events], profile_seconds=time.perf_counter() - t0, ncu=None,
     )
+    if cuda:  # how far this run is from the card's physical floor (known cards only: dualfuse.targets)
+        from ..floors import profile_floor
+
+        data["floor"] = profile_floor(data, ex.spec)
     return ExecutorProfile(_clean(data), c.events, c.trace_path)
 
 

@@ -109,6 +109,8 @@ def _timeline_rows(p: dict) -> list[list]:
         rows.append(["latency without profiler or labels", f"{_num(lat.get('median_ms'), '{:.3f}')} ms median, "
                                                            f"p90 {_num(lat.get('p90_ms'), '{:.3f}')} ms "
                                                            f"({lat.get('runs')} runs, {lat.get('timer')})"])
+    if (p.get("floor") or {}).get("line"):  # dualfuse.floors.profile_floor: share of the card's floor reached
+        rows.append(["device floor", p["floor"]["line"]])
     return rows
 
 
