@@ -313,6 +313,37 @@ def test_the_fused_model_does_not_keep_the_source_model():
     assert fused.executor.spec.device.type == "cpu"  # the kept spec is a host copy; on a GPU only packed weights
 
 
+def test_keep_host_copy_false_keeps_only_the_packed_weights():
+    """keep_host_copy=False: the spec keeps shapes only (meta), the outputs are those of the default, rebuilds and
+    state_dict() are refused with the reason, and a complete state dict still loads."""
+    model = presets.load("clip-tiny", seed=3, device=DEV)
+    full = dualfuse.fuse(model, dtype=torch.float32)
+    lean = dualfuse.fuse(model, dtype=torch.float32, keep_host_copy=False)
+    assert all(t.is_meta for _, t in dualfuse.executors.dropin._named_tensors(lean.executor.spec))
+    px, ids = _inputs(lean, 2, 3)
+    want = full(input_ids=ids, pixel_values=px)
+    got = lean(input_ids=ids, pixel_values=px)
+    assert torch.equal(got.logits_per_image, want.logits_per_image)
+    assert torch.equal(lean.get_text_features(ids[:1]).pooler_output, full.get_text_features(ids[:1]).pooler_output)
+    for call in (lambda: lean.half(), lambda: lean.to(torch.float16), lambda: lean.state_dict()):
+        with pytest.raises(ValueError, match="keep_host_copy=False"):
+            call()
+    sd = full.state_dict()
+    with pytest.raises(ValueError, match="keeps no weights to fill in"):
+        lean.load_state_dict({k: v for k, v in sd.items() if k != "text.projection.weight"}, strict=False)
+    sd = {k: v.clone() for k, v in sd.items()}
+    sd["logit_scale"] += 0.25
+    lean.load_state_dict(sd)  # every weight given: rebuilt, and again without a host copy
+    assert all(t.is_meta for _, t in dualfuse.executors.dropin._named_tensors(lean.executor.spec))
+    _close(lean(input_ids=ids, pixel_values=px).logits_per_image,
+           want.logits_per_image * torch.exp(torch.tensor(0.25)))
+    with pytest.raises(ValueError, match="keep_host_copy must be True or False"):
+        dualfuse.fuse(model, dtype=torch.float32, keep_host_copy="no")
+    pytest.importorskip("transformers.models.siglip2")
+    with pytest.raises(ValueError, match="not available for SigLIP2 NaFlex"):
+        dualfuse.fuse(presets.load("siglip2-tiny", seed=3, device=DEV), dtype=torch.float32, keep_host_copy=False)
+
+
 def test_fallback_model_state_dict_is_the_source_models():
     from transformers import CLIPConfig, CLIPModel
 

@@ -10,6 +10,11 @@ copy of the weights in the source model's dtype, which ``.to()`` / ``.half()`` /
 ``state_dict()`` returns). It does not keep the user's model nor a copy of it, except inside a fallback
 executor (a model the kernels don't cover), which runs a private copy. For loading a source-format state dict it
 keeps a skeleton of the source model on the ``meta`` device (structure only, no weight memory).
+
+``fuse(model, keep_host_copy=False)`` drops that host copy too (its shapes stay, on the ``meta`` device): the
+packed weights on the device are then the only weights. That matters where host and GPU share one memory (a
+Jetson); the price is that nothing can be rebuilt: ``.to()`` / ``.half()`` / ``state_dict()`` raise, and
+``load_state_dict`` needs every weight.
 """
 from __future__ import annotations
 
@@ -59,8 +64,12 @@ class FusedModel(nn.Module):
     """
 
     def __init__(self, executor: FusedExecutor, *, config=None, skeleton: nn.Module | None = None,
-                 fuse_kwargs: dict | None = None, scale_shapes: tuple = ((), ()), output_dict: bool = False):
+                 fuse_kwargs: dict | None = None, scale_shapes: tuple = ((), ()), output_dict: bool = False,
+                 keep_host_copy: bool = True):
         super().__init__()
+        if not isinstance(keep_host_copy, bool):
+            raise ValueError(f"keep_host_copy must be True or False, got {keep_host_copy!r}")
+        self.keep_host_copy = keep_host_copy
         self.training = False  # inference only: see train()
         self._config = config
         self._skeleton = skeleton  # the source model's structure on the meta device (load_state_dict)
@@ -70,10 +79,13 @@ class FusedModel(nn.Module):
         self._install(executor)
 
     def _install(self, executor: FusedExecutor):
-        if executor.fallback is None and executor.spec.device.type != "cpu":
+        if executor.fallback is None and not self.keep_host_copy and executor.spec.vision.embed.pos_grid is not None:
+            raise ValueError("keep_host_copy=False is not available for SigLIP2 NaFlex models: each new patch grid "
+                             "resizes the position embeddings from the kept weights")
+        if executor.fallback is None and (executor.spec.device.type != "cpu" or not self.keep_host_copy):
             # the kept spec lives on the host: on the device only the packed weights (runners read the spec's
             # shapes, never its tensors)
-            executor.spec = executor.spec.to("cpu")
+            executor.spec = executor.spec.to("cpu" if self.keep_host_copy else "meta")
             if executor._grids:  # NaFlex grid executors made at fuse() hold the device spec; remade on demand
                 executor._grids.clear()
         self.executor = executor
@@ -134,8 +146,14 @@ class FusedModel(nn.Module):
             return self
         if probe.dtype not in DTYPE_NAMES:
             raise ValueError(f"FusedModel runs in fp16, bf16 or fp32; got a conversion to {probe.dtype}")
+        self._need_host_copy(f"a conversion to {probe.dtype} on {probe.device}")
         self._install(self._rebuild(probe.dtype, probe.device))
         return self
+
+    def _need_host_copy(self, what: str) -> None:
+        if self.executor.fallback is None and not self.keep_host_copy:
+            raise ValueError(f"{what} needs the host copy of the weights, which this FusedModel does not keep "
+                             "(fused with keep_host_copy=False); fuse the source model again instead")
 
     def _rebuild(self, dtype, device, source=None) -> FusedExecutor:
         """A new executor in ``dtype`` on ``device`` from ``source`` (default: the kept spec, or the fallback's
@@ -157,6 +175,7 @@ class FusedModel(nn.Module):
             for k, v in fb.model.state_dict(keep_vars=keep_vars).items():
                 out[prefix + k] = v
             return out
+        self._need_host_copy("state_dict()")
         for k, v in _named_tensors(self.executor.spec):
             out[prefix + k] = v
         spec = self.executor.spec
@@ -177,13 +196,21 @@ class FusedModel(nn.Module):
         fb = self.executor.fallback
         if fb is not None:  # the private copy of the source model runs: load into it
             return fb.model.load_state_dict(state_dict, strict=strict)
-        own = self.state_dict()
+        own = dict(_named_tensors(self.executor.spec))  # names only: with keep_host_copy=False they are meta
+        own["logit_scale"] = None
+        if self.executor.spec.logit_bias is not None:
+            own["logit_bias"] = None
         keys = set(state_dict)
         if keys & set(own) - {"logit_scale", "logit_bias"}:
             missing, unexpected = sorted(set(own) - keys), sorted(keys - set(own))
             if strict and (missing or unexpected):
                 raise ValueError(f"load_state_dict: keys do not match this FusedModel's state_dict(): missing "
                                  f"{missing[:8]}, unexpected {unexpected[:8]}")
+            absent = [k for k in missing if k not in ("logit_scale", "logit_bias")]
+            if not self.keep_host_copy and absent:
+                raise ValueError(f"load_state_dict: this FusedModel was fused with keep_host_copy=False and keeps "
+                                 f"no weights to fill in the {len(absent)} missing ones (e.g. {absent[:3]}); pass "
+                                 "every weight")
             spec = _replace_tensors(self.executor.spec, state_dict)
             scale = float(state_dict["logit_scale"]) if "logit_scale" in state_dict else spec.logit_scale
             bias = spec.logit_bias
@@ -458,7 +485,8 @@ def _replace_tensors(obj, state: dict, prefix: str = ""):
         if not isinstance(new, torch.Tensor) or tuple(new.shape) != tuple(obj.shape):
             got = list(new.shape) if isinstance(new, torch.Tensor) else type(new).__name__
             raise ValueError(f"load_state_dict: {name}: expected shape {list(obj.shape)}, got {got}")
-        return new.detach().to(device=obj.device, dtype=obj.dtype).clone()
+        device = "cpu" if obj.is_meta else obj.device  # keep_host_copy=False: the shapes only, on meta
+        return new.detach().to(device=device, dtype=obj.dtype).clone()
     if isinstance(obj, list):
         return [_replace_tensors(o, state, f"{prefix}{i}.") for i, o in enumerate(obj)]
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
@@ -506,8 +534,10 @@ def fuse(model, dtype=None, device=None, **kwargs) -> FusedModel:
 
     ``dtype``: default the source model's dtype (``fuse(model.half())`` runs fp16, ``fuse(model)`` of an fp32
     model runs fp32; pass ``dtype=torch.float16`` for speed). ``device``: default CUDA when there is one, else CPU.
-    ``kwargs``: FusedExecutor options, kept for rebuilds (``.to()``, ``.half()``, ``load_state_dict``).
+    ``kwargs``: FusedExecutor options, kept for rebuilds (``.to()``, ``.half()``, ``load_state_dict``), and
+    ``keep_host_copy`` (default True; False keeps no host copy of the weights, see the module docstring).
     The source model is left untouched and not kept."""
+    keep_host_copy = kwargs.pop("keep_host_copy", True)
     if isinstance(model, str):
         from ..presets import load
 
@@ -515,9 +545,9 @@ def fuse(model, dtype=None, device=None, **kwargs) -> FusedModel:
     dtype = _source_dtype(model) if dtype is None else resolve_dtype(dtype)
     executor = FusedExecutor(model, dtype=dtype, device=device, **kwargs)
     if isinstance(model, DualEncoderSpec):
-        return FusedModel(executor, fuse_kwargs=kwargs)
+        return FusedModel(executor, fuse_kwargs=kwargs, keep_host_copy=keep_host_copy)
     shapes = tuple(tuple(getattr(model, n).shape) if isinstance(getattr(model, n, None), torch.Tensor) else ()
                    for n in ("logit_scale", "logit_bias"))
     return FusedModel(executor, config=copy.deepcopy(getattr(model, "config", None)),
                       skeleton=_meta_skeleton(model), fuse_kwargs=kwargs, scale_shapes=shapes,
-                      output_dict=bool(getattr(model, "output_dict", False)))
+                      output_dict=bool(getattr(model, "output_dict", False)), keep_host_copy=keep_host_copy)
