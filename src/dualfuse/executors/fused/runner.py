@@ -53,6 +53,9 @@ class Runner:
                                  f"launch to finish them (plan and executor out of sync)")
         self.embed_op = self.ops[[s.kind for s in self.plan.stages].index("embed")]
         self.graph = None  # captured at the first call (fuse() builds runners only to check coverage)
+        self._last_stream = None  # CUDA: the stream of the last call (the next call on another stream waits on it)
+        # CUDA: the stream the buffers were allocated on (the caching allocator reuses them there once freed)
+        self._home = torch.cuda.current_stream(ex.device) if ex.device.type == "cuda" else None
         self.wants_graph = ex.device.type == "cuda" and ex.use_graph
 
     # -- building ----------------------------------------------------------------------------------------
@@ -110,30 +113,62 @@ class Runner:
             raise AssertionError(f"plan step {step.op!r} has no kernel problem")
         return make(_StepContext(self, step))
 
+    def release(self) -> None:
+        """Leaving the cache: the buffers go back to PyTorch's caching allocator, which reuses them for work on the
+        stream they were made on; if the last call ran on another stream, that stream waits for it first."""
+        if self._last_stream is not None and self._last_stream != self._home:
+            self._home.wait_stream(self._last_stream)
+        self._last_stream = None
+
     # -- running -----------------------------------------------------------------------------------------
     def launch_all(self):
         for op in self.ops:
             op()
 
     def _capture(self):
+        """Warm up (compiles every kernel outside the capture), then capture the launches into one graph. A failure
+        or interrupt anywhere leaves no graph (``self.graph`` stays None, the next call captures again) and the
+        caller's current stream restored (torch.cuda.graph leaves its capture stream current when ending a
+        broken capture raises)."""
         dev = self.ex.device
         t0 = time.perf_counter()
-        stream = torch.cuda.Stream(dev)
-        stream.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(stream):
-            self.launch_all()  # warm-up: compiles every kernel outside the capture
-        torch.cuda.current_stream(dev).wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.launch_all()
-        torch.cuda.synchronize(dev)
+        caller = torch.cuda.current_stream(dev)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            stream = torch.cuda.Stream(dev)
+            stream.wait_stream(caller)
+            with torch.cuda.stream(stream):
+                self.launch_all()
+            caller.wait_stream(stream)
+            # thread_local: CUDA calls of the caller's other threads (preprocessing, other models) stay legal
+            # during this capture; this executor's own calls wait on its lock
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                self.launch_all()
+            torch.cuda.synchronize(dev)
+        except BaseException:
+            if torch.cuda.current_stream(dev) != caller:
+                torch.cuda.set_stream(caller)
+            del graph
+            raise
+        self.graph = graph
+        self._last_stream = None
         if self.key is not None:  # first-call time: building the runner, then this capture
             times = self.ex.build_times
             times[self.key] = times.get(self.key, 0.0) + time.perf_counter() - t0
 
     def __call__(self, px, ids, check_ids: bool = True):
+        """Copy the inputs in, run (replay the graph), clone the embeddings out: all on the caller's current
+        stream, so inputs made on that stream are read after they are written and the outputs are ready on it.
+        The caller (FusedExecutor) holds the executor's lock."""
         if self.wants_graph and self.graph is None:
             self._capture()
+        if self.ex.device.type == "cuda":
+            cur = torch.cuda.current_stream(self.ex.device)
+            if self._last_stream is not None and cur != self._last_stream:
+                # the previous call ran on another stream and may still read these static buffers (or write the
+                # output it clones): order this call after it, on the device (no host sync)
+                cur.wait_stream(self._last_stream)
+            self._last_stream = cur
         if px is not None:
             # [B, C, H, W] (uint8 frames: a view of the channels-last buffer, which copy_ fills from either
             # layout); a NaFlex call gives a [B, C, h, p, w, p] view
