@@ -261,10 +261,28 @@ def test_threads_equal_serial_calls_gpu(executor):
               for _ in range(12)]
     shapes = [(bi, bt) if bi + bt else (1, 1) for bi, bt in shapes]
     jobs = [_inputs(ex.io, bi, bt, seed=20 + i) for i, (bi, bt) in enumerate(shapes)]
-    serial = [_call(ex, *job) for job in jobs]
-    for per_thread in _run_threads(4, 20, jobs, lambda job: _call(ex, *job)):
+    # two bad calls among them (an id out of the vocabulary): they raise, and nobody else's call does
+    for j in (3, 8):
+        px, ids = _inputs(ex.io, 1, 2, seed=40 + j)
+        ids[1, 1] = ex.io.vocab_size
+        jobs[j] = (px, ids)
+
+    def call(job):
+        try:
+            return _call(ex, *job)
+        except ValueError as e:
+            assert "out of the vocabulary" in str(e)
+            return "raised"
+
+    serial = [call(job) for job in jobs]
+    assert [j for j, out in enumerate(serial) if out == "raised"] == [3, 8]
+    for per_thread in _run_threads(4, 20, jobs, call):
         for j, got in per_thread:
-            assert all(_equal(x, y) for x, y in zip(got, serial[j])), f"job {j} differs"
+            if serial[j] == "raised":
+                assert got == "raised", f"bad job {j} did not raise"
+            else:
+                assert got != "raised", f"job {j} raised for another thread's bad ids"
+                assert all(_equal(x, y) for x, y in zip(got, serial[j])), f"job {j} differs"
     torch.cuda.synchronize()
 
 

@@ -276,6 +276,9 @@ def plot(result: dict, path: Path) -> None:
         if result["samples"] and key in result["samples"][0]:
             a.plot(xs, [m[key] / 2**20 for m in result["samples"]], label=name)
     a.set_ylabel("MiB")
+    a.ticklabel_format(axis="y", useOffset=False, style="plain")
+    for bad in result["bad_calls"]:
+        a.axvline(bad["call"], color="0.85", lw=0.5, zorder=0)
     a.legend()
     a.set_title(f"soak: {result['calls']} calls, {result['executor']} on {result['device_name']}")
     labels = sorted({c[1] for c in result["per_call"]})

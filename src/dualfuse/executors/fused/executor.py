@@ -39,6 +39,9 @@ def unsupported_reason(spec: DualEncoderSpec, dtype: torch.dtype, device: torch.
 
 @register("fused")
 class FusedExecutor(Executor):
+    """Both towers as one stream of fused launches per call shape (package docstring). Safe to call from several
+    threads and under any CUDA stream: see the package docstring for the contract."""
+
     stock = False
     uses_source_model = False
     notes = "horizontally fused Triton launches, one CUDA graph"
@@ -461,7 +464,11 @@ class FusedExecutor(Executor):
             return self._encode_naflex(px, ids)
         pixels = "uint8" if px.dtype == torch.uint8 else "float"
         with self._lock:
-            return self.runner(px.shape[0], ids.shape[0], ids.shape[1], pixels=pixels)(px, ids, self.check_ids)
+            img, txt, pending = self.runner(px.shape[0], ids.shape[0], ids.shape[1], pixels=pixels).run(
+                px, ids, self.check_ids)
+        if pending is not None:  # waits for this call's work, outside the lock
+            pending.check()
+        return img, txt
 
     def _encode_image(self, px):
         if self.fallback is not None:
@@ -470,7 +477,7 @@ class FusedExecutor(Executor):
             return self._encode_naflex(px, None)[0]
         pixels = "uint8" if px.dtype == torch.uint8 else "float"
         with self._lock:
-            return self.runner(px.shape[0], 0, self.spec.text.context_length, pixels=pixels)(px, None)[0]
+            return self.runner(px.shape[0], 0, self.spec.text.context_length, pixels=pixels).run(px, None)[0]
 
     # -- SigLIP2 NaFlex (executors/_naflex.py) ---------------------------------------------------------------
     def _grid_executor(self, h: int, w: int) -> "FusedExecutor":
@@ -536,4 +543,7 @@ class FusedExecutor(Executor):
         if self.fallback is not None:
             return self.fallback._encode_text(ids)
         with self._lock:
-            return self.runner(0, ids.shape[0], ids.shape[1])(None, ids, self.check_ids)[1]
+            _, txt, pending = self.runner(0, ids.shape[0], ids.shape[1]).run(None, ids, self.check_ids)
+        if pending is not None:  # waits for this call's work, outside the lock
+            pending.check()
+        return txt

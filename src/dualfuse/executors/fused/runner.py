@@ -157,9 +157,20 @@ class Runner:
             times[self.key] = times.get(self.key, 0.0) + time.perf_counter() - t0
 
     def __call__(self, px, ids, check_ids: bool = True):
+        """One call: :meth:`run`, then the token-id check (waits for this call's work)."""
+        img, txt, pending = self.run(px, ids, check_ids)
+        if pending is not None:
+            pending.check()
+        return img, txt
+
+    def run(self, px, ids, check_ids: bool = True):
         """Copy the inputs in, run (replay the graph), clone the embeddings out: all on the caller's current
         stream, so inputs made on that stream are read after they are written and the outputs are ready on it.
-        The caller (FusedExecutor) holds the executor's lock."""
+        Returns ``(image embeds or None, text embeds or None, pending id check or None)``. The caller
+        (FusedExecutor) holds the executor's lock and calls ``pending.check()`` after releasing it: on CUDA the
+        embedding kernel's bad-id flag is copied to the host asynchronously and zeroed in stream order here, so
+        the wait for it does not hold the lock (other threads enqueue their calls meanwhile). On CPU the flag is
+        read here."""
         if self.wants_graph and self.graph is None:
             self._capture()
         if self.ex.device.type == "cuda":
@@ -190,13 +201,41 @@ class Runner:
         else:
             self.launch_all()
         out = self.output.clone()
+        pending = None
         if check_ids and ids is not None:
-            # the embedding kernel flagged ids outside the vocabulary (on the device, no sync before the forward);
-            # reading the flag waits for this call's work, which the caller is about to use anyway
-            self.embed_op.raise_on_bad_ids()
+            # the embedding kernel flagged ids outside the vocabulary (on the device, no sync before the forward)
+            if self.ex.device.type == "cuda":
+                pending = _PendingIdCheck(self.embed_op, ids, cur)
+            else:
+                self.embed_op.raise_on_bad_ids()
         img = out[:self.image_batch] if "vision" in self.buf else None
         txt = out[self.image_batch:] if "text" in self.buf else None
-        return img, txt
+        return img, txt, pending
+
+
+class _PendingIdCheck:
+    """One call's bad-id flag on its way to the host: copied into pinned memory and zeroed on the device, both in
+    stream order right after the call's launches (so the next call, whatever thread makes it, starts from a clean
+    flag); :meth:`check` waits for the copy only and raises as Embeddings.raise_on_bad_ids does."""
+
+    __slots__ = ("flag", "done", "ids", "vocab")
+
+    def __init__(self, embed_op, ids: torch.Tensor, stream):
+        self.flag = torch.empty(1, dtype=torch.int32, pin_memory=True)
+        self.flag.copy_(embed_op.bad_ids, non_blocking=True)
+        embed_op.bad_ids.zero_()
+        self.done = torch.cuda.Event()
+        self.done.record(stream)
+        self.ids = ids  # the caller's ids (the runner's buffer may hold the next call's by the time of check())
+        self.vocab = int(embed_op.token_problems[0].token_weight.shape[0])
+
+    def check(self) -> None:
+        self.done.synchronize()
+        if not int(self.flag[0]):
+            return
+        lo, hi = torch.aminmax(self.ids)
+        raise ValueError(f"input_ids: token ids out of the vocabulary (expected ids in [0, {self.vocab})); got ids "
+                         f"in [{int(lo)}, {int(hi)}] for a table of {self.vocab}")
 
 
 # ------------------------------------------------------------------------------------------- stage builders
