@@ -17,7 +17,8 @@ Checks (exit status 1 when one fails):
 - ``memory_flat``: CUDA allocated and reserved memory and host RSS: the highest sample of the last window (1,000
   calls, or a fifth of the calls when fewer) at most 1% above the highest of the first window (CUDA only: on the CPU
   the interpreter's own caches move host RSS; it is reported, not checked).
-- ``latency``: per shape, p99 <= 1.5 x p50 (shapes with fewer than 20 measured calls are reported, not checked).
+- ``latency``: per shape, p99 <= 1.5 x p50 (CUDA; shapes with fewer than 20 measured calls, and CPU runs, whose
+  interpreter times follow the machine's load, are reported, not checked).
 - ``bad_calls_raised``, ``outputs_exact``, ``good_after_bad_exact``.
 - ``runners_bounded``: the cache never holds more than ``max_graphs`` runners and no runner is built after the
   warm-up (the cycle's runner keys fit in max_graphs).
@@ -235,7 +236,7 @@ def soak(ex, calls: int, *, shapes: list[Shape] | None = None, bad_every: int = 
     per_shape, lat_ok = {}, True
     for label, v in lat.items():
         p50, p99 = percentile(v, 50), percentile(v, 99)
-        checked_shape = len(v) >= 20
+        checked_shape = len(v) >= 20 and cuda  # on CPU the interpreter's times follow the machine's load
         ok = (p99 <= 1.5 * p50) if checked_shape else None
         lat_ok &= ok is not False
         per_shape[label] = {"calls": len(v), "p50_ms": p50, "p99_ms": p99, "p99_over_p50": p99 / p50 if v else None,
@@ -244,7 +245,8 @@ def soak(ex, calls: int, *, shapes: list[Shape] | None = None, bad_every: int = 
     checks = {
         "memory_flat": {"ok": mem_ok, "detail": {k: round(v["growth"] * 100, 3) for k, v in mem.items()},
                         "note": "growth in % (first window -> last); checked on CUDA only"},
-        "latency": {"ok": lat_ok, "detail": {k: v["ok"] for k, v in per_shape.items()}},
+        "latency": {"ok": lat_ok, "detail": {k: v["ok"] for k, v in per_shape.items()},
+                    "note": "p99 <= 1.5 x p50 per shape with >= 20 calls; checked on CUDA only"},
         "bad_calls_raised": {"ok": all(b["ok"] for b in bad), "detail": f"{sum(b['ok'] for b in bad)}/{len(bad)}"},
         "outputs_exact": {"ok": not exact_fail, "detail": f"{checked - len(exact_fail)}/{checked} checked calls"},
         "good_after_bad_exact": {"ok": not after_bad_fail,
@@ -316,7 +318,9 @@ def print_table(result: dict) -> None:
     console.print(c)
 
 
-CPU_CALLS = 60  # the largest count that ran in < 2 minutes on a shared 2-core machine (soak docstring, README)
+# CPU default: 80 calls of clip-tiny ran in 101 s wall (87 s of calls, ~1.1 s a call through the interpreter) on a
+# 2-core machine; 500 calls took 20.6 min there under load (~9 min unloaded), too slow for CI
+CPU_CALLS = 80
 
 
 def main(argv=None) -> int:
