@@ -138,8 +138,9 @@ def stats(samples: list[float]) -> dict:
 
 # --------------------------------------------------------------------------------------------- correctness
 
-def cosine_check(outputs, references) -> dict:
-    """Per-embedding cosine and relative error of each tower's output vs the reference (both [B, E])."""
+def cosine_check(outputs, references, min_cosine: float = COSINE_PASS) -> dict:
+    """Per-embedding cosine and relative error of each tower's output vs the reference (both [B, E]); cosine_ok:
+    the lowest cosine >= min_cosine (quantized weights: dualfuse.quantize.COSINE_MIN)."""
     cos, rel = [], []
     for out, ref in zip(outputs, references):
         if ref is None:
@@ -152,7 +153,7 @@ def cosine_check(outputs, references) -> dict:
     min_cos = min(cos)
     if math.isnan(min_cos) or any(math.isnan(x) for x in cos):
         min_cos = float("nan")
-    return dict(min_cosine=min_cos, max_rel_err=max(rel), cosine_ok=bool(min_cos >= COSINE_PASS))
+    return dict(min_cosine=min_cos, max_rel_err=max(rel), cosine_ok=bool(min_cos >= min_cosine))
 
 
 # --------------------------------------------------------------------------------------------- environment
@@ -268,6 +269,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="measure energy (NVML energy counter / power, Jetson rails): J/inference and images/s/W")
     p.add_argument("--energy-seconds", type=float, default=2.0,
                    help="length of the energy loop per executor (default 2 s)")
+    p.add_argument("--weights", choices=["fp16", "int8", "fp8"], default=None,
+                   help="weights of the fused executor: fp16 (default: the --dtype, unquantized), int8 or fp8 "
+                        "(weight-only, one scale per output channel; fp8 needs compute capability >= 8.9); "
+                        "its parity check then uses the quantized criterion")
     p.add_argument("--_in-green-context", dest="_in_green_context", type=int, help=argparse.SUPPRESS)
 
 
@@ -394,7 +399,8 @@ def run(args: argparse.Namespace) -> int:
             ex = None
             try:
                 t0 = time.perf_counter()
-                ex = executors.get(name, model, dtype=dtype, device=device, spec=spec)
+                wkw = _weights_kwargs(name, getattr(args, "weights", None))
+                ex = executors.get(name, model, dtype=dtype, device=device, spec=spec, **wkw)
                 row.build_s = time.perf_counter() - t0
                 row.stock, row.notes = bool(getattr(ex, "stock", True)), run_label(getattr(ex, "notes", ""), device)
                 progress.update(task, description=f"{name}: first call + check")
@@ -403,7 +409,7 @@ def run(args: argparse.Namespace) -> int:
                     outs = call(ex, 0)
                 _sync(device)
                 row.first_call_s = time.perf_counter() - t0
-                for k, val in cosine_check(outs, refs).items():
+                for k, val in cosine_check(outs, refs, _min_cosine(wkw)).items():
                     setattr(row, k, val)
                 del outs
                 progress.advance(task)
@@ -450,7 +456,7 @@ def run(args: argparse.Namespace) -> int:
             resolved=dict(model=args.model, image_batch=bi, text_batch=bt, text_length=length if bt else None,
                           dtype=dtype_name(dtype), device=str(device), iters=iters, warmup=warmup,
                           input_sets=len(inputs), timer="cuda events" if cuda else "perf_counter",
-                          cosine_pass=COSINE_PASS),
+                          cosine_pass=COSINE_PASS, weights=getattr(args, "weights", None) or "fp16"),
             environment=env, card=env["card"], torch=env["torch"], triton=env["triton"], date=env["date"],
             model=summary, eager_median_ms=eager.median_ms if eager else None,
             best_stock=best.executor if best else None,
@@ -466,6 +472,18 @@ def run(args: argparse.Namespace) -> int:
 
     failed = [r for r in rows if r.status == "error" or r.cosine_ok is False]
     return 1 if failed else 0
+
+
+def _weights_kwargs(name: str, weights: str | None) -> dict:
+    """``--weights``: passed to the fused executor (the others run the model's own weights)."""
+    return {"weights": weights} if name == "fused" and weights not in (None, "fp16") else {}
+
+
+def _min_cosine(weights_kwargs: dict) -> float:
+    if weights_kwargs:
+        from .quantize import COSINE_MIN
+        return COSINE_MIN
+    return COSINE_PASS
 
 
 SWEEP_COMMAND_ENV = "DUALFUSE_SWEEP_COMMAND"  # set by the `bench --sms` parent for its children

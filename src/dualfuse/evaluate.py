@@ -20,7 +20,8 @@ Metrics, X vs reference (docs/evaluation.md has the definitions):
   zero-shot accuracy (TorchMetrics ``MulticlassAccuracy``) for both X and the reference.
 
 PASS needs: min cosine >= 0.999 (both towers), max relative error <= 1e-2 for fp16/bf16 (1e-5 for fp32), and
-decisive top-1 agreement = 1. Exit code 0 when every executor passes, 1 otherwise, 2 for bad arguments.
+decisive top-1 agreement = 1. With ``--weights int8`` / ``fp8`` (the fused executor's weight-only quantization) the
+cosine and error bounds are dualfuse.quantize.COSINE_MIN and REL_ERR_MAX, the decisive margin 2x that error. Exit code 0 when every executor passes, 1 otherwise, 2 for bad arguments.
 """
 from __future__ import annotations
 
@@ -134,9 +135,13 @@ def zero_shot_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) ->
     return out
 
 
-def pass_criteria(dtype: torch.dtype) -> dict:
-    rel = REL_TOL.get(dtype, 1e-2)
-    return dict(min_cosine=COSINE_PASS, max_rel_err=rel, decisive_top1_agreement=1.0,
+def pass_criteria(dtype: torch.dtype, weights: str | None = None) -> dict:
+    """PASS bounds for an executor of ``dtype``; ``weights`` "int8" / "fp8": the quantized-weight bounds."""
+    rel, cos = REL_TOL.get(dtype, 1e-2), COSINE_PASS
+    if weights not in (None, "fp16"):
+        from .quantize import COSINE_MIN, REL_ERR_MAX
+        rel, cos = REL_ERR_MAX, COSINE_MIN
+    return dict(min_cosine=cos, max_rel_err=rel, decisive_top1_agreement=1.0,
                 decisive_margin=2 * rel)
 
 
@@ -162,13 +167,13 @@ def verdict(metrics: dict, criteria: dict) -> list[str]:
 
 
 def parity(x_img, x_cls, x_txt, r_img, r_cls, r_txt, *, dtype=torch.float16, labels=None, caption_image=None,
-           ks=RETRIEVAL_KS) -> dict:
+           ks=RETRIEVAL_KS, weights=None) -> dict:
     """All parity metrics of X vs the reference from embeddings.
 
     x_img/r_img [N, E] image embeddings; x_cls/r_cls [C, E] class-prompt embeddings; x_txt/r_txt [T, E] retrieval
     texts (None: use the class prompts). ``labels`` [N] (true class per image) and ``caption_image`` (image index
     per retrieval text) add true accuracy / true R@k for X and the reference."""
-    criteria = pass_criteria(dtype)
+    criteria = pass_criteria(dtype, weights)
     m: dict = dict(image=embedding_metrics(x_img, r_img), criteria=criteria)
     text_x = torch.cat([x_cls] + ([x_txt] if x_txt is not None else []))
     text_r = torch.cat([r_cls] + ([r_txt] if r_txt is not None else []))
@@ -242,7 +247,7 @@ def evaluate_executor(ex, data, tokenizer, ref: dict, *, batch_size: int = 32) -
     """Parity metrics of a built executor on ``data`` against precomputed reference embeddings."""
     got = executor_embeddings(ex, data, tokenizer, batch_size)
     return parity(got["image"], got["cls"], got["txt"], ref["image"], ref["cls"], ref["txt"], dtype=ex.dtype,
-                  labels=data.labels, caption_image=data.caption_image)
+                  labels=data.labels, caption_image=data.caption_image, weights=getattr(ex, "weight_format", None))
 
 
 # --------------------------------------------------------------------------------------------- CLI
@@ -271,6 +276,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--synthetic-tokenizer", action="store_true",
                    help="use the synthetic tokenizer even when a real one is available")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--weights", choices=["fp16", "int8", "fp8"], default=None,
+                   help="weights of the fused executor: fp16 (default: --dtype, unquantized), int8 or fp8 (weight-only, "
+                        "per-channel scales); PASS then uses the quantized bounds (dualfuse.quantize)")
     p.add_argument("--json", default=None, help="write the results as JSON here (read by `dualfuse report`)")
 
 
@@ -348,7 +356,9 @@ def run(args: argparse.Namespace) -> int:
     for name in wanted:
         res = dict(executor=name, status="ok")
         try:
-            ex = executors.get(name, model, dtype=dtype, device=device, spec=spec)
+            wkw = {"weights": args.weights} if name == "fused" and getattr(args, "weights", None) not in (None, "fp16") \
+                else {}
+            ex = executors.get(name, model, dtype=dtype, device=device, spec=spec, **wkw)
             res.update(evaluate_executor(ex, data, tok, ref, batch_size=args.batch_size))
             del ex
         except ExecutorUnavailable as e:
@@ -372,7 +382,8 @@ def run(args: argparse.Namespace) -> int:
                    data=data.summary(), tokenizer=dict(kind=tok.kind, description=tok.describe()),
                    preprocessing=dict(image_size=pre.image_size, mean=list(pre.mean), std=list(pre.std),
                                       source=pre.source),
-                   criteria=pass_criteria(dtype), passed=passed, results=results)
+                   criteria=pass_criteria(dtype, getattr(args, "weights", None)),
+                   weights_format=getattr(args, "weights", None) or "fp16", passed=passed, results=results)
         d = os.path.dirname(os.path.abspath(args.json))
         os.makedirs(d, exist_ok=True)
         with open(args.json, "w") as f:
