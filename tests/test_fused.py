@@ -230,7 +230,7 @@ def test_fused_real_presets_gpu(name, dtype):
 
 @pytest.mark.gpu
 def test_unsupported_model_falls_back_to_graph_with_a_warning_gpu(monkeypatch):
-    import dualfuse.executors.fused as fused_mod
+    import dualfuse.executors.fused.executor as fused_mod  # the module whose coverage check reads it
 
     model = dualfuse.load("clip-tiny")
     monkeypatch.setattr(fused_mod, "MAX_HEAD_DIM", 8)  # pretend the kernels cover less than head dim 16

@@ -66,13 +66,19 @@ def test_deeper_vision_tower_pairs_each_text_layer_once(l14):
 
 def test_zero_shot_shape_and_one_tower_plans(b32):
     plan = make_plan(b32, 1, 1000)
-    assert plan.fused_stages > 0
+    # equal depths pair layer with layer whatever the batches: the same 87 fused stages (12 layers x 7 steps,
+    # embeddings, pooled LN, projection) and 89 launches (+ vision pre-LN, text EOS index) as batch 1 + 1
+    assert (plan.fused_stages, plan.num_launches) == (12 * 7 + 3, 89)
     text_heavy = [s for s in plan.stages if len(s.steps) == 2 and s.kind == "linear"]
     assert all(s.steps[1].flops > s.steps[0].flops for s in text_heavy)  # 1000 prompts outweigh 1 image
     image_only = make_plan(b32, 2, 0)
     assert all(s.towers == ("vision",) for s in image_only.stages)
+    # one tower: nothing to pair; embeddings, pre-LN, 12 x 7 block steps, pooled LN, projection
+    assert (image_only.fused_stages, image_only.num_launches) == (0, 1 + 1 + 12 * 7 + 2)
     text_only = make_plan(b32, 0, 3, 20)
     assert all(s.towers == ("text",) for s in text_only.stages) and text_only.text_len == 20
+    # embeddings, EOS index, 12 x 7 block steps, pooled LN, projection
+    assert (text_only.fused_stages, text_only.num_launches) == (0, 1 + 1 + 12 * 7 + 2)
 
 
 def test_siglip_plan_has_attention_pooling_head():

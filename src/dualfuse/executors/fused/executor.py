@@ -1,25 +1,8 @@
-"""fused: both towers as one co-scheduled stream of horizontally fused Triton launches.
-
-For each call shape ``(image batch, text batch, text length)`` a :class:`Runner` is built once:
-static buffers for both towers, the co-scheduled plan (dualfuse.plan: one stage = one launch covering a step
-of each tower), and one prepared kernel op per stage (GroupedLinear, GroupedLayerNorm, GroupedAttention,
-Embeddings, PoolIndices). On CUDA the whole sequence of launches is captured into ONE CUDA graph; a call copies
-the inputs into the static buffers, replays the graph and clones the embeddings out. Runners are cached per
-shape in a bounded LRU. Image-only and text-only calls have plans (and graphs) of their own. Text lengths are
-padded up to a few buckets where that cannot change the output (causal text towers pooled at EOS / argmax / the
-first token: FusedExecutor._resolve_text_buckets), so ``padding=True`` streams reuse a handful of runners;
-``warmup(shapes)`` builds runners up front and ``build_times`` keeps each runner's first-call time. uint8 camera
-frames run on runners of their own whose patch embedding has the image mean/std folded in (``frame_patch``).
-
-On CPU the same launches run through the Triton interpreter when TRITON_INTERPRET=1 (slow; for tests).
-
-``dualfuse.fuse(model)`` wraps this executor in :class:`dualfuse.executors.dropin.FusedModel`, a drop-in
-with the source model's calls.
-"""
+"""FusedExecutor: the ``fused`` executor — coverage (decided once, at construction), the LRU of runners per call
+shape, text-length buckets, warmup, uint8 frames, and SigLIP2 NaFlex per-grid executors."""
 from __future__ import annotations
 
 import bisect
-import dataclasses
 import time
 import warnings
 from collections import OrderedDict
@@ -27,17 +10,18 @@ from collections import OrderedDict
 import torch
 import torch.nn.functional as F
 
-from ..plan import Plan, Stage, Step, make_plan
-from ..spec import DualEncoderSpec, PatchEmbed, PatchSequence, TowerSpec
-from . import register
-from .base import Executor, NeedsCUDA, validate_inputs
+from ...plan import Plan, make_plan
+from ...spec import DualEncoderSpec, PatchSequence, TowerSpec
+from .. import register
+from ..base import Executor, NeedsCUDA, validate_inputs
+from .runner import Runner
 
 MAX_HEAD_DIM = 128  # attention keeps a [BLOCK_M, head_dim] accumulator in registers
 
 
 def unsupported_reason(spec: DualEncoderSpec, dtype: torch.dtype, device: torch.device) -> str | None:
     """Why the fused kernels can't run this model here, or None if they can."""
-    from ..kernels._utils import is_interpreter
+    from ...kernels._utils import is_interpreter
 
     if device.type != "cuda" and not is_interpreter():
         return "the fused Triton kernels need a CUDA device (or TRITON_INTERPRET=1 on CPU, for tests)"
@@ -49,336 +33,6 @@ def unsupported_reason(spec: DualEncoderSpec, dtype: torch.dtype, device: torch.
         if t.pool_head is not None and t.width // t.pool_head.heads > MAX_HEAD_DIM:
             return f"{t.kind} attention-pooling head dim > {MAX_HEAD_DIM}"
     return None
-
-
-class _TowerBuffers:
-    """Static activations of one tower for one batch size. Rows are flattened [B*S, ...]."""
-
-    def __init__(self, tower: TowerSpec, batch: int, seq: int, dtype, device, output: torch.Tensor,
-                 residual_dtype: torch.dtype, fold_ln: bool = False, pixels: str = "float"):
-        d, f = tower.width, tower.mlp_dim
-        rows = batch * seq
-        e = lambda *shape: torch.empty(*shape, dtype=dtype, device=device)  # noqa: E731
-        self.batch, self.seq = batch, seq
-        # the residual stream in residual_dtype (fp32 by default: 12..24 rounding steps to fp16/bf16 otherwise
-        # add up), everything else in the model dtype
-        self.x = torch.empty(rows, d, dtype=residual_dtype, device=device)
-        self.h = e(rows, d)  # LN output
-        self.qkv, self.a, self.m = e(rows, 3 * d), e(rows, d), e(rows, f)
-        # Inputs start as zeros, not torch.empty: the warm-up and capture run before any real input is copied
-        # in, and garbage token ids would make the embedding gather read far out of bounds.
-        if tower.kind == "vision":
-            emb = tower.embed
-            if pixels == "uint8":  # camera frames: stored channels-last, read through a [B, C, H, W] view
-                self.input = torch.zeros(batch, emb.image_size, emb.width, emb.channels, dtype=torch.uint8,
-                                         device=device).permute(0, 3, 1, 2)
-            else:
-                self.input = torch.zeros(batch, emb.channels, emb.image_size, emb.width, dtype=dtype, device=device)
-        else:
-            self.input = torch.zeros(batch, seq, dtype=torch.long, device=device)
-        # output: [batch, embed dim], this tower's rows of the runner's one output buffer (one clone per call)
-        if tower.pooling == "map":
-            fh = tower.pool_head.fc1.out_features
-            self.kv, self.ma = e(rows, 2 * d), e(batch, 1, d)
-            self.mh = output if tower.projection is None else e(batch, d)  # the head's residual stream
-            self.mln, self.mm = e(batch, d), e(batch, fh)
-            self.pooled = self.mh
-        else:
-            self.pooled = output if tower.projection is None else e(batch, d)
-            self.pool_idx = torch.empty(batch, dtype=torch.long, device=device)
-            if tower.pooling in ("cls", "last"):  # fixed positions: no launch needed
-                pos = 0 if tower.pooling == "cls" else seq - 1
-                self.pool_idx.copy_(torch.arange(batch, device=device) * seq + pos)
-        self.output = output
-        if fold_ln:  # row statistics of the residual stream(s), written by the GEMM that updates them
-            from ..kernels.gemm import row_stats_buffer
-
-            self.x_stats = row_stats_buffer(rows, d, device)
-            if tower.pooling == "map":
-                self.mh_stats = row_stats_buffer(batch, d, device)
-        # the embeddings write the residual stream, or the LN input when a pre-LN follows
-        self.embed_out = self.x
-        if tower.pre_ln is not None:  # embeddings -> pre-LN -> residual stream
-            self.embed_out = torch.empty(rows, d, dtype=residual_dtype, device=device)
-
-
-class Runner:
-    """One call shape: buffers, plan, one prepared op per stage, and (on CUDA) one captured graph."""
-
-    def __init__(self, ex: "FusedExecutor", image_batch: int, text_batch: int, text_len: int,
-                 pixels: str = "float"):
-        self.ex = ex
-        spec = ex.spec
-        # pixels: "float" (the executor's dtype) or "uint8" (camera frames; the patch embedding uses the weights
-        # with the image mean/std folded in, FusedExecutor.frame_patch)
-        self.pixels, self.text_len = pixels, text_len
-        self.key = None  # set by FusedExecutor.runner
-        self.plan: Plan = ex.plan(image_batch, text_batch, text_len)
-        self.buf: dict[str, _TowerBuffers] = {}
-        # both towers' embeddings in one buffer: a call clones it once and returns the two row ranges
-        self.output = torch.empty(image_batch + text_batch, spec.embed_dim, dtype=ex.dtype, device=ex.device)
-        self.image_batch = image_batch
-        if image_batch:
-            self.buf["vision"] = _TowerBuffers(spec.vision, image_batch, spec.vision.seq_len, ex.dtype, ex.device,
-                                               self.output[:image_batch], ex.residual_dtype, ex.fold_ln, pixels)
-        if text_batch:
-            self.buf["text"] = _TowerBuffers(spec.text, text_batch, text_len, ex.dtype, ex.device,
-                                             self.output[image_batch:], ex.residual_dtype, ex.fold_ln)
-        self._stats_width: dict[int, int] = {}  # row-statistics buffer address -> BLOCK_N of the launch writing it
-        # the LayerNorm step (tower, layer, op) that finishes a GEMM's split-K sums -> (partial sums, GEMM bias)
-        self._deferred: dict[tuple, tuple] = {}
-        self.ops = [self._build(stage) for stage in self.plan.stages]
-        if self._deferred:  # partial sums nobody adds would leave the residual stream silently wrong
-            raise AssertionError(f"fused runner: split-K partial sums of {sorted(self._deferred)} have no LayerNorm "
-                                 f"launch to finish them (plan and executor out of sync)")
-        self.embed_op = self.ops[[s.kind for s in self.plan.stages].index("embed")]
-        self.graph = None  # captured at the first call (fuse() builds runners only to check coverage)
-        self.wants_graph = ex.device.type == "cuda" and ex.use_graph
-
-    # -- building ----------------------------------------------------------------------------------------
-    def _build(self, stage: Stage):
-        from ..kernels.attention import GroupedAttention
-        from ..kernels.embed import Embeddings
-        from ..kernels.gemm import GroupedLinear
-        from ..kernels.heads import PoolIndices
-        from ..kernels.layernorm import GroupedLayerNorm
-
-        problems = [self._problem(step) for step in stage.steps]
-        if stage.kind == "embed":
-            from ..kernels.embed import PatchEmbedProblem
-            patch = [p for p in problems if isinstance(p, PatchEmbedProblem)]
-            token = [p for p in problems if not isinstance(p, PatchEmbedProblem)]
-            return Embeddings(patch, token)
-        pdl = self.ex.pdl
-        if stage.kind == "linear":
-            cfg = dict(self.ex.gemm_config)
-            if not pdl:
-                cfg["pdl"] = False
-            deferrable = {id(p): self._deferred_to(st) for p, st in zip(problems, stage.steps)}
-
-            def linear(ps):
-                op = GroupedLinear(ps, config=cfg or None)
-                op = self._defer_split_reduction(op, ps, deferrable)
-                for p in ps:  # a later folded LN merges these statistics: it needs their part width
-                    if p.row_stats_out is not None:
-                        self._stats_width[p.row_stats_out.data_ptr()] = op.block_n
-                return op
-
-            return _in_dtype_groups(problems, linear)
-        if stage.kind == "layernorm":
-            return _in_dtype_groups(problems, lambda ps: GroupedLayerNorm(ps, pdl=pdl))
-        if stage.kind == "attention":
-            return GroupedAttention(problems, pdl=pdl)
-        if stage.kind == "pool_index":
-            return PoolIndices(problems)
-        raise AssertionError(f"plan stage kind {stage.kind!r} has no kernel")
-
-    def _deferred_to(self, step: Step):
-        """The LayerNorm step (tower, layer, op) that reads this GEMM's output (the residual stream) next and
-        can finish its split-K reduction: out-proj -> ln2, FC2 -> the next layer's ln1 or SigLIP's head LN.
-        None: no such launch (LN folded into the GEMMs, the last FC2 before a pooled-row LN, other steps)."""
-        if not self.ex.defer_split_reduce or self.ex.fold_ln:
-            return None
-        t: TowerSpec = getattr(self.ex.weights, step.tower)
-        if step.op == "out":
-            return (step.tower, step.layer, "ln2")
-        if step.op == "fc2" and step.layer + 1 < len(t.blocks):
-            return (step.tower, step.layer + 1, "ln1")
-        if step.op == "fc2" and t.pooling == "map":
-            return (step.tower, None, "final_ln")
-        return None
-
-    def _defer_split_reduction(self, op, problems, deferrable):
-        """Where the launch splits the K of a GEMM on the residual stream (out-proj, FC2; batch 1), rebuild it
-        (same tiles and splits) with those problems writing raw partial sums, and leave them to the LayerNorm
-        launch that reads the residual stream next (kernels.layernorm `add`: it adds the slices, the bias and the
-        residual): the GEMM loses its split-K tail (arrival counter, partial loads by the last program), which
-        sits on the critical path at batch 1. Tiles and splits stay the cost model's (which charges the tail:
-        letting it split more once the tail is gone was slower end to end, BENCHMARKS.md)."""
-        from ..kernels.gemm import GroupedLinear, LinearProblem
-        from ..kernels.layernorm import MAX_ADD_SLICES
-
-        if not any(deferrable.get(id(p)) and s > 1 for p, s in zip(problems, op.splits)):
-            return op
-        # every deferrable problem of the launch, split or not (1 slice), so their outs share fp32
-        chosen = [i for i, p in enumerate(problems) if deferrable.get(id(p))]
-        if any(op.splits[i] > MAX_ADD_SLICES for i in chosen):  # more slices than a LayerNorm launch adds
-            return op
-        # one launch shares its out dtype: partial sums are fp32, so every other problem must write fp32 too
-        if any(i not in chosen and p.out.dtype != torch.float32 for i, p in enumerate(problems)):
-            return op
-        new = list(problems)
-        for i in chosen:
-            p = problems[i]
-            parts = torch.empty(op.splits[i], *p.out.shape, dtype=torch.float32, device=p.out.device)
-            new[i] = LinearProblem(p.x, p.weight, parts, partial_sums=True)
-            self._deferred[deferrable[id(p)]] = (parts, p.bias)
-        return GroupedLinear(new, config=dict(op.config), split_k=list(op.splits))
-
-    def _problem(self, step: Step):
-        from ..kernels.attention import AttentionProblem, split_packed_qkv
-        from ..kernels.embed import PatchEmbedProblem, TokenEmbedProblem
-        from ..kernels.gemm import LinearProblem
-        from ..kernels.heads import PoolProblem
-        from ..kernels.layernorm import LayerNormProblem
-
-        t: TowerSpec = getattr(self.ex.weights, step.tower)
-        b = self.buf[step.tower]
-        B, S, D = b.batch, b.seq, t.width
-        blk = t.blocks[step.layer] if step.layer is not None else None
-
-        def ln(x, norm, out, row_index=None):
-            # the GEMM that wrote x may have left its split-K sums for this launch to finish (_deferred_to)
-            add, add_bias = self._deferred.pop((step.tower, step.layer, step.op), (None, None))
-            return LayerNormProblem(x, norm.weight, norm.bias, out, norm.eps, row_index, add=add, add_bias=add_bias)
-
-        def lin(x, layer, out, activation=None, residual=None, weight=None, bias=None):
-            return LinearProblem(x, layer.weight if weight is None else weight, out,
-                                 layer.bias if weight is None else bias, activation, residual)
-
-        def folded(x, out, stats, activation=None):
-            # LN -> linear as one GEMM over the raw rows (weights folded once in _prepare_weights); x's row
-            # statistics come from the GEMM that wrote x (an earlier stage of this runner)
-            w, bias, norm = self.ex.folded[(step.tower, step.layer, step.op)]
-            norm = dataclasses.replace(norm, stats=stats, stats_part_width=self._stats_width[stats.data_ptr()])
-            return LinearProblem(x, w, out, bias, activation, norm=norm)
-
-        fold = self.ex.fold_ln
-
-        op = step.op
-        if op == "patch_embed":
-            emb: PatchEmbed = t.embed
-            w, bias = self.ex.frame_patch if self.pixels == "uint8" else (emb.weight, emb.bias)
-            return PatchEmbedProblem(b.input, w, bias, t.class_embedding, t.pos_embedding,
-                                     b.embed_out.view(B, S, D), emb.patch_size)
-        if op == "token_embed":
-            return TokenEmbedProblem(b.input, t.embed.weight, t.pos_embedding, b.embed_out.view(B, S, D))
-        if op == "pool_index":
-            return PoolProblem(t.pooling, b.pool_idx, b.input, t.eos_token_id, S)
-        if op == "pre_ln":
-            return ln(b.embed_out, t.pre_ln, b.x)
-        if op == "ln1":
-            return ln(b.x, blk.ln1, b.h)
-        if op == "qkv":
-            return lin(b.h, blk.qkv, b.qkv)
-        if op == "ln1_qkv":
-            return folded(b.x, b.qkv, b.x_stats)
-        if op == "attn":
-            q, k, v = split_packed_qkv(b.qkv.view(B, S, 3 * D), D)
-            return AttentionProblem(q, k, v, b.a.view(B, S, D), t.heads, causal=t.mask == "causal")
-        if op == "out":  # the next LN (ln2) reads x
-            return _with_stats(lin(b.a, blk.out, b.x, residual=b.x), b.x_stats if fold else None)
-        if op == "ln2":
-            return ln(b.x, blk.ln2, b.h)
-        if op == "fc1":
-            return lin(b.h, blk.fc1, b.m, activation=t.activation)
-        if op == "ln2_fc1":
-            return folded(b.x, b.m, b.x_stats, activation=t.activation)
-        if op == "fc2":  # the next layer's ln1, or SigLIP's head LN, reads x
-            emit = fold and (step.layer + 1 < len(t.blocks) or t.pooling == "map")
-            return _with_stats(lin(b.m, blk.fc2, b.x, residual=b.x), b.x_stats if emit else None)
-        if op == "pool_ln":
-            return ln(b.x, t.final_ln, b.pooled, row_index=b.pool_idx)
-        if op == "proj":
-            return lin(b.pooled, t.projection, b.output)
-        # SigLIP attention-pooling head
-        head = t.pool_head
-        if op == "final_ln":
-            return ln(b.x, t.final_ln, b.h)
-        if op == "map_kv":
-            return lin(b.h, head.qkv, b.kv, weight=self.ex.map_kv_weight, bias=self.ex.map_kv_bias)
-        if op == "final_ln_map_kv":
-            return folded(b.x, b.kv, b.x_stats)
-        if op == "map_attn":
-            kv = b.kv.view(B, S, 2 * D)
-            q = self.ex.map_query.view(1, 1, D).expand(B, 1, D)  # batch stride 0: one probe for all images
-            return AttentionProblem(q, kv[..., :D], kv[..., D:], b.ma, head.heads)
-        if op == "map_out":  # the head's LN reads mh
-            return _with_stats(lin(b.ma.view(B, D), head.out, b.mh), b.mh_stats if fold else None)
-        if op == "map_ln":
-            return ln(b.mh, head.ln, b.mln)
-        if op == "map_fc1":
-            return lin(b.mln, head.fc1, b.mm, activation=t.activation)
-        if op == "map_ln_fc1":
-            return folded(b.mh, b.mm, b.mh_stats, activation=t.activation)
-        if op == "map_fc2":
-            return lin(b.mm, head.fc2, b.mh, residual=b.mh)
-        raise AssertionError(f"plan step {step.op!r} has no kernel problem")  # plan and executor out of sync
-
-    # -- running -----------------------------------------------------------------------------------------
-    def launch_all(self):
-        for op in self.ops:
-            op()
-
-    def _capture(self):
-        dev = self.ex.device
-        t0 = time.perf_counter()
-        stream = torch.cuda.Stream(dev)
-        stream.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(stream):
-            self.launch_all()  # warm-up: compiles every kernel outside the capture
-        torch.cuda.current_stream(dev).wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.launch_all()
-        torch.cuda.synchronize(dev)
-        if self.key is not None:  # first-call time: building the runner, then this capture
-            times = self.ex.build_times
-            times[self.key] = times.get(self.key, 0.0) + time.perf_counter() - t0
-
-    def __call__(self, px, ids, check_ids: bool = True):
-        if self.wants_graph and self.graph is None:
-            self._capture()
-        if px is not None:
-            # [B, C, H, W] (uint8 frames: a view of the channels-last buffer, which copy_ fills from either
-            # layout); a NaFlex call gives a [B, C, h, p, w, p] view
-            dst = self.buf["vision"].input
-            (dst if px.dim() == 4 else dst.view(px.shape)).copy_(px)
-        if ids is not None:
-            dst, n = self.buf["text"].input, ids.shape[1]
-            if n == dst.shape[1]:
-                dst.copy_(ids)
-            elif n < dst.shape[1] and self.ex.text_buckets is not None:
-                # a text-length bucket: the texts, then pad ids the pooling cannot pick (FusedExecutor.text_pad_id)
-                # in positions the causal mask hides from every earlier one
-                dst[:, :n].copy_(ids)
-                dst[:, n:].fill_(self.ex.text_pad_id)
-            else:
-                raise ValueError(f"fused runner: texts of length {n} given to the runner of length {dst.shape[1]}")
-        if self.graph is not None:
-            self.graph.replay()
-        else:
-            self.launch_all()
-        out = self.output.clone()
-        if check_ids and ids is not None:
-            # the embedding kernel flagged ids outside the vocabulary (on the device, no sync before the forward);
-            # reading the flag waits for this call's work, which the caller is about to use anyway
-            self.embed_op.raise_on_bad_ids()
-        img = out[:self.image_batch] if "vision" in self.buf else None
-        txt = out[self.image_batch:] if "text" in self.buf else None
-        return img, txt
-
-
-def _with_stats(problem, stats):
-    """The problem, also writing its out's row statistics to ``stats`` (None: as it is)."""
-    return problem if stats is None else dataclasses.replace(problem, row_stats_out=stats)
-
-
-def _in_dtype_groups(problems, build):
-    """One launch shares its input and output dtypes: a stage whose steps differ there (a residual-stream
-    step, fp32, paired with a model-dtype one) runs as one launch per dtype pair, in order."""
-    groups: dict[tuple, list] = {}
-    for p in problems:
-        groups.setdefault((p.x.dtype, p.out.dtype), []).append(p)
-    if len(groups) == 1:
-        return build(problems)
-    ops = [build(ps) for ps in groups.values()]
-
-    def run_all():
-        for op in ops:
-            op()
-
-    return run_all
 
 
 @register("fused")
@@ -394,7 +48,7 @@ class FusedExecutor(Executor):
         super().__init__(model, dtype, device, **kwargs)
         # image mean/std of uint8 camera frames: folded into a second patch-embedding weight (frame_patch), or
         # applied on the device before a fallback executor (adapters/_norm.py has the family defaults)
-        from ..adapters import image_normalization
+        from ...adapters import image_normalization
 
         source = self.__dict__.get("_source")
         self.image_mean, self.image_std = image_normalization(
@@ -428,7 +82,7 @@ class FusedExecutor(Executor):
         # stream and must have the weights' dtype).
         usual_residual = torch.float32 if self.dtype == torch.bfloat16 else self.dtype
         if fold_ln is None:
-            from ..kernels._utils import pdl_supported
+            from ...kernels._utils import pdl_supported
 
             fold_ln = not (pdl and pdl_supported(self.device)) and (residual_dtype or usual_residual) == self.dtype
         if residual_dtype is None:
@@ -467,9 +121,9 @@ class FusedExecutor(Executor):
             why = "" if allowed else " (fallback=False)"
             raise ValueError(f"executor 'fused' cannot run this model{why}: {reason}")
         if self.device.type == "cuda":
-            from .graph import GraphExecutor as Fallback
+            from ..graph import GraphExecutor as Fallback
         else:
-            from .eager import EagerExecutor as Fallback
+            from ..eager import EagerExecutor as Fallback
         warnings.warn(f"dualfuse fused: {reason}; falling back to the {Fallback.name!r} executor", stacklevel=4)
         self.fallback = Fallback(source, self.dtype, self.device, spec=self.spec)
         self.weights = self.frame_patch = None
@@ -481,7 +135,7 @@ class FusedExecutor(Executor):
         emb = self.spec.vision.embed
         self.frame_patch = None  # (weight, bias) of the patch embedding for uint8 frames: mean/std folded in
         if emb.pos_grid is None:  # NaFlex takes patch sequences, never frames
-            from ..kernels.embed import fold_normalization
+            from ...kernels.embed import fold_normalization
 
             w, b = fold_normalization(emb.weight, emb.bias, self.image_mean, self.image_std, dtype=self.dtype)
             self.frame_patch = (w.to(self.device), b.to(self.device))
@@ -503,7 +157,7 @@ class FusedExecutor(Executor):
         of the plan (kernels.gemm.fold_layernorm), folded in fp32 from the source weights, stored in the
         executor's dtype. The unfolded GEMM weights they replace are dropped from self.weights (no second
         copy of QKV / FC1 on the device)."""
-        from ..kernels.gemm import fold_layernorm
+        from ...kernels.gemm import fold_layernorm
 
         def fold(linear, norm, weight=None, bias=None):
             w = (linear.weight if weight is None else weight).to(self.device)
@@ -721,8 +375,8 @@ class FusedExecutor(Executor):
     def _grid_executor(self, h: int, w: int) -> "FusedExecutor":
         """This executor at one fixed (h, w) patch grid: the same weights and options, the positions resized to
         the grid (once), runners of its own. Kept in an LRU of max_graphs grids."""
-        from ..reference import naflex_pos_embedding
-        from ._naflex import grid_spec
+        from ...reference import naflex_pos_embedding
+        from .._naflex import grid_spec
 
         key = (h, w)
         child = self._grids.get(key)
@@ -743,7 +397,7 @@ class FusedExecutor(Executor):
     def _encode_naflex(self, seq: PatchSequence, ids):
         """Images grouped by patch grid, one fixed-resolution call per group (the text tower rides with the
         first); embeddings put back in the caller's order."""
-        from ._naflex import as_image, grid_groups
+        from .._naflex import as_image, grid_groups
 
         emb = self.spec.vision.embed
         groups = grid_groups(seq)
@@ -769,11 +423,3 @@ class FusedExecutor(Executor):
         if self.fallback is not None:
             return self.fallback._encode_text(ids)
         return self.runner(0, ids.shape[0], ids.shape[1])(None, ids, self.check_ids)[1]
-
-
-def __getattr__(name):  # FusedModel and fuse() moved to dualfuse.executors.dropin
-    if name in ("FusedModel", "fuse"):
-        from . import dropin
-
-        return getattr(dropin, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

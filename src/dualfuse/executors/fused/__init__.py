@@ -1,0 +1,36 @@
+"""fused: both towers as one co-scheduled stream of horizontally fused Triton launches.
+
+For each call shape ``(image batch, text batch, text length)`` a :class:`Runner` is built once:
+static buffers for both towers, the co-scheduled plan (dualfuse.plan: one stage = one launch covering a step
+of each tower), and one prepared kernel op per stage (GroupedLinear, GroupedLayerNorm, GroupedAttention,
+Embeddings, PoolIndices). On CUDA the whole sequence of launches is captured into ONE CUDA graph; a call copies
+the inputs into the static buffers, replays the graph and clones the embeddings out. Runners are cached per
+shape in a bounded LRU. Image-only and text-only calls have plans (and graphs) of their own. Text lengths are
+padded up to a few buckets where that cannot change the output (causal text towers pooled at EOS / argmax / the
+first token: FusedExecutor._resolve_text_buckets), so ``padding=True`` streams reuse a handful of runners;
+``warmup(shapes)`` builds runners up front and ``build_times`` keeps each runner's first-call time. uint8 camera
+frames run on runners of their own whose patch embedding has the image mean/std folded in (``frame_patch``).
+
+On CPU the same launches run through the Triton interpreter when TRITON_INTERPRET=1 (slow; for tests).
+
+``dualfuse.fuse(model)`` wraps this executor in :class:`dualfuse.executors.dropin.FusedModel`, a drop-in
+with the source model's calls.
+
+Layout: ``buffers.py`` (static buffers of a runner), ``runner.py`` (:class:`Runner`: plan stages -> kernel ops,
+capture, replay), ``executor.py`` (:class:`FusedExecutor`, coverage, buckets, warmup, NaFlex grids).
+"""
+from __future__ import annotations
+
+from .buffers import _TowerBuffers
+from .executor import MAX_HEAD_DIM, FusedExecutor, unsupported_reason
+from .runner import Runner, _in_dtype_groups, _with_stats
+
+__all__ = ["FusedExecutor", "Runner", "unsupported_reason", "MAX_HEAD_DIM"]
+
+
+def __getattr__(name):  # FusedModel and fuse() moved to dualfuse.executors.dropin
+    if name in ("FusedModel", "fuse"):
+        from .. import dropin
+
+        return getattr(dropin, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,373 @@
+"""Runner: one call shape of the fused executor — static buffers, the co-scheduled plan, one prepared kernel op per
+stage and (on CUDA) one captured graph.
+
+Building is table-driven: ``_STAGE_BUILDERS`` maps a plan stage kind (embed, linear, layernorm, attention,
+pool_index) to the function that makes its launch, and ``_PROBLEMS`` maps a plan step op (qkv, attn, fc2, ...) to
+the function that makes the kernel problem of that step on the runner's buffers. A plan op without an entry is a
+plan/executor mismatch and fails at build time.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import TYPE_CHECKING, Callable
+
+import torch
+
+from ...plan import Plan, Stage, Step
+from ...spec import PatchEmbed, TowerSpec
+from .buffers import _TowerBuffers
+
+if TYPE_CHECKING:
+    from .executor import FusedExecutor
+
+
+class Runner:
+    """One call shape: buffers, plan, one prepared op per stage, and (on CUDA) one captured graph."""
+
+    def __init__(self, ex: "FusedExecutor", image_batch: int, text_batch: int, text_len: int,
+                 pixels: str = "float"):
+        self.ex = ex
+        spec = ex.spec
+        # pixels: "float" (the executor's dtype) or "uint8" (camera frames; the patch embedding uses the weights
+        # with the image mean/std folded in, FusedExecutor.frame_patch)
+        self.pixels, self.text_len = pixels, text_len
+        self.key = None  # set by FusedExecutor.runner
+        self.plan: Plan = ex.plan(image_batch, text_batch, text_len)
+        self.buf: dict[str, _TowerBuffers] = {}
+        # both towers' embeddings in one buffer: a call clones it once and returns the two row ranges
+        self.output = torch.empty(image_batch + text_batch, spec.embed_dim, dtype=ex.dtype, device=ex.device)
+        self.image_batch = image_batch
+        if image_batch:
+            self.buf["vision"] = _TowerBuffers(spec.vision, image_batch, spec.vision.seq_len, ex.dtype, ex.device,
+                                               self.output[:image_batch], ex.residual_dtype, ex.fold_ln, pixels)
+        if text_batch:
+            self.buf["text"] = _TowerBuffers(spec.text, text_batch, text_len, ex.dtype, ex.device,
+                                             self.output[image_batch:], ex.residual_dtype, ex.fold_ln)
+        self._stats_width: dict[int, int] = {}  # row-statistics buffer address -> BLOCK_N of the launch writing it
+        # the LayerNorm step (tower, layer, op) that finishes a GEMM's split-K sums -> (partial sums, GEMM bias)
+        self._deferred: dict[tuple, tuple] = {}
+        self.ops = [self._build(stage) for stage in self.plan.stages]
+        if self._deferred:  # partial sums nobody adds would leave the residual stream silently wrong
+            raise AssertionError(f"fused runner: split-K partial sums of {sorted(self._deferred)} have no LayerNorm "
+                                 f"launch to finish them (plan and executor out of sync)")
+        self.embed_op = self.ops[[s.kind for s in self.plan.stages].index("embed")]
+        self.graph = None  # captured at the first call (fuse() builds runners only to check coverage)
+        self.wants_graph = ex.device.type == "cuda" and ex.use_graph
+
+    # -- building ----------------------------------------------------------------------------------------
+    def _build(self, stage: Stage):
+        build = _STAGE_BUILDERS.get(stage.kind)
+        if build is None:
+            raise AssertionError(f"plan stage kind {stage.kind!r} has no kernel")
+        return build(self, stage, [self._problem(step) for step in stage.steps])
+
+    def _deferred_to(self, step: Step):
+        """The LayerNorm step (tower, layer, op) that reads this GEMM's output (the residual stream) next and
+        can finish its split-K reduction: out-proj -> ln2, FC2 -> the next layer's ln1 or SigLIP's head LN.
+        None: no such launch (LN folded into the GEMMs, the last FC2 before a pooled-row LN, other steps)."""
+        if not self.ex.defer_split_reduce or self.ex.fold_ln:
+            return None
+        t: TowerSpec = getattr(self.ex.weights, step.tower)
+        if step.op == "out":
+            return (step.tower, step.layer, "ln2")
+        if step.op == "fc2" and step.layer + 1 < len(t.blocks):
+            return (step.tower, step.layer + 1, "ln1")
+        if step.op == "fc2" and t.pooling == "map":
+            return (step.tower, None, "final_ln")
+        return None
+
+    def _defer_split_reduction(self, op, problems, deferrable):
+        """Where the launch splits the K of a GEMM on the residual stream (out-proj, FC2; batch 1), rebuild it
+        (same tiles and splits) with those problems writing raw partial sums, and leave them to the LayerNorm
+        launch that reads the residual stream next (kernels.layernorm `add`: it adds the slices, the bias and the
+        residual): the GEMM loses its split-K tail (arrival counter, partial loads by the last program), which
+        sits on the critical path at batch 1. Tiles and splits stay the cost model's (which charges the tail:
+        letting it split more once the tail is gone was slower end to end, BENCHMARKS.md)."""
+        from ...kernels.gemm import GroupedLinear, LinearProblem
+        from ...kernels.layernorm import MAX_ADD_SLICES
+
+        if not any(deferrable.get(id(p)) and s > 1 for p, s in zip(problems, op.splits)):
+            return op
+        # every deferrable problem of the launch, split or not (1 slice), so their outs share fp32
+        chosen = [i for i, p in enumerate(problems) if deferrable.get(id(p))]
+        if any(op.splits[i] > MAX_ADD_SLICES for i in chosen):  # more slices than a LayerNorm launch adds
+            return op
+        # one launch shares its out dtype: partial sums are fp32, so every other problem must write fp32 too
+        if any(i not in chosen and p.out.dtype != torch.float32 for i, p in enumerate(problems)):
+            return op
+        new = list(problems)
+        for i in chosen:
+            p = problems[i]
+            parts = torch.empty(op.splits[i], *p.out.shape, dtype=torch.float32, device=p.out.device)
+            new[i] = LinearProblem(p.x, p.weight, parts, partial_sums=True)
+            self._deferred[deferrable[id(p)]] = (parts, p.bias)
+        return GroupedLinear(new, config=dict(op.config), split_k=list(op.splits))
+
+    def _problem(self, step: Step):
+        make = _PROBLEMS.get(step.op)
+        if make is None:  # plan and executor out of sync
+            raise AssertionError(f"plan step {step.op!r} has no kernel problem")
+        return make(_StepContext(self, step))
+
+    # -- running -----------------------------------------------------------------------------------------
+    def launch_all(self):
+        for op in self.ops:
+            op()
+
+    def _capture(self):
+        dev = self.ex.device
+        t0 = time.perf_counter()
+        stream = torch.cuda.Stream(dev)
+        stream.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(stream):
+            self.launch_all()  # warm-up: compiles every kernel outside the capture
+        torch.cuda.current_stream(dev).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.launch_all()
+        torch.cuda.synchronize(dev)
+        if self.key is not None:  # first-call time: building the runner, then this capture
+            times = self.ex.build_times
+            times[self.key] = times.get(self.key, 0.0) + time.perf_counter() - t0
+
+    def __call__(self, px, ids, check_ids: bool = True):
+        if self.wants_graph and self.graph is None:
+            self._capture()
+        if px is not None:
+            # [B, C, H, W] (uint8 frames: a view of the channels-last buffer, which copy_ fills from either
+            # layout); a NaFlex call gives a [B, C, h, p, w, p] view
+            dst = self.buf["vision"].input
+            (dst if px.dim() == 4 else dst.view(px.shape)).copy_(px)
+        if ids is not None:
+            dst, n = self.buf["text"].input, ids.shape[1]
+            if n == dst.shape[1]:
+                dst.copy_(ids)
+            elif n < dst.shape[1] and self.ex.text_buckets is not None:
+                # a text-length bucket: the texts, then pad ids the pooling cannot pick (FusedExecutor.text_pad_id)
+                # in positions the causal mask hides from every earlier one
+                dst[:, :n].copy_(ids)
+                dst[:, n:].fill_(self.ex.text_pad_id)
+            else:
+                raise ValueError(f"fused runner: texts of length {n} given to the runner of length {dst.shape[1]}")
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self.launch_all()
+        out = self.output.clone()
+        if check_ids and ids is not None:
+            # the embedding kernel flagged ids outside the vocabulary (on the device, no sync before the forward);
+            # reading the flag waits for this call's work, which the caller is about to use anyway
+            self.embed_op.raise_on_bad_ids()
+        img = out[:self.image_batch] if "vision" in self.buf else None
+        txt = out[self.image_batch:] if "text" in self.buf else None
+        return img, txt
+
+
+# ------------------------------------------------------------------------------------------- stage builders
+# (runner, stage, the stage's kernel problems in step order) -> one callable launching the stage
+
+def _build_embed(r: Runner, stage: Stage, problems):
+    from ...kernels.embed import Embeddings, PatchEmbedProblem
+
+    patch = [p for p in problems if isinstance(p, PatchEmbedProblem)]
+    token = [p for p in problems if not isinstance(p, PatchEmbedProblem)]
+    return Embeddings(patch, token)
+
+
+def _build_linear(r: Runner, stage: Stage, problems):
+    from ...kernels.gemm import GroupedLinear
+
+    cfg = dict(r.ex.gemm_config)
+    if not r.ex.pdl:
+        cfg["pdl"] = False
+    deferrable = {id(p): r._deferred_to(st) for p, st in zip(problems, stage.steps)}
+
+    def linear(ps):
+        op = GroupedLinear(ps, config=cfg or None)
+        op = r._defer_split_reduction(op, ps, deferrable)
+        for p in ps:  # a later folded LN merges these statistics: it needs their part width
+            if p.row_stats_out is not None:
+                r._stats_width[p.row_stats_out.data_ptr()] = op.block_n
+        return op
+
+    return _in_dtype_groups(problems, linear)
+
+
+def _build_layernorm(r: Runner, stage: Stage, problems):
+    from ...kernels.layernorm import GroupedLayerNorm
+
+    return _in_dtype_groups(problems, lambda ps: GroupedLayerNorm(ps, pdl=r.ex.pdl))
+
+
+def _build_attention(r: Runner, stage: Stage, problems):
+    from ...kernels.attention import GroupedAttention
+
+    return GroupedAttention(problems, pdl=r.ex.pdl)
+
+
+def _build_pool_index(r: Runner, stage: Stage, problems):
+    from ...kernels.heads import PoolIndices
+
+    return PoolIndices(problems)
+
+
+_STAGE_BUILDERS: dict[str, Callable] = {
+    "embed": _build_embed,
+    "linear": _build_linear,
+    "layernorm": _build_layernorm,
+    "attention": _build_attention,
+    "pool_index": _build_pool_index,
+}
+
+
+# ------------------------------------------------------------------------------------------- step problems
+
+class _StepContext:
+    """What a step's problem builder reads: the runner, the step, its tower's weights and buffers."""
+
+    __slots__ = ("r", "step", "t", "b", "B", "S", "D", "blk")
+
+    def __init__(self, r: Runner, step: Step):
+        self.r, self.step = r, step
+        self.t: TowerSpec = getattr(r.ex.weights, step.tower)
+        self.b: _TowerBuffers = r.buf[step.tower]
+        self.B, self.S, self.D = self.b.batch, self.b.seq, self.t.width
+        self.blk = self.t.blocks[step.layer] if step.layer is not None else None
+
+    def ln(self, x, norm, out, row_index=None):
+        from ...kernels.layernorm import LayerNormProblem
+
+        # the GEMM that wrote x may have left its split-K sums for this launch to finish (Runner._deferred_to)
+        s = self.step
+        add, add_bias = self.r._deferred.pop((s.tower, s.layer, s.op), (None, None))
+        return LayerNormProblem(x, norm.weight, norm.bias, out, norm.eps, row_index, add=add, add_bias=add_bias)
+
+    @staticmethod
+    def lin(x, layer, out, activation=None, residual=None, weight=None, bias=None):
+        from ...kernels.gemm import LinearProblem
+
+        return LinearProblem(x, layer.weight if weight is None else weight, out,
+                             layer.bias if weight is None else bias, activation, residual)
+
+    def folded(self, x, out, stats, activation=None):
+        from ...kernels.gemm import LinearProblem
+
+        # LN -> linear as one GEMM over the raw rows (weights folded once in FusedExecutor._prepare_weights); x's
+        # row statistics come from the GEMM that wrote x (an earlier stage of this runner)
+        s = self.step
+        w, bias, norm = self.r.ex.folded[(s.tower, s.layer, s.op)]
+        norm = dataclasses.replace(norm, stats=stats, stats_part_width=self.r._stats_width[stats.data_ptr()])
+        return LinearProblem(x, w, out, bias, activation, norm=norm)
+
+    @property
+    def fold(self) -> bool:
+        return self.r.ex.fold_ln
+
+
+def _patch_embed(c: _StepContext):
+    from ...kernels.embed import PatchEmbedProblem
+
+    t, b = c.t, c.b
+    emb: PatchEmbed = t.embed
+    w, bias = c.r.ex.frame_patch if c.r.pixels == "uint8" else (emb.weight, emb.bias)
+    return PatchEmbedProblem(b.input, w, bias, t.class_embedding, t.pos_embedding, b.embed_out.view(c.B, c.S, c.D),
+                             emb.patch_size)
+
+
+def _token_embed(c: _StepContext):
+    from ...kernels.embed import TokenEmbedProblem
+
+    return TokenEmbedProblem(c.b.input, c.t.embed.weight, c.t.pos_embedding, c.b.embed_out.view(c.B, c.S, c.D))
+
+
+def _pool_index(c: _StepContext):
+    from ...kernels.heads import PoolProblem
+
+    return PoolProblem(c.t.pooling, c.b.pool_idx, c.b.input, c.t.eos_token_id, c.S)
+
+
+def _attn(c: _StepContext):
+    from ...kernels.attention import AttentionProblem, split_packed_qkv
+
+    B, S, D = c.B, c.S, c.D
+    q, k, v = split_packed_qkv(c.b.qkv.view(B, S, 3 * D), D)
+    return AttentionProblem(q, k, v, c.b.a.view(B, S, D), c.t.heads, causal=c.t.mask == "causal")
+
+
+def _out(c: _StepContext):  # the next LN (ln2) reads x
+    b = c.b
+    return _with_stats(c.lin(b.a, c.blk.out, b.x, residual=b.x), b.x_stats if c.fold else None)
+
+
+def _fc2(c: _StepContext):  # the next layer's ln1, or SigLIP's head LN, reads x
+    b, t = c.b, c.t
+    emit = c.fold and (c.step.layer + 1 < len(t.blocks) or t.pooling == "map")
+    return _with_stats(c.lin(b.m, c.blk.fc2, b.x, residual=b.x), b.x_stats if emit else None)
+
+
+def _map_attn(c: _StepContext):  # SigLIP attention-pooling head
+    from ...kernels.attention import AttentionProblem
+
+    B, S, D = c.B, c.S, c.D
+    kv = c.b.kv.view(B, S, 2 * D)
+    q = c.r.ex.map_query.view(1, 1, D).expand(B, 1, D)  # batch stride 0: one probe for all images
+    return AttentionProblem(q, kv[..., :D], kv[..., D:], c.b.ma, c.t.pool_head.heads)
+
+
+def _map_out(c: _StepContext):  # the head's LN reads mh
+    b = c.b
+    return _with_stats(c.lin(b.ma.view(c.B, c.D), c.t.pool_head.out, b.mh), b.mh_stats if c.fold else None)
+
+
+# plan step op -> kernel problem on the runner's buffers
+_PROBLEMS: dict[str, Callable[[_StepContext], object]] = {
+    "patch_embed": _patch_embed,
+    "token_embed": _token_embed,
+    "pool_index": _pool_index,
+    "pre_ln": lambda c: c.ln(c.b.embed_out, c.t.pre_ln, c.b.x),
+    "ln1": lambda c: c.ln(c.b.x, c.blk.ln1, c.b.h),
+    "qkv": lambda c: c.lin(c.b.h, c.blk.qkv, c.b.qkv),
+    "ln1_qkv": lambda c: c.folded(c.b.x, c.b.qkv, c.b.x_stats),
+    "attn": _attn,
+    "out": _out,
+    "ln2": lambda c: c.ln(c.b.x, c.blk.ln2, c.b.h),
+    "fc1": lambda c: c.lin(c.b.h, c.blk.fc1, c.b.m, activation=c.t.activation),
+    "ln2_fc1": lambda c: c.folded(c.b.x, c.b.m, c.b.x_stats, activation=c.t.activation),
+    "fc2": _fc2,
+    "pool_ln": lambda c: c.ln(c.b.x, c.t.final_ln, c.b.pooled, row_index=c.b.pool_idx),
+    "proj": lambda c: c.lin(c.b.pooled, c.t.projection, c.b.output),
+    # SigLIP attention-pooling head
+    "final_ln": lambda c: c.ln(c.b.x, c.t.final_ln, c.b.h),
+    "map_kv": lambda c: c.lin(c.b.h, c.t.pool_head.qkv, c.b.kv, weight=c.r.ex.map_kv_weight,
+                              bias=c.r.ex.map_kv_bias),
+    "final_ln_map_kv": lambda c: c.folded(c.b.x, c.b.kv, c.b.x_stats),
+    "map_attn": _map_attn,
+    "map_out": _map_out,
+    "map_ln": lambda c: c.ln(c.b.mh, c.t.pool_head.ln, c.b.mln),
+    "map_fc1": lambda c: c.lin(c.b.mln, c.t.pool_head.fc1, c.b.mm, activation=c.t.activation),
+    "map_ln_fc1": lambda c: c.folded(c.b.mh, c.b.mm, c.b.mh_stats, activation=c.t.activation),
+    "map_fc2": lambda c: c.lin(c.b.mm, c.t.pool_head.fc2, c.b.mh, residual=c.b.mh),
+}
+
+
+def _with_stats(problem, stats):
+    """The problem, also writing its out's row statistics to ``stats`` (None: as it is)."""
+    return problem if stats is None else dataclasses.replace(problem, row_stats_out=stats)
+
+
+def _in_dtype_groups(problems, build):
+    """One launch shares its input and output dtypes: a stage whose steps differ there (a residual-stream
+    step, fp32, paired with a model-dtype one) runs as one launch per dtype pair, in order."""
+    groups: dict[tuple, list] = {}
+    for p in problems:
+        groups.setdefault((p.x.dtype, p.out.dtype), []).append(p)
+    if len(groups) == 1:
+        return build(problems)
+    ops = [build(ps) for ps in groups.values()]
+
+    def run_all():
+        for op in ops:
+            op()
+
+    return run_all
