@@ -99,7 +99,8 @@ class QuantizedWeights:
 
     def attach(self, problem):
         """The LinearProblem with its weight's scale (a 16-bit weight: as it is)."""
-        if problem.weight.dtype not in (torch.int8, FP8_E4M3) or problem.weight_scale is not None:
+        w = getattr(problem, "weight", None)  # the runners pass every step's problem (LayerNorm, attention, ...)
+        if not isinstance(w, torch.Tensor) or w.dtype not in (torch.int8, FP8_E4M3) or problem.weight_scale is not None:
             return problem
         scale = self.scales.get(self._key(problem.weight))
         if scale is None:  # every quantized weight is registered when it is made

@@ -44,8 +44,14 @@ class FusedExecutor(Executor):
     def __init__(self, model, dtype=None, device=None, *, max_graphs: int = 8, use_graph: bool = True,
                  fallback: bool = True, fold_ln: bool | None = None, pdl: bool = True, gemm_config: dict | None = None,
                  residual_dtype: torch.dtype | None = None, defer_split_reduce: bool = True,
-                 text_buckets="auto", warmup=None, image_mean=None, image_std=None, **kwargs):
+                 text_buckets="auto", warmup=None, image_mean=None, image_std=None, weights=None, **kwargs):
         super().__init__(model, dtype, device, **kwargs)
+        # weights: None / "fp16" (the executor's dtype), "int8" or "fp8" (weight-only, one scale per output channel,
+        # every linear layer of both towers: dualfuse.quantize); fp8 needs compute capability >= 8.9
+        from ...quantize import resolve_weights
+
+        self.weight_format = resolve_weights(weights, self.device)
+        self.quant = None  # dualfuse.quantize.QuantizedWeights when quantized (the runners attach the scales)
         # image mean/std of uint8 camera frames: folded into a second patch-embedding weight (frame_patch), or
         # applied on the device before a fallback executor (adapters/_norm.py has the family defaults)
         from ...adapters import image_normalization
@@ -106,8 +112,12 @@ class FusedExecutor(Executor):
         if reason is None:
             self._prepare_weights()
             reason = self._check_coverage()
+        if reason is not None and self.weight_format != "fp16":
+            reason += f" (weights={self.weight_format!r} not applied: the fallback runs {self.dtype} weights)"
         if reason is not None:
             self._fall_back(reason, fallback)
+        elif self.weight_format != "fp16":
+            self.notes = f"{FusedExecutor.notes}; {self.weight_format} weights (per-channel scales)"
         self.__dict__.pop("_source", None)
         if warmup is not None:
             self.warmup(warmup)
@@ -151,6 +161,10 @@ class FusedExecutor(Executor):
         self.folded: dict[tuple, tuple] = {}
         if self.fold_ln:
             self._fold_layernorms()
+        if self.weight_format != "fp16":  # every GEMM weight -> int8 / fp8 + scales, from fp32 (after folding)
+            from ...quantize import quantize_executor
+
+            self.quant = quantize_executor(self)
 
     def _fold_layernorms(self):
         """(tower, layer, plan op) -> (folded weight, folded bias, FoldedLayerNorm) for every LN -> GEMM pair
@@ -163,7 +177,8 @@ class FusedExecutor(Executor):
             w = (linear.weight if weight is None else weight).to(self.device)
             b = linear.bias if weight is None else bias
             return fold_layernorm(w, None if b is None else b.to(self.device), norm.weight.to(self.device),
-                                  norm.bias.to(self.device), norm.eps, dtype=self.dtype)
+                                  norm.bias.to(self.device), norm.eps,
+                                  dtype=self.dtype if self.weight_format == "fp16" else torch.float32)
 
         for name in ("vision", "text"):
             src: TowerSpec = getattr(self.spec, name)
