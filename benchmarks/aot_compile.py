@@ -3,6 +3,7 @@ without a GPU, with the installed Triton (its bundled ptxas). Nothing runs: a st
 and Triton's jit_cache_hook compiles each launch's specialization for every target and skips the launch.
 
     python benchmarks/aot_compile.py --model clip-tiny --model siglip-tiny [--json out.json]
+    python benchmarks/aot_compile.py --model clip-tiny --weights int8      # the int8-weight GEMM path too
 
 What it covers: the kernels and constexpr specializations the fused executor picks when it runs on CPU tensors
 (the interpreter's configs: the launchers are told they run under the interpreter), for an image + text call, an
@@ -53,7 +54,7 @@ class _StubDriver:
         return 0
 
 
-def compile_model_kernels(names: list[str], archs=ARCHS, dtype=torch.float16) -> dict:
+def compile_model_kernels(names: list[str], archs=ARCHS, dtype=torch.float16, weights=None) -> dict:
     compiled: collections.Counter = collections.Counter()
     failures: list[dict] = []
     shared: dict[str, int] = {}
@@ -81,7 +82,8 @@ def compile_model_kernels(names: list[str], archs=ARCHS, dtype=torch.float16) ->
     knobs.runtime.jit_cache_hook = hook
     driver.set_active(_StubDriver(GPUTarget("cuda", 90, 32)))
     for name in names:
-        fused = dualfuse.fuse(dualfuse.load(name, seed=0), dtype=dtype, device="cpu")
+        fused = dualfuse.fuse(dualfuse.load(name, seed=0), dtype=dtype, device="cpu",
+                              **({"weights": weights} if weights else {}))
         ex = fused.executor
         if getattr(ex, "fallback", None) is not None:
             raise SystemExit(f"{name}: the fused executor fell back ({ex.fallback}); nothing to compile")
@@ -94,16 +96,18 @@ def compile_model_kernels(names: list[str], archs=ARCHS, dtype=torch.float16) ->
         ex.encode_image(px)
         ex.encode_text(ids)
     return {"triton": triton.__version__, "torch": torch.__version__, "models": names, "dtype": str(dtype),
-            "compiled": dict(compiled), "max_shared_bytes": shared, "failures": failures}
+            "weights": weights or "fp16", "compiled": dict(compiled), "max_shared_bytes": shared, "failures": failures}
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", action="append", required=True, help="preset name (repeatable)")
     ap.add_argument("--dtype", choices=["float16", "bfloat16"], default="float16")
+    ap.add_argument("--weights", choices=["fp16", "int8"], default=None,
+                    help="fuse with these weights (int8: the quantized GEMM path)")
     ap.add_argument("--json", help="write the result here")
     args = ap.parse_args(argv)
-    result = compile_model_kernels(args.model, dtype=getattr(torch, args.dtype))
+    result = compile_model_kernels(args.model, dtype=getattr(torch, args.dtype), weights=args.weights)
     print(f"triton {result['triton']}, torch {result['torch']}, {args.dtype}")
     for key, n in sorted(result["compiled"].items()):
         print(f"  {key}: {n} specializations, max shared {result['max_shared_bytes'][key]} B")

@@ -12,12 +12,14 @@ ROOT = Path(__file__).resolve().parents[1]
 KERNELS = {"_embed_kernel", "_layer_norm_kernel", "_grouped_linear_kernel", "_attention_kernel"}
 
 
-@pytest.mark.parametrize("model,extra", [("clip-tiny", {"_pool_kernel"}), ("siglip-tiny", set())])
-def test_fused_kernels_compile_ahead_of_time_for_sm80_sm87_sm90(model, extra, tmp_path):
+@pytest.mark.parametrize("model,extra,weights", [("clip-tiny", {"_pool_kernel"}, None), ("siglip-tiny", set(), None),
+                                                 ("clip-tiny", {"_pool_kernel"}, "int8")])
+def test_fused_kernels_compile_ahead_of_time_for_sm80_sm87_sm90(model, extra, weights, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "aot.json"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "aot_compile.py"), "--model", model,
-                           "--json", str(out)], env=env, capture_output=True, text=True, timeout=600)
+                           "--json", str(out)] + (["--weights", weights] if weights else []),
+                          env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads(out.read_text())
     assert result["failures"] == []
