@@ -200,3 +200,70 @@ def test_int8_benchmark_smoke(tmp_path):
         assert row["executors"]["fused int8"]["min_cosine"] >= COSINE_MIN
         assert row["executors"]["fused int8"]["weight_bytes"] < row["executors"]["fused fp16"]["weight_bytes"]
     assert "int8 weights vs fp16" in proc.stdout
+
+
+@pytest.mark.parametrize("name", ["clip-tiny", "siglip-tiny"])
+def test_fused_int8_equals_the_dequantized_reference(name):
+    """Unfolded LayerNorms: the fused int8 forward is the fp32 reference forward of the dequantized weights
+    (quantize.dequantized_spec) up to fp16 rounding, i.e. within the unquantized fp16 criteria: only the weight
+    rounding separates it from the source model."""
+    from dualfuse import reference
+    from dualfuse.quantize import dequantized_spec
+
+    model = _load(name)
+    ex = executors.get("fused", model, dtype=torch.float16, device=DEV, weights="int8", fold_ln=False)
+    dq = dequantized_spec(ex.spec.to(DEV, torch.float32), "int8")
+    (px, ids), = random_inputs(ex.io, 2, 3, sets=1, seed=5, device=DEV)
+    with torch.no_grad():
+        want_img, want_txt = reference.encode_image(dq, px), reference.encode_text(dq, ids)
+    got_img, got_txt = ex.encode(px, ids)
+    for got, want in ((got_img, want_img), (got_txt, want_txt)):
+        cos, rel = _metrics(got, want)
+        assert cos >= 0.999 and rel <= 1e-2, (cos, rel)
+
+
+GPU_MODELS = ["clip-vit-b-32", "siglip-base-patch16-224"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", GPU_MODELS)
+def test_gpu_real_models_int8_in_graphs(name, dtype):
+    """ViT-B/32 and SigLIP B/16 (seeded random weights) with int8 (and fp8 where the card has it) weights: CUDA
+    graphs, default configs (PDL, split-K deferred to the LayerNorms; fold_ln off and on), batch 1 and 8, image-only;
+    against the fp32 source model within the quantized criteria and against the dequantized reference within the
+    fp16 criteria (fold_ln off)."""
+    from dualfuse import reference
+    from dualfuse.quantize import dequantized_spec
+
+    model = presets.load(name, seed=0).to("cuda")
+    fmts = ["int8"] + (["fp8"] if torch.cuda.get_device_capability() >= (8, 9) else [])
+    image_fn, text_fn = source_forward(model, family_of(model))
+    for fmt in fmts:
+        for fold_ln in (False, True):
+            ex = executors.get("fused", model, dtype=dtype, device="cuda", weights=fmt, fold_ln=fold_ln)
+            assert ex.fallback is None and ex.weight_format == fmt
+            _assert_only_quantized_gemm_weights(ex, torch.int8 if fmt == "int8" else torch.float8_e4m3fn)
+            dq = dequantized_spec(ex.spec.to("cuda", torch.float32), fmt)
+            for bi, bt in ((1, 1), (8, 8), (1, 0)):
+                for seed in (1, 2):  # two replays of the captured graph with different inputs
+                    (px, ids), = random_inputs(ex.io, bi, bt, sets=1, seed=seed, device="cuda")
+                    with torch.no_grad():
+                        want_img = image_fn(px)
+                        got_img = ex.encode(px, ids)[0] if bt else ex.encode_image(px)
+                        _assert_parity(got_img, want_img, f"{fmt} fold_ln={fold_ln} image {bi}+{bt}")
+                        if bt:
+                            _assert_parity(ex.encode_text(ids), text_fn(ids), f"{fmt} text {bt}")
+                        if not fold_ln:
+                            cos, rel = _metrics(got_img, reference.encode_image(dq, px))
+                            assert cos >= 0.999 and rel <= 2e-2, (fmt, cos, rel)
+            del ex
+            torch.cuda.empty_cache()
+
+
+@pytest.mark.gpu
+def test_gpu_fp8_refused_below_sm89():
+    if torch.cuda.get_device_capability() >= (8, 9):
+        pytest.skip("this GPU has fp8")
+    with pytest.raises(ValueError, match=r"compute capability >= 8\.9"):
+        dualfuse.fuse(_load("clip-tiny"), dtype=torch.float16, device="cuda", weights="fp8")

@@ -194,3 +194,24 @@ def weight_bytes(model, weights: str | None = None, dtype: torch.dtype | None = 
     out["total"] = sum(out[n]["total"] for n in towers)
     out["weights"], out["dtype"] = weights, str(dtype).replace("torch.", "")
     return out
+
+
+def dequantized_spec(spec, fmt: str = "int8"):
+    """A copy of ``spec`` whose GEMM weights are quantized and dequantized again (fp32): the reference forward of it
+    (dualfuse.reference) isolates what the weight rounding alone costs, and is what the fused executor computes
+    with ``weights=fmt`` and unfolded LayerNorms, up to fp16 / bf16 rounding. SigLIP's head QKV keeps its query
+    rows (the executor projects the probe once, from the unquantized weights)."""
+    def deq(w):
+        return dequantize_weight(*quantize_weight(w, fmt)).to(w.dtype)
+
+    out = spec.map_tensors(lambda t: t)  # new dataclasses, tensors shared
+    for name in ("vision", "text"):
+        tower = getattr(out, name)
+        for owner, attr in _linears(tower):
+            lin = getattr(owner, attr)
+            w = deq(lin.weight)
+            if owner is tower.pool_head and attr == "qkv":
+                d = tower.width
+                w = torch.cat([lin.weight[:d], w[d:]])
+            setattr(owner, attr, dataclasses.replace(lin, weight=w))
+    return out
