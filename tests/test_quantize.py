@@ -105,6 +105,11 @@ def test_fold_ln_on_and_off_one_tower_calls(name, fold_ln):
         want_img, want_txt = image_fn(px), text_fn(ids)
     _assert_parity(ex.encode_image(px), want_img, "image only")
     _assert_parity(ex.encode_text(ids), want_txt, "text only")
+    if not fold_ln:  # the int8 GEMMs that split K left scaled partial sums to the LayerNorms
+        from dualfuse.kernels.gemm import GroupedLinear
+
+        ops = [op for r in ex.runners.values() for op in r.ops if isinstance(op, GroupedLinear)]
+        assert any(p.partial_sums and p.weight_scale is not None for op in ops for p in op.problems)
 
 
 def test_uint8_frames_with_int8_weights():
