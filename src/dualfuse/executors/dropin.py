@@ -506,7 +506,9 @@ def fuse(model, dtype=None, device=None, **kwargs) -> FusedModel:
 
     ``dtype``: default the source model's dtype (``fuse(model.half())`` runs fp16, ``fuse(model)`` of an fp32
     model runs fp32; pass ``dtype=torch.float16`` for speed). ``device``: default CUDA when there is one, else CPU.
-    ``kwargs``: FusedExecutor options, kept for rebuilds (``.to()``, ``.half()``, ``load_state_dict``).
+    ``kwargs``: FusedExecutor options, kept for rebuilds (``.to()``, ``.half()``, ``load_state_dict``); e.g.
+    ``weights="int8"``: weight-only int8 for every linear layer (``"fp8"`` on compute capability >= 8.9; see
+    dualfuse.quantize).
     The source model is left untouched and not kept."""
     if isinstance(model, str):
         from ..presets import load

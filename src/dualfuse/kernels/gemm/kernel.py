@@ -147,6 +147,7 @@ def _grouped_linear_kernel(
     STATS_OUT: tl.constexpr,  # some problem writes per-tile row statistics of its out (for the next LN fold)
     USE_TMA: tl.constexpr,  # x and w tiles by tensor descriptors (TMA on sm_90+): no per-element addresses or masks
     ANY_WQ: tl.constexpr,  # some problem has a quantized weight (FLAG_WQ): wq_ref's dtype, scales of scale_ref's
+    ALL_WQ: tl.constexpr,  # ... every problem has one (only the quantized K loop is compiled)
     VEC_K: tl.constexpr,  # ALIGNED: every K is a multiple of this (16 where every weight is 1-byte, else VEC_IN)
 ):
     pid = tl.program_id(0)
@@ -276,7 +277,10 @@ def _grouped_linear_kernel(
         pf_hi = tl.minimum(k_hi, k_lo + PREFETCH)
         if ANY_WQ:
             # byte addresses: a quantized weight has 1-byte elements
-            w_elt = tl.where(has_wq, 1, 16 // VEC_IN).to(tl.int64)
+            if ALL_WQ:
+                w_elt = 1
+            else:
+                w_elt = tl.where(has_wq, 1, 16 // VEC_IN).to(tl.int64)
             pf_rows = w_addr.to(tl.pointer_type(tl.int8)) + rn[:, None].to(tl.int64) * K * w_elt
             for kk in range(k_lo, pf_hi):
                 _prefetch_l2(pf_rows + tl.minimum(kk * BLOCK_K + offs_pf, K - 1)[None, :] * w_elt)
@@ -345,7 +349,10 @@ def _grouped_linear_kernel(
     else:
         x_ptrs = x_ptr + rm[:, None] * stride_xm + (k_lo * BLOCK_K + offs_k)[None, :]  # [BLOCK_M, BLOCK_K]
         w_offs = rn[None, :].to(tl.int64) * K + (k_lo * BLOCK_K + offs_k)[:, None]  # [BLOCK_K, BLOCK_N] = w.T
-        if ANY_WQ:
+        if ALL_WQ:
+            acc = _ptr_k_loop(x_ptrs, wq_ptr + w_offs, m_mask, offs_k, K, k_lo, k_hi, acc, BLOCK_K, EVEN_K,
+                              INPUT_PRECISION)
+        elif ANY_WQ:
             if (flags & FLAG_WQ) != 0:
                 acc = _ptr_k_loop(x_ptrs, wq_ptr + w_offs, m_mask, offs_k, K, k_lo, k_hi, acc, BLOCK_K, EVEN_K,
                                   INPUT_PRECISION)

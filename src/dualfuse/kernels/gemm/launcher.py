@@ -133,6 +133,7 @@ class _Plan:
             STATS_OUT=any(p.row_stats_out is not None for p in problems),
             USE_TMA=use_tma,
             ANY_WQ=bool(quantized),
+            ALL_WQ=len(quantized) == len(problems),
             VEC_K=16 if len(quantized) == len(problems) else 16 // problems[0].x.element_size(),
         )
         self.launch_opts = dict(num_warps=warps, num_stages=cfg["num_stages"], **LAUNCH_OPTIONS)
