@@ -36,8 +36,8 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # --smoke: the kernels through the CPU interpreter
+if "--smoke" in sys.argv[1:]:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # the kernels through the CPU interpreter
 sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.append(str(HERE))  # _shapes (appended: benchmarks/ must not shadow packages, see _shapes.spec)
 
@@ -323,6 +323,11 @@ def main(argv=None) -> int:
     ap.add_argument("--calls", type=int, default=12, help="timed calls per executor per round (default 12)")
     ap.add_argument("--warmup", type=int, default=10, help="e2e warm-up calls per executor (default 10)")
     args = ap.parse_args(argv)
+    green = None
+    if args.sms is not None and not args.smoke:
+        from dualfuse.green import enter
+
+        green = enter(args.sms)  # before anything touches CUDA (also torch.cuda.is_available)
     cuda = torch.cuda.is_available()
     if args.smoke and cuda:
         print("--smoke is the CPU correctness pass; on a GPU run without it", file=sys.stderr)
@@ -330,11 +335,6 @@ def main(argv=None) -> int:
     if not args.smoke and not cuda:
         print("no CUDA GPU: run with --smoke (CPU interpreter, correctness only)", file=sys.stderr)
         return 2
-    green = None
-    if args.sms is not None:
-        from dualfuse.green import enter
-
-        green = enter(args.sms)  # before any CUDA work
     device = torch.device("cuda" if cuda else "cpu")
     t0 = time.perf_counter()
     doc = dict(schema="dualfuse.int8-bench/1", command=" ".join(["python", "benchmarks/int8.py", *(argv or
