@@ -10,6 +10,11 @@ for ``encode`` and per-tower keys for ``encode_image``/``encode_text`` — kept 
 forward runs ``warmup`` times on a side stream (as torch.cuda.graphs recommends: lazy inits, cuBLAS workspaces).
 Outputs are cloned out of the graph's static buffers, so results stay valid after the next replay.
 
+Threads and streams: one lock per executor covers the cache (capture, LRU) and each call's copy, replay and clone,
+so calls from several threads give what serial calls give. Copies, replay and clone run on the caller's current
+stream; a call on another stream than the graph's previous one first waits (on the device) for that one. A capture
+that fails or is interrupted caches nothing and restores the caller's stream; an out-of-memory error names the key.
+
 SigLIP2 NaFlex images (:class:`~dualfuse.spec.PatchSequence`): the position grid is resized to each image's
 ``spatial_shapes``, which sizes tensors, so a graph is captured per (batch, patches, every image's grid). How HF
 consumes ``spatial_shapes`` differs between transformers versions (some read them back to the host, which a capture
@@ -21,6 +26,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
+import traceback
 import warnings
 from collections import OrderedDict
 
@@ -89,15 +96,31 @@ def _fill(static, x):
 
 
 class _Captured:
-    __slots__ = ("graph", "inputs", "outputs")
+    __slots__ = ("graph", "inputs", "outputs", "home", "last_stream")
 
-    def __init__(self, graph, inputs, outputs):
+    def __init__(self, graph, inputs, outputs, home):
         self.graph, self.inputs, self.outputs = graph, inputs, outputs
+        # home: the stream the static buffers were allocated on; last_stream: the stream of the last replay
+        self.home, self.last_stream = home, None
+
+    def release(self):
+        """Leaving the cache: the allocator reuses the buffers on their home stream; it waits for the last replay."""
+        if self.last_stream is not None and self.last_stream != self.home:
+            self.home.wait_stream(self.last_stream)
 
 
 @register("graph")
 class GraphExecutor(SourceExecutor):
     needs_cuda = True
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("_lock", None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
 
     def __init__(self, model, dtype=None, device=None, *, max_graphs: int = 8, warmup: int = 2, **kwargs):
         super().__init__(model, dtype, device, **kwargs)
@@ -106,6 +129,7 @@ class GraphExecutor(SourceExecutor):
         self.max_graphs = max_graphs
         self.warmup = warmup
         self.graphs: OrderedDict[tuple, _Captured] = OrderedDict()
+        self._lock = threading.RLock()  # cache and each call's copy / replay / clone (module docstring)
         self.captures = 0  # how many graphs were captured (re-captures after eviction count again)
         self.side_stream = torch.cuda.Stream(self.device)
         self.notes = "one CUDA graph, two branches"
@@ -129,51 +153,81 @@ class GraphExecutor(SourceExecutor):
         return img, txt
 
     def _capture(self, px, ids) -> _Captured:
-        static_px = _static(px, self.naflex_mode == "host") if px is not None else None
-        static_ids = ids.clone() if ids is not None else None
         cur = torch.cuda.current_stream(self.device)
-        warm = torch.cuda.Stream(self.device)
-        warm.wait_stream(cur)
-        with torch.cuda.stream(warm):
-            for _ in range(max(self.warmup, 1)):
-                self._forward(static_px, static_ids)
-        cur.wait_stream(warm)
-        graph = torch.cuda.CUDAGraph()
-        with _hf_checks_off(self.naflex_mode == "device"), torch.cuda.graph(graph):
-            outputs = self._forward(static_px, static_ids)
+        try:
+            static_px = _static(px, self.naflex_mode == "host") if px is not None else None
+            static_ids = ids.clone() if ids is not None else None
+            warm = torch.cuda.Stream(self.device)
+            warm.wait_stream(cur)
+            with torch.cuda.stream(warm):
+                for _ in range(max(self.warmup, 1)):
+                    self._forward(static_px, static_ids)
+            cur.wait_stream(warm)
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: other threads' CUDA calls stay legal during the capture
+            with _hf_checks_off(self.naflex_mode == "device"), \
+                    torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                outputs = self._forward(static_px, static_ids)
+        except BaseException as e:
+            if torch.cuda.current_stream(self.device) != cur:  # a broken capture can leave its stream current
+                torch.cuda.set_stream(cur)
+            if isinstance(e, torch.OutOfMemoryError):
+                traceback.clear_frames(e.__traceback__)  # let the half-built buffers go before reading free memory
+                torch.cuda.empty_cache()
+                free, total = torch.cuda.mem_get_info(self.device)
+                shape = {"images": None if px is None else tuple(getattr(px, "shape", ())),
+                         "input_ids": None if ids is None else tuple(ids.shape)}
+                raise torch.OutOfMemoryError(
+                    f"graph: out of memory capturing the CUDA graph of a call with {shape} (warm-up, static inputs "
+                    f"and the graph's private memory pool); {free / 2**20:.0f} MiB of {total / 2**20:.0f} MiB free on "
+                    f"{self.device} now. Nothing was cached: free memory, call with a smaller batch or lower "
+                    f"max_graphs (now {self.max_graphs}). ({e})") from e
+            raise
         self.captures += 1
-        return _Captured(graph, (static_px, static_ids), outputs)
+        return _Captured(graph, (static_px, static_ids), outputs, cur)
 
     def _run(self, key, px, ids):
-        entry = self.graphs.get(key)
-        if entry is None:
-            entry = self._capture(px, ids)
-            self.graphs[key] = entry
-            while len(self.graphs) > self.max_graphs:
-                self.graphs.popitem(last=False)  # the graph and its private memory pool go with it
-        else:
-            self.graphs.move_to_end(key)
-            static_px, static_ids = entry.inputs
-            if static_px is not None:
-                _fill(static_px, px)
-            if static_ids is not None:
-                static_ids.copy_(ids)
-        entry.graph.replay()
-        return tuple(o.clone() if o is not None else None for o in entry.outputs)
+        with self._lock:
+            cur = torch.cuda.current_stream(self.device)
+            entry = self.graphs.get(key)
+            if entry is None:
+                entry = self._capture(px, ids)  # cached only once captured
+                self.graphs[key] = entry
+                while len(self.graphs) > self.max_graphs:
+                    # the graph and its private memory pool go with it
+                    self.graphs.popitem(last=False)[1].release()
+            else:
+                self.graphs.move_to_end(key)
+                if entry.last_stream is not None and entry.last_stream != cur:
+                    # the last replay ran on another stream and may still use the static buffers
+                    cur.wait_stream(entry.last_stream)
+                static_px, static_ids = entry.inputs
+                if static_px is not None:
+                    _fill(static_px, px)
+                if static_ids is not None:
+                    static_ids.copy_(ids)
+            entry.last_stream = cur
+            entry.graph.replay()
+            return tuple(o.clone() if o is not None else None for o in entry.outputs)
 
     # -- interface -----------------------------------------------------------------------------------
     def _image_key(self, px):
         if not isinstance(px, PatchSequence):
             return px.shape[0]
+        with self._lock:
+            if self.naflex_mode is None:
+                self._decide_naflex_mode(px)
+        b, n = px.pixel_values.shape[:2]
+        return (b, n, tuple(map(tuple, px.spatial_shapes.tolist())))  # one small read-back: the grids
+
+    def _decide_naflex_mode(self, px):
         if self.naflex_mode is None:
             self.naflex_mode = naflex_capture_mode(self.model.vision_model.embeddings, px) or "eager"
             if self.naflex_mode == "eager":
                 warnings.warn("dualfuse graph: this transformers version's SigLIP2 vision embeddings read "
                               "spatial_shapes back from the GPU, which a CUDA graph cannot capture; the image tower "
-                              "runs outside the graph (eagerly), the text tower in it", stacklevel=4)
+                              "runs outside the graph (eagerly), the text tower in it", stacklevel=5)
                 self.notes = "text tower in a CUDA graph; SigLIP2 NaFlex image tower eager (see the warning)"
-        b, n = px.pixel_values.shape[:2]
-        return (b, n, tuple(map(tuple, px.spatial_shapes.tolist())))  # one small read-back: the grids
 
     def _encode(self, px, ids):
         key = self._image_key(px)

@@ -13,6 +13,14 @@ frames run on runners of their own whose patch embedding has the image mean/std 
 
 On CPU the same launches run through the Triton interpreter when TRITON_INTERPRET=1 (slow; for tests).
 
+Threads, streams, faults: one reentrant lock per executor covers the runner cache (build, capture, LRU) and each
+call's input copies, replay, output clone and bad-id flag read, so concurrent calls return what serial calls return
+(they run one at a time). A call's work is issued on the caller's current CUDA stream; a call on another stream than
+the runner's previous call first waits for that call on the device. Outputs are fresh tensors, never views of a
+runner's buffers. A runner is cached only once built and captured: an error, an out-of-memory error (re-raised naming
+the call shape and its buffers' size) or a KeyboardInterrupt leaves the cache as it was and the caller's stream
+current.
+
 ``dualfuse.fuse(model)`` wraps this executor in :class:`dualfuse.executors.dropin.FusedModel`, a drop-in
 with the source model's calls.
 

@@ -3,7 +3,9 @@ shape, text-length buckets, warmup, uint8 frames, and SigLIP2 NaFlex per-grid ex
 from __future__ import annotations
 
 import bisect
+import threading
 import time
+import traceback
 import warnings
 from collections import OrderedDict
 
@@ -37,6 +39,9 @@ def unsupported_reason(spec: DualEncoderSpec, dtype: torch.dtype, device: torch.
 
 @register("fused")
 class FusedExecutor(Executor):
+    """Both towers as one stream of fused launches per call shape (package docstring). Safe to call from several
+    threads and under any CUDA stream: see the package docstring for the contract."""
+
     stock = False
     uses_source_model = False
     notes = "horizontally fused Triton launches, one CUDA graph"
@@ -64,6 +69,10 @@ class FusedExecutor(Executor):
         self.text_buckets, self.text_pad_id, self.text_buckets_off = self._resolve_text_buckets(text_buckets)
         # first-call time (building the runner, capturing its graph) per runner key, in seconds
         self.build_times: dict[tuple, float] = {}
+        # one lock per executor (shared with its NaFlex grid executors): a call holds it from the runner lookup
+        # (build, capture, LRU) through input copies, replay, output clone and the bad-id flag read, so calls from
+        # several threads give what serial calls give. Reentrant: a NaFlex call runs its grid executors under it.
+        self._lock = threading.RLock()
         self._grid: tuple[int, int] | None = None  # NaFlex: the patch grid of a per-grid child executor
         if max_graphs < 1:
             raise ValueError(f"max_graphs must be >= 1, got {max_graphs}")
@@ -121,6 +130,15 @@ class FusedExecutor(Executor):
         self.__dict__.pop("_source", None)
         if warmup is not None:
             self.warmup(warmup)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("_lock", None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
 
     def _fall_back(self, reason: str, allowed: bool):
         """Run the source model with the CUDA graph executor (eager where there is no CUDA: the tests' case)."""
@@ -275,26 +293,103 @@ class FusedExecutor(Executor):
         if pixels == "uint8" and self.frame_patch is None:
             raise ValueError("pixel_values: uint8 frames are not supported for SigLIP2 NaFlex models; run the model's "
                              "image processor and pass its patch sequences")
-        key = self.runner_key(image_batch, text_batch, text_len, pixels)
-        text_len = key[2]
-        r = self.runners.get(key)
-        if r is None:
-            t0 = time.perf_counter()
+        with self._lock:
+            key = self.runner_key(image_batch, text_batch, text_len, pixels)
+            r = self.runners.get(key)
+            if r is not None:
+                self.runners.move_to_end(key)
+                if capture and r.wants_graph and r.graph is None:  # built by the coverage check or capture=False
+                    try:
+                        r._capture()
+                    except BaseException as e:
+                        self._drop(key)
+                        self._raise_oom(e, key)
+                        raise
+                return r
+            return self._build_runner(key, capture)
+
+    def _build_runner(self, key: tuple, capture: bool) -> Runner:
+        """Build (and capture) the runner of ``key``; cached only once complete: an error or an interrupt (OOM,
+        KeyboardInterrupt) while building or capturing leaves the cache as it was."""
+        image_batch, text_batch, text_len = key[:3]
+        pixels = key[3] if len(key) == 4 else "float"
+        rkey = key if self._grid is None else key + ("grid %dx%d" % self._grid,)
+        t0 = time.perf_counter()
+        r = None
+        try:
             try:
                 r = Runner(self, image_batch, text_batch, text_len, pixels)
             except ValueError as e:  # coverage was settled at fuse(); only input sizes can get here
                 raise ValueError(f"fused: a call of {image_batch} image(s) and {text_batch} text(s) of length "
                                  f"{text_len} is outside what the kernels cover: {e}") from None
-            r.key = key if self._grid is None else key + ("grid %dx%d" % self._grid,)
-            self.build_times[r.key] = time.perf_counter() - t0
-            self.runners[key] = r
-            while len(self.runners) > self.max_graphs:
-                self.runners.popitem(last=False)
-        else:
-            self.runners.move_to_end(key)
-        if capture and r.wants_graph and r.graph is None:
-            r._capture()
+            r.key = rkey
+            self.build_times[rkey] = time.perf_counter() - t0
+            if capture and r.wants_graph:
+                r._capture()
+        except BaseException as e:
+            self.build_times.pop(rkey, None)
+            del r  # its buffers (and any graph) go now, before the OOM message reads free memory
+            self._raise_oom(e, key)
+            raise
+        self.runners[key] = r
+        while len(self.runners) > self.max_graphs:
+            self._drop(next(iter(self.runners)))
         return r
+
+    def _drop(self, key: tuple) -> None:
+        """Take a runner out of the cache (its buffers and graph are freed once no call holds it)."""
+        r = self.runners.pop(key, None)
+        if r is not None:
+            r.release()
+
+    def _raise_oom(self, e: BaseException, key: tuple) -> None:
+        """An out-of-memory error while building or capturing a runner -> the same error type, naming the call
+        shape and the memory its buffers need (and what the device has free)."""
+        if not isinstance(e, torch.OutOfMemoryError):
+            return
+        images, texts, n = key[:3]
+        what = f"{images} image(s)" + (" (uint8 frames)" if len(key) == 4 else "")
+        what += f" and {texts} text(s) of length {n}" if texts else ""
+        if self._grid is not None:
+            what += " at patch grid %dx%d" % self._grid
+        need = self.runner_bytes(*key)
+        # the frames of the failed build hold the half-built buffers until this error is dropped: let them go now
+        traceback.clear_frames(e.__traceback__)
+        free = ""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # the half-built runner's blocks: back to the device for the next try
+            f, total = torch.cuda.mem_get_info(self.device)
+            free = f"; {f / 2**20:.0f} MiB of {total / 2**20:.0f} MiB free on {self.device} now"
+        raise torch.OutOfMemoryError(
+            f"fused: out of memory building the runner (buffers and CUDA graph) of a call of {what}: its buffers "
+            f"need about {need / 2**20:.1f} MiB{free}. Nothing was cached: free memory, call with a smaller batch, or "
+            f"lower max_graphs (now {self.max_graphs}; each cached runner keeps its buffers). ({e})") from e
+
+    def runner_bytes(self, image_batch: int, text_batch: int, text_len: int | None, pixels: str = "float") -> int:
+        """Bytes of the static buffers a runner of this call shape holds (counted on the meta device; the kernels'
+        small metadata tables and split-K workspaces not included)."""
+        from .buffers import _TowerBuffers
+
+        key = self.runner_key(image_batch, text_batch, text_len, pixels)
+        spec, meta = self.spec, torch.device("meta")
+        total = (image_batch + text_batch) * spec.embed_dim * torch.finfo(self.dtype).bits // 8  # the output
+        out = torch.empty(image_batch + text_batch, spec.embed_dim, dtype=self.dtype, device=meta)
+        towers = []
+        if image_batch:
+            towers.append(_TowerBuffers(spec.vision, image_batch, spec.vision.seq_len, self.dtype, meta,
+                                        out[:image_batch], self.residual_dtype, self.fold_ln, pixels))
+        if text_batch:
+            towers.append(_TowerBuffers(spec.text, text_batch, key[2], self.dtype, meta, out[image_batch:],
+                                        self.residual_dtype, self.fold_ln))
+        seen = {id(out)}
+        for b in towers:
+            for v in vars(b).values():
+                if isinstance(v, torch.Tensor):
+                    v = v if v._base is None else v._base  # views (uint8 frames, output rows): their storage once
+                    if id(v) not in seen:
+                        seen.add(id(v))
+                        total += v.numel() * v.element_size()
+        return total
 
     def warmup(self, shapes) -> dict:
         """Build (and on CUDA capture) the runners of these call shapes now, so that no user call pays for it:
@@ -333,6 +428,12 @@ class FusedExecutor(Executor):
             raise ValueError(f"warmup: {len(set(keys))} distinct runners (after text buckets) but max_graphs="
                              f"{self.max_graphs} keeps fewer; raise max_graphs or warm fewer shapes")
         out = {}
+        with self._lock:
+            out = self._warm(target, shapes, keys)
+        return out
+
+    def _warm(self, target, shapes, keys) -> dict:
+        out = {}
         for s, key in zip(shapes, keys):
             r = target.runner(key[0], key[1], key[2], pixels=key[3] if len(key) == 4 else "float")
             if not r.wants_graph and self.device.type == "cuda":  # no graph: compile the kernels now
@@ -358,7 +459,8 @@ class FusedExecutor(Executor):
         except ValueError as e:
             return f"a kernel launcher refuses it ({e})"
         finally:
-            self.runners.clear()
+            for key in list(self.runners):
+                self._drop(key)
             self.build_times.clear()
         return None
 
@@ -376,7 +478,12 @@ class FusedExecutor(Executor):
         if isinstance(px, PatchSequence):
             return self._encode_naflex(px, ids)
         pixels = "uint8" if px.dtype == torch.uint8 else "float"
-        return self.runner(px.shape[0], ids.shape[0], ids.shape[1], pixels=pixels)(px, ids, self.check_ids)
+        with self._lock:
+            img, txt, pending = self.runner(px.shape[0], ids.shape[0], ids.shape[1], pixels=pixels).run(
+                px, ids, self.check_ids)
+        if pending is not None:  # waits for this call's work, outside the lock
+            pending.check()
+        return img, txt
 
     def _encode_image(self, px):
         if self.fallback is not None:
@@ -384,12 +491,17 @@ class FusedExecutor(Executor):
         if isinstance(px, PatchSequence):
             return self._encode_naflex(px, None)[0]
         pixels = "uint8" if px.dtype == torch.uint8 else "float"
-        return self.runner(px.shape[0], 0, self.spec.text.context_length, pixels=pixels)(px, None)[0]
+        with self._lock:
+            return self.runner(px.shape[0], 0, self.spec.text.context_length, pixels=pixels).run(px, None)[0]
 
     # -- SigLIP2 NaFlex (executors/_naflex.py) ---------------------------------------------------------------
     def _grid_executor(self, h: int, w: int) -> "FusedExecutor":
         """This executor at one fixed (h, w) patch grid: the same weights and options, the positions resized to
         the grid (once), runners of its own. Kept in an LRU of max_graphs grids."""
+        with self._lock:
+            return self._grid_child(h, w)
+
+    def _grid_child(self, h: int, w: int) -> "FusedExecutor":
         from ...reference import naflex_pos_embedding
         from .._naflex import grid_spec
 
@@ -404,7 +516,9 @@ class FusedExecutor(Executor):
             child.runners, child._grids, child._grid = OrderedDict(), None, (h, w)
             self._grids[key] = child
             while len(self._grids) > self.max_graphs:
-                self._grids.popitem(last=False)
+                _, old = self._grids.popitem(last=False)
+                for k in list(old.runners):
+                    old._drop(k)
         else:
             self._grids.move_to_end(key)
         return child
@@ -412,10 +526,16 @@ class FusedExecutor(Executor):
     def _encode_naflex(self, seq: PatchSequence, ids):
         """Images grouped by patch grid, one fixed-resolution call per group (the text tower rides with the
         first); embeddings put back in the caller's order."""
-        from .._naflex import as_image, grid_groups
+        from .._naflex import grid_groups
+
+        groups = grid_groups(seq)  # reads the grids back to the host: before taking the lock
+        with self._lock:  # the grid executors share it (reentrant): one call's groups run together
+            return self._encode_groups(seq, ids, groups)
+
+    def _encode_groups(self, seq: PatchSequence, ids, groups):
+        from .._naflex import as_image
 
         emb = self.spec.vision.embed
-        groups = grid_groups(seq)
         if len(groups) == 1:
             (h, w), _ = groups[0]
             px = as_image(seq.pixel_values, h, w, emb.patch_size, emb.channels)
@@ -437,4 +557,8 @@ class FusedExecutor(Executor):
     def _encode_text(self, ids):
         if self.fallback is not None:
             return self.fallback._encode_text(ids)
-        return self.runner(0, ids.shape[0], ids.shape[1])(None, ids, self.check_ids)[1]
+        with self._lock:
+            _, txt, pending = self.runner(0, ids.shape[0], ids.shape[1]).run(None, ids, self.check_ids)
+        if pending is not None:  # waits for this call's work, outside the lock
+            pending.check()
+        return txt

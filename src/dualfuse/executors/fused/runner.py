@@ -53,6 +53,9 @@ class Runner:
                                  f"launch to finish them (plan and executor out of sync)")
         self.embed_op = self.ops[[s.kind for s in self.plan.stages].index("embed")]
         self.graph = None  # captured at the first call (fuse() builds runners only to check coverage)
+        self._last_stream = None  # CUDA: the stream of the last call (the next call on another stream waits on it)
+        # CUDA: the stream the buffers were allocated on (the caching allocator reuses them there once freed)
+        self._home = torch.cuda.current_stream(ex.device) if ex.device.type == "cuda" else None
         self.wants_graph = ex.device.type == "cuda" and ex.use_graph
 
     # -- building ----------------------------------------------------------------------------------------
@@ -112,30 +115,73 @@ class Runner:
         # quantized weights (dualfuse.quantize): the GEMM problem gets its weight's per-channel scales
         return problem if self.ex.quant is None else self.ex.quant.attach(problem)
 
+    def release(self) -> None:
+        """Leaving the cache: the buffers go back to PyTorch's caching allocator, which reuses them for work on the
+        stream they were made on; if the last call ran on another stream, that stream waits for it first."""
+        if self._last_stream is not None and self._last_stream != self._home:
+            self._home.wait_stream(self._last_stream)
+        self._last_stream = None
+
     # -- running -----------------------------------------------------------------------------------------
     def launch_all(self):
         for op in self.ops:
             op()
 
     def _capture(self):
+        """Warm up (compiles every kernel outside the capture), then capture the launches into one graph. A failure
+        or interrupt anywhere leaves no graph (``self.graph`` stays None, the next call captures again) and the
+        caller's current stream restored (torch.cuda.graph leaves its capture stream current when ending a
+        broken capture raises)."""
         dev = self.ex.device
         t0 = time.perf_counter()
-        stream = torch.cuda.Stream(dev)
-        stream.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(stream):
-            self.launch_all()  # warm-up: compiles every kernel outside the capture
-        torch.cuda.current_stream(dev).wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.launch_all()
-        torch.cuda.synchronize(dev)
+        caller = torch.cuda.current_stream(dev)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            stream = torch.cuda.Stream(dev)
+            stream.wait_stream(caller)
+            with torch.cuda.stream(stream):
+                self.launch_all()
+            caller.wait_stream(stream)
+            # thread_local: CUDA calls of the caller's other threads (preprocessing, other models) stay legal
+            # during this capture; this executor's own calls wait on its lock
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                self.launch_all()
+            torch.cuda.synchronize(dev)
+        except BaseException:
+            if torch.cuda.current_stream(dev) != caller:
+                torch.cuda.set_stream(caller)
+            del graph
+            raise
+        self.graph = graph
+        self._last_stream = None
         if self.key is not None:  # first-call time: building the runner, then this capture
             times = self.ex.build_times
             times[self.key] = times.get(self.key, 0.0) + time.perf_counter() - t0
 
     def __call__(self, px, ids, check_ids: bool = True):
+        """One call: :meth:`run`, then the token-id check (waits for this call's work)."""
+        img, txt, pending = self.run(px, ids, check_ids)
+        if pending is not None:
+            pending.check()
+        return img, txt
+
+    def run(self, px, ids, check_ids: bool = True):
+        """Copy the inputs in, run (replay the graph), clone the embeddings out: all on the caller's current
+        stream, so inputs made on that stream are read after they are written and the outputs are ready on it.
+        Returns ``(image embeds or None, text embeds or None, pending id check or None)``. The caller
+        (FusedExecutor) holds the executor's lock and calls ``pending.check()`` after releasing it: on CUDA the
+        embedding kernel's bad-id flag is copied to the host asynchronously and zeroed in stream order here, so
+        the wait for it does not hold the lock (other threads enqueue their calls meanwhile). On CPU the flag is
+        read here."""
         if self.wants_graph and self.graph is None:
             self._capture()
+        if self.ex.device.type == "cuda":
+            cur = torch.cuda.current_stream(self.ex.device)
+            if self._last_stream is not None and cur != self._last_stream:
+                # the previous call ran on another stream and may still read these static buffers (or write the
+                # output it clones): order this call after it, on the device (no host sync)
+                cur.wait_stream(self._last_stream)
+            self._last_stream = cur
         if px is not None:
             # [B, C, H, W] (uint8 frames: a view of the channels-last buffer, which copy_ fills from either
             # layout); a NaFlex call gives a [B, C, h, p, w, p] view
@@ -157,13 +203,41 @@ class Runner:
         else:
             self.launch_all()
         out = self.output.clone()
+        pending = None
         if check_ids and ids is not None:
-            # the embedding kernel flagged ids outside the vocabulary (on the device, no sync before the forward);
-            # reading the flag waits for this call's work, which the caller is about to use anyway
-            self.embed_op.raise_on_bad_ids()
+            # the embedding kernel flagged ids outside the vocabulary (on the device, no sync before the forward)
+            if self.ex.device.type == "cuda":
+                pending = _PendingIdCheck(self.embed_op, ids, cur)
+            else:
+                self.embed_op.raise_on_bad_ids()
         img = out[:self.image_batch] if "vision" in self.buf else None
         txt = out[self.image_batch:] if "text" in self.buf else None
-        return img, txt
+        return img, txt, pending
+
+
+class _PendingIdCheck:
+    """One call's bad-id flag on its way to the host: copied into pinned memory and zeroed on the device, both in
+    stream order right after the call's launches (so the next call, whatever thread makes it, starts from a clean
+    flag); :meth:`check` waits for the copy only and raises as Embeddings.raise_on_bad_ids does."""
+
+    __slots__ = ("flag", "done", "ids", "vocab")
+
+    def __init__(self, embed_op, ids: torch.Tensor, stream):
+        self.flag = torch.empty(1, dtype=torch.int32, pin_memory=True)
+        self.flag.copy_(embed_op.bad_ids, non_blocking=True)
+        embed_op.bad_ids.zero_()
+        self.done = torch.cuda.Event()
+        self.done.record(stream)
+        self.ids = ids  # the caller's ids (the runner's buffer may hold the next call's by the time of check())
+        self.vocab = int(embed_op.token_problems[0].token_weight.shape[0])
+
+    def check(self) -> None:
+        self.done.synchronize()
+        if not int(self.flag[0]):
+            return
+        lo, hi = torch.aminmax(self.ids)
+        raise ValueError(f"input_ids: token ids out of the vocabulary (expected ids in [0, {self.vocab})); got ids "
+                         f"in [{int(lo)}, {int(hi)}] for a table of {self.vocab}")
 
 
 # ------------------------------------------------------------------------------------------- stage builders
