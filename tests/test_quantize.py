@@ -53,7 +53,10 @@ def _assert_only_quantized_gemm_weights(ex, fmt=torch.int8):
             lin = getattr(owner, attr)
             if lin is not None:
                 assert lin.weight.dtype == fmt, f"{name}.{attr}: {lin.weight.dtype}"
+                assert lin.weight.device.type == ex.device.type
+                assert lin.bias is None or lin.bias.dtype == ex.dtype  # biases stay in the model dtype
                 n += 1
+        assert getattr(ex.weights, name).final_ln.weight.dtype == ex.dtype
     for key, (w, _, norm) in ex.folded.items():
         assert w.dtype == fmt, f"folded {key}: {w.dtype}"
         n += 1

@@ -120,6 +120,22 @@ def _linears(tower):
             yield tower.pool_head, name
 
 
+def to_device_but_gemm_weights(spec, device, dtype):
+    """``spec.to(device, dtype)`` except the GEMM weights, which stay the source's tensors (quantize_executor
+    replaces them with their quantized copies): no transient 16-bit copy of them on the device."""
+    keep = {id(getattr(o, a).weight) for name in ("vision", "text") for o, a in _linears(getattr(spec, name))}
+
+    def move(t: torch.Tensor) -> torch.Tensor:
+        if id(t) in keep:
+            return t
+        t = t.detach()
+        if t.is_floating_point():
+            t = t.to(dtype)
+        return t.to(device).contiguous()
+
+    return spec.map_tensors(move)
+
+
 def quantize_executor(ex) -> QuantizedWeights:
     """Quantize a fused executor's linear weights in place (``ex.weights``, ``ex.folded``, SigLIP's ``map_kv``):
     each from the fp32 source (``ex.spec``; folded ones from their fp32 fold), the 16-bit device copy dropped.

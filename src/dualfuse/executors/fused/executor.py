@@ -159,7 +159,12 @@ class FusedExecutor(Executor):
         self.notes = f"FALLBACK to {Fallback.name}: {reason}"
 
     def _prepare_weights(self):
-        self.weights = self.spec.to(self.device, self.dtype)
+        if self.weight_format == "fp16":
+            self.weights = self.spec.to(self.device, self.dtype)
+        else:  # the GEMM weights go to the device quantized only (quantize_executor, below)
+            from ...quantize import to_device_but_gemm_weights
+
+            self.weights = to_device_but_gemm_weights(self.spec, self.device, self.dtype)
         emb = self.spec.vision.embed
         self.frame_patch = None  # (weight, bias) of the patch embedding for uint8 frames: mean/std folded in
         if emb.pos_grid is None:  # NaFlex takes patch sequences, never frames
@@ -172,7 +177,7 @@ class FusedExecutor(Executor):
             d = self.weights.vision.width
             # The probe's query projection does not depend on the input: compute it once here.
             wq, bq = head.qkv.weight[:d], head.qkv.bias[:d] if head.qkv.bias is not None else None
-            self.map_query = F.linear(head.probe.float().view(1, d), wq.float(),
+            self.map_query = F.linear(head.probe.float().view(1, d), wq.to(self.device).float(),
                                       bq.float() if bq is not None else None).to(self.dtype).contiguous()
             self.map_kv_weight = head.qkv.weight[d:].contiguous()
             self.map_kv_bias = head.qkv.bias[d:].contiguous() if head.qkv.bias is not None else None
