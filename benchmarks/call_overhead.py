@@ -28,7 +28,8 @@ def main(argv=None) -> int:
 
     import dualfuse
     from dualfuse import executors
-    from dualfuse.bench import random_inputs, time_calls
+    from dualfuse.bench import random_inputs
+    from dualfuse.timing import time_calls
 
     dev = torch.device("cuda")
     model = dualfuse.load(args.model)

@@ -1,7 +1,7 @@
 """A/B of the fused executor's options in ONE process: LayerNorm folded into the GEMMs (vertical fusion, off by
 default) on/off, programmatic dependent launch on/off, next to the two-branch CUDA graph executor as the stock baseline.
 
-Every variant is timed like `dualfuse bench` times an executor (bench.time_calls: CUDA events around each
+Every variant is timed like `dualfuse bench` times an executor (dualfuse.timing.time_calls: CUDA events around each
 `encode` call, synchronized per call, inputs rotated), in rounds that interleave the variants so clock or
 thermal drift hits all of them alike. Each variant's output is checked against the fp32 reference first.
 
@@ -24,6 +24,9 @@ VARIANTS = {  # name: (executor, kwargs)
     "fused-fold-nopdl": ("fused", {"fold_ln": True, "pdl": False}),
     "fused-res32": ("fused", {"residual_dtype": torch.float32}),  # residual stream in fp32, not the model dtype
     "fused-nodefer": ("fused", {"defer_split_reduce": False}),  # split-K reduced in the GEMM, not the next LN
+    # the sm_80 / sm_87 (Jetson Orin) path on a Hopper card: no PDL, no TMA loads; LayerNorms apart or folded
+    "fused-notma-nopdl": ("fused", {"pdl": False, "fold_ln": False, "gemm_config": {"tma": False}}),
+    "fused-notma-nopdl-fold": ("fused", {"pdl": False, "fold_ln": True, "gemm_config": {"tma": False}}),
 }
 
 
@@ -41,7 +44,9 @@ def main(argv=None) -> int:
 
     import dualfuse
     from dualfuse import executors, reference
-    from dualfuse.bench import cosine_check, environment, random_inputs, time_calls
+    from dualfuse.bench import cosine_check, random_inputs
+    from dualfuse.environment import environment
+    from dualfuse.timing import time_calls
 
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [n for n in names if n not in VARIANTS]

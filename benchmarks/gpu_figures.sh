@@ -6,6 +6,8 @@
 #   bash benchmarks/gpu_figures.sh C    # GPU tests
 #   bash benchmarks/gpu_figures.sh D    # drop-in: text-length stream with buckets, first calls, uint8 frames, memory
 #   bash benchmarks/gpu_figures.sh M1   # README's model table, smaller models (M2: the larger ones)
+#   bash benchmarks/gpu_figures.sh P    # end to end at an older commit ($OLD) and at this one, alternating
+#   bash benchmarks/gpu_figures.sh E    # edge regime: int8 weights, the soak, the real-time loop
 # JSON and logs are written to /tmp/dualfuse-results and packed into ${OUT:-out}/results-<part>.tar.gz after every
 # step (a run cut off by its time limit still leaves the archive). File them under
 # benchmarks/results/<card>-<date>/ (see benchmarks/README.md).
@@ -54,7 +56,24 @@ elif [ "$PART" = M1 ]; then
   step ${MODELS_S:-500} python3 benchmarks/models.py --out "$R/models" --models clip-vit-b-32,clip-vit-b-16,siglip-base-patch16-224,siglip-base-patch16-256,siglip-base-patch16-384,siglip2-base-patch16-naflex,open_clip:ViT-B-32,open_clip:ViT-B-16-SigLIP,open_clip:RN50,siglip-so400m-patch14-384
 elif [ "$PART" = M2 ]; then
   step ${MODELS_S:-560} python3 benchmarks/models.py --out "$R/models" --models clip-vit-l-14,clip-vit-l-14-336,siglip-large-patch16-256,metaclip2-worldwide-huge-quickgelu,clip-vit-h-14,clip-vit-bigg-14
+elif [ "$PART" = P ]; then
+  # 10. the refactor kept the numbers: end to end at an older commit (its src/ and benchmarks/ unpacked into
+  #     $OLD, e.g. `git archive f471400 src benchmarks | tar x -C .old`) and at this one, alternating, same machine
+  OLD=${OLD:-.old}
+  for round in 1 2; do
+    step 100 env PYTHONPATH=$OLD/src python3 $OLD/benchmarks/e2e.py --cases b32-1,siglip-1 --executors graph,fused --out "$R/proof-old-$round"
+    step 100 python3 benchmarks/e2e.py --cases b32-1,siglip-1 --executors graph,fused --out "$R/proof-new-$round"
+  done
+elif [ "$PART" = E ]; then
+  # 11. the edge regime: int8 weights (weight streaming + end to end), the soak, the real-time loop
+  step 240 python3 benchmarks/int8.py --json "$R/int8.json"
+  step 150 python3 benchmarks/soak.py --model clip-vit-b-32 --calls ${SOAK_CALLS:-10000} --out "$R/soak"
+  for m in clip-vit-b-32 siglip-base-patch16-224; do
+    for w in fp16 int8; do
+      step 60 python3 -m dualfuse.cli stream --model $m --synthetic 300 --weights $w --prompts "a dog,a cat,a car,a person" --json "$R/stream-$m-$w.json" --out "$R/stream-$m-$w"
+    done
+  done
 else
-  echo "unknown part '$PART': expected A, B, C, D, M1 or M2" >&2; exit 2
+  echo "unknown part '$PART': expected A, B, C, D, E, M1, M2 or P" >&2; exit 2
 fi
 echo "=== done $(date +%T)"

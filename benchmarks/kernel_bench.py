@@ -52,6 +52,8 @@ if not HAS_CUDA:
 
 import _shapes  # noqa: E402  (benchmarks/_shapes.py)
 
+from dualfuse import timing  # noqa: E402
+
 # name: (vision (width, tokens, mlp), text (width, tokens, mlp), activation), read from the dualfuse presets
 # (_shapes.PRESETS: clip-vit-b-32, clip-vit-b-16, clip-vit-l-14, siglip-base-patch16-224) on the meta device
 MODELS = {name: _shapes.gemm_shapes(name) for name in _shapes.PRESETS}
@@ -257,41 +259,6 @@ def check_variant(name, towers, layers, tol=1e-2):
     return errs
 
 
-def time_graph(layers, replays, warmup=10):
-    """Capture all layers' launches in one CUDA graph; per-replay times (µs) over `replays` replays."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm-up outside capture (compiles, cuBLAS handles/workspaces)
-        for ops in layers:
-            for op in ops:
-                op()
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for ops in layers:
-            for op in ops:
-                op()
-    # warm up for >= 30 ms: clocks drop while the host compiles, and a few replays don't bring them back
-    t_end = datetime.datetime.now() + datetime.timedelta(milliseconds=30)
-    n = 0
-    while n < warmup or datetime.datetime.now() < t_end:
-        graph.replay()
-        n += 1
-        if n % 10 == 0:
-            torch.cuda.synchronize()
-    torch.cuda.synchronize()
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(replays)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(replays)]
-    for s, e in zip(starts, ends):
-        s.record()
-        graph.replay()
-        e.record()
-    torch.cuda.synchronize()
-    del graph
-    return [s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends)]
-
-
 def ceilings(dtype, quick):
     """Measured device ceilings: copy bandwidth (bytes read + written per s) and matmul FLOP rate."""
     n = (256 if quick else 1024) * 2**20
@@ -302,18 +269,9 @@ def ceilings(dtype, quick):
     b = torch.randn(n_mm, n_mm, device="cuda", dtype=dtype)
     c = torch.empty(n_mm, n_mm, device="cuda", dtype=dtype)
 
-    def med(fn, reps):
+    def med(fn, reps):  # seconds, median of reps after one untimed call
         fn()
-        torch.cuda.synchronize()
-        ts = []
-        for _ in range(reps):
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            fn()
-            e.record()
-            e.synchronize()
-            ts.append(s.elapsed_time(e) * 1e-3)
-        return statistics.median(ts)
+        return timing.stats(timing.time_calls(lambda i: fn(), reps, "cuda"))["median_ms"] * 1e-3
 
     t_copy = med(lambda: dst.copy_(src), 10 if quick else 30)
     t_mm = med(lambda: torch.mm(a, b, out=c), 5 if quick else 20)
@@ -354,7 +312,7 @@ def run_case(model, spec, batch, dtype, args, ceil, variants):
         if HAS_CUDA:
             replays = args.replays or (30 if args.quick else 200)
             try:
-                ts = [t / n_layers for t in time_graph(layers, replays)]
+                ts = [ms * 1e3 / n_layers for ms in timing.time_graph(layers, replays)]  # µs per layer
             except Exception as e:
                 traceback.print_exc()
                 rows.append(dict(row, error=f"{type(e).__name__}: {e}"))

@@ -42,10 +42,6 @@ MODELS = [  # (row label, dualfuse.load name)
 ]
 
 
-def _slug(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "-" for c in name)
-
-
 def _load(name: str, device):
     from dualfuse import presets
 
@@ -61,7 +57,8 @@ def _params_gb(model) -> float:
 
 def run_one(label: str, name: str, iters: int, device) -> dict:
     from dualfuse import executors
-    from dualfuse.bench import cosine_check, random_inputs, stats
+    from dualfuse.bench import cosine_check, random_inputs
+    from dualfuse.timing import stats
     from dualfuse.adapters import family_of, model_io
     from dualfuse.executors.base import source_forward
 
@@ -173,7 +170,8 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("benchmarks/models.py needs a CUDA GPU", file=sys.stderr)
         return 2
-    from dualfuse.bench import environment
+    from dualfuse.environment import environment
+    from dualfuse.util import slug
 
     device = torch.device("cuda", torch.cuda.current_device())
     wanted = [m.strip() for m in args.models.split(",")] if args.models else [n for _, n in MODELS]
@@ -193,7 +191,7 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()
         row["wall_s"] = time.time() - t0
         rows.append(row)
-        with open(os.path.join(args.out, f"{_slug(name)}.json"), "w") as f:
+        with open(os.path.join(args.out, f"{slug(name, keep='_.-')}.json"), "w") as f:
             json.dump(dict(env=env, row=row), f, indent=1)
         print(f"{name}: {row.get('status', 'error')} {row.get('error', '')} in {row['wall_s']:.0f} s · "
               f"fused {(row.get('fused_ms') or {}).get('median_ms')} ms · graph {(row.get('graph_ms') or {}).get('median_ms')} ms"

@@ -20,11 +20,10 @@ import torch
 import triton
 import triton.language as tl
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
-from kernel_bench import time_graph  # noqa: E402  (benchmarks/kernel_bench.py: capture once, replay, CUDA events)
 
 from dualfuse.kernels._utils import gdc_launch, gdc_wait, pdl_supported  # noqa: E402
+from dualfuse.timing import time_graph  # noqa: E402  (capture once, replay, CUDA events)
 
 
 @triton.jit
@@ -103,7 +102,7 @@ def main(argv=None) -> int:
         variants["persistent-flag"] = lambda: _persistent_kernel[(P,)](buf, cnt, P, PHASES=N, GLOBAL=False)
         for name, fn in variants.items():
             buf.zero_()
-            us = statistics.median(time_graph([[fn]], replays=200))
+            us = statistics.median(time_graph([[fn]], replays=200)) * 1e3
             if name.startswith("persistent"):  # each phase read the previous phase's value: the last one is N
                 buf.zero_()
                 fn()

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from dualfuse import cli, executors, reference
-from dualfuse.bench import random_inputs, stats, time_calls
+from dualfuse.bench import random_inputs
+from dualfuse.timing import stats, time_calls
 
 HAS_CUDA = torch.cuda.is_available()
 FAST = ["--model", "clip-tiny", "--iters", "3", "--warmup", "1", "--no-progress"]
@@ -114,7 +115,7 @@ def test_cli_offers_listed_subcommands_and_reports_broken_imports(tmp_path, caps
         '"""Say hello."""\ndef add_arguments(p):\n    p.add_argument("--who", default="world")\n'
         'def run(args):\n    print("hello", args.who)\n    return 0\n')
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(cli, "SUBCOMMANDS", {"bench": "dualfuse.bench", "hello": "df_hello_cmd",
+    monkeypatch.setattr(cli, "SUBCOMMANDS", {"bench": "dualfuse.cli.bench", "hello": "df_hello_cmd",
                                              "broken": "df_broken_cmd"})
     helptext = cli.build_parser().format_help()
     assert "bench" in helptext and "hello" in helptext and "Say hello." in helptext

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from dualfuse import bench, cli, presets, report
+from dualfuse.cli import bench as bench_cli
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures", "report")
 
@@ -96,7 +97,7 @@ def test_bad_argument_names_the_flag(capsys):
 
 
 def test_unexpected_errors_keep_their_traceback(monkeypatch):
-    from dualfuse import plan
+    from dualfuse.cli import plan
 
     def boom(args):
         raise RuntimeError("a bug")
@@ -153,7 +154,7 @@ def test_plan_text_length_flag(capsys):
 
 
 def test_only_existing_commands_are_offered():
-    assert set(cli.SUBCOMMANDS) == {"bench", "plan", "profile", "eval", "report"}
+    assert set(cli.SUBCOMMANDS) == {"bench", "plan", "profile", "eval", "report", "stream"}
     helptext = cli.build_parser().format_help()
     assert "not written" not in helptext and "unavailable" not in helptext
 
@@ -187,7 +188,7 @@ def test_bench_table_labels_and_footer():
     rows = _fixture_rows()
     eager, best = bench.add_speedups(rows)
     console = Console(width=250, record=True)
-    bench._print_table(console, rows, best, True, 100, 10, 4)
+    bench_cli.print_table(console, rows, best, True, 100, 10, 4)
     text = console.export_text()
     assert "speedup vs eager ×" in text and "speedup vs best stock ×" in text
     assert "speedup × = baseline median / this median, bigger is better" in text and "(here: graph)" in text
@@ -271,13 +272,13 @@ def test_recorded_commands_have_no_private_flags_or_temp_paths(monkeypatch):
     assert cli.user_command(None, "eval") == "dualfuse eval"
     # a `bench --sms` child records the parent's command and not the temporary --json
     args = argparse.Namespace(_argv=argv, _in_green_context=8, json="/tmp/dualfuse-sms-x/sms-8.json", model="m")
-    monkeypatch.setenv(bench.SWEEP_COMMAND_ENV, "dualfuse bench --model m --sms 8,full --json out.json")
-    assert bench._recorded_command(args) == "dualfuse bench --model m --sms 8,full --json out.json"
-    assert bench._recorded_args(args) == {"model": "m"}
-    monkeypatch.delenv(bench.SWEEP_COMMAND_ENV)
+    monkeypatch.setenv(bench_cli.SWEEP_COMMAND_ENV, "dualfuse bench --model m --sms 8,full --json out.json")
+    assert bench_cli._recorded_command(args) == "dualfuse bench --model m --sms 8,full --json out.json"
+    assert bench_cli._recorded_args(args) == {"model": "m"}
+    monkeypatch.delenv(bench_cli.SWEEP_COMMAND_ENV)
     plain = argparse.Namespace(_argv=["bench", "--json", "out.json"], _in_green_context=None, json="out.json")
-    assert bench._recorded_command(plain) == "dualfuse bench --json out.json"
-    assert bench._recorded_args(plain) == {"json": "out.json"}
+    assert bench_cli._recorded_command(plain) == "dualfuse bench --json out.json"
+    assert bench_cli._recorded_args(plain) == {"json": "out.json"}
     # report cleans what older files recorded
     old = "dualfuse bench --model m --batch 1 --json /tmp/dualfuse-sms-abc/sms-8.json --_in-green-context 8"
     assert report.clean_command(old) == "dualfuse bench --model m --batch 1"

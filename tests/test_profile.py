@@ -11,7 +11,7 @@ import dualfuse
 from dualfuse import executors
 from dualfuse.cli import main
 from dualfuse.profile import analyze as A
-from dualfuse.profile import capture as C
+from dualfuse.profile import attribution, ceilings, labels, matching, ncu, trace
 from dualfuse.profile import profile, report, write_compare
 from dualfuse.profile.analyze import Event
 
@@ -155,7 +155,7 @@ def test_classify(name, cls):
 # ============================================================================================ attribution (synthetic)
 
 def _trace(events):
-    return {"traceEvents": [dict(ph="X", pid=1, tid=1, **e) if e["cat"] not in C.DEVICE_CATS else dict(ph="X", **e)
+    return {"traceEvents": [dict(ph="X", pid=1, tid=1, **e) if e["cat"] not in trace.DEVICE_CATS else dict(ph="X", **e)
                             for e in events]}
 
 
@@ -186,7 +186,7 @@ def test_cuda_trace_attribution_by_correlation():
         _kernel("flash_fwd_kernel", 3, 40, 20), _kernel("elementwise_add", 4, 90, 20),
         _kernel("outside", 99, 300, 1),  # launched outside any profiled forward: dropped
     ])
-    ext = C.extract(tr, C.AttributionInfo(mode="full", device_type="cuda"))
+    ext = attribution.extract(tr, attribution.AttributionInfo(mode="full", device_type="cuda"))
     by = {e.name: e for e in ext.events}
     assert set(by) == {"copy_kernel", "gemm_kernel", "flash_fwd_kernel", "elementwise_add"}
     assert by["copy_kernel"].tower == "host" and by["copy_kernel"].cpu_op == "aten::copy_"
@@ -208,19 +208,19 @@ def test_cuda_graph_replay_matched_in_order():
     # the replay interleaves the two branches; names alone are ambiguous for 'gemm', durations decide
     replay = [ev("gemm", 0, 10.2, "unattributed"), ev("gemm", 1, 3.1, "unattributed"),
               ev("attn", 11, 5, "unattributed"), ev("ln", 12, 1, "unattributed"), ev("gemm", 16, 19, "unattributed")]
-    k, note = C.match_order(replay, [vision, text])
+    k, note = matching.match_order(replay, [vision, text])
     assert k == 5 and note is None
     assert [(e.tower, e.op) for e in replay] == [("vision", "qkv"), ("text", "qkv"), ("vision", "attn"),
                                                  ("text", "ln2"), ("vision", "fc1")]
     # one kernel more than the labelled run: matched prefix labelled, the rest left unattributed and reported
     replay = [ev(n, i, 1, "unattributed") for i, n in enumerate(["gemm", "attn", "gemm", "gemm", "ln", "extra"])]
-    k, note = C.match_order(replay, [vision, text])
+    k, note = matching.match_order(replay, [vision, text])
     assert k == 5 and "6 kernels" in note and "1 left unattributed" in note
     assert replay[-1].tower == "unattributed"
     # fused: one sequence, k-th kernel = k-th stage
     seq = [ref("k1", "both", 0, "qkv", 1), ref("k2", "both", 0, "attn", 1)]
     replay = [ev("k1", 0, 1, "unattributed"), ev("k2", 2, 1, "unattributed")]
-    assert C.match_order(replay, [seq]) == (2, None) and replay[1].op == "attn"
+    assert matching.match_order(replay, [seq]) == (2, None) and replay[1].op == "attn"
 
 
 def test_cuda_graph_replay_aligned_per_stream_when_names_differ():
@@ -233,7 +233,7 @@ def test_cuda_graph_replay_aligned_per_stream_when_names_differ():
     replay = [ev("gemmA", 0, 1, "unattributed", stream=13), ev("gemmA", 0.5, 1, "unattributed", stream=7),
               ev("attn", 2, 1, "unattributed", stream=7), ev("ln", 2.5, 1, "unattributed", stream=13),
               ev("gemmX", 4, 1, "unattributed", stream=7), ev("reduce", 5, 1, "unattributed", stream=7)]
-    k, note = C.match_order(replay, [vision, text])
+    k, note = matching.match_order(replay, [vision, text])
     assert k == 6 and "3 matched" not in note and "1 in the place" in note and "1 extra" in note
     got = [(e.name, e.tower, e.op) for e in replay]
     assert got == [("gemmA", "text", "qkv"), ("gemmA", "vision", "qkv"), ("attn", "vision", "attn"),
@@ -250,38 +250,38 @@ def test_short_names():
 def test_graph_launch_kernels_wait_for_order_attribution():
     tr = _trace([_ann("df:forward:0", 0, 50), _launch(1, 5, "cudaGraphLaunch_v10000"),
                  _kernel("gemm", 1, 10, 5), _kernel("ln", 1, 16, 2)])
-    ext = C.extract(tr, C.AttributionInfo(mode="full", device_type="cuda"))
+    ext = attribution.extract(tr, attribution.AttributionInfo(mode="full", device_type="cuda"))
     assert ext.events == [] and [e.name for e in ext.replay[0]] == ["gemm", "ln"]
 
 
 def test_labels_roundtrip():
-    assert C.parse_label(C.label("vision", 3, "qkv")) == dict(kind="op", tower="vision", layer=3, op="qkv")
-    assert C.parse_label(C.label("text", None, "proj")) == dict(kind="op", tower="text", layer=None, op="proj")
-    assert C.parse_label(C.label("text")) == dict(kind="tower", tower="text", layer=None, op=None)
-    assert C.parse_label("df:stage:12") == dict(kind="stage", stage=12)
-    assert C.parse_label("df:forward:2") == dict(kind="forward", iteration=2)
-    assert C.parse_label("aten::mm") is None
+    assert labels.parse_label(labels.label("vision", 3, "qkv")) == dict(kind="op", tower="vision", layer=3, op="qkv")
+    assert labels.parse_label(labels.label("text", None, "proj")) == dict(kind="op", tower="text", layer=None, op="proj")
+    assert labels.parse_label(labels.label("text")) == dict(kind="tower", tower="text", layer=None, op=None)
+    assert labels.parse_label("df:stage:12") == dict(kind="stage", stage=12)
+    assert labels.parse_label("df:forward:2") == dict(kind="forward", iteration=2)
+    assert labels.parse_label("aten::mm") is None
 
 
 def test_ncu_csv_and_missing(monkeypatch):
     text = ('==PROF== Connected\n"ID","Kernel Name","sm__warps_active.avg.pct_of_peak_sustained_active",'
             '"sm__throughput.avg.pct_of_peak_sustained_elapsed","dram__throughput.avg.pct_of_peak_sustained_elapsed"\n'
             '"","","%","%","%"\n"0","gemm_kernel","45.5","60.25","12"\n')
-    rows = C.parse_ncu_csv(text)
+    rows = ncu.parse_ncu_csv(text)
     assert rows == [dict(name="gemm_kernel", achieved_occupancy_pct=45.5, sm_throughput_pct=60.25,
                          dram_throughput_pct=12.0)]
-    monkeypatch.setattr(C.shutil, "which", lambda name: None)
-    r = C.run_ncu(["--model", "clip-tiny"], ["gemm_kernel"])
+    monkeypatch.setattr(ncu.shutil, "which", lambda name: None)
+    r = ncu.run_ncu(["--model", "clip-tiny"], ["gemm_kernel"])
     assert r["status"] == "missing" and "not installed" in r["message"]
-    assert C._ncu_base("void at::native::vectorized_elementwise_kernel<4, F>(int, F)") == "vectorized_elementwise_kernel"
+    assert ncu.base_name("void at::native::vectorized_elementwise_kernel<4, F>(int, F)") == "vectorized_elementwise_kernel"
 
 
 def test_ceilings_cached(tmp_path):
-    c1 = C.ceilings("cpu", torch.float32, directory=str(tmp_path))
+    c1 = ceilings.ceilings("cpu", torch.float32, directory=str(tmp_path))
     assert c1["source"] == "measured" and c1["peak_bw"] > 0 and c1["peak_flops"] > 0
-    c2 = C.ceilings("cpu", torch.float32, directory=str(tmp_path))
+    c2 = ceilings.ceilings("cpu", torch.float32, directory=str(tmp_path))
     assert c2["source"] == "cache" and c2["peak_bw"] == c1["peak_bw"] and c2["peak_flops"] == c1["peak_flops"]
-    c3 = C.ceilings("cpu", torch.float32, directory=str(tmp_path / "empty"), measure=False)
+    c3 = ceilings.ceilings("cpu", torch.float32, directory=str(tmp_path / "empty"), measure=False)
     assert c3["source"] == "unknown" and c3["peak_bw"] is None
 
 

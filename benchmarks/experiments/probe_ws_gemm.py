@@ -48,7 +48,7 @@ How to run
 GPU mode: ViT-B/32 batch-1 shapes (vision M=50, D=768, F=3072; text M=77, D=512, F=2048; --model ViT-L/14:
 257/1024/4096 and 77/768/3072), distinct random fp16 weights per layer (layers = max(12, 3 x L2 / layer
 weights), as benchmarks/kernel_bench.py), buffers and steps exactly as kernel_bench.py's 'fused' variant (its Tower
-class); one CUDA graph per variant; `time_graph` of benchmarks/kernel_bench.py -> median us per layer over --replays
+class); one CUDA graph per variant; `dualfuse.timing.time_graph` -> median us per layer over --replays
 (default 200). Each variant's layer-0 outputs are compared with GroupedLinear's (max abs error, fp16) and with
 an fp32 torch reference, before and after timing. A variant that fails to compile / run / check is recorded
 with its error and the run goes on. Prints a table; --json PATH writes everything.
@@ -71,7 +71,7 @@ from pathlib import Path
 import torch
 
 _HERE = Path(__file__).resolve().parent.parent  # benchmarks/
-sys.path.insert(0, str(_HERE))  # benchmarks/kernel_bench.py (time_graph, Tower, MODELS)
+sys.path.insert(0, str(_HERE))  # benchmarks/kernel_bench.py (Tower, MODELS)
 if (_HERE.parent / "src" / "dualfuse").is_dir():
     sys.path.insert(0, str(_HERE.parent / "src"))
 HAS_CUDA = torch.cuda.is_available()
@@ -707,12 +707,14 @@ def run_gpu(args, smoke: bool = False) -> int:
     script, not of the kernel's speed)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    import kernel_bench as kernels
     from kernel_bench import MODELS, TOY, Tower
+
+    from dualfuse import timing
 
     from dualfuse.kernels.gemm import GroupedLinear
 
-    time_graph = _smoke_time_graph if smoke else kernels.time_graph
+    time_graph = _smoke_time_graph if smoke else (  # µs per replay
+        lambda layers, replays: [ms * 1e3 for ms in timing.time_graph(layers, replays)])
     t_start = datetime.datetime.now()
     elapsed = lambda: (datetime.datetime.now() - t_start).total_seconds()  # noqa: E731
     dtype = torch.float16

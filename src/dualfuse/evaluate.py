@@ -21,18 +21,23 @@ Metrics, X vs reference (docs/evaluation.md has the definitions):
 
 PASS needs: min cosine >= 0.999 (both towers), max relative error <= 1e-2 for fp16/bf16 (1e-5 for fp32), and
 decisive top-1 agreement = 1. With ``--weights int8`` / ``fp8`` (the fused executor's weight-only quantization) the
-cosine and error bounds are dualfuse.quantize.COSINE_MIN and REL_ERR_MAX, the decisive margin 2x that error. Exit code 0 when every executor passes, 1 otherwise, 2 for bad arguments.
+fused executor's cosine and error bounds are dualfuse.quantize.COSINE_MIN and REL_ERR_MAX, the decisive margin 2x
+that error; the other executors keep the unquantized bounds. Exit code 0 when every executor passes, 1 otherwise,
+2 for bad arguments.
+
+Python: :func:`run_eval` returns an :class:`EvalResult` (``to_dict()``: the ``--json`` document, schema
+``dualfuse.eval/1``); the metrics work on any embeddings (:func:`parity`). The command line is
+``dualfuse.cli.evaluate``.
 """
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
-import json
-import math
 import os
-import sys
+from dataclasses import dataclass, field
 
 import torch
+
+from .util import Progress
 
 COSINE_PASS = 0.999
 REL_TOL = {torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float32: 1e-5}
@@ -172,7 +177,8 @@ def parity(x_img, x_cls, x_txt, r_img, r_cls, r_txt, *, dtype=torch.float16, lab
 
     x_img/r_img [N, E] image embeddings; x_cls/r_cls [C, E] class-prompt embeddings; x_txt/r_txt [T, E] retrieval
     texts (None: use the class prompts). ``labels`` [N] (true class per image) and ``caption_image`` (image index
-    per retrieval text) add true accuracy / true R@k for X and the reference."""
+    per retrieval text) add true accuracy / true R@k for X and the reference. ``weights``: X's weight format
+    ("int8" / "fp8": judged with the quantized bounds, :func:`pass_criteria`)."""
     criteria = pass_criteria(dtype, weights)
     m: dict = dict(image=embedding_metrics(x_img, r_img), criteria=criteria)
     text_x = torch.cat([x_cls] + ([x_txt] if x_txt is not None else []))
@@ -244,197 +250,124 @@ def executor_embeddings(ex, data, tokenizer, batch_size: int = 32) -> dict:
 
 
 def evaluate_executor(ex, data, tokenizer, ref: dict, *, batch_size: int = 32) -> dict:
-    """Parity metrics of a built executor on ``data`` against precomputed reference embeddings."""
+    """Parity metrics of a built executor on ``data`` against precomputed reference embeddings (a fused executor
+    with quantized weights: the quantized bounds; one that fell back runs unquantized weights and keeps the usual
+    ones)."""
     got = executor_embeddings(ex, data, tokenizer, batch_size)
+    weights = getattr(ex, "weight_format", None) if getattr(ex, "fallback", None) is None else None
     return parity(got["image"], got["cls"], got["txt"], ref["image"], ref["cls"], ref["txt"], dtype=ex.dtype,
-                  labels=data.labels, caption_image=data.caption_image, weights=getattr(ex, "weight_format", None))
+                  labels=data.labels, caption_image=data.caption_image, weights=weights)
 
 
-# --------------------------------------------------------------------------------------------- CLI
+# --------------------------------------------------------------------------------------------- the command's run
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL, metavar="NAME|PATH",
-                   help=f"preset name, open_clip:ARCH, HF model directory or open_clip checkpoint (default "
-                        f"{DEFAULT_MODEL})")
-    p.add_argument("--arch", default=None, help="open_clip architecture of a checkpoint file (e.g. ViT-B-32)")
-    p.add_argument("--executor", "--executors", dest="executor", default=DEFAULT_EXECUTOR,
-                   help=f"executor(s) to compare with the reference, comma-separated (default {DEFAULT_EXECUTOR}; "
-                        "on CPU it needs TRITON_INTERPRET=1 and a tiny model, e.g. --model clip-tiny)")
-    p.add_argument("--dtype", default=None, help="fp16 | bf16 | fp32 (default fp16 on CUDA, fp32 on CPU)")
-    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default cuda when available)")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--data", default=None,
-                     help="folder of images in class subfolders, or images + a captions file (captions.tsv, "
-                          "captions.json, captions.jsonl)")
-    src.add_argument("--demo", action="store_true", help="the photos that scikit-image ships (no files needed)")
-    p.add_argument("--captions", default=None, help="captions file for --data (image<TAB>caption lines or JSON)")
-    p.add_argument("--samples", type=int, default=32, help="synthetic images (default 32)")
-    p.add_argument("--classes", type=int, default=10, help="synthetic class prompts (default 10)")
-    p.add_argument("--limit", type=int, default=None, help="use at most this many images from --data")
-    p.add_argument("--template", default="a photo of a {}.", help="zero-shot prompt template")
-    p.add_argument("--batch-size", type=int, default=32, help="images/texts per executor call (default 32)")
-    p.add_argument("--synthetic-tokenizer", action="store_true",
-                   help="use the synthetic tokenizer even when a real one is available")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--weights", choices=["fp16", "int8", "fp8"], default=None,
-                   help="weights of the fused executor: fp16 (default: --dtype, unquantized), int8 or fp8 (weight-only, "
-                        "per-channel scales); PASS then uses the quantized bounds (dualfuse.quantize)")
-    p.add_argument("--json", default=None, help="write the results as JSON here (read by `dualfuse report`)")
+@dataclass
+class EvalResult:
+    """A ``dualfuse eval`` run: the setting (model, data, tokenizer, preprocessing, criteria) and one result dict
+    per executor (``parity()``'s metrics plus ``executor`` and ``status``: ok | unavailable | error).
+    ``to_dict()`` is the ``dualfuse.eval/1`` JSON document (read by ``dualfuse report``)."""
 
+    model: str
+    family: str
+    weights: str  # "checkpoint" or "random (seeded preset)"
+    dtype: str
+    device: str
+    environment: dict
+    data: dict  # Dataset.summary()
+    tokenizer: dict  # kind, description
+    preprocessing: dict  # image_size, mean, std, source
+    criteria: dict  # the fused executor's PASS bounds (quantized ones with weights_format int8 / fp8); each result
+    #                 holds the bounds it was judged by
+    weights_format: str = "fp16"  # the fused executor's weights: "fp16" (the dtype, unquantized), "int8" or "fp8"
+    results: list[dict] = field(default_factory=list)
+    date: str = ""
+    command: str | None = None
 
-def _err(msg: str) -> int:
-    print(f"dualfuse eval: error: {msg}", file=sys.stderr)
-    return 2
+    @property
+    def passed(self) -> bool:
+        return all(r.get("passed") for r in self.results)
 
-
-def _f(x, spec="{:.4f}"):
-    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else spec.format(x)
+    def to_dict(self) -> dict:
+        return dict(schema="dualfuse.eval/1", command=self.command, model=self.model, family=self.family,
+                    weights=self.weights, dtype=self.dtype, device=self.device, card=self.environment.get("card"),
+                    environment=self.environment, date=self.date, data=self.data, tokenizer=self.tokenizer,
+                    preprocessing=self.preprocessing, criteria=self.criteria, weights_format=self.weights_format,
+                    passed=self.passed,
+                    results=self.results)
 
 
-def run(args: argparse.Namespace) -> int:
+def run_eval(model: str = DEFAULT_MODEL, executors: list[str] = (DEFAULT_EXECUTOR,), *, arch: str | None = None,
+             dtype=None, device=None, data_dir: str | None = None, captions: str | None = None, demo: bool = False,
+             samples: int = 32, classes: int = 10, limit: int | None = None, template: str = "a photo of a {}.",
+             batch_size: int = 32, synthetic_tokenizer: bool = False, seed: int = 0, weights: str | None = None,
+             progress: Progress | None = None) -> EvalResult:
+    """Each of ``executors`` against the fp32 reference on the same data (see the module docstring).
+
+    Data: ``demo`` (scikit-image's photos), ``data_dir`` (class folders, or images + ``captions``), else
+    ``samples`` synthetic images and ``classes`` class prompts. Bad arguments and unusable data raise ValueError
+    (:class:`dualfuse.data.DataError` is one); an executor that cannot run gets a failed result saying why.
+    ``weights``: the fused executor's weights (None / "fp16": unquantized; "int8" / "fp8": weight-only,
+    dualfuse.quantize), judged with the quantized bounds; the other executors run the model's own weights.
+    ``progress.start(result)`` runs once the data is loaded, ``progress.end(name, result_dict)`` after each
+    executor."""
     from . import data as D
-    from . import executors, presets
+    from . import executors as registry
+    from . import presets
     from .adapters import to_spec
+    from .environment import environment
     from .executors.base import ExecutorUnavailable, dtype_name, resolve_device, resolve_dtype
+    from .quantize import resolve_weights
 
-    try:
-        device = resolve_device(args.device)
-    except (ValueError, ExecutorUnavailable) as e:
-        return _err(str(e))
-    try:
-        dtype = resolve_dtype(args.dtype, device)
-    except ValueError as e:
-        return _err(str(e))
-    if args.batch_size < 1 or args.samples < 1:
-        return _err("--batch-size and --samples must be >= 1")
-    if "{}" not in args.template:
-        return _err(f"--template must contain '{{}}' for the class name, got {args.template!r}")
-    wanted = [n.strip() for n in args.executor.split(",") if n.strip()]
-    known = executors.names()
+    progress = progress or Progress()
+    weights = resolve_weights(weights)  # ValueError for an unknown format (fp8 on this device: the fused result says)
+    device = resolve_device(device)
+    dt = resolve_dtype(dtype, device)
+    if batch_size < 1 or samples < 1:
+        raise ValueError("--batch-size and --samples must be >= 1")
+    if "{}" not in template:
+        raise ValueError(f"--template must contain '{{}}' for the class name, got {template!r}")
+    wanted = [n.strip() for n in executors if n.strip()]
+    known = registry.names()
     unknown = [n for n in wanted if n not in known]
     if unknown or not wanted:
-        return _err(f"unknown executor(s): {', '.join(unknown) or '(none)'}; known: {', '.join(known)}")
-    try:
-        model = presets.load(args.model, seed=args.seed, arch=args.arch)
-    except ValueError as e:
-        return _err(str(e))
-    spec = to_spec(model)
-    path = args.model if os.path.exists(str(args.model)) else None
-    arch = args.arch or (args.model.split(":", 1)[1] if str(args.model).startswith("open_clip:") else None)
-    pre = D.preprocess_for(spec, model, path)
-    tok = D.make_tokenizer(spec, model, path, arch, prefer_synthetic=args.synthetic_tokenizer)
-    try:
-        if args.demo:
-            data = D.demo(pre, args.template)
-        elif args.data:
-            data = D.load_dir(args.data, pre, captions=args.captions, limit=args.limit, template=args.template)
-        else:
-            if args.captions:
-                return _err("--captions needs --data DIR (the images' folder)")
-            data = D.synthetic(pre, args.samples, args.classes, seed=args.seed, template=args.template)
-    except D.DataError as e:
-        return _err(str(e))
-    weights = "checkpoint" if path else "random (seeded preset)"
+        raise ValueError(f"unknown executor(s): {', '.join(unknown) or '(none)'}; known: {', '.join(known)}")
+    source = presets.load(model, seed=seed, arch=arch)
+    spec = to_spec(source)
+    path = model if os.path.exists(str(model)) else None
+    arch = arch or (model.split(":", 1)[1] if str(model).startswith("open_clip:") else None)
+    pre = D.preprocess_for(spec, source, path)
+    tok = D.make_tokenizer(spec, source, path, arch, prefer_synthetic=synthetic_tokenizer)
+    if demo:
+        data = D.demo(pre, template)
+    elif data_dir:
+        data = D.load_dir(data_dir, pre, captions=captions, limit=limit, template=template)
+    else:
+        if captions:
+            raise ValueError("--captions needs --data DIR (the images' folder)")
+        data = D.synthetic(pre, samples, classes, seed=seed, template=template)
+    result = EvalResult(
+        model=model, family=spec.family, weights="checkpoint" if path else "random (seeded preset)",
+        dtype=dtype_name(dt), device=str(device), environment=environment(device), data=data.summary(),
+        tokenizer=dict(kind=tok.kind, description=tok.describe()),
+        preprocessing=dict(image_size=pre.image_size, mean=list(pre.mean), std=list(pre.std), source=pre.source),
+        criteria=pass_criteria(dt, weights), weights_format=weights)
+    progress.start(result)
 
-    from rich.console import Console
-
-    out = Console()
-    out.print(f"[bold]dualfuse eval[/]: {args.model} ({spec.family}; weights {weights}) · {dtype_name(dtype)} on "
-              f"{device}")
-    out.print(f"data: {data.description}")
-    out.print(f"tokenizer: {tok.describe()}" + ("  [yellow](synthetic: texts are hashed words, not a real "
-                                                 "vocabulary)[/]" if tok.kind == "synthetic" else ""))
-    out.print(f"preprocessing: resize+center-crop to {pre.image_size}, mean/std from {pre.source}")
-    for msg in data.problems:
-        out.print(f"[yellow]warning[/]: {msg}", highlight=False)
-
-    try:
-        ref = reference_embeddings(spec, data, tok, device, args.batch_size)
-    except D.DataError as e:
-        return _err(str(e))
-    results = []
+    ref = reference_embeddings(spec, data, tok, device, batch_size)
     for name in wanted:
+        progress.begin(name)
         res = dict(executor=name, status="ok")
         try:
-            wkw = {"weights": args.weights} if name == "fused" and getattr(args, "weights", None) not in (None, "fp16") \
-                else {}
-            ex = executors.get(name, model, dtype=dtype, device=device, spec=spec, **wkw)
-            res.update(evaluate_executor(ex, data, tok, ref, batch_size=args.batch_size))
+            wkw = {"weights": weights} if name == "fused" and weights != "fp16" else {}
+            ex = registry.get(name, source, dtype=dt, device=device, spec=spec, **wkw)
+            res.update(evaluate_executor(ex, data, tok, ref, batch_size=batch_size))
             del ex
         except ExecutorUnavailable as e:
             res.update(status="unavailable", message=str(e), passed=False, failures=[str(e)])
         except Exception as e:  # noqa: BLE001 - report and go on with the next executor
             res.update(status="error", message=f"{type(e).__name__}: {e}", passed=False,
                        failures=[f"{type(e).__name__}: {e}"])
-        results.append(res)
-        _print_result(out, res, data)
-
-    passed = all(r.get("passed") for r in results)
-    if args.json:
-        from .bench import environment
-
-        env = environment(device)
-        from .cli import user_command
-
-        doc = dict(schema="dualfuse.eval/1", command=user_command(getattr(args, "_argv", None), "eval"),
-                   model=args.model, family=spec.family, weights=weights, dtype=dtype_name(dtype), device=str(device),
-                   card=env.get("card"), environment=env, date=_dt.datetime.now().isoformat(timespec="seconds"),
-                   data=data.summary(), tokenizer=dict(kind=tok.kind, description=tok.describe()),
-                   preprocessing=dict(image_size=pre.image_size, mean=list(pre.mean), std=list(pre.std),
-                                      source=pre.source),
-                   criteria=pass_criteria(dtype, getattr(args, "weights", None)),
-                   weights_format=getattr(args, "weights", None) or "fp16", passed=passed, results=results)
-        d = os.path.dirname(os.path.abspath(args.json))
-        os.makedirs(d, exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(doc, f, indent=1, default=str)
-        out.print(f"results written to {args.json}")
-    return 0 if passed else 1
-
-
-def _print_result(out, res: dict, data) -> None:
-    from rich.table import Table
-
-    name = res["executor"]
-    if res["status"] != "ok":
-        out.print(f"[bold]{name}[/]: [yellow]{res['status']}[/]: {res.get('message', '')}", highlight=False)
-        out.print(f"[bold red]FAIL[/] {name}: could not run")
-        return
-    t = Table(show_edge=False, header_style="bold", title=f"{name} vs fp32 reference")
-    t.add_column("metric")
-    t.add_column("value", justify="right")
-    for tower in ("image", "text"):
-        m = res[tower]
-        t.add_row(f"{tower} cosine min / mean ({m['n']})", f"{_f(m['min_cosine'], '{:.6f}')} / "
-                  f"{_f(m['mean_cosine'], '{:.6f}')}")
-        t.add_row(f"{tower} rel. error max / mean", f"{_f(m['max_rel_err'], '{:.2e}')} / "
-                  f"{_f(m['mean_rel_err'], '{:.2e}')}")
-    zs = res["zero_shot"]
-    t.add_row("zero-shot top-1 agreement", _f(zs["top1_agreement"]))
-    t.add_row(f"zero-shot top-{zs['k']} agreement (ref's top-1 in X's top-{zs['k']})", _f(zs["top5_agreement"]))
-    t.add_row(f"decisive top-1 agreement ({zs['decisive']}/{zs['images']} images)", _f(zs["decisive_top1_agreement"]))
-    r = res["retrieval"]
-    for k, v in r["agreement"].items():
-        t.add_row(f"retrieval {k} agreement (target: ref's top-1)", _f(v))
-    if "true" in r:
-        for k in r["true"]["executor"]:
-            t.add_row(f"retrieval {k} true: {name} / reference",
-                      f"{_f(r['true']['executor'][k])} / {_f(r['true']['reference'][k])}")
-    if "zero_shot_accuracy" in res:
-        acc = res["zero_shot_accuracy"]
-        for k in acc["executor"]:
-            t.add_row(f"zero-shot accuracy {k}: {name} / reference",
-                      f"{_f(acc['executor'][k])} / {_f(acc['reference'][k])}")
-    out.print(t)
-    out.print(f"zero-shot: {zs['images']} images × {zs['classes']} class prompts; decisive = reference top-2 margin "
-              f"> {zs['margin']:g} (cosine units). retrieval: each image ranks {r['n_texts']} {r['texts']}",
-              style="dim")
-    if "zero_shot_accuracy" in res or "true" in r:
-        out.print("true accuracy / R@k use the data's labels; with random weights they are chance level",
-                  style="dim")
-    if res["passed"]:
-        c = res["criteria"]
-        out.print(f"[bold green]PASS[/] {name}: cosine ≥ {c['min_cosine']}, rel. error ≤ {c['max_rel_err']:g}, "
-                  "no decisive zero-shot flip")
-    else:
-        out.print(f"[bold red]FAIL[/] {name}: " + "; ".join(res["failures"]), highlight=False)
+        result.results.append(res)
+        progress.end(name, res)
+    result.date = _dt.datetime.now().isoformat(timespec="seconds")
+    return result

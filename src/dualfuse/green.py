@@ -10,7 +10,8 @@ How: ``torch.cuda.green_contexts.GreenContext.create(num_sms=N, device_id=i)`` t
 anything else touches CUDA in the process, so every stream, allocation and CUDA graph of the run lives in the
 green context. A second green context in the same process fails ("context is destroyed"), so
 :func:`run_sweep` starts one child process per SM count (``python -m dualfuse.cli bench ... --_in-green-context N
---json TMP``) and merges their JSON files.
+--json TMP``) and merges their JSON files. The command line side (validating ``--sms``, entering the context in
+a child, printing the summary) is in ``dualfuse.cli.bench``.
 
 SM granularity (cuDevSmResourceSplitByCount): compute capability 9.x (Hopper) and newer allocate SMs in groups of
 8 (minimum 8); 8.x (Ampere, incl. Orin) in groups of 2 (minimum 4); 7.x in groups of 2 (minimum 2). Counts that
@@ -26,6 +27,8 @@ import os
 import subprocess
 import sys
 import tempfile
+
+from .util import write_json
 
 NOT_EMULATED = ("green contexts limit SMs only: memory bandwidth, clocks, L2 size and power limits stay those of "
                 "the big card, so SM-limited latencies are optimistic for memory-bound work")
@@ -196,10 +199,7 @@ def run_sweep(bench_argv: list[str], sms: list[int | None], json_out: str | None
     merged = dict(schema="dualfuse.bench-sweep/1", sms=sms, not_emulated=NOT_EMULATED,
                   card=first.get("card"), model=first.get("model"), resolved=first.get("resolved"), runs=runs)
     if json_out:
-        d = os.path.dirname(os.path.abspath(json_out))
-        os.makedirs(d, exist_ok=True)
-        with open(json_out, "w") as f:
-            json.dump(merged, f, indent=1, default=str)
+        write_json(json_out, merged)
     return worst, merged
 
 
@@ -221,38 +221,3 @@ def summary_lines(merged: dict) -> list[str]:
             cells.append(f"{ms:>9.3f} ms" if isinstance(ms, (int, float)) else f"{(row or {}).get('status', '—'):>12}")
         lines.append(name.ljust(16) + "".join(cells))
     return lines
-
-
-# --------------------------------------------------------------------------------------------- bench glue
-
-def sweep_from_args(args) -> int:
-    """``dualfuse bench --sms ...`` in the parent process: validate, run one child per SM count, merge, summarize."""
-    try:
-        sms = parse_sms(args.sms)
-        dev = str(getattr(args, "device", None) or "cuda")
-        if not dev.startswith("cuda") and not os.environ.get(FAKE_ENV):
-            raise ValueError(f"--sms needs a CUDA device, got --device {dev}")
-        index = int(dev.split(":", 1)[1]) if ":" in dev else 0
-        validate(sms, index)
-    except ValueError as e:
-        print(f"dualfuse bench: error: {e}", file=sys.stderr)
-        return 2
-    argv = list(getattr(args, "_argv", None) or [])
-    if argv and argv[0] == "bench":
-        argv = argv[1:]
-    rc, merged = run_sweep(argv, sms, getattr(args, "json", None))
-    print()
-    print("median ms per SM count (each in its own process):")
-    for line in summary_lines(merged):
-        print("  " + line)
-    print(f"note: {NOT_EMULATED}")
-    if getattr(args, "json", None):
-        print(f"merged results written to {args.json}")
-    return rc
-
-
-def enter_from_args(args) -> dict:
-    """In a child process (``--_in-green-context N``): enter the green context on the requested device."""
-    dev = str(getattr(args, "device", None) or "cuda")
-    index = int(dev.split(":", 1)[1]) if ":" in dev else 0
-    return enter(int(args._in_green_context), index)

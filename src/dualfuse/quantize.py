@@ -16,7 +16,9 @@ Parity criteria for quantized weights (tests/test_quantize.py, ``dualfuse eval -
 reference: min per-embedding cosine >= ``COSINE_MIN`` and relative error <= ``REL_ERR_MAX``, and no decisive
 zero-shot flip (the argmax may change only where the reference's top-2 margin is within the error).
 
-``weight_bytes(...)``: the weight bytes one call reads, fp16 vs int8 (int8 bytes + scale bytes).
+``weight_bytes(...)``: the weight bytes one call reads, fp16 vs int8 (int8 bytes + scale bytes), counted as
+the device floors count them (dualfuse.floors.tower_weights / weight_bytes_of). Scales are ``SCALE_DTYPE``
+(fp32): ``SCALE_BYTES`` each, the figure the floors use too.
 """
 from __future__ import annotations
 
@@ -30,6 +32,8 @@ WEIGHT_FORMATS = ("fp16", "int8", "fp8")  # "fp16": the executor's dtype (fp16 /
 QMAX = {"int8": 127.0, "fp8": 448.0}
 COSINE_MIN = 0.995  # per-embedding cosine vs the fp32 reference, quantized weights
 REL_ERR_MAX = 0.1  # ||out - ref|| / ||ref|| over all embeddings, quantized weights
+SCALE_DTYPE = torch.float32  # the per-channel scales the fused executor stores (QuantizedWeights)
+SCALE_BYTES = torch.finfo(SCALE_DTYPE).bits // 8
 
 
 def resolve_weights(weights, device=None) -> str:
@@ -47,7 +51,7 @@ def resolve_weights(weights, device=None) -> str:
     return weights
 
 
-def quantize_weight(weight: torch.Tensor, fmt: str = "int8", scale_dtype: torch.dtype = torch.float32):
+def quantize_weight(weight: torch.Tensor, fmt: str = "int8", scale_dtype: torch.dtype = SCALE_DTYPE):
     """``(q [N, K] int8 / float8_e4m3fn, scale [N] scale_dtype)`` with ``weight ~= q * scale[:, None]``, symmetric,
     per output channel, computed in fp32 (q from the stored scale, so dequantizing gives exactly what the kernel
     multiplies). An all-zero row gets scale 1 (q = 0)."""
@@ -81,7 +85,7 @@ class QuantizedWeights:
     """The quantized weights of a fused executor: each weight tensor the runners pass to the GEMM (by address) ->
     its per-channel scale. Built by :func:`quantize_executor`; ``attach`` gives a LinearProblem its scale."""
 
-    def __init__(self, fmt: str, scale_dtype: torch.dtype = torch.float32):
+    def __init__(self, fmt: str, scale_dtype: torch.dtype = SCALE_DTYPE):
         self.fmt, self.scale_dtype = fmt, scale_dtype
         self.scales: dict[tuple, torch.Tensor] = {}
 
@@ -171,10 +175,15 @@ def weight_bytes(model, weights: str | None = None, dtype: torch.dtype | None = 
     """The weight bytes one call reads (per tower and total), for a fused executor (its own format and dtype) or a
     DualEncoderSpec (``weights`` and ``dtype``: default "fp16" and torch.float16).
 
-    ``linear``: the GEMM weights (int8 / fp8: 1 byte per element), ``scales``: their per-channel scales (fp32),
-    ``other``: what stays in the model dtype and is read whole every call (biases, LayerNorms, the patch embedding,
-    position and class embeddings, SigLIP's probe). Not counted: the token embedding table (a call gathers only its
-    own rows) and activations. Both towers, or those in ``towers`` (("vision",) for an image-only call)."""
+    ``linear``: the GEMM weights (int8 / fp8: 1 byte per element), ``scales``: their per-channel scales
+    (``SCALE_BYTES`` each), ``other``: what stays in the model dtype and is read whole every call (biases,
+    LayerNorms, the patch embedding, position and class embeddings, SigLIP's probe). SigLIP's pooling head counts
+    its key/value rows only: the query rows act on the constant probe, projected once when the executor is built.
+    Not counted: the token embedding table (a call gathers only its own rows) and activations. Both towers, or
+    those in ``towers`` (("vision",) for an image-only call). The element counts are dualfuse.floors' (the
+    device floors' weight bytes are these, plus the token rows a call gathers)."""
+    from .floors import tower_weights, weight_bytes_of
+
     spec = getattr(model, "spec", model)
     if weights is None:
         weights = getattr(model, "weight_format", "fp16")
@@ -183,30 +192,11 @@ def weight_bytes(model, weights: str | None = None, dtype: torch.dtype | None = 
         dtype = getattr(model, "dtype", None) if not hasattr(model, "vision") else None
         dtype = dtype or torch.float16
     elt = torch.finfo(dtype).bits // 8
-    quant = weights != "fp16"
     out = {}
     for name in towers:
         t = getattr(spec, name)
-        lin = scales = other = 0
-        for owner, attr in _linears(t):
-            layer = getattr(owner, attr)
-            n, k = layer.weight.shape
-            lin += n * k * (1 if quant else elt)
-            scales += n * 4 if quant else 0
-            other += n * elt if layer.bias is not None else 0
-        norms = [blk.ln1 for blk in t.blocks] + [blk.ln2 for blk in t.blocks] + [t.final_ln]
-        norms += [t.pre_ln] if t.pre_ln is not None else []
-        norms += [t.pool_head.ln] if t.pool_head is not None else []
-        other += sum(ln.weight.numel() + ln.bias.numel() for ln in norms) * elt
-        other += t.pos_embedding.numel() * elt
-        if t.class_embedding is not None:
-            other += t.class_embedding.numel() * elt
-        if t.pool_head is not None:
-            other += t.pool_head.probe.numel() * elt
-        if t.kind == "vision":
-            e = t.embed
-            other += e.weight.numel() * elt + (e.bias.numel() * elt if e.bias is not None else 0)
-        out[name] = dict(linear=lin, scales=scales, other=other, total=lin + scales + other)
+        groups = tower_weights(t, 0, t.seq_len)  # batch 0: no gathered token rows; the whole position table
+        out[name] = weight_bytes_of(groups, weights, elt, SCALE_BYTES)
     out["total"] = sum(out[n]["total"] for n in towers)
     out["weights"], out["dtype"] = weights, str(dtype).replace("torch.", "")
     return out

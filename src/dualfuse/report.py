@@ -7,16 +7,16 @@ sweeps (``dualfuse.bench-sweep/1`` from ``bench --sms``) and eval results (``dua
 ``DIR/report.md`` with PNG plots beside it: latency per executor per batch, speedup vs the best stock executor,
 energy (J/inference, images/s/W) when measured, SM-limited latency, and accuracy parity. Files that can't be read
 are listed at the top of the page, not fatal. Figures come only from the given files: each run's card, date and
-command are shown next to them.
+command are shown next to them. Python: :func:`build_report`; the command line is ``dualfuse.cli.report``.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import sys
 from collections import OrderedDict
+
+from .util import slug
 
 NOT_EMULATED = ("green contexts limit SMs only: memory bandwidth, clocks, L2 size and power limits stay those of "
                 "the big card")
@@ -115,10 +115,6 @@ def _num(x, fmt="{:.3f}"):
     if x is None or (isinstance(x, float) and (math.isnan(x) or math.isinf(x))):
         return "—"
     return fmt.format(x)
-
-
-def _slug(s: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in s).strip("-").lower()[:60] or "x"
 
 
 # --------------------------------------------------------------------------------------------- plots
@@ -253,8 +249,8 @@ def section_latency(bench, outdir) -> list[str]:
                     cells.append((row or {}).get("status", "—"))
             stock = "" if all((_row(r, name) or {}).get("stock", True) for r in runs) else " †"
             out.append(f"| {name}{stock} | " + " | ".join(cells) + " |")
-        slug = _slug(f"{model}-{dtype}-{card}")
-        img = f"latency-{slug}.png"
+        stem = slug(f"{model}-{dtype}-{card}", lower=True, limit=60)
+        img = f"latency-{stem}.png"
         if len(batches) > 1 and all(b[0] == b[1] for b in batches):
             series = {n: [(b[0], (_row(r, n) or {}).get("median_ms") if _ok(_row(r, n) or {}) else None)
                           for b, r in by_batch.items()] for n in names}
@@ -274,7 +270,7 @@ def section_latency(bench, outdir) -> list[str]:
                 row, best = _row(r, n), _best_stock(r)
                 vals.append(best / row["median_ms"] if row and _ok(row) and best else None)
             spd[n] = vals
-        img2 = f"speedup-{slug}.png"
+        img2 = f"speedup-{stem}.png"
         _bar(os.path.join(outdir, img2), [_batch_label(b) for b in batches], spd, "speedup vs best stock ×",
              f"{model} {dtype} — speedup vs best stock executor (same run; bigger is better)", hline=1.0)
         out += ["speedup vs best stock × = best stock median / this median, same run; bigger is better "
@@ -355,7 +351,7 @@ def section_sms(bench, outdir) -> list[str]:
                     pts.append((x, row["median_ms"]))
             out.append(f"| {n} | " + " | ".join(cells) + " |")
             series[n] = pts
-        img = f"sms-{_slug(f'{model}-{dtype}-{b[0]}-{b[1]}-{card}')}.png"
+        img = f"sms-{slug(f'{model}-{dtype}-{b[0]}-{b[1]}-{card}', lower=True, limit=60)}.png"
         _lines(os.path.join(outdir, img), "SMs", series, "median ms", f"{model} {dtype} {_batch_label(b)} — "
                "latency vs SMs", logx=True, logy=True)
         out += ["", f"![SM-limited]({img})", ""]
@@ -426,21 +422,3 @@ def build_report(paths: list[str], outdir: str, title: str = "dualfuse report") 
     with open(path, "w") as f:
         f.write("\n".join(lines).rstrip() + "\n")
     return path
-
-
-# --------------------------------------------------------------------------------------------- CLI
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--json", nargs="+", required=True, metavar="FILE", help="bench / eval JSON files")
-    p.add_argument("--out", required=True, metavar="DIR", help="folder for report.md and the plots")
-    p.add_argument("--title", default="dualfuse report")
-
-
-def run(args: argparse.Namespace) -> int:
-    missing = [p for p in args.json if not os.path.isfile(p)]
-    if len(missing) == len(args.json):
-        print(f"dualfuse report: error: none of the files exist: {', '.join(missing)}", file=sys.stderr)
-        return 2
-    path = build_report(args.json, args.out, args.title)
-    print(f"report written to {path}")
-    return 0

@@ -292,7 +292,6 @@ def test_folded_layernorm_int8(dtype, gen):
 
 def test_folded_layernorm_int8_close_to_unquantized(gen):
     """Quantizing after the fold stays close to the fp32 LN -> linear (the int8 error, nothing more)."""
-    dt = torch.float32
     M, N, K = 50, 96, 136
     x = torch.randn(M, K, generator=gen).to(DEV)
     w = (torch.randn(N, K, generator=gen) / K**0.5).to(DEV)

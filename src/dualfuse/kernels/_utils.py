@@ -13,11 +13,16 @@ Kept small and stable: other kernels (LayerNorm, attention) import from here.
 - `is_interpreter()`: True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1).
 - `gdc_wait()`, `gdc_launch()`, `pdl_supported(device)`: programmatic dependent launch (sm_90+, optional).
 - `set_sm_limit(n)`: the SM count of a green context, so the kernels plan their grids for it.
+- `DeviceProps`, `target_device(props)`, `device_props(device)`, `target_props()`: what the config heuristics read
+  of a device (SMs, compute capability, shared memory, L2); `target_device` makes them plan for another device
+  (an Orin, ahead of time on a machine without it: benchmarks/aot_compile.py).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -142,10 +147,57 @@ def set_sm_limit(n: int | None) -> None:
     _SM_LIMIT = n
 
 
+@dataclass(frozen=True)
+class DeviceProps:
+    """What the kernels' config heuristics read of a device."""
+
+    name: str
+    num_sms: int
+    capability: tuple[int, int]
+    smem_per_block: int  # opt-in maximum of dynamic shared memory per block, bytes
+    l2_bytes: int
+
+
+_TARGET: DeviceProps | None = None  # the device kernels plan for instead of the one they run on (target_device)
+
+
+@contextlib.contextmanager
+def target_device(props: DeviceProps | None):
+    """Within the block, kernels prepared plan their configs (tiles, split-K, PDL, TMA, shared-memory fits) for
+    ``props`` instead of the device their tensors live on: ahead-of-time compiles for a device that is not here
+    (``dualfuse.targets.Target.props()``). None: no change."""
+    global _TARGET
+    if props is not None and not isinstance(props, DeviceProps):
+        raise ValueError(f"target_device: expected a DeviceProps or None, got {type(props).__name__}")
+    old, _TARGET = _TARGET, (props if props is not None else _TARGET)
+    try:
+        yield props
+    finally:
+        _TARGET = old
+
+
+def target_props() -> DeviceProps | None:
+    """The DeviceProps set by target_device, or None."""
+    return _TARGET
+
+
+def device_props(device=None) -> DeviceProps | None:
+    """The device kernels plan for: the target_device's, else the CUDA device's, else None (CPU: the interpreter's
+    small fixed configs)."""
+    if _TARGET is not None:
+        return _TARGET
+    idx = _cuda_index(device)
+    if idx is None:
+        return None
+    p = torch.cuda.get_device_properties(idx)
+    return DeviceProps(p.name, p.multi_processor_count, (p.major, p.minor), device_smem_bytes(device),
+                       l2_cache_bytes(device))
+
+
 def num_sms(device=None) -> int:
-    """Streaming multiprocessors the kernels may use: the device's (CPU_NUM_SMS on CPU), or fewer when a
-    green context's limit was set (set_sm_limit)."""
-    n = _device_sms(_cuda_index(device))
+    """Streaming multiprocessors the kernels may use: the device's (CPU_NUM_SMS on CPU; the target's under
+    target_device), or fewer when a green context's limit was set (set_sm_limit)."""
+    n = _TARGET.num_sms if _TARGET is not None else _device_sms(_cuda_index(device))
     return min(n, _SM_LIMIT) if _SM_LIMIT is not None else n
 
 
@@ -156,9 +208,15 @@ def _device_sms(idx: int | None) -> int:
     return torch.cuda.get_device_properties(idx).multi_processor_count
 
 
-@functools.lru_cache(maxsize=None)
 def device_smem_bytes(device=None) -> int:
     """Max dynamic shared memory one block may opt in to (e.g. 232448 on H100, 166912 on Orin/A100)."""
+    if _TARGET is not None:
+        return _TARGET.smem_per_block
+    return _device_smem_bytes(device)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_smem_bytes(device=None) -> int:
     idx = _cuda_index(device)
     if idx is None:
         return CPU_SMEM_BYTES
@@ -169,8 +227,14 @@ def device_smem_bytes(device=None) -> int:
         return int(getattr(props, "shared_memory_per_block_optin", 0) or props.shared_memory_per_block)
 
 
-@functools.lru_cache(maxsize=None)
 def l2_cache_bytes(device=None) -> int:
+    if _TARGET is not None:
+        return _TARGET.l2_bytes
+    return _l2_cache_bytes(device)
+
+
+@functools.lru_cache(maxsize=None)
+def _l2_cache_bytes(device=None) -> int:
     idx = _cuda_index(device)
     if idx is None:
         return CPU_L2_BYTES
@@ -213,7 +277,10 @@ except Exception:  # pragma: no cover - Triton without the intrinsics
 
 
 def pdl_supported(device) -> bool:
-    """Programmatic dependent launch: CUDA device of compute capability >= 9 and a Triton that has it."""
+    """Programmatic dependent launch: CUDA device of compute capability >= 9 and a Triton that has it (under
+    target_device: the target's capability)."""
+    if _TARGET is not None:
+        return HAS_PDL and _TARGET.capability[0] >= 9
     device = torch.device(device)
     if not HAS_PDL or device.type != "cuda" or is_interpreter():
         return False

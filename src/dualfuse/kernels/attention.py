@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._utils import (describe, gdc_launch, gdc_wait, load_field, num_sms, pdl_supported, pow2_divisor, problem_of,
+from ._utils import (describe, device_props, gdc_launch, gdc_wait, load_field, num_sms, pdl_supported, pow2_divisor, problem_of,
                      scalar_bool, LAUNCH_OPTIONS)
 
 __all__ = ["AttentionProblem", "GroupedAttention", "grouped_attention", "split_packed_qkv"]
@@ -214,7 +214,7 @@ def _default_blocks(device: torch.device, dtype: torch.dtype, problems=()) -> tu
     while the launch has few programs (batch 1: each program's chain of K/V blocks is the latency); 64 x 32,
     3 stages once there are >= 2 programs per SM (batch 32: 13-18% faster than 64 x 64 there; more programs
     fit per SM)."""
-    if device.type != "cuda":  # interpreter
+    if device_props(device) is None:  # interpreter (no CUDA device, no target_device)
         return 32, 32, 4, 1
     if dtype == torch.float32:  # IEEE fp32 dots: larger tiles spill registers
         return 32, 32, 4, 2

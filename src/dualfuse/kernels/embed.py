@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._utils import LAUNCH_OPTIONS, describe, gdc_launch, pdl_supported, pow2_divisor
+from ._utils import LAUNCH_OPTIONS, describe, device_props, gdc_launch, pdl_supported, pow2_divisor
 
 __all__ = ["PatchEmbedProblem", "TokenEmbedProblem", "Embeddings", "PatchEmbed", "TokenEmbed",
            "patch_embed", "token_embed", "fold_normalization"]
@@ -315,7 +315,7 @@ class Embeddings:
         if w_dtype not in _FLOAT_DTYPES or o_dtype not in _FLOAT_DTYPES:
             raise ValueError(f"Embeddings: parameter/output dtypes must be in {_FLOAT_DTYPES}, got {w_dtype}, {o_dtype}")
         pix_dtype = None
-        on_cuda = device.type == "cuda"
+        on_cuda = device_props(device) is not None  # a CUDA device, or planning for one (target_device)
         self.block_m = block_m or (64 if on_cuda else 32)
         self.block_n = block_n or (64 if on_cuda else 32)
         self.block_t = block_t or (16 if on_cuda else 8)

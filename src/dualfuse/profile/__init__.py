@@ -14,24 +14,28 @@ warmed-up forwards under torch.profiler with every kernel labelled by tower, blo
 
 ``--compare A,B`` profiles two executors and writes one report side by side. ``--nvtx`` adds NVTX ranges named like
 the labels (for ``nsys profile``); ``--ncu`` runs Nsight Compute on the top kernels when it is installed. On CPU the
-same report is made of CPU ops (or Triton interpreter runs), without a roofline verdict (no GPU). Python:
-``dualfuse.profile.profile("eager", "clip-tiny", device="cpu")``.
+same report is made of CPU ops (or Triton interpreter runs), without a roofline verdict (no GPU).
+
+Python: ``run_profile("clip-tiny", ["eager"], device="cpu")`` is the command without its printing (a
+:class:`ProfileResult`; ``.write(dir)`` writes the files); ``profile("eager", "clip-tiny", device="cpu")``
+profiles one executor (an :class:`ExecutorProfile`). The pieces: labels.py (ranges and hooks), capture.py (the
+profiled runs), trace.py, attribution.py and matching.py (kernels to towers, layers and ops), ceilings.py (the
+card's bandwidth and matmul peaks), analyze.py (the tables), report.py and plot.py (the files), ncu.py (Nsight
+Compute). The command line is ``dualfuse.cli.profile``.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import re
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 
+from ..util import Progress, slug, write_json
 from . import analyze
 from .analyze import Event
 
-__all__ = ["ProfileResult", "profile", "compare", "write_compare", "add_arguments", "run", "Event", "analyze"]
+__all__ = ["ProfileResult", "ExecutorProfile", "run_profile", "profile", "compare", "write_compare", "Event",
+           "analyze"]
 
 SCHEMA = "dualfuse.profile/1"
 COMPARE_SCHEMA = "dualfuse.profile.compare/1"
@@ -39,7 +43,7 @@ GPU_WARMUP, CPU_WARMUP = 3, 1
 
 
 @dataclass
-class ProfileResult:
+class ExecutorProfile:
     """One profiled executor: ``data`` is what profile.json holds (``data['analysis']`` every table), ``events``
     the kernels (or CPU ops) of every profiled forward, ``trace_path`` the profiler's Chrome trace."""
 
@@ -92,10 +96,7 @@ class ProfileResult:
 
 
 def _dump(data, path):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1, default=_json_default)
-    os.replace(tmp, path)
+    write_json(path, data, default=_json_default)
 
 
 def _json_default(x):
@@ -128,7 +129,7 @@ def profile(executor_or_name, model=None, *, batch: int = 1, image_batch: int | 
             text_batch: int | None = None, text_len: int | None = None, dtype=None, device=None, iters: int = 3,
             warmup: int | None = None, nvtx: bool = False, measure_ceilings: bool = True, seed: int = 0,
             top: int = 10, latency_runs: int | None = None, model_name: str | None = None,
-            command: str | None = None, **executor_kwargs) -> ProfileResult:
+            command: str | None = None, **executor_kwargs) -> ExecutorProfile:
     """Profile one executor.
 
     ``executor_or_name``: an executor (``dualfuse.executors.get(...)``; ``model``, ``dtype`` and ``device`` are
@@ -136,14 +137,16 @@ def profile(executor_or_name, model=None, *, batch: int = 1, image_batch: int | 
     open_clip model object; the user's model is never modified or hooked: executors keep private copies).
     ``iters`` forwards are profiled after ``warmup`` (default 3 on CUDA, 1 on CPU); inputs are random
     (``dualfuse.bench.random_inputs``) with ``image_batch``/``text_batch`` (default ``batch``) and ``text_len``
-    tokens (default the context length). Returns a :class:`ProfileResult`; ``.write(dir)`` writes the files.
+    tokens (default the context length). Returns an :class:`ExecutorProfile`; ``.write(dir)`` writes the files.
     """
     import torch
 
     from .. import executors
-    from ..bench import environment, random_inputs, run_label
+    from ..bench import random_inputs, run_label
+    from ..environment import environment
     from ..executors.base import Executor, dtype_name
-    from . import capture as cap
+    from .capture import capture
+    from .ceilings import ceilings
 
     if isinstance(executor_or_name, Executor):
         ex = executor_or_name
@@ -174,8 +177,8 @@ def profile(executor_or_name, model=None, *, batch: int = 1, image_batch: int | 
     (px, ids), = random_inputs(ex.spec, bi, bt, L, sets=1, seed=seed, device=device, dtype=ex.dtype)
 
     t0 = time.perf_counter()
-    c = cap.capture(ex, px, ids, iters=iters, warmup=warmup, nvtx=nvtx, latency_runs=latency_runs)
-    ceil = cap.ceilings(device, ex.dtype, measure=measure_ceilings)
+    c = capture(ex, px, ids, iters=iters, warmup=warmup, nvtx=nvtx, latency_runs=latency_runs)
+    ceil = ceilings(device, ex.dtype, measure=measure_ceilings)
     sm = torch.cuda.get_device_properties(device).multi_processor_count if cuda else None
     result = analyze.analyze(c.events, c.windows, ceilings=ceil, sm_count=sm,
                              device_type="cuda" if cuda else "cpu", top=top)
@@ -194,10 +197,14 @@ def profile(executor_or_name, model=None, *, batch: int = 1, image_batch: int | 
         analysis=result, windows=[list(w) for w in c.windows],
         events=[e.to_dict() for e in c.events], profile_seconds=time.perf_counter() - t0, ncu=None,
     )
-    return ProfileResult(_clean(data), c.events, c.trace_path)
+    if cuda:  # how far this run is from the card's physical floor (known cards only: dualfuse.targets)
+        from ..floors import profile_floor
+
+        data["floor"] = profile_floor(data, ex.spec)
+    return ExecutorProfile(_clean(data), c.events, c.trace_path)
 
 
-def compare(results: list[ProfileResult], command: str | None = None) -> dict:
+def compare(results: list[ExecutorProfile], command: str | None = None) -> dict:
     """The comparison document (profile.json of ``--compare``): both profiles, the side-by-side rows, a verdict."""
     from .report import compare_rows, compare_verdict
 
@@ -207,7 +214,7 @@ def compare(results: list[ProfileResult], command: str | None = None) -> dict:
                 profiles=ps)
 
 
-def write_compare(results: list[ProfileResult], out_dir: str, *, command: str | None = None,
+def write_compare(results: list[ExecutorProfile], out_dir: str, *, command: str | None = None,
                   plots: bool = True) -> dict:
     """One report for several executors: report.md, timeline.png (one panel each), roofline.png, one trace per
     executor (trace-<name>.json) and profile.json."""
@@ -219,7 +226,7 @@ def write_compare(results: list[ProfileResult], out_dir: str, *, command: str | 
     files = {}
     for r in results:
         if r.trace_path and os.path.exists(r.trace_path):
-            dst = os.path.join(out_dir, f"trace-{_slug(r.executor)}.json")
+            dst = os.path.join(out_dir, f"trace-{slug(r.executor, keep='_.')}.json")
             shutil.copyfile(r.trace_path, dst)
             files[f"trace ({r.executor})"] = dst
             r.data["files"] = {"trace": os.path.basename(dst)}
@@ -235,119 +242,96 @@ def write_compare(results: list[ProfileResult], out_dir: str, *, command: str | 
     return files
 
 
-def _slug(s: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", s).strip("-") or "x"
+# --------------------------------------------------------------------------------------------- the command's run
+
+@dataclass
+class ProfileResult:
+    """A ``dualfuse profile`` run: one :class:`ExecutorProfile` per executor (two or more: a comparison).
+    ``to_dict()`` is profile.json (``dualfuse.profile/1``, or ``dualfuse.profile.compare/1`` for several);
+    ``write(dir)`` writes every file and returns their paths."""
+
+    model: str
+    device: str
+    executors: list[str]
+    command: str | None = None
+    profiles: list[ExecutorProfile] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        if len(self.profiles) == 1:
+            return self.profiles[0].data
+        return _clean(compare(self.profiles, self.command))
+
+    def write(self, out_dir: str, *, plots: bool = True) -> dict:
+        if len(self.profiles) == 1:
+            return self.profiles[0].write(out_dir, plots=plots)
+        return write_compare(self.profiles, out_dir, command=self.command, plots=plots)
 
 
-# --------------------------------------------------------------------------------------------- CLI
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="clip-vit-b-32", metavar="NAME|PATH",
-                   help="preset name, open_clip:ARCH, HF model directory or open_clip checkpoint (default clip-vit-b-32)")
-    p.add_argument("--arch", help="open_clip architecture of a checkpoint file given as --model (e.g. ViT-B-32)")
-    p.add_argument("--executor", default="eager", help="executor to profile (default eager)")
-    p.add_argument("--compare", metavar="A,B", help="profile these executors and write one side-by-side report")
-    p.add_argument("--batch", type=int, default=1, help="image and text batch (default 1)")
-    p.add_argument("--image-batch", type=int, help="image batch (default --batch; 0 = text tower only)")
-    p.add_argument("--text-batch", type=int, help="text batch (default --batch; 0 = image tower only)")
-    p.add_argument("--text-length", dest="text_length", type=int,
-                   help="tokens per prompt (default the model's context length)")
-    p.add_argument("--text-len", dest="text_length", type=int, help=argparse.SUPPRESS)  # old name, deprecated
-    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="default fp16 on CUDA, fp32 on CPU")
-    p.add_argument("--device", help="default cuda if available, else cpu")
-    p.add_argument("--iters", type=int, default=3, help="profiled forwards (default 3)")
-    p.add_argument("--warmup", type=int, help=f"warm-up forwards (default {GPU_WARMUP} on CUDA, {CPU_WARMUP} on CPU)")
-    p.add_argument("--latency-runs", type=int, help="unprofiled calls timed for the latency line "
-                                                    "(default 20 on CUDA, 2 on CPU; 0 = skip)")
-    p.add_argument("--out", metavar="DIR", help="output folder (default profile-<model>-<executor>)")
-    p.add_argument("--top", type=int, default=10, help="kernels in the top-kernels table (default 10)")
-    p.add_argument("--nvtx", action="store_true", help="NVTX ranges per tower/layer/op (for nsys profile)")
-    p.add_argument("--ncu", action="store_true",
-                   help="run Nsight Compute on the top kernels: achieved occupancy, SM and DRAM throughput")
-    p.add_argument("--ncu-kernels", type=int, default=5, help="how many top kernels --ncu profiles (default 5)")
-    p.add_argument("--no-ceilings", action="store_true",
-                   help="do not measure bandwidth/matmul ceilings (use the cache if any; else no roofline tags)")
-    p.add_argument("--seed", type=int, default=0, help="weights and inputs seed (default 0)")
-
-
-def _err(msg: str) -> int:
-    print(f"dualfuse profile: error: {msg}", file=sys.stderr)
-    return 2
-
-
-def run(args) -> int:
-    from .. import executors, presets
+def run_profile(model: str = "clip-vit-b-32", executors: list[str] = ("eager",), *, arch: str | None = None,
+                batch: int = 1, image_batch: int | None = None, text_batch: int | None = None,
+                text_len: int | None = None, dtype=None, device=None, iters: int = 3, warmup: int | None = None,
+                latency_runs: int | None = None, nvtx: bool = False, measure_ceilings: bool = True,
+                top: int = 10, seed: int = 0, ncu: bool = False, ncu_kernels: int = 5, command: str | None = None,
+                progress: Progress | None = None) -> ProfileResult:
+    """Profile each of ``executors`` on ``model`` (a preset name or a local path; ``arch`` for an open_clip
+    checkpoint), one after the other, as :func:`profile` does; ``ncu``: Nsight Compute on the top ``ncu_kernels``
+    kernels of each. ``command`` is recorded in profile.json. Bad arguments raise ValueError (prefixed with the
+    executor's name when only that executor is at fault)."""
+    from .. import executors as registry
+    from .. import presets
+    from ..adapters import to_spec
     from ..executors.base import ExecutorUnavailable, NeedsCUDA, resolve_device
 
-    try:
-        device = resolve_device(args.device)
-    except (ValueError, ExecutorUnavailable) as e:
-        return _err(str(e))
-    names = [n.strip() for n in (args.compare.split(",") if args.compare else [args.executor]) if n.strip()]
-    if args.compare and len(names) < 2:
-        return _err(f"--compare needs two executors, e.g. --compare eager,fused (got {args.compare!r})")
-    known = executors.names()
+    progress = progress or Progress()
+    device = resolve_device(device)
+    names = [n.strip() for n in executors if n.strip()]
+    known = registry.names()
     unknown = [n for n in names if n not in known]
-    if unknown:
-        return _err(f"unknown executor(s): {', '.join(unknown)}; known executors: {', '.join(known)}")
-    if args.iters < 1 or (args.warmup is not None and args.warmup < 0):
-        return _err(f"need --iters >= 1 and --warmup >= 0 (got {args.iters}, {args.warmup})")
+    if unknown or not names:
+        raise ValueError(f"unknown executor(s): {', '.join(unknown) or '(none given)'}; "
+                         f"known executors: {', '.join(known)}")
+    if iters < 1 or (warmup is not None and warmup < 0):
+        raise ValueError(f"need --iters >= 1 and --warmup >= 0 (got {iters}, {warmup})")
     if "fused" in names and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        return _err("the fused executor needs CUDA; on CPU it runs only through the Triton interpreter: "
-                    "set TRITON_INTERPRET=1 (slow: tiny models only), or use --device cuda")
-    try:
-        model = presets.load(args.model, seed=args.seed, arch=args.arch)
-    except (ValueError, OSError) as e:
-        return _err(str(e))
-    from ..cli import user_command
-
-    command = user_command(getattr(args, "_argv", None), "profile")
-    out = args.out or f"profile-{_slug(args.model)}-{'-vs-'.join(names)}"
-    results = []
-    from ..adapters import to_spec
-
-    spec = to_spec(model)
+        raise ValueError("the fused executor needs CUDA; on CPU it runs only through the Triton interpreter: "
+                         "set TRITON_INTERPRET=1 (slow: tiny models only), or use --device cuda")
+    source = presets.load(model, seed=seed, arch=arch)
+    spec = to_spec(source)
+    result = ProfileResult(model=model, device=str(device), executors=names, command=command)
+    progress.start(result)
     for name in names:
-        print(f"profiling {name} on {args.model} ({device}) ...", file=sys.stderr)
+        progress.begin(name)
         try:
-            r = profile(name, model, batch=args.batch, image_batch=args.image_batch, text_batch=args.text_batch,
-                        text_len=args.text_length, dtype=args.dtype, device=device, iters=args.iters,
-                        warmup=args.warmup, nvtx=args.nvtx, measure_ceilings=not args.no_ceilings, seed=args.seed,
-                        top=args.top, latency_runs=args.latency_runs, model_name=args.model, command=command,
-                        spec=spec)
-        except NeedsCUDA as e:
-            return _err(str(e))
+            r = profile(name, source, batch=batch, image_batch=image_batch, text_batch=text_batch,
+                        text_len=text_len, dtype=dtype, device=device, iters=iters, warmup=warmup, nvtx=nvtx,
+                        measure_ceilings=measure_ceilings, seed=seed, top=top, latency_runs=latency_runs,
+                        model_name=model, command=command, spec=spec)
+        except NeedsCUDA:
+            raise
         except (ExecutorUnavailable, ValueError) as e:
-            return _err(f"{name}: {e}")
-        if args.ncu:
-            r.data["ncu"] = _ncu(args, name, r, device)
-            print(f"ncu: {r.data['ncu']['message']}", file=sys.stderr)
-        results.append(r)
-        print(f"{name}: {r.verdict}", file=sys.stderr)
-    if len(results) == 1:
-        files = results[0].write(out)
-    else:
-        files = write_compare(results, out, command=command)
-    print(f"report: {files['report']}")
-    for k, v in files.items():
-        if k != "report":
-            print(f"  {k}: {v}")
-    return 0
+            raise ValueError(f"{name}: {e}") from e
+        if ncu:
+            r.data["ncu"] = _ncu(r, model=model, arch=arch, dtype=dtype, seed=seed, kernels=ncu_kernels)
+        result.profiles.append(r)
+        progress.end(name, r)
+    return result
 
 
-def _ncu(args, name: str, r: ProfileResult, device) -> dict:
-    from . import capture as cap
+def _ncu(r: ExecutorProfile, *, model: str, arch: str | None, dtype, seed: int, kernels: int) -> dict:
+    """Nsight Compute on the top kernels of ``r``, in a process of its own that repeats r's forward."""
+    from .ncu import run_ncu
 
-    if device.type != "cuda":
+    device = r.data["device"]
+    if r.data["device_type"] != "cuda":
         return dict(status="unavailable", kernels=[], message="--ncu needs a CUDA device (this run is on CPU)")
-    top = [k["name"] for k in r.analysis["top_kernels"][: args.ncu_kernels]]
-    argv = ["--model", args.model, "--executor", name, "--device", str(device),
+    top = [k["name"] for k in r.analysis["top_kernels"][:kernels]]
+    argv = ["--model", model, "--executor", r.executor, "--device", device,
             "--image-batch", str(r.data["image_batch"]), "--text-batch", str(r.data["text_batch"]),
-            "--seed", str(args.seed)]
-    if args.arch:
-        argv += ["--arch", args.arch]
-    if args.dtype:
-        argv += ["--dtype", args.dtype]
+            "--seed", str(seed)]
+    if arch:
+        argv += ["--arch", arch]
+    if dtype:
+        argv += ["--dtype", str(dtype)]
     if r.data.get("text_len"):
         argv += ["--text-length", str(r.data["text_len"])]
-    return cap.run_ncu(argv, top)
+    return run_ncu(argv, top)

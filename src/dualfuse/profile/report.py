@@ -109,6 +109,8 @@ def _timeline_rows(p: dict) -> list[list]:
         rows.append(["latency without profiler or labels", f"{_num(lat.get('median_ms'), '{:.3f}')} ms median, "
                                                            f"p90 {_num(lat.get('p90_ms'), '{:.3f}')} ms "
                                                            f"({lat.get('runs')} runs, {lat.get('timer')})"])
+    if (p.get("floor") or {}).get("line"):  # dualfuse.floors.profile_floor: share of the card's floor reached
+        rows.append(["device floor", p["floor"]["line"]])
     return rows
 
 
@@ -162,11 +164,11 @@ def _avg(rows, key):
 
 
 def _ncu_match(name: str, by: dict):
-    from .capture import _ncu_base
+    from .ncu import base_name
 
-    base = _ncu_base(name)
+    base = base_name(name)
     for k, v in by.items():
-        if k == name or _ncu_base(k) == base or base in k:
+        if k == name or base_name(k) == base or base in k:
             return v
     return None
 

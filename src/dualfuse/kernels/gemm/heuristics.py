@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import triton
 
-from .._utils import device_smem_bytes, num_sms
+from .._utils import device_props, device_smem_bytes, num_sms
 
 _CONFIG_KEYS = {
     "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages",
@@ -141,12 +141,13 @@ def _ranked_skinny(dims, elt, device, base=None, nosplit=None, w_elt=None) -> li
 
 def _default_config(problems, device, base: dict | None = None) -> dict:
     """Heuristic block config by shape. Small fixed tiles under the interpreter (fast tests). base: the
-    caller's overrides (e.g. num_sms of a green context), which the skinny model ranks with."""
+    caller's overrides (e.g. num_sms of a green context), which the skinny model ranks with. The device's SMs and
+    shared memory come from kernels._utils (under target_device: the target's, computable without its GPU)."""
     elt = problems[0].x.element_size()
     w_elt = max(p.weight.element_size() for p in problems)  # 1 where every weight is quantized (int8 / fp8)
     dims = [(p.x.shape[0], p.weight.shape[0], p.x.shape[1]) for p in problems]
     max_m = max(m for m, _, _ in dims)
-    if device.type != "cuda":
+    if device_props(device) is None:  # the interpreter (no CUDA device, no target_device)
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)
     if elt == 4:  # fp32 inputs ("ieee" dot = FMA path): correctness use, keep tiles modest
         cfg = dict(BLOCK_M=min(64, max(16, _next_pow2(max_m))), BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from .._utils import LAUNCH_OPTIONS, is_interpreter, pdl_supported
+from .._utils import LAUNCH_OPTIONS, is_interpreter, pdl_supported, target_props
 from .heuristics import _CONFIG_KEYS, _choose_splits, _default_config, _next_pow2, _nosplit, _prefetch_steps
 from .kernel import _grouped_linear_kernel
 from .problems import _DTYPES, LinearProblem, _validate
@@ -28,7 +28,11 @@ def _tma_supported(problems, device, aligned: bool) -> bool:
         return False
     if problems[0].x.element_size() != 2:
         return False
-    if not is_interpreter() and (device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9):
+    target = target_props()  # planning for another device (target_device): its capability decides
+    if target is not None:
+        if target.capability[0] < 9:
+            return False
+    elif not is_interpreter() and (device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9):
         return False
     return all(p.x.stride(1) == 1 and p.weight.stride(1) == 1 for p in problems)
 
@@ -90,7 +94,7 @@ class _Plan:
         quantized = [p for p in problems if p.weight_scale is not None]
         wq_ref = quantized[0].weight if quantized else problems[0].x
         scale_ref = quantized[0].weight_scale if quantized else problems[0].x
-        interp = is_interpreter() or device.type != "cuda"
+        interp = (is_interpreter() or device.type != "cuda") and target_props() is None
         use_pdl = bool(cfg.get("pdl", True)) and pdl_supported(device)
         any_split = any(r["S"] > 1 and not r["p"].partial_sums for r in rows)
         any_partial = any(r["p"].partial_sums for r in rows)

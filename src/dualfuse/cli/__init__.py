@@ -1,13 +1,17 @@
-"""The ``dualfuse`` command.
+"""The ``dualfuse`` command: parses arguments, calls the library, prints and writes files.
 
 Subcommands live in their own modules, listed in SUBCOMMANDS (name -> module). A module provides
-``add_arguments(parser)`` and ``run(args) -> int`` (exit code); its docstring's first line is the help text. To add
-one, add a line here. A listed module that fails to import (a missing optional package) is still offered and
-reports its import error when run.
+``add_arguments(parser)`` and ``run(args) -> int`` (exit code); its docstring's first line is the help text and
+``DESCRIPTION`` (default: the docstring) the ``--help`` description. To add one, add a line here. A listed module
+that fails to import (a missing optional package) is still offered and reports its import error when run.
+bench, eval, profile and report are in this package (``cli/bench.py``, ``cli/evaluate.py``, ``cli/profile.py``,
+``cli/report.py``: each calls ``run_bench`` / ``run_eval`` / ``run_profile`` / ``build_report`` and prints the
+result); plan's is still beside its code in ``plan.py``.
 
 Errors: a bad argument, a missing or unreadable file and the like raise ValueError (or another known error,
 see _known_errors) inside a command; :func:`main` prints ``dualfuse: error: <message>`` to stderr and returns 2, with no
-traceback. Anything else is a bug and keeps its traceback.
+traceback (:func:`fail` does the same with the command's name, for a command that catches the error itself).
+Anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
@@ -20,11 +24,12 @@ import shlex
 import sys
 
 SUBCOMMANDS: dict[str, str] = {
-    "bench": "dualfuse.bench",
-    "plan": "dualfuse.plan",
-    "profile": "dualfuse.profile",
-    "eval": "dualfuse.evaluate",
-    "report": "dualfuse.report",
+    "bench": "dualfuse.cli.bench",
+    "plan": "dualfuse.cli.plan",
+    "profile": "dualfuse.cli.profile",
+    "eval": "dualfuse.cli.evaluate",
+    "report": "dualfuse.cli.report",
+    "stream": "dualfuse.cli.stream",
 }
 
 
@@ -32,16 +37,22 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean "the input is wrong or the machine lacks something", not "dualfuse has a bug"."""
     errors: list[type[BaseException]] = [ValueError, OSError]
     try:
-        from .executors.base import ExecutorUnavailable
+        from ..executors.base import ExecutorUnavailable
         errors.append(ExecutorUnavailable)
     except Exception:  # noqa: BLE001 - a broken import must not hide the user's error
         pass
     try:
-        from .energy import EnergyUnavailable
+        from ..energy import EnergyUnavailable
         errors.append(EnergyUnavailable)
     except Exception:  # noqa: BLE001
         pass
     return tuple(errors)
+
+
+def fail(command: str, message: str) -> int:
+    """Print ``dualfuse <command>: error: <message>`` to stderr; the exit code of a bad argument (2)."""
+    print(f"dualfuse {command}: error: {message}", file=sys.stderr)
+    return 2
 
 
 def _message(e: BaseException) -> str:
@@ -94,7 +105,7 @@ def _summary(doc: str | None) -> str:
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The parser; with ``only``, just that subcommand's module is imported (the others are listed by name)."""
-    from . import __version__
+    from .. import __version__
 
     parser = argparse.ArgumentParser(
         prog="dualfuse",
@@ -112,7 +123,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
             p = sub.add_parser(name, help=f"(unavailable: {type(mod).__name__})")
             p.set_defaults(_run=_broken(name, module, mod))
             continue
-        p = sub.add_parser(name, help=_summary(mod.__doc__), description=(mod.__doc__ or "").strip() or None,
+        description = getattr(mod, "DESCRIPTION", mod.__doc__)
+        p = sub.add_parser(name, help=_summary(mod.__doc__), description=(description or "").strip() or None,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         mod.add_arguments(p)
         p.set_defaults(_run=mod.run)
@@ -167,7 +179,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dualfuse: interrupted", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
