@@ -7,9 +7,11 @@ Two modes:
     # the configs the fused executor picks on a TARGET device (SM count, capability, shared memory: dualfuse.targets),
     # compiled for that target's architecture, each kernel checked against the target's limits
     python benchmarks/aot_compile.py --target orin-nano --target agx-orin --model clip-vit-b-32 --batch 1,8,32
+    python benchmarks/aot_compile.py --target orin-nano --model clip-vit-b-32 --weights int8   # int8 weights there
 
     # the interpreter's configs (what the launchers pick on CPU tensors), for sm_80, sm_87 and sm_90
     python benchmarks/aot_compile.py --model clip-tiny --model siglip-tiny [--json out.json]
+    python benchmarks/aot_compile.py --model clip-tiny --weights int8      # the int8-weight GEMM path too
 
 Target mode: the launchers plan under ``kernels._utils.target_device(target.props())``, so the GEMM tile / split-K
 cost model, the attention and embedding blocks, PDL and TMA (off below sm_90), and the fused executor's automatic
@@ -49,7 +51,7 @@ OPTION_KEYS = ("num_warps", "num_ctas", "num_stages", "enable_fp_fusion", "launc
                "maxnreg")
 # constexprs worth recording per specialization (the config the heuristics picked)
 CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_D", "BLOCK_T", "BLOCK_ROWS", "NUM_PROBLEMS", "USE_TMA",
-               "USE_PDL", "PREFETCH", "ANY_SPLIT", "ANY_PARTIAL", "NORM", "NORM_STATS_IN")
+               "USE_PDL", "PREFETCH", "ANY_SPLIT", "ANY_PARTIAL", "NORM", "NORM_STATS_IN", "ANY_WQ", "ALL_WQ")
 MAX_REGS, MAX_THREADS = 255, 1024
 
 
@@ -181,8 +183,11 @@ def _calls(ex, batch: int, frames: bool = True):
         ex.encode_image(torch.randint(0, 256, (batch, io.image_size, io.image_size, io.channels), dtype=torch.uint8))
 
 
-def _fuse(name, dtype):
-    fused = dualfuse.fuse(dualfuse.load(name, seed=0), dtype=dtype, device="cpu")
+def _fuse(name, dtype, weights=None):
+    """The fused executor of preset ``name`` on CPU tensors; ``weights`` "int8": weight-only int8 (the quantized
+    GEMM path: 1-byte weight tiles, per-channel scales, no TMA)."""
+    fused = dualfuse.fuse(dualfuse.load(name, seed=0), dtype=dtype, device="cpu",
+                          **({"weights": weights} if weights not in (None, "fp16") else {}))
     ex = fused.executor
     if getattr(ex, "fallback", None) is not None:
         raise SystemExit(f"{name}: the fused executor fell back ({ex.fallback}); nothing to compile")
@@ -191,27 +196,31 @@ def _fuse(name, dtype):
     return ex
 
 
-def compile_model_kernels(names: list[str], archs=ARCHS, dtype=torch.float16) -> dict:
-    """Interpreter mode: the configs the launchers pick on CPU tensors, for every arch in ``archs``."""
+def compile_model_kernels(names: list[str], archs=ARCHS, dtype=torch.float16, weights=None) -> dict:
+    """Interpreter mode: the configs the launchers pick on CPU tensors, for every arch in ``archs``; ``weights``
+    as in :func:`_fuse`."""
     hook = _Compiler(archs)
     _patch_interpreter_flag()
     knobs.runtime.jit_cache_hook = hook
     driver.set_active(_StubDriver(GPUTarget("cuda", 90, 32)))
     for name in names:
-        _calls(_fuse(name, dtype), 2, frames=False)
+        _calls(_fuse(name, dtype, weights), 2, frames=False)
     compiled, shared = {}, {}
     for r in hook.records:
         key = f"{r['kernel']} {r['arch']}"
         compiled[key] = compiled.get(key, 0) + 1
         shared[key] = max(shared.get(key, 0), r["shared"])
     return {"mode": "interpreter-configs", "triton": triton.__version__, "torch": torch.__version__, "models": names,
-            "dtype": str(dtype), "compiled": compiled, "max_shared_bytes": shared, "failures": hook.failures}
+            "dtype": str(dtype), "weights": weights or "fp16", "compiled": compiled, "max_shared_bytes": shared,
+            "failures": hook.failures}
 
 
 def compile_for_targets(names: list[str], targets: list[str], batches=(1, 8, 32), dtype=torch.float16,
-                        also_archs=(), echo=print) -> dict:
+                        also_archs=(), echo=print, weights=None) -> dict:
     """Target mode (see the module docstring). also_archs: compile the same specializations for these archs too
-    (e.g. 80: the Orin configs on sm_80, whose shared-memory limit per block is the same 163 KB)."""
+    (e.g. 80: the Orin configs on sm_80, whose shared-memory limit per block is the same 163 KB). weights: as in
+    :func:`_fuse` (the model fused with int8 weights under each target: the configs its heuristics pick for 1-byte
+    weights)."""
     from dualfuse.kernels._utils import target_device
     from dualfuse.targets import get_target
 
@@ -230,11 +239,12 @@ def compile_for_targets(names: list[str], targets: list[str], batches=(1, 8, 32)
             t0 = time.perf_counter()
             n0 = len(hook.records)
             with target_device(target.props()):
-                ex = _fuse(name, dtype)
+                ex = _fuse(name, dtype, weights)
                 for b in batches:
                     _calls(ex, b)
             run = dict(target=target.name, arch=target.arch, num_sms=target.num_sms, model=name,
-                       batches=list(batches), fold_ln=ex.fold_ln, pdl=any(r["launch_pdl"] for r in hook.records[n0:]),
+                       weights=weights or "fp16", batches=list(batches), fold_ln=ex.fold_ln,
+                       pdl=any(r["launch_pdl"] for r in hook.records[n0:]),
                        tma=any(r["config"].get("USE_TMA") for r in hook.records[n0:]),
                        specializations=len(hook.records) - n0, seconds=round(time.perf_counter() - t0, 1))
             runs.append(run)
@@ -255,7 +265,8 @@ def compile_for_targets(names: list[str], targets: list[str], batches=(1, 8, 32)
     limits = {t: dict(shared_per_block=get_target(t).smem_per_block, registers_per_thread=MAX_REGS,
                       threads_per_block=MAX_THREADS) for t in targets}
     return {"mode": "target-configs", "triton": triton.__version__, "torch": torch.__version__, "models": names,
-            "targets": targets, "batches": list(batches), "dtype": str(dtype), "limits": limits, "runs": runs,
+            "targets": targets, "batches": list(batches), "dtype": str(dtype), "weights": weights or "fp16",
+            "limits": limits, "runs": runs,
             "summary": summary, "kernels": records, "failures": failures,
             "resource_tool": "cuobjdump --dump-resource-usage" if _cuobjdump() else None,
             "seconds": round(time.perf_counter() - t_all, 1)}
@@ -280,19 +291,22 @@ def main(argv=None):
                     help="target mode: compile the target's specializations for this arch too (e.g. 80)")
     ap.add_argument("--batch", default="1,8,32", help="target mode: batch sizes (default 1,8,32)")
     ap.add_argument("--dtype", choices=["float16", "bfloat16"], default="float16")
+    ap.add_argument("--weights", choices=["fp16", "int8"], default=None,
+                    help="fuse with these weights (int8: the quantized GEMM path)")
     ap.add_argument("--json", help="write the result here")
     args = ap.parse_args(argv)
     dtype = getattr(torch, args.dtype)
-    print(f"triton {triton.__version__}, torch {torch.__version__}, {args.dtype}")
+    print(f"triton {triton.__version__}, torch {torch.__version__}, {args.dtype}, {args.weights or 'fp16'} weights")
     if args.target:
-        result = compile_for_targets(args.model, args.target, _batches(args.batch), dtype, args.also_arch)
+        result = compile_for_targets(args.model, args.target, _batches(args.batch), dtype, args.also_arch,
+                                     weights=args.weights)
         for key, s in sorted(result["summary"].items()):
             print(f"  {key}: {s['count']} specializations, max shared {s['max_shared']} B, max registers "
                   f"{s['max_regs']}, max local {s['max_local']} B, max threads {s['max_threads']}")
         print(f"  limits checked: {json.dumps(result['limits'])}; {result['seconds']} s")
         ok = bool(result["kernels"])
     else:
-        result = compile_model_kernels(args.model, dtype=dtype)
+        result = compile_model_kernels(args.model, dtype=dtype, weights=args.weights)
         for key, n in sorted(result["compiled"].items()):
             print(f"  {key}: {n} specializations, max shared {result['max_shared_bytes'][key]} B")
         ok = bool(result["compiled"])

@@ -12,12 +12,14 @@ ROOT = Path(__file__).resolve().parents[1]
 KERNELS = {"_embed_kernel", "_layer_norm_kernel", "_grouped_linear_kernel", "_attention_kernel"}
 
 
-@pytest.mark.parametrize("model,extra", [("clip-tiny", {"_pool_kernel"}), ("siglip-tiny", set())])
-def test_fused_kernels_compile_ahead_of_time_for_sm80_sm87_sm90(model, extra, tmp_path):
+@pytest.mark.parametrize("model,extra,weights", [("clip-tiny", {"_pool_kernel"}, None), ("siglip-tiny", set(), None),
+                                                 ("clip-tiny", {"_pool_kernel"}, "int8")])
+def test_fused_kernels_compile_ahead_of_time_for_sm80_sm87_sm90(model, extra, weights, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "aot.json"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "aot_compile.py"), "--model", model,
-                           "--json", str(out)], env=env, capture_output=True, text=True, timeout=600)
+                           "--json", str(out)] + (["--weights", weights] if weights else []),
+                          env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads(out.read_text())
     assert result["failures"] == []
@@ -63,6 +65,23 @@ def test_target_configs_compile_for_orin_within_sm87_limits(tmp_path):
     # GPU configs, not the interpreter's 32x32x32 tiles
     gemm = [k["config"] for k in r["kernels"] if k["kernel"] == "_grouped_linear_kernel"]
     assert any(c["BLOCK_K"] >= 64 for c in gemm) and all(c["USE_TMA"] is False and c["USE_PDL"] is False for c in gemm)
+
+
+def test_target_configs_compile_with_int8_weights(tmp_path):
+    """--weights int8 under a target: the model fused with weight-only int8 on an Orin Nano, its quantized GEMM
+    configs (1-byte weight tiles, no TMA) compiled for sm_87 within its limits."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "aot-orin-int8.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "aot_compile.py"), "--target", "orin-nano",
+                           "--model", "clip-tiny", "--batch", "1", "--weights", "int8", "--json", str(out)],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    r = json.loads(out.read_text())
+    assert r["mode"] == "target-configs" and r["weights"] == "int8" and r["failures"] == []
+    assert [run["weights"] for run in r["runs"]] == ["int8"]
+    gemm = [k for k in r["kernels"] if k["kernel"] == "_grouped_linear_kernel"]
+    assert gemm and all(k["arch"] == "sm_87" and k["shared"] <= SM87_SHARED for k in gemm)
+    assert all(k["config"]["USE_TMA"] is False for k in gemm) and any(k["config"]["ANY_WQ"] for k in gemm)
 
 
 def test_heuristics_follow_the_target_without_a_gpu():

@@ -4,6 +4,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from dualfuse import cli
 from dualfuse.adapters import to_spec
@@ -77,7 +78,8 @@ def test_floor_matches_hand_computed_bytes_and_flops(tiny, target, bi, bt, L):
     x = _expected(bi, bt, L, fold_ln=t.capability[0] < 9)
     f = floors(tiny, target, bi, bt, L)
     other = x["bias"] + x["norm"] + x["emb"]
-    want_w = {"fp16": 2 * (x["lin"] + other), "int8": x["lin"] + 2 * x["chans"] + 2 * other}
+    # int8: one fp32 scale per output channel, the scale dtype the fused executor stores (quantize.SCALE_BYTES)
+    want_w = {"fp16": 2 * (x["lin"] + other), "int8": x["lin"] + 4 * x["chans"] + 2 * other}
     assert f.fold_ln == (t.capability[0] < 9)
     for p in f.precisions:
         assert p.weight_bytes == want_w[p.weights]
@@ -88,9 +90,22 @@ def test_floor_matches_hand_computed_bytes_and_flops(tiny, target, bi, bt, L):
         assert p.memory_ms == pytest.approx(mem) and p.compute_ms == pytest.approx(comp)
         assert p.floor_ms == pytest.approx(max(mem, comp))
         assert p.bound == ("memory" if mem >= comp else "compute")
-    # fp32 int8 scales: 2 more bytes per output channel
-    f32 = floors(tiny, target, bi, bt, L, scale_bytes=4).get("int8")
-    assert f32.weight_bytes - f.get("int8").weight_bytes == 2 * x["chans"]
+    # fp16 int8 scales: 2 bytes fewer per output channel
+    f16 = floors(tiny, target, bi, bt, L, scale_bytes=2).get("int8")
+    assert f.get("int8").weight_bytes - f16.weight_bytes == 2 * x["chans"]
+
+
+@pytest.mark.parametrize("name", ["clip-tiny", "siglip-tiny"])
+def test_floor_weight_bytes_are_quantize_weight_bytes(name):
+    """One count of the weight bytes: an image-only call's floor reads what dualfuse.quantize.weight_bytes says the
+    fused executor reads (fp32 scales, SigLIP's head key/value rows only), for both precisions."""
+    from dualfuse.quantize import SCALE_BYTES, SCALE_DTYPE, weight_bytes
+
+    assert SCALE_DTYPE == torch.float32 and SCALE_BYTES == 4
+    spec = to_spec(build_hf(name, meta=True))
+    f = floors(spec, "agx-orin", 4, 0)
+    for w in ("fp16", "int8"):
+        assert f.get(w).weight_bytes == weight_bytes(spec, w, torch.float16, towers=("vision",))["total"]
 
 
 def test_launches_follow_the_targets_fold_ln_default(tiny):

@@ -86,3 +86,14 @@ def test_stream_errors(tmp_path, capsys, monkeypatch):
     assert rc == 2 and "--synthetic: expected a positive number" in capsys.readouterr().err
     with pytest.raises(ValueError, match="exactly one of"):
         stream.run_stream("clip-tiny", "a", video=str(video), synthetic=2)
+
+
+def test_stream_int8_weights_reach_the_fused_executor():
+    """--weights int8: the fused executor runs weight-only int8 (dualfuse.quantize) and the result says so; another
+    executor refuses it."""
+    res = stream.run_stream("clip-tiny", ["a dog", "a cat"], synthetic=1, warmup=0, frame_size=(24, 32),
+                            weights="int8")
+    assert res.weights == "int8" and res.executor == "fused" and len(res.frames) == 1
+    assert res.to_dict()["weights"] == "int8"
+    with pytest.raises(ValueError, match="only the fused executor"):
+        stream.run_stream("clip-tiny", "a", synthetic=1, executor="eager", weights="int8")

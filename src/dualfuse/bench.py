@@ -95,8 +95,9 @@ def call_towers(ex, px, ids):
 
 # --------------------------------------------------------------------------------------------- correctness
 
-def cosine_check(outputs, references) -> dict:
-    """Per-embedding cosine and relative error of each tower's output vs the reference (both [B, E])."""
+def cosine_check(outputs, references, min_cosine: float = COSINE_PASS) -> dict:
+    """Per-embedding cosine and relative error of each tower's output vs the reference (both [B, E]); cosine_ok:
+    the lowest cosine >= min_cosine (quantized weights: dualfuse.quantize.COSINE_MIN)."""
     cos, rel = [], []
     for out, ref in zip(outputs, references):
         if ref is None:
@@ -109,7 +110,7 @@ def cosine_check(outputs, references) -> dict:
     min_cos = min(cos)
     if math.isnan(min_cos) or any(math.isnan(x) for x in cos):
         min_cos = float("nan")
-    return dict(min_cosine=min_cos, max_rel_err=max(rel), cosine_ok=bool(min_cos >= COSINE_PASS))
+    return dict(min_cosine=min_cos, max_rel_err=max(rel), cosine_ok=bool(min_cos >= min_cosine))
 
 
 # --------------------------------------------------------------------------------------------- the run
@@ -133,6 +134,7 @@ class Row:
     min_cosine: float | None = None
     max_rel_err: float | None = None
     cosine_ok: bool | None = None
+    cosine_pass: float | None = None  # the bound cosine_ok checked (COSINE_PASS; quantized weights: COSINE_MIN)
     # speedups (bigger is better): baseline median / this median, within this run
     speedup_vs_eager: float | None = None
     speedup_vs_best_stock: float | None = None
@@ -188,6 +190,7 @@ class BenchResult:
     energy: bool = False  # energy asked for
     energy_meter: str | None = None  # the meter's source, None when asked for and unavailable
     energy_line: str | None = None  # what the meter said when opened (printed by the CLI)
+    weights: str = "fp16"  # the fused executor's weights: "fp16" (the dtype, unquantized), "int8" or "fp8"
     rows: list[Row] = field(default_factory=list)
     command: str | None = None
     args: dict | None = None
@@ -205,6 +208,11 @@ class BenchResult:
         return _best_stock(self.rows)
 
     @property
+    def quantized_cosine_pass(self) -> float | None:
+        """The cosine bound of the fused executor's row with quantized weights (None: unquantized)."""
+        return _min_cosine(self.weights) if self.weights != "fp16" else None
+
+    @property
     def failed(self) -> list[Row]:
         """Rows that errored or whose output is wrong (a run with any is a failure)."""
         return [r for r in self.rows if r.status == "error" or r.cosine_ok is False]
@@ -218,7 +226,8 @@ class BenchResult:
             resolved=dict(model=self.model, image_batch=self.image_batch, text_batch=self.text_batch,
                           text_length=self.text_length if self.text_batch else None, dtype=self.dtype,
                           device=self.device, iters=self.iters, warmup=self.warmup, input_sets=self.input_sets,
-                          timer="cuda events" if self.cuda else "perf_counter", cosine_pass=COSINE_PASS),
+                          timer="cuda events" if self.cuda else "perf_counter", cosine_pass=COSINE_PASS,
+                          weights=self.weights, cosine_pass_quantized=self.quantized_cosine_pass),
             environment=env, card=env["card"], torch=env["torch"], triton=env["triton"], date=env["date"],
             model=self.summary, eager_median_ms=eager.median_ms if eager else None,
             best_stock=best.executor if best else None,
@@ -237,21 +246,26 @@ def run_bench(model: str = DEFAULT_MODEL, *, executors: list[str] | None = None,
               batch: int = 1, image_batch: int | None = None, text_batch: int | None = None,
               text_length: int | None = None, dtype=None, device=None, iters: int | None = None,
               warmup: int | None = None, input_sets: int = 4, seed: int = 0, energy: bool = False,
-              energy_seconds: float = 2.0, green_context: dict | None = None,
+              energy_seconds: float = 2.0, green_context: dict | None = None, weights: str | None = None,
               progress: Progress | None = None) -> BenchResult:
     """Time every executor in ``executors`` (default all registered) on ``model`` (see the module docstring).
 
     ``image_batch``/``text_batch`` default to ``batch`` (0 = that tower not run); ``iters``/``warmup`` default to
     100/10 on CUDA, 10/2 on CPU. ``energy``: also measure J/inference (dualfuse.energy) over ``energy_seconds`` per
     executor. ``green_context``: what :func:`dualfuse.green.enter` returned, when the caller entered one (it must be
-    entered before anything touches CUDA, so not here). Bad arguments raise ValueError; an executor that fails gets
-    a row saying why."""
+    entered before anything touches CUDA, so not here). ``weights``: the fused executor's weights (None / "fp16":
+    unquantized; "int8" / "fp8": weight-only, dualfuse.quantize), its row then checked against
+    quantize.COSINE_MIN; the other executors run the model's own weights. Bad arguments raise ValueError; an
+    executor that fails gets a row saying why."""
     from . import executors as registry
     from . import presets, reference
     from .adapters import to_spec
     from .executors.base import ExecutorUnavailable, NeedsCUDA, dtype_name, resolve_device, resolve_dtype
 
+    from .quantize import resolve_weights
+
     progress = progress or Progress()
+    weights = resolve_weights(weights)  # ValueError for an unknown format (fp8 on this device: the fused row says)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     cuda = device.type == "cuda"
@@ -283,7 +297,7 @@ def run_bench(model: str = DEFAULT_MODEL, *, executors: list[str] | None = None,
     result = BenchResult(model=model, family=spec.family, summary=spec.summary(), image_batch=bi, text_batch=bt,
                          text_length=length, dtype=dtype_name(dtype), device=str(device), iters=iters,
                          warmup=warmup, input_sets=len(inputs), environment=environment(device),
-                         green_context=green_context, energy=energy)
+                         green_context=green_context, energy=energy, weights=weights)
     ref_spec = spec.to(device=device, dtype=torch.float32)
     with torch.no_grad():
         px0, ids0 = inputs[0]
@@ -309,7 +323,8 @@ def run_bench(model: str = DEFAULT_MODEL, *, executors: list[str] | None = None,
         ex = None
         try:
             t0 = time.perf_counter()
-            ex = registry.get(name, source, dtype=dtype, device=device, spec=spec)
+            wkw = _weights_kwargs(name, weights)
+            ex = registry.get(name, source, dtype=dtype, device=device, spec=spec, **wkw)
             row.build_s = time.perf_counter() - t0
             row.stock, row.notes = bool(getattr(ex, "stock", True)), run_label(getattr(ex, "notes", ""), device)
             progress.phase(name, "first call + check")
@@ -318,7 +333,9 @@ def run_bench(model: str = DEFAULT_MODEL, *, executors: list[str] | None = None,
                 outs = call(ex, 0)
             sync(device)
             row.first_call_s = time.perf_counter() - t0
-            for k, val in cosine_check(outs, refs).items():
+            # the quantized bound only where the weights are quantized (a fused executor that fell back is not)
+            row.cosine_pass = _min_cosine(wkw.get("weights") if getattr(ex, "fallback", None) is None else None)
+            for k, val in cosine_check(outs, refs, row.cosine_pass).items():
                 setattr(row, k, val)
             del outs
             progress.advance(name)
@@ -348,13 +365,27 @@ def run_bench(model: str = DEFAULT_MODEL, *, executors: list[str] | None = None,
             row.status, row.message = "error", _short(e)
         finally:
             progress.end(name, row)
-            del ex
+            ex = None  # drop the executor before gc (not `del`: the timing closures above name it)
             gc.collect()
             if cuda:
                 torch.cuda.empty_cache()
 
     add_speedups(result.rows)
     return result
+
+
+def _weights_kwargs(name: str, weights: str | None) -> dict:
+    """``weights``: passed to the fused executor (the others run the model's own weights)."""
+    return {"weights": weights} if name == "fused" and weights not in (None, "fp16") else {}
+
+
+def _min_cosine(weights: str | None) -> float:
+    """The cosine bound of an executor running ``weights`` (quantized: dualfuse.quantize.COSINE_MIN)."""
+    if weights not in (None, "fp16"):
+        from .quantize import COSINE_MIN
+        return COSINE_MIN
+    return COSINE_PASS
+
 
 def run_label(notes: str, device) -> str:
     """An executor's notes as true for this run: off CUDA the fused Triton launches run in the Triton interpreter

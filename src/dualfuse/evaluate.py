@@ -20,7 +20,10 @@ Metrics, X vs reference (docs/evaluation.md has the definitions):
   zero-shot accuracy (TorchMetrics ``MulticlassAccuracy``) for both X and the reference.
 
 PASS needs: min cosine >= 0.999 (both towers), max relative error <= 1e-2 for fp16/bf16 (1e-5 for fp32), and
-decisive top-1 agreement = 1. Exit code 0 when every executor passes, 1 otherwise, 2 for bad arguments.
+decisive top-1 agreement = 1. With ``--weights int8`` / ``fp8`` (the fused executor's weight-only quantization) the
+fused executor's cosine and error bounds are dualfuse.quantize.COSINE_MIN and REL_ERR_MAX, the decisive margin 2x
+that error; the other executors keep the unquantized bounds. Exit code 0 when every executor passes, 1 otherwise,
+2 for bad arguments.
 
 Python: :func:`run_eval` returns an :class:`EvalResult` (``to_dict()``: the ``--json`` document, schema
 ``dualfuse.eval/1``); the metrics work on any embeddings (:func:`parity`). The command line is
@@ -137,9 +140,13 @@ def zero_shot_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) ->
     return out
 
 
-def pass_criteria(dtype: torch.dtype) -> dict:
-    rel = REL_TOL.get(dtype, 1e-2)
-    return dict(min_cosine=COSINE_PASS, max_rel_err=rel, decisive_top1_agreement=1.0,
+def pass_criteria(dtype: torch.dtype, weights: str | None = None) -> dict:
+    """PASS bounds for an executor of ``dtype``; ``weights`` "int8" / "fp8": the quantized-weight bounds."""
+    rel, cos = REL_TOL.get(dtype, 1e-2), COSINE_PASS
+    if weights not in (None, "fp16"):
+        from .quantize import COSINE_MIN, REL_ERR_MAX
+        rel, cos = REL_ERR_MAX, COSINE_MIN
+    return dict(min_cosine=cos, max_rel_err=rel, decisive_top1_agreement=1.0,
                 decisive_margin=2 * rel)
 
 
@@ -165,13 +172,14 @@ def verdict(metrics: dict, criteria: dict) -> list[str]:
 
 
 def parity(x_img, x_cls, x_txt, r_img, r_cls, r_txt, *, dtype=torch.float16, labels=None, caption_image=None,
-           ks=RETRIEVAL_KS) -> dict:
+           ks=RETRIEVAL_KS, weights=None) -> dict:
     """All parity metrics of X vs the reference from embeddings.
 
     x_img/r_img [N, E] image embeddings; x_cls/r_cls [C, E] class-prompt embeddings; x_txt/r_txt [T, E] retrieval
     texts (None: use the class prompts). ``labels`` [N] (true class per image) and ``caption_image`` (image index
-    per retrieval text) add true accuracy / true R@k for X and the reference."""
-    criteria = pass_criteria(dtype)
+    per retrieval text) add true accuracy / true R@k for X and the reference. ``weights``: X's weight format
+    ("int8" / "fp8": judged with the quantized bounds, :func:`pass_criteria`)."""
+    criteria = pass_criteria(dtype, weights)
     m: dict = dict(image=embedding_metrics(x_img, r_img), criteria=criteria)
     text_x = torch.cat([x_cls] + ([x_txt] if x_txt is not None else []))
     text_r = torch.cat([r_cls] + ([r_txt] if r_txt is not None else []))
@@ -242,10 +250,13 @@ def executor_embeddings(ex, data, tokenizer, batch_size: int = 32) -> dict:
 
 
 def evaluate_executor(ex, data, tokenizer, ref: dict, *, batch_size: int = 32) -> dict:
-    """Parity metrics of a built executor on ``data`` against precomputed reference embeddings."""
+    """Parity metrics of a built executor on ``data`` against precomputed reference embeddings (a fused executor
+    with quantized weights: the quantized bounds; one that fell back runs unquantized weights and keeps the usual
+    ones)."""
     got = executor_embeddings(ex, data, tokenizer, batch_size)
+    weights = getattr(ex, "weight_format", None) if getattr(ex, "fallback", None) is None else None
     return parity(got["image"], got["cls"], got["txt"], ref["image"], ref["cls"], ref["txt"], dtype=ex.dtype,
-                  labels=data.labels, caption_image=data.caption_image)
+                  labels=data.labels, caption_image=data.caption_image, weights=weights)
 
 
 # --------------------------------------------------------------------------------------------- the command's run
@@ -265,7 +276,9 @@ class EvalResult:
     data: dict  # Dataset.summary()
     tokenizer: dict  # kind, description
     preprocessing: dict  # image_size, mean, std, source
-    criteria: dict
+    criteria: dict  # the fused executor's PASS bounds (quantized ones with weights_format int8 / fp8); each result
+    #                 holds the bounds it was judged by
+    weights_format: str = "fp16"  # the fused executor's weights: "fp16" (the dtype, unquantized), "int8" or "fp8"
     results: list[dict] = field(default_factory=list)
     date: str = ""
     command: str | None = None
@@ -278,20 +291,23 @@ class EvalResult:
         return dict(schema="dualfuse.eval/1", command=self.command, model=self.model, family=self.family,
                     weights=self.weights, dtype=self.dtype, device=self.device, card=self.environment.get("card"),
                     environment=self.environment, date=self.date, data=self.data, tokenizer=self.tokenizer,
-                    preprocessing=self.preprocessing, criteria=self.criteria, passed=self.passed,
+                    preprocessing=self.preprocessing, criteria=self.criteria, weights_format=self.weights_format,
+                    passed=self.passed,
                     results=self.results)
 
 
 def run_eval(model: str = DEFAULT_MODEL, executors: list[str] = (DEFAULT_EXECUTOR,), *, arch: str | None = None,
              dtype=None, device=None, data_dir: str | None = None, captions: str | None = None, demo: bool = False,
              samples: int = 32, classes: int = 10, limit: int | None = None, template: str = "a photo of a {}.",
-             batch_size: int = 32, synthetic_tokenizer: bool = False, seed: int = 0,
+             batch_size: int = 32, synthetic_tokenizer: bool = False, seed: int = 0, weights: str | None = None,
              progress: Progress | None = None) -> EvalResult:
     """Each of ``executors`` against the fp32 reference on the same data (see the module docstring).
 
     Data: ``demo`` (scikit-image's photos), ``data_dir`` (class folders, or images + ``captions``), else
     ``samples`` synthetic images and ``classes`` class prompts. Bad arguments and unusable data raise ValueError
     (:class:`dualfuse.data.DataError` is one); an executor that cannot run gets a failed result saying why.
+    ``weights``: the fused executor's weights (None / "fp16": unquantized; "int8" / "fp8": weight-only,
+    dualfuse.quantize), judged with the quantized bounds; the other executors run the model's own weights.
     ``progress.start(result)`` runs once the data is loaded, ``progress.end(name, result_dict)`` after each
     executor."""
     from . import data as D
@@ -300,8 +316,10 @@ def run_eval(model: str = DEFAULT_MODEL, executors: list[str] = (DEFAULT_EXECUTO
     from .adapters import to_spec
     from .environment import environment
     from .executors.base import ExecutorUnavailable, dtype_name, resolve_device, resolve_dtype
+    from .quantize import resolve_weights
 
     progress = progress or Progress()
+    weights = resolve_weights(weights)  # ValueError for an unknown format (fp8 on this device: the fused result says)
     device = resolve_device(device)
     dt = resolve_dtype(dtype, device)
     if batch_size < 1 or samples < 1:
@@ -332,7 +350,7 @@ def run_eval(model: str = DEFAULT_MODEL, executors: list[str] = (DEFAULT_EXECUTO
         dtype=dtype_name(dt), device=str(device), environment=environment(device), data=data.summary(),
         tokenizer=dict(kind=tok.kind, description=tok.describe()),
         preprocessing=dict(image_size=pre.image_size, mean=list(pre.mean), std=list(pre.std), source=pre.source),
-        criteria=pass_criteria(dt))
+        criteria=pass_criteria(dt, weights), weights_format=weights)
     progress.start(result)
 
     ref = reference_embeddings(spec, data, tok, device, batch_size)
@@ -340,7 +358,8 @@ def run_eval(model: str = DEFAULT_MODEL, executors: list[str] = (DEFAULT_EXECUTO
         progress.begin(name)
         res = dict(executor=name, status="ok")
         try:
-            ex = registry.get(name, source, dtype=dt, device=device, spec=spec)
+            wkw = {"weights": weights} if name == "fused" and weights != "fp16" else {}
+            ex = registry.get(name, source, dtype=dt, device=device, spec=spec, **wkw)
             res.update(evaluate_executor(ex, data, tok, ref, batch_size=batch_size))
             del ex
         except ExecutorUnavailable as e:

@@ -6,7 +6,8 @@
   Orin's 2-4 MB L2 between calls). fp16: 2 bytes per element. int8: every Linear weight of both towers -- the
   QKV, out, FC1 and FC2 of every block, the projections, and SigLIP's attention-pooling head (its key/value
   rows, out, FC1, FC2; its query rows act on the constant probe and are applied once when the model is
-  prepared) -- is 1 byte per element plus one scale per output channel (``scale_bytes``, fp16 by default).
+  prepared) -- is 1 byte per element plus one scale per output channel (``scale_bytes``: by default the fused
+  executor's, fp32, ``dualfuse.quantize.SCALE_BYTES``).
   Stay fp16 in both: Linear biases, LayerNorm weights and biases, the patch embedding (a convolution in the
   source model), position and class embeddings, the probe's projected query, and the token-embedding table, of
   which only the rows the call gathers are counted (``min(texts x tokens, vocabulary)`` rows).
@@ -114,6 +115,21 @@ def tower_weights(t: TowerSpec, batch: int, seq: int) -> dict:
     return g
 
 
+def weight_bytes_of(groups: dict, weights: str = "fp16", elt: int = 2, scale_bytes: int | None = None) -> dict:
+    """Bytes of the element groups of :func:`tower_weights` for ``weights`` "fp16" (every element ``elt`` bytes:
+    the model dtype) or "int8" / "fp8" (the Linear weights 1 byte each plus ``scale_bytes`` per output channel,
+    default the executor's scale dtype, dualfuse.quantize.SCALE_BYTES; the rest ``elt`` bytes): ``linear``,
+    ``scales``, ``other`` (biases, LayerNorms, embeddings) and ``total``. dualfuse.quantize.weight_bytes counts
+    with it too."""
+    if scale_bytes is None:
+        from .quantize import SCALE_BYTES as scale_bytes
+    quant = weights != "fp16"
+    lin = groups["linear"] * (1 if quant else elt)
+    scales = groups["linear_out_channels"] * scale_bytes if quant else 0
+    other = (groups["linear_bias"] + groups["norm"] + groups["embed"]) * elt
+    return dict(linear=lin, scales=scales, other=other, total=lin + scales + other)
+
+
 def _step_weight_elems(t: TowerSpec, step: Step) -> int:
     """The weight elements the plan's cost model counts in a step's bytes (removed to leave activations)."""
     d, op = t.width, step.op
@@ -153,10 +169,13 @@ def default_fold_ln(target: Target) -> bool:
 
 
 def floors(spec: DualEncoderSpec, target: str | Target, image_batch: int = 1, text_batch: int = 1,
-           text_len: int | None = None, *, fold_ln: bool | None = None, scale_bytes: int = 2,
+           text_len: int | None = None, *, fold_ln: bool | None = None, scale_bytes: int | None = None,
            model: str | None = None) -> Floor:
-    """Floors of one call shape on a target, for fp16 and int8 weights (see the module docstring)."""
+    """Floors of one call shape on a target, for fp16 and int8 weights (see the module docstring). scale_bytes:
+    bytes per int8 scale, default the fused executor's (fp32: 4, dualfuse.quantize.SCALE_BYTES)."""
     target = get_target(target)
+    if scale_bytes is None:
+        from .quantize import SCALE_BYTES as scale_bytes
     if scale_bytes not in (2, 4):
         raise ValueError(f"scale_bytes must be 2 (fp16 scales) or 4 (fp32), got {scale_bytes!r}")
     fold_ln = default_fold_ln(target) if fold_ln is None else fold_ln
@@ -174,9 +193,7 @@ def floors(spec: DualEncoderSpec, target: str | Target, image_batch: int = 1, te
             groups[k] = groups.get(k, 0) + v
         act += _activation_bytes(t, steps, batch, seq, 2)
         flops += sum(s.flops for s in steps)
-    other = groups["linear_bias"] + groups["norm"] + groups["embed"]
-    wbytes = {"fp16": 2.0 * (groups["linear"] + other),
-              "int8": 1.0 * groups["linear"] + scale_bytes * groups["linear_out_channels"] + 2.0 * other}
+    wbytes = {w: weight_bytes_of(groups, w, 2, scale_bytes)["total"] for w in PRECISIONS}
     rows = []
     for w in PRECISIONS:
         mem = (wbytes[w] + act) / target.dram_bandwidth * 1e3

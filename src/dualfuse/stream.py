@@ -215,15 +215,12 @@ def _build_executor(model, executor: str, weights: str, dtype, device):
 
     if weights not in ("fp16", "int8"):
         raise ValueError(f"--weights: expected fp16 or int8, got {weights!r}")
+    if weights == "int8" and executor != "fused":
+        raise ValueError(f"--weights int8: only the fused executor quantizes its weights (dualfuse.quantize), "
+                         f"got --executor {executor}")
     source = load(model, seed=0) if isinstance(model, str) else model
-    kwargs = {"weights": "int8"} if weights == "int8" else {}
-    try:
-        return source, executors.get(executor, source, dtype=dtype, device=device, **kwargs)
-    except TypeError as e:
-        if "weights" in str(e):
-            raise ValueError(f"--weights int8: executor {executor!r} does not take weights='int8' in this build "
-                             f"({e})") from None
-        raise
+    kwargs = {"weights": "int8"} if weights == "int8" else {}  # FusedExecutor(weights=...): weight-only int8
+    return source, executors.get(executor, source, dtype=dtype, device=device, **kwargs)
 
 
 def run_stream(model="clip-vit-b-32", prompts="a photo of a dog,a photo of a cat", *, video: str | None = None,
@@ -335,9 +332,14 @@ def run_stream(model="clip-vit-b-32", prompts="a photo of a dog,a photo of a cat
     if not cuda:
         notes.append("CPU run" + (" (Triton interpreter): latencies say nothing about a GPU"
                                   if os.environ.get("TRITON_INTERPRET") == "1" else ""))
-    # weights: "int8", or the executor's dtype (what "fp16" weights are on a CPU run: fp32 by default)
+    # weights: what the executor runs: "int8" (the fused executor's quantized GEMM weights), or the executor's dtype
+    # (what "fp16" weights are on a CPU run: fp32 by default; also what a fused executor that fell back runs)
+    quantized = getattr(ex, "weight_format", "fp16") == "int8" and getattr(ex, "fallback", None) is None
+    if weights == "int8" and not quantized:
+        notes.append(f"--weights int8 not applied: the fused executor fell back ({ex.fallback}); "
+                     f"{dtype_name(ex.dtype)} weights")
     result = StreamResult(model=io.name or str(model), executor=ex.name,
-                          weights="int8" if weights == "int8" else dtype_name(ex.dtype), device=str(dev), card=card,
+                          weights="int8" if quantized else dtype_name(ex.dtype), device=str(dev), card=card,
                           dtype=dtype_name(ex.dtype), source=source_name, prompts=prompts, frames=records,
                           wall_s=wall, text_ms=text_ms, warmup_frames=warmup, sms=sms, green_context=green_info,
                           notes=notes)

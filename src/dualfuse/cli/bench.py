@@ -49,6 +49,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="measure energy (NVML energy counter / power, Jetson rails): J/inference and images/s/W")
     p.add_argument("--energy-seconds", type=float, default=2.0,
                    help="length of the energy loop per executor (default 2 s)")
+    p.add_argument("--weights", choices=["fp16", "int8", "fp8"], default=None,
+                   help="weights of the fused executor: fp16 (default: the --dtype, unquantized), int8 or fp8 "
+                        "(weight-only, one scale per output channel; fp8 needs compute capability >= 8.9); "
+                        "its parity check then uses the quantized criterion")
     p.add_argument("--_in-green-context", dest="_in_green_context", type=int, help=argparse.SUPPRESS)
 
 
@@ -74,13 +78,15 @@ def run(args: argparse.Namespace) -> int:
             batch=args.batch, image_batch=args.image_batch, text_batch=args.text_batch,
             text_length=args.text_length, dtype=args.dtype, device=args.device, iters=args.iters,
             warmup=args.warmup, input_sets=args.input_sets, seed=args.seed, energy=getattr(args, "energy", False),
-            energy_seconds=args.energy_seconds, green_context=green_info, progress=progress)
+            energy_seconds=args.energy_seconds, green_context=green_info, weights=getattr(args, "weights", None),
+            progress=progress)
     except (ValueError, ExecutorUnavailable) as e:
         return fail("bench", str(e))
     finally:
         progress.close()
     print_table(out, result.rows, result.best_stock, result.cuda, result.iters, result.warmup, result.input_sets,
-                energy=result.energy_meter is not None)
+                energy=result.energy_meter is not None, quantized_cosine=result.quantized_cosine_pass,
+                weights=result.weights)
     if args.json:
         result.command, result.args = _recorded_command(args), _recorded_args(args)
         write_json(args.json, result.to_dict())
@@ -134,7 +140,9 @@ def print_header(out, result) -> None:
     shape = (f"image {bi}×{v['channels']}×{v['image_size']}² ({v['seq_len']} tokens)" if bi else "no images") + \
         " + " + (f"text {bt}×{result.text_length} tokens" if bt else "no text")
     out.print(f"[bold]dualfuse bench[/] {result.model} ({result.family}; vision {v['layers']}×{v['width']}, "
-              f"text {t['layers']}×{t['width']}) · {result.dtype} · {result.environment['card']}", highlight=False)
+              f"text {t['layers']}×{t['width']}) · {result.dtype}"
+              f"{f' (fused: {result.weights} weights)' if result.weights != 'fp16' else ''} · "
+              f"{result.environment['card']}", highlight=False)
     out.print(f"inputs: {shape}", highlight=False)
     green = result.green_context
     if green:
@@ -213,7 +221,8 @@ def _speedup(x) -> str:
     return f"{x:.2f}×" if x >= 0.1 else f"{x:.2g}×"
 
 
-def print_table(console, rows, best, cuda, iters, warmup, sets, energy: bool = False):
+def print_table(console, rows, best, cuda, iters, warmup, sets, energy: bool = False,
+                quantized_cosine: float | None = None, weights: str = "fp16"):
     from rich.table import Table
 
     table = Table(show_edge=False, header_style="bold")
@@ -245,6 +254,8 @@ def print_table(console, rows, best, cuda, iters, warmup, sets, energy: bool = F
     lines = [f"median/p90 of {iters} runs after {warmup} warm-up · {sets} input sets rotated · timer: {timer}",
              "speedup × = baseline median / this median, bigger is better; baselines: eager, and the best stock "
              f"executor of this run (here: {best.executor if best else '—'}) · † = not stock",
-             f"min cos = lowest per-embedding cosine vs the fp32 reference forward (pass ≥ {COSINE_PASS})"]
+             f"min cos = lowest per-embedding cosine vs the fp32 reference forward (pass ≥ {COSINE_PASS}"
+             + (f"; fused with {weights} weights: ≥ {quantized_cosine}" if quantized_cosine is not None else "")
+             + ")"]
     for line in lines:
         console.print(line, style="dim", highlight=False)

@@ -40,6 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--synthetic-tokenizer", action="store_true",
                    help="use the synthetic tokenizer even when a real one is available")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--weights", choices=["fp16", "int8", "fp8"], default=None,
+                   help="weights of the fused executor: fp16 (default: --dtype, unquantized), int8 or fp8 (weight-only, "
+                        "per-channel scales); PASS then uses the quantized bounds (dualfuse.quantize)")
     p.add_argument("--json", default=None, help="write the results as JSON here (read by `dualfuse report`)")
 
 
@@ -55,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
             args.model, args.executor.split(","), arch=args.arch, dtype=args.dtype, device=args.device,
             data_dir=args.data, captions=args.captions, demo=args.demo, samples=args.samples, classes=args.classes,
             limit=args.limit, template=args.template, batch_size=args.batch_size,
-            synthetic_tokenizer=args.synthetic_tokenizer, seed=args.seed, progress=_Printer(out))
+            synthetic_tokenizer=args.synthetic_tokenizer, seed=args.seed, weights=getattr(args, "weights", None),
+            progress=_Printer(out))
     except (ValueError, ExecutorUnavailable) as e:
         return fail("eval", str(e))
     if args.json:
@@ -74,7 +78,8 @@ class _Printer(Progress):
     def start(self, result) -> None:
         out, data, tok, pre = self.out, result.data, result.tokenizer, result.preprocessing
         out.print(f"[bold]dualfuse eval[/]: {result.model} ({result.family}; weights {result.weights}) · "
-                  f"{result.dtype} on {result.device}")
+                  f"{result.dtype} on {result.device}"
+                  + (f" · fused with {result.weights_format} weights" if result.weights_format != "fp16" else ""))
         out.print(f"data: {data['description']}")
         out.print(f"tokenizer: {tok['description']}" + ("  [yellow](synthetic: texts are hashed words, not a real "
                                                         "vocabulary)[/]" if tok["kind"] == "synthetic" else ""))

@@ -24,7 +24,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--model", default="clip-vit-b-32", metavar="NAME|PATH",
                         help="preset name, HF model directory or open_clip:ARCH (default clip-vit-b-32)")
     parser.add_argument("--executor", default="fused", help="executor (default fused: takes uint8 frames)")
-    parser.add_argument("--weights", default="fp16", choices=["fp16", "int8"], help="weight precision (default fp16)")
+    parser.add_argument("--weights", default="fp16", choices=["fp16", "int8"],
+                        help="weights (default fp16: the --dtype; int8: the fused executor's weight-only int8, "
+                             "one scale per output channel, dualfuse.quantize)")
     parser.add_argument("--dtype", default=None, choices=["fp16", "bf16", "fp32"],
                         help="activation dtype (default fp16 on CUDA, fp32 on CPU)")
     parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if present)")

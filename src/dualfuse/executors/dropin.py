@@ -534,8 +534,10 @@ def fuse(model, dtype=None, device=None, **kwargs) -> FusedModel:
 
     ``dtype``: default the source model's dtype (``fuse(model.half())`` runs fp16, ``fuse(model)`` of an fp32
     model runs fp32; pass ``dtype=torch.float16`` for speed). ``device``: default CUDA when there is one, else CPU.
-    ``kwargs``: FusedExecutor options, kept for rebuilds (``.to()``, ``.half()``, ``load_state_dict``), and
-    ``keep_host_copy`` (default True; False keeps no host copy of the weights, see the module docstring).
+    ``kwargs``: FusedExecutor options, kept for rebuilds (``.to()``, ``.half()``, ``load_state_dict``); e.g.
+    ``weights="int8"``: weight-only int8 for every linear layer (``"fp8"`` on compute capability >= 8.9; see
+    dualfuse.quantize); and ``keep_host_copy`` (default True; False keeps no host copy of the weights, see the
+    module docstring).
     The source model is left untouched and not kept."""
     keep_host_copy = kwargs.pop("keep_host_copy", True)
     if isinstance(model, str):

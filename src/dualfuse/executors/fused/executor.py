@@ -49,8 +49,14 @@ class FusedExecutor(Executor):
     def __init__(self, model, dtype=None, device=None, *, max_graphs: int = 8, use_graph: bool = True,
                  fallback: bool = True, fold_ln: bool | None = None, pdl: bool = True, gemm_config: dict | None = None,
                  residual_dtype: torch.dtype | None = None, defer_split_reduce: bool = True,
-                 text_buckets="auto", warmup=None, image_mean=None, image_std=None, **kwargs):
+                 text_buckets="auto", warmup=None, image_mean=None, image_std=None, weights=None, **kwargs):
         super().__init__(model, dtype, device, **kwargs)
+        # weights: None / "fp16" (the executor's dtype), "int8" or "fp8" (weight-only, one scale per output channel,
+        # every linear layer of both towers: dualfuse.quantize); fp8 needs compute capability >= 8.9
+        from ...quantize import resolve_weights
+
+        self.weight_format = resolve_weights(weights, self.device)
+        self.quant = None  # dualfuse.quantize.QuantizedWeights when quantized (the runners attach the scales)
         # image mean/std of uint8 camera frames: folded into a second patch-embedding weight (frame_patch), or
         # applied on the device before a fallback executor (adapters/_norm.py has the family defaults)
         from ...adapters import image_normalization
@@ -115,8 +121,12 @@ class FusedExecutor(Executor):
         if reason is None:
             self._prepare_weights()
             reason = self._check_coverage()
+        if reason is not None and self.weight_format != "fp16":
+            reason += f" (weights={self.weight_format!r} not applied: the fallback runs {self.dtype} weights)"
         if reason is not None:
             self._fall_back(reason, fallback)
+        elif self.weight_format != "fp16":
+            self.notes = f"{FusedExecutor.notes}; {self.weight_format} weights (per-channel scales)"
         self.__dict__.pop("_source", None)
         if warmup is not None:
             self.warmup(warmup)
@@ -149,7 +159,12 @@ class FusedExecutor(Executor):
         self.notes = f"FALLBACK to {Fallback.name}: {reason}"
 
     def _prepare_weights(self):
-        self.weights = self.spec.to(self.device, self.dtype)
+        if self.weight_format == "fp16":
+            self.weights = self.spec.to(self.device, self.dtype)
+        else:  # the GEMM weights go to the device quantized only (quantize_executor, below)
+            from ...quantize import to_device_but_gemm_weights
+
+            self.weights = to_device_but_gemm_weights(self.spec, self.device, self.dtype)
         emb = self.spec.vision.embed
         self.frame_patch = None  # (weight, bias) of the patch embedding for uint8 frames: mean/std folded in
         if emb.pos_grid is None:  # NaFlex takes patch sequences, never frames
@@ -162,13 +177,17 @@ class FusedExecutor(Executor):
             d = self.weights.vision.width
             # The probe's query projection does not depend on the input: compute it once here.
             wq, bq = head.qkv.weight[:d], head.qkv.bias[:d] if head.qkv.bias is not None else None
-            self.map_query = F.linear(head.probe.float().view(1, d), wq.float(),
+            self.map_query = F.linear(head.probe.float().view(1, d), wq.to(self.device).float(),
                                       bq.float() if bq is not None else None).to(self.dtype).contiguous()
             self.map_kv_weight = head.qkv.weight[d:].contiguous()
             self.map_kv_bias = head.qkv.bias[d:].contiguous() if head.qkv.bias is not None else None
         self.folded: dict[tuple, tuple] = {}
         if self.fold_ln:
             self._fold_layernorms()
+        if self.weight_format != "fp16":  # every GEMM weight -> int8 / fp8 + scales, from fp32 (after folding)
+            from ...quantize import quantize_executor
+
+            self.quant = quantize_executor(self)
 
     def _fold_layernorms(self):
         """(tower, layer, plan op) -> (folded weight, folded bias, FoldedLayerNorm) for every LN -> GEMM pair
@@ -181,7 +200,8 @@ class FusedExecutor(Executor):
             w = (linear.weight if weight is None else weight).to(self.device)
             b = linear.bias if weight is None else bias
             return fold_layernorm(w, None if b is None else b.to(self.device), norm.weight.to(self.device),
-                                  norm.bias.to(self.device), norm.eps, dtype=self.dtype)
+                                  norm.bias.to(self.device), norm.eps,
+                                  dtype=self.dtype if self.weight_format == "fp16" else torch.float32)
 
         for name in ("vision", "text"):
             src: TowerSpec = getattr(self.spec, name)

@@ -103,7 +103,7 @@ class Runner:
         for i in chosen:
             p = problems[i]
             parts = torch.empty(op.splits[i], *p.out.shape, dtype=torch.float32, device=p.out.device)
-            new[i] = LinearProblem(p.x, p.weight, parts, partial_sums=True)
+            new[i] = LinearProblem(p.x, p.weight, parts, partial_sums=True, weight_scale=p.weight_scale)
             self._deferred[deferrable[id(p)]] = (parts, p.bias)
         return GroupedLinear(new, config=dict(op.config), split_k=list(op.splits))
 
@@ -111,7 +111,9 @@ class Runner:
         make = _PROBLEMS.get(step.op)
         if make is None:  # plan and executor out of sync
             raise AssertionError(f"plan step {step.op!r} has no kernel problem")
-        return make(_StepContext(self, step))
+        problem = make(_StepContext(self, step))
+        # quantized weights (dualfuse.quantize): the GEMM problem gets its weight's per-channel scales
+        return problem if self.ex.quant is None else self.ex.quant.attach(problem)
 
     def release(self) -> None:
         """Leaving the cache: the buffers go back to PyTorch's caching allocator, which reuses them for work on the

@@ -8,6 +8,11 @@ sum of squared deviations; the folded GEMM merges the parts, Chan et al.), or, w
 program's x rows before its K loop. The folded GEMMs cost about what the LayerNorm launches they replace cost
 under PDL (BENCHMARKS.md), so the fused executor leaves folding off by default.
 
+Weight-only quantization: a problem's weight may be int8 (or fp8 e4m3 on compute capability >= 8.9) with one
+scale per output channel (``LinearProblem.weight_scale``, made by ``dualfuse.quantize.quantize_weight``): the 1-byte
+tiles are widened to the activation dtype in registers and the fp32 sums scaled before the epilogue. Quantized and
+16-bit problems may share a launch.
+
 Why: the two towers of a dual encoder do the same step (QKV, out-proj, FC1, FC2) on different shapes. At batch 1
 each step is tiny (M = 50 / 77 rows), so the time is launch gaps, per-program latency and streaming the weights;
 one launch that covers both towers halves the launches and lets the tiles of both towers share the SMs.

@@ -44,9 +44,11 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-def _smem_bytes(cfg: dict, elt: int) -> int:
-    """Shared memory a config needs: pipelined A/B tiles, or the fp32 epilogue tile if larger."""
-    pipe = cfg["num_stages"] * (cfg["BLOCK_M"] + cfg["BLOCK_N"]) * cfg["BLOCK_K"] * elt
+def _smem_bytes(cfg: dict, elt: int, w_elt: int | None = None) -> int:
+    """Shared memory a config needs: pipelined A/B tiles (B of w_elt-byte weights: 1 when quantized), or the fp32
+    epilogue tile if larger."""
+    w_elt = elt if w_elt is None else w_elt
+    pipe = cfg["num_stages"] * (cfg["BLOCK_M"] * elt + cfg["BLOCK_N"] * w_elt) * cfg["BLOCK_K"]
     return max(pipe, cfg["BLOCK_M"] * cfg["BLOCK_N"] * 4)
 
 
@@ -56,13 +58,13 @@ def _is_skinny(dims, device) -> bool:
     return max(m for m, _, _ in dims) <= 128 or tiles128 < num_sms(device)
 
 
-def _fit_smem(cfg: dict, elt: int, device) -> dict:
+def _fit_smem(cfg: dict, elt: int, device, w_elt: int | None = None) -> dict:
     limit = device_smem_bytes(device)
-    while cfg["num_stages"] > 2 and _smem_bytes(cfg, elt) > limit:
+    while cfg["num_stages"] > 2 and _smem_bytes(cfg, elt, w_elt) > limit:
         cfg["num_stages"] -= 1
-    while _smem_bytes(cfg, elt) > limit and cfg["BLOCK_N"] > 32:
+    while _smem_bytes(cfg, elt, w_elt) > limit and cfg["BLOCK_N"] > 32:
         cfg["BLOCK_N"] //= 2
-    while _smem_bytes(cfg, elt) > limit and cfg["BLOCK_K"] > 32:
+    while _smem_bytes(cfg, elt, w_elt) > limit and cfg["BLOCK_K"] > 32:
         cfg["BLOCK_K"] //= 2
     return cfg
 
@@ -87,10 +89,12 @@ _SKINNY_SPLITS = ((0, 1, 1), (1, 2, 8), (1, 4, 4))
 _SKINNY_PREFETCH = 2
 
 
-def _estimate_us(dims, cfg: dict, splits, elt: int, sms: int, smem_limit: int) -> float:
-    """Modelled µs of one skinny launch (see the constants above)."""
+def _estimate_us(dims, cfg: dict, splits, elt: int, sms: int, smem_limit: int, w_elt: int | None = None) -> float:
+    """Modelled µs of one skinny launch (see the constants above). w_elt: bytes per weight element (1 for int8 /
+    fp8 weights; default elt)."""
+    w_elt = elt if w_elt is None else w_elt
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    ctas = max(1, min(smem_limit // _smem_bytes(cfg, elt), 65536 // (cfg["num_warps"] * 32 * 200)))
+    ctas = max(1, min(smem_limit // _smem_bytes(cfg, elt, w_elt), 65536 // (cfg["num_warps"] * 32 * 200)))
     programs, t_prog, max_s = 0, 0.0, 1
     for (m, n, k), s in zip(dims, splits):
         tiles_m = triton.cdiv(m, bm)
@@ -99,7 +103,7 @@ def _estimate_us(dims, cfg: dict, splits, elt: int, sms: int, smem_limit: int) -
         s_eff = triton.cdiv(iters, ips)
         max_s = max(max_s, s_eff)
         programs += tiles_m * triton.cdiv(n, bn) * s_eff
-        stream = ips * bk * elt * (bn + m / tiles_m) / _SM_BYTES_PER_US  # masked x rows move no bytes
+        stream = ips * bk * (w_elt * bn + elt * m / tiles_m) / _SM_BYTES_PER_US  # masked x rows move no bytes
         compute = 2 * bm * bn * bk * ips / (_SM_FLOP_PER_US * (1.0 if bn >= 64 else 0.75 if bn == 32 else 0.5))
         t_prog = max(t_prog, stream, compute)
     t = _T_LAUNCH + triton.cdiv(programs, sms * ctas) * _T_PROGRAM + triton.cdiv(programs, sms) * t_prog
@@ -121,16 +125,16 @@ def _skinny_configs(max_m: int) -> list[dict]:
     return out
 
 
-def _ranked_skinny(dims, elt, device, base=None, nosplit=None) -> list[tuple[float, dict]]:
+def _ranked_skinny(dims, elt, device, base=None, nosplit=None, w_elt=None) -> list[tuple[float, dict]]:
     """Skinny configs (fitting the device's shared memory), best modelled first."""
     sms, limit = num_sms(device), device_smem_bytes(device)
     ranked = []
     for c in _skinny_configs(max(m for m, _, _ in dims)):
         c = {**c, **(base or {})}
-        if _smem_bytes(c, elt) > limit:
+        if _smem_bytes(c, elt, w_elt) > limit:
             continue
         ranked.append((_estimate_us(dims, c, _choose_splits(dims, c, device, None, nosplit), elt, c.get("num_sms") or sms,
-                                    limit), c))
+                                    limit, w_elt), c))
     ranked.sort(key=lambda t: t[0])  # stable: ties keep the table's order
     return ranked
 
@@ -140,6 +144,7 @@ def _default_config(problems, device, base: dict | None = None) -> dict:
     caller's overrides (e.g. num_sms of a green context), which the skinny model ranks with. The device's SMs and
     shared memory come from kernels._utils (under target_device: the target's, computable without its GPU)."""
     elt = problems[0].x.element_size()
+    w_elt = max(p.weight.element_size() for p in problems)  # 1 where every weight is quantized (int8 / fp8)
     dims = [(p.x.shape[0], p.weight.shape[0], p.x.shape[1]) for p in problems]
     max_m = max(m for m, _, _ in dims)
     if device_props(device) is None:  # the interpreter (no CUDA device, no target_device)
@@ -148,7 +153,7 @@ def _default_config(problems, device, base: dict | None = None) -> dict:
         cfg = dict(BLOCK_M=min(64, max(16, _next_pow2(max_m))), BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4,
                    num_stages=3)
     elif _is_skinny(dims, device):
-        ranked = _ranked_skinny(dims, elt, device, base, _nosplit(problems))
+        ranked = _ranked_skinny(dims, elt, device, base, _nosplit(problems), w_elt)
         if ranked:
             cfg = dict(ranked[0][1])
         else:
@@ -173,7 +178,7 @@ def _default_config(problems, device, base: dict | None = None) -> dict:
         # tensor-descriptor loads where the card has TMA (sm_90+; else pointer loads): faster at batch 32 for
         # every architecture (BENCHMARKS.md)
         cfg["tma"] = True
-    return _fit_smem(cfg, elt, device)
+    return _fit_smem(cfg, elt, device, w_elt)
 
 
 def _nosplit(problems) -> list[bool]:

@@ -16,6 +16,14 @@ Split-K reduction, in the same launch, without a memset, replay-safe, correct wi
 last-arriving program of a tile writes out): every split program stores its fp32 partial to its own workspace
 slot and bumps a per-tile counter; the last to arrive loads all S partials, several loads in flight at once, and
 sums them in split order 0..S-1, so every replay gives the same bits. It resets the counter to 0.
+
+Weight-only quantization (ANY_WQ; a problem with FLAG_WQ): the weight is int8 (or fp8 e4m3 on sm_89+) with one
+scale per output channel. Its tiles are loaded as 1-byte values and widened to the activation dtype in registers
+(int8 and e4m3 values are exact in fp16 and bf16), the dot accumulates in fp32, and the scale multiplies the
+accumulator right after the K loop: before the split-K partial store (a per-column scale distributes over the
+split sum), before the folded LayerNorm's mean term (whose column sums are those of the dequantized weight) and
+before bias / activation / residual. Quantized and 16-bit problems may share a launch (the flag picks the K loop
+per program); tensor-descriptor (TMA) loads are not used in a launch with quantized weights.
 """
 from __future__ import annotations
 
@@ -27,8 +35,8 @@ from .._utils import gdc_launch as _gdc_launch
 from .._utils import gdc_wait as _gdc_wait
 from .table import (ACT_MASK, COL_BIAS, COL_CNT, COL_COLSUM, COL_EPS, COL_FLAGS, COL_ITERS, COL_K, COL_M, COL_N,
                     COL_OUT, COL_RES, COL_SPLITS, COL_START, COL_STATS_IN, COL_STATS_OUT, COL_STATS_WIDTH,
-                    COL_STRIDE_OUT, COL_STRIDE_RES, COL_STRIDE_X, COL_W, COL_WS, COL_X, FLAG_BIAS, FLAG_NORM,
-                    FLAG_PARTIAL, FLAG_RES, FLAG_STATS_IN, FLAG_STATS_OUT, NO_SPEC, NUM_COLS)
+                    COL_SCALE, COL_STRIDE_OUT, COL_STRIDE_RES, COL_STRIDE_X, COL_W, COL_WS, COL_X, FLAG_BIAS,
+                    FLAG_NORM, FLAG_PARTIAL, FLAG_RES, FLAG_STATS_IN, FLAG_STATS_OUT, FLAG_WQ, NO_SPEC, NUM_COLS)
 
 
 @triton.jit
@@ -78,6 +86,26 @@ def _tma_k_loop(x_desc, w_desc, off_m, off_n, k_lo, k_hi, acc, BLOCK_K: tl.const
     return acc
 
 
+@triton.jit
+def _ptr_k_loop(x_ptrs, w_ptrs, m_mask, offs_k, K, k_lo, k_hi, acc, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                INPUT_PRECISION: tl.constexpr):
+    """acc += x[rows, k_lo*BK:k_hi*BK] @ w[cols, same].T by pointer loads. x_ptrs: [BLOCK_M, BLOCK_K] at k_lo;
+    w_ptrs: [BLOCK_K, BLOCK_N] (w.T) at k_lo, of x's dtype or 1-byte quantized values (int8 / fp8 e4m3), which
+    are widened to x's dtype in registers (exact) before the dot."""
+    for kk in range(k_lo, k_hi):
+        if EVEN_K:
+            a = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
+            b = tl.load(w_ptrs)
+        else:
+            k_left = K - kk * BLOCK_K
+            a = tl.load(x_ptrs, mask=m_mask[:, None] & (offs_k[None, :] < k_left), other=0.0)
+            b = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        acc = tl.dot(a, b.to(a.dtype), acc, input_precision=INPUT_PRECISION)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    return acc
+
+
 @triton.jit(do_not_specialize=NO_SPEC)
 def _grouped_linear_kernel(
     meta_ptr,  # int64 [G, NUM_COLS] per-problem table (read only when not META_IN_ARGS), see table.py
@@ -86,11 +114,13 @@ def _grouped_linear_kernel(
     x_ref,  # problem 0's x: only its dtype is used (the real pointers are the per-problem fields)
     out_ref,  # problem 0's out: dtype of every out / residual
     bias_ref,  # a bias (or x when no problem has one): dtype of every bias
-    # per-problem fields of problems 0..3, in table.ARG_NAMES order (the columns COL_X .. COL_STATS_WIDTH)
-    xa0, wa0, oa0, ba0, ra0, M0, N0, K0, sx0, so0, sr0, fl0, st0, S0, ips0, wso0, cno0, na0, ep0, sa0, sb0, sw0,
-    xa1, wa1, oa1, ba1, ra1, M1, N1, K1, sx1, so1, sr1, fl1, st1, S1, ips1, wso1, cno1, na1, ep1, sa1, sb1, sw1,
-    xa2, wa2, oa2, ba2, ra2, M2, N2, K2, sx2, so2, sr2, fl2, st2, S2, ips2, wso2, cno2, na2, ep2, sa2, sb2, sw2,
-    xa3, wa3, oa3, ba3, ra3, M3, N3, K3, sx3, so3, sr3, fl3, st3, S3, ips3, wso3, cno3, na3, ep3, sa3, sb3, sw3,
+    wq_ref,  # a quantized weight (or x when none): dtype of every quantized weight (int8 / fp8 e4m3)
+    scale_ref,  # a weight_scale (or x when none): dtype of every per-channel scale (fp32 / fp16)
+    # per-problem fields of problems 0..3, in table.ARG_NAMES order (the columns COL_X .. COL_SCALE)
+    xa0, wa0, oa0, ba0, ra0, M0, N0, K0, sx0, so0, sr0, fl0, st0, S0, ips0, wso0, cno0, na0, ep0, sa0, sb0, sw0, qa0,
+    xa1, wa1, oa1, ba1, ra1, M1, N1, K1, sx1, so1, sr1, fl1, st1, S1, ips1, wso1, cno1, na1, ep1, sa1, sb1, sw1, qa1,
+    xa2, wa2, oa2, ba2, ra2, M2, N2, K2, sx2, so2, sr2, fl2, st2, S2, ips2, wso2, cno2, na2, ep2, sa2, sb2, sw2, qa2,
+    xa3, wa3, oa3, ba3, ra3, M3, N3, K3, sx3, so3, sr3, fl3, st3, S3, ips3, wso3, cno3, na3, ep3, sa3, sb3, sw3, qa3,
     dx0, dw0, dx1, dw1, dx2, dw2, dx3, dw3,  # USE_TMA: per problem, tensor descriptors of x [M, K] and w [N, K]
     NUM_PROBLEMS: tl.constexpr,
     META_IN_ARGS: tl.constexpr,  # NUM_PROBLEMS <= MAX_ARG_PROBLEMS: fields are the arguments above, else the table
@@ -116,6 +146,9 @@ def _grouped_linear_kernel(
     MAX_PARTS: tl.constexpr,  # power of two >= the parts of any statistics read
     STATS_OUT: tl.constexpr,  # some problem writes per-tile row statistics of its out (for the next LN fold)
     USE_TMA: tl.constexpr,  # x and w tiles by tensor descriptors (TMA on sm_90+): no per-element addresses or masks
+    ANY_WQ: tl.constexpr,  # some problem has a quantized weight (FLAG_WQ): wq_ref's dtype, scales of scale_ref's
+    ALL_WQ: tl.constexpr,  # ... every problem has one (only the quantized K loop is compiled)
+    VEC_K: tl.constexpr,  # ALIGNED: every K is a multiple of this (16 where every weight is 1-byte, else VEC_IN)
 ):
     pid = tl.program_id(0)
     if USE_PDL:
@@ -146,6 +179,7 @@ def _grouped_linear_kernel(
         so_addr = _pick(g, sa0, sa1, sa2, sa3, NUM_PROBLEMS).to(tl.int64)
         si_addr = _pick(g, sb0, sb1, sb2, sb3, NUM_PROBLEMS).to(tl.int64)
         spw = _pick(g, sw0, sw1, sw2, sw3, NUM_PROBLEMS).to(tl.int32)
+        q_addr = _pick(g, qa0, qa1, qa2, qa3, NUM_PROBLEMS).to(tl.int64)
     else:
         # loaded here, not in a helper: tl.multiple_of (below) marks the op that defines its value, and the
         # result of an inlined @triton.jit helper keeps no such mark
@@ -172,11 +206,14 @@ def _grouped_linear_kernel(
         so_addr = tl.load(row + COL_STATS_OUT)
         si_addr = tl.load(row + COL_STATS_IN)
         spw = tl.load(row + COL_STATS_WIDTH).to(tl.int32)
+        q_addr = tl.load(row + COL_SCALE)
 
     in_ty = x_ref.dtype.element_ty
     out_ty = out_ref.dtype.element_ty
     x_ptr = x_addr.to(tl.pointer_type(in_ty))  # [M, K], row stride stride_xm
     w_ptr = w_addr.to(tl.pointer_type(in_ty))  # [N, K] contiguous (nn.Linear layout)
+    wq_ptr = w_addr.to(tl.pointer_type(wq_ref.dtype.element_ty))  # [N, K] int8 / fp8: the same address, quantized
+    scale_ptr = q_addr.to(tl.pointer_type(scale_ref.dtype.element_ty))  # [N] per-channel scales (x's when absent)
     out_ptr = o_addr.to(tl.pointer_type(out_ty))  # [M, N]; partial sums: fp32 [S, M, N]
     bias_ptr = b_addr.to(tl.pointer_type(bias_ref.dtype.element_ty))  # [N] (x's address when absent: never read)
     res_ptr = r_addr.to(tl.pointer_type(out_ty))  # [M, N], may be out itself (x's address when absent)
@@ -188,13 +225,14 @@ def _grouped_linear_kernel(
     if ALIGNED:  # lets the compiler use 16-byte loads/stores (values from arguments/memory carry no hints)
         x_ptr = tl.multiple_of(x_ptr, 16)
         w_ptr = tl.multiple_of(w_ptr, 16)
+        wq_ptr = tl.multiple_of(wq_ptr, 16)
         out_ptr = tl.multiple_of(out_ptr, 16)
         bias_ptr = tl.multiple_of(bias_ptr, 16)
         res_ptr = tl.multiple_of(res_ptr, 16)
         stride_xm = tl.multiple_of(stride_xm, VEC_IN)
         stride_om = tl.multiple_of(stride_om, VEC_OUT)
         stride_rm = tl.multiple_of(stride_rm, VEC_OUT)
-        K = tl.multiple_of(K, VEC_IN)
+        K = tl.multiple_of(K, VEC_K)
         N = tl.multiple_of(N, VEC_IN if VEC_IN > VEC_OUT else VEC_OUT)  # n masks constant over 16 bytes
     act = flags & ACT_MASK
     # runtime scalars that gate bool-block masks: through scalar_bool (a bool under the interpreter too)
@@ -203,6 +241,7 @@ def _grouped_linear_kernel(
     has_norm = scalar_bool((flags & FLAG_NORM) != 0)
     has_stats_out = scalar_bool((flags & FLAG_STATS_OUT) != 0)
     has_stats_in = scalar_bool((flags & FLAG_STATS_IN) != 0)
+    has_wq = scalar_bool((flags & FLAG_WQ) != 0)
 
     # ---- (tile, split) of this program; tiles in GROUP_M-grouped order for L2 reuse ----
     local = pid - start
@@ -235,14 +274,27 @@ def _grouped_linear_kernel(
         # launch's drain, and the pipelined loads below find them in (or on their way to) L2.
         PF_STEP: tl.constexpr = BLOCK_K // PF_LINES
         offs_pf = tl.arange(0, PF_LINES) * PF_STEP
-        pf_rows = w_ptr + rn[:, None].to(tl.int64) * K
         pf_hi = tl.minimum(k_hi, k_lo + PREFETCH)
-        for kk in range(k_lo, pf_hi):
-            _prefetch_l2(pf_rows + tl.minimum(kk * BLOCK_K + offs_pf, K - 1)[None, :])
+        if ANY_WQ:
+            # byte addresses: a quantized weight has 1-byte elements
+            if ALL_WQ:
+                w_elt = 1
+            else:
+                w_elt = tl.where(has_wq, 1, 16 // VEC_IN).to(tl.int64)
+            pf_rows = w_addr.to(tl.pointer_type(tl.int8)) + rn[:, None].to(tl.int64) * K * w_elt
+            for kk in range(k_lo, pf_hi):
+                _prefetch_l2(pf_rows + tl.minimum(kk * BLOCK_K + offs_pf, K - 1)[None, :] * w_elt)
+        else:
+            pf_rows = w_ptr + rn[:, None].to(tl.int64) * K
+            for kk in range(k_lo, pf_hi):
+                _prefetch_l2(pf_rows + tl.minimum(kk * BLOCK_K + offs_pf, K - 1)[None, :])
     if EARLY_EPI:
         # loaded now, consumed after the K loop: their latency hides behind it. Bias is never written by
         # a kernel: safe before gdc_wait
         bias = tl.load(bias_ptr + offs_n, mask=n_mask & has_bias, other=0.0)
+    if ANY_WQ:
+        # the quantized weight's per-channel scales (1.0 for a 16-bit weight: exact; weights: safe before gdc_wait)
+        w_scale = tl.load(scale_ptr + offs_n, mask=n_mask & has_wq, other=1.0).to(tl.float32)
     if NORM:
         # column sums of the folded weight (weights: safe before gdc_wait)
         colsum = tl.load(colsum_ptr + offs_n, mask=n_mask & has_norm, other=0.0)
@@ -296,18 +348,23 @@ def _grouped_linear_kernel(
                 acc = _tma_k_loop(dx3, dw3, off_m, off_n, k_lo, k_hi, acc, BLOCK_K, INPUT_PRECISION)
     else:
         x_ptrs = x_ptr + rm[:, None] * stride_xm + (k_lo * BLOCK_K + offs_k)[None, :]  # [BLOCK_M, BLOCK_K]
-        w_ptrs = w_ptr + rn[None, :].to(tl.int64) * K + (k_lo * BLOCK_K + offs_k)[:, None]  # [BLOCK_K, BLOCK_N] = w.T
-        for kk in range(k_lo, k_hi):
-            if EVEN_K:
-                a = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
-                b = tl.load(w_ptrs)
+        w_offs = rn[None, :].to(tl.int64) * K + (k_lo * BLOCK_K + offs_k)[:, None]  # [BLOCK_K, BLOCK_N] = w.T
+        if ALL_WQ:
+            acc = _ptr_k_loop(x_ptrs, wq_ptr + w_offs, m_mask, offs_k, K, k_lo, k_hi, acc, BLOCK_K, EVEN_K,
+                              INPUT_PRECISION)
+        elif ANY_WQ:
+            if (flags & FLAG_WQ) != 0:
+                acc = _ptr_k_loop(x_ptrs, wq_ptr + w_offs, m_mask, offs_k, K, k_lo, k_hi, acc, BLOCK_K, EVEN_K,
+                                  INPUT_PRECISION)
             else:
-                k_left = K - kk * BLOCK_K
-                a = tl.load(x_ptrs, mask=m_mask[:, None] & (offs_k[None, :] < k_left), other=0.0)
-                b = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-            x_ptrs += BLOCK_K
-            w_ptrs += BLOCK_K
+                acc = _ptr_k_loop(x_ptrs, w_ptr + w_offs, m_mask, offs_k, K, k_lo, k_hi, acc, BLOCK_K, EVEN_K,
+                                  INPUT_PRECISION)
+        else:
+            acc = _ptr_k_loop(x_ptrs, w_ptr + w_offs, m_mask, offs_k, K, k_lo, k_hi, acc, BLOCK_K, EVEN_K,
+                              INPUT_PRECISION)
+    if ANY_WQ:
+        # dequantize: per output channel, before split-K partials, the folded LN and the epilogue
+        acc = acc * w_scale[None, :]
 
     # ---- split-K: park the partial, the last of the S programs of this tile reduces ----
     if ANY_SPLIT or ANY_PARTIAL:

@@ -21,8 +21,10 @@ except ImportError:  # pragma: no cover
 def _tma_supported(problems, device, aligned: bool) -> bool:
     """Tensor-descriptor loads apply: a Triton with TensorDescriptor, an sm_90+ GPU (or the interpreter), <= 4
     problems (descriptors travel as kernel arguments), 16-bit inputs, 16-byte aligned rows, 2-D x and w with
-    unit column stride."""
+    unit column stride, no quantized weight (those launches keep pointer loads)."""
     if TensorDescriptor is None or len(problems) > MAX_ARG_PROBLEMS or not aligned:
+        return False
+    if any(p.weight_scale is not None for p in problems):
         return False
     if problems[0].x.element_size() != 2:
         return False
@@ -89,6 +91,9 @@ class _Plan:
         strides += [(p.residual.stride(0), p.residual.element_size()) for p in problems if p.residual is not None]
         aligned = all(t.data_ptr() % 16 == 0 for t in ptrs) and all((s * e) % 16 == 0 for s, e in strides)
         bias_ref = next((p.bias for p in problems if p.bias is not None), problems[0].x)
+        quantized = [p for p in problems if p.weight_scale is not None]
+        wq_ref = quantized[0].weight if quantized else problems[0].x
+        scale_ref = quantized[0].weight_scale if quantized else problems[0].x
         interp = (is_interpreter() or device.type != "cuda") and target_props() is None
         use_pdl = bool(cfg.get("pdl", True)) and pdl_supported(device)
         any_split = any(r["S"] > 1 and not r["p"].partial_sums for r in rows)
@@ -103,7 +108,8 @@ class _Plan:
                 p = rows[j]["p"] if j < len(rows) else rows[0]["p"]
                 descs[2 * j] = TensorDescriptor.from_tensor(p.x, [bm, bk])
                 descs[2 * j + 1] = TensorDescriptor.from_tensor(p.weight, [bn, bk])
-        self.args = (self.meta, self.ws, self.cnt, problems[0].x, outs[0], bias_ref, *scalars, *descs)
+        self.args = (self.meta, self.ws, self.cnt, problems[0].x, outs[0], bias_ref, wq_ref, scale_ref, *scalars,
+                     *descs)
         self.constexprs = dict(
             NUM_PROBLEMS=len(rows),
             META_IN_ARGS=self.meta_in_args,
@@ -121,7 +127,7 @@ class _Plan:
             RED_CHUNK=(4 if per_thread <= 32 else 2 if per_thread <= 64 else 1) if any_split else 1,
             INPUT_PRECISION=cfg.get("input_precision", "ieee") if x_dtype == torch.float32 else "tf32",
             PREFETCH=0 if interp else _prefetch_steps(cfg.get("prefetch", False)),
-            PF_LINES=max(1, bk * problems[0].x.element_size() // 128),
+            PF_LINES=max(1, bk * max(p.weight.element_size() for p in problems) // 128),
             USE_PDL=use_pdl,
             NORM=any(p.norm is not None for p in problems),
             NORM_PREPASS=any(p.norm is not None and p.norm.stats is None for p in problems),
@@ -130,6 +136,9 @@ class _Plan:
                                       if p.norm is not None and p.norm.stats is not None] or [1])),
             STATS_OUT=any(p.row_stats_out is not None for p in problems),
             USE_TMA=use_tma,
+            ANY_WQ=bool(quantized),
+            ALL_WQ=len(quantized) == len(problems),
+            VEC_K=16 if len(quantized) == len(problems) else 16 // problems[0].x.element_size(),
         )
         self.launch_opts = dict(num_warps=warps, num_stages=cfg["num_stages"], **LAUNCH_OPTIONS)
         if use_pdl:

@@ -48,7 +48,10 @@ class LinearProblem:
     # no bias, activation, residual, norm or statistics here: the launch that reads out sums the slices (a
     # LayerNormProblem with `add`), so this launch has no split-K tail (arrival counter, partial loads)
     partial_sums: bool = False
-
+    # weight-only quantization: weight is int8 (or fp8 e4m3, torch.float8_e4m3fn, on compute capability >= 8.9)
+    # and this is its fp32 / fp16 contiguous [N] per-output-channel scale (W ~= weight * weight_scale[:, None],
+    # see dualfuse.quantize); the kernel widens the tiles to x's dtype in registers and scales the fp32 sums
+    weight_scale: torch.Tensor | None = None
 
 
 def _shape_or_type(t) -> str:
@@ -56,6 +59,27 @@ def _shape_or_type(t) -> str:
 
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# quantized weight dtypes (LinearProblem.weight_scale) and the scale dtypes
+FP8_E4M3 = getattr(torch, "float8_e4m3fn", None)
+QUANT_DTYPES = tuple(d for d in (torch.int8, FP8_E4M3) if d is not None)
+SCALE_DTYPES = (torch.float32, torch.float16)
+FP8_MIN_CAPABILITY = (8, 9)
+
+
+def fp8_unsupported_reason(device) -> str | None:
+    """Why fp8 (e4m3) weights can't run on ``device``, or None: they need a CUDA GPU of compute capability >= 8.9
+    (Ada, Hopper: the fp8 conversions); sm_80 / sm_87 (A100, Jetson Orin) and the CPU interpreter have none."""
+    device = torch.device(device)
+    if FP8_E4M3 is None:
+        return "this torch has no torch.float8_e4m3fn"
+    if device.type != "cuda" or is_interpreter():
+        return (f"fp8 (e4m3) weights need a CUDA GPU of compute capability >= 8.9 (sm_89: Ada, Hopper), "
+                f"got {device}{' under the Triton interpreter' if is_interpreter() else ''}")
+    cc = torch.cuda.get_device_capability(device)
+    if cc < FP8_MIN_CAPABILITY:
+        return (f"fp8 (e4m3) weights need compute capability >= 8.9 (sm_89: Ada, Hopper), this GPU is "
+                f"sm_{cc[0]}{cc[1]} ({torch.cuda.get_device_name(device)}); use int8 weights there")
+    return None
 
 
 def _shape(t) -> str:
@@ -77,10 +101,35 @@ def _check_stats_buffer(what: str, t, rows: int, cols: int, hint: str) -> None:
         raise ValueError(f"{what} must be a contiguous fp32 {list(want)} tensor ({hint}), got {_shape_or_type(t)}")
 
 
+def _check_quantized(where: str, p, N: int, first_q) -> None:
+    """A quantized weight: int8 / fp8 e4m3 with a contiguous fp32 / fp16 [N] scale; one weight dtype and one scale
+    dtype per launch; fp8 only where the card has it."""
+    w, s = p.weight, p.weight_scale
+    if w.dtype not in QUANT_DTYPES:
+        raise ValueError(f"{where}: weight_scale is only for quantized weights (int8 / float8_e4m3fn); this weight "
+                         f"is {w.dtype}: pass weight_scale=None")
+    if s is None:
+        raise ValueError(f"{where}: a {w.dtype} weight needs its per-output-channel weight_scale (a contiguous "
+                         f"fp32 / fp16 [N={N}] tensor, see dualfuse.quantize.quantize_weight)")
+    if not isinstance(s, torch.Tensor) or tuple(s.shape) != (N,) or not s.is_contiguous():
+        raise ValueError(f"{where}: weight_scale must be a contiguous [N={N}] tensor (one scale per output channel), "
+                         f"got {_shape_or_type(s)}")
+    if s.dtype not in SCALE_DTYPES:
+        raise ValueError(f"{where}: weight_scale dtype must be fp32 or fp16, got {s.dtype}")
+    if FP8_E4M3 is not None and w.dtype == FP8_E4M3:
+        why = fp8_unsupported_reason(w.device)
+        if why is not None:
+            raise ValueError(f"{where}: {why}")
+    if first_q is not None and (w.dtype, s.dtype) != first_q:
+        raise ValueError(f"{where}: the quantized weights of one launch must share one weight dtype and one scale "
+                         f"dtype {first_q}, got ({w.dtype}, {s.dtype}); launch them separately")
+
+
 def _validate(problems) -> None:
     if not isinstance(problems, (list, tuple)) or len(problems) == 0:
         raise ValueError(f"expected a non-empty list of LinearProblem, got {problems!r}")
     first = None
+    first_q = None  # (weight dtype, scale dtype) of the first quantized problem: one of each per launch
     for i, p in enumerate(problems):
         where = f"problem {i}"
         if not isinstance(p, LinearProblem):
@@ -109,8 +158,13 @@ def _validate(problems) -> None:
             raise ValueError(f"{where}: out must be [M={M}, N={N}], got {_shape(out)}")
         if x.dtype not in _DTYPES:
             raise ValueError(f"{where}: x dtype must be one of fp16/bf16/fp32, got {x.dtype}")
-        if w.dtype != x.dtype:
-            raise ValueError(f"{where}: weight dtype must equal x dtype {x.dtype}, got {w.dtype}")
+        if p.weight_scale is not None or w.dtype in QUANT_DTYPES:
+            _check_quantized(where, p, N, first_q)
+            if first_q is None:
+                first_q = (w.dtype, p.weight_scale.dtype)
+        elif w.dtype != x.dtype:
+            raise ValueError(f"{where}: weight dtype must equal x dtype {x.dtype} (or be int8 / float8_e4m3fn with "
+                             f"a weight_scale), got {w.dtype}")
         if out.dtype not in _DTYPES:
             raise ValueError(f"{where}: out dtype must be one of fp16/bf16/fp32, got {out.dtype}")
         if K > 1 and x.stride(1) != 1:
@@ -161,7 +215,8 @@ def _validate(problems) -> None:
             _check_stats_buffer(f"{where}: row_stats_out", p.row_stats_out, M, N, "row_stats_buffer(M, N)")
         tensors = [("x", x), ("weight", w), ("out", out), ("bias", p.bias), ("residual", p.residual),
                    ("norm.colsum", p.norm.colsum if p.norm is not None else None),
-                   ("norm.stats", p.norm.stats if p.norm is not None else None), ("row_stats_out", p.row_stats_out)]
+                   ("norm.stats", p.norm.stats if p.norm is not None else None), ("row_stats_out", p.row_stats_out),
+                   ("weight_scale", p.weight_scale)]
         if first is None:
             first = (x.dtype, out.dtype, x.device)
         for name, t in tensors:

@@ -42,11 +42,12 @@ COL_EPS = tl.constexpr(18)  # the folded LayerNorm's eps: float64 bits in the ta
 COL_STATS_OUT = tl.constexpr(19)  # address of the row statistics this problem writes of its out
 COL_STATS_IN = tl.constexpr(20)  # address of the row statistics of x its folded LayerNorm reads
 COL_STATS_WIDTH = tl.constexpr(21)  # columns per part of those statistics (the producer's BLOCK_N; 16 if absent)
-NUM_COLS = tl.constexpr(22)
+COL_SCALE = tl.constexpr(22)  # address of a quantized weight's per-output-channel scales [N] (x's when absent)
+NUM_COLS = tl.constexpr(23)
 
 # kernel-argument name of each column, in column order (problem i's argument is f"{name}{i}")
 ARG_NAMES = ("xa", "wa", "oa", "ba", "ra", "M", "N", "K", "sx", "so", "sr", "fl", "st", "S", "ips", "wso", "cno",
-             "na", "ep", "sa", "sb", "sw")
+             "na", "ep", "sa", "sb", "sw", "qa")
 assert len(ARG_NAMES) == NUM_COLS.value
 MAX_ARG_PROBLEMS = 4  # up to this many problems travel as kernel arguments
 
@@ -58,6 +59,7 @@ FLAG_NORM = tl.constexpr(64)  # a folded LayerNorm
 FLAG_STATS_OUT = tl.constexpr(128)  # writes per-tile row statistics of out
 FLAG_STATS_IN = tl.constexpr(256)  # the folded LayerNorm reads x's row statistics (else a pass over x)
 FLAG_PARTIAL = tl.constexpr(512)  # out is [S, M, N] fp32: raw per-split sums, no epilogue
+FLAG_WQ = tl.constexpr(1024)  # the weight is quantized (int8 / fp8, weight_scale per output channel)
 
 # Per-problem scalars that vary between steps and gain nothing from Triton's value specialization are not
 # specialized (one binary serves every step of a model). Addresses, N, K and row strides keep it: their
@@ -93,7 +95,8 @@ def pack_row(p, *, start: int, splits: int, iters: int, ws_off: int, cnt_off: in
                       | (FLAG_NORM.value if p.norm is not None else 0)
                       | (FLAG_STATS_OUT.value if p.row_stats_out is not None else 0)
                       | (FLAG_STATS_IN.value if stats_in is not None else 0)
-                      | (FLAG_PARTIAL.value if p.partial_sums else 0))
+                      | (FLAG_PARTIAL.value if p.partial_sums else 0)
+                      | (FLAG_WQ.value if p.weight_scale is not None else 0))
     row[COL_START], row[COL_SPLITS], row[COL_ITERS] = start, splits, iters
     row[COL_WS], row[COL_CNT] = ws_off, cnt_off
     row[COL_COLSUM] = (p.norm.colsum if p.norm is not None else x).data_ptr()
@@ -101,6 +104,7 @@ def pack_row(p, *, start: int, splits: int, iters: int, ws_off: int, cnt_off: in
     row[COL_STATS_OUT] = (p.row_stats_out if p.row_stats_out is not None else x).data_ptr()
     row[COL_STATS_IN] = (stats_in if stats_in is not None else x).data_ptr()
     row[COL_STATS_WIDTH] = p.norm.stats_part_width if stats_in is not None else 16
+    row[COL_SCALE] = (p.weight_scale if p.weight_scale is not None else x).data_ptr()
     return row
 
 
