@@ -57,6 +57,8 @@ def storage_bytes(tensors, seen: set) -> int:
     for t in tensors:
         if not isinstance(t, torch.Tensor) or t.is_meta:
             continue
+        if t.is_meta:  # keep_host_copy=False: shapes only, no memory
+            continue
         s = t.untyped_storage()
         key = (s.device.type, s.data_ptr())
         if key not in seen:
@@ -72,6 +74,8 @@ def main():
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     ap.add_argument("--fold-ln", choices=("auto", "on", "off"), default="auto",
                     help="fuse(fold_ln=...): auto folds where launches run without PDL (CPU included)")
+    ap.add_argument("--no-host-copy", action="store_true", help="fuse(keep_host_copy=False): no host copy of the weights")
+    ap.add_argument("--weights", choices=("fp16", "int8"), default=None, help="fuse(weights=...): int8 = weight-only int8")
     args = ap.parse_args()
     dtype = resolve_dtype(args.dtype)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -86,7 +90,10 @@ def main():
     cuda0 = torch.cuda.memory_allocated() if device.startswith("cuda") else 0
 
     fold_ln = {"auto": None, "on": True, "off": False}[args.fold_ln]
-    fused = dualfuse.fuse(model, dtype=dtype, device=device, fold_ln=fold_ln)
+    opts = dict(keep_host_copy=False) if args.no_host_copy else {}
+    if args.weights:
+        opts["weights"] = args.weights
+    fused = dualfuse.fuse(model, dtype=dtype, device=device, fold_ln=fold_ln, **opts)
     gc.collect()
     after_fuse = rss_mib()
     ex = fused.executor
@@ -103,7 +110,8 @@ def main():
     gc.collect()
     after_del = rss_mib()
 
-    print(f"model {args.model}  dtype {args.dtype}  device {device}  fold_ln {ex.fold_ln}  "
+    print(f"model {args.model}  dtype {args.dtype}  weights {args.weights or args.dtype}  "
+          f"host copy {not args.no_host_copy}  device {device}  fold_ln {ex.fold_ln}  "
           f"fallback {ex.fallback is not None}  torch {torch.__version__}")
     print(f"source model parameters        {param_bytes / MIB:9.1f} MiB")
     print(f"host RSS at start              {start:9.1f} MiB")
