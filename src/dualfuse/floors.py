@@ -31,6 +31,11 @@ from .targets import Target, get_target, target_for_card
 
 PRECISIONS = ("fp16", "int8")
 
+# What one dependent launch adds beyond its work: a kernel boundary inside a CUDA graph without PDL (as on sm_8x),
+# 1.19 µs on an H200 (benchmarks/sync_cost.py, 112 programs, 2026-11-26; BENCHMARKS.md "Call overhead"). Not
+# measured on an Orin: the prediction below carries this card's figure.
+LAUNCH_GAP_US = 1.19
+
 
 @dataclass(frozen=True)
 class PrecisionFloor:
@@ -68,11 +73,17 @@ class Floor:
                 return p
         raise ValueError(f"no floor for weights {weights!r}; expected one of {[p.weights for p in self.precisions]}")
 
+    def predicted_ms(self, weights: str = "fp16", launch_gap_us: float = LAUNCH_GAP_US) -> float:
+        """A prediction, not a measurement: the floor plus one launch gap per launch. It assumes every kernel
+        streams its bytes at the full DRAM bandwidth (so it is optimistic) and the H200's launch gap."""
+        return self.get(weights).floor_ms + self.launches * launch_gap_us / 1e3
+
     def to_dict(self) -> dict:
         return dict(schema="dualfuse.floor/1", model=self.model, target=self.target.summary(),
                     image_batch=self.image_batch, text_batch=self.text_batch, text_len=self.text_len,
-                    fold_ln=self.fold_ln, launches=self.launches,
-                    precisions=[dict(asdict(p), bytes=p.bytes) for p in self.precisions],
+                    fold_ln=self.fold_ln, launches=self.launches, launch_gap_us=LAUNCH_GAP_US,
+                    precisions=[dict(asdict(p), bytes=p.bytes, predicted_ms=self.predicted_ms(p.weights))
+                                for p in self.precisions],
                     weight_breakdown=dict(self.weight_breakdown), notes=list(self.notes))
 
 

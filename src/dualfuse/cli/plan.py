@@ -2,7 +2,7 @@
 ``--target`` the device floors of :func:`dualfuse.floors.floors`, printed as tables; ``--json`` writes both."""
 from __future__ import annotations
 
-from ..floors import Floor, format_bytes
+from ..floors import LAUNCH_GAP_US, Floor, format_bytes
 from ..plan import DEFAULT_BANDWIDTH, DEFAULT_MATMUL_RATE, make_plan
 
 HELP = "print the fused stage plan: per stage the tower steps it covers, FLOPs, bytes and balance"
@@ -100,14 +100,18 @@ def print_floors(floor: Floor, console=None, notes: bool = True) -> None:
                         f"{floor.image_batch} image(s) x {floor.text_batch} text(s) of {floor.text_len} tokens — "
                         f"{floor.launches} launches (fold_ln {'on' if floor.fold_ln else 'off'})")
     for col in ("weights", "weight bytes", "activation bytes", "GFLOP", "memory ms", "compute ms", "floor ms",
-                "bound"):
+                "bound", "predicted ms †"):
         table.add_column(col, justify="left" if col in ("weights", "bound") else "right")
     for p in floor.precisions:
         table.add_row(p.weights, format_bytes(p.weight_bytes), format_bytes(p.activation_bytes), f"{p.flops / 1e9:.2f}",
-                      f"{p.memory_ms:.3f}", f"{p.compute_ms:.3f}", f"{p.floor_ms:.3f}", p.bound)
+                      f"{p.memory_ms:.3f}", f"{p.compute_ms:.3f}", f"{p.floor_ms:.3f}", p.bound,
+                      f"{floor.predicted_ms(p.weights):.3f}")
     console.print(table)
     console.print(f"{t.name}: {t.dram_bandwidth / 1e9:.1f} GB/s, dense fp16 tensor {t.fp16_dense / 1e12:.1f} TFLOP/s, "
                   f"dense INT8 tensor {t.int8_dense / 1e12:.1f} TOPS (sources: dualfuse.targets, "
                   f"`plan --json`); floor = max(bytes / bandwidth, FLOPs / fp16 peak), per call")
+    console.print(f"† a prediction, not a measurement: floor + {floor.launches} launches x {LAUNCH_GAP_US} µs (a launch "
+                  "boundary without PDL in a CUDA graph, measured on an H200); assumes full DRAM bandwidth in every "
+                  "kernel")
     for n in (floor.notes if notes else []):
         console.print(f"  note: {n}")
