@@ -31,21 +31,67 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._utils import LAUNCH_OPTIONS, describe, device_props, gdc_launch, pdl_supported, pow2_divisor
+from ._utils import (LAUNCH_OPTIONS, describe, device_props, gdc_launch, load_field, pdl_supported, pow2_divisor,
+                     problem_of)
 
 __all__ = ["PatchEmbedProblem", "TokenEmbedProblem", "Embeddings", "PatchEmbed", "TokenEmbed",
            "patch_embed", "token_embed", "fold_normalization"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-# Patch metadata columns.
-_PF = dict(pix=0, sb=1, sc=2, sh=3, sw=4, p=5, Wp=6, w=7, w_sn=8, C=9, bias=10, cls=11, pos=12,
-           pos_s=13, out=14, o_sb=15, o_st=16, B=17, T=18, D=19, K=20, start=21, n_nb=22)
+# Metadata columns: one int64 row per problem (launch order) in a patch table and a token table, defined once for the
+# host that fills the rows and the kernel that reads them. tl.constexpr objects: a @triton.jit function may read a
+# module-level global only when it is one; they also index the host's rows (``row[_P_PIX]``). Strides and sizes are in
+# elements.
+# Patch table (PatchEmbedProblem):
+_P_PIX = tl.constexpr(0)  # pixel_values [B, C, H, W] uint8 or float pixels
+_P_SB = tl.constexpr(1)  # pixel_values strides: batch,
+_P_SC = tl.constexpr(2)  # channel,
+_P_SH = tl.constexpr(3)  # row,
+_P_SW = tl.constexpr(4)  # column
+_P_P = tl.constexpr(5)  # patch size p
+_P_WP = tl.constexpr(6)  # patches per image row, W // p
+_P_W = tl.constexpr(7)  # weight [D, C*p*p]
+_P_W_SN = tl.constexpr(8)  # weight row stride
+_P_C = tl.constexpr(9)  # channels C
+_P_BIAS = tl.constexpr(10)  # bias [D] address, 0 if none
+_P_CLS = tl.constexpr(11)  # class_embedding [D] address, 0 if none
+_P_POS = tl.constexpr(12)  # pos_embedding [T, D]
+_P_POS_S = tl.constexpr(13)  # pos_embedding row stride
+_P_OUT = tl.constexpr(14)  # out [B, T, D]
+_P_O_SB = tl.constexpr(15)  # out batch stride
+_P_O_ST = tl.constexpr(16)  # out token stride
+_P_B = tl.constexpr(17)  # images B
+_P_T = tl.constexpr(18)  # tokens per image T: patches + class token
+_P_D = tl.constexpr(19)  # width D
+_P_K = tl.constexpr(20)  # C*p*p (the GEMM's K; not read by the kernel)
+_P_START = tl.constexpr(21)  # first program id (GEMM tile) of this problem
+_P_N_NB = tl.constexpr(22)  # column blocks of this problem, cdiv(D, BLOCK_N)
 _NPF = 23
-# Token metadata columns.
-_TF = dict(ids=0, ids_kind=1, ids_sb=2, ids_sl=3, tok=4, tok_s=5, pos=6, pos_s=7, out=8, o_sb=9,
-           o_sl=10, B=11, L=12, D=13, start=14, V=15)
+# Token table (TokenEmbedProblem):
+_T_IDS = tl.constexpr(0)  # input_ids [B, L] int32 or int64
+_T_IDS_KIND = tl.constexpr(1)  # 1: int32 ids, 2: int64 ids
+_T_IDS_SB = tl.constexpr(2)  # input_ids batch stride
+_T_IDS_SL = tl.constexpr(3)  # input_ids token stride
+_T_TOK = tl.constexpr(4)  # token_weight [V, D]
+_T_TOK_S = tl.constexpr(5)  # token_weight row stride
+_T_POS = tl.constexpr(6)  # pos_embedding [>= L, D]
+_T_POS_S = tl.constexpr(7)  # pos_embedding row stride
+_T_OUT = tl.constexpr(8)  # out [B, L, D]
+_T_O_SB = tl.constexpr(9)  # out batch stride
+_T_O_SL = tl.constexpr(10)  # out token stride
+_T_B = tl.constexpr(11)  # sequences B
+_T_L = tl.constexpr(12)  # tokens per sequence L
+_T_D = tl.constexpr(13)  # width D
+_T_START = tl.constexpr(14)  # first program id (token block) of this problem
+_T_V = tl.constexpr(15)  # vocabulary V (rows of token_weight)
 _NTF = 16
+# Columns the kernel reads with an alignment hint (load_field): addresses, hinted PTR_ALIGN bytes, and strides / widths,
+# hinted ELT_ALIGN elements; each of the two is the largest power of two <= 16 dividing all its columns in every row.
+_P_PTR_COLS = (_P_PIX, _P_W, _P_POS, _P_OUT)
+_P_ELT_COLS = (_P_SB, _P_SC, _P_SH, _P_W_SN, _P_POS_S, _P_O_SB, _P_O_ST, _P_D)
+_T_PTR_COLS = (_T_TOK, _T_POS, _T_OUT)
+_T_ELT_COLS = (_T_TOK_S, _T_POS_S, _T_O_SB, _T_O_SL, _T_D)
 
 
 @dataclass
@@ -88,53 +134,38 @@ def _patch_tile(tile, pm, n_patch, pix_ref, w_ref, o_ref, NPF: tl.constexpr, BLO
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KP: tl.constexpr, EVEN_P: tl.constexpr,
                 PIX_W1: tl.constexpr, IEEE: tl.constexpr, PTR_ALIGN: tl.constexpr, ELT_ALIGN: tl.constexpr,
                 PIX_U8: tl.constexpr):
+    """GEMM tile ``tile`` of the patch problems (rows of ``pm``): patches @ weight^T + bias / class + positions."""
     # The K loop walks the (channel, kernel row) pixel rows of the patches, KY of them per step; a K
     # tile is KY rows x BLOCK_KP columns (kx), BLOCK_KP = next_pow2(patch size). EVEN_P: every
     # patch size == BLOCK_KP and a multiple of KY (no K masks; weight tiles contiguous).
     KY: tl.constexpr = BLOCK_K // BLOCK_KP
-    prob = 0
-    for p in range(1, n_patch):
-        prob += (tile >= tl.load(pm + p * NPF + 21)).to(tl.int32)
+    prob = problem_of(tile, pm, n_patch, NPF, _P_START)
     row = pm + prob * NPF
-    pix = tl.load(row + 0).to(pix_ref.dtype)
-    sb = tl.load(row + 1)
-    sc = tl.load(row + 2)
-    sh = tl.load(row + 3)
-    sw = tl.load(row + 4)
+    pix = load_field(row, _P_PIX, pix_ref.dtype, PTR_ALIGN)  # [B, C, H, W] uint8 or float pixels
+    sb = load_field(row, _P_SB, tl.int64, ELT_ALIGN)
+    sc = load_field(row, _P_SC, tl.int64, ELT_ALIGN)
+    sh = load_field(row, _P_SH, tl.int64, ELT_ALIGN)
+    sw = tl.load(row + _P_SW)
     if EVEN_P:
         P = BLOCK_KP
     else:
-        P = tl.load(row + 5)
-    Wp = tl.load(row + 6)
-    w_ptr = tl.load(row + 7).to(w_ref.dtype)
-    w_sn = tl.load(row + 8)
-    C = tl.load(row + 9)
-    bias_addr = tl.load(row + 10)
-    cls_addr = tl.load(row + 11)
-    pos_ptr = tl.load(row + 12).to(w_ref.dtype)
-    pos_s = tl.load(row + 13)
-    o_ptr = tl.load(row + 14).to(o_ref.dtype)
-    o_sb = tl.load(row + 15)
-    o_st = tl.load(row + 16)
-    B = tl.load(row + 17)
-    T = tl.load(row + 18)
-    D = tl.load(row + 19)
-    start = tl.load(row + 21)
-    n_nb = tl.load(row + 22)
-    if PTR_ALIGN > 1:
-        w_ptr = tl.multiple_of(w_ptr, PTR_ALIGN)
-        pos_ptr = tl.multiple_of(pos_ptr, PTR_ALIGN)
-        o_ptr = tl.multiple_of(o_ptr, PTR_ALIGN)
-        pix = tl.multiple_of(pix, PTR_ALIGN)
-    if ELT_ALIGN > 1:
-        w_sn = tl.multiple_of(w_sn, ELT_ALIGN)
-        pos_s = tl.multiple_of(pos_s, ELT_ALIGN)
-        o_sb = tl.multiple_of(o_sb, ELT_ALIGN)
-        o_st = tl.multiple_of(o_st, ELT_ALIGN)
-        D = tl.multiple_of(D, ELT_ALIGN)
-        sb = tl.multiple_of(sb, ELT_ALIGN)
-        sc = tl.multiple_of(sc, ELT_ALIGN)
-        sh = tl.multiple_of(sh, ELT_ALIGN)
+        P = tl.load(row + _P_P)
+    Wp = tl.load(row + _P_WP)
+    w_ptr = load_field(row, _P_W, w_ref.dtype, PTR_ALIGN)  # [D, C*p*p] weight
+    w_sn = load_field(row, _P_W_SN, tl.int64, ELT_ALIGN)
+    C = tl.load(row + _P_C)
+    bias_addr = tl.load(row + _P_BIAS)  # [D] bias, 0 if none
+    cls_addr = tl.load(row + _P_CLS)  # [D] class embedding, 0 if none
+    pos_ptr = load_field(row, _P_POS, w_ref.dtype, PTR_ALIGN)  # [T, D] positional embedding
+    pos_s = load_field(row, _P_POS_S, tl.int64, ELT_ALIGN)
+    o_ptr = load_field(row, _P_OUT, o_ref.dtype, PTR_ALIGN)  # [B, T, D] out
+    o_sb = load_field(row, _P_O_SB, tl.int64, ELT_ALIGN)
+    o_st = load_field(row, _P_O_ST, tl.int64, ELT_ALIGN)
+    B = tl.load(row + _P_B)
+    T = tl.load(row + _P_T)
+    D = load_field(row, _P_D, tl.int64, ELT_ALIGN)
+    start = tl.load(row + _P_START)
+    n_nb = tl.load(row + _P_N_NB)
     has_cls = (cls_addr != 0).to(tl.int64)
 
     local = tile - start
@@ -196,36 +227,25 @@ def _patch_tile(tile, pm, n_patch, pix_ref, w_ref, o_ref, NPF: tl.constexpr, BLO
 @triton.jit
 def _token_tile(tile, tm, n_token, w_ref, o_ref, bad_ptr, NTF: tl.constexpr, BLOCK_T: tl.constexpr,
                 BLOCK_DT: tl.constexpr, PTR_ALIGN: tl.constexpr, ELT_ALIGN: tl.constexpr):
-    prob = 0
-    for p in range(1, n_token):
-        prob += (tile >= tl.load(tm + p * NTF + 14)).to(tl.int32)
+    """Token block ``tile`` of the token problems (rows of ``tm``): ``out[b, l] = token_weight[ids[b, l]] + pos[l]``."""
+    prob = problem_of(tile, tm, n_token, NTF, _T_START)
     row = tm + prob * NTF
-    ids_addr = tl.load(row + 0)
-    ids_kind = tl.load(row + 1)
-    ids_sb = tl.load(row + 2)
-    ids_sl = tl.load(row + 3)
-    tok_ptr = tl.load(row + 4).to(w_ref.dtype)
-    tok_s = tl.load(row + 5)
-    pos_ptr = tl.load(row + 6).to(w_ref.dtype)
-    pos_s = tl.load(row + 7)
-    o_ptr = tl.load(row + 8).to(o_ref.dtype)
-    o_sb = tl.load(row + 9)
-    o_sl = tl.load(row + 10)
-    B = tl.load(row + 11)
-    L = tl.load(row + 12)
-    D = tl.load(row + 13)
-    start = tl.load(row + 14)
-    V = tl.load(row + 15)
-    if PTR_ALIGN > 1:
-        tok_ptr = tl.multiple_of(tok_ptr, PTR_ALIGN)
-        pos_ptr = tl.multiple_of(pos_ptr, PTR_ALIGN)
-        o_ptr = tl.multiple_of(o_ptr, PTR_ALIGN)
-    if ELT_ALIGN > 1:
-        tok_s = tl.multiple_of(tok_s, ELT_ALIGN)
-        pos_s = tl.multiple_of(pos_s, ELT_ALIGN)
-        o_sb = tl.multiple_of(o_sb, ELT_ALIGN)
-        o_sl = tl.multiple_of(o_sl, ELT_ALIGN)
-        D = tl.multiple_of(D, ELT_ALIGN)
+    ids_addr = tl.load(row + _T_IDS)  # [B, L] int32 or int64 token ids (their dtype: ids_kind)
+    ids_kind = tl.load(row + _T_IDS_KIND)
+    ids_sb = tl.load(row + _T_IDS_SB)
+    ids_sl = tl.load(row + _T_IDS_SL)
+    tok_ptr = load_field(row, _T_TOK, w_ref.dtype, PTR_ALIGN)  # [V, D] token table
+    tok_s = load_field(row, _T_TOK_S, tl.int64, ELT_ALIGN)
+    pos_ptr = load_field(row, _T_POS, w_ref.dtype, PTR_ALIGN)  # [>= L, D] positional embedding
+    pos_s = load_field(row, _T_POS_S, tl.int64, ELT_ALIGN)
+    o_ptr = load_field(row, _T_OUT, o_ref.dtype, PTR_ALIGN)  # [B, L, D] out
+    o_sb = load_field(row, _T_O_SB, tl.int64, ELT_ALIGN)
+    o_sl = load_field(row, _T_O_SL, tl.int64, ELT_ALIGN)
+    B = tl.load(row + _T_B)
+    L = tl.load(row + _T_L)
+    D = load_field(row, _T_D, tl.int64, ELT_ALIGN)
+    start = tl.load(row + _T_START)
+    V = tl.load(row + _T_V)
 
     offs = (tile - start) * BLOCK_T + tl.arange(0, BLOCK_T)
     t_ok = offs < B * L
@@ -253,12 +273,35 @@ def _token_tile(tile, tm, n_token, w_ref, o_ref, bad_ptr, NTF: tl.constexpr, BLO
 
 
 @triton.jit
-def _embed_kernel(pm, tm, n_patch, n_token, n_patch_tiles, pix_ref, w_ref, o_ref, bad_ptr,
-                  NPF: tl.constexpr, NTF: tl.constexpr, HAS_PATCH: tl.constexpr, HAS_TOKEN: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KP: tl.constexpr,
-                  EVEN_P: tl.constexpr, PIX_W1: tl.constexpr, IEEE: tl.constexpr, BLOCK_T: tl.constexpr,
-                  BLOCK_DT: tl.constexpr, PTR_ALIGN: tl.constexpr, ELT_ALIGN: tl.constexpr,
-                  PDL_TRIGGER: tl.constexpr, PIX_U8: tl.constexpr):
+def _embed_kernel(
+    pm,  # int64 [n_patch, NPF]: patch table (_P_* columns)
+    tm,  # int64 [n_token, NTF]: token table (_T_* columns)
+    n_patch,
+    n_token,
+    n_patch_tiles,  # programs [0, n_patch_tiles) do GEMM tiles, the rest token blocks
+    pix_ref,  # a tensor of the pixel dtype (pointer element type only)
+    w_ref,  # a tensor of the parameter dtype
+    o_ref,  # a tensor of the output dtype
+    bad_ptr,  # int32 [1]: set to 1 when a token id is outside its table
+    NPF: tl.constexpr,
+    NTF: tl.constexpr,
+    HAS_PATCH: tl.constexpr,
+    HAS_TOKEN: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_KP: tl.constexpr,  # next_pow2(largest patch size)
+    EVEN_P: tl.constexpr,  # every patch size == BLOCK_KP and a multiple of BLOCK_K // BLOCK_KP: no K masks
+    PIX_W1: tl.constexpr,  # every pixel column stride is 1
+    IEEE: tl.constexpr,  # fp32 parameters: IEEE fp32 dots (not TF32)
+    BLOCK_T: tl.constexpr,  # tokens per token program
+    BLOCK_DT: tl.constexpr,  # columns per step of a token program
+    PTR_ALIGN: tl.constexpr,  # every hinted address (_P_PTR_COLS, _T_PTR_COLS) is a multiple of this many bytes
+    ELT_ALIGN: tl.constexpr,  # every hinted stride and width (_P_ELT_COLS, _T_ELT_COLS): of this many elements
+    PDL_TRIGGER: tl.constexpr,
+    PIX_U8: tl.constexpr,  # uint8 pixels, read as x / 255
+):
+    """Patch GEMM tiles and token blocks of every problem of one Embeddings, in one launch."""
     pid = tl.program_id(0)
     if PDL_TRIGGER:
         # let a PDL-launched next kernel start now (it waits for this launch's completion before reading
@@ -379,16 +422,16 @@ class Embeddings:
             if out.dim() != 3 or tuple(out.shape) != (B, T, D) or out.stride(2) != 1:
                 raise ValueError(f"{where}: out must be [{B}, {T}, {D}] with a contiguous last dim, got {describe(out)}")
             r = [0] * _NPF
-            r[_PF["pix"]], r[_PF["sb"]], r[_PF["sc"]], r[_PF["sh"]], r[_PF["sw"]] = (x.data_ptr(),) + tuple(x.stride())
-            r[_PF["p"]], r[_PF["Wp"]] = P, Wp
-            r[_PF["w"]], r[_PF["w_sn"]], r[_PF["C"]] = w.data_ptr(), w.stride(0), C
-            r[_PF["bias"]] = p.bias.data_ptr() if p.bias is not None else 0
-            r[_PF["cls"]] = p.class_embedding.data_ptr() if has_cls else 0
-            r[_PF["pos"]], r[_PF["pos_s"]] = pos.data_ptr(), pos.stride(0)
-            r[_PF["out"]], r[_PF["o_sb"]], r[_PF["o_st"]] = out.data_ptr(), out.stride(0), out.stride(1)
-            r[_PF["B"]], r[_PF["T"]], r[_PF["D"]], r[_PF["K"]] = B, T, D, Kdim
+            r[_P_PIX], r[_P_SB], r[_P_SC], r[_P_SH], r[_P_SW] = (x.data_ptr(),) + tuple(x.stride())
+            r[_P_P], r[_P_WP] = P, Wp
+            r[_P_W], r[_P_W_SN], r[_P_C] = w.data_ptr(), w.stride(0), C
+            r[_P_BIAS] = p.bias.data_ptr() if p.bias is not None else 0
+            r[_P_CLS] = p.class_embedding.data_ptr() if has_cls else 0
+            r[_P_POS], r[_P_POS_S] = pos.data_ptr(), pos.stride(0)
+            r[_P_OUT], r[_P_O_SB], r[_P_O_ST] = out.data_ptr(), out.stride(0), out.stride(1)
+            r[_P_B], r[_P_T], r[_P_D], r[_P_K] = B, T, D, Kdim
             n_nb = triton.cdiv(D, self.block_n)
-            r[_PF["start"]], r[_PF["n_nb"]] = start, n_nb
+            r[_P_START], r[_P_N_NB] = start, n_nb
             start += triton.cdiv(B * T, self.block_m) * n_nb
             pm_rows.append(r)
         self.num_patch_tiles = start
@@ -400,7 +443,7 @@ class Embeddings:
             raise ValueError(f"Embeddings: block_k must be >= next_pow2(patch_size) = {self.block_kp}, got {self.block_k}")
         ky = self.block_k // self.block_kp
         self._even_p = all(P == self.block_kp and P % ky == 0 for P in sizes)
-        self._pix_w1 = all(r[_PF["sw"]] == 1 for r in pm_rows)
+        self._pix_w1 = all(r[_P_SW] == 1 for r in pm_rows)
 
         tm_rows = []
         start = 0
@@ -426,13 +469,13 @@ class Embeddings:
             if out.dim() != 3 or tuple(out.shape) != (B, L, D) or out.stride(2) != 1:
                 raise ValueError(f"{where}: out must be [{B}, {L}, {D}] with a contiguous last dim, got {describe(out)}")
             r = [0] * _NTF
-            r[_TF["ids"]], r[_TF["ids_kind"]] = ids.data_ptr(), (1 if ids.dtype == torch.int32 else 2)
-            r[_TF["ids_sb"]], r[_TF["ids_sl"]] = ids.stride(0), ids.stride(1)
-            r[_TF["tok"]], r[_TF["tok_s"]] = tw.data_ptr(), tw.stride(0)
-            r[_TF["pos"]], r[_TF["pos_s"]] = pos.data_ptr(), pos.stride(0)
-            r[_TF["out"]], r[_TF["o_sb"]], r[_TF["o_sl"]] = out.data_ptr(), out.stride(0), out.stride(1)
-            r[_TF["B"]], r[_TF["L"]], r[_TF["D"]], r[_TF["start"]] = B, L, D, start
-            r[_TF["V"]] = tw.shape[0]
+            r[_T_IDS], r[_T_IDS_KIND] = ids.data_ptr(), (1 if ids.dtype == torch.int32 else 2)
+            r[_T_IDS_SB], r[_T_IDS_SL] = ids.stride(0), ids.stride(1)
+            r[_T_TOK], r[_T_TOK_S] = tw.data_ptr(), tw.stride(0)
+            r[_T_POS], r[_T_POS_S] = pos.data_ptr(), pos.stride(0)
+            r[_T_OUT], r[_T_O_SB], r[_T_O_SL] = out.data_ptr(), out.stride(0), out.stride(1)
+            r[_T_B], r[_T_L], r[_T_D], r[_T_START] = B, L, D, start
+            r[_T_V] = tw.shape[0]
             start += triton.cdiv(B * L, self.block_t)
             max_d = max(max_d, D)
             tm_rows.append(r)
@@ -449,12 +492,10 @@ class Embeddings:
         self._refs = (pix_ref, w0, first.out)
         self._ieee = w_dtype == torch.float32
         self._pix_u8 = pix_dtype == torch.uint8
-        self._ptr_align = pow2_divisor(
-            [r[_PF[k]] for r in pm_rows for k in ("pix", "w", "pos", "out")]
-            + [r[_TF[k]] for r in tm_rows for k in ("tok", "pos", "out")], 16)
-        self._elt_align = pow2_divisor(
-            [r[_PF[k]] for r in pm_rows for k in ("sb", "sc", "sh", "w_sn", "pos_s", "o_sb", "o_st", "D")]
-            + [r[_TF[k]] for r in tm_rows for k in ("tok_s", "pos_s", "o_sb", "o_sl", "D")], 16)
+        self._ptr_align = pow2_divisor([r[c] for r in pm_rows for c in _P_PTR_COLS]
+                                       + [r[c] for r in tm_rows for c in _T_PTR_COLS], 16)
+        self._elt_align = pow2_divisor([r[c] for r in pm_rows for c in _P_ELT_COLS]
+                                       + [r[c] for r in tm_rows for c in _T_ELT_COLS], 16)
 
     @property
     def outputs(self) -> list[Tensor]:

@@ -32,12 +32,24 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._utils import LAUNCH_OPTIONS
+from ._utils import LAUNCH_OPTIONS, problem_of
 
 __all__ = ["POOL_KINDS", "PoolProblem", "PoolIndices", "pool_indices"]
 
 POOL_KINDS = {"cls": 0, "last": 1, "first_eos": 2, "argmax": 3}
-_NF = 10  # ids, ids_kind, ids_sb, ids_sl, L, S, kind, eos, out, out_kind
+# Metadata columns: one int64 row per problem (launch order), defined once for the host that fills the rows and the
+# kernel that reads them (tl.constexpr objects: a @triton.jit function may read them; they also index the host's rows).
+_IDS = tl.constexpr(0)  # input_ids [B, L] int32 or int64 (0 when absent: "cls" / "last" without ids)
+_IDS_KIND = tl.constexpr(1)  # 1: int32 ids, 2: int64 ids (0 when absent)
+_IDS_SB = tl.constexpr(2)  # input_ids batch stride (elements)
+_IDS_SL = tl.constexpr(3)  # input_ids token stride (elements)
+_L = tl.constexpr(4)  # tokens per sequence L
+_S = tl.constexpr(5)  # rows per sequence S of the flat [B*S, D] hidden states
+_KIND = tl.constexpr(6)  # POOL_KINDS code
+_EOS = tl.constexpr(7)  # eos_token_id ("first_eos"; 0 otherwise)
+_OUT = tl.constexpr(8)  # out [B] int32 or int64 pooled row indices
+_OUT_KIND = tl.constexpr(9)  # 1: int32 out, 2: int64 out
+_NF = 10
 _MAX_L = 1 << 16
 
 
@@ -61,22 +73,27 @@ class PoolProblem:
 
 
 @triton.jit
-def _pool_kernel(meta, starts, n_problems, NF: tl.constexpr, BLOCK_L: tl.constexpr):
+def _pool_kernel(
+    meta,  # int64 [P, NF]: one row per problem (the columns above)
+    starts,  # int64 [P]: each problem's first program id (a one-column table), increasing
+    n_problems,
+    NF: tl.constexpr,
+    BLOCK_L: tl.constexpr,  # next_pow2 of the longest L that is scanned ("first_eos" / "argmax")
+):
+    """One program per sequence: ``out[b] = b * S + pos_b`` of its problem."""
     pid = tl.program_id(0)
-    prob = 0
-    for p in range(1, n_problems):
-        prob += (pid >= tl.load(starts + p)).to(tl.int32)
+    prob = problem_of(pid, starts, n_problems, 1, 0)  # starts as an int64 [P, 1] table, the start in column 0
     row = meta + prob * NF
-    ids_addr = tl.load(row + 0)
-    ids_kind = tl.load(row + 1)
-    ids_sb = tl.load(row + 2)
-    ids_sl = tl.load(row + 3)
-    L = tl.load(row + 4)
-    S = tl.load(row + 5)
-    kind = tl.load(row + 6)
-    eos = tl.load(row + 7)
-    out_addr = tl.load(row + 8)
-    out_kind = tl.load(row + 9)
+    ids_addr = tl.load(row + _IDS)  # [B, L] int32 or int64 token ids (their dtype: ids_kind)
+    ids_kind = tl.load(row + _IDS_KIND)
+    ids_sb = tl.load(row + _IDS_SB)
+    ids_sl = tl.load(row + _IDS_SL)
+    L = tl.load(row + _L)
+    S = tl.load(row + _S)
+    kind = tl.load(row + _KIND)
+    eos = tl.load(row + _EOS)
+    out_addr = tl.load(row + _OUT)  # [B] int32 or int64 row indices (their dtype: out_kind)
+    out_kind = tl.load(row + _OUT_KIND)
     b = (pid - tl.load(starts + prob)).to(tl.int64)
 
     pos = tl.zeros([], dtype=tl.int64)
@@ -135,7 +152,6 @@ class PoolIndices:
                 if p.seq_len is None:
                     raise ValueError(f"{where}: kind {p.kind!r} without input_ids needs seq_len, got None")
                 L = int(p.seq_len)
-                ids_row = [0, 0, 0, 0]
             else:
                 if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.dtype not in (torch.int32, torch.int64):
                     got = f"{tuple(ids.shape)} {ids.dtype}" if isinstance(ids, Tensor) else type(ids).__name__
@@ -145,7 +161,6 @@ class PoolIndices:
                 if ids.shape[0] != B:
                     raise ValueError(f"{where}: out has {B} entries but input_ids has batch {ids.shape[0]}")
                 L = ids.shape[1]
-                ids_row = [ids.data_ptr(), 1 if ids.dtype == torch.int32 else 2, ids.stride(0), ids.stride(1)]
             S = L if p.seq_len is None else int(p.seq_len)
             if L < 1 or L > _MAX_L or S < L:
                 raise ValueError(f"{where}: need 1 <= L <= {_MAX_L} and seq_len >= L, got L={L}, seq_len={S}")
@@ -156,8 +171,13 @@ class PoolIndices:
                 eos = int(p.eos_token_id)
             if p.kind in ("first_eos", "argmax"):
                 max_l = max(max_l, L)
-            rows.append(ids_row + [L, S, POOL_KINDS[p.kind], eos, out.data_ptr(),
-                                   1 if out.dtype == torch.int32 else 2])
+            r = [0] * _NF
+            if ids is not None:
+                r[_IDS], r[_IDS_KIND] = ids.data_ptr(), (1 if ids.dtype == torch.int32 else 2)
+                r[_IDS_SB], r[_IDS_SL] = ids.stride(0), ids.stride(1)
+            r[_L], r[_S], r[_KIND], r[_EOS] = L, S, POOL_KINDS[p.kind], eos
+            r[_OUT], r[_OUT_KIND] = out.data_ptr(), (1 if out.dtype == torch.int32 else 2)
+            rows.append(r)
             starts.append(start)
             start += B
         self.problems = problems
