@@ -187,6 +187,9 @@ def test_plan_target_json_schema(tmp_path, capsys):
         assert set(p) >= {"weight_bytes", "activation_bytes", "bytes", "flops", "memory_ms", "compute_ms",
                           "int8_peak_ms", "floor_ms", "bound"}
         assert p["floor_ms"] == max(p["memory_ms"], p["compute_ms"])
+        # the prediction: the floor plus one measured launch gap per launch, and said to be one
+        assert p["predicted_ms"] == pytest.approx(p["floor_ms"] + f["launches"] * f["launch_gap_us"] / 1e3)
+    assert f["launch_gap_us"] == 1.19 and "prediction, not a measurement" in printed
 
 
 def test_profile_floor_entry():
