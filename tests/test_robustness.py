@@ -411,3 +411,17 @@ def test_capture_under_memory_pressure_gpu():
     _close_to_reference(spec, px[:4], None, img, None)
     img = ex.encode_image(px)
     _close_to_reference(spec, px[:8], None, img[:8], None)
+
+
+def test_a_copied_executor_has_its_own_lock_and_the_same_outputs():
+    """copy.deepcopy of an executor (and its pickled state) drops its lock and makes a new one (a lock cannot be copied)."""
+    import copy
+
+    ex = FusedExecutor(dualfuse.load("clip-tiny"), dtype=DTYPE, device=DEV)
+    px, ids = _inputs(ex.io, 1, 2, seed=3)
+    want = ex.encode(px, ids)
+    twin = copy.deepcopy(ex)
+    assert twin._lock is not ex._lock and isinstance(twin._lock, type(ex._lock))
+    assert all(torch.equal(a, b) for a, b in zip(twin.encode(px, ids), want))
+    state = ex.__getstate__()
+    assert "_lock" not in state

@@ -7,6 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from gemm_cases import EPILOGUES
+
 from dualfuse.kernels.gemm import MAX_ARG_PROBLEMS, GroupedLinear, LinearProblem, _choose_splits, grouped_linear
 
 HAS_CUDA = torch.cuda.is_available()
@@ -110,16 +112,6 @@ def test_large_m_two_problems(gen):
 # ---------------------------------------------------------------------------------------------------
 # epilogues, split-K on and off
 # ---------------------------------------------------------------------------------------------------
-EPILOGUES = {
-    "none": dict(),
-    "bias": dict(bias=True),
-    "quick_gelu": dict(activation="quick_gelu"),
-    "gelu": dict(bias=True, activation="gelu"),
-    "gelu_tanh": dict(bias=True, activation="gelu_tanh"),
-    "residual": dict(residual="sep"),
-    "residual_inplace": dict(residual="inplace"),
-    "all": dict(bias=True, activation="quick_gelu", residual="inplace"),
-}
 
 
 @pytest.mark.parametrize("split_k", [1, 3])

@@ -9,6 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from gemm_cases import EPILOGUES
+
 from dualfuse.kernels.gemm import MAX_ARG_PROBLEMS, GroupedLinear, LinearProblem, fold_layernorm
 from dualfuse.quantize import dequantize_weight, quantize_weight, resolve_weights
 
@@ -126,16 +128,6 @@ def test_single_problem_shapes(M, N, K, dtype, gen):
     _run([_make(M, N, K, dtype, bias=True, gen=gen)], dtype)
 
 
-EPILOGUES = {
-    "none": dict(),
-    "bias": dict(bias=True),
-    "quick_gelu": dict(activation="quick_gelu"),
-    "gelu": dict(bias=True, activation="gelu"),
-    "gelu_tanh": dict(bias=True, activation="gelu_tanh"),
-    "residual": dict(residual="sep"),
-    "residual_inplace": dict(residual="inplace"),
-    "all": dict(bias=True, activation="quick_gelu", residual="inplace"),
-}
 
 
 @pytest.mark.parametrize("split_k", [1, 3])

@@ -15,6 +15,7 @@ Embeddings are unnormalized, exactly what HF ``get_image_features``/``get_text_f
 from __future__ import annotations
 
 import copy
+import threading
 from typing import Callable
 
 import torch
@@ -341,6 +342,20 @@ def copy_source_model(model, device: torch.device, dtype: torch.dtype):
 
 
 # --------------------------------------------------------------------------------------------- base class
+
+class Locked:
+    """Mixin of an executor whose calls hold ``self._lock`` (a reentrant lock: runner cache and each call's copy /
+    replay / clone); a copy or an unpickled executor gets a lock of its own."""
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("_lock", None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
+
 
 class Executor:
     """Base class. Subclasses set ``name`` / ``needs_cuda`` (the registry sets ``name``) and implement

@@ -35,7 +35,7 @@ import torch
 
 from ..spec import PatchSequence
 from . import register
-from .base import SourceExecutor
+from .base import Locked, SourceExecutor
 
 # HF's checks on spatial_shapes (torch_compilable_check) read a flag back from the device; with this set they are
 # skipped. Only during a capture: the warm-up runs just before it checked the same inputs.
@@ -110,17 +110,8 @@ class _Captured:
 
 
 @register("graph")
-class GraphExecutor(SourceExecutor):
+class GraphExecutor(Locked, SourceExecutor):
     needs_cuda = True
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state.pop("_lock", None)
-        return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._lock = threading.RLock()
 
     def __init__(self, model, dtype=None, device=None, *, max_graphs: int = 8, warmup: int = 2, **kwargs):
         super().__init__(model, dtype, device, **kwargs)

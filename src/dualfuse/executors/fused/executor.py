@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from ...plan import Plan, make_plan
 from ...spec import DualEncoderSpec, PatchSequence, TowerSpec
 from .. import register
-from ..base import Executor, NeedsCUDA, validate_inputs
+from ..base import Executor, Locked, NeedsCUDA, validate_inputs
 from .runner import Runner
 
 MAX_HEAD_DIM = 128  # attention keeps a [BLOCK_M, head_dim] accumulator in registers
@@ -38,7 +38,7 @@ def unsupported_reason(spec: DualEncoderSpec, dtype: torch.dtype, device: torch.
 
 
 @register("fused")
-class FusedExecutor(Executor):
+class FusedExecutor(Locked, Executor):
     """Both towers as one stream of fused launches per call shape (package docstring). Safe to call from several
     threads and under any CUDA stream: see the package docstring for the contract."""
 
@@ -130,15 +130,6 @@ class FusedExecutor(Executor):
         self.__dict__.pop("_source", None)
         if warmup is not None:
             self.warmup(warmup)
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state.pop("_lock", None)
-        return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._lock = threading.RLock()
 
     def _fall_back(self, reason: str, allowed: bool):
         """Run the source model with the CUDA graph executor (eager where there is no CUDA: the tests' case)."""
