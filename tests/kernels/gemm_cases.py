@@ -1,4 +1,6 @@
 """GEMM test cases shared by the fp16 and int8 GEMM tests (a plain module, as graphs.py)."""
+import torch
+import torch.nn.functional as F
 
 # every epilogue the grouped GEMM has, as _make(...) keyword arguments
 EPILOGUES = {
@@ -11,3 +13,23 @@ EPILOGUES = {
     "residual_inplace": dict(residual="inplace"),
     "all": dict(bias=True, activation="quick_gelu", residual="inplace"),
 }
+
+
+def reference(x, w, bias=None, activation=None, residual=None):
+    """``act(x @ wᵀ + bias) + residual`` in fp64 from the same (rounded) inputs (for int8: the dequantized w)."""
+    y = x.double() @ w.double().T
+    if bias is not None:
+        y = y + bias.double()
+    if activation == "quick_gelu":
+        y = y * torch.sigmoid(1.702 * y)
+    elif activation == "gelu":
+        y = F.gelu(y)
+    elif activation == "gelu_tanh":
+        y = F.gelu(y, approximate="tanh")
+    if residual is not None:
+        y = y + residual.double()
+    return y
+
+
+def rel_err(out, ref):
+    return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from gemm_cases import EPILOGUES
+from gemm_cases import reference as _ref
+from gemm_cases import rel_err as _rel_err
 
 from dualfuse.kernels.gemm import MAX_ARG_PROBLEMS, GroupedLinear, LinearProblem, _choose_splits, grouped_linear
 
@@ -17,24 +19,6 @@ TOL = {torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float32: 1e-4}
 ACTS = [None, "quick_gelu", "gelu", "gelu_tanh"]
 
 
-def _ref(x, w, bias=None, activation=None, residual=None):
-    """fp64 reference from the same (rounded) inputs."""
-    y = x.double() @ w.double().T
-    if bias is not None:
-        y = y + bias.double()
-    if activation == "quick_gelu":
-        y = y * torch.sigmoid(1.702 * y)
-    elif activation == "gelu":
-        y = F.gelu(y)
-    elif activation == "gelu_tanh":
-        y = F.gelu(y, approximate="tanh")
-    if residual is not None:
-        y = y + residual.double()
-    return y
-
-
-def _rel_err(out, ref):
-    return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 def _make(M, N, K, dtype, *, bias=False, activation=None, residual=None, device=DEV, gen=None):

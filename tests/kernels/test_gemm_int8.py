@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from gemm_cases import EPILOGUES
+from gemm_cases import reference as _ref
+from gemm_cases import rel_err as _rel_err
 
 from dualfuse.kernels.gemm import MAX_ARG_PROBLEMS, GroupedLinear, LinearProblem, fold_layernorm
 from dualfuse.quantize import dequantize_weight, quantize_weight, resolve_weights
@@ -20,24 +22,6 @@ TOL = {torch.float16: 1e-2, torch.bfloat16: 1.5e-2, torch.float32: 1e-4}
 FP8 = getattr(torch, "float8_e4m3fn", None)
 
 
-def _ref(x, w, bias=None, activation=None, residual=None):
-    """fp64 from the same (rounded) x and the dequantized weight."""
-    y = x.double() @ w.double().T
-    if bias is not None:
-        y = y + bias.double()
-    if activation == "quick_gelu":
-        y = y * torch.sigmoid(1.702 * y)
-    elif activation == "gelu":
-        y = F.gelu(y)
-    elif activation == "gelu_tanh":
-        y = F.gelu(y, approximate="tanh")
-    if residual is not None:
-        y = y + residual.double()
-    return y
-
-
-def _rel_err(out, ref):
-    return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 def _dq(p):
