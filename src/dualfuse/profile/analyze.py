@@ -143,7 +143,10 @@ def concurrent_us(events) -> float:
 
 
 def window_stats(events, window: tuple[float, float]) -> dict:
-    """Every timeline number of one forward: wall, busy, idle, gaps, lead/tail, overlap, kernel count."""
+    """Every timeline number of one forward: wall, busy, idle, gaps, lead/tail, overlap, kernel count.
+
+    ``events`` are the forward's own (attributed to it); the count is theirs, while the times are clipped to the
+    window, which spans them: a zero-length op at the window's edge (µs timestamps) counts without a length."""
     lo, hi = window
     wall = hi - lo
     inside = [e for e in events if e.end_us > lo and e.start_us < hi]
@@ -153,7 +156,7 @@ def window_stats(events, window: tuple[float, float]) -> dict:
     both = length(clip(union(spans(e for e in inside if e.tower == "both")), lo, hi))
     return dict(wall_us=wall, busy_us=busy, idle_us=wall - busy,
                 busy_frac=busy / wall if wall > 0 else 0.0, idle_frac=(wall - busy) / wall if wall > 0 else 0.0,
-                kernels=len(inside), gaps=g["count"], gap_total_us=g["total_us"], gap_largest_us=g["largest_us"],
+                kernels=len(events), gaps=g["count"], gap_total_us=g["total_us"], gap_largest_us=g["largest_us"],
                 gap_mean_us=g["mean_us"], lead_us=g["lead_us"], tail_us=g["tail_us"], overlap_us=ov,
                 overlap_frac=ov / wall if wall > 0 else 0.0, concurrent_us=concurrent_us(inside),
                 fused_us=both, kernel_sum_us=sum(e.dur_us for e in inside))
