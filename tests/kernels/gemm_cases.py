@@ -33,3 +33,21 @@ def reference(x, w, bias=None, activation=None, residual=None):
 
 def rel_err(out, ref):
     return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def check_outputs(problems, refs, tol):
+    """Every output fully written (no NaN left from the poisoning) and within ``tol`` relative error of its ref."""
+    for i, (p, ref) in enumerate(zip(problems, refs)):
+        assert not torch.isnan(p.out).any(), f"problem {i}: output not fully written (NaN left)"
+        err = rel_err(p.out, ref)
+        assert err <= tol, f"problem {i}: rel err {err:.3g} > {tol}"
+
+
+def launch_and_check(problems, refs, tol, **kw):
+    """One GroupedLinear launch over ``problems`` (refs computed before: outputs may alias residuals), checked."""
+    from dualfuse.kernels.gemm import GroupedLinear
+
+    g = GroupedLinear(problems, **kw)
+    g()
+    check_outputs(problems, refs, tol)
+    return g

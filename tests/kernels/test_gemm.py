@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gemm_cases import EPILOGUES
+from gemm_cases import EPILOGUES, check_outputs, launch_and_check
 from gemm_cases import reference as _ref
 from gemm_cases import rel_err as _rel_err
 
@@ -39,10 +39,7 @@ def _expected(problems):
 
 
 def _check(problems, refs, dtype):
-    for i, (p, ref) in enumerate(zip(problems, refs)):
-        assert not torch.isnan(p.out).any(), f"problem {i}: output not fully written (NaN left)"
-        err = _rel_err(p.out, ref)
-        assert err <= TOL[dtype], f"problem {i}: rel err {err:.3g} > {TOL[dtype]}"
+    check_outputs(problems, refs, TOL[dtype])
 
 
 def _expected_splits(problems, g, split_k):
@@ -51,11 +48,7 @@ def _expected_splits(problems, g, split_k):
 
 
 def _run(problems, dtype, **kw):
-    refs = _expected(problems)
-    g = GroupedLinear(problems, **kw)
-    g()
-    _check(problems, refs, dtype)
-    return g
+    return launch_and_check(problems, _expected(problems), TOL[dtype], **kw)
 
 
 @pytest.fixture
