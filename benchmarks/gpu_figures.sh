@@ -44,8 +44,8 @@ elif [ "$PART" = B ]; then
   # 6. kernels of all four architectures at batch 1 and 32 (GEMM steps, attention, LayerNorm)
   step 200 python3 benchmarks/kernel_bench.py --json "$R/kernels.json"
 elif [ "$PART" = C ]; then
-  # 7. GPU tests
-  TAIL=25 step ${TESTS_S:-560} python3 -m pytest -m gpu -q -p no:cacheprovider --durations=10 tests
+  # 7. GPU tests (PYTEST_ARGS="-n 4 --dist loadfile" compiles the kernels of four test files at once, with pytest-xdist)
+  TAIL=25 step ${TESTS_S:-560} python3 -m pytest -m gpu -q -p no:cacheprovider --durations=10 ${PYTEST_ARGS:-} tests
 elif [ "$PART" = D ]; then
   # 8. the drop-in: a stream cycling through 12 text lengths (buckets on/off), first-call times, uint8 frames vs host
   #    normalization at batch 1 and 32; GPU memory of fuse() beyond the weights
