@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The GPU runs that produce every figure README.md / BENCHMARKS.md cite, in priority order, each step under its
-# own time limit, split in three parts of at most 10 minutes each:
+# own time limit, split in parts of at most 10 minutes each:
 #   bash benchmarks/gpu_figures.sh A    # end-to-end: all executors, the target cases; fused A/B; SM limits + energy
 #   bash benchmarks/gpu_figures.sh B    # accuracy parity (fp16, bf16), kernels
 #   bash benchmarks/gpu_figures.sh C    # GPU tests
 #   bash benchmarks/gpu_figures.sh D    # drop-in: text-length stream with buckets, first calls, uint8 frames, memory
 #   bash benchmarks/gpu_figures.sh M1   # README's model table, smaller models (M2: the larger ones)
 #   bash benchmarks/gpu_figures.sh P    # end to end at an older commit ($OLD) and at this one, alternating
-#   bash benchmarks/gpu_figures.sh E    # edge regime: int8 weights, the soak, the real-time loop
+#   bash benchmarks/gpu_figures.sh E    # edge regime: int8 weights in 8 SMs and on the full card, the soak
+#   bash benchmarks/gpu_figures.sh S    # the real-time loop (full card, 8 SMs); LayerNorm folding on the sm_80 path
 # JSON and logs are written to /tmp/dualfuse-results and packed into ${OUT:-out}/results-<part>.tar.gz after every
 # step (a run cut off by its time limit still leaves the archive). File them under
 # benchmarks/results/<card>-<date>/ (see benchmarks/README.md).
@@ -65,15 +66,20 @@ elif [ "$PART" = P ]; then
     step 100 python3 benchmarks/e2e.py --cases b32-1,siglip-1 --executors graph,fused --out "$R/proof-new-$round"
   done
 elif [ "$PART" = E ]; then
-  # 11. the edge regime: int8 weights (weight streaming + end to end), the soak, the real-time loop
-  step 240 python3 benchmarks/int8.py --json "$R/int8.json"
+  # 11. the edge regime: int8 weights (weight streaming + end to end) in 8 SMs and on the full card, then the soak
+  step 200 python3 benchmarks/int8.py --sms 8 --json "$R/int8-sms8.json"
+  step 200 python3 benchmarks/int8.py --json "$R/int8.json"
   step 150 python3 benchmarks/soak.py --model clip-vit-b-32 --calls ${SOAK_CALLS:-10000} --out "$R/soak"
+elif [ "$PART" = S ]; then
+  # 12. the real-time loop (fp16 and int8 weights, full card and 8 SMs), then the sm_80 path's A/B on LayerNorm folding
   for m in clip-vit-b-32 siglip-base-patch16-224; do
     for w in fp16 int8; do
-      step 60 python3 -m dualfuse.cli stream --model $m --synthetic 300 --weights $w --prompts "a dog,a cat,a car,a person" --json "$R/stream-$m-$w.json" --out "$R/stream-$m-$w"
+      step 50 python3 -m dualfuse.cli stream --model $m --synthetic 300 --weights $w --prompts "a dog,a cat,a car,a person" --json "$R/stream-$m-$w.json" --out "$R/stream-$m-$w"
+      step 60 python3 -m dualfuse.cli stream --model $m --synthetic 300 --weights $w --sms 8 --prompts "a dog,a cat,a car,a person" --json "$R/stream-$m-$w-sms8.json" --out "$R/stream-$m-$w-sms8"
     done
   done
+  step 100 python3 benchmarks/fused_variants.py --model clip-vit-b-32 --batch 1 --variants graph,fused-nopdl,fused-fold-nopdl,fused-notma-nopdl,fused-notma-nopdl-fold,fused,fused-fold --json "$R/variants-fold-b32-1.json"
 else
-  echo "unknown part '$PART': expected A, B, C, D, E, M1, M2 or P" >&2; exit 2
+  echo "unknown part '$PART': expected A, B, C, D, E, S, M1, M2 or P" >&2; exit 2
 fi
 echo "=== done $(date +%T)"
