@@ -186,6 +186,29 @@ def test_tma_not_used_with_quantized_weights(gen):
     assert GroupedLinear([_make(7, 32, 64, dt, quant=None, gen=gen)], config={"tma": True}).uses_tma
 
 
+@pytest.mark.parametrize("split_k", [1, 2])
+@pytest.mark.parametrize("shapes,block", [
+    ([(1, 40, 72), (77, 24, 96)], {}),  # the heuristic's tiles, K unaligned to BLOCK_K
+    ([(50, 72, 96), (3, 40, 40)], {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}),  # M over several row tiles
+    ([(17, 96, 64)], {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 16}),
+])
+def test_w_first_tiles_transposed(shapes, block, split_k, gen):
+    """Config w_first: every tile computed as w @ x.T (the widened weight is the dot's first operand), with the
+    epilogue, split-K and an in-place residual; same results as the default order."""
+    dt = torch.float16
+    problems = [_make(m, n, k, dt, bias=True, activation="quick_gelu" if i == 0 else None,
+                      residual="inplace" if i == 1 else None, gen=gen) for i, (m, n, k) in enumerate(shapes)]
+    g = _run(problems, dt, split_k=split_k, config={"w_first": True, **block})
+    assert g._plan.constexprs["W_FIRST"]
+
+
+def test_w_first_only_where_every_weight_is_quantized(gen):
+    dt = torch.float16
+    mixed = [_make(50, 64, 96, dt, bias=True, gen=gen), _make(7, 32, 64, dt, quant=None, gen=gen)]
+    g = _run(mixed, dt, config={"w_first": True})
+    assert not g._plan.constexprs["W_FIRST"]  # a 16-bit weight in the launch: the default order for all
+
+
 # ---------------------------------------------------------------------------------------------------
 # deferred split-K (partial sums) and the folded LayerNorm
 # ---------------------------------------------------------------------------------------------------

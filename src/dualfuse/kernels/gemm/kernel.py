@@ -106,6 +106,27 @@ def _ptr_k_loop(x_ptrs, w_ptrs, m_mask, offs_k, K, k_lo, k_hi, acc, BLOCK_K: tl.
     return acc
 
 
+@triton.jit
+def _ptr_k_loop_w_first(xt_ptrs, w_ptrs, m_mask, offs_k, K, k_lo, k_hi, acc_t, BLOCK_K: tl.constexpr,
+                        EVEN_K: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """acc_t += w[cols, k_lo*BK:k_hi*BK] @ x[rows, same].T, the transposed tile (W_FIRST). xt_ptrs: [BLOCK_K, BLOCK_M]
+    (x.T) at k_lo; w_ptrs: [BLOCK_N, BLOCK_K] at k_lo, 1-byte quantized values widened in registers. The widened
+    weight is the dot's first operand: on sm_90 that operand of wgmma is read from registers, where the second would
+    be written back to shared memory after widening; on sm_80/87 both orders are mma.sync from registers."""
+    for kk in range(k_lo, k_hi):
+        if EVEN_K:
+            xt = tl.load(xt_ptrs, mask=m_mask[None, :], other=0.0)
+            w = tl.load(w_ptrs)
+        else:
+            k_left = K - kk * BLOCK_K
+            xt = tl.load(xt_ptrs, mask=m_mask[None, :] & (offs_k[:, None] < k_left), other=0.0)
+            w = tl.load(w_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+        acc_t = tl.dot(w.to(xt.dtype), xt, acc_t, input_precision=INPUT_PRECISION)
+        xt_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    return acc_t
+
+
 @triton.jit(do_not_specialize=NO_SPEC)
 def _grouped_linear_kernel(
     meta_ptr,  # int64 [G, NUM_COLS] per-problem table (read only when not META_IN_ARGS), see table.py
@@ -149,6 +170,7 @@ def _grouped_linear_kernel(
     ANY_WQ: tl.constexpr,  # some problem has a quantized weight (FLAG_WQ): wq_ref's dtype, scales of scale_ref's
     ALL_WQ: tl.constexpr,  # ... every problem has one (only the quantized K loop is compiled)
     VEC_K: tl.constexpr,  # ALIGNED: every K is a multiple of this (16 where every weight is 1-byte, else VEC_IN)
+    W_FIRST: tl.constexpr,  # ALL_WQ, pointer loads: the K loop computes the tile transposed (w @ x.T)
 ):
     pid = tl.program_id(0)
     if USE_PDL:
@@ -349,7 +371,14 @@ def _grouped_linear_kernel(
     else:
         x_ptrs = x_ptr + rm[:, None] * stride_xm + (k_lo * BLOCK_K + offs_k)[None, :]  # [BLOCK_M, BLOCK_K]
         w_offs = rn[None, :].to(tl.int64) * K + (k_lo * BLOCK_K + offs_k)[:, None]  # [BLOCK_K, BLOCK_N] = w.T
-        if ALL_WQ:
+        if W_FIRST:
+            xt_ptrs = x_ptr + rm[None, :] * stride_xm + (k_lo * BLOCK_K + offs_k)[:, None]  # [BLOCK_K, BLOCK_M]
+            wt_offs = rn[:, None].to(tl.int64) * K + (k_lo * BLOCK_K + offs_k)[None, :]  # [BLOCK_N, BLOCK_K]
+            acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            acc_t = _ptr_k_loop_w_first(xt_ptrs, wq_ptr + wt_offs, m_mask, offs_k, K, k_lo, k_hi, acc_t, BLOCK_K,
+                                        EVEN_K, INPUT_PRECISION)
+            acc = tl.trans(acc_t)
+        elif ALL_WQ:
             acc = _ptr_k_loop(x_ptrs, wq_ptr + w_offs, m_mask, offs_k, K, k_lo, k_hi, acc, BLOCK_K, EVEN_K,
                               INPUT_PRECISION)
         elif ANY_WQ:

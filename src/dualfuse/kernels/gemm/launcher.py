@@ -139,6 +139,7 @@ class _Plan:
             ANY_WQ=bool(quantized),
             ALL_WQ=len(quantized) == len(problems),
             VEC_K=16 if len(quantized) == len(problems) else 16 // problems[0].x.element_size(),
+            W_FIRST=bool(cfg.get("w_first", False)) and len(quantized) == len(problems) and not use_tma,
         )
         self.launch_opts = dict(num_warps=warps, num_stages=cfg["num_stages"], **LAUNCH_OPTIONS)
         if use_pdl:
