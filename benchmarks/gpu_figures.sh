@@ -7,7 +7,7 @@
 #   bash benchmarks/gpu_figures.sh D    # drop-in: text-length stream with buckets, first calls, uint8 frames, memory
 #   bash benchmarks/gpu_figures.sh M1   # README's model table, smaller models (M2: the larger ones)
 #   bash benchmarks/gpu_figures.sh P    # end to end at an older commit ($OLD) and at this one, alternating
-#   bash benchmarks/gpu_figures.sh E    # edge regime: int8 weights (both tile orders) in 8 SMs and on the full card, the soak
+#   bash benchmarks/gpu_figures.sh E    # edge regime: int8 weights (both tile orders), 8 SMs and full card; the soak
 #   bash benchmarks/gpu_figures.sh S    # the real-time loop (full card, 8 SMs); LayerNorm folding on the sm_80 path
 # JSON and logs are written to /tmp/dualfuse-results and packed into ${OUT:-out}/results-<part>.tar.gz after every
 # step (a run cut off by its time limit still leaves the archive). File them under

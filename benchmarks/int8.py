@@ -50,7 +50,6 @@ E2E_CASES = {  # name: (preset, images, texts)
 }
 SMOKE_CASES = {"clip-tiny 1+1": ("clip-tiny", 1, 1), "siglip-tiny img 2": ("siglip-tiny", 2, 0)}
 STEPS = ("qkv", "out", "fc1", "fc2")
-FORMATS = ("fp16", "int8", "int8-wfirst")  # int8-wfirst (--w-first): int8 with GEMM config w_first
 
 
 def _median(xs):
@@ -117,7 +116,7 @@ def bench_gemm(args, device) -> list[dict]:
         for rows_name, rows in rows_cases.items():
             row = dict(model="ViT-B/32" if not args.smoke else "smoke", step=step, rows=rows_name,
                        N_K=[(n, k) for n, k, _, _ in dims])
-            for fmt in FORMATS[: 3 if args.w_first else 2]:
+            for fmt in ("fp16", "int8") + (("int8-wfirst",) if args.w_first else ()):  # int8-wfirst: config w_first
                 quant = fmt.startswith("int8")
                 wbytes = sum(n * k * (1 if quant else 2) + (4 * n if quant else 0) for n, k, _, _ in dims)
                 sets = 1 if not cuda else max(2, math.ceil(3 * l2 / wbytes))
