@@ -7,7 +7,7 @@
 #   bash benchmarks/gpu_figures.sh D    # drop-in: text-length stream with buckets, first calls, uint8 frames, memory
 #   bash benchmarks/gpu_figures.sh M1   # README's model table, smaller models (M2: the larger ones)
 #   bash benchmarks/gpu_figures.sh P    # end to end at an older commit ($OLD) and at this one, alternating
-#   bash benchmarks/gpu_figures.sh E    # edge regime: int8 weights (both tile orders), 8 SMs and full card; the soak
+#   bash benchmarks/gpu_figures.sh E    # edge regime: int8 weights (both widenings), 8 SMs and full card; the soak
 #   bash benchmarks/gpu_figures.sh S    # the real-time loop (full card, 8 SMs); LayerNorm folding on the sm_80 path
 # JSON and logs are written to /tmp/dualfuse-results and packed into ${OUT:-out}/results-<part>.tar.gz after every
 # step (a run cut off by its time limit still leaves the archive). File them under
@@ -67,8 +67,8 @@ elif [ "$PART" = P ]; then
   done
 elif [ "$PART" = E ]; then
   # 11. the edge regime: int8 weights (weight streaming + end to end) in 8 SMs and on the full card, then the soak
-  step 200 python3 benchmarks/int8.py --sms 8 --w-first --json "$R/int8-sms8.json"
-  step 200 python3 benchmarks/int8.py --w-first --json "$R/int8.json"
+  step 200 python3 benchmarks/int8.py --sms 8 --widen-convert --json "$R/int8-sms8.json"
+  step 200 python3 benchmarks/int8.py --widen-convert --json "$R/int8.json"
   step 150 python3 benchmarks/soak.py --model clip-vit-b-32 --calls ${SOAK_CALLS:-10000} --out "$R/soak"
 elif [ "$PART" = S ]; then
   # 12. the real-time loop (fp16 and int8 weights, full card and 8 SMs), then the sm_80 path's A/B on LayerNorm folding

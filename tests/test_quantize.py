@@ -199,31 +199,31 @@ def test_eval_and_bench_weights_flag(tmp_path):
 def test_int8_benchmark_smoke(tmp_path):
     out = tmp_path / "int8.json"
     env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "int8.py"), "--smoke", "--w-first", "--json",
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "int8.py"), "--smoke", "--widen-convert", "--json",
                            str(out)],
                           env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     doc = json.loads(out.read_text())
-    assert len(doc["gemm"]) == 4 and all(r["int8"]["ok"] and r["int8-wfirst"]["ok"] for r in doc["gemm"])
+    assert len(doc["gemm"]) == 4 and all(r["int8"]["ok"] and r["int8-convert"]["ok"] for r in doc["gemm"])
     for row in doc["e2e"]:
         assert row["executors"]["fused int8"]["min_cosine"] >= COSINE_MIN
-        assert row["executors"]["fused int8 w-first"]["min_cosine"] >= COSINE_MIN
+        assert row["executors"]["fused int8 convert"]["min_cosine"] >= COSINE_MIN
         assert row["executors"]["fused int8"]["weight_bytes"] < row["executors"]["fused fp16"]["weight_bytes"]
     assert "int8 weights vs fp16" in proc.stdout
 
 
-@pytest.mark.parametrize("w_first", [False, True])
+@pytest.mark.parametrize("widen", ["bits", "convert"])
 @pytest.mark.parametrize("name", ["clip-tiny", "siglip-tiny"])
-def test_fused_int8_equals_the_dequantized_reference(name, w_first):
+def test_fused_int8_equals_the_dequantized_reference(name, widen):
     """Unfolded LayerNorms: the fused int8 forward is the fp32 reference forward of the dequantized weights
     (quantize.dequantized_spec) up to fp16 rounding, i.e. within the unquantized fp16 criteria: only the weight
-    rounding separates it from the source model. w_first: every int8 GEMM tile computed as w @ x.T."""
+    rounding separates it from the source model. widen: how int8 weights become fp16 in the GEMMs."""
     from dualfuse import reference
     from dualfuse.quantize import dequantized_spec
 
     model = _load(name)
     ex = executors.get("fused", model, dtype=torch.float16, device=DEV, weights="int8", fold_ln=False,
-                       **({"gemm_config": {"w_first": True}} if w_first else {}))
+                       gemm_config={"widen": widen})
     dq = dequantized_spec(ex.spec.to(DEV, torch.float32), "int8")
     (px, ids), = random_inputs(ex.io, 2, 3, sets=1, seed=5, device=DEV)
     with torch.no_grad():

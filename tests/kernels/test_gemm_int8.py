@@ -186,27 +186,50 @@ def test_tma_not_used_with_quantized_weights(gen):
     assert GroupedLinear([_make(7, 32, 64, dt, quant=None, gen=gen)], config={"tma": True}).uses_tma
 
 
+def test_widen_bits_is_exact_for_every_int8_value():
+    """The integer widening (config widen "bits", the default for int8 weights with fp16 activations) maps each of
+    the 256 int8 values to itself: x = identity, scale 1, so out = w.T exactly."""
+    q = (torch.arange(256) - 128).to(torch.int8).view(16, 16)  # every int8 value once, [N=16, K=16]
+    x = torch.eye(16, dtype=torch.float16, device=DEV)
+    for widen in ("bits", "convert"):
+        out = torch.full((16, 16), float("nan"), dtype=torch.float16, device=DEV)
+        p = LinearProblem(x, q.to(DEV), out, weight_scale=torch.ones(16, device=DEV))
+        g = GroupedLinear([p], config={"widen": widen})
+        assert g._plan.constexprs["WIDEN_BITS"] == (widen == "bits")
+        g()
+        assert torch.equal(out.cpu(), q.T.to(torch.float16)), widen
+
+
 @pytest.mark.parametrize("split_k", [1, 2])
 @pytest.mark.parametrize("shapes,block", [
     ([(1, 40, 72), (77, 24, 96)], {}),  # the heuristic's tiles, K unaligned to BLOCK_K
     ([(50, 72, 96), (3, 40, 40)], {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}),  # M over several row tiles
     ([(17, 96, 64)], {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 16}),
 ])
-def test_w_first_tiles_transposed(shapes, block, split_k, gen):
-    """Config w_first: every tile computed as w @ x.T (the widened weight is the dot's first operand), with the
-    epilogue, split-K and an in-place residual; same results as the default order."""
+def test_widen_bits_equals_convert(shapes, block, split_k, gen):
+    """Both widenings give the dot the same fp16 operands, so the same bits, with the epilogue, split-K and an
+    in-place residual; both match the dequantized reference."""
     dt = torch.float16
     problems = [_make(m, n, k, dt, bias=True, activation="quick_gelu" if i == 0 else None,
                       residual="inplace" if i == 1 else None, gen=gen) for i, (m, n, k) in enumerate(shapes)]
-    g = _run(problems, dt, split_k=split_k, config={"w_first": True, **block})
-    assert g._plan.constexprs["W_FIRST"]
+    start = [p.out.clone() for p in problems]
+    outs = {}
+    for widen in ("bits", "convert"):
+        for p, o in zip(problems, start):
+            p.out.copy_(o)
+        g = _run(problems, dt, split_k=split_k, config={"widen": widen, **block})
+        assert g._plan.constexprs["WIDEN_BITS"] == (widen == "bits")
+        outs[widen] = [p.out.clone() for p in problems]
+    assert all(torch.equal(a, b) for a, b in zip(outs["bits"], outs["convert"]))
 
 
-def test_w_first_only_where_every_weight_is_quantized(gen):
-    dt = torch.float16
-    mixed = [_make(50, 64, 96, dt, bias=True, gen=gen), _make(7, 32, 64, dt, quant=None, gen=gen)]
-    g = _run(mixed, dt, config={"w_first": True})
-    assert not g._plan.constexprs["W_FIRST"]  # a 16-bit weight in the launch: the default order for all
+def test_widen_bits_only_for_int8_weights_with_fp16_activations(gen):
+    mixed = [_make(50, 64, 96, torch.float16, bias=True, gen=gen), _make(7, 32, 64, torch.float16, quant=None, gen=gen)]
+    assert _run(mixed, torch.float16)._plan.constexprs["WIDEN_BITS"]  # the int8 problem's loop; fp16's is unchanged
+    fp32 = [_make(9, 32, 48, torch.float32, gen=gen)]
+    assert not _run(fp32, torch.float32)._plan.constexprs["WIDEN_BITS"]
+    with pytest.raises(ValueError, match="config widen must be 'bits' or 'convert'"):
+        GroupedLinear(mixed, config={"widen": "fast"})
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -28,9 +28,8 @@ _CONFIG_KEYS = {
     "tma",  # x / w tiles by tensor descriptors (default: on for many rows, and for skinny M where every problem has
     # <= 128 rows; used where _tma_supported: <= 4 problems, 16-bit, 16-byte aligned rows, Triton with
     # TensorDescriptor, sm_90+ GPU or the interpreter)
-    "w_first",  # launches whose every weight is quantized: compute each tile transposed (w @ x.T), so the widened
-    # weight is the dot's first operand (on sm_90, wgmma reads it from registers). Default off: its speed is
-    # not measured yet (benchmarks/int8.py --w-first)
+    "widen",  # int8 weights with fp16 activations: "bits" (default; integer ops and an fp16 subtract) or "convert"
+    # (the int-to-float conversion instruction, a quarter of the ALU rate): kernel._widen
 }
 
 

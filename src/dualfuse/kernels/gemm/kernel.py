@@ -87,11 +87,25 @@ def _tma_k_loop(x_desc, w_desc, off_m, off_n, k_lo, k_hi, acc, BLOCK_K: tl.const
 
 
 @triton.jit
+def _widen(w, dtype: tl.constexpr, WIDEN_BITS: tl.constexpr):
+    """A weight tile (x's dtype, int8 or fp8 e4m3) as ``dtype``, exactly. int8 -> fp16 with WIDEN_BITS: one integer op
+    and one fp16 subtract per element instead of the int-to-float conversion, which sm_80..sm_90 issue at a quarter
+    of the ALU rate (it bounded how fast int8 weights stream): the byte q xor 0x80 is q + 128, and under the fp16
+    exponent bits 0x64 it reads as 1024 + q + 128."""
+    if WIDEN_BITS:
+        if w.dtype == tl.int8:
+            if dtype == tl.float16:
+                u = w.to(tl.uint8, bitcast=True).to(tl.uint16) ^ 0x6480
+                return u.to(tl.float16, bitcast=True) - 1152.0
+    return w.to(dtype)
+
+
+@triton.jit
 def _ptr_k_loop(x_ptrs, w_ptrs, m_mask, offs_k, K, k_lo, k_hi, acc, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                INPUT_PRECISION: tl.constexpr):
+                INPUT_PRECISION: tl.constexpr, WIDEN_BITS: tl.constexpr):
     """acc += x[rows, k_lo*BK:k_hi*BK] @ w[cols, same].T by pointer loads. x_ptrs: [BLOCK_M, BLOCK_K] at k_lo;
     w_ptrs: [BLOCK_K, BLOCK_N] (w.T) at k_lo, of x's dtype or 1-byte quantized values (int8 / fp8 e4m3), which
-    are widened to x's dtype in registers (exact) before the dot."""
+    are widened to x's dtype in registers (exact, _widen) before the dot."""
     for kk in range(k_lo, k_hi):
         if EVEN_K:
             a = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
@@ -100,31 +114,10 @@ def _ptr_k_loop(x_ptrs, w_ptrs, m_mask, offs_k, K, k_lo, k_hi, acc, BLOCK_K: tl.
             k_left = K - kk * BLOCK_K
             a = tl.load(x_ptrs, mask=m_mask[:, None] & (offs_k[None, :] < k_left), other=0.0)
             b = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-        acc = tl.dot(a, b.to(a.dtype), acc, input_precision=INPUT_PRECISION)
+        acc = tl.dot(a, _widen(b, a.dtype, WIDEN_BITS), acc, input_precision=INPUT_PRECISION)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
     return acc
-
-
-@triton.jit
-def _ptr_k_loop_w_first(xt_ptrs, w_ptrs, m_mask, offs_k, K, k_lo, k_hi, acc_t, BLOCK_K: tl.constexpr,
-                        EVEN_K: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """acc_t += w[cols, k_lo*BK:k_hi*BK] @ x[rows, same].T, the transposed tile (W_FIRST). xt_ptrs: [BLOCK_K, BLOCK_M]
-    (x.T) at k_lo; w_ptrs: [BLOCK_N, BLOCK_K] at k_lo, 1-byte quantized values widened in registers. The widened
-    weight is the dot's first operand: on sm_90 that operand of wgmma is read from registers, where the second would
-    be written back to shared memory after widening; on sm_80/87 both orders are mma.sync from registers."""
-    for kk in range(k_lo, k_hi):
-        if EVEN_K:
-            xt = tl.load(xt_ptrs, mask=m_mask[None, :], other=0.0)
-            w = tl.load(w_ptrs)
-        else:
-            k_left = K - kk * BLOCK_K
-            xt = tl.load(xt_ptrs, mask=m_mask[None, :] & (offs_k[:, None] < k_left), other=0.0)
-            w = tl.load(w_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
-        acc_t = tl.dot(w.to(xt.dtype), xt, acc_t, input_precision=INPUT_PRECISION)
-        xt_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
-    return acc_t
 
 
 @triton.jit(do_not_specialize=NO_SPEC)
@@ -170,7 +163,7 @@ def _grouped_linear_kernel(
     ANY_WQ: tl.constexpr,  # some problem has a quantized weight (FLAG_WQ): wq_ref's dtype, scales of scale_ref's
     ALL_WQ: tl.constexpr,  # ... every problem has one (only the quantized K loop is compiled)
     VEC_K: tl.constexpr,  # ALIGNED: every K is a multiple of this (16 where every weight is 1-byte, else VEC_IN)
-    W_FIRST: tl.constexpr,  # ALL_WQ, pointer loads: the K loop computes the tile transposed (w @ x.T)
+    WIDEN_BITS: tl.constexpr,  # int8 weights widen to fp16 by integer ops, not conversions (_widen)
 ):
     pid = tl.program_id(0)
     if USE_PDL:
@@ -371,26 +364,19 @@ def _grouped_linear_kernel(
     else:
         x_ptrs = x_ptr + rm[:, None] * stride_xm + (k_lo * BLOCK_K + offs_k)[None, :]  # [BLOCK_M, BLOCK_K]
         w_offs = rn[None, :].to(tl.int64) * K + (k_lo * BLOCK_K + offs_k)[:, None]  # [BLOCK_K, BLOCK_N] = w.T
-        if W_FIRST:
-            xt_ptrs = x_ptr + rm[None, :] * stride_xm + (k_lo * BLOCK_K + offs_k)[:, None]  # [BLOCK_K, BLOCK_M]
-            wt_offs = rn[:, None].to(tl.int64) * K + (k_lo * BLOCK_K + offs_k)[None, :]  # [BLOCK_N, BLOCK_K]
-            acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-            acc_t = _ptr_k_loop_w_first(xt_ptrs, wq_ptr + wt_offs, m_mask, offs_k, K, k_lo, k_hi, acc_t, BLOCK_K,
-                                        EVEN_K, INPUT_PRECISION)
-            acc = tl.trans(acc_t)
-        elif ALL_WQ:
+        if ALL_WQ:
             acc = _ptr_k_loop(x_ptrs, wq_ptr + w_offs, m_mask, offs_k, K, k_lo, k_hi, acc, BLOCK_K, EVEN_K,
-                              INPUT_PRECISION)
+                              INPUT_PRECISION, WIDEN_BITS)
         elif ANY_WQ:
             if (flags & FLAG_WQ) != 0:
                 acc = _ptr_k_loop(x_ptrs, wq_ptr + w_offs, m_mask, offs_k, K, k_lo, k_hi, acc, BLOCK_K, EVEN_K,
-                                  INPUT_PRECISION)
+                                  INPUT_PRECISION, WIDEN_BITS)
             else:
                 acc = _ptr_k_loop(x_ptrs, w_ptr + w_offs, m_mask, offs_k, K, k_lo, k_hi, acc, BLOCK_K, EVEN_K,
-                                  INPUT_PRECISION)
+                                  INPUT_PRECISION, WIDEN_BITS)
         else:
             acc = _ptr_k_loop(x_ptrs, w_ptr + w_offs, m_mask, offs_k, K, k_lo, k_hi, acc, BLOCK_K, EVEN_K,
-                              INPUT_PRECISION)
+                              INPUT_PRECISION, WIDEN_BITS)
     if ANY_WQ:
         # dequantize: per output channel, before split-K partials, the folded LN and the epilogue
         acc = acc * w_scale[None, :]

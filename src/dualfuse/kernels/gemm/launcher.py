@@ -139,7 +139,7 @@ class _Plan:
             ANY_WQ=bool(quantized),
             ALL_WQ=len(quantized) == len(problems),
             VEC_K=16 if len(quantized) == len(problems) else 16 // problems[0].x.element_size(),
-            W_FIRST=bool(cfg.get("w_first", False)) and len(quantized) == len(problems) and not use_tma,
+            WIDEN_BITS=cfg.get("widen", "bits") == "bits" and wq_ref.dtype == torch.int8 and x_dtype == torch.float16,
         )
         self.launch_opts = dict(num_warps=warps, num_stages=cfg["num_stages"], **LAUNCH_OPTIONS)
         if use_pdl:
@@ -186,6 +186,8 @@ class GroupedLinear:
             if not isinstance(config, dict) or not set(config) <= _CONFIG_KEYS:
                 raise ValueError(f"config must be a dict with keys from {sorted(_CONFIG_KEYS)}, got {config!r}")
             _prefetch_steps(config.get("prefetch", False))
+            if config.get("widen", "bits") not in ("bits", "convert"):
+                raise ValueError(f"config widen must be 'bits' or 'convert', got {config['widen']!r}")
         cfg = {**_default_config(self.problems, device, config), **(config or {})}
         for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):
             v = cfg[k]
