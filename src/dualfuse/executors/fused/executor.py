@@ -88,8 +88,8 @@ class FusedExecutor(Locked, Executor):
         # pdl: programmatic dependent launch between consecutive kernels where the card supports it (sm_90+).
         # fold_ln: LayerNorms folded into the GEMMs they feed (plan.py). Auto (None): folded where the launches
         # run without PDL (sm_80/87, e.g. Jetson Orin, or pdl=False) and the residual stream has the model
-        # dtype: measured on an H200 without PDL it saved 10% at ViT-B/32 batch 1; with PDL a LayerNorm launch
-        # costs about what folding adds to the GEMMs (BENCHMARKS.md).
+        # dtype: on the sm_80/87 path (no TMA, no PDL) it saved 5% at ViT-B/32 batch 1 on an H100; with PDL a
+        # LayerNorm launch costs less than what folding adds to the GEMMs (BENCHMARKS.md).
         # residual stream dtype. Default: fp32 for bf16 models (8 mantissa bits: rounding the residual stream in
         # bf16 at every layer gave 1.07e-2 relative error on clip-vit-b-32, over the 1e-2 tolerance), the model
         # dtype otherwise (fp16: 1.3e-3; an fp32 stream cost 3% at ViT-B/32 and 8% at ViT-L/14 batch 1 on an
