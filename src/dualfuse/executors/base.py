@@ -115,11 +115,10 @@ def validate_inputs(io, pixel_values=None, input_ids=None, *, device, dtype, che
     Either input may be ``None`` (that tower is not run). Anything else raises ``ValueError`` naming what was
     expected and what came.
     """
-    from ..spec import DualEncoderSpec
-
     if isinstance(io, DualEncoderSpec):
-        io = io.io
-    device = torch.device(device)
+        io = io.io  # a new ModelIO per call: executors pass their cached one
+    if type(device) is not torch.device:
+        device = torch.device(device)
     if pixel_values is not None:
         if io.naflex:
             if isinstance(pixel_values, torch.Tensor) and pixel_values.dtype == torch.uint8:
@@ -135,6 +134,8 @@ def validate_inputs(io, pixel_values=None, input_ids=None, *, device, dtype, che
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
+    if a == b:  # the usual case, without asking CUDA for its current device
+        return True
     if a.type != b.type:
         return False
     if a.type == "cuda":

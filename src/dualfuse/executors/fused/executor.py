@@ -218,7 +218,7 @@ class FusedExecutor(Locked, Executor):
                                    check_ids=self.check_ids, frames=(self.image_mean, self.image_std))
         # token ids are range-checked inside the fused graph (Embeddings.bad_ids), not by a read-back before it;
         # uint8 frames stay uint8 (a [B, C, H, W] view): the patch embedding reads them (frame_patch)
-        return validate_inputs(self.spec, pixel_values, input_ids, device=self.device, dtype=self.dtype,
+        return validate_inputs(self.io, pixel_values, input_ids, device=self.device, dtype=self.dtype,
                                check_ids=False, frames="keep")
 
     # -- text-length buckets -------------------------------------------------------------------------------
@@ -284,14 +284,18 @@ class FusedExecutor(Locked, Executor):
                pixels: str = "float") -> Runner:
         """The cached runner of this call shape (built, and on CUDA captured, on first use). ``text_len`` is
         padded up to its bucket (text_bucket); ``pixels``: "float" or "uint8" (camera frames)."""
-        if pixels not in ("float", "uint8"):
-            raise ValueError(f"pixels must be 'float' or 'uint8', got {pixels!r}")
-        if pixels == "uint8" and self.frame_patch is None:
-            raise ValueError("pixel_values: uint8 frames are not supported for SigLIP2 NaFlex models; run the model's "
-                             "image processor and pass its patch sequences")
         with self._lock:
             key = self.runner_key(image_batch, text_batch, text_len, pixels)
             r = self.runners.get(key)
+            # the usual call first (a cached, captured runner): no key the checks below refuse is ever cached
+            if r is not None and (r.graph is not None or not capture or not r.wants_graph):
+                self.runners.move_to_end(key)
+                return r
+            if pixels not in ("float", "uint8"):
+                raise ValueError(f"pixels must be 'float' or 'uint8', got {pixels!r}")
+            if pixels == "uint8" and self.frame_patch is None:
+                raise ValueError("pixel_values: uint8 frames are not supported for SigLIP2 NaFlex models; run the "
+                                 "model's image processor and pass its patch sequences")
             if r is not None:
                 self.runners.move_to_end(key)
                 if capture and r.wants_graph and r.graph is None:  # built by the coverage check or capture=False

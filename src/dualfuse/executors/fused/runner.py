@@ -57,6 +57,15 @@ class Runner:
         # CUDA: the stream the buffers were allocated on (the caching allocator reuses them there once freed)
         self._home = torch.cuda.current_stream(ex.device) if ex.device.type == "cuda" else None
         self.wants_graph = ex.device.type == "cuda" and ex.use_graph
+        # what every call reads, looked up once (run() is on the host's critical path before the replay)
+        self._cuda = ex.device.type == "cuda"
+        self._device_index = ex.device.index  # resolve_device gives CUDA devices an index
+        self._px_in = self.buf["vision"].input if image_batch else None
+        self._ids_in = self.buf["text"].input if text_batch else None
+        self._ids_len = text_len if text_batch else None
+        self._text_batch = text_batch
+        # CUDA: (pinned flag, event) pairs of finished id checks, reused by later calls (_PendingIdCheck)
+        self._id_checks: list[_PendingIdCheck] = []
 
     # -- building ----------------------------------------------------------------------------------------
     def _build(self, stage: Stage):
@@ -173,10 +182,10 @@ class Runner:
         embedding kernel's bad-id flag is copied to the host asynchronously and zeroed in stream order here, so
         the wait for it does not hold the lock (other threads enqueue their calls meanwhile). On CPU the flag is
         read here."""
-        if self.wants_graph and self.graph is None:
+        if self.graph is None and self.wants_graph:
             self._capture()
-        if self.ex.device.type == "cuda":
-            cur = torch.cuda.current_stream(self.ex.device)
+        if self._cuda:
+            cur = torch.cuda.current_stream(self._device_index)
             if self._last_stream is not None and cur != self._last_stream:
                 # the previous call ran on another stream and may still read these static buffers (or write the
                 # output it clones): order this call after it, on the device (no host sync)
@@ -185,13 +194,13 @@ class Runner:
         if px is not None:
             # [B, C, H, W] (uint8 frames: a view of the channels-last buffer, which copy_ fills from either
             # layout); a NaFlex call gives a [B, C, h, p, w, p] view
-            dst = self.buf["vision"].input
+            dst = self._px_in
             (dst if px.dim() == 4 else dst.view(px.shape)).copy_(px)
         if ids is not None:
-            dst, n = self.buf["text"].input, ids.shape[1]
-            if n == dst.shape[1]:
+            dst, n = self._ids_in, ids.shape[1]
+            if n == self._ids_len:
                 dst.copy_(ids)
-            elif n < dst.shape[1] and self.ex.text_buckets is not None:
+            elif n < self._ids_len and self.ex.text_buckets is not None:
                 # a text-length bucket: the texts, then pad ids the pooling cannot pick (FusedExecutor.text_pad_id)
                 # in positions the causal mask hides from every earlier one
                 dst[:, :n].copy_(ids)
@@ -206,36 +215,49 @@ class Runner:
         pending = None
         if check_ids and ids is not None:
             # the embedding kernel flagged ids outside the vocabulary (on the device, no sync before the forward)
-            if self.ex.device.type == "cuda":
-                pending = _PendingIdCheck(self.embed_op, ids, cur)
+            if self._cuda:
+                free = self._id_checks
+                pending = (free.pop() if free else _PendingIdCheck(self.embed_op, free)).start(ids, cur)
             else:
                 self.embed_op.raise_on_bad_ids()
-        img = out[:self.image_batch] if "vision" in self.buf else None
-        txt = out[self.image_batch:] if "text" in self.buf else None
+        img = out[:self.image_batch] if self.image_batch else None
+        txt = out[self.image_batch:] if self._text_batch else None
         return img, txt, pending
 
 
 class _PendingIdCheck:
     """One call's bad-id flag on its way to the host: copied into pinned memory and zeroed on the device, both in
     stream order right after the call's launches (so the next call, whatever thread makes it, starts from a clean
-    flag); :meth:`check` waits for the copy only and raises as Embeddings.raise_on_bad_ids does."""
+    flag); :meth:`check` waits for the copy only and raises as Embeddings.raise_on_bad_ids does. Once checked, its
+    pinned flag and event go back to the runner's free list for a later call (allocating pinned memory and an
+    event per call costs host time before the next replay)."""
 
-    __slots__ = ("flag", "done", "ids", "vocab")
+    __slots__ = ("flag", "done", "ids", "vocab", "bad_ids", "free")
 
-    def __init__(self, embed_op, ids: torch.Tensor, stream):
+    def __init__(self, embed_op, free: list):
         self.flag = torch.empty(1, dtype=torch.int32, pin_memory=True)
-        self.flag.copy_(embed_op.bad_ids, non_blocking=True)
-        embed_op.bad_ids.zero_()
         self.done = torch.cuda.Event()
+        self.ids = None
+        self.vocab = int(embed_op.token_problems[0].token_weight.shape[0])
+        self.bad_ids = embed_op.bad_ids
+        self.free = free
+
+    def start(self, ids: torch.Tensor, stream) -> "_PendingIdCheck":
+        """Enqueue the copy and the zeroing after this call's launches (the caller holds the executor's lock)."""
+        self.flag.copy_(self.bad_ids, non_blocking=True)
+        self.bad_ids.zero_()
         self.done.record(stream)
         self.ids = ids  # the caller's ids (the runner's buffer may hold the next call's by the time of check())
-        self.vocab = int(embed_op.token_problems[0].token_weight.shape[0])
+        return self
 
     def check(self) -> None:
         self.done.synchronize()
-        if not int(self.flag[0]):
+        bad, ids = self.flag.item(), self.ids
+        self.ids = None
+        self.free.append(self)  # the copy has landed and was read: the flag and event may be reused
+        if not bad:
             return
-        lo, hi = torch.aminmax(self.ids)
+        lo, hi = torch.aminmax(ids)
         raise ValueError(f"input_ids: token ids out of the vocabulary (expected ids in [0, {self.vocab})); got ids "
                          f"in [{int(lo)}, {int(hi)}] for a table of {self.vocab}")
 
