@@ -89,7 +89,7 @@ def _tma_k_loop(x_desc, w_desc, off_m, off_n, k_lo, k_hi, acc, BLOCK_K: tl.const
 @triton.jit
 def _widen(w, dtype: tl.constexpr, WIDEN_BITS: tl.constexpr):
     """A weight tile (x's dtype, int8 or fp8 e4m3) as ``dtype``, exactly. int8 -> fp16 with WIDEN_BITS: one integer op
-    and one fp16 subtract per element instead of the int-to-float conversion, which sm_80..sm_90 issue at 16 results
+    and one fp16 subtract per element instead of the int-to-float conversion, which sm_80..sm_90 run at 16 results
     per clock per SM, a quarter of the logic-op rate: the byte q xor 0x80 is q + 128, and under the fp16 exponent
     bits 0x64 it reads as 1024 + q + 128."""
     if WIDEN_BITS:
