@@ -4,6 +4,7 @@
     python benchmarks/int8.py --part gemm --sms 16 --json g.json   # inside a 16-SM green context (one count a process)
     python benchmarks/int8.py --smoke                           # CPU: correctness only, tiny shapes, the interpreter
     python benchmarks/int8.py --widen-convert --json w.json     # also int8 widened by the int-to-float instruction
+    python benchmarks/int8.py --int8-block-m 16,32              # also int8 with every GEMM's tiles of 16 / 32 rows
 
 (1) Weight streaming (``gemm``): one grouped launch per step of a ViT-B/32 layer (QKV, out-proj, FC1, FC2; the
 vision and the text problem of the step in one launch, the real N and K from benchmarks/_shapes.py), at M = 16 rows
@@ -102,6 +103,15 @@ def _problems(dims, rows, fmt, device, gen):
     return probs
 
 
+def int8_variants(args) -> dict[str, dict]:
+    """The int8 variants asked for beside the default: column name -> GroupedLinear config (the fused executor's
+    gemm_config end to end). --widen-convert: the int-to-float instruction; --int8-block-m N: N-row tiles."""
+    out = {"int8-convert": {"widen": "convert"}} if args.widen_convert else {}
+    for bm in args.int8_block_m:
+        out[f"int8-bm{bm}"] = {"BLOCK_M": bm}
+    return out
+
+
 def bench_gemm(args, device) -> list[dict]:
     from dualfuse.kernels._utils import l2_cache_bytes
     from dualfuse.kernels.gemm import GroupedLinear
@@ -109,6 +119,7 @@ def bench_gemm(args, device) -> list[dict]:
 
     gen = torch.Generator().manual_seed(0)
     cuda = device.type == "cuda"
+    extra = int8_variants(args)  # more int8 columns: name -> GEMM config
     rows_cases = {"M=16": (16, 16), "model M (50/77)": (50, 77)} if not args.smoke else {"M=3/50": (3, 50)}
     l2 = l2_cache_bytes(device)
     results = []
@@ -116,7 +127,7 @@ def bench_gemm(args, device) -> list[dict]:
         for rows_name, rows in rows_cases.items():
             row = dict(model="ViT-B/32" if not args.smoke else "smoke", step=step, rows=rows_name,
                        N_K=[(n, k) for n, k, _, _ in dims])
-            for fmt in ("fp16", "int8") + (("int8-convert",) if args.widen_convert else ()):  # config widen "convert"
+            for fmt in ("fp16", "int8") + tuple(extra):
                 quant = fmt.startswith("int8")
                 wbytes = sum(n * k * (1 if quant else 2) + (4 * n if quant else 0) for n, k, _, _ in dims)
                 sets = 1 if not cuda else max(2, math.ceil(3 * l2 / wbytes))
@@ -125,7 +136,7 @@ def bench_gemm(args, device) -> list[dict]:
                 for _ in range(sets):
                     ps = _problems(dims, rows, "int8" if quant else "fp16", device, gen)
                     probsets.append(ps)
-                    ops.append(GroupedLinear(ps, config={"widen": "convert"} if fmt == "int8-convert" else None))
+                    ops.append(GroupedLinear(ps, config=extra.get(fmt)))
                 if not cuda:  # smoke: correctness only
                     for ps in probsets:
                         refs = []
@@ -171,13 +182,13 @@ def bench_gemm(args, device) -> list[dict]:
                 f, q = row["fp16"], row["int8"]
                 row["int8_time_ratio"] = q["us"] / f["us"]
                 row["int8_bytes_per_s_ratio"] = q["weight_gbps"] / f["weight_gbps"]
-                if "int8-convert" in row:
-                    row["int8_convert_time_ratio"] = row["int8-convert"]["us"] / f["us"]
+                for fmt in extra:
+                    row[f"{fmt.replace('-', '_')}_time_ratio"] = row[fmt]["us"] / f["us"]
             results.append(row)
             print(f"  gemm {step:4s} {rows_name:16s} " + (
                 f"fp16 {row['fp16']['us']:7.2f} µs  int8 {row['int8']['us']:7.2f} µs  "
                 f"x{row['int8_time_ratio']:.2f}  bytes/s {row['int8_bytes_per_s_ratio']:.2f}"
-                + (f"  int8 convert {row['int8-convert']['us']:7.2f} µs" if "int8-convert" in row else "")
+                + "".join(f"  {fmt} {row[fmt]['us']:7.2f} µs" for fmt in extra)
                 if cuda else "ok"),
                 flush=True)
     return results
@@ -217,8 +228,8 @@ def bench_e2e(args, device) -> list[dict]:
                      reference.encode_text(ref_spec, ids) if nt else None) for px, ids in inputs]
         del ref_spec
         variants = {"fused fp16": ("fused", {}), "fused int8": ("fused", {"weights": "int8"})}
-        if args.widen_convert:
-            variants["fused int8 convert"] = ("fused", {"weights": "int8", "gemm_config": {"widen": "convert"}})
+        for fmt, cfg in int8_variants(args).items():  # "int8-convert" -> "fused int8 convert"
+            variants["fused " + fmt.replace("-", " ")] = ("fused", {"weights": "int8", "gemm_config": cfg})
         if cuda:
             variants["graph"] = ("graph", {})
         built = {}
@@ -301,14 +312,14 @@ def print_table(doc: dict) -> None:
     print(f"\nint8 weights vs fp16 — {doc['environment'].get('card')}"
           + (f", {doc['sms']} SMs (green context; bandwidth and clocks of the full card)" if doc.get("sms") else ""))
     if doc.get("gemm"):
-        wf = any("int8-convert" in r for r in doc["gemm"])
+        extra = [k for k in doc["gemm"][0] if k.startswith("int8-")]  # int8_variants' columns, in order
         print("GEMM step (both towers, one launch)   fp16 µs   int8 µs  int8/fp16  bytes/s int8/fp16  int8 GB/s"
-              + ("  convert µs  convert/fp16" if wf else ""))
+              + "".join(f"  {k:>14s} µs  /fp16" for k in extra))
         for r in doc["gemm"]:
             if cuda:
                 print(f"  {r['step']:5s} {r['rows']:28s} {r['fp16']['us']:8.2f}  {r['int8']['us']:8.2f}  "
                       f"{r['int8_time_ratio']:9.2f}  {r['int8_bytes_per_s_ratio']:17.2f}  {r['int8']['weight_gbps']:9.0f}"
-                      + (f"  {r['int8-convert']['us']:10.2f}  {r['int8_convert_time_ratio']:12.2f}" if wf else ""))
+                      + "".join(f"  {r[k]['us']:17.2f}  {r[k.replace('-', '_') + '_time_ratio']:5.2f}" for k in extra))
             else:
                 print(f"  {r['step']:5s} {r['rows']:28s} correct (no timing on CPU)")
     if doc.get("e2e"):
@@ -318,10 +329,20 @@ def print_table(doc: dict) -> None:
                 t = f"{e['median_ms']:9.3f} {e['p90_ms']:8.3f}" if cuda else f"{'—':>9s} {'—':>8s}"
                 print(f"  {r['case']:24s} {name:19s} {t}  {e['min_cosine']:.5f}  {e['weight_bytes'] / 1e6:8.1f}")
             if cuda:
-                wf = r["executors"].get("fused int8 convert")
+                f16 = r["executors"]["fused fp16"]["median_ms"]
+                more = [(n[len("fused "):], e) for n, e in r["executors"].items() if n.startswith("fused int8 ")]
                 print(f"  {'':24s} int8 / fp16 fused {r['int8_vs_fp16']:.2f}x, int8 / graph {r['int8_vs_graph']:.2f}x"
-                      + (f", int8 convert / fp16 fused {wf['median_ms'] / r['executors']['fused fp16']['median_ms']:.2f}x"
-                         if wf else ""))
+                      + "".join(f", {n} / fp16 fused {e['median_ms'] / f16:.2f}x" for n, e in more))
+
+
+def _block_rows(v: str) -> list[int]:
+    try:
+        rows = [int(x) for x in v.split(",") if x.strip()]
+    except ValueError:
+        rows = None
+    if not rows or any(r < 16 or r & (r - 1) for r in rows):
+        raise argparse.ArgumentTypeError(f"expected a comma list of powers of two >= 16 (e.g. 16,32), got {v!r}")
+    return rows
 
 
 def main(argv=None) -> int:
@@ -332,6 +353,10 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="CPU / interpreter: correctness only on tiny shapes")
     ap.add_argument("--widen-convert", action="store_true", dest="widen_convert",
                     help="also int8 with the GEMM config widen='convert' (the int-to-float instruction, not bit ops)")
+    ap.add_argument("--int8-block-m", type=_block_rows, default=[],
+                    dest="int8_block_m", metavar="N[,N]",
+                    help="also int8 with every GEMM's tiles of N rows (e.g. 16,32: on sm_90 these compile to mma.sync, "
+                         "64 rows to wgmma)")
     ap.add_argument("--gemm-reps", type=int, default=30, help="timed graph replays per GEMM row (default 30)")
     ap.add_argument("--max-sets", type=int, default=256, help="at most this many weight sets per GEMM row")
     ap.add_argument("--rounds", type=int, default=5, help="alternating e2e rounds (default 5)")

@@ -199,15 +199,17 @@ def test_eval_and_bench_weights_flag(tmp_path):
 def test_int8_benchmark_smoke(tmp_path):
     out = tmp_path / "int8.json"
     env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "int8.py"), "--smoke", "--widen-convert", "--json",
-                           str(out)],
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "int8.py"), "--smoke", "--widen-convert",
+                           "--int8-block-m", "16", "--json", str(out)],
                           env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     doc = json.loads(out.read_text())
-    assert len(doc["gemm"]) == 4 and all(r["int8"]["ok"] and r["int8-convert"]["ok"] for r in doc["gemm"])
+    assert len(doc["gemm"]) == 4
+    assert all(r["int8"]["ok"] and r["int8-convert"]["ok"] and r["int8-bm16"]["ok"] for r in doc["gemm"])
     for row in doc["e2e"]:
         assert row["executors"]["fused int8"]["min_cosine"] >= COSINE_MIN
         assert row["executors"]["fused int8 convert"]["min_cosine"] >= COSINE_MIN
+        assert row["executors"]["fused int8 bm16"]["min_cosine"] >= COSINE_MIN
         assert row["executors"]["fused int8"]["weight_bytes"] < row["executors"]["fused fp16"]["weight_bytes"]
     assert "int8 weights vs fp16" in proc.stdout
 
