@@ -287,16 +287,7 @@ class FusedExecutor(Locked, Executor):
         with self._lock:
             key = self.runner_key(image_batch, text_batch, text_len, pixels)
             r = self.runners.get(key)
-            # the usual call first (a cached, captured runner): no key the checks below refuse is ever cached
-            if r is not None and (r.graph is not None or not capture or not r.wants_graph):
-                self.runners.move_to_end(key)
-                return r
-            if pixels not in ("float", "uint8"):
-                raise ValueError(f"pixels must be 'float' or 'uint8', got {pixels!r}")
-            if pixels == "uint8" and self.frame_patch is None:
-                raise ValueError("pixel_values: uint8 frames are not supported for SigLIP2 NaFlex models; run the "
-                                 "model's image processor and pass its patch sequences")
-            if r is not None:
+            if r is not None:  # the usual call: no key the checks below refuse is ever cached
                 self.runners.move_to_end(key)
                 if capture and r.wants_graph and r.graph is None:  # built by the coverage check or capture=False
                     try:
@@ -306,6 +297,11 @@ class FusedExecutor(Locked, Executor):
                         self._raise_oom(e, key)
                         raise
                 return r
+            if pixels not in ("float", "uint8"):
+                raise ValueError(f"pixels must be 'float' or 'uint8', got {pixels!r}")
+            if pixels == "uint8" and self.frame_patch is None:
+                raise ValueError("pixel_values: uint8 frames are not supported for SigLIP2 NaFlex models; run the "
+                                 "model's image processor and pass its patch sequences")
             return self._build_runner(key, capture)
 
     def _build_runner(self, key: tuple, capture: bool) -> Runner:

@@ -31,7 +31,7 @@ class Runner:
         spec = ex.spec
         # pixels: "float" (the executor's dtype) or "uint8" (camera frames; the patch embedding uses the weights
         # with the image mean/std folded in, FusedExecutor.frame_patch)
-        self.pixels, self.text_len = pixels, text_len
+        self.pixels, self.text_batch, self.text_len = pixels, text_batch, text_len
         self.key = None  # set by FusedExecutor.runner
         self.plan: Plan = ex.plan(image_batch, text_batch, text_len)
         self.buf: dict[str, _TowerBuffers] = {}
@@ -55,15 +55,13 @@ class Runner:
         self.graph = None  # captured at the first call (fuse() builds runners only to check coverage)
         self._last_stream = None  # CUDA: the stream of the last call (the next call on another stream waits on it)
         # CUDA: the stream the buffers were allocated on (the caching allocator reuses them there once freed)
-        self._home = torch.cuda.current_stream(ex.device) if ex.device.type == "cuda" else None
-        self.wants_graph = ex.device.type == "cuda" and ex.use_graph
-        # what every call reads, looked up once (run() is on the host's critical path before the replay)
         self._cuda = ex.device.type == "cuda"
+        self._home = torch.cuda.current_stream(ex.device) if self._cuda else None
+        self.wants_graph = self._cuda and ex.use_graph
+        # what every call reads, looked up once (run() is on the host's critical path before the replay)
         self._device_index = ex.device.index  # resolve_device gives CUDA devices an index
         self._px_in = self.buf["vision"].input if image_batch else None
         self._ids_in = self.buf["text"].input if text_batch else None
-        self._ids_len = text_len if text_batch else None
-        self._text_batch = text_batch
         # CUDA: (pinned flag, event) pairs of finished id checks, reused by later calls (_PendingIdCheck)
         self._id_checks: list[_PendingIdCheck] = []
 
@@ -198,9 +196,9 @@ class Runner:
             (dst if px.dim() == 4 else dst.view(px.shape)).copy_(px)
         if ids is not None:
             dst, n = self._ids_in, ids.shape[1]
-            if n == self._ids_len:
+            if n == self.text_len:
                 dst.copy_(ids)
-            elif n < self._ids_len and self.ex.text_buckets is not None:
+            elif n < self.text_len and self.ex.text_buckets is not None:
                 # a text-length bucket: the texts, then pad ids the pooling cannot pick (FusedExecutor.text_pad_id)
                 # in positions the causal mask hides from every earlier one
                 dst[:, :n].copy_(ids)
@@ -221,7 +219,7 @@ class Runner:
             else:
                 self.embed_op.raise_on_bad_ids()
         img = out[:self.image_batch] if self.image_batch else None
-        txt = out[self.image_batch:] if self._text_batch else None
+        txt = out[self.image_batch:] if self.text_batch else None
         return img, txt, pending
 
 

@@ -29,7 +29,7 @@ _CONFIG_KEYS = {
     # <= 128 rows; used where _tma_supported: <= 4 problems, 16-bit, 16-byte aligned rows, Triton with
     # TensorDescriptor, sm_90+ GPU or the interpreter)
     "widen",  # int8 weights with fp16 activations: "bits" (default; integer ops and an fp16 subtract) or "convert"
-    # (the int-to-float conversion instruction, a quarter of the ALU rate): kernel._widen
+    # (the int-to-float conversion instruction, 16 results per clock per SM on sm_80..sm_90): kernel._widen
 }
 
 
