@@ -6,13 +6,22 @@ Every variant is timed like `dualfuse bench` times an executor (dualfuse.timing.
 thermal drift hits all of them alike. Each variant's output is checked against the fp32 reference first.
 
     python benchmarks/fused_variants.py --model clip-vit-b-32 --batch 1 --json out.json
+
+With ``--base DIR`` (``DIR/src/dualfuse`` from another commit, e.g. ``git archive REV src | tar x -C .old``), the
+variants ``base-graph`` and ``base-fused`` (name them in ``--variants``) run that commit's executors in the same process, interleaved with this
+commit's: a change that must keep the numbers is compared without the drift between processes.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import re
+import shutil
 import statistics
 import sys
+import tempfile
+from pathlib import Path
 
 import torch
 
@@ -28,6 +37,22 @@ VARIANTS = {  # name: (executor, kwargs)
     "fused-notma-nopdl": ("fused", {"pdl": False, "fold_ln": False, "gemm_config": {"tma": False}}),
     "fused-notma-nopdl-fold": ("fused", {"pdl": False, "fold_ln": True, "gemm_config": {"tma": False}}),
 }
+BASE_VARIANTS = {"base-graph": ("graph", {}), "base-fused": ("fused", {})}  # --base: the other commit's defaults
+
+
+def load_base(root: str):
+    """The executors of another commit (``root/src/dualfuse``) imported as ``dualfuse_base``
+    (a copy whose absolute imports are renamed), so both commits' kernels and executors live in one process."""
+    src = Path(root) / "src" / "dualfuse"
+    if not (src / "__init__.py").is_file():
+        raise SystemExit(f"--base {root}: expected {src}/__init__.py (e.g. `git archive REV src | tar x -C {root}`)")
+    dst = Path(tempfile.mkdtemp(prefix="dualfuse-base-")) / "dualfuse_base"
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+    for f in dst.rglob("*.py"):
+        f.write_text(re.sub(r"\b(from|import) dualfuse\b", r"\1 dualfuse_base", f.read_text()))
+    sys.path.insert(0, str(dst.parent))
+    importlib.import_module("dualfuse_base")
+    return importlib.import_module("dualfuse_base.executors")
 
 
 def main(argv=None) -> int:
@@ -38,8 +63,11 @@ def main(argv=None) -> int:
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--iters", type=int, default=50, help="calls per variant per round")
     p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--warmup", type=int, default=10, help="calls per variant before the timed rounds")
     p.add_argument("--device", default="cuda", help="cuda (figures); cpu only as a smoke test (TRITON_INTERPRET=1)")
     p.add_argument("--json", default=None)
+    p.add_argument("--base", default=None, metavar="DIR",
+                   help="another commit's tree (DIR/src/dualfuse): the variants base-graph and base-fused run it")
     args = p.parse_args(argv)
 
     import dualfuse
@@ -49,15 +77,22 @@ def main(argv=None) -> int:
     from dualfuse.timing import time_calls
 
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [n for n in names if n not in VARIANTS]
+    known = dict(VARIANTS, **(BASE_VARIANTS if args.base else {}))
+    unknown = [n for n in names if n not in known]
     if unknown:
-        print(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}", file=sys.stderr)
+        print(f"unknown variants {unknown}; known: {', '.join(known)}", file=sys.stderr)
         return 2
+    if args.base and all(n in BASE_VARIANTS for n in names):
+        print("--base needs at least one variant of this commit beside the base ones (e.g. --variants "
+              "graph,fused,base-graph,base-fused)", file=sys.stderr)
+        return 2
+    base = load_base(args.base) if args.base else None
     dev = torch.device(args.device)
     bt = args.batch if args.text_batch is None else args.text_batch
     model = dualfuse.load(args.model)
-    exs = {n: executors.get(VARIANTS[n][0], model, dtype=torch.float16, device=dev, **VARIANTS[n][1]) for n in names}
-    spec = next(iter(exs.values())).spec
+    exs = {n: (base if n in BASE_VARIANTS else executors).get(
+        known[n][0], model, dtype=torch.float16, device=dev, **known[n][1]) for n in names}
+    spec = next(exs[n] for n in names if n not in BASE_VARIANTS).spec  # this commit's spec (inputs, reference)
     inputs = random_inputs(spec, args.batch, bt, None, sets=4, device=dev, dtype=torch.float16)
     ref_spec = spec.to(dev, torch.float32)
     px0, ids0 = inputs[0]
@@ -65,7 +100,7 @@ def main(argv=None) -> int:
     cos = {}
     for n, ex in exs.items():
         cos[n] = cosine_check(ex.encode(px0, ids0), refs)["min_cosine"]
-        for _ in range(10):  # warm-up (graph capture happened in the first call)
+        for _ in range(args.warmup):  # warm-up (graph capture happened in the first call)
             ex.encode(*inputs[0])
     samples = {n: [] for n in names}
     for r in range(args.rounds):
@@ -88,7 +123,7 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(model=args.model, image_batch=args.batch, text_batch=bt, env=environment(dev),
-                           rows=rows), f, indent=1)
+                           base=args.base, rows=rows), f, indent=1)
     return 0
 
 

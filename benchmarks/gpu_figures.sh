@@ -5,8 +5,8 @@
 #   bash benchmarks/gpu_figures.sh B    # accuracy parity (fp16, bf16), kernels
 #   bash benchmarks/gpu_figures.sh C    # GPU tests
 #   bash benchmarks/gpu_figures.sh D    # drop-in: text-length stream with buckets, first calls, uint8 frames, memory
-#   bash benchmarks/gpu_figures.sh M1   # README's model table, smaller models (M2: the larger ones)
-#   bash benchmarks/gpu_figures.sh P    # end to end at an older commit ($OLD) and at this one, alternating
+#   bash benchmarks/gpu_figures.sh M    # README's model table, every row in one process
+#   bash benchmarks/gpu_figures.sh P    # an older commit ($OLD) against this one: both commits' executors in one process
 #   bash benchmarks/gpu_figures.sh E    # edge regime: int8 weights (both widenings), 8 SMs and full card; the soak
 #   bash benchmarks/gpu_figures.sh S    # the real-time loop (full card, 8 SMs); LayerNorm folding on the sm_80 path
 # JSON and logs are written to /tmp/dualfuse-results and packed into ${OUT:-out}/results-<part>.tar.gz after every
@@ -52,18 +52,15 @@ elif [ "$PART" = D ]; then
   #    normalization at batch 1 and 32; GPU memory of fuse() beyond the weights
   step 150 python3 benchmarks/frames_buckets.py --model clip-vit-b-32 --out "$R/frames-buckets-b32.json"
   step 60 python3 benchmarks/fuse_memory.py --model clip-vit-b-32 --dtype fp16 --device cuda
-elif [ "$PART" = M1 ]; then
-  # 9. the model table (README "Supported models"), one row per architecture
-  step ${MODELS_S:-500} python3 benchmarks/models.py --out "$R/models" --models clip-vit-b-32,clip-vit-b-16,siglip-base-patch16-224,siglip-base-patch16-256,siglip-base-patch16-384,siglip2-base-patch16-naflex,open_clip:ViT-B-32,open_clip:ViT-B-16-SigLIP,open_clip:RN50,siglip-so400m-patch14-384
-elif [ "$PART" = M2 ]; then
-  step ${MODELS_S:-560} python3 benchmarks/models.py --out "$R/models" --models clip-vit-l-14,clip-vit-l-14-336,siglip-large-patch16-256,metaclip2-worldwide-huge-quickgelu,clip-vit-h-14,clip-vit-bigg-14
+elif [ "$PART" = M ]; then
+  # 9. the model table (README "Supported models"): every row, one process
+  TAIL=60 step ${MODELS_S:-560} python3 benchmarks/models.py --out "$R/models"
 elif [ "$PART" = P ]; then
-  # 10. the refactor kept the numbers: end to end at an older commit (its src/ and benchmarks/ unpacked into
-  #     $OLD, e.g. `git archive f471400 src benchmarks | tar x -C .old`) and at this one, alternating, same machine
+  # 10. a change that must keep the numbers: an older commit's executors (its src/ unpacked into $OLD, e.g.
+  #     `git archive f471400 src | tar x -C .old`) and this commit's, interleaved rounds in one process
   OLD=${OLD:-.old}
-  for round in 1 2; do
-    step 100 env PYTHONPATH=$OLD/src python3 $OLD/benchmarks/e2e.py --cases b32-1,siglip-1 --executors graph,fused --out "$R/proof-old-$round"
-    step 100 python3 benchmarks/e2e.py --cases b32-1,siglip-1 --executors graph,fused --out "$R/proof-new-$round"
+  for m in clip-vit-b-32 siglip-base-patch16-224; do
+    step 120 python3 benchmarks/fused_variants.py --model $m --batch 1 --variants graph,fused,base-graph,base-fused --base "$OLD" --rounds 10 --json "$R/base-$m-1.json"
   done
 elif [ "$PART" = E ]; then
   # 11. the edge regime: int8 weights (weight streaming + end to end) in 8 SMs and on the full card, then the soak
@@ -80,6 +77,6 @@ elif [ "$PART" = S ]; then
   done
   step 100 python3 benchmarks/fused_variants.py --model clip-vit-b-32 --batch 1 --variants graph,fused-nopdl,fused-fold-nopdl,fused-notma-nopdl,fused-notma-nopdl-fold,fused,fused-fold --json "$R/variants-fold-b32-1.json"
 else
-  echo "unknown part '$PART': expected A, B, C, D, E, S, M1, M2 or P" >&2; exit 2
+  echo "unknown part '$PART': expected A, B, C, D, E, S, M or P" >&2; exit 2
 fi
 echo "=== done $(date +%T)"

@@ -150,3 +150,29 @@ def test_random_inputs_are_deterministic_and_pool_where_expected():
     pos = reference.pool_positions(spec.text, ids, 4, 10)
     assert (ids[torch.arange(4), pos] == 99).all() and (pos >= 1).all()
     assert random_inputs(spec, 0, 3, sets=1)[0][0] is None
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the CPU pass (interpreter); on a GPU benchmarks/gpu_figures.sh P runs it")
+def test_fused_variants_against_another_commit(tmp_path):
+    """fused_variants.py --base: another commit's executors (here a copy of this src/) beside this one's, one process."""
+    import os
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    shutil.copytree(root / "src" / "dualfuse", tmp_path / "base" / "src" / "dualfuse",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    out = tmp_path / "ab.json"
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(root / "src"))
+    cmd = [sys.executable, str(root / "benchmarks" / "fused_variants.py"), "--model", "clip-tiny", "--device", "cpu",
+           "--variants", "fused,base-fused", "--base", str(tmp_path / "base"), "--iters", "1", "--rounds", "1",
+           "--warmup", "0", "--json", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
+    assert list(rows) == ["fused", "base-fused"]
+    assert all(r["min_cosine"] >= 0.999 and len(r["samples"]) == 1 for r in rows.values())
+    bad = subprocess.run(cmd[:-2] + ["--base", str(tmp_path / "missing")], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert bad.returncode != 0 and "expected" in bad.stderr
