@@ -112,7 +112,7 @@ def skinny_gemm(
             # Round half away from zero by plain arithmetic (float -> int truncates): same in the interpreter and
             # on every GPU, unlike the tl.math / libdevice rounding functions across Triton versions.
             q = tl.where(v >= 0, v + 0.5, v - 0.5).to(tl.int8)
-            acc = tl.dot(q, b, acc)  # int8 x int8 -> int32, the weight tile as loaded
+            acc = tl.dot(q, b, acc, out_dtype=tl.int32)  # int8 x int8 -> int32, the weight tile as loaded
     if MODE == 0:
         out = acc
     else:
