@@ -33,11 +33,13 @@ VARIANTS = {  # name: (executor, kwargs)
     "fused-fold-nopdl": ("fused", {"fold_ln": True, "pdl": False}),
     "fused-res32": ("fused", {"residual_dtype": torch.float32}),  # residual stream in fp32, not the model dtype
     "fused-nodefer": ("fused", {"defer_split_reduce": False}),  # split-K reduced in the GEMM, not the next LN
+    "fused-noidcheck": ("fused", {"check_ids": False}),  # no token-id range check (its flag read-back skipped)
     # the sm_80 / sm_87 (Jetson Orin) path on a Hopper card: no PDL, no TMA loads; LayerNorms apart or folded
     "fused-notma-nopdl": ("fused", {"pdl": False, "fold_ln": False, "gemm_config": {"tma": False}}),
     "fused-notma-nopdl-fold": ("fused", {"pdl": False, "fold_ln": True, "gemm_config": {"tma": False}}),
 }
-BASE_VARIANTS = {"base-graph": ("graph", {}), "base-fused": ("fused", {})}  # --base: the other commit's defaults
+BASE_VARIANTS = {  # --base: the other commit's executors
+    "base-graph": ("graph", {}), "base-fused": ("fused", {}), "base-fused-noidcheck": ("fused", {"check_ids": False})}
 
 
 def load_base(root: str):
@@ -119,7 +121,7 @@ def main(argv=None) -> int:
                    min_cosine=cos[n], vs_graph=(med / base) if base else None, samples=xs)
         rows.append(row)
         extra = f"  {row['vs_graph']:.3f} of graph" if base else ""
-        print(f"  {n:<14} {med:8.3f} ({row['p10_ms']:.3f}..{row['p90_ms']:.3f})  min cos {cos[n]:.6f}{extra}")
+        print(f"  {n:<20} {med:8.3f} ({row['p10_ms']:.3f}..{row['p90_ms']:.3f})  min cos {cos[n]:.6f}{extra}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(model=args.model, image_batch=args.batch, text_batch=bt, env=environment(dev),
