@@ -19,7 +19,9 @@ bytes per launch and bytes/s, int8/fp16 time and int8/fp16 bytes-per-second. Tar
 1 image + 1 text, image-only batch 1 and 8, SigLIP B/16 1 + 1 (random seeded weights), all built in one process;
 alternating rounds (every executor once per round, rounds x calls >= 50 timed calls each), CUDA events per call,
 median and p90; parity per row: min per-embedding cosine (and relative error) vs the fp32 reference forward of the
-same weights; weight bytes per call (dualfuse.quantize.weight_bytes).
+same weights; weight bytes per call (dualfuse.quantize.weight_bytes); on the full card of a known target
+(dualfuse.targets: H100, H200, Orin) the floor of the call at the executor's weight format (dualfuse.floors) and the
+share of it the median reached (floor / median).
 
 JSON (``--json P``): card, versions, every row. The short table is printed last. Green contexts limit SMs only:
 memory bandwidth and clocks stay those of the big card (an 8-SM run is not a Jetson Orin's 68-102 GB/s).
@@ -260,7 +262,7 @@ def bench_e2e(args, device) -> list[dict]:
             fmt = getattr(ex, "weight_format", "fp16") if name != "graph" else "fp16"
             wb = weight_bytes(spec, fmt, dtype, towers)
             row["executors"][name] = dict(min_cosine=min(cos), max_rel_err=max(rel), weight_bytes=wb["total"],
-                                          notes=getattr(ex, "notes", ""), samples_ms=[])
+                                          weights=fmt, notes=getattr(ex, "notes", ""), samples_ms=[])
         if cuda:
             for i in range(args.warmup):
                 for ex in built.values():
@@ -278,6 +280,7 @@ def bench_e2e(args, device) -> list[dict]:
                         samples.append(a.elapsed_time(b))
             for name, r in row["executors"].items():
                 r["median_ms"], r["p90_ms"] = _median(r["samples_ms"]), _p90(r["samples_ms"])
+            _floor_shares(row, spec, ni, nt, torch.cuda.get_device_name(device), args.sms)
             f16, q8 = row["executors"]["fused fp16"], row["executors"]["fused int8"]
             row["int8_vs_fp16"] = q8["median_ms"] / f16["median_ms"]
             row["int8_vs_graph"] = q8["median_ms"] / row["executors"]["graph"]["median_ms"]
@@ -290,6 +293,25 @@ def bench_e2e(args, device) -> list[dict]:
             torch.cuda.empty_cache()
     _ = dualfuse  # the package is what is measured
     return results
+
+
+def _floor_shares(row: dict, spec, images: int, texts: int, card: str, sms: int | None) -> None:
+    """Beside each executor's median: the floor of this call shape on the card at its weight format
+    (dualfuse.floors: max(bytes / bandwidth, FLOPs / peak)) and the share of it reached (floor / median). Only on
+    the full card of a known target: a green context keeps the card's DRAM but not its copy rate or peak."""
+    from dualfuse.floors import card_floor, floor_share
+
+    if sms is not None:
+        row["floor_note"] = f"no floor in a {sms}-SM green context (its copy rate and peak are not the card's)"
+        return
+    for e in row["executors"].values():
+        found = card_floor(spec, card, images, texts, None, e["weights"])
+        if found is None:
+            row["floor_note"] = f"no floor: {card!r} is not a known target (dualfuse.targets)"
+            return
+        target, f = found
+        e.update(floor_target=target.name, floor_ms=f.floor_ms, floor_bound=f.bound,
+                 floor_share=floor_share(f.floor_ms, e["median_ms"]))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -323,11 +345,16 @@ def print_table(doc: dict) -> None:
             else:
                 print(f"  {r['step']:5s} {r['rows']:28s} correct (no timing on CPU)")
     if doc.get("e2e"):
-        print("end to end                 executor              median ms   p90 ms  min cos    MB weights/call")
+        print("end to end                 executor              median ms   p90 ms  min cos    MB weights/call"
+              "  floor ms  share of floor")
         for r in doc["e2e"]:
             for name, e in r["executors"].items():
                 t = f"{e['median_ms']:9.3f} {e['p90_ms']:8.3f}" if cuda else f"{'—':>9s} {'—':>8s}"
-                print(f"  {r['case']:24s} {name:19s} {t}  {e['min_cosine']:.5f}  {e['weight_bytes'] / 1e6:8.1f}")
+                fl = (f"  {e['floor_ms']:8.3f}  {100 * e['floor_share']:13.1f}%" if "floor_share" in e
+                      else f"  {'—':>8s}  {'—':>14s}")
+                print(f"  {r['case']:24s} {name:19s} {t}  {e['min_cosine']:.5f}  {e['weight_bytes'] / 1e6:8.1f}{fl}")
+            if r.get("floor_note"):
+                print(f"  {'':24s} {r['floor_note']}")
             if cuda:
                 f16 = r["executors"]["fused fp16"]["median_ms"]
                 more = [(n[len("fused "):], e) for n, e in r["executors"].items() if n.startswith("fused int8 ")]

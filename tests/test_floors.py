@@ -8,7 +8,7 @@ import torch
 
 from dualfuse import cli
 from dualfuse.adapters import to_spec
-from dualfuse.floors import floor_share, floors, share_line
+from dualfuse.floors import card_floor, floor_share, floors, share_line
 from dualfuse.presets import PRESETS, build_hf
 from dualfuse.targets import TARGETS, get_target, target_for_card
 
@@ -166,6 +166,48 @@ def test_share_of_floor(tiny):
     f = floors(tiny, "h200", 1, 1).get("fp16")
     assert line.startswith(f"this run reached {100 * f.floor_ms:.1f}% of the h200 floor")
     assert share_line(tiny, "NVIDIA A10", 1.0, 1, 1) is None
+
+
+def test_card_floor_per_weight_format(tiny):
+    """card_floor: the floor of a call shape on the card a device name denotes, per weight format."""
+    target, f16 = card_floor(tiny, "NVIDIA H100 80GB HBM3", 1, 1)
+    _, q8 = card_floor(tiny, "NVIDIA H100 80GB HBM3", 1, 1, weights="int8")
+    assert target.name == "h100"
+    assert f16 == floors(tiny, "h100", 1, 1).get("fp16") and q8 == floors(tiny, "h100", 1, 1).get("int8")
+    assert q8.weight_bytes < f16.weight_bytes
+    _, img = card_floor(tiny, "NVIDIA H200", 2, 0)
+    assert img == floors(tiny, "h200", 2, 0).get("fp16")
+    assert card_floor(tiny, "NVIDIA A10", 1, 1) is None
+
+
+def test_int8_benchmark_floor_columns(tiny):
+    """benchmarks/int8.py puts the card's floor and the share reached beside each end-to-end median (full card of a
+    known target only; a green context or an unknown card gets a note instead)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "int8.py"
+    spec_ = importlib.util.spec_from_file_location("int8_bench", path)
+    mod = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(mod)
+
+    def row():
+        return dict(executors={"fused fp16": dict(weights="fp16", median_ms=0.5),
+                               "fused int8": dict(weights="int8", median_ms=0.8)})
+
+    r = row()
+    mod._floor_shares(r, tiny, 1, 1, "NVIDIA H100 80GB HBM3", None)
+    for e in r["executors"].values():
+        f = floors(tiny, "h100", 1, 1).get(e["weights"])
+        assert e["floor_target"] == "h100" and e["floor_ms"] == f.floor_ms and e["floor_bound"] == f.bound
+        assert e["floor_share"] == pytest.approx(f.floor_ms / e["median_ms"])
+    assert "floor_note" not in r
+    r = row()
+    mod._floor_shares(r, tiny, 1, 1, "NVIDIA H100 80GB HBM3", 8)
+    assert "8-SM green context" in r["floor_note"] and all("floor_share" not in e for e in r["executors"].values())
+    r = row()
+    mod._floor_shares(r, tiny, 1, 1, "NVIDIA A10", None)
+    assert "not a known target" in r["floor_note"] and all("floor_share" not in e for e in r["executors"].values())
 
 
 def test_plan_target_json_schema(tmp_path, capsys):

@@ -231,14 +231,24 @@ def floor_share(floor_ms: float, measured_ms: float) -> float:
     return floor_ms / measured_ms
 
 
+def card_floor(spec: DualEncoderSpec, card: str, image_batch: int, text_batch: int, text_len: int | None = None,
+               weights: str = "fp16") -> tuple[Target, PrecisionFloor] | None:
+    """(target, floor at that precision) of one call shape on the card a device name denotes (H100, H200, an Orin:
+    dualfuse.targets.target_for_card); None when the card is not a known target."""
+    target = target_for_card(card)
+    if target is None:
+        return None
+    return target, floors(spec, target, image_batch, text_batch, text_len).get(weights)
+
+
 def share_line(spec: DualEncoderSpec, card: str, measured_ms: float, image_batch: int, text_batch: int,
                text_len: int | None = None, weights: str = "fp16") -> str | None:
     """"this run reached X% of the <card> floor" for a measured call on a known card (H100, H200, an Orin);
     None when the card is not in dualfuse.targets."""
-    target = target_for_card(card)
-    if target is None or not measured_ms or measured_ms <= 0:
+    found = card_floor(spec, card, image_batch, text_batch, text_len, weights)
+    if found is None or not measured_ms or measured_ms <= 0:
         return None
-    f = floors(spec, target, image_batch, text_batch, text_len).get(weights)
+    target, f = found
     return (f"this run reached {100 * floor_share(f.floor_ms, measured_ms):.1f}% of the {target.name} floor "
             f"({f.floor_ms:.3f} ms, {f.bound}-bound, {weights} weights)")
 
