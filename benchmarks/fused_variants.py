@@ -8,8 +8,9 @@ thermal drift hits all of them alike. Each variant's output is checked against t
     python benchmarks/fused_variants.py --model clip-vit-b-32 --batch 1 --json out.json
 
 With ``--base DIR`` (``DIR/src/dualfuse`` from another commit, e.g. ``git archive REV src | tar x -C .old``), the
-variants ``base-graph`` and ``base-fused`` (name them in ``--variants``) run that commit's executors in the same process, interleaved with this
-commit's: a change that must keep the numbers is compared without the drift between processes.
+variants ``base-graph``, ``base-fused`` and ``base-fused-noidcheck`` (name them in ``--variants``) run that commit's
+executors in the same process, interleaved with this commit's: a change that must keep the numbers is compared
+without the drift between processes.
 """
 from __future__ import annotations
 
@@ -69,7 +70,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda", help="cuda (figures); cpu only as a smoke test (TRITON_INTERPRET=1)")
     p.add_argument("--json", default=None)
     p.add_argument("--base", default=None, metavar="DIR",
-                   help="another commit's tree (DIR/src/dualfuse): the variants base-graph and base-fused run it")
+                   help="another commit's tree (DIR/src/dualfuse), run by the variants base-graph, base-fused, "
+                        "base-fused-noidcheck")
     args = p.parse_args(argv)
 
     import dualfuse

@@ -64,8 +64,8 @@ elif [ "$PART" = P ]; then
   done
 elif [ "$PART" = E ]; then
   # 11. the edge regime: int8 weights (weight streaming + end to end) in 8 SMs and on the full card, then the soak
-  step 200 python3 benchmarks/int8.py --sms 8 --widen-convert --int8-block-m 16,32 --json "$R/int8-sms8.json"
-  step 200 python3 benchmarks/int8.py --widen-convert --int8-block-m 16,32 --json "$R/int8.json"
+  step 200 python3 benchmarks/int8.py --sms 8 --widen-convert --json "$R/int8-sms8.json"
+  step 200 python3 benchmarks/int8.py --widen-convert --json "$R/int8.json"
   step 150 python3 benchmarks/soak.py --model clip-vit-b-32 --calls ${SOAK_CALLS:-10000} --out "$R/soak"
 elif [ "$PART" = S ]; then
   # 12. the real-time loop (fp16 and int8 weights, full card and 8 SMs), then the sm_80 path's A/B on LayerNorm folding
