@@ -137,6 +137,7 @@ def test_pos_resize_matches_hf(grid, h, w):
     assert (ours - hf_resize(pos, grid, h, w)).abs().max().item() <= 1e-5
 
 
+@pytest.mark.slow
 def test_pos_resize_every_small_shape():
     """All grids up to 24 x 24 from G = 4, against the written-out definition."""
     spec = from_hf_siglip2(tiny_model())
