@@ -376,6 +376,7 @@ def test_eager_cpu_other_families(name):
         assert ("vision", "map_attn") in ops
 
 
+@pytest.mark.slow
 @interpreter
 def test_fused_cpu_stages_are_the_kernels():
     r = profile("fused", "clip-tiny", device="cpu", iters=1, warmup=0, latency_runs=0, measure_ceilings=False)
