@@ -103,6 +103,7 @@ def test_siglip2_naflex_forward_with_mask_and_loss():
         fused(input_ids=ids, attention_mask=_right_mask(fused.executor.io, ids), **kw)
 
 
+@pytest.mark.slow
 def test_causal_masks_that_would_change_the_output_are_refused(clip):
     model, fused = clip
     px, ids = _inputs(fused, 2, 2)
