@@ -124,6 +124,7 @@ class Row:
     notes: str = ""
     build_s: float | None = None
     first_call_s: float | None = None
+    compile_s: float | None = None  # torch.compile executors: the first call's seconds (compilation included)
     median_ms: float | None = None
     p90_ms: float | None = None
     mean_ms: float | None = None
@@ -279,7 +280,7 @@ def run_bench(model: str = DEFAULT_MODEL, *, executors: list[str] | None = None,
         raise ValueError(f"batches must be >= 0 and not both 0 (got image {bi}, text {bt})")
     known = registry.names()
     if executors is None:
-        wanted = known
+        wanted = registry.default_names()
     else:
         wanted = [n.strip() for n in executors if n.strip()]
         unknown = [n for n in wanted if n not in known]
@@ -356,6 +357,9 @@ def run_bench(model: str = DEFAULT_MODEL, *, executors: list[str] | None = None,
                                            seconds=energy_seconds).items():
                     setattr(row, k, val)
             row.notes = run_label(getattr(ex, "notes", "") or row.notes, device)
+            if getattr(ex, "compiles_on_first_call", False):
+                row.compile_s = row.first_call_s
+                row.notes += f"; compile {row.compile_s:.1f} s (first call)"
         except NeedsCUDA as e:
             row.status, row.message = "needs CUDA", str(e)
             row.stock = bool(getattr(registry.executor_class(name), "stock", True))

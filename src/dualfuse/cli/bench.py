@@ -33,7 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="default fp16 on CUDA, fp32 on CPU")
     p.add_argument("--device", help="default cuda if available, else cpu")
     p.add_argument("--executors", "--executor", dest="executors", metavar="A,B,C",
-                   help=f"comma-separated executors (default all: {', '.join(executors.names())})")
+                   help=f"comma-separated executors (default: {', '.join(executors.default_names())}; "
+                        f"also: {', '.join(n for n in executors.names() if n not in executors.default_names()) or '—'})")
     p.add_argument("--iters", type=int, help=f"timed runs (default {GPU_ITERS} on CUDA, {CPU_ITERS} on CPU)")
     p.add_argument("--warmup", type=int, help=f"warm-up runs (default {GPU_WARMUP} on CUDA, {CPU_WARMUP} on CPU)")
     p.add_argument("--input-sets", type=int, default=4, help="distinct input sets rotated through (default 4)")
