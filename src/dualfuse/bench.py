@@ -380,7 +380,7 @@ def run_bench(model: str = DEFAULT_MODEL, *, executors: list[str] | None = None,
 
 def _weights_kwargs(name: str, weights: str | None) -> dict:
     """``weights``: passed to the fused executor (the others run the model's own weights)."""
-    return {"weights": weights} if name == "fused" and weights not in (None, "fp16") else {}
+    return {"weights": weights} if name in ("fused", "auto") and weights not in (None, "fp16") else {}
 
 
 def _min_cosine(weights: str | None) -> float:

@@ -25,7 +25,7 @@ __all__ = ["Executor", "ExecutorUnavailable", "NeedsCUDA", "default_names", "get
 
 _REGISTRY: dict[str, type] = {}
 _BROKEN: dict[str, str] = {}  # executor name (or module name) -> why its module failed to import
-_ORDER = ["eager", "streams", "graph", "compile", "compile-max", "fused"]  # listed first, in this order; others follow sorted
+_ORDER = ["eager", "streams", "graph", "compile", "compile-max", "fused", "auto"]  # listed first, in this order; others follow sorted
 _MODULE_NAMES = {"compiled": "compile"}  # module -> executor name, where they differ (for import errors)
 _SKIP = {"base"}
 _discovered = False
