@@ -245,7 +245,8 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()
     print_table(results)
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"never_slower-{'_'.join(models)}-{'_'.join(shapes).replace('+', 'p')}.json")
+    tag = "" if tuple(executors) == EXECUTORS else "-" + "_".join(executors)  # parts never overwrite each other
+    path = os.path.join(args.out, f"never_slower-{'_'.join(models)}-{'_'.join(shapes).replace('+', 'p')}{tag}.json")
     with open(path, "w") as f:
         json.dump(dict(schema="dualfuse.never_slower/1", environment=env, command=" ".join(sys.argv),
                        wall_s=time.perf_counter() - t0, results=results), f, indent=1)
