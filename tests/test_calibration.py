@@ -208,3 +208,23 @@ def test_fuse_accepts_executor_auto(tmp_path, monkeypatch):
     assert "no calibration" in fused.executor.notes
     with pytest.raises(ValueError, match="executor must be 'fused' or 'auto'"):
         dualfuse.fuse("clip-tiny", executor="graph")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["clip-vit-b-32", "siglip-base-patch16-224"])
+def test_library_steps_inside_the_cuda_graph_gpu(name, tmp_path, monkeypatch):
+    """On CUDA: every plain step on cuBLAS / SDPA inside the captured graph matches the reference, replays stay
+    stable; a real calibration of one shape is saved and read back by a fused executor."""
+    from dualfuse.executors.fused.calibrate import calibrate
+
+    monkeypatch.setenv("DUALFUSE_CACHE", str(tmp_path))
+    model = dualfuse.load(name)
+    spec = to_spec(model)
+    ex = executors.get("fused", model, dtype="fp16", device="cuda", gemm_impl="library")
+    _parity(ex, spec, 4, 3)
+    _parity(ex, spec, 4, 3)  # a replay of the captured graph
+    res = calibrate(model, [(4, 3, spec.text.context_length)], dtype="fp16", device="cuda", iters=3, warmup=1)
+    assert os.path.isfile(res.path) and res.stages_timed > 0 and res.calls
+    ex = executors.get("fused", model, dtype="fp16", device="cuda")
+    assert ex.calibration is not None and ex.calibration.steps
+    _parity(ex, spec, 4, 3)
