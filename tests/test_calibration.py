@@ -228,3 +228,15 @@ def test_library_steps_inside_the_cuda_graph_gpu(name, tmp_path, monkeypatch):
     ex = executors.get("fused", model, dtype="fp16", device="cuda")
     assert ex.calibration is not None and ex.calibration.steps
     _parity(ex, spec, 4, 3)
+
+
+def test_calibrate_cli_shapes_and_errors(capsys):
+    from dualfuse import cli
+    from dualfuse.cli.calibrate import parse_shapes
+
+    assert parse_shapes("1x1, 256x0,0x1024x16", 77) == [(1, 1, 77), (256, 0, 77), (0, 1024, 16)]
+    for bad in ("1y1", "0x0", "1x-1", ""):
+        with pytest.raises(ValueError, match="--shapes"):
+            parse_shapes(bad, 77)
+    assert cli.main(["calibrate", "--model", "clip-tiny", "--shapes", "1x2x3x4"]) == 2
+    assert "IMAGESxTEXTS[xTEXT_LEN]" in capsys.readouterr().err

@@ -30,6 +30,7 @@ SUBCOMMANDS: dict[str, str] = {
     "eval": "dualfuse.cli.evaluate",
     "report": "dualfuse.cli.report",
     "stream": "dualfuse.cli.stream",
+    "calibrate": "dualfuse.cli.calibrate",
 }
 
 
