@@ -89,15 +89,19 @@ def card_slug(name: str) -> str:
 
 def identity(device) -> dict:
     """The card and versions a calibration is valid for."""
+    from importlib.metadata import PackageNotFoundError, version
+
     import torch
 
-    from .environment import _version
+    from . import __version__
 
     device = torch.device(device)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    from . import __version__
-
-    return dict(card=card, torch=torch.__version__, triton=_version("triton") or "none", dualfuse=__version__)
+    try:
+        triton = version("triton")
+    except PackageNotFoundError:
+        triton = "none"
+    return dict(card=card, torch=torch.__version__, triton=triton, dualfuse=__version__)
 
 
 def cache_dir() -> str:

@@ -65,8 +65,7 @@ def time_stages(ex, shape, cal: "C.Calibration", timer) -> int:
     """Time the linear / attention stages of ``ex``'s runner for ``shape`` (both implementations) into ``cal``;
     returns how many timings were taken (signatures already in ``cal`` are not timed again)."""
     from ...plan import Stage
-    from .library import _LIBRARY_OPS, library_ok, signature
-    from .runner import _STAGE_BUILDERS
+    from .library import LIBRARY_OPS, library_ok, signature
 
     bi, bt, n = shape
     r = ex.runner(bi, bt, n, capture=False)
@@ -83,14 +82,15 @@ def time_stages(ex, shape, cal: "C.Calibration", timer) -> int:
         for step, p, sig in zip(stage.steps, problems, sigs):
             entry = cal.steps.setdefault(sig, {})
             if C.TRITON not in entry:
-                op = r.ops[i] if len(sigs) == 1 else _STAGE_BUILDERS[stage.kind](r, Stage(stage.kind, [step]), [p])
+                op = r.ops[i] if len(sigs) == 1 else r.build_triton(Stage(stage.kind, [step]), [p])
                 entry[C.TRITON] = timer(op)
                 taken += 1
             if C.LIBRARY not in entry and library_ok(p):
-                entry[C.LIBRARY] = timer(_LIBRARY_OPS[stage.kind]([p]))
+                entry[C.LIBRARY] = timer(LIBRARY_OPS[stage.kind]([p]))
                 taken += 1
-    r._deferred.clear()  # single-step Triton builds may have left split-K hand-offs nobody reads here
-    ex._drop(ex.runner_key(bi, bt, n))
+    dropped = ex.runners.pop(ex.runner_key(bi, bt, n), None)  # its buffers go (a user call builds its own)
+    if dropped is not None:
+        dropped.release()
     return taken
 
 

@@ -134,7 +134,7 @@ class LibraryAttention:
             call()
 
 
-_LIBRARY_OPS = {"linear": LibraryLinear, "attention": LibraryAttention}
+LIBRARY_OPS = {"linear": LibraryLinear, "attention": LibraryAttention}
 
 
 def build_chosen(build, runner, stage, problems, impls):
@@ -147,7 +147,7 @@ def build_chosen(build, runner, stage, problems, impls):
     if not lib:
         return build(runner, stage, problems)
     tri = [i for i in range(len(problems)) if i not in lib]
-    ops = [_LIBRARY_OPS[stage.kind]([problems[i] for i in lib])]
+    ops = [LIBRARY_OPS[stage.kind]([problems[i] for i in lib])]
     if tri:
         ops.insert(0, build(runner, Stage(stage.kind, [stage.steps[i] for i in tri]), [problems[i] for i in tri]))
     if len(ops) == 1:
@@ -164,7 +164,7 @@ def choose(runner, stage, problems, calibration, mode: str) -> tuple[tuple[str, 
     """(implementation per step, why) for a stage: ``mode`` "library" takes the library path wherever a problem
     allows it; "auto" asks the calibration's cost model (no calibration: Triton)."""
     n = len(problems)
-    if stage.kind not in _LIBRARY_OPS:
+    if stage.kind not in LIBRARY_OPS:
         return ("triton",) * n, "no library kernel for this kind"
     allowed = [library_ok(p) for p in problems]
     if mode == "library":

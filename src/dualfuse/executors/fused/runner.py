@@ -83,6 +83,10 @@ class Runner:
         self.choices.append((impls, why))
         return build_chosen(build, self, stage, problems, impls)
 
+    def build_triton(self, stage: Stage, problems):
+        """The Triton launch of ``stage`` over ``problems`` (a subset of a plan stage's steps: calibration)."""
+        return _STAGE_BUILDERS[stage.kind](self, stage, problems)
+
     def _deferred_to(self, step: Step):
         """The LayerNorm step (tower, layer, op) that reads this GEMM's output (the residual stream) next and
         can finish its split-K reduction: out-proj -> ln2, FC2 -> the next layer's ln1 or SigLIP's head LN.
