@@ -84,7 +84,7 @@ def run(args) -> int:
               f"decode {result.decode} · batch {result.batch}")
     out.print(f"{result.images} images, {result.failures} failures, {result.wall_s:.2f} s "
               f"({result.images_per_s:.1f} images/s; setup {result.setup_s:.1f} s before it)")
-    table = Table(title="time per stage (read/decode summed over worker threads)")
+    table = Table(title="seconds per stage", caption="read, decode: summed over the worker threads")
     table.add_column("stage")
     table.add_column("seconds", justify="right")
     for stage, s in result.stages.items():
