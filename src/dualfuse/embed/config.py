@@ -125,17 +125,27 @@ class EmbedResult:
     stages: dict
     shards_written: int
     shards_skipped: int
+    first_batch_s: float | None = None  # engine start to the first batch of embeddings back (start-up, warm-up)
     errors: list[EmbedError] = field(default_factory=list)
     index: str | None = None
+    details: dict = field(default_factory=dict)  # engine-specific (Ray: its per-operator stats)
     notes: list[str] = field(default_factory=list)
 
     @property
     def images_per_s(self) -> float:
         return self.images / self.wall_s if self.wall_s > 0 else float("nan")
 
+    @property
+    def steady_images_per_s(self) -> float | None:
+        """Images/s after the first batch came back (without start-up: Ray actors loading the model)."""
+        if self.first_batch_s is None or self.wall_s <= self.first_batch_s or self.images <= self.batch:
+            return None
+        return (self.images - self.batch) / (self.wall_s - self.first_batch_s)
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["schema"] = SCHEMA
         d["images_per_s"] = self.images_per_s
+        d["steady_images_per_s"] = self.steady_images_per_s
         d["errors"] = [asdict(e) for e in self.errors]
         return d

@@ -150,6 +150,8 @@ def run_local(source: Source, shards: list[Shard], encoder, store, *, batch: int
     inflight: list = []
     rows: dict[int, ShardRows] = {}
     counts = dict(images=0, failures=0)
+    t_start = time.perf_counter()
+    first = []
 
     def collect(job):
         b, ok, errors, img_host, txt_host, ev = job
@@ -167,6 +169,8 @@ def run_local(source: Source, shards: list[Shard], encoder, store, *, batch: int
                     None if txt_host is None or it.caption is None else txt_host[slot].numpy().copy(), it.caption)
         counts["images"] += len(ok)
         counts["failures"] += len(errors)
+        if not first:
+            first.append(time.perf_counter() - t_start)
         if progress is not None:
             progress(len(ok), len(errors))
         if b.last:
@@ -250,7 +254,8 @@ def run_local(source: Source, shards: list[Shard], encoder, store, *, batch: int
         stop.set()
         pool.shutdown(wait=True, cancel_futures=True)
         producer.join(timeout=5)
-    return dict(images=counts["images"], failures=counts["failures"], stages=dict(stages.seconds))
+    return dict(images=counts["images"], failures=counts["failures"], stages=dict(stages.seconds),
+                first_batch_s=first[0] if first else None)
 
 
 def _batches_ended(source: Source, shards: list[Shard], size: int, stages: Stages):

@@ -183,14 +183,17 @@ def run_ray(cfg, source, shards, store, *, with_text: bool, progress=None) -> di
                                                                    dtype=dtype, device="cuda" if gpus else "cpu",
                                                                    batch=cfg.batch, with_text=with_text),
                             batch_size=cfg.batch, batch_format="numpy", concurrency=actors,
-                            num_gpus=1 if gpus else 0)
+                            num_gpus=1 if gpus else 0, num_cpus=1)
         notes.append(f"Ray Data: {actors} model actor(s) ({'1 GPU each' if gpus else 'CPU'}), "
                      f"{int(ray.cluster_resources().get('CPU', 0))} CPUs for reading and decoding; read, decode "
                      "and model times are summed over tasks and actors")
         pending: dict[int, list] = {}
         expected: dict[int, int] = {}
         by_index = {s.index: s for s in shards}
+        t_start, first = time.perf_counter(), None
         for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            if first is None:
+                first = time.perf_counter() - t_start
             n_ok = n_err = 0
             for i in range(len(b["key"])):
                 sid = int(b["shard"][i])
@@ -221,7 +224,12 @@ def run_ray(cfg, source, shards, store, *, with_text: bool, progress=None) -> di
             counts["failures"] += n_err
             if progress is not None:
                 progress(n_ok, n_err)
-        return dict(images=counts["images"], failures=counts["failures"], stages=dict(stages.seconds), notes=notes)
+        try:
+            details = dict(ray_stats=ds.stats())
+        except Exception as e:  # noqa: BLE001 - stats are a report, never a failure
+            details = dict(ray_stats=f"unavailable: {e}")
+        return dict(images=counts["images"], failures=counts["failures"], stages=dict(stages.seconds), notes=notes,
+                    first_batch_s=first, details=details)
     finally:
         if started:
             ray.shutdown()

@@ -8,11 +8,13 @@ import time
 from .config import EmbedConfig, EmbedResult
 
 
-def run_embed(config: EmbedConfig | None = None, progress=None, **kwargs) -> EmbedResult:
+def run_embed(config: EmbedConfig | None = None, progress=None, encoder=None, **kwargs) -> EmbedResult:
     """Embed ``config.images`` into ``config.out`` (see :class:`EmbedConfig`; keyword arguments build one).
 
     ``progress``: a callable ``(images, failures)`` called as batches finish, or an object with ``start(total)``
-    (the items to embed; None when unknown) and ``advance(images, failures)``. Returns an :class:`EmbedResult`; ``to_dict()`` is ``DIR/summary.json``."""
+    (the items to embed; None when unknown) and ``advance(images, failures)``. ``encoder``: an
+    :class:`~dualfuse.embed.encoder.Encoder` built before (the local engine reuses it: several runs, or a warm-up
+    first, without loading and capturing the model again). Returns an :class:`EmbedResult`; ``to_dict()`` is ``DIR/summary.json``."""
     if config is None:
         config = EmbedConfig(**kwargs)
     elif kwargs:
@@ -40,7 +42,10 @@ def run_embed(config: EmbedConfig | None = None, progress=None, **kwargs) -> Emb
     else:
         from .encoder import load_encoder
 
-        encoder = load_encoder(cfg.model, cfg.executor, cfg.dtype, cfg.device)
+        if encoder is None:
+            encoder = load_encoder(cfg.model, cfg.executor, cfg.dtype, cfg.device)
+        elif encoder.name != cfg.model:
+            raise ValueError(f"run_embed: encoder= runs {encoder.name!r}, but the config names {cfg.model!r}")
         info = dict(executor=encoder.executor, dtype=encoder.dtype, embed_dim=encoder.embed_dim,
                     device=str(encoder.device), image_size=encoder.image_size)
         if with_text and encoder.text_unavailable():
@@ -77,7 +82,8 @@ def run_embed(config: EmbedConfig | None = None, progress=None, **kwargs) -> Emb
                          device=info["device"], card=card, engine=cfg.engine, decode=cfg.decode, batch=cfg.batch,
                          images=out["images"], failures=out["failures"], wall_s=wall, setup_s=setup, stages=out["stages"],
                          shards_written=len(todo), shards_skipped=len(shards) - len(todo),
-                         errors=list(store.errors), notes=notes)
+                         first_batch_s=out.get("first_batch_s"), errors=list(store.errors), notes=notes,
+                         details=out.get("details", {}))
     if cfg.index == "faiss":
         from .index import build_index
 
