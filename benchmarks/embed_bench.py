@@ -23,7 +23,7 @@
 3. A table (images/s, x baseline, share of ceiling, seconds per stage) and ``--out/embed_bench.json``.
 
 Targets (for ViT-B/32 at batch 256): >= 3x the baseline; ViT-L/14: >= 1.5x; both >= 80% of the ceiling.
-On CPU, ``--smoke`` runs the whole script on clip-tiny with 64 images (Triton interpreter; no figure).
+On CPU, ``--smoke`` runs the whole script on clip-tiny with 64 images and the eager executor (no figure).
 """
 from __future__ import annotations
 
@@ -240,11 +240,10 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 4))
     ap.add_argument("--decode", default="cpu,gpu", help="decoders of the dualfuse runs (cpu, gpu)")
     ap.add_argument("--parity", type=int, default=8, help="paths checked against the HF model")
-    ap.add_argument("--smoke", action="store_true", help="CPU: clip-tiny, 64 images, interpreter; no figure")
+    ap.add_argument("--executor", default="fused", help="executor of the dualfuse runs (default fused)")
+    ap.add_argument("--smoke", action="store_true", help="CPU: clip-tiny, 64 images, eager executor; no figure")
     args = ap.parse_args(argv)
 
-    if args.smoke:
-        os.environ.setdefault("TRITON_INTERPRET", "1")
     import torch
 
     from dualfuse.embed.encoder import load_encoder
@@ -271,7 +270,8 @@ def main(argv=None) -> int:
         for name in models:
             row = dict(model=name)
             t0 = time.perf_counter()
-            enc = load_encoder(name, "fused", "fp16" if cuda else "fp32", device)
+            executor = "eager" if args.smoke else args.executor
+            enc = load_encoder(name, executor, "fp16" if cuda else "fp32", device)
             enc.encode_frames(torch.zeros((batch, enc.image_size, enc.image_size, 3), dtype=torch.uint8,
                                           device=device))  # compile + capture the batch's runner
             row["build_s"] = time.perf_counter() - t0
@@ -302,7 +302,7 @@ def main(argv=None) -> int:
                 base, base_embs, hf, _ = run_baseline(name, paths, batch, workers, device)
                 row["baseline"] = base
                 print(f"  baseline: {base['images_per_s']:.0f} images/s ({base['wall_s']:.2f} s)", flush=True)
-                enc = load_encoder(name, "fused", "fp16" if cuda else "fp32", device)
+                enc = load_encoder(name, executor, "fp16" if cuda else "fp32", device)
                 rng = random.Random(0)
                 sample = rng.sample(paths, min(args.parity, len(paths)))
                 row["parity"] = parity(out_dirs[done[0]], sample, base_embs, paths, hf, enc, device)

@@ -28,6 +28,7 @@ def run_embed(config: EmbedConfig | None = None, progress=None, encoder=None, **
                          image_column=cfg.image_column, key_column=cfg.key_column)
     try:
         import pyarrow  # noqa: F401
+        import pyarrow.parquet  # noqa: F401 - imported here, not inside the first shard's write time
     except ImportError:
         raise ValueError("dualfuse embed writes Parquet: pip install 'dualfuse[embed]' (pyarrow)") from None
     shards = source.shards(cfg.shard_size)
