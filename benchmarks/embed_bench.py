@@ -290,9 +290,12 @@ def main(argv=None) -> int:
                     row["dualfuse"][dec] = dict(error=str(e))
                     continue
                 row["dualfuse"][dec] = dict(images=r.images, failures=r.failures, wall_s=r.wall_s,
-                                            images_per_s=r.images_per_s, stages=r.stages)
+                                            images_per_s=r.images_per_s, stages=r.stages,
+                                            first_batch_s=r.first_batch_s, details=r.details)
                 print(f"  dualfuse decode={dec}: {r.images_per_s:.0f} images/s ({r.images} images, "
-                      f"{r.failures} failures, {r.wall_s:.2f} s; stages {json.dumps({k: round(v, 2) for k, v in r.stages.items()})})",
+                      f"{r.failures} failures, {r.wall_s:.2f} s; waited for decode "
+                      f"{r.details.get('waited_for_decode_s', 0):.2f} s; stages "
+                      f"{json.dumps({k: round(v, 2) for k, v in r.stages.items()})})",
                       flush=True)
             done = [d for d in decoders if "images_per_s" in row["dualfuse"][d]]
             if done:

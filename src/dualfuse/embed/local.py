@@ -99,7 +99,9 @@ class Batch:
 
 def run_local(source: Source, shards: list[Shard], encoder, store, *, batch: int, workers: int, prefetch: int,
               decode: str, with_text: bool, progress=None) -> dict:
-    """Embed ``shards`` into ``store``; returns dict(images, failures, stages)."""
+    """Embed ``shards`` into ``store``; returns dict(images, failures, stages, first_batch_s, details):
+    ``details["waited_for_decode_s"]``: how long the main thread waited for decoded batches (with the GPU
+    possibly idle: near 0 means decoding kept up with the model)."""
     stages = Stages()
     dev = encoder.device
     cuda = dev.type == "cuda"
@@ -152,6 +154,7 @@ def run_local(source: Source, shards: list[Shard], encoder, store, *, batch: int
     counts = dict(images=0, failures=0)
     t_start = time.perf_counter()
     first = []
+    waited = [0.0]  # the main thread waiting for decoded batches (the GPU may idle meanwhile)
 
     def collect(job):
         b, ok, errors, img_host, txt_host, ev = job
@@ -177,7 +180,9 @@ def run_local(source: Source, shards: list[Shard], encoder, store, *, batch: int
             rows.pop(b.shard.index).write(store, with_text, dim, stages)
 
     def submit(b: Batch):
+        t_wait = time.perf_counter()
         results = [f.result() for f in b.futures]
+        waited[0] += time.perf_counter() - t_wait
         errors = [EmbedError(b.items[i].key, err) for i, (_, err) in enumerate(results) if err is not None]
         ok = [i for i, (_, err) in enumerate(results) if err is None]
         jpeg_slots = [i for i, (jpeg, err) in enumerate(results) if jpeg is not None]
@@ -196,7 +201,6 @@ def run_local(source: Source, shards: list[Shard], encoder, store, *, batch: int
                 ev["h1"].record()
             torch.cuda.current_stream(dev).wait_stream(copy_stream)
             x.record_stream(torch.cuda.current_stream(dev))
-            ev["m0"].record()
         else:
             t0 = time.perf_counter()
             x = b.buffer
@@ -213,6 +217,8 @@ def run_local(source: Source, shards: list[Shard], encoder, store, *, batch: int
                         ok.remove(i)
                         continue
                 x[i].copy_(fr)
+        if cuda:
+            ev["m0"].record()
         img = encoder.encode_frames(x)
         txt = encoder.encode_texts(captions) if with_text else None
         if cuda:
@@ -240,7 +246,9 @@ def run_local(source: Source, shards: list[Shard], encoder, store, *, batch: int
     producer.start()
     try:
         while True:
+            t_wait = time.perf_counter()
             b = ready.get()
+            waited[0] += time.perf_counter() - t_wait
             if isinstance(b, BaseException):
                 raise b
             if b is None:
@@ -255,7 +263,8 @@ def run_local(source: Source, shards: list[Shard], encoder, store, *, batch: int
         pool.shutdown(wait=True, cancel_futures=True)
         producer.join(timeout=5)
     return dict(images=counts["images"], failures=counts["failures"], stages=dict(stages.seconds),
-                first_batch_s=first[0] if first else None)
+                first_batch_s=first[0] if first else None,
+                details=dict(waited_for_decode_s=waited[0], decode_threads=workers, buffers=n_buffers))
 
 
 def _batches_ended(source: Source, shards: list[Shard], size: int, stages: Stages):
