@@ -255,3 +255,37 @@ def test_cli_embed_prints_summary(corpus, tmp_path, capsys):
     text = capsys.readouterr().out
     assert f"{len(files)} images, 1 failures" in text and "broken.jpg" in text
     assert json.loads((tmp_path / "s.json").read_text())["failures"] == 1
+
+
+@pytest.mark.gpu
+def test_gpu_local_fused_and_nvjpeg_decode(corpus, tmp_path):
+    """On a GPU: the fused model on pinned batches and a second stream gives the eager fp32 embeddings; nvJPEG
+    decoding gives nearly the same (its resize is bilinear with antialiasing, PIL's bicubic)."""
+    root, files = corpus
+    ref, fused, nvjpeg = tmp_path / "ref", tmp_path / "fused", tmp_path / "nvjpeg"
+    _run(root, ref, device="cpu")
+    _run(root, fused, executor="fused", dtype="fp16", device="cuda")
+    r = _run(root, nvjpeg, executor="fused", dtype="fp16", device="cuda", decode="gpu")
+    assert r.images == len(files) and r.failures == 1
+    a, b, c = _by_key(ref), _by_key(fused), _by_key(nvjpeg)
+    for k in a:
+        assert float(np.dot(a[k], b[k])) > 0.999
+        assert float(np.dot(a[k], c[k])) > 0.95
+
+
+@pytest.mark.gpu
+def test_gpu_ray_one_gpu_matches_local(corpus, tmp_path):
+    ray = pytest.importorskip("ray")
+    root, _ = corpus
+    local, remote = tmp_path / "local", tmp_path / "ray"
+    _run(root, local, executor="fused", dtype="fp16", device="cuda")
+    ray.init(num_cpus=4, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        r = _run(root, remote, executor="fused", dtype="fp16", engine="ray", ray_gpus=1)
+    finally:
+        ray.shutdown()
+    assert "1 GPU each" in " ".join(r.notes)
+    a, b = _by_key(local), _by_key(remote)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert float(np.dot(a[k], b[k])) > 0.9999

@@ -21,6 +21,8 @@ import numpy as np
 from .config import EmbedError
 from .local import ShardRows, Stages
 
+READ_PART = 64  # items per read-and-decode task (a tar file is one part: it is read in one pass)
+
 
 def _ray():
     try:
@@ -69,7 +71,8 @@ def _gpus(cfg) -> int:
 
 
 class ReadShard:
-    """shard row -> one row per item (+ the shard's end marker)."""
+    """one part of a shard -> one row per item (``order``: its position in the shard), then the part's end
+    marker (``end``: the part's item count)."""
 
     def __init__(self, source):
         self.source = source
@@ -77,16 +80,16 @@ class ReadShard:
     def __call__(self, row: dict) -> list[dict]:
         import pickle
 
-        shard = pickle.loads(row["shard"])
+        part, offset = pickle.loads(row["part"])
         out = []
         t0 = time.perf_counter()
-        for n, item in enumerate(self.source.items(shard)):
-            out.append(dict(shard=shard.index, order=n, key=item.key, path=item.path or "", data=item.data or b"",
-                            caption=item.caption or "", has_caption=item.caption is not None, error=item.error or "",
-                            end=-1, t_read=0.0))
+        for n, item in enumerate(self.source.items(part)):
+            out.append(dict(shard=part.index, order=offset + n, key=item.key, path=item.path or "",
+                            data=item.data or b"", caption=item.caption or "", has_caption=item.caption is not None,
+                            error=item.error or "", end=-1, t_read=0.0))
         if out:
             out[0]["t_read"] = time.perf_counter() - t0
-        out.append(dict(shard=shard.index, order=len(out), key="", path="", data=b"", caption="", has_caption=False,
+        out.append(dict(shard=part.index, order=-1, key="", path="", data=b"", caption="", has_caption=False,
                         error="", end=len(out), t_read=0.0))
         return out
 
@@ -174,7 +177,11 @@ def run_ray(cfg, source, shards, store, *, with_text: bool, progress=None) -> di
         counts = dict(images=0, failures=0)
         if not shards:
             return dict(images=0, failures=0, stages=dict(stages.seconds), notes=notes)
-        ds = ray.data.from_items([{"shard": pickle.dumps(s)} for s in shards], override_num_blocks=len(shards))
+        parts = [p for s in shards for p in source.split(s, READ_PART)]
+        parts_left = {}
+        for p, _ in parts:
+            parts_left[p.index] = parts_left.get(p.index, 0) + 1
+        ds = ray.data.from_items([{"part": pickle.dumps(p)} for p in parts], override_num_blocks=len(parts))
         ds = ds.flat_map(ReadShard(source))
         ds = ds.map_batches(decode_rows, fn_kwargs=dict(size=info["image_size"]), batch_size=64,
                             batch_format="numpy", num_cpus=1)
@@ -183,12 +190,14 @@ def run_ray(cfg, source, shards, store, *, with_text: bool, progress=None) -> di
                                                                    dtype=dtype, device="cuda" if gpus else "cpu",
                                                                    batch=cfg.batch, with_text=with_text),
                             batch_size=cfg.batch, batch_format="numpy", concurrency=actors,
-                            num_gpus=1 if gpus else 0, num_cpus=1)
+                            num_gpus=1 if gpus else 0, num_cpus=1 if gpus else 0.5)
+        # (on CPU the actor asks for another CPU share than the decode tasks, so that Ray does not fuse the decode
+        # into the single model actor: decoding stays spread over the CPU tasks)
         notes.append(f"Ray Data: {actors} model actor(s) ({'1 GPU each' if gpus else 'CPU'}), "
                      f"{int(ray.cluster_resources().get('CPU', 0))} CPUs for reading and decoding; read, decode "
                      "and model times are summed over tasks and actors")
         pending: dict[int, list] = {}
-        expected: dict[int, int] = {}
+        expected: dict[int, int] = {}  # shard -> items announced by its parts' end markers so far
         by_index = {s.index: s for s in shards}
         t_start, first = time.perf_counter(), None
         for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
@@ -198,7 +207,8 @@ def run_ray(cfg, source, shards, store, *, with_text: bool, progress=None) -> di
             for i in range(len(b["key"])):
                 sid = int(b["shard"][i])
                 if b["end"][i] >= 0:
-                    expected[sid] = int(b["end"][i])
+                    expected[sid] = expected.get(sid, 0) + int(b["end"][i])
+                    parts_left[sid] -= 1
                 else:
                     stages.add("read", float(b["t_read"][i]))
                     stages.add("decode", float(b["t_decode"][i]))
@@ -211,7 +221,7 @@ def run_ray(cfg, source, shards, store, *, with_text: bool, progress=None) -> di
                         n_err += 1
                     else:
                         n_ok += 1
-                if sid in expected and len(pending.get(sid, [])) == expected[sid]:
+                if parts_left[sid] == 0 and len(pending.get(sid, [])) == expected[sid]:
                     acc = ShardRows(by_index[sid])
                     for r in sorted(pending.pop(sid, []), key=lambda r: r["order"]):
                         if r["error"]:
@@ -219,7 +229,7 @@ def run_ray(cfg, source, shards, store, *, with_text: bool, progress=None) -> di
                         else:
                             acc.add(r["key"], r["image"], r["text"], r["caption"])
                     acc.write(store, with_text, info["embed_dim"], stages)
-                    del expected[sid]
+                    del expected[sid], parts_left[sid]
             counts["images"] += n_ok
             counts["failures"] += n_err
             if progress is not None:

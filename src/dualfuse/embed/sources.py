@@ -56,6 +56,11 @@ class Source:
     def items(self, shard: Shard) -> Iterator[Item]:
         raise NotImplementedError
 
+    def split(self, shard: Shard, size: int) -> list[tuple[Shard, int]]:
+        """Parts of ``shard`` of about ``size`` items, each with the position of its first item in the shard
+        (for Ray: many small read-and-decode tasks per shard). Default: the shard whole."""
+        return [(shard, 0)]
+
     def describe(self) -> dict:
         return dict(kind=self.kind, path=os.path.abspath(self.path))
 
@@ -97,6 +102,10 @@ class FileSource(Source):
             chunk = tuple(self.files[i:i + shard_size])
             out.append(Shard(len(out), chunk, len(chunk)))
         return out
+
+    def split(self, shard: Shard, size: int) -> list[tuple[Shard, int]]:
+        return [(Shard(shard.index, shard.ref[o:o + size], len(shard.ref[o:o + size])), o)
+                for o in range(0, len(shard.ref), size)] or [(shard, 0)]
 
     def items(self, shard: Shard) -> Iterator[Item]:
         for path, error in shard.ref:
@@ -186,6 +195,12 @@ class ParquetSource(Source):
                 end = min(total, start + shard_size)
                 out.append(Shard(len(out), (f, start, end), end - start))
         return out
+
+    def split(self, shard: Shard, size: int) -> list[tuple[Shard, int]]:
+        f, start, end = shard.ref
+        size = max(size, 1024)  # a part reads whole row groups: not too many parts per row group
+        return [(Shard(shard.index, (f, o, min(end, o + size)), min(end, o + size) - o), o - start)
+                for o in range(start, end, size)] or [(shard, 0)]
 
     def items(self, shard: Shard) -> Iterator[Item]:
         import pyarrow.parquet as pq
