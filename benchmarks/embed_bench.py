@@ -199,7 +199,7 @@ def ceiling(encoder, n, batch, device):
     return dict(images=calls * batch, wall_s=wall, images_per_s=calls * batch / wall)
 
 
-def parity(out_dir, paths, base_embs, all_paths, hf, encoder, device):
+def parity(out_dir, paths, base_embs, all_paths, hf, image_size, device):
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -218,7 +218,7 @@ def parity(out_dir, paths, base_embs, all_paths, hf, encoder, device):
     with torch.no_grad():
         for p in paths:
             with open(p, "rb") as f:
-                frame = torch.from_numpy(decode_frame(f.read(), encoder.image_size).copy())[None].to(device)
+                frame = torch.from_numpy(decode_frame(f.read(), image_size).copy())[None].to(device)
             px = normalize_frames(frame.permute(0, 3, 1, 2), mean, std)
             out = hf32.get_image_features(pixel_values=px)
             out = out if isinstance(out, torch.Tensor) else out.pooler_output
@@ -299,21 +299,21 @@ def main(argv=None) -> int:
                       flush=True)
             done = [d for d in decoders if "images_per_s" in row["dualfuse"][d]]
             if done:
+                image_size = enc.image_size
                 del enc
                 if cuda:
                     torch.cuda.empty_cache()
                 base, base_embs, hf, _ = run_baseline(name, paths, batch, workers, device)
                 row["baseline"] = base
                 print(f"  baseline: {base['images_per_s']:.0f} images/s ({base['wall_s']:.2f} s)", flush=True)
-                enc = load_encoder(name, executor, "fp16" if cuda else "fp32", device)
                 rng = random.Random(0)
                 sample = rng.sample(paths, min(args.parity, len(paths)))
-                row["parity"] = parity(out_dirs[done[0]], sample, base_embs, paths, hf, enc, device)
+                row["parity"] = parity(out_dirs[done[0]], sample, base_embs, paths, hf, image_size, device)
                 worst = min(p["cos_same_frames_fp32"] for p in row["parity"])
                 worst_b = min(p["cos_baseline"] for p in row["parity"])
                 print(f"  parity ({len(sample)} paths): cosine vs HF fp32 on the same frames >= {worst:.5f}; "
                       f"vs the baseline's own preprocessing >= {worst_b:.4f}", flush=True)
-                del hf, enc
+                del hf
                 if cuda:
                     torch.cuda.empty_cache()
             doc["results"].append(row)
