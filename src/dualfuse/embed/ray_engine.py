@@ -2,7 +2,8 @@
 
     shards (one row each) --flat_map--> items (read: files, Parquet row groups, tar members; on CPU tasks)
       --map_batches(decode_rows)--> uint8 frames at the model's size (CPU tasks, as many as the cluster's CPUs)
-      --map_batches(EmbedActor, concurrency=#GPUs, num_gpus=1)--> unit embeddings (one fused model per actor)
+      --map_batches(EmbedActor, compute=ActorPoolStrategy(size=#GPUs), num_gpus=1)--> unit embeddings
+         (one fused model per actor)
       --iter_batches--> the driver writes each shard once all its rows are back (the Store of the local engine:
          the same Parquet schema and metadata, manifest, errors, resumption)
 
@@ -189,7 +190,8 @@ def run_ray(cfg, source, shards, store, *, with_text: bool, progress=None) -> di
         ds = ds.map_batches(EmbedActor, fn_constructor_kwargs=dict(model=cfg.model, executor=cfg.executor,
                                                                    dtype=dtype, device="cuda" if gpus else "cpu",
                                                                    batch=cfg.batch, with_text=with_text),
-                            batch_size=cfg.batch, batch_format="numpy", concurrency=actors,
+                            batch_size=cfg.batch, batch_format="numpy",
+                            compute=ray.data.ActorPoolStrategy(size=actors),
                             num_gpus=1 if gpus else 0, num_cpus=1 if gpus else 0.5)
         # (on CPU the actor asks for another CPU share than the decode tasks, so that Ray does not fuse the decode
         # into the single model actor: decoding stays spread over the CPU tasks)
