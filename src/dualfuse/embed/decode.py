@@ -30,7 +30,7 @@ def decode_frame(data: bytes, size: int) -> np.ndarray:
         with Image.open(io.BytesIO(data)) as im:
             if im.format == "JPEG":
                 im.draft("RGB", (size, size))
-            im = im.convert("RGB")
+            im = im.convert("RGB") if im.mode != "RGB" else im
             im = resize_center_crop_pil(im, size)
             return np.asarray(im, dtype=np.uint8)
     except UnidentifiedImageError:
