@@ -31,6 +31,12 @@ def run_embed(config: EmbedConfig | None = None, progress=None, encoder=None, **
         import pyarrow.parquet  # noqa: F401 - imported here, not inside the first shard's write time
     except ImportError:
         raise ValueError("dualfuse embed writes Parquet: pip install 'dualfuse[embed]' (pyarrow)") from None
+    import numpy as np
+
+    from .store import make_table
+
+    make_table("key", ["x"], np.zeros((1, 1), np.float32), None, None, {})  # pyarrow's first-use cost (about a
+    # second: its lazy imports), paid here rather than inside the first shard's write time
     shards = source.shards(cfg.shard_size)
     if cfg.limit is not None:
         shards = _limit(shards, cfg.limit)
