@@ -35,7 +35,7 @@ def tiny():
     return model, to_spec(model)
 
 
-@pytest.mark.parametrize("weights", [None, "int8"])
+@pytest.mark.parametrize("weights", [None, pytest.param("int8", marks=pytest.mark.slow)])
 def test_fused_copy_placement_bit_identical(tiny, weights):
     model, spec = tiny
     px, ids = _inputs(spec)
@@ -52,6 +52,7 @@ def test_fused_copy_placement_bit_identical(tiny, weights):
         assert torch.equal(a, b)
 
 
+@pytest.mark.slow
 def test_fused_copy_placement_with_folded_layernorms(tiny):
     model, spec = tiny
     px, ids = _inputs(spec, bi=2, bt=1, seed=5)
