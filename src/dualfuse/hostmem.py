@@ -129,6 +129,14 @@ class Placement:
         key = (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype, t.device)
         if t.numel() and key in self._memo:
             return self._memo[key]
+        flatten = getattr(t, "__tensor_flatten__", None)
+        if flatten is not None and type(t) not in (torch.Tensor, torch.nn.Parameter):
+            # a tensor subclass (torchao's quantized weights): its inner tensors placed, the subclass rebuilt
+            names, ctx = flatten()
+            inner = {n: self.place(getattr(t, n)) for n in names}
+            out = type(t).__tensor_unflatten__(inner, ctx, t.size(), t.stride())
+            self._memo[key] = out
+            return out
         if self.kind == "host":
             out = host_mapped_like(t, self.device)
         else:
@@ -166,8 +174,12 @@ def place_module_params(module: torch.nn.Module, placement) -> int:
     with torch.no_grad():
         for sub in module.modules():
             for name, prm in list(sub._parameters.items()):
-                if prm is not None:
+                if prm is None:
+                    continue
+                if type(prm) is torch.nn.Parameter and type(prm.data) is torch.Tensor:
                     prm.data = p.place(prm.data)
+                else:  # a tensor-subclass weight (torchao): a new Parameter around the placed subclass
+                    sub._parameters[name] = torch.nn.Parameter(p.place(prm), requires_grad=False)
             for name, buf in list(sub._buffers.items()):
                 if buf is not None:
                     sub._buffers[name] = p.place(buf)
