@@ -81,7 +81,7 @@ def is_host_mapped(t: torch.Tensor) -> bool:
 
     class Attr(ctypes.Structure):
         _fields_ = [("type", ctypes.c_int), ("device", ctypes.c_int), ("devicePointer", ctypes.c_void_p),
-                    ("hostPointer", ctypes.c_void_p)]
+                    ("hostPointer", ctypes.c_void_p), ("reserved", ctypes.c_long * 16)]
 
     a = Attr()
     if lib.cudaPointerGetAttributes(ctypes.byref(a), ctypes.c_void_p(t.data_ptr())) != 0:
