@@ -32,6 +32,7 @@ copies the 8-SM shares to data/standin_shares.json (the files the library reads)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import glob
 import json
@@ -97,6 +98,9 @@ def _row_specs(args, torch, case: str):
         rows.append(("fused fp8", "fused", {"weights": "fp8"}, "fp8"))
     rows += [("fused nopdl fold", "fused", {"pdl": False, "fold_ln": True}, "fp16"),
              ("fused nopdl nofold", "fused", {"pdl": False, "fold_ln": False}, "fp16")]
+    # attention blocks A/B (the default picks by programs per SM: 64 x 64 or 64 x 32, kernels/attention.py)
+    rows += [(f"fused fp16 [attn {bm}x{bn}]", "fused", {"_attention": (bm, bn)}, "fp16")
+             for bm, bn in ((32, 32), (64, 64), (64, 32))]
     if torch.cuda.is_available():
         rows.append(("graph", "graph", {}, "fp16"))
     if not args.no_compile:
@@ -108,6 +112,29 @@ def _row_specs(args, torch, case: str):
     if case == HOST_INPUTS_CASE and torch.cuda.is_available():
         out += [("fused fp16 [inputs host]", "fused", {}, "fp16", True), ("graph [inputs host]", "graph", {}, "fp16", True)]
     return out
+
+
+@contextlib.contextmanager
+def attention_blocks(blocks):
+    """While active, fused runners built get attention launches of (BLOCK_M, BLOCK_N) = ``blocks`` (None: the
+    default). The runner imports GroupedAttention when it builds (at an executor's first call of a shape)."""
+    if blocks is None:
+        yield
+        return
+    from dualfuse.kernels import attention as A
+
+    original = A.GroupedAttention
+    bm, bn = blocks
+
+    class Fixed(original):
+        def __init__(self, problems, **kw):
+            super().__init__(problems, **{**kw, "block_m": bm, "block_n": bn})
+
+    A.GroupedAttention = Fixed
+    try:
+        yield
+    finally:
+        A.GroupedAttention = original
 
 
 def _build(torch, name, ex_name, kw, model, spec, dtype, device, stand_kw, placement):
@@ -158,6 +185,8 @@ def run_case(args, torch, case, preset, ni, nt, bandwidth, stand_kw, placement, 
                    status="ok")
         rows.append(row)
         ex = None
+        blocks = kw.get("_attention")
+        kw = {k: v for k, v in kw.items() if k != "_attention"}
         try:
             tb = time.perf_counter()
             ex = _build(torch, name, ex_name, kw, model, spec, dtype, device, stand_kw, placement)
@@ -167,7 +196,7 @@ def run_case(args, torch, case, preset, ni, nt, bandwidth, stand_kw, placement, 
             row["weight_bytes"] = int(weight_bytes(spec, fmt, dtype, towers)["total"])
             ins = host_inputs if on_host else inputs
             cos = []
-            with torch.no_grad():
+            with torch.no_grad(), attention_blocks(blocks):
                 for i, (px, ids) in enumerate(ins):
                     outs = call_towers(ex, px, ids)
                     for o, r in zip(outs, refs[i]):
