@@ -116,3 +116,16 @@ def test_bench_stand_in_end_to_end_gpu(tmp_path):
     assert doc["stand_in"]["sms"] == 8 and doc["stand_in"]["measured_bandwidth_gbps"] > 1
     for r in doc["results"]:
         assert r["status"] == "ok" and r["cosine_ok"] and r["standin_share"] > 0 and r["weight_bytes"] > 0
+
+
+def test_placeable_executors():
+    from dualfuse import executors
+
+    assert all(standin.placeable(executors.executor_class(n)) for n in ("eager", "streams", "graph", "compile",
+                                                                        "fused"))
+    for n in ("onnxruntime", "tensorrt"):
+        try:
+            cls = executors.executor_class(n)
+        except Exception:  # noqa: BLE001 - its optional package is missing here
+            continue
+        assert not standin.placeable(cls)

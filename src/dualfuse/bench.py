@@ -346,6 +346,9 @@ def run_bench(model: str = DEFAULT_MODEL, *, executors: list[str] | None = None,
         try:
             t0 = time.perf_counter()
             wkw = _weights_kwargs(name, weights)
+            if stand_cfg is not None and not SI.placeable(registry.executor_class(name)):
+                raise ExecutorUnavailable(f"stand-in: {name} keeps its weights in its own runtime's memory, which "
+                                          "cannot be placed in host memory")
             skw = SI.executor_kwargs(name, stand_cfg, stand_info) if stand_cfg is not None else {}
             ex = registry.get(name, source, dtype=dtype, device=device, spec=spec, **wkw, **skw)
             if stand_cfg is not None:  # every weight byte over PCIe, before the first call builds anything

@@ -151,6 +151,14 @@ def measure(cfg: StandInConfig, green_context: dict | None = None, cublas: bool 
     return StandInInfo(cfg, triton_read.gbps * 1e9, [p.to_dict() for p in probe], green_context)
 
 
+def placeable(cls) -> bool:
+    """Whether an executor class keeps its weights in torch tensors the stand-in can move to host memory: the fused
+    executor and the executors that run a copy of the source model (eager, streams, graph, compile)."""
+    from .executors.base import SourceExecutor
+
+    return issubclass(cls, SourceExecutor) or getattr(cls, "name", "") == "fused"
+
+
 def executor_kwargs(name: str, cfg: StandInConfig, info: StandInInfo | None = None) -> dict:
     """Extra build options of executor ``name`` in the stand-in: the fused executor's GEMMs use pointer loads and
     pick their configs by the byte-bound model at the measured bandwidth (kernels/gemm/regime.py)."""
