@@ -27,7 +27,7 @@ The table is printed last; JSON goes to ``--out``/standin-sms{N}.json (shares to
 ``--tune``: for ViT-B/32's and SigLIP B/16's grouped GEMM launches at batch 1 (fp16 and int8 weights, host-mapped),
 every config of the byte-bound candidates (kernels/gemm/regime.py) timed with a cold L2; the best per launch shape is
 written to ``--out``/tune-sms{N}.json. ``--merge DIR`` joins the tune files into kernels/gemm/standin_gemm.json and
-copies the 8-SM shares to data/standin_shares.json (the files the library reads).
+copies the 8-SM shares to dualfuse/standin_shares.json (the files the library reads).
 """
 from __future__ import annotations
 
@@ -326,7 +326,7 @@ def tune(args, torch, device, stand_kw, placement, sms):
 
 
 def merge(out_dir: str) -> int:
-    """tune-sms*.json -> kernels/gemm/standin_gemm.json; shares-sms8.json -> data/standin_shares.json."""
+    """tune-sms*.json -> kernels/gemm/standin_gemm.json; shares-sms8.json -> dualfuse/standin_shares.json."""
     src = HERE.parent / "src" / "dualfuse"
     configs, sources = {}, []
     for p in sorted(glob.glob(os.path.join(out_dir, "tune-sms*.json"))):
@@ -342,10 +342,9 @@ def merge(out_dir: str) -> int:
     if os.path.isfile(shares):
         with open(shares) as f:
             doc = json.load(f)
-        os.makedirs(src / "data", exist_ok=True)
-        with open(src / "data" / "standin_shares.json", "w") as f:
+        with open(src / "standin_shares.json", "w") as f:
             json.dump(doc, f, indent=1)
-        print(f"shares {doc['shares']} -> {src / 'data' / 'standin_shares.json'}")
+        print(f"shares {doc['shares']} -> {src / 'standin_shares.json'}")
     return 0
 
 

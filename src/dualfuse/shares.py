@@ -4,7 +4,7 @@ The edge-regime stand-in (dualfuse.standin; benchmarks/standin.py) times the fus
 time with its weights host-mapped, and divides each stage's bytes (the plan's cost model: weights + activations) at
 the stand-in's measured bandwidth by its measured time. Summed per step kind — ``gemm`` (block GEMMs), ``attention``,
 ``layernorm``, ``embed`` (patch / token embedding), ``head`` (projections, SigLIP's pooling head, pooled-row pick) —
-that gives the share of the bandwidth each kind reaches. ``standin_shares.json`` in dualfuse/data holds the latest
+that gives the share of the bandwidth each kind reaches. ``standin_shares.json`` beside this module holds the latest
 measurement (card, date, commit, SM count, bandwidth); :func:`predict` turns shares into a latency on a target:
 ``sum over kinds of bytes / (target bandwidth x share) + launches x launch gap``. Still a prediction: the stand-in's
 activations stay in HBM (attention's and LayerNorm's shares are optimistic) and its link is PCIe, not LPDDR5.
@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass, field
 
 KINDS = ("gemm", "attention", "layernorm", "embed", "head")
-DEFAULT_PATH = os.path.join(os.path.dirname(__file__), "data", "standin_shares.json")
+DEFAULT_PATH = os.path.join(os.path.dirname(__file__), "standin_shares.json")
 HEAD_OPS = ("proj", "pool_index")
 
 
