@@ -78,7 +78,7 @@ def pytest_configure(config):
 
 def wanted(config) -> bool:
     """Whether this run should launch every kernel."""
-    if not interpreting() or hasattr(config, "workerinput"):
+    if not interpreting() or hasattr(config, "workerinput") or config.option.collectonly:
         return False
     if config.getoption(OPTION):
         return True

@@ -127,6 +127,7 @@ def test_causal_masks_that_would_change_the_output_are_refused(clip):
     assert _rel(a, b) > 1e-3
 
 
+@pytest.mark.slow
 def test_siglip_mask_with_padding_is_refused_all_ones_accepted(siglip):
     model, fused = siglip
     _, ids = _inputs(fused, 0, 2)
@@ -158,6 +159,7 @@ def test_return_dict_false_gives_the_source_models_tuple(clip, siglip):
         assert len(fused(ids, px, return_dict=False)) == 4
 
 
+@pytest.mark.slow
 def test_return_loss_needs_pairs(clip):
     _, fused = clip
     px, ids = _inputs(fused, 2, 3)
@@ -165,6 +167,7 @@ def test_return_loss_needs_pairs(clip):
         fused(input_ids=ids, pixel_values=px, return_loss=True)
 
 
+@pytest.mark.slow
 def test_position_ids_only_the_default(clip):
     model, fused = clip
     px, ids = _inputs(fused, 1, 2)
@@ -180,6 +183,7 @@ def test_position_ids_only_the_default(clip):
         fused.get_text_features(ids, position_ids=ar[None, :-1])
 
 
+@pytest.mark.slow
 def test_interpolate_pos_encoding_and_unknown_arguments_are_refused(clip):
     _, fused = clip
     px, ids = _inputs(fused, 1, 1)

@@ -228,10 +228,12 @@ def _fault_leaves_nothing_behind(monkeypatch, clip, fault, match, bi, bt):
     return ex
 
 
+@pytest.mark.slow
 def test_keyboard_interrupt_while_building_a_runner_leaves_the_executor_usable(monkeypatch, clip):
     _fault_leaves_nothing_behind(monkeypatch, clip, KeyboardInterrupt(), None, 3, 2)
 
 
+@pytest.mark.slow
 def test_out_of_memory_while_building_names_the_shape_and_recovers(monkeypatch, clip):
     oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
     spec, ex = clip
