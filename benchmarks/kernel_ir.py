@@ -50,6 +50,33 @@ CASES = (  # (target, model, weights)
 )
 
 
+def _strip_locs(text: str) -> str:
+    """The text without its ``loc(...)`` source locations (nested parentheses and quoted file names)."""
+    out, i = [], 0
+    while True:
+        j = text.find("loc(", i)
+        if j < 0:
+            return "".join(out) + text[i:]
+        if j > 0 and (text[j - 1].isalnum() or text[j - 1] in "_#"):  # a name ending in loc, not a location
+            out.append(text[i:j + 4])
+            i = j + 4
+            continue
+        out.append(text[i:j].rstrip(" "))
+        depth, k, quoted = 0, j + 3, False
+        while k < len(text):
+            c = text[k]
+            if c == '"':
+                quoted = not quoted
+            elif not quoted and c == "(":
+                depth += 1
+            elif not quoted and c == ")":
+                depth -= 1
+                if depth == 0:
+                    break
+            k += 1
+        i = k + 1
+
+
 def normalize(text: str, kind: str) -> str:
     """What a source reshuffle changes and the machine code does not. PTX: source locations, the labels that
     delimit inlined scopes for the debug info, debug sections. TTGIR: the same, and since constants are hoisted in
@@ -57,7 +84,7 @@ def normalize(text: str, kind: str) -> str:
     operations (a necessary condition; the PTX and SASS are the exact ones)."""
     lines = []
     if kind == "ttgir":
-        text = re.sub(r"\s*loc\((#loc\d*|\"[^\"]*\"(:\d+:\d+)?|[^()]*)\)", "", text)
+        text = _strip_locs(text)
         # layout aliases (#blocked1 = ...) are numbered in the order they are met: spell them out
         aliases = dict(re.findall(r"^(#\w+) = (.*)$", text, flags=re.M))
         for ln in text.splitlines():

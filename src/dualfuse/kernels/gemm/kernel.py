@@ -4,6 +4,17 @@ One program = one (problem, output tile, K split). A program finds its problem b
 problems' first program ids, then reads the problem's fields (table.py: kernel arguments for up to
 MAX_ARG_PROBLEMS problems, else a row of the device table).
 
+The kernel body reads as its steps; each step is a @triton.jit helper defined above it, in this order (Triton
+inlines them, so the compiled code is that of one body: benchmarks/kernel_ir.py compares two commits' PTX and SASS):
+- problem selection: `_find_problem`, `_problem_fields` (typed pointers, sizes, flags; all tl.multiple_of hints),
+  `_tile_of` (the program's tile and K split);
+- the K loop: `_prefetch_weights` (L2), `_tma_dot` (tensor descriptors) or `_ptr_dot` (pointers, 16-bit or
+  quantized weights, `_widen`);
+- split-K: `_store_partial` (deferred reduction), `_split_k_reduce` (in-launch reduction);
+- the folded LayerNorm's row statistics: `_ln_load_parts` (given by the launch that wrote x), `_ln_row_pass` (a
+  pass over x), `_ln_mean_var`;
+- the epilogue: `_ln_fold`, `_epilogue` (bias, activation, residual, store), `_store_row_stats`.
+
 Tensor-descriptor (TMA) loads (USE_TMA, sm_90+): x and W tiles come through one host-built descriptor per problem
 instead of per-element addresses and masks (out-of-bounds rows and columns arrive as zeros).
 
@@ -526,10 +537,14 @@ def _grouped_linear_kernel(
     (x_ptr, w_ptr, wq_ptr, w_addr, scale_ptr, out_ptr, bias_ptr, res_ptr, colsum_ptr, stats_out_ptr, stats_in_ptr,
      M, N, K, stride_xm, stride_om, stride_rm, flags, start, S, ips, ws_off, cnt_off, eps, spw) = _problem_fields(
         g, meta_ptr,
-        (xa0, wa0, oa0, ba0, ra0, M0, N0, K0, sx0, so0, sr0, fl0, st0, S0, ips0, wso0, cno0, na0, ep0, sa0, sb0, sw0, qa0),
-        (xa1, wa1, oa1, ba1, ra1, M1, N1, K1, sx1, so1, sr1, fl1, st1, S1, ips1, wso1, cno1, na1, ep1, sa1, sb1, sw1, qa1),
-        (xa2, wa2, oa2, ba2, ra2, M2, N2, K2, sx2, so2, sr2, fl2, st2, S2, ips2, wso2, cno2, na2, ep2, sa2, sb2, sw2, qa2),
-        (xa3, wa3, oa3, ba3, ra3, M3, N3, K3, sx3, so3, sr3, fl3, st3, S3, ips3, wso3, cno3, na3, ep3, sa3, sb3, sw3, qa3),
+        (xa0, wa0, oa0, ba0, ra0, M0, N0, K0, sx0, so0, sr0, fl0, st0, S0, ips0, wso0, cno0,
+         na0, ep0, sa0, sb0, sw0, qa0),
+        (xa1, wa1, oa1, ba1, ra1, M1, N1, K1, sx1, so1, sr1, fl1, st1, S1, ips1, wso1, cno1,
+         na1, ep1, sa1, sb1, sw1, qa1),
+        (xa2, wa2, oa2, ba2, ra2, M2, N2, K2, sx2, so2, sr2, fl2, st2, S2, ips2, wso2, cno2,
+         na2, ep2, sa2, sb2, sw2, qa2),
+        (xa3, wa3, oa3, ba3, ra3, M3, N3, K3, sx3, so3, sr3, fl3, st3, S3, ips3, wso3, cno3,
+         na3, ep3, sa3, sb3, sw3, qa3),
         x_ref, out_ref, bias_ref, wq_ref, scale_ref, NUM_PROBLEMS, META_IN_ARGS, ALIGNED, VEC_IN, VEC_OUT, VEC_K,
         BLOCK_M * BLOCK_N)
     out_ty = out_ref.dtype.element_ty
