@@ -491,7 +491,7 @@ def _grouped_linear_kernel(
     ba0, ra0,  # addresses: bias [N], residual [M, N] (may be out)
     M0, N0, K0, sx0, so0, sr0,  # sizes; row strides (elements) of x, out, residual
     fl0, st0,  # flags: activation code | FLAG_* bits; the problem's first program id
-    S0, ips0, wso0, cno0,  # split-K: K splits S, BLOCK_K steps per split, workspace offset (fp32 elements), counters'
+    S0, ips0, wso0, cno0,  # split-K: K splits S, BLOCK_K steps per split; workspace (fp32 elements), counter offsets
     na0, ep0,  # folded LayerNorm: address of column sums fp32 [N], eps (float)
     sa0, sb0, sw0,  # row statistics: addresses written fp32 [M, cdiv(N, 16), 2], read [M, cdiv(K, 16), 2]; read width
     qa0,  # address of the quantized weight's per-output-channel scales [N]
