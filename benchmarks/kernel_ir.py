@@ -9,7 +9,8 @@ change speed.
 
 Specializations: clip-tiny and siglip-tiny fused at batch 1 under the h100 target (sm_90: TMA, PDL, prefetch, split-K)
 and the orin-nano target (sm_87: LayerNorms folded into the GEMMs, row statistics in and out), clip-tiny with int8
-weights under both, and a direct launch of five problems (the per-problem table instead of kernel arguments).
+weights under both, and direct launches for what those leave out (the per-problem table, split-K reduced in the
+launch, deferred partial sums, no prefetch, a folded LayerNorm's pass over x, no early epilogue).
 Compiled with the installed Triton (its bundled ptxas), like benchmarks/aot_compile.py, whose stub driver this reuses.
 """
 from __future__ import annotations
@@ -151,25 +152,36 @@ class _Dumper:
         return True
 
 
-def _five_problems():
-    """A direct launch of five problems: fields from the device table (META_IN_ARGS off)."""
-    from dualfuse.kernels.gemm import grouped_linear
+def _direct_launches():
+    """Launches the tiny models at batch 1 do not make: five problems (fields from the device table, META_IN_ARGS
+    off); split-K reduced in the launch with an in-place residual, deferred partial sums, both without the L2
+    prefetch; a folded LayerNorm whose statistics come from a pass over x, at 600 rows (no early epilogue)."""
+    from dualfuse.kernels.gemm import GroupedLinear, LinearProblem, fold_layernorm, grouped_linear
 
     g = torch.Generator().manual_seed(0)
-    xs = [torch.randn(50, 64, generator=g).half() for _ in range(5)]
-    ws = [torch.randn(96, 64, generator=g).half() for _ in range(5)]
-    bs = [torch.randn(96, generator=g).half() for _ in range(5)]
-    grouped_linear(xs, ws, bs, activations="gelu")
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g).half()
+
+    grouped_linear([r(50, 64) for _ in range(5)], [r(96, 64) for _ in range(5)], [r(96) for _ in range(5)],
+                   activations="gelu")
+    out = r(50, 256)
+    parts = torch.empty(4, 50, 128)
+    cfg = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, prefetch=False)
+    GroupedLinear([LinearProblem(r(50, 768), r(256, 768), out, bias=r(256), residual=out)], split_k=4, config=cfg)()
+    GroupedLinear([LinearProblem(r(50, 768), r(128, 768), parts, partial_sums=True)], config=cfg)()
+    wf, bf, norm = fold_layernorm(r(256, 256), r(256), r(256), r(256), 1e-5)
+    grouped_linear([r(600, 256)], [wf], [bf], activations="quick_gelu", norms=[norm])
 
 
-def dump(out: Path) -> list[dict]:
+def dump(out: Path, cases=CASES, direct: bool = True) -> list[dict]:
     from dualfuse.kernels._utils import target_device
     from dualfuse.targets import get_target
 
     out.mkdir(parents=True, exist_ok=True)
     aot._patch_interpreter_flag()
     records = []
-    cases = [(t, m, w) for t, m, w in CASES] + [("h100", "five-problems", None)]
+    cases = list(cases) + ([("h100", "direct", None)] if direct else [])
     for tname, model, weights in cases:
         target = get_target(tname)
         cc = target.capability[0] * 10 + target.capability[1]
@@ -177,8 +189,8 @@ def dump(out: Path) -> list[dict]:
         knobs.runtime.jit_cache_hook = hook
         driver.set_active(aot._StubDriver(GPUTarget("cuda", cc, 32)))
         with target_device(target.props()):
-            if model == "five-problems":
-                _five_problems()
+            if model == "direct":
+                _direct_launches()
             else:
                 aot._calls(aot._fuse(model, torch.float16, weights), 1, frames=False)
         records += hook.records
@@ -210,10 +222,11 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="write the dump here")
     ap.add_argument("--compare", help="then compare with this earlier dump")
+    ap.add_argument("--direct-only", action="store_true", help="only the direct launches (no fused models)")
     args = ap.parse_args(argv)
     print(f"triton {triton.__version__}, torch {torch.__version__}")
     t0 = time.perf_counter()
-    recs = dump(Path(args.out))
+    recs = dump(Path(args.out), cases=() if args.direct_only else CASES)
     print(f"{len(recs)} specializations dumped in {time.perf_counter() - t0:.0f} s")
     return compare(Path(args.out), Path(args.compare)) if args.compare else 0
 
