@@ -2,7 +2,9 @@
 fused executor launches on a target device (and its SASS, by the cuobjdump that ships with Triton), and compare two
 dumps (e.g. of two commits) after normalizing what a pure source reshuffle changes (source locations, debug
 sections). Identical PTX and SASS mean identical machine code: a refactor that leaves every dump unchanged cannot
-change speed.
+change speed. With source line info on (Triton's default) ptxas may still name registers differently or swap two
+independent instructions where only the line table differs; `TRITON_DISABLE_LINE_INFO=1` on both dumps takes that
+out.
 
     python benchmarks/kernel_ir.py --out /tmp/ir-new                     # dump (h100 and orin-nano configs)
     python benchmarks/kernel_ir.py --out /tmp/ir-new --compare /tmp/ir-old  # dump, then diff against an old dump
