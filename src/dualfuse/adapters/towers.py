@@ -18,6 +18,9 @@ def from_tower(model) -> DualEncoderSpec:
     label = {"hf_clip": "HF CLIP", "hf_metaclip2": "HF MetaCLIP 2", "hf_siglip": "HF SigLIP",
              "hf_siglip2": "HF SigLIP2", "open_clip": "open_clip"}[family]
     extra = {}
+    # transformers 5.2x: CLIPVisionModel / SiglipVisionModel / ... are the transformer itself; earlier releases
+    # and the *WithProjection classes wrap it as vision_model / text_model
+    inner = getattr(model, "vision_model" if tower == "vision" else "text_model", model)
     if family == "open_clip":
         from .open_clip import vision_tower
 
@@ -28,9 +31,9 @@ def from_tower(model) -> DualEncoderSpec:
         from .hf_clip import clip_text, clip_text_pooling, clip_vision
 
         if tower == "vision":
-            spec = clip_vision(model.config, model.vision_model, proj, label)
+            spec = clip_vision(model.config, inner, proj, label)
         else:
-            tm = model.text_model
+            tm = inner
             if family == "hf_metaclip2":  # always the first eos_token_id (hf_metaclip2.py)
                 pooling, eos = "first_eos", int(tm.eos_token_id)
             else:
@@ -39,12 +42,12 @@ def from_tower(model) -> DualEncoderSpec:
     elif family == "hf_siglip":
         from .hf_siglip import siglip_text, siglip_vision
 
-        spec = (siglip_vision(model.config, model.vision_model, head_required=False) if tower == "vision"
-                else siglip_text(model.config, model.text_model, label))
+        spec = (siglip_vision(model.config, inner, head_required=False) if tower == "vision"
+                else siglip_text(model.config, inner, label))
     else:  # hf_siglip2: the NaFlex vision tower
         from .hf_siglip2 import siglip2_vision
 
-        spec = siglip2_vision(model.config, model.vision_model)
+        spec = siglip2_vision(model.config, inner)
     cfg = getattr(model, "config", None)
     name = (getattr(cfg, "_name_or_path", "") if cfg is not None else "") or f"{family} {tower} tower"
     towers = dict(vision=spec, text=None) if tower == "vision" else dict(vision=None, text=spec)
