@@ -438,6 +438,12 @@ class FusedTower(FusedModel):
         else:
             raise ValueError(f"forward: output_hidden_states must be None, a bool, an index or a list of indices, "
                              f"got {hidden!r}")
+        if isinstance(x, PatchSequence):  # SigLIP2 NaFlex: images grouped by patch grid, pooled output only
+            if sel != ():
+                raise ValueError("forward: output_hidden_states is not supported for SigLIP2 NaFlex towers (each "
+                                 "image runs at its own patch grid); the fused tower gives pooler_output only")
+            out = _tower_output(self._source_class, self.tower, None, self.executor.encode_image(x), None)
+            return out if return_dict is not False else out.to_tuple()
         r = self.executor.encode_tower(x, hidden=sel)
         hs = None
         if sel != ():

@@ -625,9 +625,20 @@ class FusedExecutor(Locked, Executor):
             pending.check()
         return img, txt
 
+    def _tower_embeddings(self, x):
+        """encode_image / encode_text of a single tower fused without its pooled output: what its callers read
+        (last_hidden_state, else the last hidden state it was fused for)."""
+        t = getattr(self.spec, self.spec.tower)
+        if self.hidden_states is None or t.num_layers in self.hidden_states:
+            return self.encode_tower(x, hidden=(), last=True)["last"]
+        k = self.hidden_states[-1]
+        return self.encode_tower(x, hidden=(k,), last=False)["hidden"][k]
+
     def _encode_image(self, px):
         if self.fallback is not None:
             return self.fallback._encode_image(px)
+        if not self.pooled:
+            return self._tower_embeddings(px)
         if isinstance(px, PatchSequence):
             return self._encode_naflex(px, None)[0]
         pixels = "uint8" if px.dtype == torch.uint8 else "float"
@@ -697,6 +708,8 @@ class FusedExecutor(Locked, Executor):
     def _encode_text(self, ids):
         if self.fallback is not None:
             return self.fallback._encode_text(ids)
+        if not self.pooled:
+            return self._tower_embeddings(ids)
         with self._lock:
             _, txt, pending = self.runner(0, ids.shape[0], ids.shape[1]).run(None, ids, self.check_ids)
         if pending is not None:  # waits for this call's work, outside the lock
