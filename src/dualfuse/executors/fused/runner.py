@@ -62,7 +62,7 @@ class Runner:
         # single-tower calls: the hidden states asked for, copied out of the residual stream once complete
         self.hidden: dict[int, torch.Tensor] = {}
         self.tokens: torch.Tensor | None = None  # the final LN over every token (TowerOutputs.tokens_ln)
-        self.launches = self.ops
+        self._after: dict[int, list] = {}  # stage index -> the hidden-state copies launched right after it
         if outputs is not None:
             self._add_tower_outputs(outputs)
         self.graph = None  # captured at the first call (fuse() builds runners only to check coverage)
@@ -106,12 +106,7 @@ class Runner:
                          if any((st.tower, st.layer, st.op) == target for st in s.steps))
             where.setdefault(stage, []).append(k)
             self.hidden[k] = torch.empty(shape, dtype=self.ex.dtype, device=self.ex.device)
-        launches = []
-        for i, op in enumerate(self.ops):
-            launches.append(op)
-            for k in where.get(i, ()):
-                launches.append(_copy_op(self.hidden[k], b.x.view(shape)))
-        self.launches = launches
+        self._after = {i: [_copy_op(self.hidden[k], b.x.view(shape)) for k in ks] for i, ks in where.items()}
 
     def _deferred_to(self, step: Step):
         """The LayerNorm step (tower, layer, op) that reads this GEMM's output (the residual stream) next and
@@ -176,8 +171,14 @@ class Runner:
 
     # -- running -----------------------------------------------------------------------------------------
     def launch_all(self):
-        for op in self.launches:
+        if not self._after:
+            for op in self.ops:
+                op()
+            return
+        for i, op in enumerate(self.ops):
             op()
+            for copy in self._after.get(i, ()):
+                copy()
 
     def _capture(self):
         """Warm up (compiles every kernel outside the capture), then capture the launches into one graph. A failure
