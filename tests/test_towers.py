@@ -203,3 +203,103 @@ def test_vlm_with_fused_vision_tower(make):
         got_tokens = vlm.generate(**kw, max_new_tokens=3, do_sample=False)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-3)
     assert torch.equal(got_tokens, want_tokens)
+
+
+# ------------------------------------------------------------------------------------ what the pair has
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["open_clip-tiny", "open_clip-siglip-tiny"])
+def test_open_clip_visual(name):
+    """open_clip's model.visual (ViT, timm ViT) alone: fused(images) is model.visual(images)."""
+    pytest.importorskip("open_clip")
+    if "siglip" in name:
+        pytest.importorskip("timm")
+    visual = dualfuse.load(name).visual.eval()
+    size = visual.image_size if isinstance(visual.image_size, int) else visual.image_size[0]
+    px = torch.randn(2, 3, size, size)
+    fused = dualfuse.fuse(visual)
+    assert fused.executor.fallback is None
+    with torch.no_grad():
+        want = visual(px)
+    torch.testing.assert_close(fused(px), want, atol=ATOL, rtol=1e-3)
+
+
+@pytest.mark.slow
+def test_vision_tower_uint8_frames_and_int8_weights():
+    """uint8 frames: the normalization folded into the patch embedding; int8 weights: cosine close to fp32."""
+    from dualfuse.adapters import image_normalization
+
+    src = make_tower("CLIPVisionModelWithProjection").eval()
+    frames = torch.randint(0, 256, (2, 30, 30, 3), dtype=torch.uint8)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in image_normalization(src, "hf_clip"))
+    px = (frames.permute(0, 3, 1, 2).float() / 255 - mean) / std
+    with torch.no_grad():
+        want = src(px).image_embeds
+    fused = dualfuse.fuse(src)
+    torch.testing.assert_close(fused(frames).image_embeds, want, atol=1e-3, rtol=1e-3)
+    q = dualfuse.fuse(src, weights="int8")
+    cos = torch.nn.functional.cosine_similarity(q(px).image_embeds, want, dim=-1)
+    assert cos.min() > 0.99
+
+
+@pytest.mark.slow
+def test_text_tower_bucketed_lengths():
+    """A CLIP text tower pads a short text up to its bucket; the tokens it returns are the text's own."""
+    src = make_tower("CLIPTextModel").eval()
+    ids = torch.randint(1, 97, (1, 7))
+    ids[0, -1] = 98
+    fused = dualfuse.fuse(src, text_buckets=(12,))
+    with torch.no_grad():
+        want = src(ids, output_hidden_states=True)
+    got = fused(ids, output_hidden_states=True)
+    assert fused.executor.text_bucket(7) == 12
+    assert_same_output(got, want)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["SiglipVisionModel", "CLIPTextModel"])
+def test_tower_unfolded_layernorms(name):
+    """fold_ln=False (the H100 path: separate LayerNorm launches, which may finish a GEMM's split-K sums): hidden
+    states are copied only once complete."""
+    src = make_tower(name).eval()
+    x = inputs_for(name, batch=1)
+    fused = dualfuse.fuse(src, fold_ln=False)
+    with torch.no_grad():
+        want = src(**x, output_hidden_states=True)
+    assert_same_output(fused(**x, output_hidden_states=True), want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["CLIPVisionModel", "SiglipVisionModel", "CLIPTextModelWithProjection"])
+def test_gpu_tower_fp16_graph(name):
+    """On CUDA (one graph per call shape, split-K deferred to LayerNorms at batch 1): fp16 outputs within cosine
+    0.999 of the fp32 source, every hidden state, also fused for hidden_states=(-2,)."""
+    src = make_tower(name).eval().cuda()
+    x = {k: v.cuda() for k, v in inputs_for(name, batch=1).items()}
+    with torch.no_grad():
+        want = src(**x, output_hidden_states=True)
+    fused = dualfuse.fuse(src, dtype=torch.float16)
+    xh = {k: (v.half() if v.is_floating_point() else v) for k, v in x.items()}
+    got = fused(**xh, output_hidden_states=True)
+
+    def cos(a, b):
+        return torch.nn.functional.cosine_similarity(a.float().flatten(0, -2), b.flatten(0, -2), dim=-1).min()
+
+    for a, b in zip(got.hidden_states, want.hidden_states):
+        assert cos(a, b) > 0.999
+    assert cos(got.last_hidden_state, want.last_hidden_state) > 0.999
+    sel = dualfuse.fuse(src, dtype=torch.float16, hidden_states=(-2,))(**xh, output_hidden_states=-2)
+    assert cos(sel.hidden_states[-2], want.hidden_states[-2]) > 0.999
+
+
+@pytest.mark.gpu
+def test_gpu_llava_fused_tower():
+    vlm, image_token, n_image = _tiny_llava()
+    vlm = vlm.cuda()
+    ids = torch.cat([torch.full((1, n_image), image_token), torch.randint(1, 60, (1, 5))], dim=1).cuda()
+    kw = dict(input_ids=ids, pixel_values=torch.randn(1, 3, 16, 16, device="cuda"), attention_mask=torch.ones_like(ids))
+    with torch.no_grad():
+        want = vlm.generate(**kw, max_new_tokens=3, do_sample=False)
+        vlm.model.vision_tower = dualfuse.fuse(vlm.model.vision_tower, hidden_states=(-2,))
+        got = vlm.generate(**kw, max_new_tokens=3, do_sample=False)
+    assert torch.equal(got, want)
