@@ -651,7 +651,9 @@ def _source_dtype(model) -> torch.dtype:
 
 def fuse(model, dtype=None, device=None, **kwargs) -> FusedModel:
     """``dualfuse.fuse(model)``: the user's HF CLIPModel / MetaClip2Model / SiglipModel / Siglip2Model, open_clip
-    CLIP / CustomTextCLIP, a preset name or a DualEncoderSpec -> a drop-in :class:`FusedModel`.
+    CLIP / CustomTextCLIP, a preset name or a DualEncoderSpec -> a drop-in :class:`FusedModel`; a single tower
+    (adapters.TOWER_CLASSES: CLIPVisionModel, SiglipTextModel, open_clip ``model.visual``, ...) -> a
+    :class:`FusedTower` (options ``hidden_states=`` / ``pooled=``: see FusedTower).
 
     ``dtype``: default the source model's dtype (``fuse(model.half())`` runs fp16, ``fuse(model)`` of an fp32
     model runs fp32; pass ``dtype=torch.float16`` for speed). ``device``: default CUDA when there is one, else CPU.
