@@ -116,7 +116,12 @@ def test_fuse_for_selected_hidden_states():
     assert [s.layer for s in runner.plan.steps("vision") if s.op == "fc2"] == [0]  # layer 1 skipped
     assert not any(s.op in ("pool_ln", "proj") for s in runner.plan.steps("vision"))
     with pytest.raises(ValueError, match=r"built for hidden states \(1,\)"):
-        fused(px, output_hidden_states=True)
+        fused(px, output_hidden_states=0)
+    # output_hidden_states=True (transformers before index selection): the computed one reads, others raise
+    every = fused(px, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(every[-2], want.hidden_states[-2], atol=ATOL, rtol=1e-3)
+    with pytest.raises(ValueError, match=r"hidden_states\[-1\] was not computed"):
+        every[-1]
 
 
 def test_tower_refusals():

@@ -430,7 +430,9 @@ class FusedTower(FusedModel):
         if hidden is None or hidden is False:
             sel = ()
         elif hidden is True:
-            sel = None
+            # all of them; a tower fused for some (fuse(hidden_states=...)) gives those, and a clear error on reading
+            # another (transformers before index selection passes True where LLaVA reads one layer)
+            sel = self.executor.hidden_states
         elif isinstance(hidden, int):
             sel = (hidden,)
         elif isinstance(hidden, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in hidden):
@@ -450,6 +452,8 @@ class FusedTower(FusedModel):
             layers = getattr(self.executor.spec, self.tower).num_layers
             want = set(range(layers + 1)) if sel is None else {self.executor.hidden_index(i, layers) for i in sel}
             hs = tuple(r["hidden"][k] if k in want else None for k in range(layers + 1))
+            if hidden is True and self.executor.hidden_states is not None:
+                hs = FusedHiddenStates(hs, self.executor.hidden_states)
         out = _tower_output(self._source_class, self.tower, r["last"], r["pooled"], hs)
         return out if return_dict is not False else out.to_tuple()
 
@@ -458,6 +462,24 @@ class FusedTower(FusedModel):
         if self.executor.fallback is None:
             out.pop(prefix + "logit_scale", None)
         return out
+
+
+class FusedHiddenStates(tuple):
+    """The hidden states of a tower fused for some of them (``fuse(tower, hidden_states=...)``) when a call asks for
+    all: the computed ones by index as usual; reading another raises ValueError instead of giving None."""
+
+    def __new__(cls, items, computed):
+        t = super().__new__(cls, items)
+        t.computed = tuple(computed)
+        return t
+
+    def __getitem__(self, i):
+        x = super().__getitem__(i)
+        if x is None:
+            raise ValueError(f"hidden_states[{i}] was not computed: this tower was fused for hidden states "
+                             f"{self.computed} (fuse(..., hidden_states=...)); fuse the source model again with the "
+                             "hidden states its callers need")
+        return x
 
 
 def _tower_output(source_class: str, tower: str, last, pooled, hidden):
