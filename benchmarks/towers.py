@@ -25,6 +25,7 @@ of --iters calls); a table; JSON to --out.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -132,9 +133,9 @@ def run_case(name, args, device) -> dict:
         vlm = vlm.half()
         pxh = px.half()
 
-        def vision_part(x):
-            return vlm.model.get_image_features(x, vision_feature_layer=-2,
-                                                vision_feature_select_strategy="default").pooler_output[0]
+        def vision_part(x, m=vlm):
+            return m.model.get_image_features(x, vision_feature_layer=-2,
+                                              vision_feature_select_strategy="default").pooler_output[0]
 
         variants = {"eager": vision_part, "graph": None}
         rec["notes"] = ("LLaVA-1.5 vision part: CLIP ViT-L/14-336 hidden_states[-2] without the class token, then "
@@ -164,10 +165,10 @@ def run_case(name, args, device) -> dict:
                 calls[v] = graph_of(vision_part, pxh)
             elif v == "compile":
                 calls[v] = compiled_of(vision_part)
-        if name == "llava-1.5-vision":
-            unfused = vlm.model.vision_tower
-            vlm.model.vision_tower = dualfuse.fuse(unfused, hidden_states=(-2,))
-            calls["fused"] = vision_part
+        if name == "llava-1.5-vision":  # a copy of the VLM with the one-line swap
+            fused_vlm = copy.deepcopy(vlm)
+            fused_vlm.model.vision_tower = dualfuse.fuse(fused_vlm.model.vision_tower, hidden_states=(-2,))
+            calls["fused"] = lambda x: vision_part(x, fused_vlm)
         else:
             fused = dualfuse.fuse(src, **fuse_kw)
             calls["fused"] = lambda x: read(fused(x, **call_kw))
