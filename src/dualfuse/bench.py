@@ -124,6 +124,7 @@ class Row:
     notes: str = ""
     build_s: float | None = None
     first_call_s: float | None = None
+    compile_s: float | None = None  # torch.compile executors: the first call's seconds (compilation included)
     median_ms: float | None = None
     p90_ms: float | None = None
     mean_ms: float | None = None
@@ -142,6 +143,11 @@ class Row:
     joules_per_inference: float | None = None
     images_per_s_per_w: float | None = None
     energy: dict | None = None
+    # --stand-in (dualfuse.standin): the weight bytes this row streams per call, the stand-in floor (those bytes at
+    # the stand-in's measured bandwidth) and the share of it reached (floor / median)
+    weight_bytes: int | None = None
+    standin_floor_ms: float | None = None
+    standin_share: float | None = None
 
 
 def _eager(rows: list[Row]) -> Row | None:
@@ -191,6 +197,7 @@ class BenchResult:
     energy_meter: str | None = None  # the meter's source, None when asked for and unavailable
     energy_line: str | None = None  # what the meter said when opened (printed by the CLI)
     weights: str = "fp16"  # the fused executor's weights: "fp16" (the dtype, unquantized), "int8" or "fp8"
+    stand_in: dict | None = None  # dualfuse.standin.StandInInfo.to_dict() of a stand-in run
     rows: list[Row] = field(default_factory=list)
     command: str | None = None
     args: dict | None = None
@@ -232,7 +239,7 @@ class BenchResult:
             model=self.summary, eager_median_ms=eager.median_ms if eager else None,
             best_stock=best.executor if best else None,
             sms=self.green_context["sms"] if self.green_context else None, green_context=self.green_context,
-            energy_meter=self.energy_meter if self.energy else None,
+            energy_meter=self.energy_meter if self.energy else None, stand_in=self.stand_in,
             results=[asdict(r) for r in self.rows],
         )
 
@@ -247,7 +254,7 @@ def run_bench(model: str = DEFAULT_MODEL, *, executors: list[str] | None = None,
               text_length: int | None = None, dtype=None, device=None, iters: int | None = None,
               warmup: int | None = None, input_sets: int = 4, seed: int = 0, energy: bool = False,
               energy_seconds: float = 2.0, green_context: dict | None = None, weights: str | None = None,
-              progress: Progress | None = None) -> BenchResult:
+              stand_in=None, progress: Progress | None = None) -> BenchResult:
     """Time every executor in ``executors`` (default all registered) on ``model`` (see the module docstring).
 
     ``image_batch``/``text_batch`` default to ``batch`` (0 = that tower not run); ``iters``/``warmup`` default to
@@ -255,7 +262,10 @@ def run_bench(model: str = DEFAULT_MODEL, *, executors: list[str] | None = None,
     executor. ``green_context``: what :func:`dualfuse.green.enter` returned, when the caller entered one (it must be
     entered before anything touches CUDA, so not here). ``weights``: the fused executor's weights (None / "fp16":
     unquantized; "int8" / "fp8": weight-only, dualfuse.quantize), its row then checked against
-    quantize.COSINE_MIN; the other executors run the model's own weights. Bad arguments raise ValueError; an
+    quantize.COSINE_MIN; the other executors run the model's own weights. ``stand_in``: a Jetson target name or
+    dualfuse.standin.StandInConfig: the run becomes the edge-regime stand-in (that module's docstring): the target's
+    SMs in a green context (entered here unless ``green_context`` is given), every executor's weights in host-mapped
+    memory, the bandwidth measured first, each row's share of the stand-in floor. Bad arguments raise ValueError; an
     executor that fails gets a row saying why."""
     from . import executors as registry
     from . import presets, reference
@@ -264,6 +274,11 @@ def run_bench(model: str = DEFAULT_MODEL, *, executors: list[str] | None = None,
 
     from .quantize import resolve_weights
 
+    from . import standin as SI
+
+    stand_cfg = SI.resolve(stand_in)  # StandInError (a ValueError) for an unknown target
+    if stand_cfg is not None and green_context is None:
+        green_context = SI.enter(stand_cfg)  # before anything touches CUDA: no CUDA / SM count -> StandInError
     progress = progress or Progress()
     weights = resolve_weights(weights)  # ValueError for an unknown format (fp8 on this device: the fused row says)
     device = resolve_device(device)
@@ -278,8 +293,8 @@ def run_bench(model: str = DEFAULT_MODEL, *, executors: list[str] | None = None,
     if spec.tower is not None:  # a single tower: only its inputs (a batch asked for the other is an error)
         other = "text" if spec.tower == "vision" else "vision"
         if (text_batch if other == "text" else image_batch):
-            raise ValueError(f"{model} is a single {spec.tower} tower: --{other[:5] if other == 'image' else other}"
-                             f"-batch must be 0 (it has no {other} tower)")
+            flag = "--text-batch" if other == "text" else "--image-batch"
+            raise ValueError(f"{model} is a single {spec.tower} tower: {flag} must be 0 (it has no {other} tower)")
         bi, bt = (bi, 0) if spec.tower == "vision" else (0, bt)
     if iters < 1 or warmup < 0 or input_sets < 1:
         raise ValueError(f"need --iters >= 1, --warmup >= 0, --input-sets >= 1 (got {iters}, {warmup}, {input_sets})")
@@ -287,7 +302,7 @@ def run_bench(model: str = DEFAULT_MODEL, *, executors: list[str] | None = None,
         raise ValueError(f"batches must be >= 0 and not both 0 (got image {bi}, text {bt})")
     known = registry.names()
     if executors is None:
-        wanted = known
+        wanted = registry.default_names()
     else:
         wanted = [n.strip() for n in executors if n.strip()]
         unknown = [n for n in wanted if n not in known]
@@ -300,11 +315,19 @@ def run_bench(model: str = DEFAULT_MODEL, *, executors: list[str] | None = None,
     length = text_length if text_length is not None else ctx
     if bt and not 1 <= length <= ctx:
         raise ValueError(f"--text-length must be in [1, {ctx}] for {model}, got {length}")
+    if stand_cfg is not None and device.type != "cuda":
+        raise SI.StandInError(f"--stand-in needs a CUDA device, got --device {device}")
     inputs = random_inputs(spec, bi, bt, length, sets=input_sets, seed=seed, device=device, dtype=dtype)
+    stand_info = SI.measure(stand_cfg, green_context) if stand_cfg is not None else None
+    if stand_cfg is not None and stand_cfg.activations == "host":
+        from .hostmem import place_inputs
+        inputs = place_inputs(inputs, "host")
+    towers = tuple(n for n, b in (("vision", bi), ("text", bt)) if b)
     result = BenchResult(model=model, family=spec.family, summary=spec.summary(), image_batch=bi, text_batch=bt,
                          text_length=length, dtype=dtype_name(dtype), device=str(device), iters=iters,
                          warmup=warmup, input_sets=len(inputs), environment=environment(device),
-                         green_context=green_context, energy=energy, weights=weights)
+                         green_context=green_context, energy=energy, weights=weights,
+                         stand_in=stand_info.to_dict() if stand_info else None)
     ref_spec = spec.to(device=device, dtype=torch.float32)
     with torch.no_grad():
         px0, ids0 = inputs[0]
@@ -331,7 +354,18 @@ def run_bench(model: str = DEFAULT_MODEL, *, executors: list[str] | None = None,
         try:
             t0 = time.perf_counter()
             wkw = _weights_kwargs(name, weights)
-            ex = registry.get(name, source, dtype=dtype, device=device, spec=spec, **wkw)
+            if stand_cfg is not None and not SI.placeable(registry.executor_class(name)):
+                raise ExecutorUnavailable(f"stand-in: {name} keeps its weights in its own runtime's memory, which "
+                                          "cannot be placed in host memory")
+            skw = SI.executor_kwargs(name, stand_cfg, stand_info) if stand_cfg is not None else {}
+            ex = registry.get(name, source, dtype=dtype, device=device, spec=spec, **wkw, **skw)
+            if stand_cfg is not None:  # every weight byte over PCIe, before the first call builds anything
+                from .hostmem import place_executor
+                try:
+                    place_executor(ex, "host")
+                except ValueError as e:
+                    raise ExecutorUnavailable(f"stand-in: {e}") from None
+                row.weight_bytes = SI.row_weight_bytes(spec, name, wkw.get("weights"), dtype, towers)
             row.build_s = time.perf_counter() - t0
             row.stock, row.notes = bool(getattr(ex, "stock", True)), run_label(getattr(ex, "notes", ""), device)
             progress.phase(name, "first call + check")
@@ -356,6 +390,9 @@ def run_bench(model: str = DEFAULT_MODEL, *, executors: list[str] | None = None,
             row.samples_ms = samples
             for k, val in stats(samples).items():
                 setattr(row, k, val)
+            if stand_info is not None and row.weight_bytes:
+                row.standin_floor_ms = stand_info.floor_ms(row.weight_bytes)
+                row.standin_share = stand_info.share(row.weight_bytes, row.median_ms)
             if meter is not None:  # the same calls again under the meter (dualfuse.energy)
                 from .energy import bench_energy
                 progress.phase(name, "energy")
@@ -363,6 +400,9 @@ def run_bench(model: str = DEFAULT_MODEL, *, executors: list[str] | None = None,
                                            seconds=energy_seconds).items():
                     setattr(row, k, val)
             row.notes = run_label(getattr(ex, "notes", "") or row.notes, device)
+            if getattr(ex, "compiles_on_first_call", False):
+                row.compile_s = row.first_call_s
+                row.notes += f"; compile {row.compile_s:.1f} s (first call)"
         except NeedsCUDA as e:
             row.status, row.message = "needs CUDA", str(e)
             row.stock = bool(getattr(registry.executor_class(name), "stock", True))
@@ -383,7 +423,7 @@ def run_bench(model: str = DEFAULT_MODEL, *, executors: list[str] | None = None,
 
 def _weights_kwargs(name: str, weights: str | None) -> dict:
     """``weights``: passed to the fused executor (the others run the model's own weights)."""
-    return {"weights": weights} if name == "fused" and weights not in (None, "fp16") else {}
+    return {"weights": weights} if name in ("fused", "auto") and weights not in (None, "fp16") else {}
 
 
 def _min_cosine(weights: str | None) -> float:

@@ -68,6 +68,7 @@ class StreamResult:
     green_context: dict | None = None
     plot: str | None = None
     notes: list[str] = field(default_factory=list)
+    stand_in: dict | None = None  # dualfuse.standin.StandInInfo.to_dict() of a stand-in run
 
     @property
     def fps(self) -> float:
@@ -88,7 +89,7 @@ class StreamResult:
     def to_dict(self) -> dict:
         d = dict(schema=SCHEMA, model=self.model, executor=self.executor, weights=self.weights, device=self.device,
                  card=self.card, dtype=self.dtype, source=self.source, prompts=list(self.prompts), sms=self.sms,
-                 green_context=self.green_context, warmup_frames=self.warmup_frames, plot=self.plot,
+                 green_context=self.green_context, stand_in=self.stand_in, warmup_frames=self.warmup_frames, plot=self.plot,
                  notes=list(self.notes), summary=self.summary(), parts=list(PARTS))
         d["frames"] = [dict(asdict(f), total_ms=f.total_ms) for f in self.frames]
         return d
@@ -210,7 +211,7 @@ def _parse_prompts(prompts) -> list[str]:
     return out
 
 
-def _build_executor(model, executor: str, weights: str, dtype, device):
+def _build_executor(model, executor: str, weights: str, dtype, device, extra: dict | None = None):
     from . import executors, load
 
     if weights not in ("fp16", "int8"):
@@ -220,19 +221,21 @@ def _build_executor(model, executor: str, weights: str, dtype, device):
                          f"got --executor {executor}")
     source = load(model, seed=0) if isinstance(model, str) else model
     kwargs = {"weights": "int8"} if weights == "int8" else {}  # FusedExecutor(weights=...): weight-only int8
-    return source, executors.get(executor, source, dtype=dtype, device=device, **kwargs)
+    return source, executors.get(executor, source, dtype=dtype, device=device, **kwargs, **(extra or {}))
 
 
 def run_stream(model="clip-vit-b-32", prompts="a photo of a dog,a photo of a cat", *, video: str | None = None,
                synthetic: int | None = None, executor: str = "fused", weights: str = "fp16", dtype=None,
                device=None, top_k: int = 3, warmup: int = 3, max_frames: int | None = None,
                frame_size: tuple[int, int] = (240, 320), sms: int | None = None, out_dir: str | None = None,
-               progress: Callable[[FrameRecord], None] | None = None) -> StreamResult:
+               progress: Callable[[FrameRecord], None] | None = None, stand_in=None) -> StreamResult:
     """Run the loop (see the module docstring) and return its per-frame records and summary.
 
     One of ``video`` (a file path) or ``synthetic`` (a frame count). ``sms``: enter a green context of that many
     SMs first (this process's CUDA must be untouched; the CLI runs it in a child process). ``out_dir``: write the
-    latency-over-time PNG there. ``progress``: called with each frame's record."""
+    latency-over-time PNG there. ``progress``: called with each frame's record. ``stand_in``: a Jetson target name or
+    dualfuse.standin.StandInConfig: the edge-regime stand-in (its green context entered here instead of ``sms``,
+    the executor's weights host-mapped, the bandwidth measured and reported)."""
     if (video is None) == (synthetic is None):
         raise ValueError("stream: expected exactly one of --video PATH or --synthetic N")
     if not isinstance(top_k, int) or top_k < 1:
@@ -240,8 +243,15 @@ def run_stream(model="clip-vit-b-32", prompts="a photo of a dog,a photo of a cat
     if max_frames is not None and max_frames < 1:
         raise ValueError(f"--max-frames: expected a positive int, got {max_frames!r}")
     prompts = _parse_prompts(prompts)
+    from . import standin as SI
+
+    stand_cfg = SI.resolve(stand_in)
     green_info = None
-    if sms is not None:
+    if stand_cfg is not None:
+        if sms is not None:
+            raise SI.StandInError("--stand-in sets the SM count itself (the target's): drop --sms")
+        green_info = SI.enter(stand_cfg)
+    elif sms is not None:
         from . import green
 
         green_info = green.enter(int(sms))
@@ -252,7 +262,13 @@ def run_stream(model="clip-vit-b-32", prompts="a photo of a dog,a photo of a cat
     from .data import make_tokenizer
     from .executors.base import dtype_name, normalize_frames
 
-    src, ex = _build_executor(model, executor, weights, dtype, device)
+    stand_info = SI.measure(stand_cfg, green_info) if stand_cfg is not None else None
+    extra = SI.executor_kwargs(executor, stand_cfg, stand_info) if stand_cfg is not None else {}
+    src, ex = _build_executor(model, executor, weights, dtype, device, extra)
+    if stand_cfg is not None:
+        from .hostmem import place_executor
+
+        place_executor(ex, "host")
     dev = ex.device
     cuda = dev.type == "cuda"
     io = ex.io
@@ -327,8 +343,10 @@ def run_stream(model="clip-vit-b-32", prompts="a photo of a dog,a photo of a cat
     card = torch.cuda.get_device_name(dev) if cuda else "cpu"
     notes = ["per-part times: perf_counter around each part" + (", device synchronized at each part's end"
                                                                if cuda else "")]
-    if green_info:
+    if green_info and stand_info is None:
         notes.append(green_info["not_emulated"])
+    if stand_info is not None:
+        notes += stand_info.lines()
     if not cuda:
         notes.append("CPU run" + (" (Triton interpreter): latencies say nothing about a GPU"
                                   if os.environ.get("TRITON_INTERPRET") == "1" else ""))
@@ -341,8 +359,9 @@ def run_stream(model="clip-vit-b-32", prompts="a photo of a dog,a photo of a cat
     result = StreamResult(model=io.name or str(model), executor=ex.name,
                           weights="int8" if quantized else dtype_name(ex.dtype), device=str(dev), card=card,
                           dtype=dtype_name(ex.dtype), source=source_name, prompts=prompts, frames=records,
-                          wall_s=wall, text_ms=text_ms, warmup_frames=warmup, sms=sms, green_context=green_info,
-                          notes=notes)
+                          wall_s=wall, text_ms=text_ms, warmup_frames=warmup,
+                          sms=stand_cfg.sms if stand_cfg is not None else sms, green_context=green_info, notes=notes,
+                          stand_in=stand_info.to_dict() if stand_info is not None else None)
     if out_dir:
         result.plot = plot_latency(result, os.path.join(out_dir, "stream-latency.png"))
     return result

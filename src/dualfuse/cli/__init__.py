@@ -30,6 +30,9 @@ SUBCOMMANDS: dict[str, str] = {
     "eval": "dualfuse.cli.evaluate",
     "report": "dualfuse.cli.report",
     "stream": "dualfuse.cli.stream",
+    "embed": "dualfuse.cli.embed",
+    "search": "dualfuse.cli.search",
+    "calibrate": "dualfuse.cli.calibrate",
 }
 
 

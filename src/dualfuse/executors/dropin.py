@@ -163,7 +163,7 @@ class FusedModel(nn.Module):
         if source is None:
             fb = self.executor.fallback
             source = fb.model if fb is not None else self.executor.spec
-        return FusedExecutor(source, dtype=dtype, device=device, **self._fuse_kwargs)
+        return type(self.executor)(source, dtype=dtype, device=device, **self._fuse_kwargs)
 
     def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
         """The weights the fused model is built from, by name. Covered models: the spec's tensors in its own
@@ -682,9 +682,19 @@ def fuse(model, dtype=None, device=None, **kwargs) -> FusedModel:
     ``kwargs``: FusedExecutor options, kept for rebuilds (``.to()``, ``.half()``, ``load_state_dict``); e.g.
     ``weights="int8"``: weight-only int8 for every linear layer (``"fp8"`` on compute capability >= 8.9; see
     dualfuse.quantize); and ``keep_host_copy`` (default True; False keeps no host copy of the weights, see the
-    module docstring).
+    module docstring); and ``executor="auto"``: the fused executor where it wins, the graph executor where
+    it doesn't, per call-shape family, from this card's calibration (dualfuse.executors.auto; not the default).
     The source model is left untouched and not kept."""
     keep_host_copy = kwargs.pop("keep_host_copy", True)
+    # executor: "fused" (default) or "auto" (fused or the graph executor per call-shape family, from this card's
+    # calibration: dualfuse.executors.auto)
+    which = kwargs.pop("executor", "fused")
+    if which not in ("fused", "auto"):
+        raise ValueError(f"executor must be 'fused' or 'auto', got {which!r}")
+    if which == "auto":
+        from .auto import AutoExecutor as cls
+    else:
+        cls = FusedExecutor
     if isinstance(model, str):
         from ..presets import load
 
@@ -692,16 +702,19 @@ def fuse(model, dtype=None, device=None, **kwargs) -> FusedModel:
     from ..adapters import tower_of
 
     dtype = _source_dtype(model) if dtype is None else resolve_dtype(dtype)
-    executor = FusedExecutor(model, dtype=dtype, device=device, **kwargs)
     if tower_of(model) is not None:
-        cls = functools.partial(FusedTower, source_class="" if isinstance(model, DualEncoderSpec)
-                                else type(model).__name__)
+        if which == "auto":
+            raise ValueError("executor='auto' is not available for a single tower: fuse it with the default "
+                             "executor='fused'")
+        module_cls = functools.partial(FusedTower, source_class="" if isinstance(model, DualEncoderSpec)
+                                       else type(model).__name__)
     else:
-        cls = FusedModel
+        module_cls = FusedModel
+    executor = cls(model, dtype=dtype, device=device, **kwargs)
     if isinstance(model, DualEncoderSpec):
-        return cls(executor, fuse_kwargs=kwargs, keep_host_copy=keep_host_copy)
+        return module_cls(executor, fuse_kwargs=kwargs, keep_host_copy=keep_host_copy)
     shapes = tuple(tuple(getattr(model, n).shape) if isinstance(getattr(model, n, None), torch.Tensor) else ()
                    for n in ("logit_scale", "logit_bias"))
-    return cls(executor, config=copy.deepcopy(getattr(model, "config", None)),
+    return module_cls(executor, config=copy.deepcopy(getattr(model, "config", None)),
                       skeleton=_meta_skeleton(model), fuse_kwargs=kwargs, scale_shapes=shapes,
                       output_dict=bool(getattr(model, "output_dict", False)), keep_host_copy=keep_host_copy)

@@ -63,12 +63,33 @@ class FusedExecutor(Locked, Executor):
                  fallback: bool = True, fold_ln: bool | None = None, pdl: bool = True, gemm_config: dict | None = None,
                  residual_dtype: torch.dtype | None = None, defer_split_reduce: bool = True,
                  text_buckets="auto", warmup=None, image_mean=None, image_std=None, weights=None,
-                 hidden_states=None, pooled: bool | None = None, **kwargs):
+                 gemm_impl: str = "auto", calibration=None, hidden_states=None, pooled: bool | None = None,
+                 **kwargs):
         super().__init__(model, dtype, device, **kwargs)
         # single-tower models: which hidden states callers read (None: any; a tuple of indices as transformers
         # counts them, e.g. (-2,) for LLaVA-1.5: only those are ever written, and the blocks after the last one
         # asked for never run) and whether the pooled output is computed (None: unless hidden_states is given)
         self.hidden_states, self.pooled = self._resolve_tower_outputs(hidden_states, pooled)
+        # gemm_impl: per stage and tower, the grouped Triton launch or a library kernel (cuBLAS GEMM / SDPA,
+        # executors/fused/library.py). "auto": the calibrated cost model (dualfuse.calibration; no calibration
+        # for this card: all Triton); "triton": always Triton; "library": the library wherever a step allows it.
+        # calibration: a dualfuse.calibration.Calibration, a path to its JSON, or None (this card's cache file).
+        if gemm_impl not in ("auto", "triton", "library"):
+            raise ValueError(f"gemm_impl must be 'auto', 'triton' or 'library', got {gemm_impl!r}")
+        self.gemm_impl = gemm_impl
+        self.calibration = None
+        if gemm_impl == "auto":
+            from ... import calibration as C
+
+            if isinstance(calibration, C.Calibration):
+                self.calibration = calibration
+            elif calibration is None or isinstance(calibration, str):
+                self.calibration = C.load(self.device, path=calibration)
+            else:
+                raise ValueError(f"calibration must be None, a path or a dualfuse.calibration.Calibration, got "
+                                 f"{type(calibration).__name__}")
+        elif calibration is not None:
+            raise ValueError(f"calibration is read only with gemm_impl='auto' (got gemm_impl={gemm_impl!r})")
         # weights: None / "fp16" (the executor's dtype), "int8" or "fp8" (weight-only, one scale per output channel,
         # every linear layer of both towers: dualfuse.quantize); fp8 needs compute capability >= 8.9
         from ...quantize import resolve_weights
@@ -455,6 +476,7 @@ class FusedExecutor(Locked, Executor):
                                  f"{text_len} is outside what the kernels cover: {e}") from None
             r.key = rkey
             self.build_times[rkey] = time.perf_counter() - t0
+            self._note_library(r)
             if capture and r.wants_graph:
                 r._capture()
         except BaseException as e:
@@ -466,6 +488,23 @@ class FusedExecutor(Locked, Executor):
         while len(self.runners) > self.max_graphs:
             self._drop(next(iter(self.runners)))
         return r
+
+    def _note_library(self, r: Runner) -> None:
+        """Notes name how many steps of the last runner built take a library kernel (gemm_impl != 'triton')."""
+        n = sum(c == "library" for impls, _ in r.choices for c in impls)
+        base = self.notes.split(" · library:")[0]
+        total = sum(len(s.steps) for s in r.plan.stages if s.kind in ("linear", "attention"))
+        self.notes = base + (f" · library: {n} of {total} steps on cuBLAS / SDPA"
+                             f"{' (calibrated)' if self.gemm_impl == 'auto' else ''}" if n else "")
+
+    def library_choices(self, image_batch: int, text_batch: int, text_len: int | None = None) -> list[dict]:
+        """Per stage of this call shape's runner: the step labels, the implementation of each and why."""
+        r = self.runner(image_batch, text_batch, text_len or self.spec.text.context_length, capture=False)
+        out = []
+        for st, (impls, why) in zip(r.plan.stages, r.choices or [(("triton",) * len(s.steps), "gemm_impl='triton'")
+                                                                  for s in r.plan.stages]):
+            out.append(dict(kind=st.kind, steps=[x.label for x in st.steps], impls=list(impls), why=why))
+        return out
 
     def _drop(self, key: tuple) -> None:
         """Take a runner out of the cache (its buffers and graph are freed once no call holds it)."""

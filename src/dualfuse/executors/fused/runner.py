@@ -54,6 +54,8 @@ class Runner:
         if outputs is not None and outputs.tokens_ln:
             (b,) = self.buf.values()
             b.tokens = torch.empty(b.batch * b.seq, b.x.shape[1], dtype=ex.dtype, device=ex.device)
+        self.stage_problems: list[list] = []  # per stage, its kernel problems (calibration times them)
+        self.choices: list[tuple] = []  # gemm_impl != "triton": per stage, (implementation per step, why)
         self.ops = [self._build(stage) for stage in self.plan.stages]
         if self._deferred:  # partial sums nobody adds would leave the residual stream silently wrong
             raise AssertionError(f"fused runner: split-K partial sums of {sorted(self._deferred)} have no LayerNorm "
@@ -83,7 +85,20 @@ class Runner:
         build = _STAGE_BUILDERS.get(stage.kind)
         if build is None:
             raise AssertionError(f"plan stage kind {stage.kind!r} has no kernel")
-        return build(self, stage, [self._problem(step) for step in stage.steps])
+        problems = [self._problem(step) for step in stage.steps]
+        self.stage_problems.append(problems)
+        if self.ex.gemm_impl == "triton":
+            return build(self, stage, problems)
+        # per step: the Triton launch or a library kernel (cuBLAS / SDPA), from the calibrated cost model
+        from .library import build_chosen, choose
+
+        impls, why = choose(self, stage, problems, self.ex.calibration, self.ex.gemm_impl)
+        self.choices.append((impls, why))
+        return build_chosen(build, self, stage, problems, impls)
+
+    def build_triton(self, stage: Stage, problems):
+        """The Triton launch of ``stage`` over ``problems`` (a subset of a plan stage's steps: calibration)."""
+        return _STAGE_BUILDERS[stage.kind](self, stage, problems)
 
     def _add_tower_outputs(self, outputs: TowerOutputs) -> None:
         """Buffers [B, S, D] for each hidden state asked for and one copy launch each, placed right after the stage
