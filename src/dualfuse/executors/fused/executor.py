@@ -499,7 +499,7 @@ class FusedExecutor(Locked, Executor):
 
     def library_choices(self, image_batch: int, text_batch: int, text_len: int | None = None) -> list[dict]:
         """Per stage of this call shape's runner: the step labels, the implementation of each and why."""
-        r = self.runner(image_batch, text_batch, text_len or self.spec.text.context_length, capture=False)
+        r = self.runner(image_batch, text_batch, text_len or self.context_length, capture=False)
         out = []
         for st, (impls, why) in zip(r.plan.stages, r.choices or [(("triton",) * len(s.steps), "gemm_impl='triton'")
                                                                   for s in r.plan.stages]):
