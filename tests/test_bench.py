@@ -13,6 +13,7 @@ HAS_CUDA = torch.cuda.is_available()
 FAST = ["--model", "clip-tiny", "--iters", "3", "--warmup", "1", "--no-progress"]
 
 
+@pytest.mark.slow
 def test_bench_runs_and_writes_json(tmp_path, capsys):
     path = tmp_path / "out" / "bench.json"
     rc = cli.main(["bench", *FAST, "--executors", "eager,streams,graph", "--batch", "2", "--json", str(path)])

@@ -8,6 +8,7 @@ import torch
 from dualfuse import cli, stream
 
 
+@pytest.mark.slow
 def test_stream_synthetic_end_to_end(tmp_path, capsys):
     out, js = tmp_path / "out", tmp_path / "run" / "stream.json"
     rc = cli.main(["stream", "--synthetic", "3", "--prompts", "a dog, a cat,a car", "--model", "clip-tiny",
@@ -36,6 +37,7 @@ def test_stream_synthetic_end_to_end(tmp_path, capsys):
         assert f["total_ms"] == pytest.approx(f["decode_ms"] + f["h2d_ms"] + f["model_ms"] + f["post_ms"])
 
 
+@pytest.mark.slow
 def test_stream_labels_match_the_reference_model():
     """The loop's top-1 is the reference forward's zero-shot argmax on the same resized frame."""
     from dualfuse import executors, load
@@ -69,6 +71,7 @@ def test_resize_center_crop():
         stream.resize_center_crop(f.float(), 16)
 
 
+@pytest.mark.slow
 def test_stream_errors(tmp_path, capsys, monkeypatch):
     missing = str(tmp_path / "nope.mp4")
     rc = cli.main(["stream", "--video", missing, "--prompts", "a,b", "--model", "clip-tiny"])
@@ -88,6 +91,7 @@ def test_stream_errors(tmp_path, capsys, monkeypatch):
         stream.run_stream("clip-tiny", "a", video=str(video), synthetic=2)
 
 
+@pytest.mark.slow
 def test_stream_int8_weights_reach_the_fused_executor():
     """--weights int8: the fused executor runs weight-only int8 (dualfuse.quantize) and the result says so; another
     executor refuses it."""
