@@ -127,7 +127,7 @@ def _linears(tower):
 def to_device_but_gemm_weights(spec, device, dtype):
     """``spec.to(device, dtype)`` except the GEMM weights, which stay the source's tensors (quantize_executor
     replaces them with their quantized copies): no transient 16-bit copy of them on the device."""
-    keep = {id(getattr(o, a).weight) for name in ("vision", "text") for o, a in _linears(getattr(spec, name))}
+    keep = {id(getattr(o, a).weight) for name in spec.towers for o, a in _linears(getattr(spec, name))}
 
     def move(t: torch.Tensor) -> torch.Tensor:
         if id(t) in keep:
@@ -146,7 +146,7 @@ def quantize_executor(ex) -> QuantizedWeights:
     The folded LayerNorms' column sums become those of the dequantized weights (what the GEMM multiplies)."""
     qw = QuantizedWeights(ex.weight_format)
     dev = ex.device
-    for name in ("vision", "text"):
+    for name in ex.spec.towers:
         src, dst = getattr(ex.spec, name), getattr(ex.weights, name)
         for (s_owner, attr), (d_owner, _) in zip(_linears(src), _linears(dst)):
             d_lin = getattr(d_owner, attr)
@@ -211,7 +211,7 @@ def dequantized_spec(spec, fmt: str = "int8"):
         return dequantize_weight(*quantize_weight(w, fmt)).to(w.dtype)
 
     out = spec.map_tensors(lambda t: t)  # new dataclasses, tensors shared
-    for name in ("vision", "text"):
+    for name in out.towers:
         tower = getattr(out, name)
         for owner, attr in _linears(tower):
             lin = getattr(owner, attr)

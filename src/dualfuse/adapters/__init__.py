@@ -34,6 +34,30 @@ _FAMILIES = {
 }
 
 
+# single towers: class name -> (family, tower); the module prefix must be transformers' or open_clip's
+TOWER_CLASSES = {
+    "CLIPVisionModel": ("hf_clip", "vision"), "CLIPVisionModelWithProjection": ("hf_clip", "vision"),
+    "CLIPTextModel": ("hf_clip", "text"), "CLIPTextModelWithProjection": ("hf_clip", "text"),
+    "MetaClip2VisionModel": ("hf_metaclip2", "vision"), "MetaClip2VisionModelWithProjection": ("hf_metaclip2", "vision"),
+    "MetaClip2TextModel": ("hf_metaclip2", "text"), "MetaClip2TextModelWithProjection": ("hf_metaclip2", "text"),
+    "SiglipVisionModel": ("hf_siglip", "vision"), "SiglipTextModel": ("hf_siglip", "text"),
+    "Siglip2VisionModel": ("hf_siglip2", "vision"),
+    "VisionTransformer": ("open_clip", "vision"), "TimmModel": ("open_clip", "vision"),  # open_clip model.visual
+}
+for _name, (_family, _) in TOWER_CLASSES.items():
+    _FAMILIES[("open_clip" if _family == "open_clip" else "transformers", _name)] = _family
+SUPPORTED += (", a single tower (" + ", ".join(n for n in TOWER_CLASSES if TOWER_CLASSES[n][0] != "open_clip")
+              + ", open_clip model.visual)")
+
+
+def tower_of(model) -> str | None:
+    """"vision" or "text" for a single-tower model object (or spec), None for a dual encoder."""
+    if isinstance(model, DualEncoderSpec):
+        return model.tower
+    family_of(model)
+    return TOWER_CLASSES.get(type(model).__name__, (None, None))[1]
+
+
 def family_of(model) -> str:
     """'hf_clip' | 'hf_metaclip2' | 'hf_siglip' | 'hf_siglip2' | 'open_clip' for runnable model objects,
     else ValueError listing what is supported."""
@@ -50,6 +74,9 @@ def to_spec(model) -> DualEncoderSpec:
     if isinstance(model, DualEncoderSpec):
         return model
     family = family_of(model)
+    if tower_of(model) is not None:
+        from .towers import from_tower
+        return from_tower(model)
     if family == "hf_clip":
         from .hf_clip import from_hf_clip
         return from_hf_clip(model)
@@ -71,6 +98,9 @@ def model_io(model) -> ModelIO:
     copied); equals ``to_spec(model).io`` for a covered model."""
     if isinstance(model, DualEncoderSpec):
         return model.io
+    if tower_of(model) is not None:  # a single tower (adapters/towers.py)
+        from .towers import tower_io
+        return tower_io(model)
     from ._io import read_model_io
     return read_model_io(model, family_of(model))
 
