@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from .config import FusedConfig
 from .environment import environment
 from .timing import stats, sync, time_calls
 from .util import Progress
@@ -191,6 +192,7 @@ class BenchResult:
     energy_meter: str | None = None  # the meter's source, None when asked for and unavailable
     energy_line: str | None = None  # what the meter said when opened (printed by the CLI)
     weights: str = "fp16"  # the fused executor's weights: "fp16" (the dtype, unquantized), "int8" or "fp8"
+    fused_config: FusedConfig = field(default_factory=FusedConfig)  # the fused executor's options
     rows: list[Row] = field(default_factory=list)
     command: str | None = None
     args: dict | None = None
@@ -233,6 +235,7 @@ class BenchResult:
             best_stock=best.executor if best else None,
             sms=self.green_context["sms"] if self.green_context else None, green_context=self.green_context,
             energy_meter=self.energy_meter if self.energy else None,
+            fused_config=self.fused_config.to_dict(),
             results=[asdict(r) for r in self.rows],
         )
 
@@ -247,7 +250,7 @@ def run_bench(model: str = DEFAULT_MODEL, *, executors: list[str] | None = None,
               text_length: int | None = None, dtype=None, device=None, iters: int | None = None,
               warmup: int | None = None, input_sets: int = 4, seed: int = 0, energy: bool = False,
               energy_seconds: float = 2.0, green_context: dict | None = None, weights: str | None = None,
-              progress: Progress | None = None) -> BenchResult:
+              config: FusedConfig | None = None, progress: Progress | None = None) -> BenchResult:
     """Time every executor in ``executors`` (default all registered) on ``model`` (see the module docstring).
 
     ``image_batch``/``text_batch`` default to ``batch`` (0 = that tower not run); ``iters``/``warmup`` default to
@@ -255,8 +258,9 @@ def run_bench(model: str = DEFAULT_MODEL, *, executors: list[str] | None = None,
     executor. ``green_context``: what :func:`dualfuse.green.enter` returned, when the caller entered one (it must be
     entered before anything touches CUDA, so not here). ``weights``: the fused executor's weights (None / "fp16":
     unquantized; "int8" / "fp8": weight-only, dualfuse.quantize), its row then checked against
-    quantize.COSINE_MIN; the other executors run the model's own weights. Bad arguments raise ValueError; an
-    executor that fails gets a row saying why."""
+    quantize.COSINE_MIN; the other executors run the model's own weights. ``config``: the fused executor's options
+    (``weights``, when given, overrides its field). Bad arguments raise ValueError; an executor that fails gets a
+    row saying why."""
     from . import executors as registry
     from . import presets, reference
     from .adapters import to_spec
@@ -265,7 +269,8 @@ def run_bench(model: str = DEFAULT_MODEL, *, executors: list[str] | None = None,
     from .quantize import resolve_weights
 
     progress = progress or Progress()
-    weights = resolve_weights(weights)  # ValueError for an unknown format (fp8 on this device: the fused row says)
+    fused_config = (config or FusedConfig()).with_overrides(**({} if weights is None else {"weights": weights}))
+    weights = resolve_weights(fused_config.weights)  # fp8 on this device: the fused row says
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     cuda = device.type == "cuda"
@@ -297,7 +302,7 @@ def run_bench(model: str = DEFAULT_MODEL, *, executors: list[str] | None = None,
     result = BenchResult(model=model, family=spec.family, summary=spec.summary(), image_batch=bi, text_batch=bt,
                          text_length=length, dtype=dtype_name(dtype), device=str(device), iters=iters,
                          warmup=warmup, input_sets=len(inputs), environment=environment(device),
-                         green_context=green_context, energy=energy, weights=weights)
+                         green_context=green_context, energy=energy, weights=weights, fused_config=fused_config)
     ref_spec = spec.to(device=device, dtype=torch.float32)
     with torch.no_grad():
         px0, ids0 = inputs[0]
@@ -323,8 +328,8 @@ def run_bench(model: str = DEFAULT_MODEL, *, executors: list[str] | None = None,
         ex = None
         try:
             t0 = time.perf_counter()
-            wkw = _weights_kwargs(name, weights)
-            ex = registry.get(name, source, dtype=dtype, device=device, spec=spec, **wkw)
+            fkw = {"config": fused_config} if name == "fused" else {}  # the others run the model's own weights
+            ex = registry.get(name, source, dtype=dtype, device=device, spec=spec, **fkw)
             row.build_s = time.perf_counter() - t0
             row.stock, row.notes = bool(getattr(ex, "stock", True)), run_label(getattr(ex, "notes", ""), device)
             progress.phase(name, "first call + check")
@@ -334,7 +339,7 @@ def run_bench(model: str = DEFAULT_MODEL, *, executors: list[str] | None = None,
             sync(device)
             row.first_call_s = time.perf_counter() - t0
             # the quantized bound only where the weights are quantized (a fused executor that fell back is not)
-            row.cosine_pass = _min_cosine(wkw.get("weights") if getattr(ex, "fallback", None) is None else None)
+            row.cosine_pass = _min_cosine(weights if fkw and getattr(ex, "fallback", None) is None else None)
             for k, val in cosine_check(outs, refs, row.cosine_pass).items():
                 setattr(row, k, val)
             del outs
@@ -372,11 +377,6 @@ def run_bench(model: str = DEFAULT_MODEL, *, executors: list[str] | None = None,
 
     add_speedups(result.rows)
     return result
-
-
-def _weights_kwargs(name: str, weights: str | None) -> dict:
-    """``weights``: passed to the fused executor (the others run the model's own weights)."""
-    return {"weights": weights} if name == "fused" and weights not in (None, "fp16") else {}
 
 
 def _min_cosine(weights: str | None) -> float:

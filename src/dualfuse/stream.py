@@ -29,6 +29,8 @@ from typing import Callable, Iterator
 
 import torch
 
+from .config import FusedConfig, config_of
+
 PARTS = ("decode", "h2d", "model", "post")
 VIDEO_PACKAGES = "opencv-python (cv2), av (PyAV) or torchcodec"
 SCHEMA = "dualfuse.stream/1"
@@ -68,6 +70,7 @@ class StreamResult:
     green_context: dict | None = None
     plot: str | None = None
     notes: list[str] = field(default_factory=list)
+    fused_config: FusedConfig | None = None  # the fused executor's options (None for the stock executors)
 
     @property
     def fps(self) -> float:
@@ -89,7 +92,8 @@ class StreamResult:
         d = dict(schema=SCHEMA, model=self.model, executor=self.executor, weights=self.weights, device=self.device,
                  card=self.card, dtype=self.dtype, source=self.source, prompts=list(self.prompts), sms=self.sms,
                  green_context=self.green_context, warmup_frames=self.warmup_frames, plot=self.plot,
-                 notes=list(self.notes), summary=self.summary(), parts=list(PARTS))
+                 notes=list(self.notes), summary=self.summary(), parts=list(PARTS),
+                 fused_config=self.fused_config.to_dict() if self.fused_config is not None else None)
         d["frames"] = [dict(asdict(f), total_ms=f.total_ms) for f in self.frames]
         return d
 
@@ -342,7 +346,7 @@ def run_stream(model="clip-vit-b-32", prompts="a photo of a dog,a photo of a cat
                           weights="int8" if quantized else dtype_name(ex.dtype), device=str(dev), card=card,
                           dtype=dtype_name(ex.dtype), source=source_name, prompts=prompts, frames=records,
                           wall_s=wall, text_ms=text_ms, warmup_frames=warmup, sms=sms, green_context=green_info,
-                          notes=notes)
+                          notes=notes, fused_config=config_of(ex))
     if out_dir:
         result.plot = plot_latency(result, os.path.join(out_dir, "stream-latency.png"))
     return result

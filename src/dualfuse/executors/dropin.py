@@ -28,6 +28,7 @@ from torch import nn
 
 from ..spec import DualEncoderSpec, PatchSequence
 from .base import DTYPE_NAMES, _same_device, resolve_dtype
+from ..config import FusedConfig
 from .fused import FusedExecutor
 
 # transformers' positional order of each family's calls
@@ -528,18 +529,21 @@ def _source_dtype(model) -> torch.dtype:
     return dtype
 
 
-def fuse(model, dtype=None, device=None, **kwargs) -> FusedModel:
+def fuse(model, dtype=None, device=None, config: FusedConfig | None = None, **kwargs) -> FusedModel:
     """``dualfuse.fuse(model)``: the user's HF CLIPModel / MetaClip2Model / SiglipModel / Siglip2Model, open_clip
     CLIP / CustomTextCLIP, a preset name or a DualEncoderSpec -> a drop-in :class:`FusedModel`.
 
     ``dtype``: default the source model's dtype (``fuse(model.half())`` runs fp16, ``fuse(model)`` of an fp32
     model runs fp32; pass ``dtype=torch.float16`` for speed). ``device``: default CUDA when there is one, else CPU.
-    ``kwargs``: FusedExecutor options, kept for rebuilds (``.to()``, ``.half()``, ``load_state_dict``); e.g.
+    ``config``: the FusedExecutor options (dualfuse.FusedConfig); ``kwargs``: any of its fields, applied over
+    ``config``; both kept for rebuilds (``.to()``, ``.half()``, ``load_state_dict``); e.g.
     ``weights="int8"``: weight-only int8 for every linear layer (``"fp8"`` on compute capability >= 8.9; see
     dualfuse.quantize); and ``keep_host_copy`` (default True; False keeps no host copy of the weights, see the
     module docstring).
     The source model is left untouched and not kept."""
     keep_host_copy = kwargs.pop("keep_host_copy", True)
+    if config is not None:
+        kwargs["config"] = config
     if isinstance(model, str):
         from ..presets import load
 

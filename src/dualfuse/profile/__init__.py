@@ -30,6 +30,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 
+from ..config import FusedConfig, config_of
 from ..util import Progress, slug, write_json
 from . import analyze
 from .analyze import Event
@@ -197,6 +198,8 @@ def profile(executor_or_name, model=None, *, batch: int = 1, image_batch: int | 
         analysis=result, windows=[list(w) for w in c.windows],
         events=[e.to_dict() for e in c.events], profile_seconds=time.perf_counter() - t0, ncu=None,
     )
+    if config_of(ex) is not None:  # the fused executor's options
+        data["fused_config"] = config_of(ex).to_dict()
     if cuda:  # how far this run is from the card's physical floor (known cards only: dualfuse.targets)
         from ..floors import profile_floor
 
@@ -254,6 +257,7 @@ class ProfileResult:
     device: str
     executors: list[str]
     command: str | None = None
+    fused_config: FusedConfig | None = None  # the fused executor's options, when it is profiled
     profiles: list[ExecutorProfile] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -272,10 +276,10 @@ def run_profile(model: str = "clip-vit-b-32", executors: list[str] = ("eager",),
                 text_len: int | None = None, dtype=None, device=None, iters: int = 3, warmup: int | None = None,
                 latency_runs: int | None = None, nvtx: bool = False, measure_ceilings: bool = True,
                 top: int = 10, seed: int = 0, ncu: bool = False, ncu_kernels: int = 5, command: str | None = None,
-                progress: Progress | None = None) -> ProfileResult:
+                config: FusedConfig | None = None, progress: Progress | None = None) -> ProfileResult:
     """Profile each of ``executors`` on ``model`` (a preset name or a local path; ``arch`` for an open_clip
     checkpoint), one after the other, as :func:`profile` does; ``ncu``: Nsight Compute on the top ``ncu_kernels``
-    kernels of each. ``command`` is recorded in profile.json. Bad arguments raise ValueError (prefixed with the
+    kernels of each. ``command`` is recorded in profile.json; ``config``: the fused executor's options. Bad arguments raise ValueError (prefixed with the
     executor's name when only that executor is at fault)."""
     from .. import executors as registry
     from .. import presets
@@ -297,7 +301,9 @@ def run_profile(model: str = "clip-vit-b-32", executors: list[str] = ("eager",),
                          "set TRITON_INTERPRET=1 (slow: tiny models only), or use --device cuda")
     source = presets.load(model, seed=seed, arch=arch)
     spec = to_spec(source)
-    result = ProfileResult(model=model, device=str(device), executors=names, command=command)
+    fused_config = (config or FusedConfig()) if "fused" in names else None
+    result = ProfileResult(model=model, device=str(device), executors=names, command=command,
+                           fused_config=fused_config)
     progress.start(result)
     for name in names:
         progress.begin(name)
@@ -305,7 +311,8 @@ def run_profile(model: str = "clip-vit-b-32", executors: list[str] = ("eager",),
             r = profile(name, source, batch=batch, image_batch=image_batch, text_batch=text_batch,
                         text_len=text_len, dtype=dtype, device=device, iters=iters, warmup=warmup, nvtx=nvtx,
                         measure_ceilings=measure_ceilings, seed=seed, top=top, latency_runs=latency_runs,
-                        model_name=model, command=command, spec=spec)
+                        model_name=model, command=command, spec=spec,
+                        **({"config": fused_config} if name == "fused" else {}))
         except NeedsCUDA:
             raise
         except (ExecutorUnavailable, ValueError) as e:

@@ -12,7 +12,11 @@ from collections import OrderedDict
 import torch
 import torch.nn.functional as F
 
+from ...adapters import image_normalization
+from ...config import FusedConfig
+from ...kernels._utils import is_interpreter, pdl_supported
 from ...plan import Plan, make_plan
+from ...quantize import resolve_weights
 from ...spec import DualEncoderSpec, PatchSequence, TowerSpec
 from .. import register
 from ..base import Executor, Locked, NeedsCUDA, validate_inputs
@@ -23,8 +27,6 @@ MAX_HEAD_DIM = 128  # attention keeps a [BLOCK_M, head_dim] accumulator in regis
 
 def unsupported_reason(spec: DualEncoderSpec, dtype: torch.dtype, device: torch.device) -> str | None:
     """Why the fused kernels can't run this model here, or None if they can."""
-    from ...kernels._utils import is_interpreter
-
     if device.type != "cuda" and not is_interpreter():
         return "the fused Triton kernels need a CUDA device (or TRITON_INTERPRET=1 on CPU, for tests)"
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -46,27 +48,26 @@ class FusedExecutor(Locked, Executor):
     uses_source_model = False
     notes = "horizontally fused Triton launches, one CUDA graph"
 
-    def __init__(self, model, dtype=None, device=None, *, max_graphs: int = 8, use_graph: bool = True,
-                 fallback: bool = True, fold_ln: bool | None = None, pdl: bool = True, gemm_config: dict | None = None,
-                 residual_dtype: torch.dtype | None = None, defer_split_reduce: bool = True,
-                 text_buckets="auto", warmup=None, image_mean=None, image_std=None, weights=None, **kwargs):
-        super().__init__(model, dtype, device, **kwargs)
-        # weights: None / "fp16" (the executor's dtype), "int8" or "fp8" (weight-only, one scale per output channel,
+    def __init__(self, model, dtype=None, device=None, *, config: FusedConfig | None = None,
+                 spec: DualEncoderSpec | None = None, check_ids: bool = True, **overrides):
+        """``config``: the options (dualfuse.config.FusedConfig; default FusedConfig()); ``overrides``: any of its
+        fields as keywords (``gemm_config=`` a dict: the older spelling of ``gemm=``), applied over ``config``."""
+        if config is not None and not isinstance(config, FusedConfig):
+            raise ValueError(f"config must be a dualfuse.FusedConfig, got {type(config).__name__}")
+        self.config = cfg = (config or FusedConfig()).with_overrides(**overrides)
+        super().__init__(model, dtype, device, spec=spec, check_ids=check_ids)
+        # weights: "fp16" (the executor's dtype), "int8" or "fp8" (weight-only, one scale per output channel,
         # every linear layer of both towers: dualfuse.quantize); fp8 needs compute capability >= 8.9
-        from ...quantize import resolve_weights
-
-        self.weight_format = resolve_weights(weights, self.device)
+        self.weight_format = resolve_weights(cfg.weights, self.device)
         self.quant = None  # dualfuse.quantize.QuantizedWeights when quantized (the runners attach the scales)
         # image mean/std of uint8 camera frames: folded into a second patch-embedding weight (frame_patch), or
         # applied on the device before a fallback executor (adapters/_norm.py has the family defaults)
-        from ...adapters import image_normalization
-
         source = self.__dict__.get("_source")
         self.image_mean, self.image_std = image_normalization(
-            source if source is not None else self.spec, self.family, image_mean=image_mean, image_std=image_std,
-            channels=self.io.channels)
+            source if source is not None else self.spec, self.family, image_mean=cfg.image_mean,
+            image_std=cfg.image_std, channels=self.io.channels)
         # text lengths padded up to a few buckets where that provably keeps the output (_resolve_text_buckets)
-        self.text_buckets, self.text_pad_id, self.text_buckets_off = self._resolve_text_buckets(text_buckets)
+        self.text_buckets, self.text_pad_id, self.text_buckets_off = self._resolve_text_buckets(cfg.text_buckets)
         # first-call time (building the runner, capturing its graph) per runner key, in seconds
         self.build_times: dict[tuple, float] = {}
         # one lock per executor (shared with its NaFlex grid executors): a call holds it from the runner lookup
@@ -74,17 +75,9 @@ class FusedExecutor(Locked, Executor):
         # several threads give what serial calls give. Reentrant: a NaFlex call runs its grid executors under it.
         self._lock = threading.RLock()
         self._grid: tuple[int, int] | None = None  # NaFlex: the patch grid of a per-grid child executor
-        if max_graphs < 1:
-            raise ValueError(f"max_graphs must be >= 1, got {max_graphs}")
-        if fold_ln is not None and not isinstance(fold_ln, bool):
-            raise ValueError(f"fold_ln must be None (auto), True or False, got {fold_ln!r}")
-        if not isinstance(pdl, bool):
-            raise ValueError(f"pdl must be True or False, got {pdl!r}")
-        if not isinstance(defer_split_reduce, bool):
-            raise ValueError(f"defer_split_reduce must be True or False, got {defer_split_reduce!r}")
         # defer_split_reduce: an out-proj / FC2 that splits K (batch 1) leaves its partial sums to the next LayerNorm
         # launch, which adds them, the bias and the residual (kernels.layernorm `add`): no split-K tail in the GEMM
-        self.defer_split_reduce = defer_split_reduce
+        self.defer_split_reduce = cfg.defer_split_reduce
         # pdl: programmatic dependent launch between consecutive kernels where the card supports it (sm_90+).
         # fold_ln: LayerNorms folded into the GEMMs they feed (plan.py). Auto (None): folded where the launches
         # run without PDL (sm_80/87, e.g. Jetson Orin, or pdl=False) and the residual stream has the model
@@ -96,18 +89,13 @@ class FusedExecutor(Locked, Executor):
         # H100). Always the model dtype when LN is folded into the GEMMs (their x operand is the residual
         # stream and must have the weights' dtype).
         usual_residual = torch.float32 if self.dtype == torch.bfloat16 else self.dtype
+        fold_ln, residual_dtype = cfg.fold_ln, cfg.residual_dtype
         if fold_ln is None:
-            from ...kernels._utils import pdl_supported
-
-            fold_ln = not (pdl and pdl_supported(self.device)) and (residual_dtype or usual_residual) == self.dtype
+            fold_ln = not (cfg.pdl and pdl_supported(self.device)) and (residual_dtype or usual_residual) == self.dtype
         if residual_dtype is None:
             residual_dtype = self.dtype if fold_ln else usual_residual
-        self.max_graphs, self.use_graph, self.fold_ln, self.pdl = max_graphs, use_graph, fold_ln, pdl
-        if gemm_config is not None and not isinstance(gemm_config, dict):
-            raise ValueError(f"gemm_config must be a dict of GroupedLinear config keys, got {gemm_config!r}")
-        self.gemm_config = dict(gemm_config or {})  # overrides for every GEMM launch (benchmarks, experiments)
-        if residual_dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            raise ValueError(f"residual_dtype must be torch.float16, torch.bfloat16 or torch.float32, got {residual_dtype!r}")
+        self.max_graphs, self.use_graph, self.fold_ln, self.pdl = cfg.max_graphs, cfg.use_graph, fold_ln, cfg.pdl
+        self.gemm_config = cfg.gemm.to_dict()  # overrides for every GEMM launch (benchmarks, experiments)
         if fold_ln and residual_dtype != self.dtype:
             raise ValueError(f"fold_ln=True needs residual_dtype == dtype ({self.dtype}): the folded GEMMs read the "
                              f"residual stream directly; got residual_dtype={residual_dtype}")
@@ -124,12 +112,12 @@ class FusedExecutor(Locked, Executor):
         if reason is not None and self.weight_format != "fp16":
             reason += f" (weights={self.weight_format!r} not applied: the fallback runs {self.dtype} weights)"
         if reason is not None:
-            self._fall_back(reason, fallback)
+            self._fall_back(reason, cfg.fallback)
         elif self.weight_format != "fp16":
             self.notes = f"{FusedExecutor.notes}; {self.weight_format} weights (per-channel scales)"
         self.__dict__.pop("_source", None)
-        if warmup is not None:
-            self.warmup(warmup)
+        if cfg.warmup is not None:
+            self.warmup(cfg.warmup)
 
     def _fall_back(self, reason: str, allowed: bool):
         """Run the source model with the CUDA graph executor (eager where there is no CUDA: the tests' case)."""
@@ -231,21 +219,10 @@ class FusedExecutor(Locked, Executor):
         is never above the row's maximum, and a tie keeps the earlier position), ``first_eos`` (the first EOS:
         the pad id is not the EOS id) or ``cls`` (position 0). SigLIP-style towers (bidirectional attention,
         pooled at the last token) run at the exact length."""
-        if buckets is None or buckets is False or (not isinstance(buckets, str) and hasattr(buckets, "__len__")
-                                                   and len(buckets) == 0):
+        if buckets is None:  # FusedConfig: None, "auto" or a tuple of positive ints
             return None, 0, "off (text_buckets=None)"
-        explicit = not (isinstance(buckets, str) and buckets == "auto")
-        if isinstance(buckets, str) and buckets != "auto":
-            raise ValueError(f"text_buckets must be 'auto', None or a sequence of text lengths, got {buckets!r}")
-        if not explicit:
-            buckets = self.DEFAULT_TEXT_BUCKETS
-        try:
-            values = list(buckets)
-        except TypeError:
-            raise ValueError(f"text_buckets must be 'auto', None or a sequence of text lengths, got {buckets!r}") \
-                from None
-        if not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in values):
-            raise ValueError(f"text_buckets: expected positive int text lengths, got {buckets!r}")
+        explicit = buckets != "auto"
+        values = list(buckets) if explicit else list(self.DEFAULT_TEXT_BUCKETS)
         if self.spec is None:
             return None, 0, "off (the kernels do not cover this model)"
         t = self.spec.text

@@ -12,25 +12,10 @@ from __future__ import annotations
 
 import triton
 
+from ...config import GemmConfig
 from .._utils import device_props, device_smem_bytes, num_sms
 
-_CONFIG_KEYS = {
-    "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages",
-    "num_sms",  # SMs the split-K heuristic aims to fill (e.g. a green context's count)
-    "programs_per_sm",  # split-K aims for num_sms * this many programs
-    "min_k_iters",  # a split gets at least this many BLOCK_K iterations
-    "input_precision",  # tl.dot input_precision for fp32 inputs ("ieee" default, "tf32", "tf32x3")
-    "max_split",  # split-K: at most this many splits per problem
-    "early_epilogue",  # load bias/residual before the K loop (default: tiles <= 128 x 64 and few M tiles)
-    "prefetch",  # L2 prefetch of each program's first n BLOCK_K steps of weights: False (0) or n; default 2 for
-    # skinny M, off for many rows
-    "pdl",  # programmatic dependent launch (default True; used where supported: sm_90+, Triton with launch_pdl)
-    "tma",  # x / w tiles by tensor descriptors (default: on for many rows, and for skinny M where every problem has
-    # <= 128 rows; used where _tma_supported: <= 4 problems, 16-bit, 16-byte aligned rows, Triton with
-    # TensorDescriptor, sm_90+ GPU or the interpreter)
-    "widen",  # int8 weights with fp16 activations: "bits" (default; integer ops and an fp16 subtract) or "convert"
-    # (the int-to-float conversion instruction, 16 results per clock per SM on sm_80..sm_90): kernel._widen
-}
+_CONFIG_KEYS = GemmConfig.keys()  # documented field by field in dualfuse.config.GemmConfig
 
 
 def _prefetch_steps(v) -> int:

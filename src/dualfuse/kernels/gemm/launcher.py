@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import triton
 
+from ...config import GemmConfig
 from .._utils import LAUNCH_OPTIONS, is_interpreter, pdl_supported, target_props
 from .heuristics import _CONFIG_KEYS, _choose_splits, _default_config, _next_pow2, _nosplit, _prefetch_steps
 from .kernel import _grouped_linear_kernel
@@ -168,8 +169,8 @@ class GroupedLinear:
     reused (static buffers).
 
     split_k: None = heuristic; an int forces that many K splits on every problem (clamped to its K
-    iterations); a list gives one per problem. config: overrides of the heuristic block config, keys
-    in _CONFIG_KEYS.
+    iterations); a list gives one per problem. config: overrides of the heuristic block config, a
+    dualfuse.config.GemmConfig or a dict of its keys.
 
     Determinism: every call gives the same bits (split-K partials are summed in split order).
 
@@ -178,16 +179,16 @@ class GroupedLinear:
     memory another problem of the same launch reads (except residual is out, which is supported).
     """
 
-    def __init__(self, problems: list[LinearProblem], *, split_k=None, config: dict | None = None):
+    def __init__(self, problems: list[LinearProblem], *, split_k=None, config: GemmConfig | dict | None = None):
         _validate(problems)
         self.problems = list(problems)
         device = self.problems[0].x.device
+        if isinstance(config, GemmConfig):
+            config = config.to_dict() or None
         if config is not None:
             if not isinstance(config, dict) or not set(config) <= _CONFIG_KEYS:
                 raise ValueError(f"config must be a dict with keys from {sorted(_CONFIG_KEYS)}, got {config!r}")
-            _prefetch_steps(config.get("prefetch", False))
-            if config.get("widen", "bits") not in ("bits", "convert"):
-                raise ValueError(f"config widen must be 'bits' or 'convert', got {config['widen']!r}")
+            GemmConfig(**config)  # ValueError for a bad value
         cfg = {**_default_config(self.problems, device, config), **(config or {})}
         for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):
             v = cfg[k]
