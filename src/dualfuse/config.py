@@ -78,6 +78,16 @@ class GemmConfig:
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
 
 
+def weight_format(weights) -> str:
+    """The weight format of ``weights=`` (None -> "fp16"); ValueError for an unknown value."""
+    if weights is None:
+        return "fp16"
+    if not isinstance(weights, str) or weights not in WEIGHT_FORMATS:
+        raise ValueError(f"weights must be None or one of {list(WEIGHT_FORMATS)} (fp16: unquantized, the executor's "
+                         f"dtype; int8 / fp8: weight-only, one scale per output channel), got {weights!r}")
+    return weights
+
+
 def _bool(name: str, v, none_ok: bool = False) -> None:
     if not isinstance(v, bool) and not (none_ok and v is None):
         raise ValueError(f"{name} must be {'None (auto), ' if none_ok else ''}True or False, got {v!r}")
@@ -160,12 +170,7 @@ class FusedConfig:
         set_("warmup", _warmup_shapes(self.warmup))
         set_("image_mean", _per_channel(self.image_mean))
         set_("image_std", _per_channel(self.image_std))
-        w = "fp16" if self.weights is None else self.weights
-        if not isinstance(w, str) or w not in WEIGHT_FORMATS:
-            raise ValueError(f"weights must be None or one of {list(WEIGHT_FORMATS)} (fp16: unquantized, the "
-                             f"executor's dtype; int8 / fp8: weight-only, one scale per output channel), got "
-                             f"{self.weights!r}")
-        set_("weights", w)
+        set_("weights", weight_format(self.weights))
         if isinstance(self.gemm, dict) or self.gemm is None:
             set_("gemm", GemmConfig.from_dict(self.gemm))
         elif not isinstance(self.gemm, GemmConfig):
@@ -221,4 +226,4 @@ def config_of(executor) -> FusedConfig | None:
     return cfg if isinstance(cfg, FusedConfig) else None
 
 
-__all__ = ["FusedConfig", "GemmConfig", "WEIGHT_FORMATS", "config_of"]
+__all__ = ["FusedConfig", "GemmConfig", "WEIGHT_FORMATS", "config_of", "weight_format"]

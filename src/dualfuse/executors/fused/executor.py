@@ -16,8 +16,8 @@ from ...adapters import image_normalization
 from ...config import FusedConfig
 from ...kernels._utils import is_interpreter, pdl_supported
 from ...plan import Plan, make_plan
-from ...quantize import resolve_weights
-from ...spec import DualEncoderSpec, PatchSequence, TowerSpec
+from ...quantize import quantize_folded, quantize_spec, resolve_weights, to_device_but_gemm_weights
+from ...spec import DualEncoderSpec, Linear, PatchSequence, TowerSpec, rows_of
 from .. import register
 from ..base import Executor, Locked, NeedsCUDA, validate_inputs
 from .runner import Runner
@@ -59,7 +59,6 @@ class FusedExecutor(Locked, Executor):
         # weights: "fp16" (the executor's dtype), "int8" or "fp8" (weight-only, one scale per output channel,
         # every linear layer of both towers: dualfuse.quantize); fp8 needs compute capability >= 8.9
         self.weight_format = resolve_weights(cfg.weights, self.device)
-        self.quant = None  # dualfuse.quantize.QuantizedWeights when quantized (the runners attach the scales)
         # image mean/std of uint8 camera frames: folded into a second patch-embedding weight (frame_patch), or
         # applied on the device before a fallback executor (adapters/_norm.py has the family defaults)
         source = self.__dict__.get("_source")
@@ -140,9 +139,7 @@ class FusedExecutor(Locked, Executor):
     def _prepare_weights(self):
         if self.weight_format == "fp16":
             self.weights = self.spec.to(self.device, self.dtype)
-        else:  # the GEMM weights go to the device quantized only (quantize_executor, below)
-            from ...quantize import to_device_but_gemm_weights
-
+        else:  # the GEMM weights go to the device quantized only (quantize_spec, below)
             self.weights = to_device_but_gemm_weights(self.spec, self.device, self.dtype)
         emb = self.spec.vision.embed
         self.frame_patch = None  # (weight, bias) of the patch embedding for uint8 frames: mean/std folded in
@@ -158,18 +155,21 @@ class FusedExecutor(Locked, Executor):
             wq, bq = head.qkv.weight[:d], head.qkv.bias[:d] if head.qkv.bias is not None else None
             self.map_query = F.linear(head.probe.float().view(1, d), wq.to(self.device).float(),
                                       bq.float() if bq is not None else None).to(self.dtype).contiguous()
-            self.map_kv_weight = head.qkv.weight[d:].contiguous()
-            self.map_kv_bias = head.qkv.bias[d:].contiguous() if head.qkv.bias is not None else None
-        self.folded: dict[tuple, tuple] = {}
+        # (tower, layer, plan op) -> (folded Linear, FoldedLayerNorm): _fold_layernorms
+        self.folded: dict[tuple, tuple[Linear, object]] = {}
         if self.fold_ln:
             self._fold_layernorms()
         if self.weight_format != "fp16":  # every GEMM weight -> int8 / fp8 + scales, from fp32 (after folding)
-            from ...quantize import quantize_executor
-
-            self.quant = quantize_executor(self)
+            self.weights = quantize_spec(self.weights, self.weight_format, self.device)
+            self.folded = quantize_folded(self.folded, self.weight_format, self.device, self.dtype)
+        # SigLIP's head: the probe's key/value projection, rows d: of the packed head QKV (their scales with them),
+        # unless folded with the final LayerNorm
+        self.map_kv = None
+        if head is not None and not self.fold_ln:
+            self.map_kv = rows_of(self.weights.vision.pool_head.qkv, self.weights.vision.width)
 
     def _fold_layernorms(self):
-        """(tower, layer, plan op) -> (folded weight, folded bias, FoldedLayerNorm) for every LN -> GEMM pair
+        """(tower, layer, plan op) -> (folded Linear, FoldedLayerNorm) for every LN -> GEMM pair
         of the plan (kernels.gemm.fold_layernorm), folded in fp32 from the source weights, stored in the
         executor's dtype. The unfolded GEMM weights they replace are dropped from self.weights (no second
         copy of QKV / FC1 on the device)."""
@@ -178,9 +178,10 @@ class FusedExecutor(Locked, Executor):
         def fold(linear, norm, weight=None, bias=None):
             w = (linear.weight if weight is None else weight).to(self.device)
             b = linear.bias if weight is None else bias
-            return fold_layernorm(w, None if b is None else b.to(self.device), norm.weight.to(self.device),
-                                  norm.bias.to(self.device), norm.eps,
-                                  dtype=self.dtype if self.weight_format == "fp16" else torch.float32)
+            w, b, folded_norm = fold_layernorm(w, None if b is None else b.to(self.device), norm.weight.to(self.device),
+                                               norm.bias.to(self.device), norm.eps,
+                                               dtype=self.dtype if self.weight_format == "fp16" else torch.float32)
+            return Linear(w, b), folded_norm
 
         for name in ("vision", "text"):
             src: TowerSpec = getattr(self.spec, name)
@@ -197,7 +198,6 @@ class FusedExecutor(Locked, Executor):
                 kv_b = head.qkv.bias[d:] if head.qkv.bias is not None else None
                 self.folded[(name, None, "final_ln_map_kv")] = fold(None, src.final_ln, head.qkv.weight[d:], kv_b)
                 self.folded[(name, None, "map_ln_fc1")] = fold(head.fc1, head.ln)
-                self.map_kv_weight = self.map_kv_bias = None
                 dst.pool_head.fc1 = None
 
     def validate(self, pixel_values=None, input_ids=None):

@@ -118,9 +118,7 @@ class Runner:
         make = _PROBLEMS.get(step.op)
         if make is None:  # plan and executor out of sync
             raise AssertionError(f"plan step {step.op!r} has no kernel problem")
-        problem = make(_StepContext(self, step))
-        # quantized weights (dualfuse.quantize): the GEMM problem gets its weight's per-channel scales
-        return problem if self.ex.quant is None else self.ex.quant.attach(problem)
+        return make(_StepContext(self, step))
 
     def release(self) -> None:
         """Leaving the cache: the buffers go back to PyTorch's caching allocator, which reuses them for work on the
@@ -340,11 +338,11 @@ class _StepContext:
         return LayerNormProblem(x, norm.weight, norm.bias, out, norm.eps, row_index, add=add, add_bias=add_bias)
 
     @staticmethod
-    def lin(x, layer, out, activation=None, residual=None, weight=None, bias=None):
+    def lin(x, layer, out, activation=None, residual=None):
         from ...kernels.gemm import LinearProblem
 
-        return LinearProblem(x, layer.weight if weight is None else weight, out,
-                             layer.bias if weight is None else bias, activation, residual)
+        # a quantized layer (dualfuse.quantize) carries its per-channel scales
+        return LinearProblem(x, layer.weight, out, layer.bias, activation, residual, weight_scale=layer.scale)
 
     def folded(self, x, out, stats, activation=None):
         from ...kernels.gemm import LinearProblem
@@ -352,9 +350,9 @@ class _StepContext:
         # LN -> linear as one GEMM over the raw rows (weights folded once in FusedExecutor._prepare_weights); x's
         # row statistics come from the GEMM that wrote x (an earlier stage of this runner)
         s = self.step
-        w, bias, norm = self.r.ex.folded[(s.tower, s.layer, s.op)]
+        lin, norm = self.r.ex.folded[(s.tower, s.layer, s.op)]
         norm = dataclasses.replace(norm, stats=stats, stats_part_width=self.r._stats_width[stats.data_ptr()])
-        return LinearProblem(x, w, out, bias, activation, norm=norm)
+        return LinearProblem(x, lin.weight, out, lin.bias, activation, norm=norm, weight_scale=lin.scale)
 
     @property
     def fold(self) -> bool:
@@ -435,8 +433,7 @@ _PROBLEMS: dict[str, Callable[[_StepContext], object]] = {
     "proj": lambda c: c.lin(c.b.pooled, c.t.projection, c.b.output),
     # SigLIP attention-pooling head
     "final_ln": lambda c: c.ln(c.b.x, c.t.final_ln, c.b.h),
-    "map_kv": lambda c: c.lin(c.b.h, c.t.pool_head.qkv, c.b.kv, weight=c.r.ex.map_kv_weight,
-                              bias=c.r.ex.map_kv_bias),
+    "map_kv": lambda c: c.lin(c.b.h, c.r.ex.map_kv, c.b.kv),
     "final_ln_map_kv": lambda c: c.folded(c.b.x, c.b.kv, c.b.x_stats),
     "map_attn": _map_attn,
     "map_out": _map_out,
