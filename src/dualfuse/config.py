@@ -18,6 +18,8 @@ from dataclasses import dataclass, field, fields
 import torch
 
 WEIGHT_FORMATS = ("fp16", "int8", "fp8")  # "fp16": the executor's dtype (fp16 / bf16 / fp32), unquantized
+SCALE_DTYPE = torch.float32  # the per-channel scales of quantized weights (dualfuse.quantize, Linear.scale)
+SCALE_BYTES = torch.finfo(SCALE_DTYPE).bits // 8
 _DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 

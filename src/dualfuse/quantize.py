@@ -26,15 +26,14 @@ import dataclasses
 
 import torch
 
-from .config import WEIGHT_FORMATS, weight_format
+from .config import SCALE_BYTES, SCALE_DTYPE, WEIGHT_FORMATS, weight_format
+from .floors import tower_weights, weight_bytes_of
 from .kernels.gemm.problems import FP8_E4M3, fp8_unsupported_reason
 from .spec import Linear, gemm_linears
 
 QMAX = {"int8": 127.0, "fp8": 448.0}
 COSINE_MIN = 0.995  # per-embedding cosine vs the fp32 reference, quantized weights
 REL_ERR_MAX = 0.1  # ||out - ref|| / ||ref|| over all embeddings, quantized weights
-SCALE_DTYPE = torch.float32  # the per-channel scales the fused executor stores (Linear.scale)
-SCALE_BYTES = torch.finfo(SCALE_DTYPE).bits // 8
 
 
 def resolve_weights(weights, device=None) -> str:
@@ -140,8 +139,6 @@ def weight_bytes(model, weights: str | None = None, dtype: torch.dtype | None = 
     Not counted: the token embedding table (a call gathers only its own rows) and activations. Both towers, or
     those in ``towers`` (("vision",) for an image-only call). The element counts are dualfuse.floors' (the
     device floors' weight bytes are these, plus the token rows a call gathers)."""
-    from .floors import tower_weights, weight_bytes_of
-
     spec = getattr(model, "spec", model)
     if weights is None:
         weights = getattr(model, "weight_format", "fp16")

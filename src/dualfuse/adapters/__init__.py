@@ -9,16 +9,14 @@ Three outcomes for a model object:
 from __future__ import annotations
 
 from ..spec import DualEncoderSpec, ModelIO
-
-
-class NotCovered(ValueError):
-    """The model's family is runnable (the stock executors can call it) but a tower is not expressible in
-    DualEncoderSpec, so the fused kernels cannot run it. ``tower`` names the tower, ``what`` the part."""
-
-    def __init__(self, tower: str, what: str, hint: str = ""):
-        self.tower, self.what, self.hint = tower, what, hint
-        super().__init__(f"{tower} {what} is not covered by the fused kernels" + (f" ({hint})" if hint else ""))
-
+from ._common import NotCovered
+from ._io import read_model_io
+from ._norm import image_normalization as _image_normalization
+from .hf_clip import from_hf_clip
+from .hf_metaclip2 import from_hf_metaclip2
+from .hf_siglip import from_hf_siglip
+from .hf_siglip2 import from_hf_siglip2
+from .open_clip import from_open_clip
 
 SUPPORTED = ("transformers CLIPModel, MetaClip2Model, SiglipModel, Siglip2Model, open_clip CLIP / CustomTextCLIP, "
              "or a DualEncoderSpec")
@@ -51,18 +49,13 @@ def to_spec(model) -> DualEncoderSpec:
         return model
     family = family_of(model)
     if family == "hf_clip":
-        from .hf_clip import from_hf_clip
         return from_hf_clip(model)
     if family == "hf_metaclip2":
-        from .hf_metaclip2 import from_hf_metaclip2
         return from_hf_metaclip2(model)
     if family == "hf_siglip":
-        from .hf_siglip import from_hf_siglip
         return from_hf_siglip(model)
     if family == "hf_siglip2":
-        from .hf_siglip2 import from_hf_siglip2
         return from_hf_siglip2(model)
-    from .open_clip import from_open_clip
     return from_open_clip(model)
 
 
@@ -71,15 +64,12 @@ def model_io(model) -> ModelIO:
     copied); equals ``to_spec(model).io`` for a covered model."""
     if isinstance(model, DualEncoderSpec):
         return model.io
-    from ._io import read_model_io
     return read_model_io(model, family_of(model))
 
 
 def image_normalization(model, family: str | None = None, **kwargs):
     """The model's image ``(mean, std)`` per channel (family default, open_clip's ``visual.image_mean/std``,
     overrides); see adapters/_norm.py."""
-    from ._norm import image_normalization as _image_normalization
-
     if family is None and not isinstance(model, DualEncoderSpec):
         family = family_of(model)
     return _image_normalization(model, family, **kwargs)

@@ -5,7 +5,15 @@ import torch
 from torch import nn
 
 from ..spec import LayerNorm, Linear
-from . import NotCovered
+
+
+class NotCovered(ValueError):
+    """The model's family is runnable (the stock executors can call it) but a tower is not expressible in
+    DualEncoderSpec, so the fused kernels cannot run it. ``tower`` names the tower, ``what`` the part."""
+
+    def __init__(self, tower: str, what: str, hint: str = ""):
+        self.tower, self.what, self.hint = tower, what, hint
+        super().__init__(f"{tower} {what} is not covered by the fused kernels" + (f" ({hint})" if hint else ""))
 
 
 def t(x: torch.Tensor) -> torch.Tensor:

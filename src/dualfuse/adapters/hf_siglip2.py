@@ -12,8 +12,8 @@ import torch
 
 from ..spec import DualEncoderSpec, PatchEmbed, TowerSpec
 from ._common import hf_activation, layer_norm, scalar, t
-from .hf_clip import _blocks
-from .hf_siglip import _map_head, _text_tower
+from .hf_clip import encoder_blocks
+from .hf_siglip import map_head, siglip_text_tower
 
 
 def _patch_weight(lin, patch: int, channels: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -29,7 +29,7 @@ def _patch_weight(lin, patch: int, channels: int) -> tuple[torch.Tensor, torch.T
 def from_hf_siglip2(model) -> DualEncoderSpec:
     vcfg, tcfg = model.config.vision_config, model.config.text_config
     vm, tm = model.vision_model, model.text_model
-    pool_head = _map_head(vm)
+    pool_head = map_head(vm)
     patch = vcfg.patch_size
     if not isinstance(patch, int):
         raise ValueError(f"only square int patch sizes are supported, got patch_size={patch!r}")
@@ -44,8 +44,8 @@ def from_hf_siglip2(model) -> DualEncoderSpec:
         # image_size: the native resolution, where the position grid is used as is (no resize)
         embed=PatchEmbed(w, b, patch, grid * patch, vcfg.num_channels, pos_grid=grid),
         pos_embedding=t(emb.position_embedding.weight),  # [G*G, D], row-major over the grid
-        blocks=_blocks(vm.encoder), final_ln=layer_norm(vm.post_layernorm), pooling="map", pool_head=pool_head,
+        blocks=encoder_blocks(vm.encoder), final_ln=layer_norm(vm.post_layernorm), pooling="map", pool_head=pool_head,
     )
-    return DualEncoderSpec(vision, _text_tower(tcfg, tm, "HF SigLIP2"), logit_scale=scalar(model.logit_scale),
+    return DualEncoderSpec(vision, siglip_text_tower(tcfg, tm, "HF SigLIP2"), logit_scale=scalar(model.logit_scale),
                            logit_bias=scalar(model.logit_bias), family="hf_siglip2",
                            name=getattr(model.config, "_name_or_path", "") or "hf_siglip2")

@@ -14,8 +14,9 @@ import torch
 from torch import nn
 
 from ..spec import Block, DualEncoderSpec, LayerNorm, Linear, PatchEmbed, TokenEmbed, TowerSpec
-from . import NotCovered
-from ._common import check_layer_norm, layer_norm, module_activation, patch_weight, scalar, t
+from ._common import NotCovered, check_layer_norm, layer_norm, module_activation, patch_weight, scalar, t
+from ._norm import image_normalization
+from .timm_vit import timm_vision_tower
 
 VISION = "open_clip vision tower"
 TEXT = "open_clip text tower"
@@ -163,7 +164,6 @@ def vision_tower(visual) -> TowerSpec:
     if kind == "VisionTransformer":
         return vit_vision_tower(visual)
     if kind == "TimmModel":
-        from .timm_vit import timm_vision_tower
         return timm_vision_tower(visual, VISION)
     if kind == "ModifiedResNet":
         raise NotCovered(VISION, "ModifiedResNet (a convolutional tower)")
@@ -174,8 +174,6 @@ def from_open_clip(model) -> DualEncoderSpec:
     vision = vision_tower(model.visual)
     text = text_tower(text_parts(model))
     bias = getattr(model, "logit_bias", None)
-    from ._norm import image_normalization
-
     mean, std = image_normalization(model, "open_clip")  # kept for uint8 frames (executors fold it in)
     return DualEncoderSpec(vision, text, logit_scale=scalar(model.logit_scale),
                            logit_bias=scalar(bias) if bias is not None else None,

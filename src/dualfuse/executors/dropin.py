@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..spec import DualEncoderSpec, PatchSequence
-from .base import DTYPE_NAMES, _same_device, resolve_dtype
+from .base import DTYPE_NAMES, same_device, resolve_dtype
 from ..config import FusedConfig
 from .fused import FusedExecutor
 
@@ -143,7 +143,7 @@ class FusedModel(nn.Module):
         """``.to(device / dtype)``, ``.half()``, ``.float()``, ``.bfloat16()``, ``.cuda()``, ``.cpu()``: the
         target read off a probe tensor, then the executor rebuilt from the kept spec (same fuse() options)."""
         probe = fn(torch.empty(0, dtype=self.dtype, device=self.device))
-        if probe.dtype == self.dtype and _same_device(probe.device, self.device):
+        if probe.dtype == self.dtype and same_device(probe.device, self.device):
             return self
         if probe.dtype not in DTYPE_NAMES:
             raise ValueError(f"FusedModel runs in fp16, bf16 or fp32; got a conversion to {probe.dtype}")
@@ -381,7 +381,7 @@ def _mask_flags(family: str, io, ids: torch.Tensor, mask, where: str):
         got = f"shape {list(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
         raise ValueError(f"{where}: attention_mask: expected a tensor of input_ids' shape {list(ids.shape)} (1 for "
                          f"tokens, 0 for padding), got {got}")
-    if not _same_device(mask.device, ids.device):
+    if not same_device(mask.device, ids.device):
         raise ValueError(f"{where}: attention_mask: expected a tensor on {ids.device} (input_ids' device), got one "
                          f"on {mask.device}")
     on = mask != 0
@@ -415,7 +415,7 @@ def _position_flag(ids: torch.Tensor, pos, where: str) -> torch.Tensor:
             or pos.shape[1] != n or pos.shape[0] not in (1, b)):
         raise ValueError(f"{where}: position_ids: expected an integer tensor [1 or {b}, {n}] (the default "
                          f"torch.arange({n})), got {pos if not isinstance(pos, torch.Tensor) else list(pos.shape)}")
-    if not _same_device(pos.device, ids.device):
+    if not same_device(pos.device, ids.device):
         raise ValueError(f"{where}: position_ids: expected a tensor on {ids.device} (input_ids' device), got one "
                          f"on {pos.device}")
     return (pos != torch.arange(n, device=pos.device)).any()

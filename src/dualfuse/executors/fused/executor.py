@@ -341,7 +341,7 @@ class FusedExecutor(Locked, Executor):
     def runner_bytes(self, image_batch: int, text_batch: int, text_len: int | None, pixels: str = "float") -> int:
         """Bytes of the static buffers a runner of this call shape holds (counted on the meta device; the kernels'
         small metadata tables and split-K workspaces not included)."""
-        from .buffers import _TowerBuffers
+        from .buffers import TowerBuffers
 
         key = self.runner_key(image_batch, text_batch, text_len, pixels)
         spec, meta = self.spec, torch.device("meta")
@@ -349,10 +349,10 @@ class FusedExecutor(Locked, Executor):
         out = torch.empty(image_batch + text_batch, spec.embed_dim, dtype=self.dtype, device=meta)
         towers = []
         if image_batch:
-            towers.append(_TowerBuffers(spec.vision, image_batch, spec.vision.seq_len, self.dtype, meta,
+            towers.append(TowerBuffers(spec.vision, image_batch, spec.vision.seq_len, self.dtype, meta,
                                         out[:image_batch], self.residual_dtype, self.fold_ln, pixels))
         if text_batch:
-            towers.append(_TowerBuffers(spec.text, text_batch, key[2], self.dtype, meta, out[image_batch:],
+            towers.append(TowerBuffers(spec.text, text_batch, key[2], self.dtype, meta, out[image_batch:],
                                         self.residual_dtype, self.fold_ln))
         seen = {id(out)}
         for b in towers:

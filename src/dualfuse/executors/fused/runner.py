@@ -10,22 +10,20 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 
 from ...plan import Plan, Stage, Step
 from ...spec import PatchEmbed, TowerSpec
-from .buffers import _TowerBuffers
-
-if TYPE_CHECKING:
-    from .executor import FusedExecutor
+from .buffers import TowerBuffers
 
 
 class Runner:
-    """One call shape: buffers, plan, one prepared op per stage, and (on CUDA) one captured graph."""
+    """One call shape: buffers, plan, one prepared op per stage, and (on CUDA) one captured graph. ``ex``: the
+    FusedExecutor that owns it (its spec, weights, folded layers, dtype, device and options)."""
 
-    def __init__(self, ex: "FusedExecutor", image_batch: int, text_batch: int, text_len: int,
+    def __init__(self, ex, image_batch: int, text_batch: int, text_len: int,
                  pixels: str = "float"):
         self.ex = ex
         spec = ex.spec
@@ -34,15 +32,15 @@ class Runner:
         self.pixels, self.text_batch, self.text_len = pixels, text_batch, text_len
         self.key = None  # set by FusedExecutor.runner
         self.plan: Plan = ex.plan(image_batch, text_batch, text_len)
-        self.buf: dict[str, _TowerBuffers] = {}
+        self.buf: dict[str, TowerBuffers] = {}
         # both towers' embeddings in one buffer: a call clones it once and returns the two row ranges
         self.output = torch.empty(image_batch + text_batch, spec.embed_dim, dtype=ex.dtype, device=ex.device)
         self.image_batch = image_batch
         if image_batch:
-            self.buf["vision"] = _TowerBuffers(spec.vision, image_batch, spec.vision.seq_len, ex.dtype, ex.device,
+            self.buf["vision"] = TowerBuffers(spec.vision, image_batch, spec.vision.seq_len, ex.dtype, ex.device,
                                                self.output[:image_batch], ex.residual_dtype, ex.fold_ln, pixels)
         if text_batch:
-            self.buf["text"] = _TowerBuffers(spec.text, text_batch, text_len, ex.dtype, ex.device,
+            self.buf["text"] = TowerBuffers(spec.text, text_batch, text_len, ex.dtype, ex.device,
                                              self.output[image_batch:], ex.residual_dtype, ex.fold_ln)
         self._stats_width: dict[int, int] = {}  # row-statistics buffer address -> BLOCK_N of the launch writing it
         # the LayerNorm step (tower, layer, op) that finishes a GEMM's split-K sums -> (partial sums, GEMM bias)
@@ -285,13 +283,13 @@ def _build_linear(r: Runner, stage: Stage, problems):
                 r._stats_width[p.row_stats_out.data_ptr()] = op.block_n
         return op
 
-    return _in_dtype_groups(problems, linear)
+    return in_dtype_groups(problems, linear)
 
 
 def _build_layernorm(r: Runner, stage: Stage, problems):
     from ...kernels.layernorm import GroupedLayerNorm
 
-    return _in_dtype_groups(problems, lambda ps: GroupedLayerNorm(ps, pdl=r.ex.pdl))
+    return in_dtype_groups(problems, lambda ps: GroupedLayerNorm(ps, pdl=r.ex.pdl))
 
 
 def _build_attention(r: Runner, stage: Stage, problems):
@@ -325,7 +323,7 @@ class _StepContext:
     def __init__(self, r: Runner, step: Step):
         self.r, self.step = r, step
         self.t: TowerSpec = getattr(r.ex.weights, step.tower)
-        self.b: _TowerBuffers = r.buf[step.tower]
+        self.b: TowerBuffers = r.buf[step.tower]
         self.B, self.S, self.D = self.b.batch, self.b.seq, self.t.width
         self.blk = self.t.blocks[step.layer] if step.layer is not None else None
 
@@ -391,13 +389,13 @@ def _attn(c: _StepContext):
 
 def _out(c: _StepContext):  # the next LN (ln2) reads x
     b = c.b
-    return _with_stats(c.lin(b.a, c.blk.out, b.x, residual=b.x), b.x_stats if c.fold else None)
+    return with_stats(c.lin(b.a, c.blk.out, b.x, residual=b.x), b.x_stats if c.fold else None)
 
 
 def _fc2(c: _StepContext):  # the next layer's ln1, or SigLIP's head LN, reads x
     b, t = c.b, c.t
     emit = c.fold and (c.step.layer + 1 < len(t.blocks) or t.pooling == "map")
-    return _with_stats(c.lin(b.m, c.blk.fc2, b.x, residual=b.x), b.x_stats if emit else None)
+    return with_stats(c.lin(b.m, c.blk.fc2, b.x, residual=b.x), b.x_stats if emit else None)
 
 
 def _map_attn(c: _StepContext):  # SigLIP attention-pooling head
@@ -411,7 +409,7 @@ def _map_attn(c: _StepContext):  # SigLIP attention-pooling head
 
 def _map_out(c: _StepContext):  # the head's LN reads mh
     b = c.b
-    return _with_stats(c.lin(b.ma.view(c.B, c.D), c.t.pool_head.out, b.mh), b.mh_stats if c.fold else None)
+    return with_stats(c.lin(b.ma.view(c.B, c.D), c.t.pool_head.out, b.mh), b.mh_stats if c.fold else None)
 
 
 # plan step op -> kernel problem on the runner's buffers
@@ -444,12 +442,12 @@ _PROBLEMS: dict[str, Callable[[_StepContext], object]] = {
 }
 
 
-def _with_stats(problem, stats):
+def with_stats(problem, stats):
     """The problem, also writing its out's row statistics to ``stats`` (None: as it is)."""
     return problem if stats is None else dataclasses.replace(problem, row_stats_out=stats)
 
 
-def _in_dtype_groups(problems, build):
+def in_dtype_groups(problems, build):
     """One launch shares its input and output dtypes: a stage whose steps differ there (a residual-stream
     step, fp32, paired with a model-dtype one) runs as one launch per dtype pair, in order."""
     groups: dict[tuple, list] = {}

@@ -6,7 +6,7 @@ narrow N tiles re-read x) spread over as many SMs as possible, split-K only wher
 ~3 memory round trips). Many rows (batch 32): 128x256 or 64x128 tiles by tile count and K, no split-K. Under the
 interpreter: small fixed tiles (fast tests).
 
-`_CONFIG_KEYS` are the keys a caller may override (GroupedLinear(config=...)).
+`CONFIG_KEYS` are the keys a caller may override (GroupedLinear(config=...)).
 """
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ import triton
 from ...config import GemmConfig
 from .._utils import device_props, device_smem_bytes, num_sms
 
-_CONFIG_KEYS = GemmConfig.keys()  # documented field by field in dualfuse.config.GemmConfig
+CONFIG_KEYS = GemmConfig.keys()  # documented field by field in dualfuse.config.GemmConfig
 
 
-def _prefetch_steps(v) -> int:
+def prefetch_steps(v) -> int:
     """BLOCK_K steps of weights each program asks L2 for (config "prefetch": False / None / 0 = off, or n)."""
     if v is False or v is None:
         return 0
@@ -27,7 +27,7 @@ def _prefetch_steps(v) -> int:
     return v
 
 
-def _next_pow2(n: int) -> int:
+def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
@@ -103,7 +103,7 @@ def _skinny_configs(max_m: int) -> list[dict]:
     out = []
     for bm, bn, bk, warps, stages in _SKINNY_TILES:
         if bm == 64 and max_m <= 32:
-            bm = max(16, _next_pow2(max_m))
+            bm = max(16, next_pow2(max_m))
         for pps, mki, cap in _SKINNY_SPLITS:
             c = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages,
                      programs_per_sm=pps, min_k_iters=mki, max_split=cap, prefetch=_SKINNY_PREFETCH)
@@ -120,13 +120,13 @@ def _ranked_skinny(dims, elt, device, base=None, nosplit=None, w_elt=None) -> li
         c = {**c, **(base or {})}
         if _smem_bytes(c, elt, w_elt) > limit:
             continue
-        ranked.append((_estimate_us(dims, c, _choose_splits(dims, c, device, None, nosplit), elt, c.get("num_sms") or sms,
+        ranked.append((_estimate_us(dims, c, choose_splits(dims, c, device, None, nosplit), elt, c.get("num_sms") or sms,
                                     limit, w_elt), c))
     ranked.sort(key=lambda t: t[0])  # stable: ties keep the table's order
     return ranked
 
 
-def _default_config(problems, device, base: dict | None = None) -> dict:
+def default_config(problems, device, base: dict | None = None) -> dict:
     """Heuristic block config by shape. Small fixed tiles under the interpreter (fast tests). base: the
     caller's overrides (e.g. num_sms of a green context), which the skinny model ranks with. The device's SMs and
     shared memory come from kernels._utils (under target_device: the target's, computable without its GPU)."""
@@ -137,10 +137,10 @@ def _default_config(problems, device, base: dict | None = None) -> dict:
     if device_props(device) is None:  # the interpreter (no CUDA device, no target_device)
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)
     if elt == 4:  # fp32 inputs ("ieee" dot = FMA path): correctness use, keep tiles modest
-        cfg = dict(BLOCK_M=min(64, max(16, _next_pow2(max_m))), BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4,
+        cfg = dict(BLOCK_M=min(64, max(16, next_pow2(max_m))), BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4,
                    num_stages=3)
     elif _is_skinny(dims, device):
-        ranked = _ranked_skinny(dims, elt, device, base, _nosplit(problems), w_elt)
+        ranked = _ranked_skinny(dims, elt, device, base, nosplit(problems), w_elt)
         if ranked:
             cfg = dict(ranked[0][1])
         else:
@@ -168,13 +168,13 @@ def _default_config(problems, device, base: dict | None = None) -> dict:
     return _fit_smem(cfg, elt, device, w_elt)
 
 
-def _nosplit(problems) -> list[bool]:
+def nosplit(problems) -> list[bool]:
     """Problems that must keep all of K in one program: a folded LayerNorm without given statistics computes
     them from whole rows of x."""
     return [p.norm is not None and p.norm.stats is None for p in problems]
 
 
-def _choose_splits(dims, cfg, device, split_k, nosplit=None) -> list[int]:
+def choose_splits(dims, cfg, device, split_k, nosplit=None) -> list[int]:
     """K splits per problem. dims: [(M, N, K)]. split_k: None (auto), int (all), or list (per problem).
     nosplit: per problem, True = never split (folded LayerNorm); an explicit split_k > 1 there is an error.
 
