@@ -149,15 +149,21 @@ def _eager(rows: list[Row]) -> Row | None:
     return next((r for r in rows if r.executor == "eager" and r.status == "ok"), None)
 
 
-def _best_stock(rows: list[Row]) -> Row | None:
-    stock_ok = [r for r in rows if r.status == "ok" and r.stock]
-    return min(stock_ok, key=lambda r: r.median_ms) if stock_ok else None
+def best_stock(rows):
+    """The fastest stock executor's row among ``rows`` that ran ok: :class:`Row` objects, or their JSON dicts (a
+    bench file's ``results``); None when there is none."""
+    def get(r, key, default=None):
+        return r.get(key, default) if isinstance(r, dict) else getattr(r, key)
+
+    stock_ok = [r for r in rows if get(r, "status", "ok") == "ok" and get(r, "stock", True)
+                and isinstance(get(r, "median_ms"), (int, float))]
+    return min(stock_ok, key=lambda r: get(r, "median_ms")) if stock_ok else None
 
 
 def add_speedups(rows: list[Row]) -> tuple[Row | None, Row | None]:
     """Fill each ok row's speedups, baseline median / this median (bigger is better): vs eager and vs the fastest
     stock executor of the same run. Returns (the eager row, the best stock row), None where there is none."""
-    eager, best = _eager(rows), _best_stock(rows)
+    eager, best = _eager(rows), best_stock(rows)
     for r in rows:
         if r.status != "ok":
             continue
@@ -207,7 +213,7 @@ class BenchResult:
 
     @property
     def best_stock(self) -> Row | None:
-        return _best_stock(self.rows)
+        return best_stock(self.rows)
 
     @property
     def quantized_cosine_pass(self) -> float | None:

@@ -37,6 +37,8 @@ from pathlib import Path
 
 import torch
 
+from .timing import percentile
+
 # host RSS: /proc/self/statm (Linux); elsewhere the peak RSS from getrusage
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -143,14 +145,6 @@ def _same(a, b) -> bool:
     return (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
 
 
-def percentile(values, q: float) -> float:
-    s = sorted(values)
-    if not s:
-        return float("nan")
-    i = min(len(s) - 1, max(0, int(round(q / 100 * (len(s) - 1)))))
-    return s[i]
-
-
 def soak(ex, calls: int, *, shapes: list[Shape] | None = None, bad_every: int = 97, check_every: int = 10,
          sample_every: int | None = None, seed: int = 0, log=None) -> dict:
     """Run the soak on executor ``ex`` (a FusedExecutor); returns the result dict (samples, per-shape latency,
@@ -239,7 +233,7 @@ def soak(ex, calls: int, *, shapes: list[Shape] | None = None, bad_every: int = 
     mem_ok = all(v["growth"] <= 0.01 for v in mem.values() if v["checked"])
     per_shape, lat_ok = {}, True
     for label, v in lat.items():
-        p50, p99 = percentile(v, 50), percentile(v, 99)
+        p50, p99 = percentile(v, 50, nearest=True), percentile(v, 99, nearest=True)
         checked_shape = len(v) >= 20 and cuda  # on CPU the interpreter's times follow the machine's load
         ok = (p99 <= 1.5 * p50) if checked_shape else None
         lat_ok &= ok is not False

@@ -21,7 +21,6 @@ Library: :func:`run_stream` returns a :class:`StreamResult` (per-frame records a
 """
 from __future__ import annotations
 
-import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -30,6 +29,7 @@ from typing import Callable, Iterator
 import torch
 
 from .config import FusedConfig, config_of
+from .timing import percentile
 
 PARTS = ("decode", "h2d", "model", "post")
 VIDEO_PACKAGES = "opencv-python (cv2), av (PyAV) or torchcodec"
@@ -80,7 +80,7 @@ class StreamResult:
         out = dict(frames=len(self.frames), fps=self.fps, wall_s=self.wall_s, text_ms=self.text_ms)
         for part in PARTS + ("total",):
             vals = [getattr(f, f"{part}_ms") for f in self.frames]
-            out[part] = dict(p50_ms=_percentile(vals, 50), p99_ms=_percentile(vals, 99),
+            out[part] = dict(p50_ms=percentile(vals, 50), p99_ms=percentile(vals, 99),
                              mean_ms=sum(vals) / len(vals) if vals else float("nan"))
         counts: dict[str, int] = {}
         for f in self.frames:
@@ -96,15 +96,6 @@ class StreamResult:
                  fused_config=self.fused_config.to_dict() if self.fused_config is not None else None)
         d["frames"] = [dict(asdict(f), total_ms=f.total_ms) for f in self.frames]
         return d
-
-
-def _percentile(vals, q) -> float:
-    if not vals:
-        return float("nan")
-    s = sorted(vals)
-    k = (len(s) - 1) * q / 100
-    lo, hi = math.floor(k), math.ceil(k)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
 # ------------------------------------------------------------------------------------------------ sources

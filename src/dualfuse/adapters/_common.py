@@ -77,6 +77,12 @@ def check_layer_norm(m: nn.Module, tower: str, where: str) -> None:
         raise NotCovered(tower, f"norm {where} ({type(m).__name__})", "only affine LayerNorm with a bias")
 
 
+def checked_layer_norm(m: nn.Module, tower: str, where: str) -> LayerNorm:
+    """``layer_norm(m)`` after ``check_layer_norm`` (NotCovered for anything but an affine LayerNorm)."""
+    check_layer_norm(m, tower, where)
+    return layer_norm(m)
+
+
 def scalar(x: torch.Tensor) -> float:
     """A parameter's value as a float; NaN for meta tensors (shape-only specs used for planning)."""
     return float("nan") if x.is_meta else float(x.detach().reshape(()))

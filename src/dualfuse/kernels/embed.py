@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._utils import (LAUNCH_OPTIONS, describe, device_props, gdc_launch, load_field, pdl_supported, pow2_divisor,
+from ._utils import (LAUNCH_OPTIONS, check_tensor, describe, device_props, gdc_launch, load_field, pdl_supported, pow2_divisor,
                      problem_of)
 
 __all__ = ["PatchEmbedProblem", "TokenEmbedProblem", "Embeddings", "PatchEmbed", "TokenEmbed",
@@ -369,31 +369,24 @@ class Embeddings:
             if val < (16 if name != "block_t" else 1) or val & (val - 1):
                 raise ValueError(f"Embeddings: {name} must be a power of two (>= 16 for GEMM tiles), got {val}")
 
-        def check_tensor(where, name, t, dtype, allow_none=False):
-            if t is None and allow_none:
-                return
-            if not isinstance(t, Tensor):
-                raise ValueError(f"{where}: {name} must be a Tensor, got {type(t).__name__}")
-            if t.device != device:
-                raise ValueError(f"{where}: {name} is on {t.device}, expected {device} (all on one device)")
-            if dtype is not None and t.dtype != dtype:
-                raise ValueError(f"{where}: {name} dtype {t.dtype} differs from {dtype} (one launch shares dtypes)")
+        def check(where, name, t, dtype, allow_none=False):
+            check_tensor(where, name, t, device, dtype, allow_none=allow_none)
 
         pm_rows = []
         start = 0
         for i, p in enumerate(patch_problems):
             where = f"Embeddings patch problem {i}"
             x = p.pixel_values
-            check_tensor(where, "pixel_values", x, pix_dtype)
+            check(where, "pixel_values", x, pix_dtype)
             if x.dtype not in _FLOAT_DTYPES + (torch.float64, torch.uint8):
                 raise ValueError(f"{where}: pixel_values must be a float tensor or uint8 (read as x / 255), got "
                                  f"{x.dtype}")
             pix_dtype = x.dtype
             for name in ("weight", "pos_embedding"):
-                check_tensor(where, name, getattr(p, name), w_dtype)
+                check(where, name, getattr(p, name), w_dtype)
             for name in ("bias", "class_embedding"):
-                check_tensor(where, name, getattr(p, name), w_dtype, allow_none=True)
-            check_tensor(where, "out", p.out, o_dtype)
+                check(where, name, getattr(p, name), w_dtype, allow_none=True)
+            check(where, "out", p.out, o_dtype)
             P = p.patch_size
             if not isinstance(P, int) or isinstance(P, bool) or P < 1:
                 raise ValueError(f"{where}: patch_size must be a positive int, got {P!r}")
@@ -451,15 +444,15 @@ class Embeddings:
         for i, p in enumerate(token_problems):
             where = f"Embeddings token problem {i}"
             ids = p.input_ids
-            check_tensor(where, "input_ids", ids, None)
+            check(where, "input_ids", ids, None)
             if ids.dtype not in (torch.int32, torch.int64) or ids.dim() != 2:
                 raise ValueError(f"{where}: input_ids must be [B, L] int32/int64, got {describe(ids)}")
             B, L = ids.shape
             if B < 1 or L < 1:
                 raise ValueError(f"{where}: input_ids must be non-empty, got {tuple(ids.shape)}")
-            check_tensor(where, "token_weight", p.token_weight, w_dtype)
-            check_tensor(where, "pos_embedding", p.pos_embedding, w_dtype)
-            check_tensor(where, "out", p.out, o_dtype)
+            check(where, "token_weight", p.token_weight, w_dtype)
+            check(where, "pos_embedding", p.pos_embedding, w_dtype)
+            check(where, "out", p.out, o_dtype)
             tw, pos, out = p.token_weight, p.pos_embedding, p.out
             if tw.dim() != 2 or tw.stride(1) != 1:
                 raise ValueError(f"{where}: token_weight must be [V, D] with a contiguous last dim, got {describe(tw)}")
