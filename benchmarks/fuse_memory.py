@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 import dualfuse  # noqa: E402
 from dualfuse.executors.base import resolve_dtype  # noqa: E402
-from dualfuse.executors.dropin import _named_tensors  # noqa: E402
+from dualfuse.spec import named_tensors  # noqa: E402
 
 MIB = 2 ** 20
 
@@ -98,8 +98,8 @@ def main():
     after_fuse = rss_mib()
     ex = fused.executor
     seen: set = set()
-    spec_b = storage_bytes((t for _, t in _named_tensors(ex.spec)), seen) if ex.spec is not None else 0
-    packed_b = storage_bytes((t for _, t in _named_tensors(ex.weights)), seen) if ex.weights is not None else 0
+    spec_b = storage_bytes((t for _, t in named_tensors(ex.spec)), seen) if ex.spec is not None else 0
+    packed_b = storage_bytes((t for _, t in named_tensors(ex.weights)), seen) if ex.weights is not None else 0
     extra = [getattr(ex, "map_query", None)]
     extra += [t for v in (getattr(ex, "map_kv", None),) if v is not None for t in vars(v).values()
               if isinstance(t, torch.Tensor)]

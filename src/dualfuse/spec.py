@@ -228,7 +228,8 @@ class DualEncoderSpec:
         return self.vision.pos_embedding.device
 
     def map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "DualEncoderSpec":
-        return _map(self, fn)
+        """A copy with ``fn`` applied to every tensor (map_named_tensors)."""
+        return map_named_tensors(self, lambda name, t: fn(t))
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> "DualEncoderSpec":
         """A copy with floating-point weights moved/cast (the source spec is left as is); quantized weights and
@@ -242,7 +243,7 @@ class DualEncoderSpec:
                 t = t.to(device)
             return t.contiguous()
 
-        return _map(self, move, quantized=lambda t: move(t, cast=False))
+        return map_named_tensors(self, lambda name, t: move(t), quantized=lambda name, t: move(t, cast=False))
 
     def summary(self) -> dict:
         def tower(t: TowerSpec) -> dict:
@@ -285,21 +286,33 @@ def rows_of(linear: Linear, start: int, stop: int | None = None) -> Linear:
     return Linear(rows(linear.weight), rows(linear.bias), rows(linear.scale))
 
 
-def _map(obj, fn, quantized=None):
-    """A copy of a spec dataclass tree with ``fn`` applied to every tensor (``quantized``, default ``fn``: to
-    the weight and scale of a quantized Linear)."""
+def map_named_tensors(obj, fn: Callable[[str, torch.Tensor], torch.Tensor], prefix: str = "", quantized=None):
+    """The one walker over a spec's dataclass tree: a copy of ``obj`` with ``fn(name, tensor)`` applied to every
+    tensor, named as in a state dict (``vision.blocks.0.qkv.weight``; ``extra`` is skipped). ``quantized``
+    (default ``fn``): what the weight and scale of a quantized Linear get instead."""
     if isinstance(obj, torch.Tensor):
-        return fn(obj)
+        return fn(prefix, obj)
     if isinstance(obj, list):
-        return [_map(o, fn, quantized) for o in obj]
-    if isinstance(obj, Linear) and obj.scale is not None and quantized is not None:
-        return dataclasses.replace(obj, weight=quantized(obj.weight), scale=quantized(obj.scale),
-                                   bias=_map(obj.bias, fn))
+        return [map_named_tensors(o, fn, f"{prefix}{i}.", quantized) for i, o in enumerate(obj)]
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        changes = {f.name: _map(getattr(obj, f.name), fn, quantized) for f in dataclasses.fields(obj)
-                   if f.name != "extra"}
+        q = quantized if isinstance(obj, Linear) and obj.scale is not None else None
+        changes = {}
+        for f in dataclasses.fields(obj):
+            if f.name == "extra":
+                continue
+            v = getattr(obj, f.name)
+            name = f"{prefix}{f.name}" + ("" if isinstance(v, torch.Tensor) else ".")
+            changes[f.name] = map_named_tensors(v, q if q is not None and f.name in ("weight", "scale") else fn,
+                                                name, quantized)
         return dataclasses.replace(obj, **changes)
     return obj
+
+
+def named_tensors(obj) -> list[tuple[str, torch.Tensor]]:
+    """``(state-dict name, tensor)`` of every tensor of a spec (or any part of one), in field order."""
+    out = []
+    map_named_tensors(obj, lambda name, t: out.append((name, t)) or t)
+    return out
 
 
 @dataclass(frozen=True)

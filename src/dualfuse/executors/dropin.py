@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..spec import DualEncoderSpec, PatchSequence
+from ..spec import DualEncoderSpec, PatchSequence, map_named_tensors, named_tensors
 from .base import DTYPE_NAMES, same_device, resolve_dtype
 from ..config import FusedConfig
 from .fused import FusedExecutor
@@ -177,7 +177,7 @@ class FusedModel(nn.Module):
                 out[prefix + k] = v
             return out
         self._need_host_copy("state_dict()")
-        for k, v in _named_tensors(self.executor.spec):
+        for k, v in named_tensors(self.executor.spec):
             out[prefix + k] = v
         spec = self.executor.spec
         out[prefix + "logit_scale"] = torch.tensor(spec.logit_scale, dtype=torch.float32, device=spec.device)
@@ -197,7 +197,7 @@ class FusedModel(nn.Module):
         fb = self.executor.fallback
         if fb is not None:  # the private copy of the source model runs: load into it
             return fb.model.load_state_dict(state_dict, strict=strict)
-        own = dict(_named_tensors(self.executor.spec))  # names only: with keep_host_copy=False they are meta
+        own = dict(named_tensors(self.executor.spec))  # names only: with keep_host_copy=False they are meta
         own["logit_scale"] = None
         if self.executor.spec.logit_bias is not None:
             own["logit_bias"] = None
@@ -462,24 +462,10 @@ def _loss(family: str, per_text: torch.Tensor) -> torch.Tensor:
     return (F.cross_entropy(per_text, target) + F.cross_entropy(per_text.t(), target)) / 2.0
 
 
-def _named_tensors(obj, prefix: str = ""):
-    if isinstance(obj, torch.Tensor):
-        yield prefix, obj
-    elif isinstance(obj, list):
-        for i, o in enumerate(obj):
-            yield from _named_tensors(o, f"{prefix}{i}.")
-    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        for f in dataclasses.fields(obj):
-            if f.name != "extra":
-                yield from _named_tensors(getattr(obj, f.name), f"{prefix}{f.name}" +
-                                          ("" if isinstance(getattr(obj, f.name), torch.Tensor) else "."))
-
-
-def _replace_tensors(obj, state: dict, prefix: str = ""):
+def _replace_tensors(spec, state: dict):
     """A copy of the spec with each tensor named in ``state`` replaced by a copy of it (shape checked, kept in the
     spec's dtype on the host)."""
-    if isinstance(obj, torch.Tensor):
-        name = prefix
+    def replace(name, obj):
         if name not in state:
             return obj
         new = state[name]
@@ -488,18 +474,8 @@ def _replace_tensors(obj, state: dict, prefix: str = ""):
             raise ValueError(f"load_state_dict: {name}: expected shape {list(obj.shape)}, got {got}")
         device = "cpu" if obj.is_meta else obj.device  # keep_host_copy=False: the shapes only, on meta
         return new.detach().to(device=device, dtype=obj.dtype).clone()
-    if isinstance(obj, list):
-        return [_replace_tensors(o, state, f"{prefix}{i}.") for i, o in enumerate(obj)]
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        changes = {}
-        for f in dataclasses.fields(obj):
-            if f.name == "extra":
-                continue
-            v = getattr(obj, f.name)
-            changes[f.name] = _replace_tensors(v, state, f"{prefix}{f.name}" + ("" if isinstance(v, torch.Tensor)
-                                                                                else "."))
-        return dataclasses.replace(obj, **changes)
-    return obj
+
+    return map_named_tensors(spec, replace)
 
 
 def _meta_skeleton(model: nn.Module) -> nn.Module:
