@@ -26,7 +26,7 @@ import dataclasses
 
 import torch
 
-from .config import SCALE_BYTES, SCALE_DTYPE, WEIGHT_FORMATS, weight_format
+from .config import SCALE_BYTES, SCALE_DTYPE, weight_format
 from .floors import tower_weights, weight_bytes_of
 from .kernels.gemm.problems import FP8_E4M3, fp8_unsupported_reason
 from .spec import Linear, gemm_linears

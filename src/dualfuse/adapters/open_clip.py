@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..spec import Block, DualEncoderSpec, LayerNorm, Linear, PatchEmbed, TokenEmbed, TowerSpec
-from ._common import NotCovered, check_layer_norm, checked_layer_norm, layer_norm, module_activation, patch_weight, scalar, t
+from ..spec import Block, DualEncoderSpec, Linear, PatchEmbed, TokenEmbed, TowerSpec
+from ._common import NotCovered, checked_layer_norm, layer_norm, module_activation, patch_weight, scalar, t
 from ._norm import image_normalization
 from .timm_vit import timm_vision_tower
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..spec import AttentionPoolHead, Block, Linear, PatchEmbed, TowerSpec
-from ._common import NotCovered, check_layer_norm, checked_layer_norm, layer_norm, linear, module_activation, patch_weight, t
+from ._common import NotCovered, checked_layer_norm, layer_norm, linear, module_activation, patch_weight, t
 
 _IDENTITY_PARTS = {"q_norm": "qk-norm", "k_norm": "qk-norm", "norm": "a norm inside attention"}
 
