@@ -5,7 +5,7 @@
 #   bash benchmarks/gpu_figures.sh B    # accuracy parity (fp16, bf16), kernels
 #   bash benchmarks/gpu_figures.sh C    # GPU tests
 #   bash benchmarks/gpu_figures.sh D    # drop-in: text-length stream with buckets, first calls, uint8 frames, memory
-#   bash benchmarks/gpu_figures.sh M    # README's model table, every row in one process
+#   bash benchmarks/gpu_figures.sh M    # the model table (README "Results"), every row in one process
 #   bash benchmarks/gpu_figures.sh P    # an older commit ($OLD) against this one: both commits' executors in one process
 #   bash benchmarks/gpu_figures.sh E    # edge regime: int8 weights (both widenings), 8 SMs and full card; the soak
 #   bash benchmarks/gpu_figures.sh S    # the real-time loop (full card, 8 SMs); LayerNorm folding on the sm_80 path
@@ -53,7 +53,7 @@ elif [ "$PART" = D ]; then
   step 150 python3 benchmarks/frames_buckets.py --model clip-vit-b-32 --out "$R/frames-buckets-b32.json"
   step 60 python3 benchmarks/fuse_memory.py --model clip-vit-b-32 --dtype fp16 --device cuda
 elif [ "$PART" = M ]; then
-  # 9. the model table (README "Supported models"): every row, one process
+  # 9. the model table (README "Results", BENCHMARKS.md): every row, one process
   TAIL=60 step ${MODELS_S:-560} python3 benchmarks/models.py --out "$R/models"
 elif [ "$PART" = P ]; then
   # 10. a change that must keep the numbers: an older commit's executors (its src/ unpacked into $OLD, e.g.

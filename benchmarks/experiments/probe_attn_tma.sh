@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Probe (run on an H200, 2026-11-26, results in benchmarks/results/h200-2026-11-26/): attention block configs (batch 1 and 32, all four architectures), and TMA on/off at batch 1 and 32
+# Probe (run on an H200, 2026-11-26, results in benchmarks/results/h200-2026-11-26/, most in git history at commit a54f250): attention block configs (batch 1 and 32, all four architectures), and TMA on/off at batch 1 and 32
 # with the new defaults (TMA for skinny M only where every problem has <= 128 rows).
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 R=/tmp/r10; mkdir -p $R

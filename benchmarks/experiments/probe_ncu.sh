@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Probe (run on an H200, 2026-11-26, results in benchmarks/results/h200-2026-11-26/): where a batch-1 GEMM launch's time goes (Nsight Compute), and 128-row tiles at batch 1.
+# Probe (run on an H200, 2026-11-26, results in benchmarks/results/h200-2026-11-26/, most in git history at commit a54f250): where a batch-1 GEMM launch's time goes (Nsight Compute), and 128-row tiles at batch 1.
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 R=/tmp/r4; mkdir -p $R
 nvidia-smi --query-gpu=name --format=csv,noheader | tee $R/card.txt

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Probe (run on an H200, 2026-11-26, results in benchmarks/results/h200-2026-11-26/): host vs GPU time of a fused call (after the validation hot path), and the cost of one
+# Probe (run on an H200, 2026-11-26, results in benchmarks/results/h200-2026-11-26/, most in git history at commit a54f250): host vs GPU time of a fused call (after the validation hot path), and the cost of one
 # dependency (launch / launch + PDL / in-kernel waits) with the final sync_cost.py.
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 R=/tmp/r12; mkdir -p $R

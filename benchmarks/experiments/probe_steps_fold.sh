@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Probe (run on an H200, 2026-11-26, results in benchmarks/results/h200-2026-11-26/): with TMA, which batch-32 steps want 128x256 tiles (per-step configs, 12-layer CUDA graphs), and
+# Probe (run on an H200, 2026-11-26, results in benchmarks/results/h200-2026-11-26/, most in git history at commit a54f250): with TMA, which batch-32 steps want 128x256 tiles (per-step configs, 12-layer CUDA graphs), and
 # LayerNorm folding end to end at 32 + 32 (it removes 24 LayerNorm launches of 1600 / 2464 rows).
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 R=/tmp/r9; mkdir -p $R

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Probe (run on an H200, 2026-11-26, results in benchmarks/results/h200-2026-11-26/): x / w tiles by tensor descriptors (TMA, config {"tma": true}) vs pointer loads, GEMM steps of
+# Probe (run on an H200, 2026-11-26, results in benchmarks/results/h200-2026-11-26/, most in git history at commit a54f250): x / w tiles by tensor descriptors (TMA, config {"tma": true}) vs pointer loads, GEMM steps of
 # all four architectures at batch 1 and 32 in 12-layer CUDA graphs; GPU tests of the TMA path first.
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 R=/tmp/r7; mkdir -p $R

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Probe (run on an H200, 2026-11-26, results in benchmarks/results/h200-2026-11-26/): TMA on by default for many rows; tile shapes under TMA at batch 32 (12-layer CUDA graphs), and the
+# Probe (run on an H200, 2026-11-26, results in benchmarks/results/h200-2026-11-26/, most in git history at commit a54f250): TMA on by default for many rows; tile shapes under TMA at batch 32 (12-layer CUDA graphs), and the
 # end-to-end effect at 32 + 32 next to the graph executor.
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 R=/tmp/r8; mkdir -p $R

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Probe (run on an H200, 2026-11-26, results in benchmarks/results/h200-2026-11-26/): batch-1 GEMM launches are issue-latency bound (ncu: 1 warp per SM sub-partition, ~4 cycles per
+# Probe (run on an H200, 2026-11-26, results in benchmarks/results/h200-2026-11-26/, most in git history at commit a54f250): batch-1 GEMM launches are issue-latency bound (ncu: 1 warp per SM sub-partition, ~4 cycles per
 # issued instruction, L2 ~20% busy). More warps per program / shorter K steps, in 12-layer CUDA graphs.
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 R=/tmp/r6; mkdir -p $R

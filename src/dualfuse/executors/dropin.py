@@ -48,7 +48,7 @@ _NO_OP_KWARGS = {"output_attentions": (None, False), "output_hidden_states": (No
 
 class FusedModel(nn.Module):
     """Drop-in for the source model (inference only), served by the fused executor; see the module docstring
-    and README "The drop-in model".
+    and docs/dropin.md.
 
     - transformers: ``fused(input_ids=, pixel_values=, attention_mask=, position_ids=, return_loss=,
       return_dict=)`` -> the family's output class (``CLIPOutput`` / ``MetaClip2Output`` / ``SiglipOutput`` / ``Siglip2Output``) with
