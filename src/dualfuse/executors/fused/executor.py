@@ -15,11 +15,16 @@ import torch.nn.functional as F
 from ...adapters import image_normalization
 from ...config import FusedConfig
 from ...kernels._utils import is_interpreter, pdl_supported
+from ...kernels.embed import fold_normalization
+from ...kernels.gemm import fold_layernorm
 from ...plan import Plan, make_plan
 from ...quantize import quantize_folded, quantize_spec, resolve_weights, to_device_but_gemm_weights
+from ...reference import naflex_pos_embedding
 from ...spec import DualEncoderSpec, Linear, PatchSequence, TowerSpec, rows_of
 from .. import register
+from .._naflex import as_image, grid_groups, grid_spec
 from ..base import Executor, Locked, NeedsCUDA, validate_inputs
+from .buffers import TowerBuffers
 from .runner import Runner
 
 MAX_HEAD_DIM = 128  # attention keeps a [BLOCK_M, head_dim] accumulator in registers
@@ -144,8 +149,6 @@ class FusedExecutor(Locked, Executor):
         emb = self.spec.vision.embed
         self.frame_patch = None  # (weight, bias) of the patch embedding for uint8 frames: mean/std folded in
         if emb.pos_grid is None:  # NaFlex takes patch sequences, never frames
-            from ...kernels.embed import fold_normalization
-
             w, b = fold_normalization(emb.weight, emb.bias, self.image_mean, self.image_std, dtype=self.dtype)
             self.frame_patch = (w.to(self.device), b.to(self.device))
         head = self.weights.vision.pool_head
@@ -173,8 +176,6 @@ class FusedExecutor(Locked, Executor):
         of the plan (kernels.gemm.fold_layernorm), folded in fp32 from the source weights, stored in the
         executor's dtype. The unfolded GEMM weights they replace are dropped from self.weights (no second
         copy of QKV / FC1 on the device)."""
-        from ...kernels.gemm import fold_layernorm
-
         def fold(linear, norm, weight=None, bias=None):
             w = (linear.weight if weight is None else weight).to(self.device)
             b = linear.bias if weight is None else bias
@@ -341,8 +342,6 @@ class FusedExecutor(Locked, Executor):
     def runner_bytes(self, image_batch: int, text_batch: int, text_len: int | None, pixels: str = "float") -> int:
         """Bytes of the static buffers a runner of this call shape holds (counted on the meta device; the kernels'
         small metadata tables and split-K workspaces not included)."""
-        from .buffers import TowerBuffers
-
         key = self.runner_key(image_batch, text_batch, text_len, pixels)
         spec, meta = self.spec, torch.device("meta")
         total = (image_batch + text_batch) * spec.embed_dim * torch.finfo(self.dtype).bits // 8  # the output
@@ -475,9 +474,6 @@ class FusedExecutor(Locked, Executor):
             return self._grid_child(h, w)
 
     def _grid_child(self, h: int, w: int) -> "FusedExecutor":
-        from ...reference import naflex_pos_embedding
-        from .._naflex import grid_spec
-
         key = (h, w)
         child = self._grids.get(key)
         if child is None:
@@ -499,15 +495,11 @@ class FusedExecutor(Locked, Executor):
     def _encode_naflex(self, seq: PatchSequence, ids):
         """Images grouped by patch grid, one fixed-resolution call per group (the text tower rides with the
         first); embeddings put back in the caller's order."""
-        from .._naflex import grid_groups
-
         groups = grid_groups(seq)  # reads the grids back to the host: before taking the lock
         with self._lock:  # the grid executors share it (reentrant): one call's groups run together
             return self._encode_groups(seq, ids, groups)
 
     def _encode_groups(self, seq: PatchSequence, ids, groups):
-        from .._naflex import as_image
-
         emb = self.spec.vision.embed
         if len(groups) == 1:
             (h, w), _ = groups[0]
