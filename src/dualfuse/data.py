@@ -72,18 +72,24 @@ class Preprocess:
                 a = (a - a.min()) / max(a.max() - a.min(), 1e-12)
                 arr = (a * 255).round().astype(np.uint8)
             image = Image.fromarray(arr)
-        image = image.convert("RGB")
-        s = self.image_size
-        w, h = image.size
-        scale = s / min(w, h)
-        nw, nh = max(s, round(w * scale)), max(s, round(h * scale))
-        image = image.resize((nw, nh), Image.BICUBIC)
-        left, top = (nw - s) // 2, (nh - s) // 2
-        image = image.crop((left, top, left + s, top + s))
+        image = resize_center_crop_pil(image.convert("RGB"), self.image_size)
         x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
         mean = torch.tensor(self.mean).view(3, 1, 1)
         std = torch.tensor(self.std).view(3, 1, 1)
         return (x - mean) / std
+
+
+def resize_center_crop_pil(image, size: int):
+    """A PIL image with its shorter side resized to ``size`` (bicubic) and the longer one center-cropped."""
+    from PIL import Image
+
+    w, h = image.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    if (nw, nh) != (w, h):
+        image = image.resize((nw, nh), Image.BICUBIC)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return image.crop((left, top, left + size, top + size)) if (nw, nh) != (size, size) else image
 
 
 def preprocess_for(spec, model=None, path: str | None = None) -> Preprocess:
@@ -373,7 +379,7 @@ def load_folder(root: str, preprocess: Preprocess, *, limit: int | None = None,
                    f"{len(tensors)} images in {len(class_names)} class folders of {root}", template)
 
 
-def _read_caption_entries(path: str, problems: list[str]) -> list[tuple[str, str, str]]:
+def read_caption_entries(path: str, problems: list[str]) -> list[tuple[str, str, str]]:
     """(image name, caption, where) from a captions file; malformed entries become problems."""
     name = os.path.basename(path)
     entries = []
@@ -440,7 +446,7 @@ def load_captions(path: str, preprocess: Preprocess, *, images_dir: str | None =
         raise DataError(f"captions file {path} does not exist")
     base = images_dir or os.path.dirname(os.path.abspath(path))
     problems: list[str] = []
-    entries = _read_caption_entries(path, problems)
+    entries = read_caption_entries(path, problems)
     image_index: dict[str, int] = {}
     bad_images: set[str] = set()
     tensors, names, captions, cap_img = [], [], [], []

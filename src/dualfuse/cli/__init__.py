@@ -30,6 +30,8 @@ SUBCOMMANDS: dict[str, str] = {
     "eval": "dualfuse.cli.evaluate",
     "report": "dualfuse.cli.report",
     "stream": "dualfuse.cli.stream",
+    "embed": "dualfuse.cli.embed",
+    "search": "dualfuse.cli.search",
 }
 
 

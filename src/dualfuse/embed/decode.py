@@ -1,0 +1,77 @@
+"""Encoded images -> uint8 frames ``[S, S, 3]`` at the model's size: the shorter side resized to S (bicubic), the
+longer one center-cropped -- what CLIP's and SigLIP's processors do before normalizing (the normalization itself
+is folded into the fused model's patch embedding).
+
+- :func:`decode_frame`: on a CPU thread with PIL. JPEGs are decoded at a reduced scale where that still leaves
+  both sides >= S (libjpeg's DCT scaling, ``Image.draft``): a 1000-px photo for a 224-px model decodes at 1/2 or
+  1/4 of the work. PIL releases the GIL while it decodes and resizes, so threads scale.
+- :class:`GpuJpegDecoder`: batches of JPEGs decoded by nvJPEG (``torchvision.io.decode_jpeg(device="cuda")``),
+  resized and cropped on the device. Anything it refuses (PNG, WebP, a CMYK or broken JPEG) is left to the CPU.
+"""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+
+JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def decode_frame(data: bytes, size: int) -> np.ndarray:
+    """Encoded image bytes -> uint8 ``[size, size, 3]`` RGB. Raises ValueError saying why for what is not a
+    readable image."""
+    from PIL import Image, UnidentifiedImageError
+
+    from ..data import resize_center_crop_pil
+
+    if not data:
+        raise ValueError("empty file")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.format == "JPEG":
+                im.draft("RGB", (size, size))
+            im = im.convert("RGB") if im.mode != "RGB" else im
+            im = resize_center_crop_pil(im, size)
+            return np.asarray(im, dtype=np.uint8)
+    except UnidentifiedImageError:
+        raise ValueError("not an image (PIL cannot identify it)") from None
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"refused: {e}") from None
+    except Exception as e:  # noqa: BLE001 - PIL's plugins raise many kinds on broken files; one never stops a run
+        raise ValueError(f"corrupt image ({type(e).__name__}: {str(e)[:120]})") from None
+
+
+def is_jpeg(data: bytes | None) -> bool:
+    return data is not None and data[:3] == JPEG_MAGIC
+
+
+class GpuJpegDecoder:
+    """JPEG bytes -> uint8 ``[size, size, 3]`` frames on ``device``, nvJPEG batch decode. ``__call__`` returns one
+    frame or ``None`` per input (None: the CPU must do it)."""
+
+    def __init__(self, size: int, device):
+        try:
+            import torchvision.io as tvio
+        except ImportError as e:
+            raise ValueError("--decode gpu needs torchvision (torchvision.io.decode_jpeg on CUDA)") from e
+        if getattr(device, "type", str(device)) != "cuda":
+            raise ValueError("--decode gpu needs a CUDA device; use --decode cpu")
+        self.tvio, self.size, self.device = tvio, size, device
+
+    def __call__(self, datas: list[bytes]):
+        import torch
+
+        from ..stream import resize_center_crop
+
+        tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
+        mode = self.tvio.ImageReadMode.RGB
+        try:
+            decoded = self.tvio.decode_jpeg(tensors, device=self.device, mode=mode)
+        except Exception:  # noqa: BLE001 - one bad image fails the batch: decode one by one
+            decoded = []
+            for t in tensors:
+                try:
+                    decoded.append(self.tvio.decode_jpeg(t, device=self.device, mode=mode))
+                except Exception:  # noqa: BLE001 - left to the CPU, which reports why
+                    decoded.append(None)
+        return [None if d is None else resize_center_crop(d.permute(1, 2, 0), self.size)[0] for d in decoded]

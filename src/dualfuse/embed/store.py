@@ -1,0 +1,151 @@
+"""The output folder of an embedding run.
+
+    DIR/manifest.json         model, executor, dtype, embedding size, dualfuse version, the input, shard size,
+                              and each finished shard (rows, errors)
+    DIR/part-00000.parquet    one per shard: ``path`` (files) or ``key`` (Parquet, tar), ``image_embedding``
+                              (fixed-size list of float32, unit length), ``text_embedding`` (with captions; null
+                              for an image without one) and ``caption``; model, dtype and dualfuse version in the
+                              file's key-value metadata
+    DIR/errors.tsv            every item that was skipped: key<TAB>reason
+    DIR/summary.json          the last run's EmbedResult
+    DIR/index.faiss, index-keys.parquet   with --index faiss
+
+A shard is written to a temporary name and renamed, then recorded in the manifest (also written atomically): a
+run stopped at any point (Ctrl-C) leaves only whole shards, and a re-run redoes just the unrecorded ones. A folder
+made by another model, dtype or input is refused.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from ..util import write_json
+from .config import EmbedError
+
+MANIFEST = "manifest.json"
+ERRORS = "errors.tsv"
+SUMMARY = "summary.json"
+MANIFEST_SCHEMA = "dualfuse.embed.manifest/1"
+
+
+def shard_name(index: int) -> str:
+    return f"part-{index:05d}.parquet"
+
+
+def read_manifest(out: str) -> dict | None:
+    import json
+
+    path = os.path.join(out, MANIFEST)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--out {out}: {MANIFEST} is unreadable ({e}); use another folder") from None
+    if doc.get("schema") != MANIFEST_SCHEMA:
+        raise ValueError(f"--out {out}: {MANIFEST} is not a dualfuse embed manifest")
+    return doc
+
+
+class Store:
+    """Opens (or resumes) DIR for one run; ``done(index)``, ``write_shard(...)``, ``finish(errors)``."""
+
+    IDENTITY = ("model", "dtype", "embed_dim", "key_name", "source", "shard_size", "num_shards", "captions")
+
+    def __init__(self, out: str, identity: dict, meta: dict):
+        self.out = out
+        self.identity = identity
+        self.meta = meta  # model, executor, dtype, dualfuse_version: into every file's metadata
+        os.makedirs(out, exist_ok=True)
+        old = read_manifest(out)
+        if old is None:
+            stray = [n for n in os.listdir(out) if n.endswith(".parquet")]
+            if stray:
+                raise ValueError(f"--out {out}: holds Parquet files ({stray[0]}, ...) but no {MANIFEST}: not made by "
+                                 "dualfuse embed; use an empty or new folder")
+            self.manifest = {"schema": MANIFEST_SCHEMA, **identity, **meta, "shards": {}}
+            self._save()
+        else:
+            for k in self.IDENTITY:
+                if old.get(k) != identity.get(k):
+                    what = "another model" if k in ("model", "dtype", "embed_dim") else "another input or settings"
+                    raise ValueError(f"--out {out}: made by {what} ({k}: {old.get(k)!r} there, {identity.get(k)!r} "
+                                     "now); use a new --out folder, or the same model and input to resume")
+            self.manifest = old
+        self.errors: list[EmbedError] = [EmbedError(*e) for s in self.manifest["shards"].values()
+                                         for e in s.get("errors", [])]
+
+    def done(self, index: int) -> bool:
+        rec = self.manifest["shards"].get(str(index))
+        return rec is not None and os.path.isfile(os.path.join(self.out, rec["file"]))
+
+    def _save(self) -> None:
+        write_json(os.path.join(self.out, MANIFEST), self.manifest)
+
+    def write_shard(self, index: int, keys: list[str], image: np.ndarray, text: list | None,
+                    captions: list | None, errors: list[EmbedError]) -> None:
+        """Write one shard (temp name, then rename) and record it."""
+        import pyarrow.parquet as pq
+
+        table = make_table(self.identity["key_name"], keys, image, text, captions, self.meta)
+        name = shard_name(index)
+        path = os.path.join(self.out, name)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+        self.manifest["shards"][str(index)] = dict(file=name, rows=len(keys),
+                                                   errors=[[e.key, e.reason] for e in errors])
+        self.errors.extend(errors)
+        self._save()
+
+    def finish(self, summary: dict) -> None:
+        path = os.path.join(self.out, ERRORS)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write("key\treason\n")
+            for e in self.errors:
+                f.write(f"{_cell(e.key)}\t{_cell(e.reason)}\n")
+        os.replace(tmp, path)
+        write_json(os.path.join(self.out, SUMMARY), summary)
+
+
+def _cell(text: str) -> str:
+    return str(text).replace("\t", " ").replace("\n", " ")
+
+
+def make_table(key_name: str, keys: list[str], image: np.ndarray, text: list | None, captions: list | None,
+               meta: dict):
+    """The Arrow table of one shard (the one schema every engine writes)."""
+    import pyarrow as pa
+
+    dim = int(image.shape[1]) if image.ndim == 2 else int(meta["embed_dim"])
+    vec = pa.list_(pa.float32(), dim)
+    flat = pa.array(np.ascontiguousarray(image, dtype=np.float32).reshape(-1), type=pa.float32())
+    cols = {key_name: pa.array(keys, type=pa.string()),
+            "image_embedding": pa.FixedSizeListArray.from_arrays(flat, dim)}
+    fields = [pa.field(key_name, pa.string()), pa.field("image_embedding", vec)]
+    if text is not None:
+        cols["text_embedding"] = pa.array([None if t is None else np.asarray(t, np.float32) for t in text], type=vec)
+        cols["caption"] = pa.array(captions, type=pa.string())
+        fields += [pa.field("text_embedding", vec), pa.field("caption", pa.string())]
+    metadata = {f"dualfuse.{k}": str(v) for k, v in meta.items()}
+    return pa.Table.from_arrays(list(cols.values()), schema=pa.schema(fields, metadata=metadata))
+
+
+def read_embeddings(out: str, column: str = "image_embedding"):
+    """(keys, float32 [N, E]) of every finished shard in DIR, in shard order."""
+    import pyarrow.parquet as pq
+
+    man = read_manifest(out)
+    if man is None:
+        raise ValueError(f"{out}: no {MANIFEST}; not an output folder of dualfuse embed")
+    keys, vecs = [], []
+    for idx in sorted(man["shards"], key=int):
+        t = pq.read_table(os.path.join(out, man["shards"][idx]["file"]))
+        keys.extend(t.column(man["key_name"]).to_pylist())
+        col = t.column(column).combine_chunks()
+        vecs.append(col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), -1))
+    dim = man["embed_dim"]
+    return keys, (np.concatenate(vecs).astype(np.float32) if vecs else np.zeros((0, dim), np.float32))
