@@ -1,5 +1,7 @@
 """Test setup: on a machine without CUDA every Triton kernel runs through the interpreter; every test's random
-inputs come from a seed of its own (one base seed mixed with the test's node id), printed when the test fails."""
+inputs come from a seed of its own (one base seed mixed with the test's node id), printed when the test fails.
+Tests slower than ~5 s here carry `slow` and are left out by default (pyproject's addopts: -m "not slow");
+`pytest -m slow` runs them."""
 import hashlib
 import os
 import random
@@ -15,6 +17,9 @@ if not HAS_CUDA:
 
 # Kernel tests run where the kernels can run: the GPU when there is one, else the CPU interpreter.
 KERNEL_DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+# records the kernels launched through the interpreter; fails a default run that left one out (kernel_launches.py)
+pytest_plugins = ("kernel_launches",)
 
 SEED_ENV = "DUALFUSE_TEST_SEED"
 DEFAULT_BASE_SEED = 20251126

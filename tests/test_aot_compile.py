@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 KERNELS = {"_embed_kernel", "_layer_norm_kernel", "_grouped_linear_kernel", "_attention_kernel"}
 
 
+@pytest.mark.slow  # compiles every specialization in a subprocess
 @pytest.mark.parametrize("model,extra,weights", [("clip-tiny", {"_pool_kernel"}, None), ("siglip-tiny", set(), None),
                                                  ("clip-tiny", {"_pool_kernel"}, "int8")])
 def test_fused_kernels_compile_ahead_of_time_for_sm80_sm87_sm90(model, extra, weights, tmp_path):
@@ -36,6 +37,7 @@ def test_fused_kernels_compile_ahead_of_time_for_sm80_sm87_sm90(model, extra, we
 SM87_SHARED = 166912  # CUDA programming guide: compute capability 8.7, 163 KB of shared memory per block (opt-in)
 
 
+@pytest.mark.slow
 def test_target_configs_compile_for_orin_within_sm87_limits(tmp_path):
     """The configs the fused executor picks on an Orin Nano (8 SMs) and an AGX Orin (16 SMs), computed without a GPU
     (kernels._utils.target_device), compile for sm_87 and fit its limits: shared memory per block, registers per
@@ -67,6 +69,7 @@ def test_target_configs_compile_for_orin_within_sm87_limits(tmp_path):
     assert any(c["BLOCK_K"] >= 64 for c in gemm) and all(c["USE_TMA"] is False and c["USE_PDL"] is False for c in gemm)
 
 
+@pytest.mark.slow
 def test_target_configs_compile_with_int8_weights(tmp_path):
     """--weights int8 under a target: the model fused with weight-only int8 on an Orin Nano, its quantized GEMM
     configs (1-byte weight tiles, no TMA) compiled for sm_87 within its limits."""

@@ -13,6 +13,7 @@ HAS_CUDA = torch.cuda.is_available()
 FAST = ["--model", "clip-tiny", "--iters", "3", "--warmup", "1", "--no-progress"]
 
 
+@pytest.mark.slow
 def test_bench_runs_and_writes_json(tmp_path, capsys):
     path = tmp_path / "out" / "bench.json"
     rc = cli.main(["bench", *FAST, "--executors", "eager,streams,graph", "--batch", "2", "--json", str(path)])
@@ -176,3 +177,18 @@ def test_fused_variants_against_another_commit(tmp_path):
     bad = subprocess.run(cmd[:-2] + ["--base", str(tmp_path / "missing")], env=env, capture_output=True, text=True,
                          timeout=600)
     assert bad.returncode != 0 and "expected" in bad.stderr
+
+
+@pytest.mark.slow
+def test_compile_max_is_opt_in_and_reports_its_compile_time(tmp_path):
+    """compile-max (torch.compile mode='max-autotune') is listed but not in the default set; its row records the
+    first call's seconds as compile_s (aot_eager backend here: a CPU pipeline check, no autotuning)."""
+    from dualfuse.bench import run_bench
+
+    assert "compile-max" in executors.names() and "compile-max" not in executors.default_names()
+    assert executors.executor_class("compile-max").compiles_on_first_call
+    r = run_bench("clip-tiny", executors=["compile"], batch=1, iters=2, warmup=0, device="cpu")
+    row = r.rows[0]
+    assert row.status == "ok", row.message
+    assert row.compile_s == row.first_call_s and row.compile_s > 0 and "compile" in row.notes
+    assert r.to_dict()["results"][0]["compile_s"] == row.compile_s

@@ -45,6 +45,7 @@ def _rel(a, b):
 
 @pytest.mark.parametrize("name,pooling", [("clip-tiny", "first_eos"), ("open_clip-tiny", "argmax"),
                                           ("metaclip2-tiny", "first_eos")])
+@pytest.mark.slow
 def test_bucketed_texts_give_the_unpadded_embeddings(name, pooling):
     model = _load(name)
     spec = to_spec(model)
@@ -75,6 +76,7 @@ def test_bucketed_texts_give_the_unpadded_embeddings(name, pooling):
     assert on.plan(2, 2, 6) == on.runners[(2, 2, 8)].plan
 
 
+@pytest.mark.slow
 def test_a_stream_of_12_lengths_builds_one_runner_per_bucket():
     model = _load("clip-tiny")
     spec = to_spec(model)
@@ -91,6 +93,7 @@ def test_a_stream_of_12_lengths_builds_one_runner_per_bucket():
     assert FusedExecutor.DEFAULT_TEXT_BUCKETS == (16, 32, 48, 64, 77)
 
 
+@pytest.mark.slow
 def test_siglip_text_keeps_its_exact_length():
     model = _load("siglip-tiny")
     spec = to_spec(model)
@@ -125,6 +128,7 @@ def test_text_bucket_options_and_pad_ids():
     assert FusedExecutor(bidi, dtype=torch.float32, device=DEV).text_buckets is None
 
 
+@pytest.mark.slow
 def test_warmup_builds_runners_up_front_and_records_first_call_times():
     model = _load("clip-tiny")
     spec = to_spec(model)

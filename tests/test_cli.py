@@ -154,7 +154,8 @@ def test_plan_text_length_flag(capsys):
 
 
 def test_only_existing_commands_are_offered():
-    assert set(cli.SUBCOMMANDS) == {"bench", "plan", "profile", "eval", "report", "stream", "embed", "search"}
+    assert set(cli.SUBCOMMANDS) == {"bench", "plan", "profile", "eval", "report", "stream", "embed", "search",
+                                    "calibrate"}
     helptext = cli.build_parser().format_help()
     assert "not written" not in helptext and "unavailable" not in helptext
 

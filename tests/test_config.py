@@ -25,6 +25,10 @@ DEV = "cpu"
     (dict(gemm={"widen": "cast"}), "config widen must be"),
     (dict(gemm="fast"), "gemm must be a GemmConfig"),
     (dict(warmup=5), "warmup: expected a list of"),
+    (dict(gemm_impl="cublas"), "gemm_impl must be 'auto', 'triton' or 'library'"),
+    (dict(calibration=3), "calibration must be None, a path or a dualfuse.calibration.Calibration"),
+    (dict(gemm_impl="triton", calibration="cal.json"), "calibration is read only with gemm_impl='auto'"),
+    (dict(gemm={"regime": "slow"}), "config regime must be a Regime"),
 ])
 def test_bad_options_raise_at_construction(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -56,6 +60,25 @@ def test_normalized_values_and_forms():
     assert line == "pdl=False weights=int8 gemm={tma=False}"
     with pytest.raises(dataclasses.FrozenInstanceError):
         c.max_graphs = 2
+
+
+def test_library_choice_calibration_and_regime_fields(tmp_path):
+    from dualfuse.calibration import Calibration
+    from dualfuse.kernels.gemm.regime import Regime
+
+    path = tmp_path / "cal.json"
+    assert FusedConfig(calibration=path).calibration == str(path)  # a PathLike: its path
+    cal = Calibration(ident={"card": "test"}, path=str(path))
+    d = FusedConfig(gemm_impl="auto", calibration=cal, gemm=GemmConfig(regime=Regime("byte-bound", 50e9, 2.0)))
+    j = d.to_dict()  # JSON-ready: the calibration by its file, the regime by its fields
+    assert j["calibration"] == str(path) and j["gemm_impl"] == "auto"
+    assert j["gemm"]["regime"] == {"name": "byte-bound", "bandwidth": 50e9, "latency_us": 2.0}
+    assert FusedConfig(gemm_impl="library").describe() == "gemm_impl=library"
+    # the executor reads them: the calibration object as given, gemm_impl as set
+    spec = to_spec(dualfuse.load("clip-tiny"))
+    ex = FusedExecutor(spec, device=DEV, use_graph=False, gemm_impl="auto", calibration=cal)
+    assert ex.calibration is cal and ex.gemm_impl == "auto" and ex.config.calibration is cal
+    assert FusedExecutor(spec, device=DEV, use_graph=False, gemm_impl="triton").calibration is None
 
 
 def test_overrides_apply_over_the_config_and_are_validated():

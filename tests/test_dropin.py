@@ -57,6 +57,7 @@ def siglip():
     return model, dualfuse.fuse(model, dtype=torch.float32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", HF)
 def test_hf_forward_and_features_with_processor_style_inputs(name):
     model = presets.load(name, seed=3, device=DEV)
@@ -84,6 +85,7 @@ def test_hf_forward_and_features_with_processor_style_inputs(name):
     _close(fused(ids, px).logits_per_image, want.logits_per_image)  # transformers' positional order
 
 
+@pytest.mark.slow
 def test_siglip2_naflex_forward_with_mask_and_loss():
     pytest.importorskip("transformers.models.siglip2")
     model = presets.load("siglip2-tiny", seed=3, device=DEV)
@@ -101,6 +103,7 @@ def test_siglip2_naflex_forward_with_mask_and_loss():
         fused(input_ids=ids, attention_mask=_right_mask(fused.executor.io, ids), **kw)
 
 
+@pytest.mark.slow
 def test_causal_masks_that_would_change_the_output_are_refused(clip):
     model, fused = clip
     px, ids = _inputs(fused, 2, 2)
@@ -124,6 +127,7 @@ def test_causal_masks_that_would_change_the_output_are_refused(clip):
     assert _rel(a, b) > 1e-3
 
 
+@pytest.mark.slow
 def test_siglip_mask_with_padding_is_refused_all_ones_accepted(siglip):
     model, fused = siglip
     _, ids = _inputs(fused, 0, 2)
@@ -139,6 +143,7 @@ def test_siglip_mask_with_padding_is_refused_all_ones_accepted(siglip):
     _close(fused.get_text_features(ids, attention_mask=torch.ones_like(ids, dtype=torch.bool)).pooler_output, b)
 
 
+@pytest.mark.slow
 def test_return_dict_false_gives_the_source_models_tuple(clip, siglip):
     for model, fused in (clip, siglip):
         px, ids = _inputs(fused, 2, 2)
@@ -154,6 +159,7 @@ def test_return_dict_false_gives_the_source_models_tuple(clip, siglip):
         assert len(fused(ids, px, return_dict=False)) == 4
 
 
+@pytest.mark.slow
 def test_return_loss_needs_pairs(clip):
     _, fused = clip
     px, ids = _inputs(fused, 2, 3)
@@ -161,6 +167,7 @@ def test_return_loss_needs_pairs(clip):
         fused(input_ids=ids, pixel_values=px, return_loss=True)
 
 
+@pytest.mark.slow
 def test_position_ids_only_the_default(clip):
     model, fused = clip
     px, ids = _inputs(fused, 1, 2)
@@ -176,6 +183,7 @@ def test_position_ids_only_the_default(clip):
         fused.get_text_features(ids, position_ids=ar[None, :-1])
 
 
+@pytest.mark.slow
 def test_interpolate_pos_encoding_and_unknown_arguments_are_refused(clip):
     _, fused = clip
     px, ids = _inputs(fused, 1, 1)
@@ -220,6 +228,7 @@ def test_train_refused_eval_kept(clip):
     assert not fused.training
 
 
+@pytest.mark.slow
 def test_to_half_float_rebuild_from_the_spec_and_keep_fuse_options():
     model = presets.load("clip-tiny", seed=4, device=DEV)
     fused = dualfuse.fuse(model, dtype=torch.float32, max_graphs=3)
@@ -242,6 +251,7 @@ def test_to_half_float_rebuild_from_the_spec_and_keep_fuse_options():
         fused.double()
 
 
+@pytest.mark.slow
 def test_fuse_defaults_to_the_source_models_dtype():
     model = presets.load("clip-tiny", seed=5, device=DEV)
     assert dualfuse.fuse(model).dtype == torch.float32
@@ -270,6 +280,7 @@ def test_fuse_a_preset_name_or_a_spec():
         from_spec.load_state_dict(model.state_dict())
 
 
+@pytest.mark.slow
 def test_state_dict_round_trip_and_source_checkpoints():
     model = presets.load("clip-tiny", seed=6, device=DEV)
     fused = dualfuse.fuse(model, dtype=torch.float32)
@@ -313,6 +324,7 @@ def test_the_fused_model_does_not_keep_the_source_model():
     assert fused.executor.spec.device.type == "cpu"  # the kept spec is a host copy; on a GPU only packed weights
 
 
+@pytest.mark.slow
 def test_keep_host_copy_false_keeps_only_the_packed_weights():
     """keep_host_copy=False: the spec keeps shapes only (meta), the outputs are those of the default, rebuilds and
     state_dict() are refused with the reason, and a complete state dict still loads."""
@@ -367,6 +379,7 @@ def test_fallback_model_state_dict_is_the_source_models():
     assert fused.executor.fallback.model.logit_scale.item() == pytest.approx(model.logit_scale.item() + 1.0)
 
 
+@pytest.mark.slow
 def test_open_clip_style_calls_and_state_dict():
     pytest.importorskip("open_clip")
     pytest.importorskip("timm")

@@ -83,6 +83,7 @@ def test_eager_logits_match_the_source_model():
     assert torch.equal(per_text, per_image.T)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,backend", [("clip-tiny", "inductor"), ("siglip-tiny", "aot_eager")])
 def test_compile_matches_reference(name, backend):
     ex = executors.get("compile", model(name), dtype="fp32", device="cpu", backend=backend)

@@ -36,6 +36,7 @@ def _check_against_source(model, fused, bi=2, bt=3, length=None):
     assert _rel(got_txt, want_txt) < 1e-4, _rel(got_txt, want_txt)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", FAMILIES)
 def test_every_family_runs_fused_and_matches_its_source_model(name):
     _needs(name)
@@ -65,6 +66,7 @@ def _clip_variant(vision=None, text=None):
     return CLIPModel(cfg).eval()
 
 
+@pytest.mark.slow
 def test_image_size_not_a_multiple_of_the_patch():
     # like so400m (384 px, patch 14): the Conv2d drops the remainder; 36 px / patch 8 -> 4x4 patches
     model = _siglip_variant(image_size=36)
@@ -73,6 +75,7 @@ def test_image_size_not_a_multiple_of_the_patch():
     _check_against_source(model, fused, bi=2, bt=1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("width,heads", [(72, 2), (80, 1), (104, 1), (112, 1)])  # head dims 36, 80, 104, 112
 def test_head_dims_that_are_not_powers_of_two(width, heads):
     model = _clip_variant(vision=dict(hidden_size=width, num_attention_heads=heads, intermediate_size=3 * width - 8),
@@ -82,6 +85,7 @@ def test_head_dims_that_are_not_powers_of_two(width, heads):
     _check_against_source(model, fused, bi=1, bt=2)
 
 
+@pytest.mark.slow
 def test_siglip2_naflex_mixed_grids_and_padding():
     pytest.importorskip("transformers.models.siglip2")
     from dualfuse.spec import PatchSequence

@@ -38,6 +38,7 @@ def _rel(a, b):
 @pytest.mark.parametrize("name,mean,std", [("clip-tiny", OPENAI_MEAN, OPENAI_STD),
                                            ("siglip-tiny", SIGLIP_MEAN, SIGLIP_STD),
                                            ("open_clip-tiny", OPENAI_MEAN, OPENAI_STD)])
+@pytest.mark.slow
 def test_uint8_frames_match_the_source_model_on_the_normalized_image(name, mean, std):
     model = _load(name)
     fused = dualfuse.fuse(model, dtype=torch.float32, device=DEV)
@@ -70,6 +71,7 @@ def test_uint8_frames_match_the_source_model_on_the_normalized_image(name, mean,
         assert _rel(out.image_embeds, torch.nn.functional.normalize(want[:2], dim=-1)) < 1e-4
 
 
+@pytest.mark.slow
 def test_mean_std_overrides_and_open_clip_image_mean():
     model = _load("clip-tiny")
     mean, std = (0.1, 0.2, 0.3), (0.3, 0.25, 0.2)
@@ -118,6 +120,7 @@ def test_bad_frames_say_what_was_expected(bad, match):
         fused.encode_image(bad)
 
 
+@pytest.mark.slow
 def test_naflex_refuses_frames_and_stock_executors_keep_rejecting_them():
     fused = dualfuse.fuse(_load("siglip2-tiny"), dtype=torch.float32, device=DEV)
     with pytest.raises(ValueError, match="uint8 frames are not supported for SigLIP2 NaFlex"):

@@ -38,7 +38,9 @@ def _check(out, ref):
     assert rel <= 1e-2, rel
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
+# the fast tier runs clip-tiny; the other families are slow
+@pytest.fixture(scope="module", params=[f if f == "clip-tiny" else pytest.param(f, marks=pytest.mark.slow)
+                                        for f in FAMILIES])
 def family(request):
     if request.param.startswith("open_clip"):
         pytest.importorskip("open_clip", reason=NO_OPEN_CLIP)
@@ -65,6 +67,7 @@ def test_fused_matches_reference_odd_batches(family):
     assert all(torch.equal(before[k], after[k]) for k in before) and next(model.parameters()).dtype == torch.float32
 
 
+@pytest.mark.slow
 def test_fused_one_tower_calls_and_short_texts(family):
     name, model, spec = family
     ex = executors.get("fused", model, dtype=torch.float16, device=KERNEL_DEVICE)
@@ -78,6 +81,7 @@ def test_fused_one_tower_calls_and_short_texts(family):
     assert all(s.towers == ("vision",) for s in ex.runners[(2, 0, spec.text.context_length)].plan.stages)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["clip-tiny", "siglip-tiny"])
 def test_fold_ln_on_matches_off_and_drops_unfolded_weights(name):
     """Vertical fusion on and off give the same embeddings to rounding; with it on, the plan has no
@@ -121,6 +125,7 @@ def test_fold_ln_on_matches_off_and_drops_unfolded_weights(name):
     assert not FusedExecutor(model, dtype=torch.bfloat16, device=KERNEL_DEVICE).fold_ln  # fp32 residual stream
 
 
+@pytest.mark.slow
 def test_runner_cache_is_bounded_and_replays_are_stable():
     model = dualfuse.load("clip-tiny")
     spec = to_spec(model)
@@ -135,6 +140,7 @@ def test_runner_cache_is_bounded_and_replays_are_stable():
     assert len(ex.runners) == 2 and (1, 2, spec.text.context_length) not in ex.runners
 
 
+@pytest.mark.slow
 def test_drop_in_hf_calls_match_source_model():
     model = dualfuse.load("siglip-tiny")
     spec = to_spec(model)
@@ -155,6 +161,7 @@ def test_drop_in_hf_calls_match_source_model():
         fused.get_text_features(input_ids=ids.to(KERNEL_DEVICE), attention_mask=padded.to(KERNEL_DEVICE))
 
 
+@pytest.mark.slow
 def test_drop_in_open_clip_call():
     pytest.importorskip("open_clip", reason=NO_OPEN_CLIP)
     model = dualfuse.load("open_clip-tiny")
@@ -179,6 +186,7 @@ def test_fused_validates_inputs():
         ex.encode_text(torch.full((1, 5), 100, device=KERNEL_DEVICE))
 
 
+@pytest.mark.slow
 def test_fused_checks_token_ids_in_the_graph_and_recovers():
     """Out-of-vocabulary ids are caught by the embedding kernel's flag (no read-back before the forward), the
     call raises, and the same cached runner then serves valid ids correctly."""
@@ -258,6 +266,7 @@ def test_fused_fold_ln_real_presets_gpu(name):
     _check(txt, reference.encode_text(ref, ids.cuda()))
 
 
+@pytest.mark.slow
 def test_residual_stream_dtype_options():
     """The residual stream: fp32 by default for bf16 models, the model dtype for fp16 ones, either on request;
     LN folding needs the model dtype there."""
@@ -305,6 +314,7 @@ def test_stage_with_mixed_dtypes_runs_as_one_launch_per_dtype_pair():
         torch.testing.assert_close(o.float(), ref, atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.slow
 def test_executor_plan_is_the_plan_its_calls_run():
     """FusedExecutor.plan(...) gives the stages a call of that shape launches, LayerNorm folding included."""
     model = dualfuse.load("clip-tiny")
@@ -318,6 +328,7 @@ def test_executor_plan_is_the_plan_its_calls_run():
         assert ex.plan(1, 2, ids.shape[1]) == ran
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["clip-tiny", "siglip-tiny"])
 def test_deferred_split_reduction_matches_in_kernel_reduction(name):
     """An FC2 that splits K leaves its partial sums to the next LayerNorm launch (defer_split_reduce, the

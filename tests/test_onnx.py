@@ -1,5 +1,6 @@
 """ONNX export + ONNX Runtime (CPU provider) executor on tiny models; "not installed" rows for missing runtimes."""
 import json
+import os
 import sys
 
 import pytest
@@ -58,13 +59,17 @@ def test_provider_choice():
     assert choose_providers(["CUDAExecutionProvider", "CPUExecutionProvider"], cpu, torch.float32, "/tmp") == \
         ["CPUExecutionProvider"]
     got = choose_providers(["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"], cuda,
-                           torch.float16, "/tmp/cache", stream=1234)
+                           torch.float16, "/tmp/cache", stream=1234, tensorrt=True)
     assert [p if isinstance(p, str) else p[0] for p in got] == \
         ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
     assert got[0][1]["trt_fp16_enable"] and got[0][1]["user_compute_stream"] == "1234"
     got = choose_providers(["CUDAExecutionProvider", "CPUExecutionProvider"], cuda, torch.float16, "/tmp")
-    assert got[0][0] == "CUDAExecutionProvider"
-    with pytest.raises(ExecutorUnavailable, match="onnxruntime-gpu"):
+    assert got[0][0] == "CUDAExecutionProvider" and "enable_cuda_graph" not in got[0][1]
+    # the TensorRT EP is listed by every onnxruntime-gpu wheel: skipped where its libraries do not load
+    got = choose_providers(["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"], cuda,
+                           torch.float16, "/tmp", stream=5, tensorrt=False, cuda_graph=True)
+    assert got[0] == ("CUDAExecutionProvider", {"device_id": 0, "enable_cuda_graph": "1"})  # no user stream
+    with pytest.raises(ExecutorUnavailable, match="CUDA execution provider missing.*onnxruntime-gpu"):
         choose_providers(["CPUExecutionProvider"], cuda, torch.float16, "/tmp")
 
 
@@ -98,3 +103,37 @@ def test_ort_cuda_fp16_matches_reference():
     rimg, rtxt = reference.encode(spec.to("cuda"), px.float(), ids)
     assert torch.nn.functional.cosine_similarity(img.float(), rimg, dim=-1).min() > 0.999
     assert torch.nn.functional.cosine_similarity(txt.float(), rtxt, dim=-1).min() > 0.999
+
+
+def test_preload_finds_the_nvidia_wheels_libraries():
+    """The CUDA EP's libraries come from the nvidia-* wheels' lib folders; loading is best effort (no error on a
+    machine without them) and happens once."""
+    from dualfuse.executors import onnxruntime as E
+
+    dirs = E.nvidia_library_dirs()
+    assert all(d.endswith("lib") for d in dirs)
+    first = E.preload_cuda_libraries(__import__("onnxruntime"))
+    assert E.preload_cuda_libraries(None) is first  # once per process
+    assert all(os.path.basename(p) in E.CUDA_LIBRARIES for p in first)
+
+
+@pytest.mark.gpu
+def test_ort_cuda_ep_fp16_matches_reference():
+    """On a CUDA machine with onnxruntime-gpu: the CUDA EP in fp16 (CUDA graph where it works) passes parity."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        pytest.skip("onnxruntime-gpu is not installed")
+    from dualfuse.bench import cosine_check
+
+    model = presets.load("clip-tiny")
+    spec = to_spec(model)
+    ex = executors.get("onnxruntime", model, device="cuda", dtype="fp16", spec=spec)
+    assert ex.active_provider == "CUDAExecutionProvider" and "fp16" in ex.notes
+    px, ids = random_inputs(spec, 2, 2, sets=1, device="cuda", dtype=torch.float16)[0]
+    for _ in range(3):  # ONNX Runtime captures its graph after a first run
+        outs = ex.encode(px, ids)
+    ref = reference.encode(spec.to(device="cuda", dtype=torch.float32), px.float(), ids)
+    assert cosine_check(outs, ref)["cosine_ok"], ex.notes

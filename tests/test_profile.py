@@ -309,6 +309,7 @@ def _check_attributed(r, layers=2):
     assert r.analysis["attribution"].get("unattributed", 0) == 0
 
 
+@pytest.mark.slow
 def test_eager_cpu_profile_attributes_everything(eager_clip):
     model, ex, r = eager_clip
     _check_attributed(r)
@@ -376,6 +377,7 @@ def test_eager_cpu_other_families(name):
         assert ("vision", "map_attn") in ops
 
 
+@pytest.mark.slow
 @interpreter
 def test_fused_cpu_stages_are_the_kernels():
     r = profile("fused", "clip-tiny", device="cpu", iters=1, warmup=0, latency_runs=0, measure_ceilings=False)
@@ -390,6 +392,7 @@ def test_fused_cpu_stages_are_the_kernels():
     assert r.summary["fused_us"] > 0 and r.summary["overlap_frac"] > 0
 
 
+@pytest.mark.slow
 @interpreter
 def test_cli_compare_eager_fused(tmp_path, capsys):
     out = tmp_path / "cmp"

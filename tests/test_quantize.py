@@ -69,6 +69,7 @@ def _assert_only_quantized_gemm_weights(ex, fmt=torch.int8):
     assert n > 0 and scales >= n
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", FAMILIES)
 def test_every_family_int8_within_the_quantized_criteria(name):
     """Both towers, fp16 activations, int8 weights (LN folded: the CPU default) vs the fp32 source model: min
@@ -96,6 +97,7 @@ def test_every_family_int8_within_the_quantized_criteria(name):
     assert _metrics(ref16.encode_text(ids), want_txt)[1] < rel_txt
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["clip-tiny", "siglip-tiny"])
 @pytest.mark.parametrize("fold_ln", [False, True])
 def test_fold_ln_on_and_off_one_tower_calls(name, fold_ln):
@@ -119,6 +121,7 @@ def test_fold_ln_on_and_off_one_tower_calls(name, fold_ln):
         assert any(p.partial_sums and p.weight_scale is not None for op in ops for p in op.problems)
 
 
+@pytest.mark.slow
 def test_uint8_frames_with_int8_weights():
     from dualfuse.adapters._norm import OPENAI_MEAN, OPENAI_STD
 
@@ -178,6 +181,7 @@ def test_executor_weight_bytes_and_dropin_rebuild():
     assert f32.executor.weight_format == "int8" and f32.executor.dtype == torch.float32
 
 
+@pytest.mark.slow
 def test_eval_and_bench_weights_flag(tmp_path):
     out = tmp_path / "eval.json"
     rc = cli.main(["eval", "--model", "clip-tiny", "--executor", "fused", "--weights", "int8", "--dtype", "fp16",
@@ -199,6 +203,7 @@ def test_eval_and_bench_weights_flag(tmp_path):
     assert rc == 0
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="--smoke is the CPU pass")
 def test_int8_benchmark_smoke(tmp_path):
     out = tmp_path / "int8.json"
@@ -218,6 +223,7 @@ def test_int8_benchmark_smoke(tmp_path):
     assert "int8 weights vs fp16" in proc.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("widen", ["bits", "convert"])
 @pytest.mark.parametrize("name", ["clip-tiny", "siglip-tiny"])
 def test_fused_int8_equals_the_dequantized_reference(name, widen):

@@ -94,6 +94,7 @@ def _run_threads(n_threads, calls_per_thread, jobs, fn):
     return results
 
 
+@pytest.mark.slow
 def test_threads_on_the_drop_in_equal_serial_calls():
     """4 threads share one FusedModel: transformers forward (logits), get_image_features and get_text_features on
     shapes that share runners and shapes that don't; every result equals the serial call's, bit for bit."""
@@ -122,6 +123,7 @@ def test_threads_on_the_drop_in_equal_serial_calls():
 
 # --------------------------------------------------------------------------------------------- aliasing
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", ["both", "image", "text", "bucket", "uint8"])
 def test_outputs_never_alias_static_buffers(clip, path):
     """A held output is unaffected by the next call of the same shape, mutating it does not reach the runner,
@@ -153,6 +155,7 @@ def test_outputs_never_alias_static_buffers(clip, path):
     assert all(_equal(x, y) for x, y in zip(third, kept)), "mutating an output reached the runner"
 
 
+@pytest.mark.slow
 def test_naflex_and_drop_in_logits_never_alias_static_buffers():
     pytest.importorskip("transformers.models.siglip2")
     fused = dualfuse.fuse("siglip2-tiny", dtype=DTYPE, device=DEV)
@@ -174,6 +177,7 @@ def test_naflex_and_drop_in_logits_never_alias_static_buffers():
 
 # --------------------------------------------------------------------------------------------- bad calls
 
+@pytest.mark.slow
 def test_bad_calls_leave_the_next_call_exact(clip):
     spec, ex = clip
     io = ex.io
@@ -224,10 +228,12 @@ def _fault_leaves_nothing_behind(monkeypatch, clip, fault, match, bi, bt):
     return ex
 
 
+@pytest.mark.slow
 def test_keyboard_interrupt_while_building_a_runner_leaves_the_executor_usable(monkeypatch, clip):
     _fault_leaves_nothing_behind(monkeypatch, clip, KeyboardInterrupt(), None, 3, 2)
 
 
+@pytest.mark.slow
 def test_out_of_memory_while_building_names_the_shape_and_recovers(monkeypatch, clip):
     oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
     spec, ex = clip
@@ -413,6 +419,7 @@ def test_capture_under_memory_pressure_gpu():
     _close_to_reference(spec, px[:8], None, img[:8], None)
 
 
+@pytest.mark.slow
 def test_a_copied_executor_has_its_own_lock_and_the_same_outputs():
     """copy.deepcopy of an executor (and its pickled state) drops its lock and makes a new one (a lock cannot be copied)."""
     import copy

@@ -7,8 +7,7 @@ import torch
 from PIL import Image
 
 transformers = pytest.importorskip("transformers")
-from transformers import Siglip2Config, Siglip2ImageProcessor, Siglip2Model  # noqa: E402
-from transformers.models.siglip2.image_processing_siglip2 import convert_image_to_patches  # noqa: E402
+from transformers import Siglip2Config, Siglip2Model  # noqa: E402
 from transformers.models.siglip2.modeling_siglip2 import Siglip2VisionEmbeddings  # noqa: E402
 
 import dualfuse  # noqa: E402
@@ -53,6 +52,14 @@ def tiny_model(seed=0, attn="sdpa"):
     return model
 
 
+def convert_image_to_patches(image, patch_size):
+    """HF's own patchify, from its torchvision-backed image processor module: without torchvision (it comes with
+    the openclip extra) the test that needs it skips."""
+    pytest.importorskip("torchvision", reason="torchvision is not installed here (pip install 'dualfuse[openclip]')")
+    from transformers.models.siglip2.image_processing_siglip2 import convert_image_to_patches as hf_patchify
+    return hf_patchify(image, patch_size)
+
+
 def patch_sequence(shapes, n, seed=0):
     """Images of the given (h, w) patch grids, cut into patches as HF's processor does
     (convert_image_to_patches: (ph, pw, c) order) and right-padded to n with random values: HF masks padding,
@@ -73,6 +80,7 @@ def processor_sequence(sizes, max_num_patches, seed=0):
     rng = np.random.default_rng(seed)
     images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in sizes]
     images = [Image.fromarray(im) if i % 2 else im for i, im in enumerate(images)]
+    from transformers import Siglip2ImageProcessor  # without torchvision: its PIL backend, with a warning
     proc = Siglip2ImageProcessor(patch_size=PATCH, max_num_patches=max_num_patches)
     out = proc(images=images, return_tensors="pt")
     return PatchSequence(out["pixel_values"], out["spatial_shapes"], out["pixel_attention_mask"])
@@ -129,6 +137,7 @@ def test_pos_resize_matches_hf(grid, h, w):
     assert (ours - hf_resize(pos, grid, h, w)).abs().max().item() <= 1e-5
 
 
+@pytest.mark.slow
 def test_pos_resize_every_small_shape():
     """All grids up to 24 x 24 from G = 4, against the written-out definition."""
     spec = from_hf_siglip2(tiny_model())

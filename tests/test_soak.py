@@ -24,6 +24,7 @@ def test_shape_cycle_covers_batches_buckets_and_one_tower_calls():
     assert {s.text_len for s in shape_cycle(64, None) if s.kind != "image"} <= {64, 61}
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU version; the GPU runs benchmarks/soak.py in full")
 def test_soak_on_cpu(tmp_path):
     rc = main(["--device", "cpu", "--model", "clip-tiny", "--calls", "16", "--bad-every", "5", "--out",

@@ -5,9 +5,10 @@ import json
 import pytest
 import torch
 
-from dualfuse import cli, stream
+from dualfuse import FusedConfig, cli, stream
 
 
+@pytest.mark.slow
 def test_stream_synthetic_end_to_end(tmp_path, capsys):
     out, js = tmp_path / "out", tmp_path / "run" / "stream.json"
     rc = cli.main(["stream", "--synthetic", "3", "--prompts", "a dog, a cat,a car", "--model", "clip-tiny",
@@ -36,6 +37,7 @@ def test_stream_synthetic_end_to_end(tmp_path, capsys):
         assert f["total_ms"] == pytest.approx(f["decode_ms"] + f["h2d_ms"] + f["model_ms"] + f["post_ms"])
 
 
+@pytest.mark.slow
 def test_stream_labels_match_the_reference_model():
     """The loop's top-1 is the reference forward's zero-shot argmax on the same resized frame."""
     from dualfuse import executors, load
@@ -69,6 +71,7 @@ def test_resize_center_crop():
         stream.resize_center_crop(f.float(), 16)
 
 
+@pytest.mark.slow
 def test_stream_errors(tmp_path, capsys, monkeypatch):
     missing = str(tmp_path / "nope.mp4")
     rc = cli.main(["stream", "--video", missing, "--prompts", "a,b", "--model", "clip-tiny"])
@@ -88,12 +91,20 @@ def test_stream_errors(tmp_path, capsys, monkeypatch):
         stream.run_stream("clip-tiny", "a", video=str(video), synthetic=2)
 
 
+@pytest.mark.slow
 def test_stream_int8_weights_reach_the_fused_executor():
     """--weights int8: the fused executor runs weight-only int8 (dualfuse.quantize) and the result says so; another
     executor refuses it."""
     res = stream.run_stream("clip-tiny", ["a dog", "a cat"], synthetic=1, warmup=0, frame_size=(24, 32),
-                            weights="int8")
+                            weights="int8", config=FusedConfig(pdl=False))
     assert res.weights == "int8" and res.executor == "fused" and len(res.frames) == 1
-    assert res.to_dict()["weights"] == "int8"
+    d = res.to_dict()
+    assert d["weights"] == "int8" and d["stand_in"] is None
+    assert d["fused_config"]["weights"] == "int8" and d["fused_config"]["pdl"] is False  # the config, int8 over it
     with pytest.raises(ValueError, match="only the fused executor"):
         stream.run_stream("clip-tiny", "a", synthetic=1, executor="eager", weights="int8")
+
+
+def test_stream_config_is_the_fused_executors():
+    with pytest.raises(ValueError, match="config: the fused executor's options"):
+        stream.run_stream("clip-tiny", "a", synthetic=1, executor="eager", config=FusedConfig(pdl=False))

@@ -31,6 +31,7 @@ from .timing import stats, sync, time_calls
 from .util import Progress
 
 DEFAULT_MODEL = "clip-vit-b-32"
+FUSED_EXECUTORS = ("fused", "auto")  # the executors that run the fused config (the others: the model's own weights)
 COSINE_PASS = 0.999  # parity criterion (stated in docs/evaluation.md and BENCHMARKS.md): per-embedding cosine >= 0.999 vs the fp32 reference
 GPU_ITERS, GPU_WARMUP = 100, 10
 CPU_ITERS, CPU_WARMUP = 10, 2
@@ -125,6 +126,7 @@ class Row:
     notes: str = ""
     build_s: float | None = None
     first_call_s: float | None = None
+    compile_s: float | None = None  # torch.compile executors: the first call's seconds (compilation included)
     median_ms: float | None = None
     p90_ms: float | None = None
     mean_ms: float | None = None
@@ -143,6 +145,11 @@ class Row:
     joules_per_inference: float | None = None
     images_per_s_per_w: float | None = None
     energy: dict | None = None
+    # --stand-in (dualfuse.standin): the weight bytes this row streams per call, the stand-in floor (those bytes at
+    # the stand-in's measured bandwidth) and the share of it reached (floor / median)
+    weight_bytes: int | None = None
+    standin_floor_ms: float | None = None
+    standin_share: float | None = None
 
 
 def _eager(rows: list[Row]) -> Row | None:
@@ -199,6 +206,7 @@ class BenchResult:
     energy_line: str | None = None  # what the meter said when opened (printed by the CLI)
     weights: str = "fp16"  # the fused executor's weights: "fp16" (the dtype, unquantized), "int8" or "fp8"
     fused_config: FusedConfig = field(default_factory=FusedConfig)  # the fused executor's options
+    stand_in: dict | None = None  # dualfuse.standin.StandInInfo.to_dict() of a stand-in run
     rows: list[Row] = field(default_factory=list)
     command: str | None = None
     args: dict | None = None
@@ -241,7 +249,7 @@ class BenchResult:
             best_stock=best.executor if best else None,
             sms=self.green_context["sms"] if self.green_context else None, green_context=self.green_context,
             energy_meter=self.energy_meter if self.energy else None,
-            fused_config=self.fused_config.to_dict(),
+            fused_config=self.fused_config.to_dict(), stand_in=self.stand_in,
             results=[asdict(r) for r in self.rows],
         )
 
@@ -256,7 +264,8 @@ def run_bench(model: str = DEFAULT_MODEL, *, executors: list[str] | None = None,
               text_length: int | None = None, dtype=None, device=None, iters: int | None = None,
               warmup: int | None = None, input_sets: int = 4, seed: int = 0, energy: bool = False,
               energy_seconds: float = 2.0, green_context: dict | None = None, weights: str | None = None,
-              config: FusedConfig | None = None, progress: Progress | None = None) -> BenchResult:
+              config: FusedConfig | None = None, stand_in=None,
+              progress: Progress | None = None) -> BenchResult:
     """Time every executor in ``executors`` (default all registered) on ``model`` (see the module docstring).
 
     ``image_batch``/``text_batch`` default to ``batch`` (0 = that tower not run); ``iters``/``warmup`` default to
@@ -265,15 +274,21 @@ def run_bench(model: str = DEFAULT_MODEL, *, executors: list[str] | None = None,
     entered before anything touches CUDA, so not here). ``weights``: the fused executor's weights (None / "fp16":
     unquantized; "int8" / "fp8": weight-only, dualfuse.quantize), its row then checked against
     quantize.COSINE_MIN; the other executors run the model's own weights. ``config``: the fused executor's options
-    (``weights``, when given, overrides its field). Bad arguments raise ValueError; an executor that fails gets a
-    row saying why."""
+    (``weights``, when given, overrides its field). ``stand_in``: a Jetson target name or
+    dualfuse.standin.StandInConfig: the run becomes the edge-regime stand-in (that module's docstring): the target's
+    SMs in a green context (entered here unless ``green_context`` is given), every executor's weights in host-mapped
+    memory (the fused executor's GEMM config gets the stand-in's overrides), the bandwidth measured first, each row's
+    share of the stand-in floor. Bad arguments raise ValueError; an executor that fails gets a row saying why."""
     from . import executors as registry
     from . import presets, reference
     from .adapters import to_spec
+    from . import standin as SI
     from .executors.base import ExecutorUnavailable, NeedsCUDA, dtype_name, resolve_device, resolve_dtype
-
     from .quantize import resolve_weights
 
+    stand_cfg = SI.resolve(stand_in)  # StandInError (a ValueError) for an unknown target
+    if stand_cfg is not None and green_context is None:
+        green_context = SI.enter(stand_cfg)  # before anything touches CUDA: no CUDA / SM count -> StandInError
     progress = progress or Progress()
     fused_config = (config or FusedConfig()).with_overrides(**({} if weights is None else {"weights": weights}))
     weights = resolve_weights(fused_config.weights)  # fp8 on this device: the fused row says
@@ -290,7 +305,7 @@ def run_bench(model: str = DEFAULT_MODEL, *, executors: list[str] | None = None,
         raise ValueError(f"batches must be >= 0 and not both 0 (got image {bi}, text {bt})")
     known = registry.names()
     if executors is None:
-        wanted = known
+        wanted = registry.default_names()
     else:
         wanted = [n.strip() for n in executors if n.strip()]
         unknown = [n for n in wanted if n not in known]
@@ -304,11 +319,21 @@ def run_bench(model: str = DEFAULT_MODEL, *, executors: list[str] | None = None,
     length = text_length if text_length is not None else spec.text.context_length
     if bt and not 1 <= length <= spec.text.context_length:
         raise ValueError(f"--text-length must be in [1, {spec.text.context_length}] for {model}, got {length}")
+    if stand_cfg is not None and device.type != "cuda":
+        raise SI.StandInError(f"--stand-in needs a CUDA device, got --device {device}")
     inputs = random_inputs(spec, bi, bt, length, sets=input_sets, seed=seed, device=device, dtype=dtype)
+    stand_info = SI.measure(stand_cfg, green_context) if stand_cfg is not None else None
+    if stand_info is not None:  # the fused executor's GEMMs: pointer loads, byte-bound configs, the target's SMs
+        fused_config = SI.fused_config(stand_cfg, stand_info, fused_config)
+    if stand_cfg is not None and stand_cfg.activations == "host":
+        from .hostmem import place_inputs
+        inputs = place_inputs(inputs, "host")
+    towers = tuple(n for n, b in (("vision", bi), ("text", bt)) if b)
     result = BenchResult(model=model, family=spec.family, summary=spec.summary(), image_batch=bi, text_batch=bt,
                          text_length=length, dtype=dtype_name(dtype), device=str(device), iters=iters,
                          warmup=warmup, input_sets=len(inputs), environment=environment(device),
-                         green_context=green_context, energy=energy, weights=weights, fused_config=fused_config)
+                         green_context=green_context, energy=energy, weights=weights, fused_config=fused_config,
+                         stand_in=stand_info.to_dict() if stand_info else None)
     ref_spec = spec.to(device=device, dtype=torch.float32)
     with torch.no_grad():
         px0, ids0 = inputs[0]
@@ -334,8 +359,20 @@ def run_bench(model: str = DEFAULT_MODEL, *, executors: list[str] | None = None,
         ex = None
         try:
             t0 = time.perf_counter()
-            fkw = {"config": fused_config} if name == "fused" else {}  # the others run the model's own weights
+            if stand_cfg is not None and not SI.placeable(registry.executor_class(name)):
+                raise ExecutorUnavailable(f"stand-in: {name} keeps its weights in its own runtime's memory, which "
+                                          "cannot be placed in host memory")
+            # the fused executors run the options (the stand-in's GEMM overrides included); the others the model's
+            # own weights
+            fkw = {"config": fused_config} if name in FUSED_EXECUTORS else {}
             ex = registry.get(name, source, dtype=dtype, device=device, spec=spec, **fkw)
+            if stand_cfg is not None:  # every weight byte over PCIe, before the first call builds anything
+                from .hostmem import place_executor
+                try:
+                    place_executor(ex, "host")
+                except ValueError as e:
+                    raise ExecutorUnavailable(f"stand-in: {e}") from None
+                row.weight_bytes = SI.row_weight_bytes(spec, name, weights if fkw else None, dtype, towers)
             row.build_s = time.perf_counter() - t0
             row.stock, row.notes = bool(getattr(ex, "stock", True)), run_label(getattr(ex, "notes", ""), device)
             progress.phase(name, "first call + check")
@@ -360,6 +397,9 @@ def run_bench(model: str = DEFAULT_MODEL, *, executors: list[str] | None = None,
             row.samples_ms = samples
             for k, val in stats(samples).items():
                 setattr(row, k, val)
+            if stand_info is not None and row.weight_bytes:
+                row.standin_floor_ms = stand_info.floor_ms(row.weight_bytes)
+                row.standin_share = stand_info.share(row.weight_bytes, row.median_ms)
             if meter is not None:  # the same calls again under the meter (dualfuse.energy)
                 from .energy import bench_energy
                 progress.phase(name, "energy")
@@ -367,6 +407,9 @@ def run_bench(model: str = DEFAULT_MODEL, *, executors: list[str] | None = None,
                                            seconds=energy_seconds).items():
                     setattr(row, k, val)
             row.notes = run_label(getattr(ex, "notes", "") or row.notes, device)
+            if getattr(ex, "compiles_on_first_call", False):
+                row.compile_s = row.first_call_s
+                row.notes += f"; compile {row.compile_s:.1f} s (first call)"
         except NeedsCUDA as e:
             row.status, row.message = "needs CUDA", str(e)
             row.stock = bool(getattr(registry.executor_class(name), "stock", True))

@@ -13,14 +13,22 @@ A new option is one field here (with its check in ``__post_init__`` where it nee
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING
 
 import torch
+
+from .calibration import Calibration
+
+if TYPE_CHECKING:
+    from .kernels.gemm.regime import Regime
 
 WEIGHT_FORMATS = ("fp16", "int8", "fp8")  # "fp16": the executor's dtype (fp16 / bf16 / fp32), unquantized
 SCALE_DTYPE = torch.float32  # the per-channel scales of quantized weights (dualfuse.quantize, Linear.scale)
 SCALE_BYTES = torch.finfo(SCALE_DTYPE).bits // 8
 _DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+GEMM_IMPLS = ("auto", "triton", "library")  # FusedConfig.gemm_impl
 
 
 @dataclass(frozen=True)
@@ -48,6 +56,9 @@ class GemmConfig:
     # int8 weights with fp16 activations: "bits" (default; integer ops and an fp16 subtract) or "convert" (the
     # int-to-float conversion instruction)
     widen: str | None = None
+    # "latency" (the full card's model), "byte-bound" or a kernels.gemm.regime.Regime: weights stream over a slow
+    # link (Jetson LPDDR5, the stand-in's PCIe) and the byte-bound model (kernels/gemm/regime.py) picks the config
+    regime: str | Regime | None = None
 
     def __post_init__(self):
         for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):
@@ -59,6 +70,11 @@ class GemmConfig:
             raise ValueError(f"config prefetch must be False or an int >= 0 (BLOCK_K steps), got {v!r}")
         if self.widen is not None and self.widen not in ("bits", "convert"):
             raise ValueError(f"config widen must be 'bits' or 'convert', got {self.widen!r}")
+        if self.regime is not None:
+            # imported here: kernels.gemm's package imports its heuristics, which import this module
+            from .kernels.gemm.regime import as_regime
+
+            as_regime(self.regime)  # ValueError naming the accepted values
 
     @classmethod
     def keys(cls) -> set[str]:
@@ -154,6 +170,13 @@ class FusedConfig:
     image_std: float | tuple[float, ...] | None = None  # uint8 frames: per-channel std (None: the family's)
     weights: str = "fp16"  # "fp16" (the dtype, unquantized), "int8" or "fp8" (weight-only: dualfuse.quantize)
     gemm: GemmConfig = field(default_factory=GemmConfig)  # grouped GEMM launch config overrides
+    # per stage and tower, the grouped Triton launch or a library kernel (cuBLAS GEMM / SDPA,
+    # executors/fused/library.py): "auto" (the calibrated cost model, dualfuse.calibration; no calibration for the
+    # card: all Triton), "triton" (always Triton) or "library" (the library wherever a step allows it)
+    gemm_impl: str = "auto"
+    # gemm_impl="auto" only: a dualfuse.calibration.Calibration, a path to its JSON, or None (the card's cache
+    # file); the executor loads it
+    calibration: str | Calibration | None = None
 
     def __post_init__(self):
         set_ = object.__setattr__.__get__(self)  # frozen: normalized values set once, here
@@ -177,6 +200,16 @@ class FusedConfig:
             set_("gemm", GemmConfig.from_dict(self.gemm))
         elif not isinstance(self.gemm, GemmConfig):
             raise ValueError(f"gemm must be a GemmConfig (or a dict of its keys), got {self.gemm!r}")
+        if self.gemm_impl not in GEMM_IMPLS:
+            raise ValueError(f"gemm_impl must be 'auto', 'triton' or 'library', got {self.gemm_impl!r}")
+        cal = self.calibration
+        if isinstance(cal, os.PathLike):
+            set_("calibration", cal := os.fspath(cal))
+        if not (cal is None or isinstance(cal, (str, Calibration))):
+            raise ValueError(f"calibration must be None, a path or a dualfuse.calibration.Calibration, got "
+                             f"{type(cal).__name__}")
+        if cal is not None and self.gemm_impl != "auto":
+            raise ValueError(f"calibration is read only with gemm_impl='auto' (got gemm_impl={self.gemm_impl!r})")
 
     @classmethod
     def names(cls) -> set[str]:
@@ -202,6 +235,10 @@ class FusedConfig:
             v = getattr(self, f.name)
             if isinstance(v, GemmConfig):
                 v = v.to_dict()
+                if dataclasses.is_dataclass(v.get("regime")):  # a kernels.gemm.regime.Regime
+                    v["regime"] = dataclasses.asdict(v["regime"])
+            elif isinstance(v, Calibration):  # given as an object: its file, if it has one
+                v = v.path or "in memory"
             elif isinstance(v, torch.dtype):
                 v = _DTYPES[v]
             elif isinstance(v, tuple):
@@ -228,4 +265,4 @@ def config_of(executor) -> FusedConfig | None:
     return cfg if isinstance(cfg, FusedConfig) else None
 
 
-__all__ = ["FusedConfig", "GemmConfig", "WEIGHT_FORMATS", "config_of", "weight_format"]
+__all__ = ["FusedConfig", "GemmConfig", "GEMM_IMPLS", "WEIGHT_FORMATS", "config_of", "weight_format"]

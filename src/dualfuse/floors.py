@@ -282,3 +282,8 @@ def profile_floor(p: dict, spec: DualEncoderSpec | None = None) -> dict | None:
 
 def format_bytes(n: float) -> str:
     return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.2f} kB"
+
+
+def step_weight_elems(t: TowerSpec, step: Step) -> int:
+    """The weight elements in a plan step's bytes (the plan cost model's count; 0 for attention and pooling)."""
+    return _step_weight_elems(t, step)

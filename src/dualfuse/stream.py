@@ -71,6 +71,7 @@ class StreamResult:
     plot: str | None = None
     notes: list[str] = field(default_factory=list)
     fused_config: FusedConfig | None = None  # the fused executor's options (None for the stock executors)
+    stand_in: dict | None = None  # dualfuse.standin.StandInInfo.to_dict() of a stand-in run
 
     @property
     def fps(self) -> float:
@@ -91,8 +92,8 @@ class StreamResult:
     def to_dict(self) -> dict:
         d = dict(schema=SCHEMA, model=self.model, executor=self.executor, weights=self.weights, device=self.device,
                  card=self.card, dtype=self.dtype, source=self.source, prompts=list(self.prompts), sms=self.sms,
-                 green_context=self.green_context, warmup_frames=self.warmup_frames, plot=self.plot,
-                 notes=list(self.notes), summary=self.summary(), parts=list(PARTS),
+                 green_context=self.green_context, stand_in=self.stand_in, warmup_frames=self.warmup_frames,
+                 plot=self.plot, notes=list(self.notes), summary=self.summary(), parts=list(PARTS),
                  fused_config=self.fused_config.to_dict() if self.fused_config is not None else None)
         d["frames"] = [dict(asdict(f), total_ms=f.total_ms) for f in self.frames]
         return d
@@ -205,16 +206,26 @@ def _parse_prompts(prompts) -> list[str]:
     return out
 
 
-def _build_executor(model, executor: str, weights: str, dtype, device):
+def _build_executor(model, executor: str, weights: str, dtype, device, config: FusedConfig | None = None,
+                    stand=None):
+    """(source model, executor). ``config``: the fused executor's options (``weights="int8"`` overrides its
+    field); ``stand``: (StandInConfig, StandInInfo) of a stand-in run, whose GEMM overrides the fused executor
+    gets."""
     from . import executors, load
+    from . import standin as SI
 
     if weights not in ("fp16", "int8"):
         raise ValueError(f"--weights: expected fp16 or int8, got {weights!r}")
     if weights == "int8" and executor != "fused":
         raise ValueError(f"--weights int8: only the fused executor quantizes its weights (dualfuse.quantize), "
                          f"got --executor {executor}")
+    if config is not None and executor != "fused":
+        raise ValueError(f"config: the fused executor's options (dualfuse.FusedConfig), got --executor {executor}")
     source = load(model, seed=0) if isinstance(model, str) else model
-    kwargs = {"weights": "int8"} if weights == "int8" else {}  # FusedExecutor(weights=...): weight-only int8
+    kwargs = {}
+    if executor == "fused":  # FusedExecutor(config=...), weights="int8": weight-only int8
+        cfg = (config or FusedConfig()).with_overrides(**({"weights": "int8"} if weights == "int8" else {}))
+        kwargs = SI.executor_kwargs(executor, *stand, cfg) if stand is not None else {"config": cfg}
     return source, executors.get(executor, source, dtype=dtype, device=device, **kwargs)
 
 
@@ -222,12 +233,17 @@ def run_stream(model="clip-vit-b-32", prompts="a photo of a dog,a photo of a cat
                synthetic: int | None = None, executor: str = "fused", weights: str = "fp16", dtype=None,
                device=None, top_k: int = 3, warmup: int = 3, max_frames: int | None = None,
                frame_size: tuple[int, int] = (240, 320), sms: int | None = None, out_dir: str | None = None,
-               progress: Callable[[FrameRecord], None] | None = None) -> StreamResult:
+               progress: Callable[[FrameRecord], None] | None = None, config: FusedConfig | None = None,
+               stand_in=None) -> StreamResult:
     """Run the loop (see the module docstring) and return its per-frame records and summary.
 
     One of ``video`` (a file path) or ``synthetic`` (a frame count). ``sms``: enter a green context of that many
     SMs first (this process's CUDA must be untouched; the CLI runs it in a child process). ``out_dir``: write the
-    latency-over-time PNG there. ``progress``: called with each frame's record."""
+    latency-over-time PNG there. ``progress``: called with each frame's record. ``stand_in``: a Jetson target name or
+    dualfuse.standin.StandInConfig: the edge-regime stand-in (its green context entered here instead of ``sms``,
+    the executor's weights host-mapped, the fused executor's GEMM config with the stand-in's overrides, the
+    bandwidth measured and reported). ``config``: the fused executor's options (dualfuse.FusedConfig; ``weights``
+    "int8" overrides its field)."""
     if (video is None) == (synthetic is None):
         raise ValueError("stream: expected exactly one of --video PATH or --synthetic N")
     if not isinstance(top_k, int) or top_k < 1:
@@ -235,8 +251,15 @@ def run_stream(model="clip-vit-b-32", prompts="a photo of a dog,a photo of a cat
     if max_frames is not None and max_frames < 1:
         raise ValueError(f"--max-frames: expected a positive int, got {max_frames!r}")
     prompts = _parse_prompts(prompts)
+    from . import standin as SI
+
+    stand_cfg = SI.resolve(stand_in)
     green_info = None
-    if sms is not None:
+    if stand_cfg is not None:
+        if sms is not None:
+            raise SI.StandInError("--stand-in sets the SM count itself (the target's): drop --sms")
+        green_info = SI.enter(stand_cfg)
+    elif sms is not None:
         from . import green
 
         green_info = green.enter(int(sms))
@@ -247,7 +270,13 @@ def run_stream(model="clip-vit-b-32", prompts="a photo of a dog,a photo of a cat
     from .data import make_tokenizer
     from .executors.base import dtype_name, normalize_frames
 
-    src, ex = _build_executor(model, executor, weights, dtype, device)
+    stand_info = SI.measure(stand_cfg, green_info) if stand_cfg is not None else None
+    src, ex = _build_executor(model, executor, weights, dtype, device, config,
+                              (stand_cfg, stand_info) if stand_cfg is not None else None)
+    if stand_cfg is not None:
+        from .hostmem import place_executor
+
+        place_executor(ex, "host")
     dev = ex.device
     cuda = dev.type == "cuda"
     io = ex.io
@@ -322,22 +351,27 @@ def run_stream(model="clip-vit-b-32", prompts="a photo of a dog,a photo of a cat
     card = torch.cuda.get_device_name(dev) if cuda else "cpu"
     notes = ["per-part times: perf_counter around each part" + (", device synchronized at each part's end"
                                                                if cuda else "")]
-    if green_info:
+    if green_info and stand_info is None:
         notes.append(green_info["not_emulated"])
+    if stand_info is not None:
+        notes += stand_info.lines()
     if not cuda:
         notes.append("CPU run" + (" (Triton interpreter): latencies say nothing about a GPU"
                                   if os.environ.get("TRITON_INTERPRET") == "1" else ""))
-    # weights: what the executor runs: "int8" (the fused executor's quantized GEMM weights), or the executor's dtype
-    # (what "fp16" weights are on a CPU run: fp32 by default; also what a fused executor that fell back runs)
-    quantized = getattr(ex, "weight_format", "fp16") == "int8" and getattr(ex, "fallback", None) is None
-    if weights == "int8" and not quantized:
-        notes.append(f"--weights int8 not applied: the fused executor fell back ({ex.fallback}); "
+    # weights: what the executor runs: "int8" / "fp8" (the fused executor's quantized GEMM weights), or the
+    # executor's dtype (what "fp16" weights are on a CPU run: fp32 by default; also what a fused executor that fell
+    # back runs)
+    fmt = getattr(ex, "weight_format", "fp16")
+    quantized = fmt != "fp16" and getattr(ex, "fallback", None) is None
+    if fmt != "fp16" and not quantized:
+        notes.append(f"--weights {fmt} not applied: the fused executor fell back ({ex.fallback}); "
                      f"{dtype_name(ex.dtype)} weights")
     result = StreamResult(model=io.name or str(model), executor=ex.name,
-                          weights="int8" if quantized else dtype_name(ex.dtype), device=str(dev), card=card,
+                          weights=fmt if quantized else dtype_name(ex.dtype), device=str(dev), card=card,
                           dtype=dtype_name(ex.dtype), source=source_name, prompts=prompts, frames=records,
-                          wall_s=wall, text_ms=text_ms, warmup_frames=warmup, sms=sms, green_context=green_info,
-                          notes=notes, fused_config=config_of(ex))
+                          wall_s=wall, text_ms=text_ms, warmup_frames=warmup,
+                          sms=stand_cfg.sms if stand_cfg is not None else sms, green_context=green_info, notes=notes,
+                          fused_config=config_of(ex), stand_in=stand_info.to_dict() if stand_info is not None else None)
     if out_dir:
         result.plot = plot_latency(result, os.path.join(out_dir, "stream-latency.png"))
     return result

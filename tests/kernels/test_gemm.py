@@ -62,13 +62,14 @@ def gen(test_seed):
 # shapes and dtypes
 # ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-@pytest.mark.parametrize("M,N,K", [(1, 40, 72), (3, 96, 40), (50, 72, 96), (77, 40, 96), (197, 48, 64)])
+@pytest.mark.parametrize("M,N,K", [(1, 40, 72), (3, 96, 40), (50, 72, 96), (77, 40, 96),
+                                   pytest.param(197, 48, 64, marks=pytest.mark.slow)])
 def test_single_problem_shapes(M, N, K, dtype, gen):
     _run([_make(M, N, K, dtype, bias=True, gen=gen)], dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-@pytest.mark.parametrize("split_k", [None, 2, 3])
+@pytest.mark.parametrize("split_k", [None, 2, pytest.param(3, marks=pytest.mark.slow)])
 def test_three_unequal_problems(dtype, split_k, gen):
     problems = [
         _make(50, 72, 96, dtype, bias=True, activation="quick_gelu", gen=gen),
@@ -80,6 +81,7 @@ def test_three_unequal_problems(dtype, split_k, gen):
         assert g.splits == _expected_splits(problems, g, split_k)
 
 
+@pytest.mark.slow
 def test_large_m_two_problems(gen):
     dt = torch.float16
     _run([_make(257, 40, 40, dt, bias=True, activation="gelu", gen=gen),
@@ -91,7 +93,7 @@ def test_large_m_two_problems(gen):
 # ---------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("split_k", [1, 3])
+@pytest.mark.parametrize("split_k", [1, pytest.param(3, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("epilogue", list(EPILOGUES))
 def test_epilogues_two_problems(epilogue, split_k, gen):
     dt = torch.float16
@@ -109,6 +111,7 @@ def test_mixed_epilogues_per_problem(gen):
     _run(problems, dt, split_k=2)
 
 
+@pytest.mark.slow
 def test_auto_split_k_heuristic(gen):
     """With many SMs and few tiles the heuristic splits K, more for the problem with the larger K."""
     dt = torch.float16
@@ -128,7 +131,7 @@ def test_split_k_per_problem_list_and_clamp(gen):
 # ---------------------------------------------------------------------------------------------------
 # replay safety: same answer every call (split-K counters reset themselves; in-place residual)
 # ---------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("split_k", [1, 3])
+@pytest.mark.parametrize("split_k", [1, pytest.param(3, marks=pytest.mark.slow)])
 def test_repeated_calls_identical(split_k, gen):
     dt = torch.float16
     problems = [_make(50, 72, 96, dt, bias=True, activation="quick_gelu", residual="inplace", gen=gen),
@@ -479,9 +482,12 @@ def _make_ln(M, N, K, dtype, *, activation=None, residual=None, offset=0.0, scal
 LN_SHAPES = [(1, 40, 48), (3, 72, 136), (50, 96, 64), (77, 33 * 8, 200)]  # K not a multiple of BLOCK_K too
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-@pytest.mark.parametrize("kw", [dict(), dict(activation="quick_gelu"), dict(activation="gelu_tanh"),
-                                dict(residual="inplace"), dict(residual="sep", activation="gelu")],
+@pytest.mark.parametrize("dtype", [torch.float16, pytest.param(torch.float32, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("kw", [pytest.param(dict(), marks=pytest.mark.slow),
+                                pytest.param(dict(activation="quick_gelu"), marks=pytest.mark.slow),
+                                pytest.param(dict(activation="gelu_tanh"), marks=pytest.mark.slow),
+                                pytest.param(dict(residual="inplace"), marks=pytest.mark.slow),
+                                dict(residual="sep", activation="gelu")],
                          ids=["plain", "quick_gelu", "gelu_tanh", "res_inplace", "res_gelu"])
 def test_folded_layernorm(dtype, kw, gen):
     """Folded LN problems, alone and mixed with a plain problem in the same launch (3 problems)."""
@@ -577,8 +583,8 @@ def test_gpu_folded_layernorm_real_shapes_graph(dtype, gen):
             _check(problems, refs, dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-@pytest.mark.parametrize("split_k", [None, 3])
+@pytest.mark.parametrize("dtype", [torch.float16, pytest.param(torch.float32, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("split_k", [None, pytest.param(3, marks=pytest.mark.slow)])
 def test_folded_layernorm_with_statistics_from_the_producer(dtype, split_k, gen):
     """The launch that writes x (here: h += a @ Wo.T, in place, maybe split-K) leaves per-tile row statistics;
     the next launch's folded LayerNorm merges them (Chan) instead of a pass over x. Mixed with a problem that
@@ -686,7 +692,7 @@ def test_gpu_folded_layernorm_statistics_chain_in_graph(dtype, batch, gen):
 # ---------------------------------------------------------------------------------------------------
 # tensor-descriptor (TMA) loads: config {"tma": True}
 # ---------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("split_k", [None, 3])
+@pytest.mark.parametrize("split_k", [None, pytest.param(3, marks=pytest.mark.slow)])
 def test_tma_loads_awkward_shapes(split_k, gen):
     """x / w tiles by tensor descriptors: rows past M and N and columns past K arrive as zeros (M = 1, 3, 50, 77;
     K not a multiple of BLOCK_K), three unequal problems, every epilogue, in-place residual, split-K."""
@@ -750,7 +756,7 @@ def _partial_problem(M, N, K, slices, dtype, gen, block_k=32):
     return LinearProblem(x, w, out, partial_sums=True)
 
 
-@pytest.mark.parametrize("tma", [False, True])
+@pytest.mark.parametrize("tma", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_partial_sums_slices_sum_to_the_product(tma, gen):
     """Every slice written (NaN-poisoned before), slices sum to x @ w.T; unequal slice counts (1, 3, 4, and a
     K whose split drops an empty part) next to an ordinary split-K problem with an in-place residual."""

@@ -99,16 +99,19 @@ def test_weights_option_values():
 # shapes, epilogues, split-K
 # ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-@pytest.mark.parametrize("M,N,K", [(1, 40, 72), (3, 96, 48), (50, 72, 96), (77, 40, 96), (197, 48, 64),
-                                   (257, 24, 80)])
+@pytest.mark.parametrize("M,N,K", [(1, 40, 72), (3, 96, 48), (50, 72, 96), (77, 40, 96),
+                                   pytest.param(197, 48, 64, marks=pytest.mark.slow),
+                                   pytest.param(257, 24, 80, marks=pytest.mark.slow)])
 def test_single_problem_shapes(M, N, K, dtype, gen):
     _run([_make(M, N, K, dtype, bias=True, gen=gen)], dtype)
 
 
 
 
-@pytest.mark.parametrize("split_k", [1, 3])
-@pytest.mark.parametrize("epilogue", list(EPILOGUES))
+# the fast tier: the epilogues where the weight scale meets a bias, an activation and a residual; the rest are slow
+@pytest.mark.parametrize("split_k", [1, pytest.param(3, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("epilogue", [e if e in ("none", "bias", "all") else pytest.param(e, marks=pytest.mark.slow)
+                                      for e in EPILOGUES])
 def test_epilogues_two_problems(epilogue, split_k, gen):
     dt = torch.float16
     kw = EPILOGUES[epilogue]
@@ -119,7 +122,7 @@ def test_epilogues_two_problems(epilogue, split_k, gen):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-@pytest.mark.parametrize("split_k", [None, 2])
+@pytest.mark.parametrize("split_k", [None, pytest.param(2, marks=pytest.mark.slow)])
 def test_mixed_int8_and_16bit_problems_one_launch(dtype, split_k, gen):
     """Unequal problems, some int8 (fp32 and fp16 scales may not mix: fp32 here), some 16-bit, one launch."""
     problems = [
@@ -149,7 +152,7 @@ def test_fp16_scales(gen):
     _run(problems, dt, split_k=2)
 
 
-@pytest.mark.parametrize("split_k", [1, 3])
+@pytest.mark.parametrize("split_k", [1, pytest.param(3, marks=pytest.mark.slow)])
 def test_repeated_calls_identical(split_k, gen):
     dt = torch.float16
     problems = [_make(50, 72, 96, dt, bias=True, activation="gelu", residual="inplace", gen=gen),
@@ -200,10 +203,11 @@ def test_widen_bits_is_exact_for_every_int8_value():
         assert torch.equal(out.cpu(), q.T.to(torch.float16)), widen
 
 
-@pytest.mark.parametrize("split_k", [1, 2])
+@pytest.mark.parametrize("split_k", [1, pytest.param(2, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("shapes,block", [
     ([(1, 40, 72), (77, 24, 96)], {}),  # the heuristic's tiles, K unaligned to BLOCK_K
-    ([(50, 72, 96), (3, 40, 40)], {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}),  # M over several row tiles
+    pytest.param([(50, 72, 96), (3, 40, 40)], {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32},  # M over several row tiles
+                 marks=pytest.mark.slow),
     ([(17, 96, 64)], {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 16}),
 ])
 def test_widen_bits_equals_convert(shapes, block, split_k, gen):
@@ -250,6 +254,7 @@ def test_partial_sums_are_scaled(gen):
         assert _rel_err(p.out.double().sum(0), p.x.double() @ _dq(p).double().T) <= TOL[dt]
 
 
+@pytest.mark.slow
 def test_partial_sums_into_layernorm(gen):
     """int8 GEMM (partial sums) -> LayerNorm(add=...) == int8 GEMM (bias, residual in place) -> LayerNorm."""
     from dualfuse.kernels.layernorm import GroupedLayerNorm, LayerNormProblem
@@ -294,7 +299,7 @@ def _make_ln_q(M, N, K, dtype, *, activation=None, residual=None, gen=None):
                          weight_scale=s), ref
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.float16, pytest.param(torch.float32, marks=pytest.mark.slow)])
 def test_folded_layernorm_int8(dtype, gen):
     made = [_make_ln_q(1, 40, 48, dtype, gen=gen), _make_ln_q(77, 72, 136, dtype, activation="quick_gelu", gen=gen),
             _make_ln_q(50, 96, 64, dtype, residual="inplace", gen=gen)]

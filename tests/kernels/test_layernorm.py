@@ -35,7 +35,7 @@ def check(p, dtype=None):
     torch.testing.assert_close(p.out.float(), reference(p), atol=atol, rtol=rtol)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.float16, pytest.param(torch.float32, marks=pytest.mark.slow)])
 def test_awkward_shapes_one_launch(dtype, kernel_device):
     # every awkward row count and width, all problems of one launch
     shapes = [(1, 40), (3, 72), (50, 96), (77, 768), (197, 40), (257, 72), (3, 768), (1, 96)]

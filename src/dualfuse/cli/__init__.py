@@ -32,6 +32,7 @@ SUBCOMMANDS: dict[str, str] = {
     "stream": "dualfuse.cli.stream",
     "embed": "dualfuse.cli.embed",
     "search": "dualfuse.cli.search",
+    "calibrate": "dualfuse.cli.calibrate",
 }
 
 

@@ -33,7 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="default fp16 on CUDA, fp32 on CPU")
     p.add_argument("--device", help="default cuda if available, else cpu")
     p.add_argument("--executors", "--executor", dest="executors", metavar="A,B,C",
-                   help=f"comma-separated executors (default all: {', '.join(executors.names())})")
+                   help=f"comma-separated executors (default: {', '.join(executors.default_names())}; "
+                        f"also: {', '.join(n for n in executors.names() if n not in executors.default_names()) or '—'})")
     p.add_argument("--iters", type=int, help=f"timed runs (default {GPU_ITERS} on CUDA, {CPU_ITERS} on CPU)")
     p.add_argument("--warmup", type=int, help=f"warm-up runs (default {GPU_WARMUP} on CUDA, {CPU_WARMUP} on CPU)")
     p.add_argument("--input-sets", type=int, default=4, help="distinct input sets rotated through (default 4)")
@@ -53,13 +54,54 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="weights of the fused executor: fp16 (default: the --dtype, unquantized), int8 or fp8 "
                         "(weight-only, one scale per output channel; fp8 needs compute capability >= 8.9); "
                         "its parity check then uses the quantized criterion")
+    add_stand_in_arguments(p)
     p.add_argument("--_in-green-context", dest="_in_green_context", type=int, help=argparse.SUPPRESS)
 
 
+def add_stand_in_arguments(p: argparse.ArgumentParser) -> None:
+    """--stand-in / --stand-in-activations (dualfuse.standin), shared by bench, stream and profile."""
+    from ..standin import ACTIVATIONS, STAND_INS
+
+    p.add_argument("--stand-in", dest="stand_in", metavar="TARGET",
+                   help=f"edge-regime stand-in for a Jetson ({', '.join(STAND_INS)}): the target's SMs in a green "
+                        "context and every executor's weights in pinned host memory read over PCIe (zero-copy), "
+                        "the bandwidth measured first; not the device itself (docs/edge-regime.md)")
+    p.add_argument("--stand-in-activations", dest="stand_in_activations", choices=ACTIVATIONS, default="device",
+                   help="with --stand-in: where the inputs live (default device: HBM; host: pinned host memory too)")
+
+
+def stand_in_config(args):
+    """The StandInConfig of --stand-in (None without it); StandInError (a ValueError) for bad values."""
+    from ..standin import StandInConfig
+
+    if not getattr(args, "stand_in", None):
+        return None
+    return StandInConfig(args.stand_in, activations=getattr(args, "stand_in_activations", "device"))
+
+
+def enter_stand_in(command: str, args):
+    """Validate --stand-in and enter its green context (before anything touches CUDA): (config, green info) or
+    an int exit code (2, the error printed)."""
+    from ..standin import StandInError, enter
+
+    try:
+        cfg = stand_in_config(args)
+        if cfg is None:
+            return None, None
+        if getattr(args, "sms", None) or getattr(args, "_in_green_context", None) is not None:
+            raise StandInError("--stand-in sets the SM count itself (the target's): drop --sms")
+        return cfg, enter(cfg)
+    except (StandInError, RuntimeError) as e:
+        return fail(command, str(e))
+
+
 def run(args: argparse.Namespace) -> int:
-    if getattr(args, "sms", None) and getattr(args, "_in_green_context", None) is None:
+    stand = enter_stand_in("bench", args)
+    if isinstance(stand, int):
+        return stand
+    stand_cfg, green_info = stand
+    if stand_cfg is None and getattr(args, "sms", None) and getattr(args, "_in_green_context", None) is None:
         return _sweep(args)
-    green_info = None
     if getattr(args, "_in_green_context", None) is not None:
         # a `--sms` child: enter the green context before anything touches CUDA
         from ..green import enter
@@ -79,14 +121,14 @@ def run(args: argparse.Namespace) -> int:
             text_length=args.text_length, dtype=args.dtype, device=args.device, iters=args.iters,
             warmup=args.warmup, input_sets=args.input_sets, seed=args.seed, energy=getattr(args, "energy", False),
             energy_seconds=args.energy_seconds, green_context=green_info, weights=getattr(args, "weights", None),
-            progress=progress)
+            stand_in=stand_cfg, progress=progress)
     except (ValueError, ExecutorUnavailable) as e:
         return fail("bench", str(e))
     finally:
         progress.close()
     print_table(out, result.rows, result.best_stock, result.cuda, result.iters, result.warmup, result.input_sets,
                 energy=result.energy_meter is not None, quantized_cosine=result.quantized_cosine_pass,
-                weights=result.weights)
+                weights=result.weights, stand_in=result.stand_in)
     if args.json:
         result.command, result.args = _recorded_command(args), _recorded_args(args)
         write_json(args.json, result.to_dict())
@@ -151,6 +193,19 @@ def print_header(out, result) -> None:
                   f"{' (FAKE: test mode)' if green.get('fake') else ''}; {green['not_emulated']}", highlight=False)
     if result.energy_line:
         out.print(result.energy_line, highlight=False)
+    for line in stand_in_lines(result.stand_in):
+        out.print(line, highlight=False)
+
+
+def stand_in_lines(info: dict | None) -> list[str]:
+    """What a stand-in run prints about itself: target, SMs, its measured weight bandwidth, what it is not."""
+    if not info:
+        return []
+    host = ", ".join(f"{p['reader']} {p['gbps']:.1f}" for p in info.get("probe", []) if p["memory"] == "host")
+    return [f"stand-in for {info['target']} ({info['sms']} SMs, green context): weights host-mapped, measured "
+            f"weight bandwidth {info['measured_bandwidth_gbps']:.1f} GB/s ({host}; the target's: "
+            f"{info['target_bandwidth_gbps']:.0f} GB/s); inputs in {'host memory' if info['activations'] == 'host' else 'HBM'}",
+            f"note: {info['is_not']}"]
 
 
 # --------------------------------------------------------------------------------------------- --sms
@@ -223,7 +278,7 @@ def _speedup(x) -> str:
 
 
 def print_table(console, rows, best, cuda, iters, warmup, sets, energy: bool = False,
-                quantized_cosine: float | None = None, weights: str = "fp16"):
+                quantized_cosine: float | None = None, weights: str = "fp16", stand_in: dict | None = None):
     from rich.table import Table
 
     table = Table(show_edge=False, header_style="bold")
@@ -233,17 +288,24 @@ def print_table(console, rows, best, cuda, iters, warmup, sets, energy: bool = F
     table.add_column("speedup vs eager ×", justify="right")
     table.add_column("speedup vs best stock ×", justify="right")
     table.add_column("min cos", justify="right")
+    if stand_in:
+        table.add_column("weight MB", justify="right")
+        table.add_column("share of stand-in floor", justify="right")
     if energy:
         table.add_column("J/inf", justify="right")
         table.add_column("img/s/W", justify="right")
     table.add_column("notes", overflow="fold")
     for r in rows:
         extra = [_fmt(r.joules_per_inference, "{:.4g}"), _fmt(r.images_per_s_per_w, "{:.3g}")] if energy else []
+        if stand_in:
+            extra = [_fmt(r.weight_bytes / 1e6 if r.weight_bytes else None, "{:.1f}"),
+                     _fmt(r.standin_share, "{:.0%}")] + extra
         name = r.executor + ("" if r.stock else " †")
         if r.status != "ok":
             style = "yellow" if r.status in ("needs CUDA", "unavailable") else "red"
             note = "needs CUDA" if r.status == "needs CUDA" else f"{r.status}: {r.message}"
-            table.add_row(name, "—", "—", "—", "—", "—", *(["—", "—"] if energy else []), f"[{style}]{note}[/]")
+            table.add_row(name, "—", "—", "—", "—", "—", *(["—", "—"] if stand_in else []),
+                          *(["—", "—"] if energy else []), f"[{style}]{note}[/]")
             continue
         cos = _fmt(r.min_cosine, "{:.6f}")
         if r.cosine_ok is False:
@@ -258,5 +320,8 @@ def print_table(console, rows, best, cuda, iters, warmup, sets, energy: bool = F
              f"min cos = lowest per-embedding cosine vs the fp32 reference forward (pass ≥ {COSINE_PASS}"
              + (f"; fused with {weights} weights: ≥ {quantized_cosine}" if quantized_cosine is not None else "")
              + ")"]
+    if stand_in:
+        lines.append(f"share of stand-in floor = (weight bytes / {stand_in['measured_bandwidth_gbps']:.1f} GB/s, the "
+                     f"measured host-mapped bandwidth) / median; {stand_in['is_not']}")
     for line in lines:
         console.print(line, style="dim", highlight=False)

@@ -28,6 +28,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--target", action="append", default=None, metavar="NAME",
                         help="also print the device floor on this target (repeatable): "
                              "orin-nano, orin-nano-super, orin-nx, agx-orin, h100, h200 (dualfuse.floors)")
+    parser.add_argument("--shares", default=None, metavar="PATH",
+                        help="measured shares of bandwidth per step kind (dualfuse.shares; default the package's "
+                             "stand-in measurement, if any): with --target, also a prediction from them")
     parser.add_argument("--json", default=None, help="write the plan (and floors) as JSON here")
 
 
@@ -79,14 +82,40 @@ def run(args) -> int:
         for i, t in enumerate(targets):
             found.append(floors(spec, t, bi, bt, args.text_length, model=args.model))
             print_floors(found[-1], console, notes=i == len(targets) - 1)
+    predictions = []
+    if targets:
+        from .. import shares as S
+
+        measured = S.load(getattr(args, "shares", None))
+        for t in targets if measured is not None else ():
+            for w in ("fp16", "int8"):
+                predictions.append(S.predict(spec, t, bi, bt, args.text_length, shares=measured, weights=w))
+        for line in shares_lines(predictions):
+            console.print(line, highlight=False)
     if args.json:
         doc = dict(model=args.model, image_batch=bi, text_batch=bt, text_len=plan.text_len,
                    stages=plan.table(), totals=tot)
         if found:
             doc["floors"] = [f.to_dict() for f in found]
+        if predictions:
+            doc["predictions_measured_shares"] = predictions
         with open(args.json, "w") as f:
             json.dump(doc, f, indent=2)
     return 0
+
+
+def shares_lines(predictions: list[dict]) -> list[str]:
+    """Predictions from measured shares of bandwidth, one line per target and weights, plus where they come from."""
+    if not predictions:
+        return []
+    src = predictions[0]["source"]
+    where = ", ".join(f"{k} {src[k]}" for k in ("card", "sms", "bandwidth_gbps", "date", "commit") if k in src)
+    shares = ", ".join(f"{k} {v:.0%}" for k, v in predictions[0]["shares"].items())
+    lines = [f"predicted ms from measured shares of bandwidth ({shares}; measured in the stand-in: {where}) — "
+             "predictions, not measurements:"]
+    for p in predictions:
+        lines.append(f"  {p['target']} {p['weights']}: {p['predicted_ms']:.3f} ms ({p['launches']} launches)")
+    return lines
 
 
 def print_floors(floor: Floor, console=None, notes: bool = True) -> None:

@@ -43,6 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-ceilings", action="store_true",
                    help="do not measure bandwidth/matmul ceilings (use the cache if any; else no roofline tags)")
     p.add_argument("--seed", type=int, default=0, help="weights and inputs seed (default 0)")
+    from .bench import add_stand_in_arguments
+
+    add_stand_in_arguments(p)
 
 
 
@@ -52,6 +55,15 @@ def run(args) -> int:
     names = [n.strip() for n in (args.compare.split(",") if args.compare else [args.executor]) if n.strip()]
     if args.compare and len(names) < 2:
         return fail("profile", f"--compare needs two executors, e.g. --compare eager,fused (got {args.compare!r})")
+    from ..standin import StandInError, check
+    from .bench import stand_in_config
+
+    try:
+        stand_cfg = stand_in_config(args)
+        if stand_cfg is not None:
+            check(stand_cfg)
+    except StandInError as e:
+        return fail("profile", str(e))
     try:
         result = P.run_profile(
             args.model, names, arch=args.arch, batch=args.batch, image_batch=args.image_batch,
@@ -59,9 +71,15 @@ def run(args) -> int:
             iters=args.iters, warmup=args.warmup, latency_runs=args.latency_runs, nvtx=args.nvtx,
             measure_ceilings=not args.no_ceilings, top=args.top, seed=args.seed, ncu=args.ncu,
             ncu_kernels=args.ncu_kernels, command=user_command(getattr(args, "_argv", None), "profile"),
-            progress=_Log())
+            progress=_Log(), stand_in=stand_cfg)
     except (ValueError, OSError, ExecutorUnavailable) as e:
         return fail("profile", str(e))
+    for r in result.profiles[:1]:
+        info = r.data.get("stand_in")
+        if info:
+            from .bench import stand_in_lines
+            for line in stand_in_lines(info):
+                print(line)
     files = result.write(args.out or f"profile-{slug(args.model, keep='_.')}-{'-vs-'.join(names)}")
     print(f"report: {files['report']}")
     for k, v in files.items():

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 from ..stream import PARTS, VIDEO_PACKAGES, FrameRecord, run_stream
+from . import fail
 
 HELP = "zero-shot labels for a video (or synthetic frames), frame by frame: FPS and per-part latency p50/p99"
 
@@ -37,6 +38,9 @@ def add_arguments(parser) -> None:
                         help="run inside a CUDA green context of N SMs (own process; SMs only, not bandwidth)")
     parser.add_argument("--out", default=None, metavar="DIR", help="write the latency-over-time PNG here")
     parser.add_argument("--json", default=None, metavar="PATH", help="write per-frame records and the summary here")
+    from .bench import add_stand_in_arguments
+
+    add_stand_in_arguments(parser)
     parser.add_argument("--_in-green-context", dest="_in_green_context", type=int, help=argparse.SUPPRESS)
 
 
@@ -57,6 +61,22 @@ def _child_argv(argv: list[str], n: int) -> list[str]:
 
 def run(args) -> int:
     import json
+
+    from .bench import stand_in_config
+
+    try:
+        stand_cfg = stand_in_config(args)
+    except ValueError as e:
+        return fail("stream", str(e))
+    if stand_cfg is not None:
+        from ..standin import StandInError, check
+
+        try:
+            if args.sms is not None:
+                raise StandInError("--stand-in sets the SM count itself (the target's): drop --sms")
+            check(stand_cfg)  # no CUDA / an SM count the card cannot give: exit 2 before anything runs
+        except StandInError as e:
+            return fail("stream", str(e))
 
     if args.sms is not None and args._in_green_context is None:
         # a green context must exist before anything touches CUDA: run the loop in a process of its own
@@ -92,7 +112,7 @@ def run(args) -> int:
         result = run_stream(args.model, args.prompts, video=args.video, synthetic=args.synthetic,
                             executor=args.executor, weights=args.weights, dtype=dtype, device=args.device,
                             top_k=args.top_k, warmup=args.warmup, max_frames=args.max_frames,
-                            sms=args._in_green_context, out_dir=args.out, progress=progress)
+                            sms=args._in_green_context, out_dir=args.out, progress=progress, stand_in=stand_cfg)
     s = result.summary()
     table = Table(title=f"{result.model} · {result.executor} · {result.weights} weights · {result.dtype} activations · "
                         f"{result.card}{f' · {result.sms} SMs' if result.sms else ''} — {s['frames']} frames, "

@@ -20,12 +20,12 @@ import pkgutil
 from .base import (Executor, ExecutorUnavailable, NeedsCUDA, resolve_device, resolve_dtype, source_forward,
                    validate_inputs)
 
-__all__ = ["Executor", "ExecutorUnavailable", "NeedsCUDA", "get", "names", "register", "resolve_device",
+__all__ = ["Executor", "ExecutorUnavailable", "NeedsCUDA", "default_names", "get", "names", "register", "resolve_device",
            "resolve_dtype", "source_forward", "validate_inputs", "unavailable"]
 
 _REGISTRY: dict[str, type] = {}
 _BROKEN: dict[str, str] = {}  # executor name (or module name) -> why its module failed to import
-_ORDER = ["eager", "streams", "graph", "compile", "fused"]  # listed first, in this order; others follow sorted
+_ORDER = ["eager", "streams", "graph", "compile", "compile-max", "fused", "auto"]  # listed first, in this order; others follow sorted
 _MODULE_NAMES = {"compiled": "compile"}  # module -> executor name, where they differ (for import errors)
 _SKIP = {"base"}
 _discovered = False
@@ -67,6 +67,12 @@ def names() -> list[str]:
     _discover()
     known = set(_REGISTRY) | set(_BROKEN)
     return [n for n in _ORDER if n in known] + sorted(known - set(_ORDER))
+
+
+def default_names() -> list[str]:
+    """The executors ``dualfuse bench`` runs when none are named: every known one but those marked ``opt_in``
+    (slow to build, e.g. compile-max's autotuning)."""
+    return [n for n in names() if not getattr(_REGISTRY.get(n), "opt_in", False)]
 
 
 def unavailable() -> dict[str, str]:

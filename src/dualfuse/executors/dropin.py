@@ -29,6 +29,7 @@ from torch import nn
 from ..spec import DualEncoderSpec, PatchSequence, map_named_tensors, named_tensors
 from .base import DTYPE_NAMES, same_device, resolve_dtype
 from ..config import FusedConfig
+from .auto import AutoExecutor
 from .fused import FusedExecutor
 
 # transformers' positional order of each family's calls
@@ -162,7 +163,7 @@ class FusedModel(nn.Module):
         if source is None:
             fb = self.executor.fallback
             source = fb.model if fb is not None else self.executor.spec
-        return FusedExecutor(source, dtype=dtype, device=device, **self._fuse_kwargs)
+        return type(self.executor)(source, dtype=dtype, device=device, **self._fuse_kwargs)
 
     def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
         """The weights the fused model is built from, by name. Covered models: the spec's tensors in its own
@@ -515,17 +516,24 @@ def fuse(model, dtype=None, device=None, config: FusedConfig | None = None, **kw
     ``config``; both kept for rebuilds (``.to()``, ``.half()``, ``load_state_dict``); e.g.
     ``weights="int8"``: weight-only int8 for every linear layer (``"fp8"`` on compute capability >= 8.9; see
     dualfuse.quantize); and ``keep_host_copy`` (default True; False keeps no host copy of the weights, see the
-    module docstring).
+    module docstring); and ``executor="auto"``: the fused executor where it wins, the graph executor where
+    it doesn't, per call-shape family, from this card's calibration (dualfuse.executors.auto; not the default).
     The source model is left untouched and not kept."""
     keep_host_copy = kwargs.pop("keep_host_copy", True)
     if config is not None:
         kwargs["config"] = config
+    # executor: "fused" (default) or "auto" (fused or the graph executor per call-shape family, from this card's
+    # calibration: dualfuse.executors.auto)
+    which = kwargs.pop("executor", "fused")
+    if which not in ("fused", "auto"):
+        raise ValueError(f"executor must be 'fused' or 'auto', got {which!r}")
+    cls = AutoExecutor if which == "auto" else FusedExecutor
     if isinstance(model, str):
         from ..presets import load
 
         model = load(model)
     dtype = _source_dtype(model) if dtype is None else resolve_dtype(dtype)
-    executor = FusedExecutor(model, dtype=dtype, device=device, **kwargs)
+    executor = cls(model, dtype=dtype, device=device, **kwargs)
     if isinstance(model, DualEncoderSpec):
         return FusedModel(executor, fuse_kwargs=kwargs, keep_host_copy=keep_host_copy)
     shapes = tuple(tuple(getattr(model, n).shape) if isinstance(getattr(model, n, None), torch.Tensor) else ()

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from ...adapters import image_normalization
+from ...calibration import Calibration
+from ...calibration import load as load_calibration
 from ...config import FusedConfig
 from ...kernels._utils import is_interpreter, pdl_supported
 from ...kernels.embed import fold_normalization
@@ -61,6 +63,13 @@ class FusedExecutor(Locked, Executor):
             raise ValueError(f"config must be a dualfuse.FusedConfig, got {type(config).__name__}")
         self.config = cfg = (config or FusedConfig()).with_overrides(**overrides)
         super().__init__(model, dtype, device, spec=spec, check_ids=check_ids)
+        # per stage and tower, Triton or a library kernel (FusedConfig.gemm_impl; executors/fused/library.py); with
+        # "auto", the calibration given or this card's cache file (None there: all Triton)
+        self.gemm_impl = cfg.gemm_impl
+        self.calibration = None
+        if cfg.gemm_impl == "auto":
+            cal = cfg.calibration
+            self.calibration = cal if isinstance(cal, Calibration) else load_calibration(self.device, path=cal)
         # weights: "fp16" (the executor's dtype), "int8" or "fp8" (weight-only, one scale per output channel,
         # every linear layer of both towers: dualfuse.quantize); fp8 needs compute capability >= 8.9
         self.weight_format = resolve_weights(cfg.weights, self.device)
@@ -298,6 +307,7 @@ class FusedExecutor(Locked, Executor):
                                  f"{text_len} is outside what the kernels cover: {e}") from None
             r.key = rkey
             self.build_times[rkey] = time.perf_counter() - t0
+            self._note_library(r)
             if capture and r.wants_graph:
                 r._capture()
         except BaseException as e:
@@ -309,6 +319,23 @@ class FusedExecutor(Locked, Executor):
         while len(self.runners) > self.max_graphs:
             self._drop(next(iter(self.runners)))
         return r
+
+    def _note_library(self, r: Runner) -> None:
+        """Notes name how many steps of the last runner built take a library kernel (gemm_impl != 'triton')."""
+        n = sum(c == "library" for impls, _ in r.choices for c in impls)
+        base = self.notes.split(" · library:")[0]
+        total = sum(len(s.steps) for s in r.plan.stages if s.kind in ("linear", "attention"))
+        self.notes = base + (f" · library: {n} of {total} steps on cuBLAS / SDPA"
+                             f"{' (calibrated)' if self.gemm_impl == 'auto' else ''}" if n else "")
+
+    def library_choices(self, image_batch: int, text_batch: int, text_len: int | None = None) -> list[dict]:
+        """Per stage of this call shape's runner: the step labels, the implementation of each and why."""
+        r = self.runner(image_batch, text_batch, text_len or self.spec.text.context_length, capture=False)
+        out = []
+        for st, (impls, why) in zip(r.plan.stages, r.choices or [(("triton",) * len(s.steps), "gemm_impl='triton'")
+                                                                  for s in r.plan.stages]):
+            out.append(dict(kind=st.kind, steps=[x.label for x in st.steps], impls=list(impls), why=why))
+        return out
 
     def _drop(self, key: tuple) -> None:
         """Take a runner out of the cache (its buffers and graph are freed once no call holds it)."""

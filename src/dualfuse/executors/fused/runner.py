@@ -17,6 +17,7 @@ import torch
 from ...plan import Plan, Stage, Step
 from ...spec import PatchEmbed, TowerSpec
 from .buffers import TowerBuffers
+from .library import build_chosen, choose
 
 
 class Runner:
@@ -45,6 +46,8 @@ class Runner:
         self._stats_width: dict[int, int] = {}  # row-statistics buffer address -> BLOCK_N of the launch writing it
         # the LayerNorm step (tower, layer, op) that finishes a GEMM's split-K sums -> (partial sums, GEMM bias)
         self._deferred: dict[tuple, tuple] = {}
+        self.stage_problems: list[list] = []  # per stage, its kernel problems (calibration times them)
+        self.choices: list[tuple] = []  # gemm_impl != "triton": per stage, (implementation per step, why)
         self.ops = [self._build(stage) for stage in self.plan.stages]
         if self._deferred:  # partial sums nobody adds would leave the residual stream silently wrong
             raise AssertionError(f"fused runner: split-K partial sums of {sorted(self._deferred)} have no LayerNorm "
@@ -68,7 +71,18 @@ class Runner:
         build = _STAGE_BUILDERS.get(stage.kind)
         if build is None:
             raise AssertionError(f"plan stage kind {stage.kind!r} has no kernel")
-        return build(self, stage, [self._problem(step) for step in stage.steps])
+        problems = [self._problem(step) for step in stage.steps]
+        self.stage_problems.append(problems)
+        if self.ex.gemm_impl == "triton":
+            return build(self, stage, problems)
+        # per step: the Triton launch or a library kernel (cuBLAS / SDPA), from the calibrated cost model
+        impls, why = choose(self, stage, problems, self.ex.calibration, self.ex.gemm_impl)
+        self.choices.append((impls, why))
+        return build_chosen(build, self, stage, problems, impls)
+
+    def build_triton(self, stage: Stage, problems):
+        """The Triton launch of ``stage`` over ``problems`` (a subset of a plan stage's steps: calibration)."""
+        return _STAGE_BUILDERS[stage.kind](self, stage, problems)
 
     def _deferred_to(self, step: Step):
         """The LayerNorm step (tower, layer, op) that reads this GEMM's output (the residual stream) next and

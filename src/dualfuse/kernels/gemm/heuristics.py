@@ -14,6 +14,7 @@ import triton
 
 from ...config import GemmConfig
 from .._utils import device_props, device_smem_bytes, num_sms
+from .regime import as_regime, byte_bound_candidates, estimate_byte_bound_us, tuned_config
 
 CONFIG_KEYS = GemmConfig.keys()  # documented field by field in dualfuse.config.GemmConfig
 
@@ -136,6 +137,9 @@ def default_config(problems, device, base: dict | None = None) -> dict:
     max_m = max(m for m, _, _ in dims)
     if device_props(device) is None:  # the interpreter (no CUDA device, no target_device)
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)
+    regime = as_regime((base or {}).get("regime"))
+    if regime is not None and regime.byte_bound and elt != 4:
+        return byte_bound_config(problems, device, base, regime)
     if elt == 4:  # fp32 inputs ("ieee" dot = FMA path): correctness use, keep tiles modest
         cfg = dict(BLOCK_M=min(64, max(16, next_pow2(max_m))), BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4,
                    num_stages=3)
@@ -166,6 +170,45 @@ def default_config(problems, device, base: dict | None = None) -> dict:
         # every architecture (BENCHMARKS.md)
         cfg["tma"] = True
     return _fit_smem(cfg, elt, device, w_elt)
+
+
+def _ctas_per_sm(cfg: dict, elt: int, w_elt: int, smem_limit: int) -> int:
+    """Programs one SM holds at once: shared memory and registers (~200 per thread) permitting."""
+    return max(1, min(smem_limit // _smem_bytes(cfg, elt, w_elt), 65536 // (cfg["num_warps"] * 32 * 200)))
+
+
+def ranked_byte_bound(dims, elt: int, w_elt: int, sms: int, smem_limit: int, regime, keep_k=None, device=None,
+                      base: dict | None = None) -> list[tuple[float, dict]]:
+    """Byte-bound configs (regime.byte_bound_candidates) that fit shared memory, best modelled first (ties keep
+    the candidates' order: fewer splits and shallower pipelines first)."""
+    ranked = []
+    for c in byte_bound_candidates(max(m for m, _, _ in dims), sms):
+        c = {**c, **{k: v for k, v in (base or {}).items() if k not in ("regime",)}}
+        if _smem_bytes(c, elt, w_elt) > smem_limit:
+            continue
+        splits = choose_splits(dims, c, device, None, keep_k)
+        ranked.append((estimate_byte_bound_us(dims, c, splits, w_elt, sms, _ctas_per_sm(c, elt, w_elt, smem_limit),
+                                              regime), c))
+    ranked.sort(key=lambda t: t[0])
+    return ranked
+
+
+def byte_bound_config(problems, device, base: dict | None, regime) -> dict:
+    """The config of one launch in the byte-bound regime: the stand-in's measured pick for this shape where the
+    table has one (regime.tuned_config), else the best of the byte-bound cost model."""
+    elt = problems[0].x.element_size()
+    w_elt = max(p.weight.element_size() for p in problems)
+    dims = [(p.x.shape[0], p.weight.shape[0], p.x.shape[1]) for p in problems]
+    sms = (base or {}).get("num_sms") or num_sms(device)
+    keep_k = nosplit(problems)
+    tuned = tuned_config(dims, w_elt, sms)
+    if tuned is not None and not (any(keep_k) and tuned.get("programs_per_sm")):
+        return {**tuned, "num_sms": sms, "tma": False}
+    ranked = ranked_byte_bound(dims, elt, w_elt, sms, device_smem_bytes(device), regime, keep_k, device, base)
+    if not ranked:
+        return _fit_smem(dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3,
+                              programs_per_sm=1, num_sms=sms, tma=False), elt, device, w_elt)
+    return dict(ranked[0][1])
 
 
 def nosplit(problems) -> list[bool]:

@@ -1,0 +1,242 @@
+"""Library kernels in the fused runner, the calibrated cost model, its cache, and executor 'auto' (CPU: the
+Triton steps through the interpreter, the library steps as torch ops on the CPU)."""
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dualfuse
+from dualfuse import calibration as C
+from dualfuse import executors, reference
+from dualfuse.adapters import to_spec
+from dualfuse.bench import random_inputs
+
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+IDENT = dict(card="Test Card 80GB", torch="2.11.0", triton="3.6.0", dualfuse="0.1.0")
+A = "linear:50x2304x768:bias:float16->float16"
+B = "linear:77x1536x512:bias:float16->float16"
+
+
+def _cal(steps=None, stages=None, calls=None):
+    return C.Calibration(dict(IDENT), steps or {}, stages or {}, calls or {})
+
+
+# --------------------------------------------------------------------------------------------- cost model
+
+def test_choice_without_timings_is_triton():
+    impls, why = _cal().choose_stage([A, B])
+    assert impls == ("triton", "triton") and "no calibration" in why
+
+
+def test_choice_from_given_timings():
+    steps = {A: {"triton": 10.0, "library": 4.0}, B: {"triton": 6.0, "library": 7.0}}
+    # grouped launch 12 us; A on cuBLAS + B alone on Triton = 4 + 6 = 10 us: the split wins
+    impls, why = _cal(steps, {C.stage_key([A, B]): {"triton": 12.0}}).choose_stage([A, B])
+    assert impls == ("library", "triton") and "10.0 us" in why
+    # grouped launch 9 us beats every split (10, 13, 11)
+    assert _cal(steps, {C.stage_key([A, B]): {"triton": 9.0}}).choose_stage([A, B])[0] == ("triton", "triton")
+    # a library step that is not allowed (quantized weights, folded LN) is never chosen
+    impls, _ = _cal(steps, {C.stage_key([A, B]): {"triton": 12.0}}).choose_stage([A, B], allowed=[False, True])
+    assert impls == ("triton", "triton")
+    # one step: library only when it beats Triton by the margin
+    assert _cal({A: {"triton": 10.0, "library": 9.7}}).choose_stage([A])[0] == ("triton",)
+    assert _cal({A: {"triton": 10.0, "library": 9.0}}).choose_stage([A])[0] == ("library",)
+    # a missing library timing keeps Triton
+    assert _cal({A: {"triton": 10.0}}).choose_stage([A])[0] == ("triton",)
+
+
+def test_executor_choice_per_family():
+    cal = _cal(calls={"m": {"image+text b<=1": {"fused": 0.4, "graph": 1.0},
+                            "image b>128": {"fused": 9.0, "graph": 7.5}}})
+    assert cal.choose_executor("m", "image+text b<=1")[0] == "fused"
+    choice, why = cal.choose_executor("m", "image b>128")
+    assert choice == "graph" and "7.500 ms < fused 9.000 ms" in why
+    assert cal.choose_executor("m", "text b<=8") == ("fused", "text b<=8: no calibration, fused by default")
+    assert C.call_family(1, 1) == "image+text b<=1" and C.call_family(256, 0) == "image b>128"
+    assert C.call_family(0, 32) == "text b<=32" and C.call_family(32, 33) == "image+text b<=128"
+
+
+# --------------------------------------------------------------------------------------------- the cache
+
+def test_cache_round_trip_and_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("DUALFUSE_CACHE", str(tmp_path))
+    path = C.default_path(IDENT)
+    assert path == str(tmp_path / "calibration-Test_Card_80GB-2.11.0-3.6.0-0.1.0.json")
+    cal = _cal({A: {"triton": 3.0, "library": 2.0}}, {C.stage_key([A, B]): {"triton": 5.0}},
+               {"m": {"image b<=1": {"fused": 0.5, "graph": 0.9, "shape": [1, 0, 77]}}})
+    assert cal.save() == path
+    back = C.load(ident=IDENT)
+    assert back.steps == cal.steps and back.stages == cal.stages and back.calls == cal.calls
+
+
+@pytest.mark.parametrize("content,why", [
+    ("{not json", "unreadable"),
+    (json.dumps({"schema": "something/else"}), "not a dualfuse.calibration/1"),
+    (json.dumps(dict(schema=C.SCHEMA, **dict(IDENT, card="Other Card"))), "another card or versions"),
+    (json.dumps(dict(schema=C.SCHEMA, **dict(IDENT, torch="2.12.0"))), "another card or versions"),
+    (json.dumps(dict(schema=C.SCHEMA, **IDENT, steps={A: {"triton": -1.0}})), "not a positive time"),
+    (json.dumps(dict(schema=C.SCHEMA, **IDENT, steps={A: {"triton": "fast"}})), "not a positive time"),
+    (json.dumps(dict(schema=C.SCHEMA, **IDENT, steps=[1, 2])), "steps is not an object"),
+])
+def test_corrupt_or_foreign_cache_is_ignored_with_a_warning(tmp_path, content, why):
+    path = tmp_path / "cal.json"
+    path.write_text(content)
+    with pytest.warns(UserWarning, match=f"ignoring the calibration cache.*{why}"):
+        assert C.load(path=str(path), ident=IDENT) is None
+
+
+@pytest.mark.slow
+def test_a_fused_executor_ignores_a_foreign_cache(tmp_path, monkeypatch):
+    """The executor's own load (gemm_impl='auto', the default): a file of another card is not trusted."""
+    monkeypatch.setenv("DUALFUSE_CACHE", str(tmp_path))
+    ident = C.identity(KERNEL_DEVICE)
+    foreign = dict(C.Calibration(dict(ident, card="Other Card")).to_dict())
+    with open(C.default_path(ident), "w") as f:
+        json.dump(foreign, f)
+    with pytest.warns(UserWarning, match="another card"):
+        ex = executors.get("fused", "clip-tiny", dtype="fp16", device=KERNEL_DEVICE)
+    assert ex.calibration is None and "library" not in ex.notes
+
+
+# --------------------------------------------------------------------------------------------- mixed plans
+
+def _parity(ex, spec, bi=2, bt=3):
+    px, ids = random_inputs(spec, bi, bt, sets=1)[0]
+    img, txt = ex.encode(px.to(KERNEL_DEVICE, ex.dtype), ids.to(KERNEL_DEVICE))
+    ri, rt = reference.encode(spec, px, ids)
+    for out, ref in ((img, ri), (txt, rt)):
+        assert F.cosine_similarity(out.float().cpu(), ref, dim=-1).min().item() >= 0.999
+
+
+@pytest.mark.parametrize("name", ["clip-tiny", pytest.param("siglip-tiny", marks=pytest.mark.slow)])
+def test_mixed_plan_from_a_calibration_matches_reference(name):
+    """Timings that make some steps cheaper on the library (the vision tower's attention, the text tower's FC1;
+    the layers of a tower share their shapes, so their signatures) give a plan mixing Triton launches and torch ops; its output matches the reference."""
+    from dualfuse.executors.fused.library import signature
+
+    model = dualfuse.load(name)
+    spec = to_spec(model)
+    plain = executors.get("fused", model, dtype="fp16", device=KERNEL_DEVICE, gemm_impl="triton", fold_ln=False)
+    r = plain.runner(2, 3, spec.text.context_length, capture=False)
+    steps, stages = {}, {}
+    for stage, problems in zip(r.plan.stages, r.stage_problems):
+        if stage.kind not in ("linear", "attention"):
+            continue
+        sigs = [signature(p) for p in problems]
+        for st, sig in zip(stage.steps, sigs):
+            cheap = (st.op == "attn" and st.tower == "vision") or (st.op == "fc1" and st.tower == "text")
+            steps[sig] = {"triton": 5.0, "library": 1.0 if cheap else 9.0}
+        if len(sigs) > 1:
+            stages[C.stage_key(sigs)] = {"triton": 7.0}
+    cal = C.Calibration(C.identity(KERNEL_DEVICE), steps, stages)
+    ex = executors.get("fused", model, dtype="fp16", device=KERNEL_DEVICE, fold_ln=False, calibration=cal)
+    chosen = {(lbl, impl) for c in ex.library_choices(2, 3) for lbl, impl in zip(c["steps"], c["impls"])}
+    assert {("v0.attn", "library"), ("v1.attn", "library"), ("t0.fc1", "library")} <= chosen
+    assert {("t0.attn", "triton"), ("v0.fc1", "triton"), ("v0.qkv", "triton")} <= chosen
+    assert "library:" in ex.notes and "(calibrated)" in ex.notes
+    _parity(ex, spec)
+
+
+@pytest.mark.parametrize("name", ["clip-tiny", "siglip-tiny"])
+def test_library_everywhere_matches_reference(name):
+    """gemm_impl='library': every plain GEMM on cuBLAS-through-torch (bias, residual, each activation) and every
+    self-attention through SDPA; SigLIP's pooling-probe attention keeps Triton."""
+    model = dualfuse.load(name)
+    spec = to_spec(model)
+    ex = executors.get("fused", model, dtype="fp16", device=KERNEL_DEVICE, gemm_impl="library", fold_ln=False)
+    impls = {lbl: impl for c in ex.library_choices(2, 3) for lbl, impl in zip(c["steps"], c["impls"])}
+    assert impls["v0.fc2"] == impls["t0.qkv"] == impls["v1.attn"] == "library"
+    if name == "siglip-tiny":
+        assert impls["v.map_attn"] == "triton"
+    _parity(ex, spec)
+
+
+def test_quantized_and_folded_steps_keep_triton():
+    from dualfuse.executors.fused.library import library_ok
+
+    ex = executors.get("fused", "clip-tiny", dtype="fp16", device=KERNEL_DEVICE, gemm_impl="library",
+                       fold_ln=True, weights="int8")
+    choices = ex.library_choices(1, 1)
+    r = ex.runner(1, 1, 16, capture=False)
+    for c, problems in zip(choices, r.stage_problems):
+        if c["kind"] == "linear":
+            assert c["impls"] == ["triton"] * len(c["impls"])
+            assert not any(library_ok(p) for p in problems)
+
+
+def test_gemm_impl_is_validated():
+    with pytest.raises(ValueError, match="gemm_impl must be 'auto', 'triton' or 'library'"):
+        executors.get("fused", "clip-tiny", dtype="fp16", device=KERNEL_DEVICE, gemm_impl="cublas")
+    with pytest.raises(ValueError, match="calibration is read only with gemm_impl='auto'"):
+        executors.get("fused", "clip-tiny", dtype="fp16", device=KERNEL_DEVICE, gemm_impl="triton",
+                      calibration="x.json")
+
+
+# --------------------------------------------------------------------------------------------- calibrate + auto
+
+@pytest.mark.slow
+def test_calibrate_with_given_timings_then_auto(tmp_path, monkeypatch, capsys):
+    """calibrate() with a fixed timer (SDPA 'faster') writes the card's cache; a fused executor built afterwards
+    runs attention through SDPA; executor 'auto' reads the call timings and says why it chose what it chose."""
+    from dualfuse.executors.fused.calibrate import calibrate
+    from dualfuse.executors.fused.library import LibraryAttention, LibraryLinear
+
+    monkeypatch.setenv("DUALFUSE_CACHE", str(tmp_path))
+
+    def timer(op):
+        return 0.5 if isinstance(op, LibraryAttention) else 3.0 if isinstance(op, LibraryLinear) else 2.0
+
+    res = calibrate("clip-tiny", [(1, 2, 16)], dtype="fp16", device=KERNEL_DEVICE, timer=timer, iters=1, warmup=0,
+                    calls=True)
+    assert os.path.isfile(res.path) and res.stages_timed > 0
+    assert all(set(impls) <= {"triton", "library"} for _, impls, _ in res.choices["1x2x16"])
+    assert any("library" in impls for steps, impls, _ in res.choices["1x2x16"] if "v0.attn" in steps)
+    assert set(res.calls["image+text b<=8"]) == {"fused", "graph", "shape"}
+    ex = executors.get("auto", "clip-tiny", dtype="fp16", device=KERNEL_DEVICE)
+    err = capsys.readouterr().err
+    assert "dualfuse auto:" in err and "image+text b<=8" in err
+    assert "image+text b<=8" in ex.decisions and ex.notes.startswith("auto:")
+    _parity(ex, to_spec(dualfuse.load("clip-tiny")), 1, 2)
+
+
+def test_fuse_accepts_executor_auto(tmp_path, monkeypatch):
+    monkeypatch.setenv("DUALFUSE_CACHE", str(tmp_path))  # empty: no calibration, fused everywhere
+    fused = dualfuse.fuse("clip-tiny", dtype=torch.float16, device=KERNEL_DEVICE, executor="auto", verbose=False)
+    assert type(fused.executor).__name__ == "AutoExecutor" and fused.executor.route(256, 0) == "fused"
+    assert "no calibration" in fused.executor.notes
+    with pytest.raises(ValueError, match="executor must be 'fused' or 'auto'"):
+        dualfuse.fuse("clip-tiny", executor="graph")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["clip-vit-b-32", "siglip-base-patch16-224"])
+def test_library_steps_inside_the_cuda_graph_gpu(name, tmp_path, monkeypatch):
+    """On CUDA: every plain step on cuBLAS / SDPA inside the captured graph matches the reference, replays stay
+    stable; a real calibration of one shape is saved and read back by a fused executor."""
+    from dualfuse.executors.fused.calibrate import calibrate
+
+    monkeypatch.setenv("DUALFUSE_CACHE", str(tmp_path))
+    model = dualfuse.load(name)
+    spec = to_spec(model)
+    ex = executors.get("fused", model, dtype="fp16", device="cuda", gemm_impl="library")
+    _parity(ex, spec, 4, 3)
+    _parity(ex, spec, 4, 3)  # a replay of the captured graph
+    res = calibrate(model, [(4, 3, spec.text.context_length)], dtype="fp16", device="cuda", iters=3, warmup=1)
+    assert os.path.isfile(res.path) and res.stages_timed > 0 and res.calls
+    ex = executors.get("fused", model, dtype="fp16", device="cuda")
+    assert ex.calibration is not None and ex.calibration.steps
+    _parity(ex, spec, 4, 3)
+
+
+def test_calibrate_cli_shapes_and_errors(capsys):
+    from dualfuse import cli
+    from dualfuse.cli.calibrate import parse_shapes
+
+    assert parse_shapes("1x1, 256x0,0x1024x16", 77) == [(1, 1, 77), (256, 0, 77), (0, 1024, 16)]
+    for bad in ("1y1", "0x0", "1x-1", ""):
+        with pytest.raises(ValueError, match="--shapes"):
+            parse_shapes(bad, 77)
+    assert cli.main(["calibrate", "--model", "clip-tiny", "--shapes", "1x2x3x4"]) == 2
+    assert "IMAGESxTEXTS[xTEXT_LEN]" in capsys.readouterr().err
