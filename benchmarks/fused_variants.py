@@ -8,9 +8,9 @@ thermal drift hits all of them alike. Each variant's output is checked against t
     python benchmarks/fused_variants.py --model clip-vit-b-32 --batch 1 --json out.json
 
 With ``--base DIR`` (``DIR/src/dualfuse`` from another commit, e.g. ``git archive REV src | tar x -C .old``), the
-variants ``base-graph``, ``base-fused`` and ``base-fused-noidcheck`` (name them in ``--variants``) run that commit's
-executors in the same process, interleaved with this commit's: a change that must keep the numbers is compared
-without the drift between processes.
+variants ``base-graph``, ``base-fused``, ``base-fused-noidcheck`` and ``base-fused-int8`` (name them in ``--variants``)
+run that commit's executors in the same process, interleaved with this commit's: a change that must keep the numbers
+is compared without the drift between processes.
 """
 from __future__ import annotations
 
@@ -35,12 +35,14 @@ VARIANTS = {  # name: (executor, kwargs)
     "fused-res32": ("fused", {"residual_dtype": torch.float32}),  # residual stream in fp32, not the model dtype
     "fused-nodefer": ("fused", {"defer_split_reduce": False}),  # split-K reduced in the GEMM, not the next LN
     "fused-noidcheck": ("fused", {"check_ids": False}),  # no token-id range check (its flag read-back skipped)
+    "fused-int8": ("fused", {"weights": "int8"}),  # weight-only int8 (the quantized GEMM path)
     # the sm_80 / sm_87 (Jetson Orin) path on a Hopper card: no PDL, no TMA loads; LayerNorms apart or folded
     "fused-notma-nopdl": ("fused", {"pdl": False, "fold_ln": False, "gemm_config": {"tma": False}}),
     "fused-notma-nopdl-fold": ("fused", {"pdl": False, "fold_ln": True, "gemm_config": {"tma": False}}),
 }
 BASE_VARIANTS = {  # --base: the other commit's executors
-    "base-graph": ("graph", {}), "base-fused": ("fused", {}), "base-fused-noidcheck": ("fused", {"check_ids": False})}
+    "base-graph": ("graph", {}), "base-fused": ("fused", {}), "base-fused-noidcheck": ("fused", {"check_ids": False}),
+    "base-fused-int8": ("fused", {"weights": "int8"})}
 
 
 def load_base(root: str):
@@ -71,7 +73,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None)
     p.add_argument("--base", default=None, metavar="DIR",
                    help="another commit's tree (DIR/src/dualfuse), run by the variants base-graph, base-fused, "
-                        "base-fused-noidcheck")
+                        "base-fused-noidcheck, base-fused-int8")
     args = p.parse_args(argv)
 
     import dualfuse

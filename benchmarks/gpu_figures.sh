@@ -9,6 +9,11 @@
 #   bash benchmarks/gpu_figures.sh P    # an older commit ($OLD) against this one: both commits' executors in one process
 #   bash benchmarks/gpu_figures.sh E    # edge regime: int8 weights (both widenings), 8 SMs and full card; the soak
 #   bash benchmarks/gpu_figures.sh S    # the real-time loop (full card, 8 SMs); LayerNorm folding on the sm_80 path
+#   bash benchmarks/gpu_figures.sh X    # the byte-bound stand-in (8, 16 SMs, full card): probe, executors, int8, shares
+#   bash benchmarks/gpu_figures.sh XT   # the stand-in's GEMM config sweep (8, 16 SMs), merged into the package tables
+#   bash benchmarks/gpu_figures.sh T    # single towers and the VLM vision tower: GPU tests, fused vs graph vs compile
+#   bash benchmarks/gpu_figures.sh Q    # corpus embedding: dualfuse embed vs a DataLoader baseline vs the model ceiling
+#   bash benchmarks/gpu_figures.sh N    # never slower: models x shapes vs every stock executor (MODELS=b32,... per call)
 # JSON and logs are written to /tmp/dualfuse-results and packed into ${OUT:-out}/results-<part>.tar.gz after every
 # step (a run cut off by its time limit still leaves the archive). File them under
 # benchmarks/results/<card>-<date>/ (see benchmarks/README.md).
@@ -76,7 +81,38 @@ elif [ "$PART" = S ]; then
     done
   done
   step 100 python3 benchmarks/fused_variants.py --model clip-vit-b-32 --batch 1 --variants graph,fused-nopdl,fused-fold-nopdl,fused-notma-nopdl,fused-notma-nopdl-fold,fused,fused-fold --json "$R/variants-fold-b32-1.json"
+elif [ "$PART" = X ]; then
+  # 13. the byte-bound stand-in: every executor's weights host-mapped (read over PCIe), 8 SMs (Orin Nano / NX),
+  #     16 SMs (AGX Orin), the full card; torchao's row needs its wheel on PYTHONPATH. Then the stream loop.
+  step 300 python3 benchmarks/standin.py --sms 8 --out "$R/standin"
+  step 130 python3 benchmarks/standin.py --sms 16 --no-compile --out "$R/standin"
+  step 110 python3 benchmarks/standin.py --sms 0 --no-compile --out "$R/standin"
+  for m in clip-vit-b-32 siglip-base-patch16-224; do
+    for w in fp16 int8; do
+      step 40 python3 -m dualfuse.cli stream --model $m --synthetic 300 --weights $w --stand-in orin-nano --prompts "a dog,a cat,a car" --json "$R/stream-standin-$m-$w.json"
+    done
+  done
+elif [ "$PART" = XT ]; then
+  # 14. the stand-in's GEMM configs: sweep at 8 and 16 SMs, then write kernels/gemm/standin_gemm.json and
+  #     dualfuse/standin_shares.json (commit them; rerun X to see the tuned picks)
+  for sms in 8 16; do step 200 python3 benchmarks/standin.py --sms $sms --tune --out "$R/standin"; done
+  step 30 python3 benchmarks/standin.py --merge "$R/standin"
+elif [ "$PART" = T ]; then
+  # 15. single towers: the GPU tests (hidden-state copies inside the graph), then the image towers at batch 1
+  #     (LLaVA-1.5's L/14-336 hidden_states[-2], so400m patch tokens, SigLIP B/16 pooled, B/32 with projection,
+  #     a LLaVA-1.5-shaped VLM's vision part) fused vs graph vs compile; then in 8 SMs
+  step 90 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_towers.py
+  step 240 python3 benchmarks/towers.py --out "$R/towers" --iters 50
+  step 150 python3 benchmarks/towers.py --sms 8 --no-compile --out "$R/towers" --iters 30
+elif [ "$PART" = Q ]; then
+  # 16. corpus embedding, one GPU: dualfuse embed (CPU and nvJPEG decode), a clip-retrieval-style DataLoader
+  #     baseline (HF model, fp16, batch 256), the fused model on frames already decoded; 10,000 generated JPEGs
+  step 560 python3 benchmarks/embed_bench.py --out "$R/embed"
+elif [ "$PART" = N ]; then
+  # 17. never slower: fused and auto against graph, compile (both modes), eager and ONNX Runtime per cell;
+  #     one model group per call (MODELS=b32,siglip-b16 / l14 / so400m / h14 / bigg14)
+  step 560 python3 benchmarks/never_slower.py --models ${MODELS:-b32,siglip-b16} --shapes ${SHAPES:-all} --out "$R/never-slower"
 else
-  echo "unknown part '$PART': expected A, B, C, D, E, S, M or P" >&2; exit 2
+  echo "unknown part '$PART': expected A, B, C, D, E, S, M, P, X, XT, T, Q or N" >&2; exit 2
 fi
 echo "=== done $(date +%T)"

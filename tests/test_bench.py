@@ -153,6 +153,7 @@ def test_random_inputs_are_deterministic_and_pool_where_expected():
     assert random_inputs(spec, 0, 3, sets=1)[0][0] is None
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(HAS_CUDA, reason="the CPU pass (interpreter); on a GPU benchmarks/gpu_figures.sh P runs it")
 def test_fused_variants_against_another_commit(tmp_path):
     """fused_variants.py --base: another commit's executors (here a copy of this src/) beside this one's, one process."""

@@ -29,6 +29,9 @@ DEV = "cpu"
     (dict(calibration=3), "calibration must be None, a path or a dualfuse.calibration.Calibration"),
     (dict(gemm_impl="triton", calibration="cal.json"), "calibration is read only with gemm_impl='auto'"),
     (dict(gemm={"regime": "slow"}), "config regime must be a Regime"),
+    (dict(hidden_states="last"), "hidden_states: expected a tuple of layer indices"),
+    (dict(hidden_states=(1.5,)), "hidden_states: expected a tuple of layer indices"),
+    (dict(pooled="yes"), "pooled must be None"),
 ])
 def test_bad_options_raise_at_construction(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -109,3 +112,18 @@ def test_executor_and_fuse_take_a_config_and_keyword_overrides():
         FusedExecutor(spec, dtype=torch.float32, device=DEV, config={"max_graphs": 2})
     fused = dualfuse.fuse(spec, dtype=torch.float32, device=DEV, config=cfg, max_graphs=4)
     assert fused.executor.config == dataclasses.replace(cfg, max_graphs=4)
+
+
+def test_single_tower_fields_normalized_and_checked_against_the_model():
+    assert FusedConfig(hidden_states=-2).hidden_states == (-2,)
+    assert FusedConfig(hidden_states=[1, -1]).hidden_states == (1, -1)
+    assert FusedConfig(hidden_states=(0,), pooled=False).to_dict()["hidden_states"] == [0]
+    spec = to_spec(dualfuse.load("clip-tiny"))
+    with pytest.raises(ValueError, match="apply to a single tower"):
+        FusedExecutor(spec, dtype=torch.float32, device=DEV, hidden_states=(-2,))
+    vision = dataclasses.replace(spec, text=None)
+    layers = vision.vision.num_layers
+    with pytest.raises(ValueError, match="out of range"):
+        FusedExecutor(vision, dtype=torch.float32, device=DEV, hidden_states=(layers + 1,))
+    ex = FusedExecutor(vision, dtype=torch.float32, device=DEV, config=FusedConfig(hidden_states=-2))
+    assert ex.config.hidden_states == (-2,) and ex.hidden_states == (layers - 1,) and ex.pooled is False

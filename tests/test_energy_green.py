@@ -251,6 +251,7 @@ def test_bench_energy_not_available_on_cpu(capsys):
     assert "energy: not available" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_bench_sms_end_to_end_fake_green_context(tmp_path):
     """The real `dualfuse bench --sms` fan-out: a child process per SM count (green context faked: no GPU here;
     one count keeps the test short — test_run_sweep_orchestration covers several, 'full' and a dying child)."""

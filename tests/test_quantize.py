@@ -140,6 +140,26 @@ def test_uint8_frames_with_int8_weights():
     assert any(len(k) == 4 and k[3] == "uint8" for k in ex.runners), list(ex.runners)
 
 
+def test_quantize_spec_of_one_tower():
+    """quantize_spec / weight_bytes of a single-tower spec (the other tower None): its GEMM linears quantized, with
+    their scales in Linear.scale."""
+    import dataclasses
+
+    from dualfuse.quantize import quantize_spec
+
+    spec = to_spec(_load("clip-tiny"))
+    for keep in ("vision", "text"):
+        one = dataclasses.replace(spec, **{"text" if keep == "vision" else "vision": None})
+        q = quantize_spec(one, "int8")
+        assert q.towers == (keep,)
+        for owner, attr in gemm_linears(getattr(q, keep)):
+            lin = getattr(owner, attr)
+            assert lin.weight.dtype == torch.int8 and lin.scale is not None
+            assert lin.scale.shape == (lin.weight.shape[0],)
+        wb = weight_bytes(one, "int8")
+        assert set(wb) >= {keep, "total"} and wb["total"] == wb[keep]["total"] > 0
+
+
 def test_weights_option_errors():
     model = _load("clip-tiny")
     with pytest.raises(ValueError, match=r"weights must be None or one of \['fp16', 'int8', 'fp8'\]"):

@@ -299,6 +299,14 @@ def run_bench(model: str = DEFAULT_MODEL, *, executors: list[str] | None = None,
     warmup = warmup if warmup is not None else (GPU_WARMUP if cuda else CPU_WARMUP)
     bi = image_batch if image_batch is not None else batch
     bt = text_batch if text_batch is not None else batch
+    source = presets.load(model, seed=seed, arch=arch)
+    spec = to_spec(source)
+    if spec.tower is not None:  # a single tower: only its inputs (a batch asked for the other is an error)
+        other = "text" if spec.tower == "vision" else "vision"
+        if (text_batch if other == "text" else image_batch):
+            flag = "--text-batch" if other == "text" else "--image-batch"
+            raise ValueError(f"{model} is a single {spec.tower} tower: {flag} must be 0 (it has no {other} tower)")
+        bi, bt = (bi, 0) if spec.tower == "vision" else (0, bt)
     if iters < 1 or warmup < 0 or input_sets < 1:
         raise ValueError(f"need --iters >= 1, --warmup >= 0, --input-sets >= 1 (got {iters}, {warmup}, {input_sets})")
     if bi < 0 or bt < 0 or (bi == 0 and bt == 0):
@@ -314,11 +322,10 @@ def run_bench(model: str = DEFAULT_MODEL, *, executors: list[str] | None = None,
                              f"known executors: {', '.join(known)}")
 
     # ---- model, inputs, reference
-    source = presets.load(model, seed=seed, arch=arch)
-    spec = to_spec(source)
-    length = text_length if text_length is not None else spec.text.context_length
-    if bt and not 1 <= length <= spec.text.context_length:
-        raise ValueError(f"--text-length must be in [1, {spec.text.context_length}] for {model}, got {length}")
+    ctx = spec.io.context_length
+    length = text_length if text_length is not None else ctx
+    if bt and not 1 <= length <= ctx:
+        raise ValueError(f"--text-length must be in [1, {ctx}] for {model}, got {length}")
     if stand_cfg is not None and device.type != "cuda":
         raise SI.StandInError(f"--stand-in needs a CUDA device, got --device {device}")
     inputs = random_inputs(spec, bi, bt, length, sets=input_sets, seed=seed, device=device, dtype=dtype)

@@ -143,6 +143,23 @@ def _warmup_shapes(shapes):
         raise ValueError(f"warmup: expected a list of (images, texts, text_len) shapes, got {shapes!r}") from None
 
 
+def _hidden_states(v):
+    """None or a tuple of int hidden-state indices (one int is a tuple of one); checked against the tower's layer
+    count by the executor (FusedExecutor.hidden_index)."""
+    if v is None:
+        return None
+    if isinstance(v, int) and not isinstance(v, bool):
+        return (v,)
+    try:
+        values = tuple(v)
+    except TypeError:
+        values = None
+    if isinstance(v, str) or values is None or not all(isinstance(i, int) and not isinstance(i, bool)
+                                                       for i in values):
+        raise ValueError(f"hidden_states: expected a tuple of layer indices (e.g. (-2,)), got {v!r}")
+    return values
+
+
 def _per_channel(v):
     """image mean / std: None, one number, or a tuple of numbers (a tensor becomes a tuple); checked against the
     channel count by the executor (adapters.image_normalization)."""
@@ -177,6 +194,12 @@ class FusedConfig:
     # gemm_impl="auto" only: a dualfuse.calibration.Calibration, a path to its JSON, or None (the card's cache
     # file); the executor loads it
     calibration: str | Calibration | None = None
+    # single-tower models only (FusedTower, docs/towers.md): the hidden states callers read, as transformers counts
+    # them (0: the embeddings, i: block i-1's output, negative from the end; e.g. (-2,) for LLaVA-1.5): only those
+    # are written and the blocks after the last one never run. None: any. One int is a tuple of one.
+    hidden_states: tuple[int, ...] | None = None
+    # single-tower models only: whether the pooled output is computed (None: unless hidden_states is given)
+    pooled: bool | None = None
 
     def __post_init__(self):
         set_ = object.__setattr__.__get__(self)  # frozen: normalized values set once, here
@@ -210,6 +233,9 @@ class FusedConfig:
                              f"{type(cal).__name__}")
         if cal is not None and self.gemm_impl != "auto":
             raise ValueError(f"calibration is read only with gemm_impl='auto' (got gemm_impl={self.gemm_impl!r})")
+        set_("hidden_states", _hidden_states(self.hidden_states))
+        if not (self.pooled is None or isinstance(self.pooled, bool)):
+            raise ValueError(f"pooled must be None (auto), True or False, got {self.pooled!r}")
 
     @classmethod
     def names(cls) -> set[str]:

@@ -95,7 +95,7 @@ def resize_center_crop_pil(image, size: int):
 def preprocess_for(spec, model=None, path: str | None = None) -> Preprocess:
     """The model's preprocessing: image size from the spec, mean/std from a checkpoint's preprocessor_config.json,
     an open_clip model's ``visual.image_mean/std``, or the family default."""
-    size = spec.vision.embed.image_size
+    size = spec.vision.embed.image_size if spec.vision is not None else 224  # a text tower alone: unused
     if path and os.path.isdir(path):
         cfg = os.path.join(path, "preprocessor_config.json")
         if os.path.isfile(cfg):

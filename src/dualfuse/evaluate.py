@@ -25,6 +25,9 @@ fused executor's cosine and error bounds are dualfuse.quantize.COSINE_MIN and RE
 that error; the other executors keep the unquantized bounds. Exit code 0 when every executor passes, 1 otherwise,
 2 for bad arguments.
 
+A single tower (``--model`` a tower checkpoint directory or ``PRESET:vision``): embedding parity only (the image
+or text embeddings vs the reference's; no zero-shot or retrieval, which need both towers).
+
 Python: :func:`run_eval` returns an :class:`EvalResult` (``to_dict()``: the ``--json`` document, schema
 ``dualfuse.eval/1``); the metrics work on any embeddings (:func:`parity`). The command line is
 ``dualfuse.cli.evaluate``.
@@ -181,6 +184,16 @@ def parity(x_img, x_cls, x_txt, r_img, r_cls, r_txt, *, dtype=torch.float16, lab
     per retrieval text) add true accuracy / true R@k for X and the reference. ``weights``: X's weight format
     ("int8" / "fp8": judged with the quantized bounds, :func:`pass_criteria`)."""
     criteria = pass_criteria(dtype, weights)
+    if x_img is None or x_cls is None:  # a single tower: embedding parity only (no logits to rank)
+        m = dict(criteria=criteria, single_tower="image" if x_img is not None else "text")
+        if x_img is not None:
+            m["image"] = embedding_metrics(x_img, r_img)
+        else:
+            m["text"] = embedding_metrics(torch.cat([x_cls] + ([x_txt] if x_txt is not None else [])),
+                                          torch.cat([r_cls] + ([r_txt] if r_txt is not None else [])))
+        m["failures"] = verdict(m, criteria)
+        m["passed"] = not m["failures"]
+        return m
     m: dict = dict(image=embedding_metrics(x_img, r_img), criteria=criteria)
     text_x = torch.cat([x_cls] + ([x_txt] if x_txt is not None else []))
     text_r = torch.cat([r_cls] + ([r_txt] if r_txt is not None else []))
@@ -228,25 +241,30 @@ def reference_embeddings(spec, data, tokenizer, device, batch_size: int = 32) ->
     """fp32 reference embeddings of the dataset's images, class prompts and captions."""
     from . import reference
 
+    ref_spec = spec.to(device=device, dtype=torch.float32)
+    out = dict(image=None, cls=None, txt=None)
+    if spec.vision is not None:
+        out["image"] = _batched(lambda x: reference.encode_image(ref_spec, x.float()), data.pixel_values,
+                                batch_size, device)
+    if spec.text is None:  # a vision tower alone
+        return out
     check_token_ids(spec, tokenizer(data.prompts), "class prompts")
     if data.captions:
         check_token_ids(spec, tokenizer(data.captions), "captions")
-
-    ref_spec = spec.to(device=device, dtype=torch.float32)
-    out = dict(image=_batched(lambda x: reference.encode_image(ref_spec, x.float()), data.pixel_values,
-                              batch_size, device),
-               cls=_batched(lambda i: reference.encode_text(ref_spec, i), tokenizer(data.prompts), batch_size,
-                            device))
+    out["cls"] = _batched(lambda i: reference.encode_text(ref_spec, i), tokenizer(data.prompts), batch_size, device)
     out["txt"] = (_batched(lambda i: reference.encode_text(ref_spec, i), tokenizer(data.captions), batch_size,
                            device) if data.captions else None)
     return out
 
 
 def executor_embeddings(ex, data, tokenizer, batch_size: int = 32) -> dict:
-    dev = ex.device
-    out = dict(image=_batched(ex.encode_image, data.pixel_values, batch_size, dev),
-               cls=_batched(ex.encode_text, tokenizer(data.prompts), batch_size, dev))
-    out["txt"] = _batched(ex.encode_text, tokenizer(data.captions), batch_size, dev) if data.captions else None
+    dev, towers = ex.device, ex.io.towers
+    out = dict(image=None, cls=None, txt=None)
+    if "vision" in towers:
+        out["image"] = _batched(ex.encode_image, data.pixel_values, batch_size, dev)
+    if "text" in towers:
+        out["cls"] = _batched(ex.encode_text, tokenizer(data.prompts), batch_size, dev)
+        out["txt"] = _batched(ex.encode_text, tokenizer(data.captions), batch_size, dev) if data.captions else None
     return out
 
 
@@ -338,7 +356,8 @@ def run_eval(model: str = DEFAULT_MODEL, executors: list[str] = (DEFAULT_EXECUTO
     path = model if os.path.exists(str(model)) else None
     arch = arch or (model.split(":", 1)[1] if str(model).startswith("open_clip:") else None)
     pre = D.preprocess_for(spec, source, path)
-    tok = D.make_tokenizer(spec, source, path, arch, prefer_synthetic=synthetic_tokenizer)
+    tok = (D.make_tokenizer(spec, source, path, arch, prefer_synthetic=synthetic_tokenizer) if spec.text is not None
+           else None)  # a vision tower alone: no texts to tokenize
     if demo:
         data = D.demo(pre, template)
     elif data_dir:
@@ -350,7 +369,8 @@ def run_eval(model: str = DEFAULT_MODEL, executors: list[str] = (DEFAULT_EXECUTO
     result = EvalResult(
         model=model, family=spec.family, weights="checkpoint" if path else "random (seeded preset)",
         dtype=dtype_name(dt), device=str(device), environment=environment(device), data=data.summary(),
-        tokenizer=dict(kind=tok.kind, description=tok.describe()),
+        tokenizer=(dict(kind=tok.kind, description=tok.describe()) if tok is not None
+                   else dict(kind="none", description="a vision tower alone: no text")),
         preprocessing=dict(image_size=pre.image_size, mean=list(pre.mean), std=list(pre.std), source=pre.source),
         criteria=pass_criteria(dt, weights), weights_format=weights, fused_config=FusedConfig(weights=weights))
     progress.start(result)

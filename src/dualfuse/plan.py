@@ -134,9 +134,13 @@ def _fold(ln: Step, lin: Step) -> Step:
                 "linear", lin.layer, lin.flops + ln.flops, lin.bytes)
 
 
-def tower_steps(tower: TowerSpec, batch: int, seq: int, elt: int = 2, fold_ln: bool = False) -> list[Step]:
+def tower_steps(tower: TowerSpec, batch: int, seq: int, elt: int = 2, fold_ln: bool = False,
+                outputs: "TowerOutputs | None" = None) -> list[Step]:
     """The ordered steps of one tower's forward for a batch (seq = tokens per sample). fold_ln: LayerNorms
-    that feed one GEMM become part of that GEMM's step (see the module docstring)."""
+    that feed one GEMM become part of that GEMM's step (see the module docstring). outputs: what a single-tower
+    call reads (None: the pooled embedding of the whole tower): fewer layers, no pooling head, the final LN
+    over every token (``tokens_ln``)."""
+    out = outputs if outputs is not None else TowerOutputs(layers=tower.num_layers)
     name, d, f, rows = tower.kind, tower.width, tower.mlp_dim, batch * seq
     steps: list[Step] = []
     if name == "vision":
@@ -147,7 +151,7 @@ def tower_steps(tower: TowerSpec, batch: int, seq: int, elt: int = 2, fold_ln: b
                           elt * (patches * k + d * k + rows * d + seq * d)))
     else:
         steps.append(Step(name, "token_embed", "embed", None, float(rows * d), elt * (2 * rows * d + seq * d)))
-        if tower.pooling in ("first_eos", "argmax"):
+        if tower.pooling in ("first_eos", "argmax") and out.pooled:
             steps.append(Step(name, "pool_index", "pool_index", None, float(rows), 8.0 * rows))
     if tower.pre_ln is not None:
         steps.append(_ln(name, "pre_ln", None, rows, d, elt))
@@ -155,7 +159,7 @@ def tower_steps(tower: TowerSpec, batch: int, seq: int, elt: int = 2, fold_ln: b
     def ln_linear(ln: Step, lin: Step) -> list[Step]:
         return [_fold(ln, lin)] if fold_ln else [ln, lin]
 
-    for i in range(tower.num_layers):
+    for i in range(out.layers):
         ln1, qkv = _ln(name, "ln1", i, rows, d, elt), _linear(name, "qkv", i, rows, 3 * d, d, elt)
         steps += [
             # layer 0's LN reads the embeddings, which no GEMM wrote: no statistics to fold with; kept apart
@@ -165,6 +169,10 @@ def tower_steps(tower: TowerSpec, batch: int, seq: int, elt: int = 2, fold_ln: b
             *ln_linear(_ln(name, "ln2", i, rows, d, elt), _linear(name, "fc1", i, rows, f, d, elt)),
             _linear(name, "fc2", i, rows, d, f, elt, residual=True),
         ]
+    if out.tokens_ln:  # the final LN over every token (last_hidden_state of SigLIP, text towers)
+        steps.append(_ln(name, "tokens_ln", None, rows, d, elt))
+    if not out.pooled or tower.pooling == "none":
+        return steps
     if tower.pooling == "map":
         h = tower.pool_head
         steps += [
@@ -180,6 +188,23 @@ def tower_steps(tower: TowerSpec, batch: int, seq: int, elt: int = 2, fold_ln: b
     if tower.projection is not None:
         steps.append(_linear(name, "proj", None, batch, tower.projection.out_features, d, elt))
     return steps
+
+
+@dataclass(frozen=True)
+class TowerOutputs:
+    """What a single-tower call reads, so that its runner computes only that: the first ``layers`` blocks,
+    copies of the residual stream at ``hidden`` (hidden-state indices 0..layers: 0 is the embeddings output,
+    i the output of block i-1), the final LN over every token (``tokens_ln``) and the pooled embedding
+    (``pooled``: pooling, head, projection)."""
+
+    layers: int
+    hidden: tuple[int, ...] = ()
+    tokens_ln: bool = False
+    pooled: bool = True
+
+    def __post_init__(self):
+        if any(not 0 <= i <= self.layers for i in self.hidden):
+            raise ValueError(f"hidden-state indices must be in 0..{self.layers}, got {self.hidden}")
 
 
 # ------------------------------------------------------------------------------------------ alignment
@@ -225,16 +250,23 @@ def align(a: list[Step], b: list[Step]) -> list[Stage]:
 
 
 def make_plan(spec: DualEncoderSpec, image_batch: int, text_batch: int, text_len: int | None = None,
-              elt: int = 2, fold_ln: bool = False) -> Plan:
+              elt: int = 2, fold_ln: bool = False, outputs: TowerOutputs | None = None) -> Plan:
     """Plan for one call shape; image_batch or text_batch may be 0 (image-only / text-only calls).
-    fold_ln: fold each LayerNorm into the GEMM it feeds (vertical fusion; see the module docstring)."""
+    fold_ln: fold each LayerNorm into the GEMM it feeds (vertical fusion; see the module docstring).
+    outputs: what a call of one tower reads (TowerOutputs; None: its pooled embedding)."""
     if image_batch < 0 or text_batch < 0 or image_batch + text_batch == 0:
         raise ValueError(f"need a positive image or text batch, got image_batch={image_batch}, text_batch={text_batch}")
-    text_len = spec.text.context_length if text_len is None else text_len
-    if not 1 <= text_len <= spec.text.context_length:
-        raise ValueError(f"text length must be in 1..{spec.text.context_length}, got {text_len}")
-    a = tower_steps(spec.vision, image_batch, spec.vision.seq_len, elt, fold_ln) if image_batch else []
-    b = tower_steps(spec.text, text_batch, text_len, elt, fold_ln) if text_batch else []
+    for n, name in ((image_batch, "vision"), (text_batch, "text")):
+        if n and getattr(spec, name) is None:
+            raise ValueError(f"{spec.name or 'this model'} has no {name} tower (batch {n} asked for)")
+    if outputs is not None and image_batch and text_batch:
+        raise ValueError("outputs= describes a call of one tower: give image_batch or text_batch, not both")
+    ctx = spec.text.context_length if spec.text is not None else 0
+    text_len = ctx if text_len is None else text_len
+    if text_batch and not 1 <= text_len <= ctx:
+        raise ValueError(f"text length must be in 1..{ctx}, got {text_len}")
+    a = tower_steps(spec.vision, image_batch, spec.vision.seq_len, elt, fold_ln, outputs) if image_batch else []
+    b = tower_steps(spec.text, text_batch, text_len, elt, fold_ln, outputs) if text_batch else []
     return Plan(spec.name, image_batch, text_batch, text_len, align(a, b))
 
 

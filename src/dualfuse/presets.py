@@ -10,7 +10,10 @@ Names:
 - ``open_clip:ARCH`` (e.g. ``open_clip:ViT-B-32``) builds open_clip's architecture with random weights
   (needs open_clip_torch); ``open_clip-tiny`` is a tiny open_clip CLIP for tests, ``open_clip-siglip-tiny`` a
   tiny open_clip CustomTextCLIP with a timm SigLIP-style ViT (MAP head) vision tower (needs timm).
-- A local path: an HF model directory (config.json + weights, read with local_files_only) or an open_clip
+- ``PRESET:vision`` / ``PRESET:vision-proj`` / ``PRESET:text`` / ``PRESET:text-proj``: one tower of a preset
+  (CLIPVisionModel / CLIPVisionModelWithProjection / ..., SiglipVisionModel, ...) with random weights.
+- A local path: an HF model directory (config.json + weights, read with local_files_only; a single tower's
+  directory too, e.g. a CLIPVisionModelWithProjection's) or an open_clip
   checkpoint file (``arch`` names its architecture, e.g. ``load(path, arch="ViT-B-32")``).
 """
 from __future__ import annotations
@@ -188,6 +191,39 @@ def build_hf(name: str, seed: int = 0, meta: bool = False, device=None):
     return model.eval()
 
 
+TOWER_SUFFIXES = (":vision", ":vision-proj", ":text", ":text-proj")
+
+
+def build_tower(name: str, seed: int = 0, device=None):
+    """``PRESET:vision`` (CLIPVisionModel / SiglipVisionModel / MetaClip2VisionModel / Siglip2VisionModel),
+    ``PRESET:vision-proj`` (CLIPVisionModelWithProjection ...), ``PRESET:text``, ``PRESET:text-proj``: one tower of
+    a preset's architecture with seeded random weights."""
+    import transformers
+
+    base, _, which = name.rpartition(":")
+    if base not in PRESETS or f":{which}" not in TOWER_SUFFIXES:
+        raise ValueError(f"unknown tower {name!r}: expected PRESET{'|'.join(TOWER_SUFFIXES)} with a preset of "
+                         f"{', '.join(available())}")
+    preset = PRESETS[base]
+    prefix = {"hf_clip": "CLIP", "hf_metaclip2": "MetaClip2", "hf_siglip": "Siglip", "hf_siglip2": "Siglip2"}[
+        preset.family]
+    tower, proj = which.split("-")[0], which.endswith("-proj")
+    if proj and not prefix.startswith(("CLIP", "MetaClip2")):
+        raise ValueError(f"{name}: SigLIP towers have no *WithProjection class; use {base}:{tower}")
+    if prefix == "Siglip2" and tower == "text":
+        raise ValueError(f"{name}: transformers has no Siglip2TextModel class; use {base} (the pair)")
+    kind = "Vision" if tower == "vision" else "Text"
+    cfg_cls = getattr(transformers, f"{prefix}{kind}Config")
+    cls = getattr(transformers, f"{prefix}{kind}Model" + ("WithProjection" if proj else ""))
+    extra = {k: v for k, v in preset.top.items() if k == "projection_dim"} if proj else {}
+    device = torch.device(device) if device is not None else None
+    with _forked_rng(device), _on(device):
+        torch.manual_seed(seed)
+        model = cls(cfg_cls(**getattr(preset, tower), **extra))
+    model.config._name_or_path = name
+    return model.eval()
+
+
 def _construct(preset: Preset):
     if preset.family == "hf_clip":
         from transformers import CLIPConfig, CLIPModel
@@ -303,6 +339,8 @@ def load(name_or_path: str, *, seed: int = 0, arch: str | None = None, device=No
     name = str(name_or_path)
     if name in PRESETS:
         return build_hf(name, seed, device=device)
+    if name.endswith(TOWER_SUFFIXES) and name.rpartition(":")[0] in PRESETS:
+        return build_tower(name, seed, device=device)
     if name == "open_clip-tiny":
         return build_open_clip(None, seed, device=device)
     if name == "open_clip-siglip-tiny":
@@ -344,6 +382,15 @@ def _unknown_model(name: str) -> str:
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".npz")
 
 
+# config.json model_type of a single-tower checkpoint -> the class loaded when its "architectures" names none we know
+TOWER_MODEL_TYPES = {
+    "clip_vision_model": "CLIPVisionModel", "clip_text_model": "CLIPTextModel",
+    "metaclip_2_vision_model": "MetaClip2VisionModel", "metaclip_2_text_model": "MetaClip2TextModel",
+    "siglip_vision_model": "SiglipVisionModel", "siglip_text_model": "SiglipTextModel",
+    "siglip2_vision_model": "Siglip2VisionModel",
+}
+
+
 def _load_hf_dir(path: str):
     import json
 
@@ -352,10 +399,18 @@ def _load_hf_dir(path: str):
         raise ValueError(f"{path} has no config.json: expected a transformers model directory")
     try:
         with open(cfg_path) as f:
-            model_type = json.load(f).get("model_type")
+            cfg = json.load(f)
+        model_type = cfg.get("model_type")
     except (ValueError, AttributeError) as e:
         raise ValueError(f"{cfg_path}: not a valid transformers config (JSON object with model_type): {e}") from None
-    if model_type == "clip":
+    if model_type in TOWER_MODEL_TYPES:  # a single tower: its architectures entry, else the plain model class
+        import transformers
+
+        from .adapters import TOWER_CLASSES
+
+        arch = next((a for a in cfg.get("architectures") or () if a in TOWER_CLASSES), None)
+        cls = getattr(transformers, arch or TOWER_MODEL_TYPES[model_type])
+    elif model_type == "clip":
         from transformers import CLIPModel as cls
     elif model_type == "metaclip_2":
         from transformers import MetaClip2Model as cls
@@ -364,8 +419,8 @@ def _load_hf_dir(path: str):
     elif model_type == "siglip2":
         from transformers import Siglip2Model as cls
     else:
-        raise ValueError(f"{path}: model_type {model_type!r} is not supported "
-                         "(expected 'clip', 'metaclip_2', 'siglip' or 'siglip2')")
+        raise ValueError(f"{path}: model_type {model_type!r} is not supported (expected 'clip', 'metaclip_2', "
+                         f"'siglip', 'siglip2', or a single tower: {', '.join(TOWER_MODEL_TYPES)})")
     try:
         return cls.from_pretrained(path, local_files_only=True).eval()
     except Exception as e:  # noqa: BLE001 - safetensors' SafetensorError has no importable base in old versions

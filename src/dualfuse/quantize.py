@@ -89,7 +89,7 @@ def quantize_spec(spec, fmt: str = "int8", device=None):
     executor's weights, stays None) carry int8 / fp8 weights on ``device`` with their per-channel scales
     (``Linear.scale``); the rest shared with ``spec``."""
     out = spec.map_tensors(lambda t: t)  # new dataclasses, tensors shared
-    for name in ("vision", "text"):
+    for name in out.towers:  # a single tower's spec has the other one None
         for owner, attr in gemm_linears(getattr(out, name)):
             lin = getattr(owner, attr)
             if lin is not None:
@@ -113,7 +113,7 @@ def quantize_folded(folded: dict, fmt: str, device, dtype: torch.dtype) -> dict:
 def to_device_but_gemm_weights(spec, device, dtype):
     """``spec.to(device, dtype)`` except the GEMM weights, which stay the source's tensors (quantize_spec then
     makes their quantized copies): no transient 16-bit copy of them on the device."""
-    keep = {id(getattr(o, a).weight) for name in ("vision", "text") for o, a in gemm_linears(getattr(spec, name))}
+    keep = {id(getattr(o, a).weight) for name in spec.towers for o, a in gemm_linears(getattr(spec, name))}
 
     def move(t: torch.Tensor) -> torch.Tensor:
         if id(t) in keep:
@@ -147,6 +147,7 @@ def weight_bytes(model, weights: str | None = None, dtype: torch.dtype | None = 
         dtype = getattr(model, "dtype", None) if not hasattr(model, "vision") else None
         dtype = dtype or torch.float16
     elt = torch.finfo(dtype).bits // 8
+    towers = tuple(n for n in towers if getattr(spec, n) is not None)  # a single tower: the other is None
     out = {}
     for name in towers:
         t = getattr(spec, name)
@@ -166,7 +167,7 @@ def dequantized_spec(spec, fmt: str = "int8"):
         return dequantize_weight(*quantize_weight(w, fmt)).to(w.dtype)
 
     out = spec.map_tensors(lambda t: t)  # new dataclasses, tensors shared
-    for name in ("vision", "text"):
+    for name in out.towers:
         tower = getattr(out, name)
         for owner, attr in gemm_linears(tower):
             lin = getattr(owner, attr)

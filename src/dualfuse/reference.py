@@ -148,12 +148,15 @@ def attention_pool(x: torch.Tensor, head: AttentionPoolHead, tower: TowerSpec) -
 
 
 def encode_tower(tower: TowerSpec, x: torch.Tensor, input_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """Embedded tokens x [B, S, D] -> embeddings [B, out_dim] (unnormalized, like get_*_features)."""
+    """Embedded tokens x [B, S, D] -> embeddings [B, out_dim] (unnormalized, like get_*_features); a tower
+    without pooling ("none") gives its tokens [B, S, D] after the final LN (its last_hidden_state)."""
     if tower.pre_ln is not None:
         x = layer_norm(x, tower.pre_ln)
     for blk in tower.blocks:
         x = block(x, blk, tower)
     x = layer_norm(x, tower.final_ln)
+    if tower.pooling == "none":  # no pooled output (a VLM's SigLIP tower): every token after the final LN
+        return x
     if tower.pooling == "map":
         pooled = attention_pool(x, tower.pool_head, tower)
     else:

@@ -14,11 +14,11 @@ from typing import Callable, Literal
 import torch
 
 Activation = Literal["quick_gelu", "gelu", "gelu_tanh"]
-Pooling = Literal["cls", "first_eos", "argmax", "last", "map"]
+Pooling = Literal["cls", "first_eos", "argmax", "last", "map", "none"]
 MaskKind = Literal["none", "causal"]
 
 ACTIVATIONS = ("quick_gelu", "gelu", "gelu_tanh")
-POOLINGS = ("cls", "first_eos", "argmax", "last", "map")
+POOLINGS = ("cls", "first_eos", "argmax", "last", "map", "none")  # "none": a tower with no pooled output
 MASKS = ("none", "causal")
 
 
@@ -148,7 +148,7 @@ class TowerSpec:
     pos_embedding: torch.Tensor  # [seq_len (vision) or context_length (text), width]
     blocks: list[Block]
     final_ln: LayerNorm  # applied to every token (per-row, so LN-then-pool == pool-then-LN)
-    pooling: Pooling
+    pooling: Pooling  # "none": no pooled output (a VLM's SigLIP tower without its head): tokens only
     class_embedding: torch.Tensor | None = None  # [width]; vision only, prepended as token 0
     pre_ln: LayerNorm | None = None  # CLIP's LN right after the embeddings
     eos_token_id: int | None = None  # for pooling == "first_eos"
@@ -166,6 +166,8 @@ class TowerSpec:
             raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
         if self.pooling == "first_eos" and self.eos_token_id is None:
             raise ValueError("pooling 'first_eos' needs eos_token_id")
+        if self.pooling == "none" and self.projection is not None:
+            raise ValueError("pooling 'none' (no pooled output) cannot have a projection")
         if self.pooling == "map" and self.pool_head is None:
             raise ValueError("pooling 'map' needs pool_head")
 
@@ -195,8 +197,11 @@ class TowerSpec:
 
 @dataclass
 class DualEncoderSpec:
-    vision: TowerSpec
-    text: TowerSpec
+    """Both towers of a dual encoder, or one of them: a single-tower model (an image encoder, a text encoder, a
+    VLM's vision tower) has ``text=None`` or ``vision=None``; ``tower`` names the one it has."""
+
+    vision: TowerSpec | None
+    text: TowerSpec | None
     logit_scale: float  # log of the temperature, exp'd at use (as in CLIP/SigLIP)
     logit_bias: float | None = None  # SigLIP only
     family: str = ""  # "hf_clip" | "hf_siglip" | "open_clip"
@@ -204,15 +209,29 @@ class DualEncoderSpec:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        if self.vision.out_dim != self.text.out_dim:
+        if self.vision is None and self.text is None:
+            raise ValueError("DualEncoderSpec needs a vision tower, a text tower, or both; got neither")
+        if self.vision is not None and self.text is not None and self.vision.out_dim != self.text.out_dim:
             raise ValueError(
                 f"towers must embed into the same space: vision gives {self.vision.out_dim}, "
                 f"text gives {self.text.out_dim}"
             )
 
     @property
+    def tower(self) -> str | None:
+        """None for a dual encoder; "vision" or "text" for a single-tower model."""
+        if self.vision is None:
+            return "text"
+        return "vision" if self.text is None else None
+
+    @property
+    def towers(self) -> tuple[str, ...]:
+        """The towers the model has: ("vision", "text"), ("vision",) or ("text",)."""
+        return tuple(n for n in ("vision", "text") if getattr(self, n) is not None)
+
+    @property
     def embed_dim(self) -> int:
-        return self.vision.out_dim
+        return (self.vision or self.text).out_dim
 
     @property
     def io(self) -> "ModelIO":
@@ -221,11 +240,11 @@ class DualEncoderSpec:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.vision.pos_embedding.dtype
+        return (self.vision or self.text).pos_embedding.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.vision.pos_embedding.device
+        return (self.vision or self.text).pos_embedding.device
 
     def map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "DualEncoderSpec":
         """A copy with ``fn`` applied to every tensor (map_named_tensors)."""
@@ -246,7 +265,9 @@ class DualEncoderSpec:
         return map_named_tensors(self, lambda name, t: move(t), quantized=lambda name, t: move(t, cast=False))
 
     def summary(self) -> dict:
-        def tower(t: TowerSpec) -> dict:
+        def tower(t: TowerSpec | None) -> dict | None:
+            if t is None:
+                return None
             d = dict(
                 width=t.width, heads=t.heads, head_dim=t.head_dim, mlp_dim=t.mlp_dim, layers=t.num_layers,
                 seq_len=t.seq_len, activation=t.activation, mask=t.mask, pooling=t.pooling,
@@ -335,13 +356,16 @@ class ModelIO:
     eos_token_id: int | None = None
     patch_size: int | None = None
     naflex: bool = False  # images come as PatchSequence (SigLIP2 NaFlex)
+    towers: tuple[str, ...] = ("vision", "text")  # a single-tower model: ("vision",) or ("text",)
 
 
 def spec_io(spec: "DualEncoderSpec") -> ModelIO:
+    """The spec's ModelIO; a missing tower's sizes are 0 (``towers`` says which exist)."""
     v, t = spec.vision, spec.text
-    return ModelIO(name=spec.name, family=spec.family, image_size=v.embed.image_size, channels=v.embed.channels,
-                   context_length=t.context_length, vocab_size=t.embed.vocab_size, embed_dim=spec.embed_dim,
-                   logit_scale=spec.logit_scale, logit_bias=spec.logit_bias, text_pooling=t.pooling,
-                   eos_token_id=t.eos_token_id, patch_size=v.embed.patch_size,
-                   naflex=v.embed.pos_grid is not None)
+    image = dict(image_size=v.embed.image_size, channels=v.embed.channels, patch_size=v.embed.patch_size,
+                 naflex=v.embed.pos_grid is not None) if v is not None else dict(image_size=0, channels=0)
+    text = dict(context_length=t.context_length, vocab_size=t.embed.vocab_size, text_pooling=t.pooling,
+                eos_token_id=t.eos_token_id) if t is not None else dict(context_length=0, vocab_size=0)
+    return ModelIO(name=spec.name, family=spec.family, embed_dim=spec.embed_dim, logit_scale=spec.logit_scale,
+                   logit_bias=spec.logit_bias, towers=spec.towers, **image, **text)
 

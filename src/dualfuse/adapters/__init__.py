@@ -17,6 +17,7 @@ from .hf_metaclip2 import from_hf_metaclip2
 from .hf_siglip import from_hf_siglip
 from .hf_siglip2 import from_hf_siglip2
 from .open_clip import from_open_clip
+from .towers import TOWER_CLASSES, from_tower, tower_io
 
 SUPPORTED = ("transformers CLIPModel, MetaClip2Model, SiglipModel, Siglip2Model, open_clip CLIP / CustomTextCLIP, "
              "or a DualEncoderSpec")
@@ -30,6 +31,20 @@ _FAMILIES = {
     ("open_clip", "CLIP"): "open_clip",
     ("open_clip", "CustomTextCLIP"): "open_clip",
 }
+
+
+for _name, (_family, _) in TOWER_CLASSES.items():
+    _FAMILIES[("open_clip" if _family == "open_clip" else "transformers", _name)] = _family
+SUPPORTED += (", a single tower (" + ", ".join(n for n in TOWER_CLASSES if TOWER_CLASSES[n][0] != "open_clip")
+              + ", open_clip model.visual)")
+
+
+def tower_of(model) -> str | None:
+    """"vision" or "text" for a single-tower model object (or spec), None for a dual encoder."""
+    if isinstance(model, DualEncoderSpec):
+        return model.tower
+    family_of(model)
+    return TOWER_CLASSES.get(type(model).__name__, (None, None))[1]
 
 
 def family_of(model) -> str:
@@ -48,6 +63,8 @@ def to_spec(model) -> DualEncoderSpec:
     if isinstance(model, DualEncoderSpec):
         return model
     family = family_of(model)
+    if tower_of(model) is not None:  # a single tower (adapters/towers.py)
+        return from_tower(model)
     if family == "hf_clip":
         return from_hf_clip(model)
     if family == "hf_metaclip2":
@@ -64,6 +81,8 @@ def model_io(model) -> ModelIO:
     copied); equals ``to_spec(model).io`` for a covered model."""
     if isinstance(model, DualEncoderSpec):
         return model.io
+    if tower_of(model) is not None:  # a single tower (adapters/towers.py)
+        return tower_io(model)
     return read_model_io(model, family_of(model))
 
 

@@ -54,7 +54,7 @@ def image_normalization(model, family: str | None = None, *, image_mean=None, im
         family = family or model.family
         mean, std = model.extra.get("image_mean"), model.extra.get("image_std")
     elif family == "open_clip":
-        vis = getattr(model, "visual", None)
+        vis = getattr(model, "visual", model)  # a CLIP model, or its visual tower alone
         mean, std = getattr(vis, "image_mean", None), getattr(vis, "image_std", None)
     if mean is None or std is None:
         mean, std = FAMILY_DEFAULTS.get(family, (OPENAI_MEAN, OPENAI_STD))

@@ -21,7 +21,12 @@ def encoder_blocks(encoder) -> list[Block]:
 
 def clip_vision_tower(model, label: str) -> TowerSpec:
     """CLIP's vision tower: class token, pre-LN, LN on the class token, visual_projection."""
-    vcfg, vm = model.config.vision_config, model.vision_model
+    return clip_vision(model.config.vision_config, model.vision_model, model.visual_projection, label)
+
+
+def clip_vision(vcfg, vm, projection, label: str) -> TowerSpec:
+    """A CLIP vision transformer (``vision_model``) and its projection (None: the pooled, LN'd class token is the
+    output, as CLIPVisionModel's pooler_output)."""
     w, b = patch_weight(vm.embeddings.patch_embedding, f"{label} vision tower")
     return TowerSpec(
         kind="vision", width=vcfg.hidden_size, heads=vcfg.num_attention_heads, mlp_dim=vcfg.intermediate_size,
@@ -31,20 +36,25 @@ def clip_vision_tower(model, label: str) -> TowerSpec:
         class_embedding=t(vm.embeddings.class_embedding),
         pre_ln=layer_norm(vm.pre_layrnorm),
         blocks=encoder_blocks(vm.encoder), final_ln=layer_norm(vm.post_layernorm), pooling="cls",
-        projection=linear(model.visual_projection),
+        projection=linear(projection) if projection is not None else None,
     )
 
 
 def clip_text_tower(model, label: str, pooling: str, eos_token_id: int | None) -> TowerSpec:
     """CLIP's causal text tower pooled at one token, then text_projection."""
-    tcfg, tm = model.config.text_config, model.text_model
+    return clip_text(model.config.text_config, model.text_model, model.text_projection, label, pooling, eos_token_id)
+
+
+def clip_text(tcfg, tm, projection, label: str, pooling: str, eos_token_id: int | None) -> TowerSpec:
+    """A CLIP text transformer (``text_model``) and its projection (None: the pooled token after the final LN)."""
     return TowerSpec(
         kind="text", width=tcfg.hidden_size, heads=tcfg.num_attention_heads, mlp_dim=tcfg.intermediate_size,
         activation=hf_activation(tcfg.hidden_act, f"{label} text tower"), mask="causal",
         embed=TokenEmbed(t(tm.embeddings.token_embedding.weight)),
         pos_embedding=t(tm.embeddings.position_embedding.weight),
         blocks=encoder_blocks(tm.encoder), final_ln=layer_norm(tm.final_layer_norm),
-        pooling=pooling, eos_token_id=eos_token_id, projection=linear(model.text_projection),
+        pooling=pooling, eos_token_id=eos_token_id,
+        projection=linear(projection) if projection is not None else None,
     )
 
 

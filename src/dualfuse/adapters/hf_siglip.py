@@ -32,18 +32,27 @@ def siglip_text_tower(tcfg, tm, label: str) -> TowerSpec:
     )
 
 
-def from_hf_siglip(model) -> DualEncoderSpec:
-    vcfg, tcfg = model.config.vision_config, model.config.text_config
-    vm, tm = model.vision_model, model.text_model
-    pool_head = map_head(vm)
+def siglip_vision(vcfg, vm, head_required: bool = True) -> TowerSpec:
+    """SigLIP's vision transformer; without its attention-pooling head (``vision_use_head=False``, as in
+    PaliGemma's tower) the tower has no pooled output (pooling "none"): only when ``head_required`` is False."""
+    if not head_required and (not getattr(vm, "use_head", True) or not hasattr(vm, "head")):
+        pool_head, pooling = None, "none"
+    else:
+        pool_head, pooling = map_head(vm), "map"
     w, b = patch_weight(vm.embeddings.patch_embedding, "HF SigLIP vision tower")
-    vision = TowerSpec(
+    return TowerSpec(
         kind="vision", width=vcfg.hidden_size, heads=vcfg.num_attention_heads, mlp_dim=vcfg.intermediate_size,
         activation=hf_activation(vcfg.hidden_act, "HF SigLIP vision tower"), mask="none",
         embed=PatchEmbed(w, b, vcfg.patch_size, vcfg.image_size, vcfg.num_channels),
         pos_embedding=t(vm.embeddings.position_embedding.weight),
-        blocks=encoder_blocks(vm.encoder), final_ln=layer_norm(vm.post_layernorm), pooling="map", pool_head=pool_head,
+        blocks=encoder_blocks(vm.encoder), final_ln=layer_norm(vm.post_layernorm), pooling=pooling, pool_head=pool_head,
     )
+
+
+def from_hf_siglip(model) -> DualEncoderSpec:
+    vcfg, tcfg = model.config.vision_config, model.config.text_config
+    vision = siglip_vision(vcfg, model.vision_model)
+    tm = model.text_model
     return DualEncoderSpec(vision, siglip_text_tower(tcfg, tm, "HF SigLIP"), logit_scale=scalar(model.logit_scale),
                            logit_bias=scalar(model.logit_bias), family="hf_siglip",
                            name=getattr(model.config, "_name_or_path", "") or "hf_siglip")

@@ -28,7 +28,14 @@ def _patch_weight(lin, patch: int, channels: int) -> tuple[torch.Tensor, torch.T
 
 def from_hf_siglip2(model) -> DualEncoderSpec:
     vcfg, tcfg = model.config.vision_config, model.config.text_config
-    vm, tm = model.vision_model, model.text_model
+    vision = siglip2_vision(vcfg, model.vision_model)
+    return DualEncoderSpec(vision, siglip_text_tower(tcfg, model.text_model, "HF SigLIP2"),
+                           logit_scale=scalar(model.logit_scale), logit_bias=scalar(model.logit_bias),
+                           family="hf_siglip2", name=getattr(model.config, "_name_or_path", "") or "hf_siglip2")
+
+
+def siglip2_vision(vcfg, vm) -> TowerSpec:
+    """SigLIP2's NaFlex vision transformer (position grid resized per image grid) with its attention-pooling head."""
     pool_head = map_head(vm)
     patch = vcfg.patch_size
     if not isinstance(patch, int):
@@ -46,6 +53,4 @@ def from_hf_siglip2(model) -> DualEncoderSpec:
         pos_embedding=t(emb.position_embedding.weight),  # [G*G, D], row-major over the grid
         blocks=encoder_blocks(vm.encoder), final_ln=layer_norm(vm.post_layernorm), pooling="map", pool_head=pool_head,
     )
-    return DualEncoderSpec(vision, siglip_text_tower(tcfg, tm, "HF SigLIP2"), logit_scale=scalar(model.logit_scale),
-                           logit_bias=scalar(model.logit_bias), family="hf_siglip2",
-                           name=getattr(model.config, "_name_or_path", "") or "hf_siglip2")
+    return vision

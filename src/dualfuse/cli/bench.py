@@ -181,8 +181,10 @@ def print_header(out, result) -> None:
     bi, bt = result.image_batch, result.text_batch
     shape = (f"image {bi}×{v['channels']}×{v['image_size']}² ({v['seq_len']} tokens)" if bi else "no images") + \
         " + " + (f"text {bt}×{result.text_length} tokens" if bt else "no text")
-    out.print(f"[bold]dualfuse bench[/] {result.model} ({result.family}; vision {v['layers']}×{v['width']}, "
-              f"text {t['layers']}×{t['width']}) · {result.dtype}"
+    towers = ", ".join(f"{name} {s['layers']}×{s['width']}" for name, s in (("vision", v), ("text", t)) if s)
+    if not (v and t):
+        towers += " tower alone"
+    out.print(f"[bold]dualfuse bench[/] {result.model} ({result.family}; {towers}) · {result.dtype}"
               f"{f' (fused: {result.weights} weights)' if result.weights != 'fp16' else ''} · "
               f"{result.environment['card']}", highlight=False)
     out.print(f"inputs: {shape}", highlight=False)

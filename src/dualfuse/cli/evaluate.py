@@ -107,11 +107,23 @@ def print_result(out, res: dict) -> None:
     t.add_column("metric")
     t.add_column("value", justify="right")
     for tower in ("image", "text"):
-        m = res[tower]
+        m = res.get(tower)
+        if m is None:  # a single tower
+            continue
         t.add_row(f"{tower} cosine min / mean ({m['n']})", f"{_f(m['min_cosine'], '{:.6f}')} / "
                   f"{_f(m['mean_cosine'], '{:.6f}')}")
         t.add_row(f"{tower} rel. error max / mean", f"{_f(m['max_rel_err'], '{:.2e}')} / "
                   f"{_f(m['mean_rel_err'], '{:.2e}')}")
+    if "single_tower" in res:  # embedding parity only: no logits without the other tower
+        out.print(t)
+        out.print(f"a single {res['single_tower']} tower: embedding parity only (zero-shot and retrieval need both "
+                  "towers)", style="dim")
+        c = res["criteria"]
+        if res["passed"]:
+            out.print(f"[bold green]PASS[/] {name}: cosine ≥ {c['min_cosine']}, rel. error ≤ {c['max_rel_err']:g}")
+        else:
+            out.print(f"[bold red]FAIL[/] {name}: " + "; ".join(res["failures"]), highlight=False)
+        return
     zs = res["zero_shot"]
     t.add_row("zero-shot top-1 agreement", _f(zs["top1_agreement"]))
     t.add_row(f"zero-shot top-{zs['k']} agreement (ref's top-1 in X's top-{zs['k']})", _f(zs["top5_agreement"]))

@@ -119,6 +119,10 @@ def validate_inputs(io, pixel_values=None, input_ids=None, *, device, dtype, che
         io = io.io  # a new ModelIO per call: executors pass their cached one
     if type(device) is not torch.device:
         device = torch.device(device)
+    for given, tower, what in ((pixel_values, "vision", "pixel_values"), (input_ids, "text", "input_ids")):
+        if given is not None and tower not in io.towers:
+            raise ValueError(f"{what}: this model is a single {io.towers[0]} tower and has no {tower} tower; "
+                             f"pass {'input_ids' if tower == 'vision' else 'pixel_values'} only")
     if pixel_values is not None:
         if io.naflex:
             if isinstance(pixel_values, torch.Tensor) and pixel_values.dtype == torch.uint8:
@@ -308,7 +312,15 @@ def source_forward(model, family: str) -> tuple[Callable, Callable]:
     """(image_fn, text_fn) calling the source model's own tower forwards; each returns unnormalized embeddings.
 
     The single place that knows how each family is called: eager, streams, graph and compile all use it.
+    A single tower (CLIPVisionModel, SiglipTextModel, open_clip ``model.visual``, ...) gives one of the two; its
+    embeddings are what its forward pools: ``image_embeds`` / ``text_embeds`` with a projection, else
+    ``pooler_output`` (a tower without a pooling head, as VLMs build SigLIP: ``last_hidden_state``).
     """
+    from ..adapters import tower_of
+
+    tower = tower_of(model)
+    if tower is not None:
+        return _tower_forward(model, family, tower)
     if family == "hf_siglip2":
         def image_fn(pixel_values):  # a PatchSequence (NaFlex)
             return _pooled(model.get_image_features(pixel_values=pixel_values.pixel_values,
@@ -332,6 +344,37 @@ def source_forward(model, family: str) -> tuple[Callable, Callable]:
     else:
         raise ValueError(f"unknown model family {family!r}: expected hf_clip, hf_siglip, hf_siglip2, hf_metaclip2 or open_clip")
     return image_fn, text_fn
+
+
+def tower_embeddings(out) -> torch.Tensor:
+    """A single tower's output -> its embeddings (see source_forward)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    for name in ("image_embeds", "text_embeds", "pooler_output", "last_hidden_state"):
+        x = getattr(out, name, None)
+        if x is not None:
+            return x
+    raise TypeError(f"cannot read embeddings from {type(out).__name__}")
+
+
+def _tower_forward(model, family: str, tower: str) -> tuple[Callable | None, Callable | None]:
+    def missing(what):
+        def fn(_):
+            raise ValueError(f"{what}: this model is a single {tower} tower")
+        return fn
+
+    if tower == "text":
+        return missing("pixel_values"), lambda ids: tower_embeddings(model(input_ids=ids))
+    if family == "open_clip":
+        image_fn = model
+    elif family == "hf_siglip2":
+        def image_fn(seq):
+            return tower_embeddings(model(pixel_values=seq.pixel_values, spatial_shapes=seq.spatial_shapes,
+                                          pixel_attention_mask=seq.pixel_attention_mask))
+    else:
+        def image_fn(pixel_values):
+            return tower_embeddings(model(pixel_values=pixel_values))
+    return image_fn, missing("input_ids")
 
 
 def copy_source_model(model, device: torch.device, dtype: torch.dtype):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 from collections import OrderedDict
 
 import torch
@@ -81,7 +82,8 @@ class FusedModel(nn.Module):
         self._install(executor)
 
     def _install(self, executor: FusedExecutor):
-        if executor.fallback is None and not self.keep_host_copy and executor.spec.vision.embed.pos_grid is not None:
+        if (executor.fallback is None and not self.keep_host_copy and executor.spec.vision is not None
+                and executor.spec.vision.embed.pos_grid is not None):
             raise ValueError("keep_host_copy=False is not available for SigLIP2 NaFlex models: each new patch grid "
                              "resizes the position embeddings from the kept weights")
         if executor.fallback is None and (executor.spec.device.type != "cpu" or not self.keep_host_copy):
@@ -358,6 +360,147 @@ class FusedModel(nn.Module):
         return ids
 
 
+class FusedTower(FusedModel):
+    """Drop-in for a single tower (inference only): transformers' CLIPVisionModel(WithProjection),
+    CLIPTextModel(WithProjection), the MetaCLIP 2 ones, SiglipVisionModel, SiglipTextModel, Siglip2VisionModel, or
+    open_clip's ``model.visual``; also a VLM's vision tower in place (``vlm.model.vision_tower = fuse(...)``).
+
+    ``fused(pixel_values, output_hidden_states=, return_dict=)`` (text: ``input_ids``, ``attention_mask``) returns
+    the source class's own output: ``BaseModelOutputWithPooling`` / ``CLIPVisionModelOutput`` /
+    ``CLIPTextModelOutput`` / ... with ``last_hidden_state``, ``pooler_output`` or ``image_embeds`` /
+    ``text_embeds``, and ``hidden_states`` when asked: ``output_hidden_states=True`` (all: the embeddings output,
+    then each layer's) or an index / list of indices (transformers 5's selection, as LLaVA passes
+    ``vision_feature_layer``: the others are None). Only what the call asks for is written.
+    ``dualfuse.fuse(tower, hidden_states=(-2,))`` builds for those layers only (the later blocks never run, the
+    pooling head neither); ``pooled=False`` drops the head. Outputs the fuse() options ruled out come back as
+    None (``pooler_output``, ``last_hidden_state``); asking for a hidden state outside them raises ValueError.
+    open_clip's ``model.visual``: ``fused(images)`` -> the embeddings, as the source returns them."""
+
+    def __init__(self, executor: FusedExecutor, *, source_class: str = "", **kwargs):
+        self._source_class_name = source_class  # the output class follows it (set before nn.Module's __init__)
+        super().__init__(executor, **kwargs)
+
+    @property
+    def _source_class(self) -> str:
+        return self.__dict__["_source_class_name"]
+
+    def _install(self, executor: FusedExecutor):
+        super()._install(executor)
+        del self.logit_scale, self.logit_bias  # a single tower has no logits
+        self.tower = executor.io.towers[0]
+
+    def __repr__(self):
+        return f"<FusedTower {self._source_class or self.tower} {self.executor.dtype} on {self.executor.device}>"
+
+    def forward(self, *args, **kwargs):
+        if self.family == "open_clip":
+            a = _bind("forward", ("x",), args, kwargs)
+            x = a.pop("x", None)
+            _reject_extra(a, "forward", ("x",))
+            return self.executor.encode_image(x)
+        if self.tower == "vision":
+            names = _IMAGE_ARGS.get(self.family, ("pixel_values", "interpolate_pos_encoding"))
+        else:
+            names = _TEXT_ARGS
+        a = _bind("forward", names, args, kwargs)
+        return_dict = a.pop("return_dict", None)
+        if return_dict not in (None, True, False):
+            raise ValueError(f"forward: return_dict must be None, True or False, got {return_dict!r}")
+        hidden = a.pop("output_hidden_states", None)
+        if a.pop("output_attentions", None) not in (None, False):
+            raise ValueError("forward: output_attentions is not supported: the fused attention kernel does not "
+                             "materialize the attention weights")
+        if self.executor.fallback is not None:  # the private source model, called as the user called it
+            a.update(return_dict=return_dict, output_hidden_states=hidden)
+            return self.executor.fallback.model(**{k: v for k, v in a.items() if v is not None})
+        if self.tower == "vision":
+            x = self._pixels(a, "forward")
+            if x is None:
+                raise ValueError("forward: expected pixel_values")
+        else:
+            mask = a.get("attention_mask")
+            x = self._ids(a, "forward")
+            if x is None:
+                raise ValueError("forward: expected input_ids")
+            if isinstance(mask, torch.Tensor) and not bool((mask != 0).all()):
+                raise ValueError("forward: attention_mask with padding (zeros): the fused text tower's token outputs "
+                                 "(last_hidden_state, hidden_states) at padded positions differ from the source's "
+                                 "(the kernels do not mask keys); pass input_ids without a mask (padding="
+                                 "'max_length', as CLIP text encoders are used), or read the pooled output via "
+                                 "a fused CLIPModel")
+        _reject_extra(a, "forward", names + ("return_dict", "output_hidden_states", "output_attentions"))
+        if hidden is None or hidden is False:
+            sel = ()
+        elif hidden is True:
+            # all of them; a tower fused for some (fuse(hidden_states=...)) gives those, and a clear error on reading
+            # another (transformers before index selection passes True where LLaVA reads one layer)
+            sel = self.executor.hidden_states
+        elif isinstance(hidden, int):
+            sel = (hidden,)
+        elif isinstance(hidden, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in hidden):
+            sel = tuple(hidden)
+        else:
+            raise ValueError(f"forward: output_hidden_states must be None, a bool, an index or a list of indices, "
+                             f"got {hidden!r}")
+        if isinstance(x, PatchSequence):  # SigLIP2 NaFlex: images grouped by patch grid, pooled output only
+            if sel != ():
+                raise ValueError("forward: output_hidden_states is not supported for SigLIP2 NaFlex towers (each "
+                                 "image runs at its own patch grid); the fused tower gives pooler_output only")
+            out = _tower_output(self._source_class, self.tower, None, self.executor.encode_image(x), None)
+            return out if return_dict is not False else out.to_tuple()
+        r = self.executor.encode_tower(x, hidden=sel)
+        hs = None
+        if sel != ():
+            layers = getattr(self.executor.spec, self.tower).num_layers
+            want = set(range(layers + 1)) if sel is None else {self.executor.hidden_index(i, layers) for i in sel}
+            hs = tuple(r["hidden"][k] if k in want else None for k in range(layers + 1))
+            if hidden is True and self.executor.hidden_states is not None:
+                hs = FusedHiddenStates(hs, self.executor.hidden_states)
+        out = _tower_output(self._source_class, self.tower, r["last"], r["pooled"], hs)
+        return out if return_dict is not False else out.to_tuple()
+
+    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
+        out = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        if self.executor.fallback is None:
+            out.pop(prefix + "logit_scale", None)
+        return out
+
+
+class FusedHiddenStates(tuple):
+    """The hidden states of a tower fused for some of them (``fuse(tower, hidden_states=...)``) when a call asks for
+    all: the computed ones by index as usual; reading another raises ValueError instead of giving None."""
+
+    def __new__(cls, items, computed):
+        t = super().__new__(cls, items)
+        t.computed = tuple(computed)
+        return t
+
+    def __getitem__(self, i):
+        x = super().__getitem__(i)
+        if x is None:
+            raise ValueError(f"hidden_states[{i}] was not computed: this tower was fused for hidden states "
+                             f"{self.computed} (fuse(..., hidden_states=...)); fuse the source model again with the "
+                             "hidden states its callers need")
+        return x
+
+
+def _tower_output(source_class: str, tower: str, last, pooled, hidden):
+    """The source tower class's output object."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    if source_class.endswith("WithProjection"):
+        if source_class.startswith("MetaClip2"):
+            from transformers.models.metaclip_2 import modeling_metaclip_2 as mod
+            prefix = "MetaClip2"
+        else:
+            from transformers.models.clip import modeling_clip as mod
+            prefix = "CLIP"
+        cls = getattr(mod, f"{prefix}{'Vision' if tower == 'vision' else 'Text'}ModelOutput")
+        key = "image_embeds" if tower == "vision" else "text_embeds"
+        return cls(**{key: pooled}, last_hidden_state=last, hidden_states=hidden)
+    return BaseModelOutputWithPooling(last_hidden_state=last, pooler_output=pooled, hidden_states=hidden)
+
+
 def _drop_no_ops(a: dict):
     for k, ok in _NO_OP_KWARGS.items():
         if k in a and any(a[k] is o for o in ok):
@@ -508,7 +651,9 @@ def _source_dtype(model) -> torch.dtype:
 
 def fuse(model, dtype=None, device=None, config: FusedConfig | None = None, **kwargs) -> FusedModel:
     """``dualfuse.fuse(model)``: the user's HF CLIPModel / MetaClip2Model / SiglipModel / Siglip2Model, open_clip
-    CLIP / CustomTextCLIP, a preset name or a DualEncoderSpec -> a drop-in :class:`FusedModel`.
+    CLIP / CustomTextCLIP, a preset name or a DualEncoderSpec -> a drop-in :class:`FusedModel`; a single tower
+    (adapters.TOWER_CLASSES: CLIPVisionModel, SiglipTextModel, open_clip ``model.visual``, ...) -> a
+    :class:`FusedTower` (options ``hidden_states=`` / ``pooled=``: see FusedTower).
 
     ``dtype``: default the source model's dtype (``fuse(model.half())`` runs fp16, ``fuse(model)`` of an fp32
     model runs fp32; pass ``dtype=torch.float16`` for speed). ``device``: default CUDA when there is one, else CPU.
@@ -532,12 +677,22 @@ def fuse(model, dtype=None, device=None, config: FusedConfig | None = None, **kw
         from ..presets import load
 
         model = load(model)
+    from ..adapters import tower_of
+
     dtype = _source_dtype(model) if dtype is None else resolve_dtype(dtype)
+    if tower_of(model) is not None:
+        if which == "auto":
+            raise ValueError("executor='auto' is not available for a single tower: fuse it with the default "
+                             "executor='fused'")
+        module_cls = functools.partial(FusedTower, source_class="" if isinstance(model, DualEncoderSpec)
+                                       else type(model).__name__)
+    else:
+        module_cls = FusedModel
     executor = cls(model, dtype=dtype, device=device, **kwargs)
     if isinstance(model, DualEncoderSpec):
-        return FusedModel(executor, fuse_kwargs=kwargs, keep_host_copy=keep_host_copy)
+        return module_cls(executor, fuse_kwargs=kwargs, keep_host_copy=keep_host_copy)
     shapes = tuple(tuple(getattr(model, n).shape) if isinstance(getattr(model, n, None), torch.Tensor) else ()
                    for n in ("logit_scale", "logit_bias"))
-    return FusedModel(executor, config=copy.deepcopy(getattr(model, "config", None)),
+    return module_cls(executor, config=copy.deepcopy(getattr(model, "config", None)),
                       skeleton=_meta_skeleton(model), fuse_kwargs=kwargs, scale_shapes=shapes,
                       output_dict=bool(getattr(model, "output_dict", False)), keep_host_copy=keep_host_copy)

@@ -167,13 +167,20 @@ def profile(executor_or_name, model=None, *, batch: int = 1, image_batch: int | 
     cuda = device.type == "cuda"
     bi = batch if image_batch is None else image_batch
     bt = batch if text_batch is None else text_batch
+    towers = ex.io.towers
+    if len(towers) == 1:  # a single tower: its inputs only
+        if (text_batch if towers == ("vision",) else image_batch):
+            raise ValueError(f"{model_name} is a single {towers[0]} tower: it takes no "
+                             f"{'texts' if towers == ('vision',) else 'images'}")
+        bi, bt = (bi, 0) if towers == ("vision",) else (0, bt)
     if bi < 0 or bt < 0 or bi + bt == 0:
         raise ValueError(f"batches must be >= 0 and not both 0, got image {bi}, text {bt}")
     if iters < 1:
         raise ValueError(f"iters must be >= 1, got {iters}")
-    L = ex.spec.text.context_length if text_len is None else text_len
-    if bt and not 1 <= L <= ex.spec.text.context_length:
-        raise ValueError(f"text length must be in 1..{ex.spec.text.context_length}, got {L}")
+    ctx = ex.io.context_length
+    L = ctx if text_len is None else text_len
+    if bt and not 1 <= L <= ctx:
+        raise ValueError(f"text length must be in 1..{ctx}, got {L}")
     warmup = (GPU_WARMUP if cuda else CPU_WARMUP) if warmup is None else warmup
     (px, ids), = random_inputs(ex.spec, bi, bt, L, sets=1, seed=seed, device=device, dtype=ex.dtype)
 

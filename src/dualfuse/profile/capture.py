@@ -52,7 +52,7 @@ def executor_mode(ex) -> str:
 def _runner_key(ex, px, ids):
     bi = px.shape[0] if px is not None else 0
     bt = ids.shape[0] if ids is not None else 0
-    L = ids.shape[1] if ids is not None else ex.spec.text.context_length
+    L = ids.shape[1] if ids is not None else ex.io.context_length
     return bi, bt, L
 
 

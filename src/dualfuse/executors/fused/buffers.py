@@ -46,6 +46,7 @@ class TowerBuffers:
                 pos = 0 if tower.pooling == "cls" else seq - 1
                 self.pool_idx.copy_(torch.arange(batch, device=device) * seq + pos)
         self.output = output
+        self.tokens = None  # the final LN over every token: set by a single-tower runner that reads it
         if fold_ln:  # row statistics of the residual stream(s), written by the GEMM that updates them
             from ...kernels.gemm import row_stats_buffer
 

@@ -19,7 +19,7 @@ from ...config import FusedConfig
 from ...kernels._utils import is_interpreter, pdl_supported
 from ...kernels.embed import fold_normalization
 from ...kernels.gemm import fold_layernorm
-from ...plan import Plan, make_plan
+from ...plan import Plan, TowerOutputs, make_plan
 from ...quantize import quantize_folded, quantize_spec, resolve_weights, to_device_but_gemm_weights
 from ...reference import naflex_pos_embedding
 from ...spec import DualEncoderSpec, Linear, PatchSequence, TowerSpec, rows_of
@@ -39,11 +39,24 @@ def unsupported_reason(spec: DualEncoderSpec, dtype: torch.dtype, device: torch.
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"dtype {dtype} is not supported (fp16, bf16, fp32)"
     for t in (spec.vision, spec.text):
+        if t is None:
+            continue
         if t.head_dim > MAX_HEAD_DIM:
             return f"{t.kind} head dim {t.head_dim} > {MAX_HEAD_DIM}"
         if t.pool_head is not None and t.width // t.pool_head.heads > MAX_HEAD_DIM:
             return f"{t.kind} attention-pooling head dim > {MAX_HEAD_DIM}"
     return None
+
+
+def key_parts(key: tuple) -> tuple[str, TowerOutputs | None]:
+    """(pixels, outputs) of a runner key (FusedExecutor.runner_key)."""
+    pixels, outputs = "float", None
+    for part in key[3:]:
+        if isinstance(part, TowerOutputs):
+            outputs = part
+        else:
+            pixels = part
+    return pixels, outputs
 
 
 @register("fused")
@@ -63,6 +76,9 @@ class FusedExecutor(Locked, Executor):
             raise ValueError(f"config must be a dualfuse.FusedConfig, got {type(config).__name__}")
         self.config = cfg = (config or FusedConfig()).with_overrides(**overrides)
         super().__init__(model, dtype, device, spec=spec, check_ids=check_ids)
+        # single-tower models: which hidden states callers read (FusedConfig.hidden_states, resolved to 0..layers;
+        # None: any) and whether the pooled output is computed (FusedConfig.pooled; None: unless hidden_states)
+        self.hidden_states, self.pooled = self._resolve_tower_outputs(cfg.hidden_states, cfg.pooled)
         # per stage and tower, Triton or a library kernel (FusedConfig.gemm_impl; executors/fused/library.py); with
         # "auto", the calibration given or this card's cache file (None there: all Triton)
         self.gemm_impl = cfg.gemm_impl
@@ -78,7 +94,7 @@ class FusedExecutor(Locked, Executor):
         source = self.__dict__.get("_source")
         self.image_mean, self.image_std = image_normalization(
             source if source is not None else self.spec, self.family, image_mean=cfg.image_mean,
-            image_std=cfg.image_std, channels=self.io.channels)
+            image_std=cfg.image_std, channels=self.io.channels or None)
         # text lengths padded up to a few buckets where that provably keeps the output (_resolve_text_buckets)
         self.text_buckets, self.text_pad_id, self.text_buckets_off = self._resolve_text_buckets(cfg.text_buckets)
         # first-call time (building the runner, capturing its graph) per runner key, in seconds
@@ -132,6 +148,105 @@ class FusedExecutor(Locked, Executor):
         if cfg.warmup is not None:
             self.warmup(cfg.warmup)
 
+    # -- single towers ---------------------------------------------------------------------------------------
+    def _resolve_tower_outputs(self, hidden_states, pooled):
+        """(the hidden-state indices callers may read, 0..layers, or None for any; whether the pooled output is
+        computed) from FusedConfig.hidden_states / pooled, checked against the model."""
+        if hidden_states is None and pooled is None:
+            tower = self.spec.tower if self.spec is not None else None
+            has_pool = tower is None or getattr(self.spec, tower).pooling != "none"
+            return None, has_pool
+        if self.spec is None or self.spec.tower is None:
+            what = "a model the fused kernels do not cover" if self.spec is None else "a dual encoder"
+            raise ValueError(f"hidden_states= / pooled= apply to a single tower (e.g. CLIPVisionModel, a VLM's "
+                             f"vision tower); this is {what}")
+        t = getattr(self.spec, self.spec.tower)
+        # types and the tuple form checked by FusedConfig; the range against this tower's layers here
+        allowed = None
+        if hidden_states is not None:
+            allowed = tuple(sorted({self.hidden_index(i, t.num_layers) for i in hidden_states}))
+        if pooled is None:
+            pooled = hidden_states is None and t.pooling != "none"
+        if pooled and t.pooling == "none":
+            raise ValueError(f"pooled=True: this {t.kind} tower has no pooling head (its source model returns no "
+                             "pooled output)")
+        return allowed, pooled
+
+    @staticmethod
+    def hidden_index(i, layers: int) -> int:
+        """A hidden-state index as transformers counts them (0: the embeddings, i: block i-1's output; negative
+        from the end) -> 0..layers; ValueError outside."""
+        if not isinstance(i, int) or isinstance(i, bool):
+            raise TypeError(i)
+        if not -(layers + 1) <= i <= layers:
+            raise ValueError(f"hidden state index {i} is out of range: this tower has {layers + 1} hidden states "
+                             f"(the embeddings and {layers} layers), indices {-(layers + 1)}..{layers}")
+        return i % (layers + 1)
+
+    def last_is_normed(self) -> bool:
+        """Whether the source's last_hidden_state is the final LN over every token (SigLIP, text towers) rather
+        than the last block's output (CLIP's vision tower)."""
+        return not (self.spec.tower == "vision" and self.family in ("hf_clip", "hf_metaclip2", "open_clip"))
+
+    def tower_outputs(self, hidden, last: bool | None, pooled: bool) -> TowerOutputs:
+        """What a single-tower call computes. ``hidden``: None (every hidden state) or the indices asked for
+        (transformers' counting); ``last``: last_hidden_state too (None: when this executor may give it);
+        ``pooled``: the pooled output too. ValueError for what fuse(hidden_states=, pooled=) ruled out."""
+        t = getattr(self.spec, self.spec.tower)
+        n = t.num_layers
+        idx = set(range(n + 1)) if hidden is None else {self.hidden_index(i, n) for i in hidden}
+        allowed = self.hidden_states
+        normed = self.last_is_normed()
+        if last is None:
+            last = allowed is None or (n in allowed)
+        if last and not normed:
+            idx.add(n)
+        if allowed is not None:
+            extra = sorted(idx - set(allowed))
+            if extra or (last and n not in allowed):
+                raise ValueError(f"this fused tower was built for hidden states {self.hidden_states} (fuse(..., "
+                                 f"hidden_states=...)); asked for {'last_hidden_state' if not extra else extra}: "
+                                 "fuse the source model again with the hidden states its callers need")
+        if pooled and not self.pooled:
+            raise ValueError("the pooled output was not computed: this tower was fused with pooled=False (or "
+                             "hidden_states=..., which implies it); fuse again with pooled=True")
+        layers = n if (pooled or last) else max(idx, default=0)
+        return TowerOutputs(layers=layers, hidden=tuple(sorted(idx)), tokens_ln=bool(last and normed), pooled=pooled)
+
+    @torch.no_grad()
+    def encode_tower(self, inputs, hidden=None, last: bool | None = None) -> dict:
+        """One call of a single-tower model (pixel values or token ids), computing only what is asked:
+        ``{"pooled": [B, E] or None, "hidden": {index: [B, S, D]}, "last": [B, S, D] or None}`` (hidden-state
+        indices 0..layers; see tower_outputs)."""
+        tower = self.spec.tower if self.spec is not None else None
+        if tower is None:
+            raise ValueError("encode_tower: this executor runs a dual encoder; use encode_image / encode_text")
+        if self.fallback is not None:
+            raise ValueError(f"encode_tower: the fused kernels do not run this tower ({self.notes}); the drop-in "
+                             "(dualfuse.fuse) calls the source model instead")
+        px, ids = self.validate(inputs, None) if tower == "vision" else self.validate(None, inputs)
+        if isinstance(px, PatchSequence):
+            raise ValueError("encode_tower: SigLIP2 NaFlex towers give pooled embeddings only (encode_image)")
+        t = getattr(self.spec, tower)
+        if last is None:
+            last = self.hidden_states is None or t.num_layers in self.hidden_states
+        outs = self.tower_outputs(hidden, last, self.pooled)
+        n = ids.shape[1] if ids is not None else None
+        with self._lock:
+            if px is not None:
+                pixels = "uint8" if px.dtype == torch.uint8 else "float"
+                r = self.runner(px.shape[0], 0, self.context_length, pixels=pixels, outputs=outs)
+            else:
+                r = self.runner(0, ids.shape[0], n, outputs=outs)
+            img, txt, pending = r.run(px, ids, self.check_ids)
+            hid = {k: v[:, :n].clone() for k, v in r.hidden.items()}
+            tokens = r.tokens[:, :n].clone() if r.tokens is not None else None
+        if pending is not None:
+            pending.check()
+        last_out = tokens if outs.tokens_ln else (hid.get(t.num_layers) if last else None)
+        return {"pooled": (img if img is not None else txt) if outs.pooled else None, "hidden": hid,
+                "last": last_out}
+
     def _fall_back(self, reason: str, allowed: bool):
         """Run the source model with the CUDA graph executor (eager where there is no CUDA: the tests' case)."""
         source = self.__dict__.get("_source")
@@ -155,12 +270,12 @@ class FusedExecutor(Locked, Executor):
             self.weights = self.spec.to(self.device, self.dtype)
         else:  # the GEMM weights go to the device quantized only (quantize_spec, below)
             self.weights = to_device_but_gemm_weights(self.spec, self.device, self.dtype)
-        emb = self.spec.vision.embed
+        emb = self.spec.vision.embed if self.spec.vision is not None else None
         self.frame_patch = None  # (weight, bias) of the patch embedding for uint8 frames: mean/std folded in
-        if emb.pos_grid is None:  # NaFlex takes patch sequences, never frames
+        if emb is not None and emb.pos_grid is None:  # NaFlex takes patch sequences, never frames
             w, b = fold_normalization(emb.weight, emb.bias, self.image_mean, self.image_std, dtype=self.dtype)
             self.frame_patch = (w.to(self.device), b.to(self.device))
-        head = self.weights.vision.pool_head
+        head = self.weights.vision.pool_head if self.weights.vision is not None else None
         if head is not None:
             d = self.weights.vision.width
             # The probe's query projection does not depend on the input: compute it once here.
@@ -193,7 +308,7 @@ class FusedExecutor(Locked, Executor):
                                                dtype=self.dtype if self.weight_format == "fp16" else torch.float32)
             return Linear(w, b), folded_norm
 
-        for name in ("vision", "text"):
+        for name in self.spec.towers:
             src: TowerSpec = getattr(self.spec, name)
             dst: TowerSpec = getattr(self.weights, name)
             for i, (blk, own) in enumerate(zip(src.blocks, dst.blocks)):
@@ -236,6 +351,8 @@ class FusedExecutor(Locked, Executor):
         if self.spec is None:
             return None, 0, "off (the kernels do not cover this model)"
         t = self.spec.text
+        if t is None:
+            return None, 0, "off (no text tower)"
         why = None
         if t.mask != "causal":
             why = f"the text tower's attention is bidirectional (mask {t.mask!r}): padding would change the output"
@@ -260,19 +377,28 @@ class FusedExecutor(Locked, Executor):
             return text_len
         return b[bisect.bisect_left(b, text_len)]
 
-    def runner_key(self, image_batch: int, text_batch: int, text_len: int | None, pixels: str = "float") -> tuple:
+    @property
+    def context_length(self) -> int:
+        """The text tower's context length (0 for a model without one)."""
+        return self.spec.text.context_length if self.spec.text is not None else 0
+
+    def runner_key(self, image_batch: int, text_batch: int, text_len: int | None, pixels: str = "float",
+                   outputs: TowerOutputs | None = None) -> tuple:
         """The key of the runner a call of this shape uses: ``(images, texts, bucketed text length)``, plus
-        ``"uint8"`` for frame calls. Image-only calls use the context length."""
-        text_len = self.spec.text.context_length if not text_batch or text_len is None else self.text_bucket(text_len)
+        ``"uint8"`` for frame calls, plus the TowerOutputs of a single-tower call that reads hidden states. Image-only
+        calls use the context length."""
+        text_len = self.context_length if not text_batch or text_len is None else self.text_bucket(text_len)
         key = (image_batch, text_batch, text_len)
-        return key if pixels == "float" else key + (pixels,)
+        key = key if pixels == "float" else key + (pixels,)
+        return key if outputs is None else key + (outputs,)
 
     def runner(self, image_batch: int, text_batch: int, text_len: int, capture: bool = True,
-               pixels: str = "float") -> Runner:
+               pixels: str = "float", outputs: TowerOutputs | None = None) -> Runner:
         """The cached runner of this call shape (built, and on CUDA captured, on first use). ``text_len`` is
-        padded up to its bucket (text_bucket); ``pixels``: "float" or "uint8" (camera frames)."""
+        padded up to its bucket (text_bucket); ``pixels``: "float" or "uint8" (camera frames); ``outputs``: what a
+        single-tower call reads (plan.TowerOutputs; None: the pooled embeddings)."""
         with self._lock:
-            key = self.runner_key(image_batch, text_batch, text_len, pixels)
+            key = self.runner_key(image_batch, text_batch, text_len, pixels, outputs)
             r = self.runners.get(key)
             if r is not None:  # the usual call: no key the checks below refuse is ever cached
                 self.runners.move_to_end(key)
@@ -295,13 +421,13 @@ class FusedExecutor(Locked, Executor):
         """Build (and capture) the runner of ``key``; cached only once complete: an error or an interrupt (OOM,
         KeyboardInterrupt) while building or capturing leaves the cache as it was."""
         image_batch, text_batch, text_len = key[:3]
-        pixels = key[3] if len(key) == 4 else "float"
+        pixels, outputs = key_parts(key)
         rkey = key if self._grid is None else key + ("grid %dx%d" % self._grid,)
         t0 = time.perf_counter()
         r = None
         try:
             try:
-                r = Runner(self, image_batch, text_batch, text_len, pixels)
+                r = Runner(self, image_batch, text_batch, text_len, pixels, outputs)
             except ValueError as e:  # coverage was settled at fuse(); only input sizes can get here
                 raise ValueError(f"fused: a call of {image_batch} image(s) and {text_batch} text(s) of length "
                                  f"{text_len} is outside what the kernels cover: {e}") from None
@@ -330,7 +456,7 @@ class FusedExecutor(Locked, Executor):
 
     def library_choices(self, image_batch: int, text_batch: int, text_len: int | None = None) -> list[dict]:
         """Per stage of this call shape's runner: the step labels, the implementation of each and why."""
-        r = self.runner(image_batch, text_batch, text_len or self.spec.text.context_length, capture=False)
+        r = self.runner(image_batch, text_batch, text_len or self.context_length, capture=False)
         out = []
         for st, (impls, why) in zip(r.plan.stages, r.choices or [(("triton",) * len(s.steps), "gemm_impl='triton'")
                                                                   for s in r.plan.stages]):
@@ -349,11 +475,11 @@ class FusedExecutor(Locked, Executor):
         if not isinstance(e, torch.OutOfMemoryError):
             return
         images, texts, n = key[:3]
-        what = f"{images} image(s)" + (" (uint8 frames)" if len(key) == 4 else "")
+        what = f"{images} image(s)" + (" (uint8 frames)" if key_parts(key)[0] == "uint8" else "")
         what += f" and {texts} text(s) of length {n}" if texts else ""
         if self._grid is not None:
             what += " at patch grid %dx%d" % self._grid
-        need = self.runner_bytes(*key)
+        need = self.runner_bytes(*key[:3], key_parts(key)[0])
         # the frames of the failed build hold the half-built buffers until this error is dropped: let them go now
         traceback.clear_frames(e.__traceback__)
         free = ""
@@ -374,12 +500,12 @@ class FusedExecutor(Locked, Executor):
         total = (image_batch + text_batch) * spec.embed_dim * torch.finfo(self.dtype).bits // 8  # the output
         out = torch.empty(image_batch + text_batch, spec.embed_dim, dtype=self.dtype, device=meta)
         towers = []
-        if image_batch:
+        if image_batch and spec.vision is not None:
             towers.append(TowerBuffers(spec.vision, image_batch, spec.vision.seq_len, self.dtype, meta,
-                                        out[:image_batch], self.residual_dtype, self.fold_ln, pixels))
-        if text_batch:
+                                       out[:image_batch], self.residual_dtype, self.fold_ln, pixels))
+        if text_batch and spec.text is not None:
             towers.append(TowerBuffers(spec.text, text_batch, key[2], self.dtype, meta, out[image_batch:],
-                                        self.residual_dtype, self.fold_ln))
+                                       self.residual_dtype, self.fold_ln))
         seen = {id(out)}
         for b in towers:
             for v in vars(b).values():
@@ -405,10 +531,10 @@ class FusedExecutor(Locked, Executor):
         except TypeError:
             raise ValueError(f"warmup: expected a list of (images, texts, text_len) shapes, got {shapes!r}") from None
         target = self
-        if self.spec.vision.embed.pos_grid is not None:
+        if self.spec.vision is not None and self.spec.vision.embed.pos_grid is not None:
             g = self.spec.vision.embed.pos_grid
             target = self._grid_executor(g, g)
-        ctx = self.spec.text.context_length
+        ctx = self.context_length
         keys = []
         for s in shapes:
             want = "(images, texts, text_len) or (images, texts, text_len, 'uint8')"
@@ -418,6 +544,9 @@ class FusedExecutor(Locked, Executor):
             pixels = s[3] if len(s) == 4 else "float"
             if ni < 0 or nt < 0 or ni + nt == 0:
                 raise ValueError(f"warmup: expected images >= 0 and texts >= 0, not both 0, got {s!r}")
+            for n_, name in ((ni, "vision"), (nt, "text")):
+                if n_ and name not in self.spec.towers:
+                    raise ValueError(f"warmup: this model has no {name} tower, got {s!r}")
             if nt and (not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= ctx):
                 raise ValueError(f"warmup: text_len must be an int in [1, {ctx}] (the context length), got {s!r}")
             if pixels not in ("float", "uint8") or (pixels == "uint8" and not ni):
@@ -434,7 +563,7 @@ class FusedExecutor(Locked, Executor):
     def _warm(self, target, shapes, keys) -> dict:
         out = {}
         for s, key in zip(shapes, keys):
-            r = target.runner(key[0], key[1], key[2], pixels=key[3] if len(key) == 4 else "float")
+            r = target.runner(key[0], key[1], key[2], pixels=key_parts(key)[0])
             if not r.wants_graph and self.device.type == "cuda":  # no graph: compile the kernels now
                 t0 = time.perf_counter()
                 r.launch_all()
@@ -448,13 +577,18 @@ class FusedExecutor(Locked, Executor):
         each tower alone, so every kernel launcher validates its problems now rather than at a user's call.
         They are dropped again (their buffers would hold memory for shapes that may never come). Returns why
         the kernels refuse the model, or None."""
-        if self.spec.vision.embed.pos_grid is not None:  # NaFlex: check at the native grid
+        if self.spec.vision is not None and self.spec.vision.embed.pos_grid is not None:  # NaFlex: native grid
             g = self.spec.vision.embed.pos_grid
             return self._grid_executor(g, g)._check_coverage()
-        ctx = self.spec.text.context_length
+        ctx = self.context_length
+        shapes = {("vision", "text"): ((1, 1, ctx), (1, 0, ctx), (0, 1, ctx)), ("vision",): ((1, 0, ctx),),
+                  ("text",): ((0, 1, ctx),)}[self.spec.towers]
         try:
-            for shape in ((1, 1, ctx), (1, 0, ctx), (0, 1, ctx)):
+            for shape in shapes:
                 self.runner(*shape, capture=False)
+            if self.spec.tower is not None:  # a single tower: also the runner of every hidden state
+                n = 1 if self.spec.tower == "vision" else 0
+                self.runner(n, 1 - n, ctx, capture=False, outputs=self.tower_outputs(self.hidden_states, None, self.pooled))
         except ValueError as e:
             return f"a kernel launcher refuses it ({e})"
         finally:
@@ -463,13 +597,14 @@ class FusedExecutor(Locked, Executor):
             self.build_times.clear()
         return None
 
-    def plan(self, image_batch: int, text_batch: int, text_len: int | None = None) -> Plan:
+    def plan(self, image_batch: int, text_batch: int, text_len: int | None = None,
+             outputs: TowerOutputs | None = None) -> Plan:
         """The plan a call of this shape runs (the executor's dtype and LayerNorm folding included; the text
         length padded to its bucket)."""
         if text_batch and text_len is not None:
             text_len = self.text_bucket(text_len)
         return make_plan(self.spec, image_batch, text_batch, text_len, elt=torch.finfo(self.dtype).bits // 8,
-                         fold_ln=self.fold_ln)
+                         fold_ln=self.fold_ln, outputs=outputs)
 
     def _encode(self, px, ids):
         if self.fallback is not None:
@@ -484,14 +619,25 @@ class FusedExecutor(Locked, Executor):
             pending.check()
         return img, txt
 
+    def _tower_embeddings(self, x):
+        """encode_image / encode_text of a single tower fused without its pooled output: what its callers read
+        (last_hidden_state, else the last hidden state it was fused for)."""
+        t = getattr(self.spec, self.spec.tower)
+        if self.hidden_states is None or t.num_layers in self.hidden_states:
+            return self.encode_tower(x, hidden=(), last=True)["last"]
+        k = self.hidden_states[-1]
+        return self.encode_tower(x, hidden=(k,), last=False)["hidden"][k]
+
     def _encode_image(self, px):
         if self.fallback is not None:
             return self.fallback._encode_image(px)
+        if not self.pooled:
+            return self._tower_embeddings(px)
         if isinstance(px, PatchSequence):
             return self._encode_naflex(px, None)[0]
         pixels = "uint8" if px.dtype == torch.uint8 else "float"
         with self._lock:
-            return self.runner(px.shape[0], 0, self.spec.text.context_length, pixels=pixels).run(px, None)[0]
+            return self.runner(px.shape[0], 0, self.context_length, pixels=pixels).run(px, None)[0]
 
     # -- SigLIP2 NaFlex (executors/_naflex.py) ---------------------------------------------------------------
     def _grid_executor(self, h: int, w: int) -> "FusedExecutor":
@@ -549,6 +695,8 @@ class FusedExecutor(Locked, Executor):
     def _encode_text(self, ids):
         if self.fallback is not None:
             return self.fallback._encode_text(ids)
+        if not self.pooled:
+            return self._tower_embeddings(ids)
         with self._lock:
             _, txt, pending = self.runner(0, ids.shape[0], ids.shape[1]).run(None, ids, self.check_ids)
         if pending is not None:  # waits for this call's work, outside the lock

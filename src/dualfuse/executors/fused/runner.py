@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from ...plan import Plan, Stage, Step
+from ...plan import Plan, Stage, Step, TowerOutputs
 from ...spec import PatchEmbed, TowerSpec
 from .buffers import TowerBuffers
 from .library import build_chosen, choose
@@ -25,14 +25,17 @@ class Runner:
     FusedExecutor that owns it (its spec, weights, folded layers, dtype, device and options)."""
 
     def __init__(self, ex, image_batch: int, text_batch: int, text_len: int,
-                 pixels: str = "float"):
+                 pixels: str = "float", outputs: TowerOutputs | None = None):
         self.ex = ex
         spec = ex.spec
+        # outputs: what a call of one tower reads (plan.TowerOutputs; None: the pooled embeddings)
+        self.outputs = outputs
         # pixels: "float" (the executor's dtype) or "uint8" (camera frames; the patch embedding uses the weights
         # with the image mean/std folded in, FusedExecutor.frame_patch)
         self.pixels, self.text_batch, self.text_len = pixels, text_batch, text_len
         self.key = None  # set by FusedExecutor.runner
-        self.plan: Plan = ex.plan(image_batch, text_batch, text_len)
+        self.plan: Plan = ex.plan(image_batch, text_batch, text_len, outputs=outputs)
+        self._plan_steps = {(st.tower, st.layer, st.op) for st in self.plan.steps("vision") + self.plan.steps("text")}
         self.buf: dict[str, TowerBuffers] = {}
         # both towers' embeddings in one buffer: a call clones it once and returns the two row ranges
         self.output = torch.empty(image_batch + text_batch, spec.embed_dim, dtype=ex.dtype, device=ex.device)
@@ -46,6 +49,10 @@ class Runner:
         self._stats_width: dict[int, int] = {}  # row-statistics buffer address -> BLOCK_N of the launch writing it
         # the LayerNorm step (tower, layer, op) that finishes a GEMM's split-K sums -> (partial sums, GEMM bias)
         self._deferred: dict[tuple, tuple] = {}
+        self._deferred_targets: dict[tuple, tuple] = {}  # GEMM step -> the LayerNorm step it may defer to
+        if outputs is not None and outputs.tokens_ln:
+            (b,) = self.buf.values()
+            b.tokens = torch.empty(b.batch * b.seq, b.x.shape[1], dtype=ex.dtype, device=ex.device)
         self.stage_problems: list[list] = []  # per stage, its kernel problems (calibration times them)
         self.choices: list[tuple] = []  # gemm_impl != "triton": per stage, (implementation per step, why)
         self.ops = [self._build(stage) for stage in self.plan.stages]
@@ -53,6 +60,12 @@ class Runner:
             raise AssertionError(f"fused runner: split-K partial sums of {sorted(self._deferred)} have no LayerNorm "
                                  f"launch to finish them (plan and executor out of sync)")
         self.embed_op = self.ops[[s.kind for s in self.plan.stages].index("embed")]
+        # single-tower calls: the hidden states asked for, copied out of the residual stream once complete
+        self.hidden: dict[int, torch.Tensor] = {}
+        self.tokens: torch.Tensor | None = None  # the final LN over every token (TowerOutputs.tokens_ln)
+        self._after: dict[int, list] = {}  # stage index -> the hidden-state copies launched right after it
+        if outputs is not None:
+            self._add_tower_outputs(outputs)
         self.graph = None  # captured at the first call (fuse() builds runners only to check coverage)
         self._last_stream = None  # CUDA: the stream of the last call (the next call on another stream waits on it)
         # CUDA: the stream the buffers were allocated on (the caching allocator reuses them there once freed)
@@ -84,6 +97,29 @@ class Runner:
         """The Triton launch of ``stage`` over ``problems`` (a subset of a plan stage's steps: calibration)."""
         return _STAGE_BUILDERS[stage.kind](self, stage, problems)
 
+    def _add_tower_outputs(self, outputs: TowerOutputs) -> None:
+        """Buffers [B, S, D] for each hidden state asked for and one copy launch each, placed right after the stage
+        that completes it: hidden state 0 after the embeddings (and CLIP's pre-LN), hidden state i after block
+        i-1's FC2, or after the LayerNorm launch that finishes FC2's deferred split-K sums (Runner._deferred_to)."""
+        (name, b), = self.buf.items()
+        t: TowerSpec = getattr(self.ex.weights, name)
+        shape = (b.batch, b.seq, t.width)
+        if outputs.tokens_ln:
+            self.tokens = b.tokens.view(shape)
+        where = {}  # stage index -> hidden indices complete after it
+        for k in outputs.hidden:
+            if k == 0:
+                target = (name, None, "pre_ln" if t.pre_ln is not None else
+                          ("patch_embed" if name == "vision" else "token_embed"))
+            else:
+                fc2 = (name, k - 1, "fc2")
+                target = self._deferred_targets.get(fc2, fc2)
+            stage = next(i for i, s in enumerate(self.plan.stages)
+                         if any((st.tower, st.layer, st.op) == target for st in s.steps))
+            where.setdefault(stage, []).append(k)
+            self.hidden[k] = torch.empty(shape, dtype=self.ex.dtype, device=self.ex.device)
+        self._after = {i: [_copy_op(self.hidden[k], b.x.view(shape)) for k in ks] for i, ks in where.items()}
+
     def _deferred_to(self, step: Step):
         """The LayerNorm step (tower, layer, op) that reads this GEMM's output (the residual stream) next and
         can finish its split-K reduction: out-proj -> ln2, FC2 -> the next layer's ln1 or SigLIP's head LN.
@@ -91,13 +127,17 @@ class Runner:
         if not self.ex.defer_split_reduce or self.ex.fold_ln:
             return None
         t: TowerSpec = getattr(self.ex.weights, step.tower)
+        target = None
         if step.op == "out":
-            return (step.tower, step.layer, "ln2")
-        if step.op == "fc2" and step.layer + 1 < len(t.blocks):
-            return (step.tower, step.layer + 1, "ln1")
-        if step.op == "fc2" and t.pooling == "map":
-            return (step.tower, None, "final_ln")
-        return None
+            target = (step.tower, step.layer, "ln2")
+        elif step.op == "fc2" and step.layer + 1 < len(t.blocks):
+            target = (step.tower, step.layer + 1, "ln1")
+        elif step.op == "fc2" and t.pooling == "map":
+            target = (step.tower, None, "final_ln")
+        if target not in self._plan_steps:  # a single-tower call that stops early or skips the head
+            return None
+        self._deferred_targets[(step.tower, step.layer, step.op)] = target
+        return target
 
     def _defer_split_reduction(self, op, problems, deferrable):
         """Where the launch splits the K of a GEMM on the residual stream (out-proj, FC2; batch 1), rebuild it
@@ -141,8 +181,14 @@ class Runner:
 
     # -- running -----------------------------------------------------------------------------------------
     def launch_all(self):
-        for op in self.ops:
+        if not self._after:
+            for op in self.ops:
+                op()
+            return
+        for i, op in enumerate(self.ops):
             op()
+            for copy in self._after.get(i, ()):
+                copy()
 
     def _capture(self):
         """Warm up (compiles every kernel outside the capture), then capture the launches into one graph. A failure
@@ -441,6 +487,7 @@ _PROBLEMS: dict[str, Callable[[_StepContext], object]] = {
     "fc1": lambda c: c.lin(c.b.h, c.blk.fc1, c.b.m, activation=c.t.activation),
     "ln2_fc1": lambda c: c.folded(c.b.x, c.b.m, c.b.x_stats, activation=c.t.activation),
     "fc2": _fc2,
+    "tokens_ln": lambda c: c.ln(c.b.x, c.t.final_ln, c.b.tokens),
     "pool_ln": lambda c: c.ln(c.b.x, c.t.final_ln, c.b.pooled, row_index=c.b.pool_idx),
     "proj": lambda c: c.lin(c.b.pooled, c.t.projection, c.b.output),
     # SigLIP attention-pooling head
@@ -454,6 +501,11 @@ _PROBLEMS: dict[str, Callable[[_StepContext], object]] = {
     "map_ln_fc1": lambda c: c.folded(c.b.mh, c.b.mm, c.b.mh_stats, activation=c.t.activation),
     "map_fc2": lambda c: c.lin(c.b.mm, c.t.pool_head.fc2, c.b.mh, residual=c.b.mh),
 }
+
+
+def _copy_op(dst: torch.Tensor, src: torch.Tensor):
+    """One launch copying a hidden state out of the residual stream (cast to the model dtype)."""
+    return lambda: dst.copy_(src)
 
 
 def with_stats(problem, stats):
