@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 import dualfuse  # noqa: E402
 from dualfuse.executors.base import resolve_dtype  # noqa: E402
-from dualfuse.executors.dropin import _named_tensors  # noqa: E402
+from dualfuse.spec import named_tensors  # noqa: E402
 
 MIB = 2 ** 20
 
@@ -98,12 +98,13 @@ def main():
     after_fuse = rss_mib()
     ex = fused.executor
     seen: set = set()
-    spec_b = storage_bytes((t for _, t in _named_tensors(ex.spec)), seen) if ex.spec is not None else 0
-    packed_b = storage_bytes((t for _, t in _named_tensors(ex.weights)), seen) if ex.weights is not None else 0
-    extra = [getattr(ex, n, None) for n in ("map_query", "map_kv_weight", "map_kv_bias")]
-    extra += [t for v in getattr(ex, "folded", {}).values() for t in v if isinstance(t, torch.Tensor)]
+    spec_b = storage_bytes((t for _, t in named_tensors(ex.spec)), seen) if ex.spec is not None else 0
+    packed_b = storage_bytes((t for _, t in named_tensors(ex.weights)), seen) if ex.weights is not None else 0
+    extra = [getattr(ex, "map_query", None)]
+    extra += [t for v in (getattr(ex, "map_kv", None),) if v is not None for t in vars(v).values()
+              if isinstance(t, torch.Tensor)]
     extra += [t for v in getattr(ex, "folded", {}).values() for f in v if hasattr(f, "__dict__")
-              for t in vars(f).values() if isinstance(t, torch.Tensor)]
+              for t in vars(f).values() if isinstance(t, torch.Tensor)]  # (Linear, FoldedLayerNorm)
     extra_b = storage_bytes(extra, seen)
 
     del model

@@ -95,20 +95,20 @@ def test_heuristics_follow_the_target_without_a_gpu():
 
     from dualfuse.kernels import _utils
     from dualfuse.kernels.attention import _default_blocks
-    from dualfuse.kernels.gemm.heuristics import _default_config
+    from dualfuse.kernels.gemm.heuristics import default_config
     from dualfuse.targets import TARGETS
 
     cpu = torch.device("cpu")
     x = torch.empty(50, 768, dtype=torch.float16)
     problems = [SimpleNamespace(x=x, weight=torch.empty(2304, 768, dtype=torch.float16), norm=None)]
-    assert _default_config(problems, cpu)["BLOCK_M"] == 32 and _utils.device_props(cpu) is None  # interpreter
+    assert default_config(problems, cpu)["BLOCK_M"] == 32 and _utils.device_props(cpu) is None  # interpreter
     seen = {}
     for name in ("orin-nano", "agx-orin", "h100"):
         t = TARGETS[name]
         with _utils.target_device(t.props()):
             assert _utils.num_sms(cpu) == t.num_sms and _utils.device_smem_bytes(cpu) == t.smem_per_block
             assert _utils.pdl_supported(cpu) == (_utils.HAS_PDL and t.capability[0] >= 9)
-            cfg = _default_config(problems, cpu)
+            cfg = default_config(problems, cpu)
             assert "tma" in cfg and cfg["BLOCK_K"] >= 64  # the skinny cost model ran
             assert _default_blocks(cpu, torch.float16, ()) == (64, 64, 4, 3)
             seen[name] = cfg
@@ -117,7 +117,7 @@ def test_heuristics_follow_the_target_without_a_gpu():
     big = [SimpleNamespace(x=torch.empty(1600, 768, dtype=torch.float16),
                            weight=torch.empty(3072, 768, dtype=torch.float16), norm=None)]
     with _utils.target_device(TARGETS["orin-nano"].props()):
-        nano = _default_config(big, cpu)
+        nano = default_config(big, cpu)
     assert (nano["BLOCK_M"], nano["BLOCK_N"]) in ((128, 256), (64, 128))
     from dualfuse.kernels.gemm.heuristics import _smem_bytes
     assert _smem_bytes(nano, 2) <= TARGETS["orin-nano"].smem_per_block

@@ -331,7 +331,7 @@ def test_keep_host_copy_false_keeps_only_the_packed_weights():
     model = presets.load("clip-tiny", seed=3, device=DEV)
     full = dualfuse.fuse(model, dtype=torch.float32)
     lean = dualfuse.fuse(model, dtype=torch.float32, keep_host_copy=False)
-    assert all(t.is_meta for _, t in dualfuse.executors.dropin._named_tensors(lean.executor.spec))
+    assert all(t.is_meta for _, t in dualfuse.spec.named_tensors(lean.executor.spec))
     px, ids = _inputs(lean, 2, 3)
     want = full(input_ids=ids, pixel_values=px)
     got = lean(input_ids=ids, pixel_values=px)
@@ -346,7 +346,7 @@ def test_keep_host_copy_false_keeps_only_the_packed_weights():
     sd = {k: v.clone() for k, v in sd.items()}
     sd["logit_scale"] += 0.25
     lean.load_state_dict(sd)  # every weight given: rebuilt, and again without a host copy
-    assert all(t.is_meta for _, t in dualfuse.executors.dropin._named_tensors(lean.executor.spec))
+    assert all(t.is_meta for _, t in dualfuse.spec.named_tensors(lean.executor.spec))
     _close(lean(input_ids=ids, pixel_values=px).logits_per_image,
            want.logits_per_image * torch.exp(torch.tensor(0.25)))
     with pytest.raises(ValueError, match="keep_host_copy must be True or False"):

@@ -280,7 +280,7 @@ def test_bench_sms_rejects_bad_counts(capsys):
 def test_sm_limit_feeds_the_kernels_grid_heuristics():
     """A green context's SM count (set by green.enter) is what the kernels plan for; reset afterwards."""
     from dualfuse.kernels import _utils
-    from dualfuse.kernels.gemm import _choose_splits
+    from dualfuse.kernels.gemm import choose_splits
 
     full = _utils.num_sms("cpu")
     dims = [(1, 64, 4096)]  # one output tile: split-K fills the SMs the kernels may use
@@ -288,10 +288,10 @@ def test_sm_limit_feeds_the_kernels_grid_heuristics():
     try:
         _utils.set_sm_limit(2)
         assert _utils.num_sms("cpu") == 2
-        small = _choose_splits(dims, cfg, torch.device("cpu"), None)
+        small = choose_splits(dims, cfg, torch.device("cpu"), None)
         _utils.set_sm_limit(None)
         assert _utils.num_sms("cpu") == full
-        assert _choose_splits(dims, cfg, torch.device("cpu"), None)[0] > small[0]
+        assert choose_splits(dims, cfg, torch.device("cpu"), None)[0] > small[0]
         _utils.set_sm_limit(10_000)  # never more than the device has
         assert _utils.num_sms("cpu") == full
         with pytest.raises(ValueError, match="positive int"):

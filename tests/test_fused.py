@@ -8,7 +8,8 @@ import torch.nn.functional as F
 import dualfuse
 from dualfuse import executors, reference
 from dualfuse.adapters import to_spec
-from dualfuse.executors.fused import FusedExecutor, FusedModel, unsupported_reason
+from dualfuse.executors.dropin import FusedModel
+from dualfuse.executors.fused import FusedExecutor, unsupported_reason
 
 KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # as tests/conftest.py: interpreter on CPU
 
@@ -292,7 +293,7 @@ def test_residual_stream_dtype_options():
 
 
 def test_stage_with_mixed_dtypes_runs_as_one_launch_per_dtype_pair():
-    from dualfuse.executors.fused import _in_dtype_groups
+    from dualfuse.executors.fused.runner import in_dtype_groups
     from dualfuse.kernels.gemm import GroupedLinear, LinearProblem
 
     dev = KERNEL_DEVICE
@@ -305,7 +306,7 @@ def test_stage_with_mixed_dtypes_runs_as_one_launch_per_dtype_pair():
         built.append(len(ps))
         return GroupedLinear(ps)
 
-    op = _in_dtype_groups([LinearProblem(x, w, o) for o in outs], build)
+    op = in_dtype_groups([LinearProblem(x, w, o) for o in outs], build)
     assert built == [1, 1]
     op()
     ref = x.float() @ w.float().T

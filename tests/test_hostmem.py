@@ -7,6 +7,7 @@ import torch
 import dualfuse
 from dualfuse import executors, hostmem
 from dualfuse.adapters import to_spec
+from dualfuse.spec import named_tensors
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -18,11 +19,16 @@ def _inputs(spec, bi=1, bt=1, seed=3):
 
 
 def _weights(ex):
-    """Every tensor the fused GEMMs read (kept alive by the caller, so no address is reused meanwhile)."""
+    """Every tensor the fused GEMMs read, int8 / fp8 scales included (kept alive by the caller, so no address is
+    reused meanwhile)."""
     out = []
     ex.weights.map_tensors(lambda t: out.append(t) or t)
-    out += [w for w, b, norm in ex.folded.values()]
+    out += [t for lin, norm in ex.folded.values() for t in (lin.weight, lin.bias, lin.scale) if t is not None]
     return out
+
+
+def _scales(ex):
+    return [t for name, t in named_tensors(ex.weights) if name.endswith(".scale")]
 
 
 def _ptrs(ts):
@@ -46,7 +52,9 @@ def test_fused_copy_placement_bit_identical(tiny, weights):
     moved = hostmem.place_executor(ex, "copy")
     assert moved > 0
     assert not (_ptrs(before) & _ptrs(_weights(ex))), "every fused weight now lives in a new buffer"
-    assert ex.gemm_config.get("tma") is False
+    if weights:  # the scales are the spec's (Linear.scale): placed with their weights
+        assert _scales(ex) and not _ptrs(_scales(ex)) & _ptrs(before)
+    assert ex.gemm_config.get("tma") is False and ex.config.gemm.tma is False
     out = ex.encode(px, ids)
     for a, b in zip(ref, out):
         assert torch.equal(a, b)
@@ -61,7 +69,7 @@ def test_fused_copy_placement_with_folded_layernorms(tiny):
     ref = ex.encode(px, ids)
     old = {k: v[0] for k, v in ex.folded.items()}
     hostmem.place_executor(ex, "copy")
-    assert all(ex.folded[k][0].data_ptr() != w.data_ptr() for k, w in old.items())
+    assert all(ex.folded[k][0].weight.data_ptr() != w.weight.data_ptr() for k, w in old.items())
     out = ex.encode(px, ids)
     assert all(torch.equal(a, b) for a, b in zip(ref, out))
 

@@ -18,7 +18,9 @@ from dualfuse.adapters import family_of
 from dualfuse.bench import random_inputs
 from dualfuse.evaluate import similarity, zero_shot_agreement
 from dualfuse.executors.base import source_forward
-from dualfuse.quantize import COSINE_MIN, REL_ERR_MAX, _linears, weight_bytes
+from dualfuse.quantize import COSINE_MIN, REL_ERR_MAX, weight_bytes
+from dualfuse.adapters import to_spec
+from dualfuse.spec import gemm_linears
 
 ROOT = Path(__file__).resolve().parents[1]
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -47,22 +49,24 @@ def _assert_parity(got, want, what):
 
 def _assert_only_quantized_gemm_weights(ex, fmt=torch.int8):
     """The device keeps the quantized GEMM weights only: no 16-bit copy of any of them."""
-    n = 0
+    n = scales = 0
     for name in ("vision", "text"):
-        for owner, attr in _linears(getattr(ex.weights, name)):
+        for owner, attr in gemm_linears(getattr(ex.weights, name)):
             lin = getattr(owner, attr)
             if lin is not None:
                 assert lin.weight.dtype == fmt, f"{name}.{attr}: {lin.weight.dtype}"
                 assert lin.weight.device.type == ex.device.type
                 assert lin.bias is None or lin.bias.dtype == ex.dtype  # biases stay in the model dtype
                 n += 1
+                scales += lin.scale is not None and lin.scale.shape == lin.weight.shape[:1]
         assert getattr(ex.weights, name).final_ln.weight.dtype == ex.dtype
-    for key, (w, _, norm) in ex.folded.items():
-        assert w.dtype == fmt, f"folded {key}: {w.dtype}"
+    for key, (lin, norm) in ex.folded.items():
+        assert lin.weight.dtype == fmt, f"folded {key}: {lin.weight.dtype}"
         n += 1
-    if getattr(ex, "map_kv_weight", None) is not None:
-        assert ex.map_kv_weight.dtype == fmt
-    assert n > 0 and len(ex.quant.scales) >= n
+        scales += lin.scale is not None and lin.scale.shape == lin.weight.shape[:1]
+    if getattr(ex, "map_kv", None) is not None:
+        assert ex.map_kv.weight.dtype == fmt
+    assert n > 0 and scales >= n
 
 
 @pytest.mark.slow
@@ -136,6 +140,26 @@ def test_uint8_frames_with_int8_weights():
     assert any(len(k) == 4 and k[3] == "uint8" for k in ex.runners), list(ex.runners)
 
 
+def test_quantize_spec_of_one_tower():
+    """quantize_spec / weight_bytes of a single-tower spec (the other tower None): its GEMM linears quantized, with
+    their scales in Linear.scale."""
+    import dataclasses
+
+    from dualfuse.quantize import quantize_spec
+
+    spec = to_spec(_load("clip-tiny"))
+    for keep in ("vision", "text"):
+        one = dataclasses.replace(spec, **{"text" if keep == "vision" else "vision": None})
+        q = quantize_spec(one, "int8")
+        assert q.towers == (keep,)
+        for owner, attr in gemm_linears(getattr(q, keep)):
+            lin = getattr(owner, attr)
+            assert lin.weight.dtype == torch.int8 and lin.scale is not None
+            assert lin.scale.shape == (lin.weight.shape[0],)
+        wb = weight_bytes(one, "int8")
+        assert set(wb) >= {keep, "total"} and wb["total"] == wb[keep]["total"] > 0
+
+
 def test_weights_option_errors():
     model = _load("clip-tiny")
     with pytest.raises(ValueError, match=r"weights must be None or one of \['fp16', 'int8', 'fp8'\]"):
@@ -146,9 +170,9 @@ def test_weights_option_errors():
         with pytest.raises(ValueError, match=r"weights='fp8': .*compute capability >= 8\.9"):
             dualfuse.fuse(model, dtype=torch.float16, weights="fp8")
     ex = executors.get("fused", model, dtype=torch.float16, device=DEV, weights="fp16")
-    assert ex.weight_format == "fp16" and ex.quant is None
-    assert all(getattr(o, a).weight.dtype == torch.float16 for o, a in _linears(ex.weights.text)
-               if getattr(o, a) is not None)
+    assert ex.weight_format == "fp16"
+    assert all(getattr(o, a).weight.dtype == torch.float16 and getattr(o, a).scale is None
+               for o, a in gemm_linears(ex.weights.text) if getattr(o, a) is not None)
 
 
 def test_weight_bytes_vit_b32_int8_about_half():
@@ -287,3 +311,22 @@ def test_gpu_fp8_refused_below_sm89():
         pytest.skip("this GPU has fp8")
     with pytest.raises(ValueError, match=r"compute capability >= 8\.9"):
         dualfuse.fuse(_load("clip-tiny"), dtype=torch.float16, device="cuda", weights="fp8")
+
+
+def test_quantize_spec_returns_a_new_spec_whose_linears_carry_their_scales():
+    """dualfuse.quantize.quantize_spec: the source spec untouched; every GEMM linear of the new one holds int8
+    weights with their per-channel scales (Linear.scale), which spec.to() moves but never casts."""
+    from dualfuse.quantize import dequantize_weight, quantize_spec, quantize_weight
+
+    spec = to_spec(dualfuse.load("clip-tiny"))
+    q = quantize_spec(spec, "int8")
+    pairs = [(getattr(o, a), getattr(p, a)) for name in ("vision", "text")
+             for (o, a), (p, _) in zip(gemm_linears(getattr(spec, name)), gemm_linears(getattr(q, name)))]
+    assert pairs and all(src.scale is None and src.weight.dtype == torch.float32 for src, _ in pairs)
+    for src, lin in pairs:
+        want_q, want_s = quantize_weight(src.weight, "int8")
+        assert torch.equal(lin.weight, want_q) and torch.equal(lin.scale, want_s) and lin.bias is src.bias
+        assert (dequantize_weight(lin.weight, lin.scale) - src.weight).abs().max() <= want_s.max() / 2 + 1e-6
+    half = q.to(dtype=torch.float16)
+    lin = half.text.blocks[0].fc1
+    assert lin.weight.dtype == torch.int8 and lin.scale.dtype == torch.float32 and lin.bias.dtype == torch.float16

@@ -49,7 +49,7 @@ def test_byte_bound_pick_saturates_without_split_when_tiles_suffice():
     # 589,824 B in flight (12 programs): it reaches the stream floor, 26.593 µs; nothing models lower
     dims = [(50, 768, 768)]
     with target_device(get_target("orin-nano").props()):
-        cfg = heuristics._default_config(_problems(dims), None, {"regime": regime.Regime("byte-bound", 50e9, 2.0)})
+        cfg = heuristics.default_config(_problems(dims), None, {"regime": regime.Regime("byte-bound", 50e9, 2.0)})
     assert (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_stages"], cfg["programs_per_sm"]) == (
         64, 64, 128, 4, 0)
     assert cfg["tma"] is False and cfg["num_sms"] == 8
@@ -66,18 +66,18 @@ def test_byte_bound_pick_splits_k_to_cover_the_sms():
     r = regime.Regime("byte-bound", 50e9, 8.0)
     with target_device(get_target("agx-orin").props()):
         ranked = heuristics.ranked_byte_bound(dims, 2, 2, 16, get_target("agx-orin").smem_per_block, r)
-        cfg = heuristics._default_config(_problems(dims), None, {"regime": r})
+        cfg = heuristics.default_config(_problems(dims), None, {"regime": r})
     best_us, best = ranked[0]
     assert best_us == pytest.approx(48.94304)
     assert (cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_stages"], cfg["programs_per_sm"]) == (32, 256, 4, 1)
-    assert heuristics._choose_splits(dims, cfg, None, None) == [4]
+    assert heuristics.choose_splits(dims, cfg, None, None) == [4]
 
 
 def test_full_card_picks_unchanged():
     dims = [(50, 2304, 768), (77, 1536, 512)]
     with target_device(get_target("h100").props()):
-        base = heuristics._default_config(_problems(dims), None, None)
-        same = heuristics._default_config(_problems(dims), None, {"regime": "latency"})
+        base = heuristics.default_config(_problems(dims), None, None)
+        same = heuristics.default_config(_problems(dims), None, {"regime": "latency"})
     same.pop("regime", None)
     assert same == base
 

@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from dualfuse.soak import BAD_KINDS, Shape, main, shape_cycle
+from dualfuse.cli.soak import main
+from dualfuse.soak import BAD_KINDS, Shape, shape_cycle
 
 
 def test_shape_cycle_covers_batches_buckets_and_one_tower_calls():

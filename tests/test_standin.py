@@ -4,7 +4,7 @@ pretend card) — and the share-of-floor arithmetic."""
 import pytest
 import torch
 
-from dualfuse import standin
+from dualfuse import FusedConfig, GemmConfig, standin
 from dualfuse.cli import main
 
 NO_CUDA = not torch.cuda.is_available()
@@ -80,10 +80,16 @@ def test_share_of_floor_and_lines():
 
 def test_executor_kwargs_turn_tma_off_and_pick_the_byte_bound_regime():
     info = standin.StandInInfo(standin.StandInConfig("orin-nano"), 49e9)
-    kw = standin.executor_kwargs("fused", info.config, info)["gemm_config"]
-    assert kw["tma"] is False and kw["num_sms"] == 8 and kw["regime"].byte_bound
-    assert kw["regime"].bandwidth == 49e9
+    gemm = standin.executor_kwargs("fused", info.config, info)["config"].gemm
+    assert gemm.tma is False and gemm.num_sms == 8 and gemm.regime.byte_bound
+    assert gemm.regime.bandwidth == 49e9
     assert standin.executor_kwargs("graph", info.config, info) == {}
+    # over a given config: its own fields and GEMM overrides kept, the stand-in's added
+    base = FusedConfig(weights="int8", gemm=GemmConfig(BLOCK_K=64, tma=True))
+    cfg = standin.executor_kwargs("fused", info.config, info, base)["config"]
+    assert cfg.weights == "int8" and cfg.gemm.BLOCK_K == 64 and cfg.gemm.tma is False and cfg.gemm.num_sms == 8
+    d = cfg.to_dict()["gemm"]  # JSON-ready: the regime as its fields
+    assert d["regime"] == {"name": "byte-bound", "bandwidth": 49e9, "latency_us": gemm.regime.latency_us}
 
 
 def test_row_weight_bytes_int8_about_half():

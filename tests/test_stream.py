@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from dualfuse import cli, stream
+from dualfuse import FusedConfig, cli, stream
 
 
 @pytest.mark.slow
@@ -96,8 +96,15 @@ def test_stream_int8_weights_reach_the_fused_executor():
     """--weights int8: the fused executor runs weight-only int8 (dualfuse.quantize) and the result says so; another
     executor refuses it."""
     res = stream.run_stream("clip-tiny", ["a dog", "a cat"], synthetic=1, warmup=0, frame_size=(24, 32),
-                            weights="int8")
+                            weights="int8", config=FusedConfig(pdl=False))
     assert res.weights == "int8" and res.executor == "fused" and len(res.frames) == 1
-    assert res.to_dict()["weights"] == "int8"
+    d = res.to_dict()
+    assert d["weights"] == "int8" and d["stand_in"] is None
+    assert d["fused_config"]["weights"] == "int8" and d["fused_config"]["pdl"] is False  # the config, int8 over it
     with pytest.raises(ValueError, match="only the fused executor"):
         stream.run_stream("clip-tiny", "a", synthetic=1, executor="eager", weights="int8")
+
+
+def test_stream_config_is_the_fused_executors():
+    with pytest.raises(ValueError, match="config: the fused executor's options"):
+        stream.run_stream("clip-tiny", "a", synthetic=1, executor="eager", config=FusedConfig(pdl=False))

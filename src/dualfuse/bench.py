@@ -25,11 +25,13 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from .config import FusedConfig
 from .environment import environment
 from .timing import stats, sync, time_calls
 from .util import Progress
 
 DEFAULT_MODEL = "clip-vit-b-32"
+FUSED_EXECUTORS = ("fused", "auto")  # the executors that run the fused config (the others: the model's own weights)
 COSINE_PASS = 0.999  # parity criterion (stated in docs/evaluation.md and BENCHMARKS.md): per-embedding cosine >= 0.999 vs the fp32 reference
 GPU_ITERS, GPU_WARMUP = 100, 10
 CPU_ITERS, CPU_WARMUP = 10, 2
@@ -154,15 +156,21 @@ def _eager(rows: list[Row]) -> Row | None:
     return next((r for r in rows if r.executor == "eager" and r.status == "ok"), None)
 
 
-def _best_stock(rows: list[Row]) -> Row | None:
-    stock_ok = [r for r in rows if r.status == "ok" and r.stock]
-    return min(stock_ok, key=lambda r: r.median_ms) if stock_ok else None
+def best_stock(rows):
+    """The fastest stock executor's row among ``rows`` that ran ok: :class:`Row` objects, or their JSON dicts (a
+    bench file's ``results``); None when there is none."""
+    def get(r, key, default=None):
+        return r.get(key, default) if isinstance(r, dict) else getattr(r, key)
+
+    stock_ok = [r for r in rows if get(r, "status", "ok") == "ok" and get(r, "stock", True)
+                and isinstance(get(r, "median_ms"), (int, float))]
+    return min(stock_ok, key=lambda r: get(r, "median_ms")) if stock_ok else None
 
 
 def add_speedups(rows: list[Row]) -> tuple[Row | None, Row | None]:
     """Fill each ok row's speedups, baseline median / this median (bigger is better): vs eager and vs the fastest
     stock executor of the same run. Returns (the eager row, the best stock row), None where there is none."""
-    eager, best = _eager(rows), _best_stock(rows)
+    eager, best = _eager(rows), best_stock(rows)
     for r in rows:
         if r.status != "ok":
             continue
@@ -197,6 +205,7 @@ class BenchResult:
     energy_meter: str | None = None  # the meter's source, None when asked for and unavailable
     energy_line: str | None = None  # what the meter said when opened (printed by the CLI)
     weights: str = "fp16"  # the fused executor's weights: "fp16" (the dtype, unquantized), "int8" or "fp8"
+    fused_config: FusedConfig = field(default_factory=FusedConfig)  # the fused executor's options
     stand_in: dict | None = None  # dualfuse.standin.StandInInfo.to_dict() of a stand-in run
     rows: list[Row] = field(default_factory=list)
     command: str | None = None
@@ -212,7 +221,7 @@ class BenchResult:
 
     @property
     def best_stock(self) -> Row | None:
-        return _best_stock(self.rows)
+        return best_stock(self.rows)
 
     @property
     def quantized_cosine_pass(self) -> float | None:
@@ -239,7 +248,8 @@ class BenchResult:
             model=self.summary, eager_median_ms=eager.median_ms if eager else None,
             best_stock=best.executor if best else None,
             sms=self.green_context["sms"] if self.green_context else None, green_context=self.green_context,
-            energy_meter=self.energy_meter if self.energy else None, stand_in=self.stand_in,
+            energy_meter=self.energy_meter if self.energy else None,
+            fused_config=self.fused_config.to_dict(), stand_in=self.stand_in,
             results=[asdict(r) for r in self.rows],
         )
 
@@ -254,7 +264,8 @@ def run_bench(model: str = DEFAULT_MODEL, *, executors: list[str] | None = None,
               text_length: int | None = None, dtype=None, device=None, iters: int | None = None,
               warmup: int | None = None, input_sets: int = 4, seed: int = 0, energy: bool = False,
               energy_seconds: float = 2.0, green_context: dict | None = None, weights: str | None = None,
-              stand_in=None, progress: Progress | None = None) -> BenchResult:
+              config: FusedConfig | None = None, stand_in=None,
+              progress: Progress | None = None) -> BenchResult:
     """Time every executor in ``executors`` (default all registered) on ``model`` (see the module docstring).
 
     ``image_batch``/``text_batch`` default to ``batch`` (0 = that tower not run); ``iters``/``warmup`` default to
@@ -262,25 +273,25 @@ def run_bench(model: str = DEFAULT_MODEL, *, executors: list[str] | None = None,
     executor. ``green_context``: what :func:`dualfuse.green.enter` returned, when the caller entered one (it must be
     entered before anything touches CUDA, so not here). ``weights``: the fused executor's weights (None / "fp16":
     unquantized; "int8" / "fp8": weight-only, dualfuse.quantize), its row then checked against
-    quantize.COSINE_MIN; the other executors run the model's own weights. ``stand_in``: a Jetson target name or
+    quantize.COSINE_MIN; the other executors run the model's own weights. ``config``: the fused executor's options
+    (``weights``, when given, overrides its field). ``stand_in``: a Jetson target name or
     dualfuse.standin.StandInConfig: the run becomes the edge-regime stand-in (that module's docstring): the target's
     SMs in a green context (entered here unless ``green_context`` is given), every executor's weights in host-mapped
-    memory, the bandwidth measured first, each row's share of the stand-in floor. Bad arguments raise ValueError; an
-    executor that fails gets a row saying why."""
+    memory (the fused executor's GEMM config gets the stand-in's overrides), the bandwidth measured first, each row's
+    share of the stand-in floor. Bad arguments raise ValueError; an executor that fails gets a row saying why."""
     from . import executors as registry
     from . import presets, reference
     from .adapters import to_spec
-    from .executors.base import ExecutorUnavailable, NeedsCUDA, dtype_name, resolve_device, resolve_dtype
-
-    from .quantize import resolve_weights
-
     from . import standin as SI
+    from .executors.base import ExecutorUnavailable, NeedsCUDA, dtype_name, resolve_device, resolve_dtype
+    from .quantize import resolve_weights
 
     stand_cfg = SI.resolve(stand_in)  # StandInError (a ValueError) for an unknown target
     if stand_cfg is not None and green_context is None:
         green_context = SI.enter(stand_cfg)  # before anything touches CUDA: no CUDA / SM count -> StandInError
     progress = progress or Progress()
-    weights = resolve_weights(weights)  # ValueError for an unknown format (fp8 on this device: the fused row says)
+    fused_config = (config or FusedConfig()).with_overrides(**({} if weights is None else {"weights": weights}))
+    weights = resolve_weights(fused_config.weights)  # fp8 on this device: the fused row says
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     cuda = device.type == "cuda"
@@ -319,6 +330,8 @@ def run_bench(model: str = DEFAULT_MODEL, *, executors: list[str] | None = None,
         raise SI.StandInError(f"--stand-in needs a CUDA device, got --device {device}")
     inputs = random_inputs(spec, bi, bt, length, sets=input_sets, seed=seed, device=device, dtype=dtype)
     stand_info = SI.measure(stand_cfg, green_context) if stand_cfg is not None else None
+    if stand_info is not None:  # the fused executor's GEMMs: pointer loads, byte-bound configs, the target's SMs
+        fused_config = SI.fused_config(stand_cfg, stand_info, fused_config)
     if stand_cfg is not None and stand_cfg.activations == "host":
         from .hostmem import place_inputs
         inputs = place_inputs(inputs, "host")
@@ -326,7 +339,7 @@ def run_bench(model: str = DEFAULT_MODEL, *, executors: list[str] | None = None,
     result = BenchResult(model=model, family=spec.family, summary=spec.summary(), image_batch=bi, text_batch=bt,
                          text_length=length, dtype=dtype_name(dtype), device=str(device), iters=iters,
                          warmup=warmup, input_sets=len(inputs), environment=environment(device),
-                         green_context=green_context, energy=energy, weights=weights,
+                         green_context=green_context, energy=energy, weights=weights, fused_config=fused_config,
                          stand_in=stand_info.to_dict() if stand_info else None)
     ref_spec = spec.to(device=device, dtype=torch.float32)
     with torch.no_grad():
@@ -353,19 +366,20 @@ def run_bench(model: str = DEFAULT_MODEL, *, executors: list[str] | None = None,
         ex = None
         try:
             t0 = time.perf_counter()
-            wkw = _weights_kwargs(name, weights)
             if stand_cfg is not None and not SI.placeable(registry.executor_class(name)):
                 raise ExecutorUnavailable(f"stand-in: {name} keeps its weights in its own runtime's memory, which "
                                           "cannot be placed in host memory")
-            skw = SI.executor_kwargs(name, stand_cfg, stand_info) if stand_cfg is not None else {}
-            ex = registry.get(name, source, dtype=dtype, device=device, spec=spec, **wkw, **skw)
+            # the fused executors run the options (the stand-in's GEMM overrides included); the others the model's
+            # own weights
+            fkw = {"config": fused_config} if name in FUSED_EXECUTORS else {}
+            ex = registry.get(name, source, dtype=dtype, device=device, spec=spec, **fkw)
             if stand_cfg is not None:  # every weight byte over PCIe, before the first call builds anything
                 from .hostmem import place_executor
                 try:
                     place_executor(ex, "host")
                 except ValueError as e:
                     raise ExecutorUnavailable(f"stand-in: {e}") from None
-                row.weight_bytes = SI.row_weight_bytes(spec, name, wkw.get("weights"), dtype, towers)
+                row.weight_bytes = SI.row_weight_bytes(spec, name, weights if fkw else None, dtype, towers)
             row.build_s = time.perf_counter() - t0
             row.stock, row.notes = bool(getattr(ex, "stock", True)), run_label(getattr(ex, "notes", ""), device)
             progress.phase(name, "first call + check")
@@ -375,7 +389,7 @@ def run_bench(model: str = DEFAULT_MODEL, *, executors: list[str] | None = None,
             sync(device)
             row.first_call_s = time.perf_counter() - t0
             # the quantized bound only where the weights are quantized (a fused executor that fell back is not)
-            row.cosine_pass = _min_cosine(wkw.get("weights") if getattr(ex, "fallback", None) is None else None)
+            row.cosine_pass = _min_cosine(weights if fkw and getattr(ex, "fallback", None) is None else None)
             for k, val in cosine_check(outs, refs, row.cosine_pass).items():
                 setattr(row, k, val)
             del outs
@@ -419,11 +433,6 @@ def run_bench(model: str = DEFAULT_MODEL, *, executors: list[str] | None = None,
 
     add_speedups(result.rows)
     return result
-
-
-def _weights_kwargs(name: str, weights: str | None) -> dict:
-    """``weights``: passed to the fused executor (the others run the model's own weights)."""
-    return {"weights": weights} if name in ("fused", "auto") and weights not in (None, "fp16") else {}
 
 
 def _min_cosine(weights: str | None) -> float:

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .config import FusedConfig
 from .util import Progress
 
 COSINE_PASS = 0.999
@@ -297,6 +298,7 @@ class EvalResult:
     criteria: dict  # the fused executor's PASS bounds (quantized ones with weights_format int8 / fp8); each result
     #                 holds the bounds it was judged by
     weights_format: str = "fp16"  # the fused executor's weights: "fp16" (the dtype, unquantized), "int8" or "fp8"
+    fused_config: FusedConfig = field(default_factory=FusedConfig)  # the fused executor's options
     results: list[dict] = field(default_factory=list)
     date: str = ""
     command: str | None = None
@@ -310,7 +312,7 @@ class EvalResult:
                     weights=self.weights, dtype=self.dtype, device=self.device, card=self.environment.get("card"),
                     environment=self.environment, date=self.date, data=self.data, tokenizer=self.tokenizer,
                     preprocessing=self.preprocessing, criteria=self.criteria, weights_format=self.weights_format,
-                    passed=self.passed,
+                    passed=self.passed, fused_config=self.fused_config.to_dict(),
                     results=self.results)
 
 
@@ -370,7 +372,7 @@ def run_eval(model: str = DEFAULT_MODEL, executors: list[str] = (DEFAULT_EXECUTO
         tokenizer=(dict(kind=tok.kind, description=tok.describe()) if tok is not None
                    else dict(kind="none", description="a vision tower alone: no text")),
         preprocessing=dict(image_size=pre.image_size, mean=list(pre.mean), std=list(pre.std), source=pre.source),
-        criteria=pass_criteria(dt, weights), weights_format=weights)
+        criteria=pass_criteria(dt, weights), weights_format=weights, fused_config=FusedConfig(weights=weights))
     progress.start(result)
 
     ref = reference_embeddings(spec, data, tok, device, batch_size)
@@ -378,8 +380,8 @@ def run_eval(model: str = DEFAULT_MODEL, executors: list[str] = (DEFAULT_EXECUTO
         progress.begin(name)
         res = dict(executor=name, status="ok")
         try:
-            wkw = {"weights": weights} if name == "fused" and weights != "fp16" else {}
-            ex = registry.get(name, source, dtype=dt, device=device, spec=spec, **wkw)
+            fkw = {"config": result.fused_config} if name == "fused" else {}  # the others: the model's own weights
+            ex = registry.get(name, source, dtype=dt, device=device, spec=spec, **fkw)
             res.update(evaluate_executor(ex, data, tok, ref, batch_size=batch_size))
             del ex
         except ExecutorUnavailable as e:

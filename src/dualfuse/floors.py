@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from .config import SCALE_BYTES
 from .plan import Step, make_plan
 from .spec import DualEncoderSpec, PatchEmbed, TowerSpec
 from .targets import Target, get_target, target_for_card
@@ -133,7 +134,7 @@ def weight_bytes_of(groups: dict, weights: str = "fp16", elt: int = 2, scale_byt
     ``scales``, ``other`` (biases, LayerNorms, embeddings) and ``total``. dualfuse.quantize.weight_bytes counts
     with it too."""
     if scale_bytes is None:
-        from .quantize import SCALE_BYTES as scale_bytes
+        scale_bytes = SCALE_BYTES
     quant = weights != "fp16"
     lin = groups["linear"] * (1 if quant else elt)
     scales = groups["linear_out_channels"] * scale_bytes if quant else 0
@@ -186,7 +187,7 @@ def floors(spec: DualEncoderSpec, target: str | Target, image_batch: int = 1, te
     bytes per int8 scale, default the fused executor's (fp32: 4, dualfuse.quantize.SCALE_BYTES)."""
     target = get_target(target)
     if scale_bytes is None:
-        from .quantize import SCALE_BYTES as scale_bytes
+        scale_bytes = SCALE_BYTES
     if scale_bytes not in (2, 4):
         raise ValueError(f"scale_bytes must be 2 (fp16 scales) or 4 (fp32), got {scale_bytes!r}")
     fold_ln = default_fold_ln(target) if fold_ln is None else fold_ln

@@ -201,14 +201,15 @@ def _place_tree(obj, p: Placement):
     return obj
 
 
-FUSED_WEIGHT_ATTRS = ("frame_patch", "map_query", "map_kv_weight", "map_kv_bias")
+FUSED_WEIGHT_ATTRS = ("frame_patch", "map_query", "map_kv")
 
 
 def place_fused_executor(ex, placement) -> int:
-    """Move a fused executor's weights (``ex.weights`` — packed fp16 or int8 / fp8 GEMM weights and their scales —,
-    the folded LayerNorm GEMMs, the frame patch embedding, SigLIP's probe) by ``placement``. Call before its first
-    call: runners built earlier keep the old addresses and are dropped. Returns the bytes moved. A fused executor
-    that fell back to a stock one gets that one's parameters moved instead."""
+    """Move a fused executor's weights (``ex.weights`` — packed fp16 or int8 / fp8 GEMM weights, their scales in the
+    spec's ``Linear.scale`` —, the folded LayerNorm GEMMs, the frame patch embedding, SigLIP's probe) by
+    ``placement``. Call before its first call: runners built earlier keep the old addresses and are dropped. Moving
+    turns the GEMMs' tensor-descriptor loads off (``tma=False`` in ``ex.config.gemm``). Returns the bytes moved. A
+    fused executor that fell back to a stock one gets that one's parameters moved instead."""
     p = get_placement(placement)
     before = p.placed_bytes
     fallback = getattr(ex, "fallback", None)
@@ -220,14 +221,9 @@ def place_fused_executor(ex, placement) -> int:
     for name in FUSED_WEIGHT_ATTRS:
         if getattr(ex, name, None) is not None:
             setattr(ex, name, _place_tree(getattr(ex, name), p))
-    quant = getattr(ex, "quant", None)
-    if quant is not None and p.moves:  # scales looked up by weight address: register them under the new ones
-        for (ptr, shape, dtype), scale in list(quant.scales.items()):
-            for key, placed in list(p._memo.items()):
-                if key[0] == ptr and key[1] == shape and key[3] == dtype:
-                    quant.register(placed, p.place(scale))
     if p.moves:
-        ex.gemm_config = {**getattr(ex, "gemm_config", {}), **NO_TMA}
+        ex.config = ex.config.with_overrides(gemm=dataclasses.replace(ex.config.gemm, **NO_TMA))
+        ex.gemm_config = ex.config.gemm.to_dict()
     return p.placed_bytes - before
 
 

@@ -26,24 +26,20 @@ import dataclasses
 
 import torch
 
+from .config import SCALE_BYTES, SCALE_DTYPE, weight_format
+from .floors import tower_weights, weight_bytes_of
 from .kernels.gemm.problems import FP8_E4M3, fp8_unsupported_reason
+from .spec import Linear, gemm_linears
 
-WEIGHT_FORMATS = ("fp16", "int8", "fp8")  # "fp16": the executor's dtype (fp16 / bf16 / fp32), unquantized
 QMAX = {"int8": 127.0, "fp8": 448.0}
 COSINE_MIN = 0.995  # per-embedding cosine vs the fp32 reference, quantized weights
 REL_ERR_MAX = 0.1  # ||out - ref|| / ||ref|| over all embeddings, quantized weights
-SCALE_DTYPE = torch.float32  # the per-channel scales the fused executor stores (QuantizedWeights)
-SCALE_BYTES = torch.finfo(SCALE_DTYPE).bits // 8
 
 
 def resolve_weights(weights, device=None) -> str:
     """The weight format of ``weights=`` (None -> "fp16"); ValueError for an unknown value, or for "fp8" where
     the device has no fp8 (compute capability < 8.9, the CPU interpreter)."""
-    if weights is None:
-        return "fp16"
-    if not isinstance(weights, str) or weights not in WEIGHT_FORMATS:
-        raise ValueError(f"weights must be None or one of {list(WEIGHT_FORMATS)} (fp16: unquantized, the executor's "
-                         f"dtype; int8 / fp8: weight-only, one scale per output channel), got {weights!r}")
+    weights = weight_format(weights)
     if weights == "fp8" and device is not None:
         why = fp8_unsupported_reason(device)
         if why is not None:
@@ -81,53 +77,43 @@ def dequantize_weight(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.float() * scale.float()[:, None]
 
 
-class QuantizedWeights:
-    """The quantized weights of a fused executor: each weight tensor the runners pass to the GEMM (by address) ->
-    its per-channel scale. Built by :func:`quantize_executor`; ``attach`` gives a LinearProblem its scale."""
-
-    def __init__(self, fmt: str, scale_dtype: torch.dtype = SCALE_DTYPE):
-        self.fmt, self.scale_dtype = fmt, scale_dtype
-        self.scales: dict[tuple, torch.Tensor] = {}
-
-    @staticmethod
-    def _key(w: torch.Tensor) -> tuple:
-        return (w.data_ptr(), tuple(w.shape), w.dtype)
-
-    def quantize(self, weight: torch.Tensor, device) -> torch.Tensor:
-        q, s = quantize_weight(weight.to(device), self.fmt, self.scale_dtype)
-        self.register(q, s)
-        return q
-
-    def register(self, q: torch.Tensor, scale: torch.Tensor) -> None:
-        self.scales[self._key(q)] = scale
-
-    def attach(self, problem):
-        """The LinearProblem with its weight's scale (a 16-bit weight: as it is)."""
-        w = getattr(problem, "weight", None)  # the runners pass every step's problem (LayerNorm, attention, ...)
-        if not isinstance(w, torch.Tensor) or w.dtype not in (torch.int8, FP8_E4M3) or problem.weight_scale is not None:
-            return problem
-        scale = self.scales.get(self._key(problem.weight))
-        if scale is None:  # every quantized weight is registered when it is made
-            raise AssertionError(f"quantized weight {tuple(problem.weight.shape)} has no registered scale")
-        return dataclasses.replace(problem, weight_scale=scale)
+def quantize_linear(linear: Linear, fmt: str = "int8", device=None, scale_dtype: torch.dtype = SCALE_DTYPE) -> Linear:
+    """A new Linear: ``linear``'s weight quantized per output channel (on ``device``), its scale in
+    ``Linear.scale``, the bias as it is."""
+    q, scale = quantize_weight(linear.weight.to(device), fmt, scale_dtype)
+    return Linear(q, linear.bias, scale)
 
 
-def _linears(tower):
-    """(owner, attribute) of every linear layer of a tower the fused GEMMs run."""
-    for blk in tower.blocks:
-        for name in ("qkv", "out", "fc1", "fc2"):
-            yield blk, name
-    if tower.projection is not None:
-        yield tower, "projection"
-    if tower.pool_head is not None:
-        for name in ("qkv", "out", "fc1", "fc2"):
-            yield tower.pool_head, name
+def quantize_spec(spec, fmt: str = "int8", device=None):
+    """A new spec whose GEMM linear layers (spec.gemm_linears; a None one, replaced by a folded copy in an
+    executor's weights, stays None) carry int8 / fp8 weights on ``device`` with their per-channel scales
+    (``Linear.scale``); the rest shared with ``spec``."""
+    out = spec.map_tensors(lambda t: t)  # new dataclasses, tensors shared
+    for name in out.towers:  # a single tower's spec has the other one None
+        for owner, attr in gemm_linears(getattr(out, name)):
+            lin = getattr(owner, attr)
+            if lin is not None:
+                setattr(owner, attr, quantize_linear(lin, fmt, device))
+    return out
+
+
+def quantize_folded(folded: dict, fmt: str, device, dtype: torch.dtype) -> dict:
+    """The fused executor's folded LN -> GEMM layers (``{key: (Linear, FoldedLayerNorm)}``, folded in fp32) as a
+    new dict of quantized ones: biases in ``dtype``, the LayerNorms' column sums those of the dequantized weights
+    (what the GEMM multiplies)."""
+    out = {}
+    for key, (lin, norm) in folded.items():
+        q = quantize_linear(lin, fmt, device)
+        colsum = dequantize_weight(q.weight, q.scale).sum(dim=1).contiguous()
+        out[key] = (Linear(q.weight, None if lin.bias is None else lin.bias.to(dtype), q.scale),
+                    dataclasses.replace(norm, colsum=colsum))
+    return out
 
 
 def to_device_but_gemm_weights(spec, device, dtype):
-    """``spec.to(device, dtype)`` except the GEMM weights, which stay the source's tensors (quantize_executor
-    replaces them with their quantized copies): no transient 16-bit copy of them on the device."""
-    keep = {id(getattr(o, a).weight) for name in spec.towers for o, a in _linears(getattr(spec, name))}
+    """``spec.to(device, dtype)`` except the GEMM weights, which stay the source's tensors (quantize_spec then
+    makes their quantized copies): no transient 16-bit copy of them on the device."""
+    keep = {id(getattr(o, a).weight) for name in spec.towers for o, a in gemm_linears(getattr(spec, name))}
 
     def move(t: torch.Tensor) -> torch.Tensor:
         if id(t) in keep:
@@ -138,35 +124,6 @@ def to_device_but_gemm_weights(spec, device, dtype):
         return t.to(device).contiguous()
 
     return spec.map_tensors(move)
-
-
-def quantize_executor(ex) -> QuantizedWeights:
-    """Quantize a fused executor's linear weights in place (``ex.weights``, ``ex.folded``, SigLIP's ``map_kv``):
-    each from the fp32 source (``ex.spec``; folded ones from their fp32 fold), the 16-bit device copy dropped.
-    The folded LayerNorms' column sums become those of the dequantized weights (what the GEMM multiplies)."""
-    qw = QuantizedWeights(ex.weight_format)
-    dev = ex.device
-    for name in ex.spec.towers:
-        src, dst = getattr(ex.spec, name), getattr(ex.weights, name)
-        for (s_owner, attr), (d_owner, _) in zip(_linears(src), _linears(dst)):
-            d_lin = getattr(d_owner, attr)
-            if d_lin is None:  # replaced by a folded copy (fold_ln)
-                continue
-            s_lin = getattr(s_owner, attr)
-            setattr(d_owner, attr, dataclasses.replace(d_lin, weight=qw.quantize(s_lin.weight, dev)))
-        head = dst.pool_head
-        if head is not None and getattr(ex, "map_kv_weight", None) is not None:
-            # the probe's K/V projection: rows d: of the packed head QKV (per-row scales slice with them)
-            d = dst.width
-            q = head.qkv.weight[d:]
-            scale = qw.scales[qw._key(head.qkv.weight)][d:]
-            qw.register(q, scale)
-            ex.map_kv_weight = q
-    for key, (w, b, norm) in list(ex.folded.items()):
-        q = qw.quantize(w, dev)
-        colsum = dequantize_weight(q, qw.scales[qw._key(q)]).sum(dim=1).contiguous()
-        ex.folded[key] = (q, None if b is None else b.to(ex.dtype), dataclasses.replace(norm, colsum=colsum))
-    return qw
 
 
 # ---- bytes ----------------------------------------------------------------------------------------------------
@@ -182,8 +139,6 @@ def weight_bytes(model, weights: str | None = None, dtype: torch.dtype | None = 
     Not counted: the token embedding table (a call gathers only its own rows) and activations. Both towers, or
     those in ``towers`` (("vision",) for an image-only call). The element counts are dualfuse.floors' (the
     device floors' weight bytes are these, plus the token rows a call gathers)."""
-    from .floors import tower_weights, weight_bytes_of
-
     spec = getattr(model, "spec", model)
     if weights is None:
         weights = getattr(model, "weight_format", "fp16")
@@ -192,6 +147,7 @@ def weight_bytes(model, weights: str | None = None, dtype: torch.dtype | None = 
         dtype = getattr(model, "dtype", None) if not hasattr(model, "vision") else None
         dtype = dtype or torch.float16
     elt = torch.finfo(dtype).bits // 8
+    towers = tuple(n for n in towers if getattr(spec, n) is not None)  # a single tower: the other is None
     out = {}
     for name in towers:
         t = getattr(spec, name)
@@ -213,7 +169,7 @@ def dequantized_spec(spec, fmt: str = "int8"):
     out = spec.map_tensors(lambda t: t)  # new dataclasses, tensors shared
     for name in out.towers:
         tower = getattr(out, name)
-        for owner, attr in _linears(tower):
+        for owner, attr in gemm_linears(tower):
             lin = getattr(owner, attr)
             w = deq(lin.weight)
             if owner is tower.pool_head and attr == "qkv":

@@ -16,7 +16,8 @@ import math
 import os
 from collections import OrderedDict
 
-from .util import slug
+from .bench import best_stock
+from .util import format_number, slug
 
 NOT_EMULATED = ("green contexts limit SMs only: memory bandwidth, clocks, L2 size and power limits stay those of "
                 "the big card")
@@ -112,9 +113,7 @@ def _ok(row: dict) -> bool:
 
 
 def _num(x, fmt="{:.3f}"):
-    if x is None or (isinstance(x, float) and (math.isnan(x) or math.isinf(x))):
-        return "—"
-    return fmt.format(x)
+    return format_number(x, fmt)
 
 
 # --------------------------------------------------------------------------------------------- plots
@@ -189,9 +188,9 @@ def _row(run, name):
     return next((x for x in run.get("results", []) if x.get("executor") == name), None)
 
 
-def _best_stock(run) -> float | None:
-    ms = [x["median_ms"] for x in run.get("results", []) if _ok(x) and x.get("stock", True)]
-    return min(ms) if ms else None
+def _best_stock_ms(run) -> float | None:
+    best = best_stock(run.get("results", []))
+    return best["median_ms"] if best is not None else None
 
 
 def _group_full(bench):
@@ -267,7 +266,7 @@ def section_latency(bench, outdir) -> list[str]:
         for n in names:
             vals = []
             for r in runs:
-                row, best = _row(r, n), _best_stock(r)
+                row, best = _row(r, n), _best_stock_ms(r)
                 vals.append(best / row["median_ms"] if row and _ok(row) and best else None)
             spd[n] = vals
         img2 = f"speedup-{stem}.png"

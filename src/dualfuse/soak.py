@@ -23,19 +23,21 @@ Checks (exit status 1 when one fails):
 - ``runners_bounded``: the cache never holds more than ``max_graphs`` runners and no runner is built after the
   warm-up (the cycle's runner keys fit in max_graphs).
 
-Writes ``soak.json`` and ``soak.png`` (memory and latency over calls) under ``--out`` and prints a rich table.
+Library: :func:`run_soak` (a model) and :func:`soak` (an executor) return a :class:`SoakResult`; the command line
+is dualfuse/cli/soak.py (run as ``benchmarks/soak.py``), the plot dualfuse/soak_plot.py. The command writes
+``soak.json`` and ``soak.png`` (memory and latency over calls) under ``--out`` and prints a rich table.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import sys
 import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
+
+from .config import FusedConfig, config_of
+
+from .timing import percentile
 
 # host RSS: /proc/self/statm (Linux); elsewhere the peak RSS from getrusage
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -143,17 +145,60 @@ def _same(a, b) -> bool:
     return (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
 
 
-def percentile(values, q: float) -> float:
-    s = sorted(values)
-    if not s:
-        return float("nan")
-    i = min(len(s) - 1, max(0, int(round(q / 100 * (len(s) - 1)))))
-    return s[i]
+@dataclass
+class SoakResult:
+    """One soak: what ran, per-shape latency, memory samples, bad calls and the checks (module docstring).
+    ``to_dict()`` is soak.json."""
+
+    executor: str
+    device: str
+    device_name: str
+    dtype: str
+    calls: int
+    warmup_s: float
+    elapsed_s: float
+    shapes: list
+    per_shape: dict
+    memory: dict
+    samples: list
+    per_call: list  # (call index, shape label, ms)
+    bad_calls: list
+    exact_failures: list
+    checks: dict
+    ok: bool
+    model: str | None = None
+    fused_config: FusedConfig | None = None  # the fused executor's options
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("fused_config", "extra")}
+        d["fused_config"] = self.fused_config.to_dict() if self.fused_config is not None else None
+        return d | self.extra
+
+
+def run_soak(model: str, calls: int, *, device, dtype, image_batches=(1, 2, 4, 8), text_batches=(1, 8, 64),
+             bad_every: int = 97, check_every: int = 10, config: FusedConfig | None = None, log=None) -> SoakResult:
+    """Build the fused executor for ``model`` (a preset name or local path; ``config``: its options) and soak it
+    over the cycle of ``image_batches`` x ``text_batches`` shapes (:func:`shape_cycle`). ``max_graphs`` is raised
+    to the cycle's runner count: a soak measures replays, not LRU churn."""
+    from . import load
+    from .executors.fused import FusedExecutor
+
+    probe = FusedExecutor(load(model), dtype=dtype, device=device, config=config)
+    shapes = shape_cycle(probe.io.context_length, probe.text_buckets, image_batches=image_batches,
+                         text_batches=text_batches)
+    keys = {probe.runner_key(s.images, s.texts, s.text_len) for s in shapes}
+    probe.max_graphs = max(probe.max_graphs, len(keys))
+    if log is not None:
+        log(f"soak: {model} {dtype} on {device}: {calls} calls over {len(shapes)} shapes ({len(keys)} runners)")
+    result = soak(probe, calls, shapes=shapes, bad_every=bad_every, check_every=check_every, log=log)
+    result.model = model
+    return result
 
 
 def soak(ex, calls: int, *, shapes: list[Shape] | None = None, bad_every: int = 97, check_every: int = 10,
-         sample_every: int | None = None, seed: int = 0, log=None) -> dict:
-    """Run the soak on executor ``ex`` (a FusedExecutor); returns the result dict (samples, per-shape latency,
+         sample_every: int | None = None, seed: int = 0, log=None) -> SoakResult:
+    """Run the soak on executor ``ex`` (a FusedExecutor): a :class:`SoakResult` (samples, per-shape latency,
     checks). ``calls`` counts measured calls (good and bad), after one warm-up pass over the shapes."""
     dev, cuda = ex.device, ex.device.type == "cuda"
     io = ex.io
@@ -239,7 +284,7 @@ def soak(ex, calls: int, *, shapes: list[Shape] | None = None, bad_every: int = 
     mem_ok = all(v["growth"] <= 0.01 for v in mem.values() if v["checked"])
     per_shape, lat_ok = {}, True
     for label, v in lat.items():
-        p50, p99 = percentile(v, 50), percentile(v, 99)
+        p50, p99 = percentile(v, 50, nearest=True), percentile(v, 99, nearest=True)
         checked_shape = len(v) >= 20 and cuda  # on CPU the interpreter's times follow the machine's load
         ok = (p99 <= 1.5 * p50) if checked_shape else None
         lat_ok &= ok is not False
@@ -259,137 +304,11 @@ def soak(ex, calls: int, *, shapes: list[Shape] | None = None, bad_every: int = 
                             "detail": {"max_runners": max_runners, "max_graphs": max_graphs,
                                        "built_after_warmup": len(ex.build_times) - built_after_warmup}},
     }
-    return {
-        "executor": getattr(ex, "name", type(ex).__name__), "device": str(dev),
-        "device_name": torch.cuda.get_device_name(dev) if cuda else "cpu", "dtype": str(ex.dtype),
-        "calls": calls, "warmup_s": warmup_s, "elapsed_s": elapsed, "shapes": [asdict(s) | {"label": s.label}
-                                                                             for s in shapes],
-        "per_shape": per_shape, "memory": mem, "samples": samples, "per_call": per_call, "bad_calls": bad,
-        "exact_failures": exact_fail + after_bad_fail, "checks": checks,
-        "ok": all(c["ok"] for c in checks.values()),
-    }
-
-
-def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
-    xs = [m["call"] for m in result["samples"]]
-    for key, name in (("allocated", "CUDA allocated"), ("reserved", "CUDA reserved"), ("rss", "host RSS")):
-        if result["samples"] and key in result["samples"][0]:
-            a.plot(xs, [m[key] / 2**20 for m in result["samples"]], label=name)
-    a.set_ylabel("MiB")
-    a.ticklabel_format(axis="y", useOffset=False, style="plain")
-    for bad in result["bad_calls"]:
-        a.axvline(bad["call"], color="0.85", lw=0.5, zorder=0)
-    a.legend()
-    a.set_title(f"soak: {result['calls']} calls, {result['executor']} on {result['device_name']}")
-    labels = sorted({c[1] for c in result["per_call"]})
-    for label in labels:
-        pts = [(c[0], c[2]) for c in result["per_call"] if c[1] == label]
-        b.scatter([p[0] for p in pts], [p[1] for p in pts], s=3, label=label)
-    b.set_yscale("log")
-    b.set_ylabel("ms per call")
-    b.set_xlabel("call")
-    b.legend(fontsize=6, ncol=3, markerscale=3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def print_table(result: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    t = Table(title=f"soak: {result['calls']} calls on {result['device_name']} ({result['dtype']}), "
-                    f"{result['elapsed_s']:.1f} s")
-    for col in ("shape", "calls", "p50 ms", "p99 ms", "p99/p50", "ok"):
-        t.add_column(col, justify="left" if col == "shape" else "right")
-    for label, v in result["per_shape"].items():
-        ratio = f"{v['p99_over_p50']:.2f}" if v["p99_over_p50"] else "-"
-        t.add_row(label, str(v["calls"]), f"{v['p50_ms']:.3f}", f"{v['p99_ms']:.3f}", ratio,
-                  {True: "yes", False: "NO", None: "n/a"}[v["ok"]])
-    console.print(t)
-    c = Table(title="checks")
-    for col in ("check", "ok", "detail"):
-        c.add_column(col)
-    for name, v in result["checks"].items():
-        c.add_row(name, "yes" if v["ok"] else "NO", str(v["detail"]))
-    console.print(c)
-
-
-# CPU default: 80 calls of clip-tiny ran in 101 s wall (87 s of calls, ~1.1 s a call through the interpreter) on a
-# 2-core machine; 500 calls took 20.6 min there under load (~9 min unloaded), too slow for CI
-CPU_CALLS = 80
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="preset name or local path (default clip-vit-b-32 on CUDA, "
-                                                 "clip-tiny on CPU)")
-    p.add_argument("--calls", type=int, default=None,
-                   help=f"measured calls (default 10000 on CUDA, {CPU_CALLS} on CPU)")
-    p.add_argument("--out", default="soak-results", help="folder for soak.json and soak.png")
-    p.add_argument("--dtype", default=None, help="fp16 | bf16 | fp32 (default fp16 on CUDA, fp32 on CPU)")
-    p.add_argument("--device", default=None, help="default cuda when there is one, else cpu (Triton interpreter)")
-    p.add_argument("--bad-every", type=int, default=None, help="one bad call every N calls (default 97; 10 on CPU)")
-    p.add_argument("--check-every", type=int, default=None, help="compare every N-th call with its reference "
-                                                                 "(default 10; 1 on CPU)")
-    p.add_argument("--image-batches", default=None, help="comma list (default 1,2,4,8; 1,2 on CPU)")
-    p.add_argument("--text-batches", default=None, help="comma list (default 1,8,64; 1,2 on CPU)")
-    p.add_argument("--no-plot", action="store_true")
-    args = p.parse_args(argv)
-
-    cpu = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cpu")
-    if cpu:
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are imported
-    import dualfuse
-    from dualfuse.executors.fused import FusedExecutor
-
-    def ints(s, default):
-        if s is None:
-            return default
-        try:
-            vals = tuple(int(v) for v in s.split(","))
-        except ValueError:
-            raise SystemExit(f"expected a comma list of positive ints, got {s!r}") from None
-        if not vals or min(vals) < 1:
-            raise SystemExit(f"expected a comma list of positive ints, got {s!r}")
-        return vals
-
-    calls = args.calls if args.calls is not None else (CPU_CALLS if cpu else 10000)
-    if calls < 1:
-        raise SystemExit(f"--calls must be >= 1, got {calls}")
-    model = args.model or ("clip-tiny" if cpu else "clip-vit-b-32")
-    dtype = args.dtype or ("fp32" if cpu else "fp16")
-    image_batches = ints(args.image_batches, (1, 2) if cpu else (1, 2, 4, 8))
-    text_batches = ints(args.text_batches, (1, 2) if cpu else (1, 8, 64))
-    device = args.device or ("cpu" if cpu else "cuda")
-
-    # max_graphs: every runner of the cycle stays cached (a soak measures replays, not LRU churn)
-    probe = FusedExecutor(dualfuse.load(model), dtype=dtype, device=device)
-    shapes = shape_cycle(probe.io.context_length, probe.text_buckets, image_batches=image_batches,
-                         text_batches=text_batches)
-    keys = {probe.runner_key(s.images, s.texts, s.text_len) for s in shapes}
-    ex = probe
-    ex.max_graphs = max(ex.max_graphs, len(keys))
-    print(f"soak: {model} {dtype} on {device}: {calls} calls over {len(shapes)} shapes ({len(keys)} runners)")
-    result = soak(ex, calls, shapes=shapes, bad_every=args.bad_every or (10 if cpu else 97),
-                  check_every=args.check_every or (1 if cpu else 10), log=print)
-    result["model"] = model
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "soak.json").write_text(json.dumps(result, indent=1, default=str))
-    if not args.no_plot:
-        plot(result, out / "soak.png")
-    print_table(result)
-    print(f"wrote {out / 'soak.json'}" + ("" if args.no_plot else f" and {out / 'soak.png'}"))
-    return 0 if result["ok"] else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return SoakResult(
+        executor=getattr(ex, "name", type(ex).__name__), device=str(dev),
+        device_name=torch.cuda.get_device_name(dev) if cuda else "cpu", dtype=str(ex.dtype),
+        calls=calls, warmup_s=warmup_s, elapsed_s=elapsed, shapes=[asdict(s) | {"label": s.label} for s in shapes],
+        per_shape=per_shape, memory=mem, samples=samples, per_call=per_call, bad_calls=bad,
+        exact_failures=exact_fail + after_bad_fail, checks=checks, ok=all(c["ok"] for c in checks.values()),
+        fused_config=config_of(ex),
+    )

@@ -24,8 +24,11 @@ MASKS = ("none", "causal")
 
 @dataclass
 class Linear:
-    weight: torch.Tensor  # [out, in]
+    weight: torch.Tensor  # [out, in]; int8 / fp8 e4m3 when quantized (scale set)
     bias: torch.Tensor | None = None  # [out]
+    # [out] fp32 per-output-channel scale of a weight-only quantized weight (dualfuse.quantize): the layer computes
+    # with weight * scale[:, None]; None: the weight is unquantized
+    scale: torch.Tensor | None = None
 
     @property
     def in_features(self) -> int:
@@ -244,20 +247,22 @@ class DualEncoderSpec:
         return (self.vision or self.text).pos_embedding.device
 
     def map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "DualEncoderSpec":
-        return _map(self, fn)
+        """A copy with ``fn`` applied to every tensor (map_named_tensors)."""
+        return map_named_tensors(self, lambda name, t: fn(t))
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> "DualEncoderSpec":
-        """A copy with floating-point weights moved/cast (the source spec is left as is)."""
+        """A copy with floating-point weights moved/cast (the source spec is left as is); quantized weights and
+        their scales (``Linear.scale``) are moved, never cast."""
 
-        def move(t: torch.Tensor) -> torch.Tensor:
+        def move(t: torch.Tensor, cast: bool = True) -> torch.Tensor:
             t = t.detach()
-            if dtype is not None and t.is_floating_point():
+            if cast and dtype is not None and t.is_floating_point():
                 t = t.to(dtype)
             if device is not None:
                 t = t.to(device)
             return t.contiguous()
 
-        return self.map_tensors(move)
+        return map_named_tensors(self, lambda name, t: move(t), quantized=lambda name, t: move(t, cast=False))
 
     def summary(self) -> dict:
         def tower(t: TowerSpec | None) -> dict | None:
@@ -280,16 +285,55 @@ class DualEncoderSpec:
                     logit_bias=self.logit_bias is not None)
 
 
-def _map(obj, fn):
+def gemm_linears(tower: "TowerSpec"):
+    """(owner, attribute name) of every linear layer of a tower the fused GEMMs run: each block's QKV, out-proj,
+    FC1, FC2, the projection and SigLIP's attention-pooling head (its value may be None in an executor's copy,
+    where a folded copy replaced it)."""
+    for blk in tower.blocks:
+        for name in ("qkv", "out", "fc1", "fc2"):
+            yield blk, name
+    if tower.projection is not None:
+        yield tower, "projection"
+    if tower.pool_head is not None:
+        for name in ("qkv", "out", "fc1", "fc2"):
+            yield tower.pool_head, name
+
+
+def rows_of(linear: Linear, start: int, stop: int | None = None) -> Linear:
+    """Output rows ``start:stop`` of a linear layer (weight, bias and, when quantized, the per-channel scales)."""
+    def rows(t):
+        return None if t is None else t[start:stop].contiguous()
+
+    return Linear(rows(linear.weight), rows(linear.bias), rows(linear.scale))
+
+
+def map_named_tensors(obj, fn: Callable[[str, torch.Tensor], torch.Tensor], prefix: str = "", quantized=None):
+    """The one walker over a spec's dataclass tree: a copy of ``obj`` with ``fn(name, tensor)`` applied to every
+    tensor, named as in a state dict (``vision.blocks.0.qkv.weight``; ``extra`` is skipped). ``quantized``
+    (default ``fn``): what the weight and scale of a quantized Linear get instead."""
     if isinstance(obj, torch.Tensor):
-        return fn(obj)
+        return fn(prefix, obj)
     if isinstance(obj, list):
-        return [_map(o, fn) for o in obj]
+        return [map_named_tensors(o, fn, f"{prefix}{i}.", quantized) for i, o in enumerate(obj)]
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        changes = {f.name: _map(getattr(obj, f.name), fn) for f in dataclasses.fields(obj)
-                   if f.name != "extra"}
+        q = quantized if isinstance(obj, Linear) and obj.scale is not None else None
+        changes = {}
+        for f in dataclasses.fields(obj):
+            if f.name == "extra":
+                continue
+            v = getattr(obj, f.name)
+            name = f"{prefix}{f.name}" + ("" if isinstance(v, torch.Tensor) else ".")
+            changes[f.name] = map_named_tensors(v, q if q is not None and f.name in ("weight", "scale") else fn,
+                                                name, quantized)
         return dataclasses.replace(obj, **changes)
     return obj
+
+
+def named_tensors(obj) -> list[tuple[str, torch.Tensor]]:
+    """``(state-dict name, tensor)`` of every tensor of a spec (or any part of one), in field order."""
+    out = []
+    map_named_tensors(obj, lambda name, t: out.append((name, t)) or t)
+    return out
 
 
 @dataclass(frozen=True)

@@ -15,10 +15,12 @@ Each row's share of the stand-in floor is ``weight bytes / measured bandwidth`` 
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 
 from . import green
+from .config import FusedConfig
 from .targets import TARGETS, Target, get_target
 
 STAND_INS = ("orin-nano", "orin-nano-super", "orin-nx", "agx-orin")
@@ -159,16 +161,31 @@ def placeable(cls) -> bool:
     return issubclass(cls, SourceExecutor) or getattr(cls, "name", "") == "fused"
 
 
-def executor_kwargs(name: str, cfg: StandInConfig, info: StandInInfo | None = None) -> dict:
-    """Extra build options of executor ``name`` in the stand-in: the fused executor's GEMMs use pointer loads and
-    pick their configs by the byte-bound model at the measured bandwidth (kernels/gemm/regime.py)."""
-    if name != "fused":
-        return {}
+def gemm_overrides(cfg: StandInConfig, info: StandInInfo | None = None) -> dict:
+    """The stand-in's GEMM config (dualfuse.config.GemmConfig fields): pointer loads (host memory is not read
+    through tensor descriptors), the target's SM count, and configs picked by the byte-bound model at the measured
+    bandwidth (kernels/gemm/regime.py)."""
     from .hostmem import NO_TMA
     from .kernels.gemm.regime import regime_for_target
 
     reg = regime_for_target(cfg.target, bandwidth=info.bandwidth if info else None)
-    return {"gemm_config": {**NO_TMA, "regime": reg, "num_sms": cfg.sms}}
+    return {**NO_TMA, "regime": reg, "num_sms": cfg.sms}
+
+
+def fused_config(cfg: StandInConfig, info: StandInInfo | None = None,
+                 base: FusedConfig | None = None) -> FusedConfig:
+    """``base`` (default FusedConfig()) with the stand-in's GEMM overrides (:func:`gemm_overrides`) over its own."""
+    base = base or FusedConfig()
+    return base.with_overrides(gemm=dataclasses.replace(base.gemm, **gemm_overrides(cfg, info)))
+
+
+def executor_kwargs(name: str, cfg: StandInConfig, info: StandInInfo | None = None,
+                    config: FusedConfig | None = None) -> dict:
+    """Extra build options of executor ``name`` in the stand-in: for the fused executor its config (``config``,
+    default FusedConfig()) with the stand-in's GEMM overrides (:func:`fused_config`); nothing for the others."""
+    if name != "fused":
+        return {}
+    return {"config": fused_config(cfg, info, config)}
 
 
 def row_weight_bytes(model_or_spec, name: str, weights: str | None, dtype, towers) -> int:

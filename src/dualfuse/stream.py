@@ -21,13 +21,15 @@ Library: :func:`run_stream` returns a :class:`StreamResult` (per-frame records a
 """
 from __future__ import annotations
 
-import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator
 
 import torch
+
+from .config import FusedConfig, config_of
+from .timing import percentile
 
 PARTS = ("decode", "h2d", "model", "post")
 VIDEO_PACKAGES = "opencv-python (cv2), av (PyAV) or torchcodec"
@@ -68,6 +70,7 @@ class StreamResult:
     green_context: dict | None = None
     plot: str | None = None
     notes: list[str] = field(default_factory=list)
+    fused_config: FusedConfig | None = None  # the fused executor's options (None for the stock executors)
     stand_in: dict | None = None  # dualfuse.standin.StandInInfo.to_dict() of a stand-in run
 
     @property
@@ -78,7 +81,7 @@ class StreamResult:
         out = dict(frames=len(self.frames), fps=self.fps, wall_s=self.wall_s, text_ms=self.text_ms)
         for part in PARTS + ("total",):
             vals = [getattr(f, f"{part}_ms") for f in self.frames]
-            out[part] = dict(p50_ms=_percentile(vals, 50), p99_ms=_percentile(vals, 99),
+            out[part] = dict(p50_ms=percentile(vals, 50), p99_ms=percentile(vals, 99),
                              mean_ms=sum(vals) / len(vals) if vals else float("nan"))
         counts: dict[str, int] = {}
         for f in self.frames:
@@ -89,19 +92,11 @@ class StreamResult:
     def to_dict(self) -> dict:
         d = dict(schema=SCHEMA, model=self.model, executor=self.executor, weights=self.weights, device=self.device,
                  card=self.card, dtype=self.dtype, source=self.source, prompts=list(self.prompts), sms=self.sms,
-                 green_context=self.green_context, stand_in=self.stand_in, warmup_frames=self.warmup_frames, plot=self.plot,
-                 notes=list(self.notes), summary=self.summary(), parts=list(PARTS))
+                 green_context=self.green_context, stand_in=self.stand_in, warmup_frames=self.warmup_frames,
+                 plot=self.plot, notes=list(self.notes), summary=self.summary(), parts=list(PARTS),
+                 fused_config=self.fused_config.to_dict() if self.fused_config is not None else None)
         d["frames"] = [dict(asdict(f), total_ms=f.total_ms) for f in self.frames]
         return d
-
-
-def _percentile(vals, q) -> float:
-    if not vals:
-        return float("nan")
-    s = sorted(vals)
-    k = (len(s) - 1) * q / 100
-    lo, hi = math.floor(k), math.ceil(k)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
 # ------------------------------------------------------------------------------------------------ sources
@@ -211,31 +206,44 @@ def _parse_prompts(prompts) -> list[str]:
     return out
 
 
-def _build_executor(model, executor: str, weights: str, dtype, device, extra: dict | None = None):
+def _build_executor(model, executor: str, weights: str, dtype, device, config: FusedConfig | None = None,
+                    stand=None):
+    """(source model, executor). ``config``: the fused executor's options (``weights="int8"`` overrides its
+    field); ``stand``: (StandInConfig, StandInInfo) of a stand-in run, whose GEMM overrides the fused executor
+    gets."""
     from . import executors, load
+    from . import standin as SI
 
     if weights not in ("fp16", "int8"):
         raise ValueError(f"--weights: expected fp16 or int8, got {weights!r}")
     if weights == "int8" and executor != "fused":
         raise ValueError(f"--weights int8: only the fused executor quantizes its weights (dualfuse.quantize), "
                          f"got --executor {executor}")
+    if config is not None and executor != "fused":
+        raise ValueError(f"config: the fused executor's options (dualfuse.FusedConfig), got --executor {executor}")
     source = load(model, seed=0) if isinstance(model, str) else model
-    kwargs = {"weights": "int8"} if weights == "int8" else {}  # FusedExecutor(weights=...): weight-only int8
-    return source, executors.get(executor, source, dtype=dtype, device=device, **kwargs, **(extra or {}))
+    kwargs = {}
+    if executor == "fused":  # FusedExecutor(config=...), weights="int8": weight-only int8
+        cfg = (config or FusedConfig()).with_overrides(**({"weights": "int8"} if weights == "int8" else {}))
+        kwargs = SI.executor_kwargs(executor, *stand, cfg) if stand is not None else {"config": cfg}
+    return source, executors.get(executor, source, dtype=dtype, device=device, **kwargs)
 
 
 def run_stream(model="clip-vit-b-32", prompts="a photo of a dog,a photo of a cat", *, video: str | None = None,
                synthetic: int | None = None, executor: str = "fused", weights: str = "fp16", dtype=None,
                device=None, top_k: int = 3, warmup: int = 3, max_frames: int | None = None,
                frame_size: tuple[int, int] = (240, 320), sms: int | None = None, out_dir: str | None = None,
-               progress: Callable[[FrameRecord], None] | None = None, stand_in=None) -> StreamResult:
+               progress: Callable[[FrameRecord], None] | None = None, config: FusedConfig | None = None,
+               stand_in=None) -> StreamResult:
     """Run the loop (see the module docstring) and return its per-frame records and summary.
 
     One of ``video`` (a file path) or ``synthetic`` (a frame count). ``sms``: enter a green context of that many
     SMs first (this process's CUDA must be untouched; the CLI runs it in a child process). ``out_dir``: write the
     latency-over-time PNG there. ``progress``: called with each frame's record. ``stand_in``: a Jetson target name or
     dualfuse.standin.StandInConfig: the edge-regime stand-in (its green context entered here instead of ``sms``,
-    the executor's weights host-mapped, the bandwidth measured and reported)."""
+    the executor's weights host-mapped, the fused executor's GEMM config with the stand-in's overrides, the
+    bandwidth measured and reported). ``config``: the fused executor's options (dualfuse.FusedConfig; ``weights``
+    "int8" overrides its field)."""
     if (video is None) == (synthetic is None):
         raise ValueError("stream: expected exactly one of --video PATH or --synthetic N")
     if not isinstance(top_k, int) or top_k < 1:
@@ -263,8 +271,8 @@ def run_stream(model="clip-vit-b-32", prompts="a photo of a dog,a photo of a cat
     from .executors.base import dtype_name, normalize_frames
 
     stand_info = SI.measure(stand_cfg, green_info) if stand_cfg is not None else None
-    extra = SI.executor_kwargs(executor, stand_cfg, stand_info) if stand_cfg is not None else {}
-    src, ex = _build_executor(model, executor, weights, dtype, device, extra)
+    src, ex = _build_executor(model, executor, weights, dtype, device, config,
+                              (stand_cfg, stand_info) if stand_cfg is not None else None)
     if stand_cfg is not None:
         from .hostmem import place_executor
 
@@ -350,18 +358,20 @@ def run_stream(model="clip-vit-b-32", prompts="a photo of a dog,a photo of a cat
     if not cuda:
         notes.append("CPU run" + (" (Triton interpreter): latencies say nothing about a GPU"
                                   if os.environ.get("TRITON_INTERPRET") == "1" else ""))
-    # weights: what the executor runs: "int8" (the fused executor's quantized GEMM weights), or the executor's dtype
-    # (what "fp16" weights are on a CPU run: fp32 by default; also what a fused executor that fell back runs)
-    quantized = getattr(ex, "weight_format", "fp16") == "int8" and getattr(ex, "fallback", None) is None
-    if weights == "int8" and not quantized:
-        notes.append(f"--weights int8 not applied: the fused executor fell back ({ex.fallback}); "
+    # weights: what the executor runs: "int8" / "fp8" (the fused executor's quantized GEMM weights), or the
+    # executor's dtype (what "fp16" weights are on a CPU run: fp32 by default; also what a fused executor that fell
+    # back runs)
+    fmt = getattr(ex, "weight_format", "fp16")
+    quantized = fmt != "fp16" and getattr(ex, "fallback", None) is None
+    if fmt != "fp16" and not quantized:
+        notes.append(f"--weights {fmt} not applied: the fused executor fell back ({ex.fallback}); "
                      f"{dtype_name(ex.dtype)} weights")
     result = StreamResult(model=io.name or str(model), executor=ex.name,
-                          weights="int8" if quantized else dtype_name(ex.dtype), device=str(dev), card=card,
+                          weights=fmt if quantized else dtype_name(ex.dtype), device=str(dev), card=card,
                           dtype=dtype_name(ex.dtype), source=source_name, prompts=prompts, frames=records,
                           wall_s=wall, text_ms=text_ms, warmup_frames=warmup,
                           sms=stand_cfg.sms if stand_cfg is not None else sms, green_context=green_info, notes=notes,
-                          stand_in=stand_info.to_dict() if stand_info is not None else None)
+                          fused_config=config_of(ex), stand_in=stand_info.to_dict() if stand_info is not None else None)
     if out_dir:
         result.plot = plot_latency(result, os.path.join(out_dir, "stream-latency.png"))
     return result

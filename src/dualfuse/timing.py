@@ -111,13 +111,17 @@ def best_of(fn, device, reps: int) -> float:
     return min(time_calls(lambda i: fn(), reps, device)) / 1e3
 
 
-def percentile(sorted_xs: list[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default)."""
-    if not sorted_xs:
+def percentile(values, q: float, *, nearest: bool = False) -> float:
+    """The ``q``-th percentile of ``values`` (any order; NaN when empty): linear interpolation between the closest
+    ranks (numpy's default), or with ``nearest`` the value at the nearest rank."""
+    xs = sorted(values)
+    if not xs:
         return float("nan")
-    pos = (len(sorted_xs) - 1) * q / 100.0
+    pos = (len(xs) - 1) * q / 100.0
+    if nearest:
+        return xs[min(len(xs) - 1, max(0, int(round(pos))))]
     lo, hi = math.floor(pos), math.ceil(pos)
-    return sorted_xs[lo] + (sorted_xs[hi] - sorted_xs[lo]) * (pos - lo)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
 def stats(samples: list[float]) -> dict:

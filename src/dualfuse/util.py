@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 
@@ -15,6 +16,13 @@ def slug(text: str, *, keep: str = "", lower: bool = False, limit: int | None = 
     if limit is not None:
         s = s[:limit]
     return s or default
+
+
+def format_number(x, fmt: str = "{:.3f}", none: str = "—") -> str:
+    """``fmt.format(x)``, or ``none`` for None, NaN and infinity."""
+    if x is None or (isinstance(x, float) and (math.isnan(x) or math.isinf(x))):
+        return none
+    return fmt.format(x)
 
 
 def write_json(path: str, doc, *, default=str) -> str:

@@ -11,7 +11,7 @@ from gemm_cases import EPILOGUES, check_outputs, launch_and_check
 from gemm_cases import reference as _ref
 from gemm_cases import rel_err as _rel_err
 
-from dualfuse.kernels.gemm import MAX_ARG_PROBLEMS, GroupedLinear, LinearProblem, _choose_splits, grouped_linear
+from dualfuse.kernels.gemm import MAX_ARG_PROBLEMS, GroupedLinear, LinearProblem, choose_splits, grouped_linear
 
 HAS_CUDA = torch.cuda.is_available()
 DEV = "cuda" if HAS_CUDA else "cpu"
@@ -193,13 +193,13 @@ def test_split_heuristic_policies():
     """Work-proportional splits, capped by max_split; programs_per_sm=0 or enough tiles: no split."""
     dims = [(50, 768, 3072), (77, 512, 2048)]  # ViT-B/32 FC2 at batch 1
     cfg = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, num_sms=132, programs_per_sm=1, min_k_iters=2, max_split=8)
-    s = _choose_splits(dims, cfg, torch.device("cpu"), None)
+    s = choose_splits(dims, cfg, torch.device("cpu"), None)
     assert s[0] > s[1] > 1 and max(s) <= 8, s
     tiles = [1 * 12, 1 * 8]
     assert 0.7 * 132 <= sum(t * k for t, k in zip(tiles, s)) <= 1.3 * 132, s
-    assert _choose_splits(dims, {**cfg, "max_split": 3}, torch.device("cpu"), None) == [3, 3]
-    assert _choose_splits(dims, {**cfg, "programs_per_sm": 0}, torch.device("cpu"), None) == [1, 1]
-    assert _choose_splits(dims, {**cfg, "num_sms": 16}, torch.device("cpu"), None) == [1, 1]
+    assert choose_splits(dims, {**cfg, "max_split": 3}, torch.device("cpu"), None) == [3, 3]
+    assert choose_splits(dims, {**cfg, "programs_per_sm": 0}, torch.device("cpu"), None) == [1, 1]
+    assert choose_splits(dims, {**cfg, "num_sms": 16}, torch.device("cpu"), None) == [1, 1]
 
 
 def test_inplace_accumulates_like_hidden_update(gen):

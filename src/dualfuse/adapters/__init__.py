@@ -9,16 +9,15 @@ Three outcomes for a model object:
 from __future__ import annotations
 
 from ..spec import DualEncoderSpec, ModelIO
-
-
-class NotCovered(ValueError):
-    """The model's family is runnable (the stock executors can call it) but a tower is not expressible in
-    DualEncoderSpec, so the fused kernels cannot run it. ``tower`` names the tower, ``what`` the part."""
-
-    def __init__(self, tower: str, what: str, hint: str = ""):
-        self.tower, self.what, self.hint = tower, what, hint
-        super().__init__(f"{tower} {what} is not covered by the fused kernels" + (f" ({hint})" if hint else ""))
-
+from ._common import NotCovered
+from ._io import read_model_io
+from ._norm import image_normalization as _image_normalization
+from .hf_clip import from_hf_clip
+from .hf_metaclip2 import from_hf_metaclip2
+from .hf_siglip import from_hf_siglip
+from .hf_siglip2 import from_hf_siglip2
+from .open_clip import from_open_clip
+from .towers import TOWER_CLASSES, from_tower, tower_io
 
 SUPPORTED = ("transformers CLIPModel, MetaClip2Model, SiglipModel, Siglip2Model, open_clip CLIP / CustomTextCLIP, "
              "or a DualEncoderSpec")
@@ -34,16 +33,6 @@ _FAMILIES = {
 }
 
 
-# single towers: class name -> (family, tower); the module prefix must be transformers' or open_clip's
-TOWER_CLASSES = {
-    "CLIPVisionModel": ("hf_clip", "vision"), "CLIPVisionModelWithProjection": ("hf_clip", "vision"),
-    "CLIPTextModel": ("hf_clip", "text"), "CLIPTextModelWithProjection": ("hf_clip", "text"),
-    "MetaClip2VisionModel": ("hf_metaclip2", "vision"), "MetaClip2VisionModelWithProjection": ("hf_metaclip2", "vision"),
-    "MetaClip2TextModel": ("hf_metaclip2", "text"), "MetaClip2TextModelWithProjection": ("hf_metaclip2", "text"),
-    "SiglipVisionModel": ("hf_siglip", "vision"), "SiglipTextModel": ("hf_siglip", "text"),
-    "Siglip2VisionModel": ("hf_siglip2", "vision"),
-    "VisionTransformer": ("open_clip", "vision"), "TimmModel": ("open_clip", "vision"),  # open_clip model.visual
-}
 for _name, (_family, _) in TOWER_CLASSES.items():
     _FAMILIES[("open_clip" if _family == "open_clip" else "transformers", _name)] = _family
 SUPPORTED += (", a single tower (" + ", ".join(n for n in TOWER_CLASSES if TOWER_CLASSES[n][0] != "open_clip")
@@ -74,22 +63,16 @@ def to_spec(model) -> DualEncoderSpec:
     if isinstance(model, DualEncoderSpec):
         return model
     family = family_of(model)
-    if tower_of(model) is not None:
-        from .towers import from_tower
+    if tower_of(model) is not None:  # a single tower (adapters/towers.py)
         return from_tower(model)
     if family == "hf_clip":
-        from .hf_clip import from_hf_clip
         return from_hf_clip(model)
     if family == "hf_metaclip2":
-        from .hf_metaclip2 import from_hf_metaclip2
         return from_hf_metaclip2(model)
     if family == "hf_siglip":
-        from .hf_siglip import from_hf_siglip
         return from_hf_siglip(model)
     if family == "hf_siglip2":
-        from .hf_siglip2 import from_hf_siglip2
         return from_hf_siglip2(model)
-    from .open_clip import from_open_clip
     return from_open_clip(model)
 
 
@@ -99,17 +82,13 @@ def model_io(model) -> ModelIO:
     if isinstance(model, DualEncoderSpec):
         return model.io
     if tower_of(model) is not None:  # a single tower (adapters/towers.py)
-        from .towers import tower_io
         return tower_io(model)
-    from ._io import read_model_io
     return read_model_io(model, family_of(model))
 
 
 def image_normalization(model, family: str | None = None, **kwargs):
     """The model's image ``(mean, std)`` per channel (family default, open_clip's ``visual.image_mean/std``,
     overrides); see adapters/_norm.py."""
-    from ._norm import image_normalization as _image_normalization
-
     if family is None and not isinstance(model, DualEncoderSpec):
         family = family_of(model)
     return _image_normalization(model, family, **kwargs)

@@ -5,7 +5,15 @@ import torch
 from torch import nn
 
 from ..spec import LayerNorm, Linear
-from . import NotCovered
+
+
+class NotCovered(ValueError):
+    """The model's family is runnable (the stock executors can call it) but a tower is not expressible in
+    DualEncoderSpec, so the fused kernels cannot run it. ``tower`` names the tower, ``what`` the part."""
+
+    def __init__(self, tower: str, what: str, hint: str = ""):
+        self.tower, self.what, self.hint = tower, what, hint
+        super().__init__(f"{tower} {what} is not covered by the fused kernels" + (f" ({hint})" if hint else ""))
 
 
 def t(x: torch.Tensor) -> torch.Tensor:
@@ -67,6 +75,12 @@ def check_layer_norm(m: nn.Module, tower: str, where: str) -> None:
     """A plain affine LayerNorm with a bias (RMSNorm, BatchNorm, bias-free LN are not in the spec)."""
     if not isinstance(m, nn.LayerNorm) or m.weight is None or m.bias is None:
         raise NotCovered(tower, f"norm {where} ({type(m).__name__})", "only affine LayerNorm with a bias")
+
+
+def checked_layer_norm(m: nn.Module, tower: str, where: str) -> LayerNorm:
+    """``layer_norm(m)`` after ``check_layer_norm`` (NotCovered for anything but an affine LayerNorm)."""
+    check_layer_norm(m, tower, where)
+    return layer_norm(m)
 
 
 def scalar(x: torch.Tensor) -> float:

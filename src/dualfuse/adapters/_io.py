@@ -6,6 +6,9 @@ from torch import nn
 
 from ..spec import ModelIO
 from ._common import scalar
+from .hf_clip import clip_text_pooling
+from .hf_siglip2 import from_hf_siglip2
+from .open_clip import TEXT_POOLING
 
 
 def _int(size) -> int:
@@ -14,7 +17,6 @@ def _int(size) -> int:
 
 
 def _hf_io(model, family: str) -> ModelIO:
-    from .hf_clip import clip_text_pooling
 
     cfg = model.config
     vcfg, tcfg = cfg.vision_config, cfg.text_config
@@ -36,7 +38,6 @@ def _hf_io(model, family: str) -> ModelIO:
 
 def _open_clip_text(model) -> tuple[int, str, int | None]:
     """(embed_dim, text pooling, eos id) of an open_clip model's text tower."""
-    from .open_clip import TEXT_POOLING
 
     text = model if type(model).__name__ == "CLIP" else model.text
     if type(text).__name__ == "HFTextEncoder":
@@ -72,6 +73,5 @@ def read_model_io(model, family: str) -> ModelIO:
     if family == "open_clip":
         return _open_clip_io(model)
     if family == "hf_siglip2":  # NaFlex inputs: its adapter (hf_siglip2.py) knows them
-        from . import to_spec
-        return to_spec(model).io
+        return from_hf_siglip2(model).io
     return _hf_io(model, family)

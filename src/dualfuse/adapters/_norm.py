@@ -8,6 +8,10 @@ pretrained config), else OpenAI's. A spec carries what its adapter read in ``spe
 """
 from __future__ import annotations
 
+import torch
+
+from ..spec import DualEncoderSpec
+
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 SIGLIP_MEAN = (0.5, 0.5, 0.5)
@@ -23,8 +27,6 @@ FAMILY_DEFAULTS = {
 
 
 def _floats(x, what: str, channels: int | None) -> tuple[float, ...]:
-    import torch
-
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu().reshape(-1).tolist()
     if isinstance(x, (int, float)):
@@ -47,8 +49,6 @@ def image_normalization(model, family: str | None = None, *, image_mean=None, im
                         channels: int | None = None) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """``(mean, std)`` per channel for a source model or a DualEncoderSpec; ``image_mean`` / ``image_std``
     override (a sequence per channel, or one number for all). ValueError for a wrong count or a std <= 0."""
-    from ..spec import DualEncoderSpec
-
     mean = std = None
     if isinstance(model, DualEncoderSpec):
         family = family or model.family

@@ -5,7 +5,7 @@ from ..spec import Block, DualEncoderSpec, PatchEmbed, TokenEmbed, TowerSpec
 from ._common import hf_activation, layer_norm, linear, packed_linear, patch_weight, scalar, t
 
 
-def _blocks(encoder) -> list[Block]:
+def encoder_blocks(encoder) -> list[Block]:
     return [
         Block(
             ln1=layer_norm(layer.layer_norm1),
@@ -35,7 +35,7 @@ def clip_vision(vcfg, vm, projection, label: str) -> TowerSpec:
         pos_embedding=t(vm.embeddings.position_embedding.weight),
         class_embedding=t(vm.embeddings.class_embedding),
         pre_ln=layer_norm(vm.pre_layrnorm),
-        blocks=_blocks(vm.encoder), final_ln=layer_norm(vm.post_layernorm), pooling="cls",
+        blocks=encoder_blocks(vm.encoder), final_ln=layer_norm(vm.post_layernorm), pooling="cls",
         projection=linear(projection) if projection is not None else None,
     )
 
@@ -52,7 +52,7 @@ def clip_text(tcfg, tm, projection, label: str, pooling: str, eos_token_id: int 
         activation=hf_activation(tcfg.hidden_act, f"{label} text tower"), mask="causal",
         embed=TokenEmbed(t(tm.embeddings.token_embedding.weight)),
         pos_embedding=t(tm.embeddings.position_embedding.weight),
-        blocks=_blocks(tm.encoder), final_ln=layer_norm(tm.final_layer_norm),
+        blocks=encoder_blocks(tm.encoder), final_ln=layer_norm(tm.final_layer_norm),
         pooling=pooling, eos_token_id=eos_token_id,
         projection=linear(projection) if projection is not None else None,
     )

@@ -12,8 +12,8 @@ import torch
 
 from ..spec import DualEncoderSpec, PatchEmbed, TowerSpec
 from ._common import hf_activation, layer_norm, scalar, t
-from .hf_clip import _blocks
-from .hf_siglip import _map_head, siglip_text
+from .hf_clip import encoder_blocks
+from .hf_siglip import map_head, siglip_text_tower
 
 
 def _patch_weight(lin, patch: int, channels: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -29,14 +29,14 @@ def _patch_weight(lin, patch: int, channels: int) -> tuple[torch.Tensor, torch.T
 def from_hf_siglip2(model) -> DualEncoderSpec:
     vcfg, tcfg = model.config.vision_config, model.config.text_config
     vision = siglip2_vision(vcfg, model.vision_model)
-    return DualEncoderSpec(vision, siglip_text(tcfg, model.text_model, "HF SigLIP2"),
+    return DualEncoderSpec(vision, siglip_text_tower(tcfg, model.text_model, "HF SigLIP2"),
                            logit_scale=scalar(model.logit_scale), logit_bias=scalar(model.logit_bias),
                            family="hf_siglip2", name=getattr(model.config, "_name_or_path", "") or "hf_siglip2")
 
 
 def siglip2_vision(vcfg, vm) -> TowerSpec:
     """SigLIP2's NaFlex vision transformer (position grid resized per image grid) with its attention-pooling head."""
-    pool_head = _map_head(vm)
+    pool_head = map_head(vm)
     patch = vcfg.patch_size
     if not isinstance(patch, int):
         raise ValueError(f"only square int patch sizes are supported, got patch_size={patch!r}")
@@ -51,6 +51,6 @@ def siglip2_vision(vcfg, vm) -> TowerSpec:
         # image_size: the native resolution, where the position grid is used as is (no resize)
         embed=PatchEmbed(w, b, patch, grid * patch, vcfg.num_channels, pos_grid=grid),
         pos_embedding=t(emb.position_embedding.weight),  # [G*G, D], row-major over the grid
-        blocks=_blocks(vm.encoder), final_ln=layer_norm(vm.post_layernorm), pooling="map", pool_head=pool_head,
+        blocks=encoder_blocks(vm.encoder), final_ln=layer_norm(vm.post_layernorm), pooling="map", pool_head=pool_head,
     )
     return vision

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..spec import Block, DualEncoderSpec, LayerNorm, Linear, PatchEmbed, TokenEmbed, TowerSpec
-from . import NotCovered
-from ._common import check_layer_norm, layer_norm, module_activation, patch_weight, scalar, t
+from ..spec import Block, DualEncoderSpec, Linear, PatchEmbed, TokenEmbed, TowerSpec
+from ._common import NotCovered, checked_layer_norm, layer_norm, module_activation, patch_weight, scalar, t
+from ._norm import image_normalization
+from .timm_vit import timm_vision_tower
 
 VISION = "open_clip vision tower"
 TEXT = "open_clip text tower"
@@ -26,10 +27,6 @@ def _lin(sd: dict, prefix: str) -> Linear:
     bias = sd.get(prefix + ".bias")
     return Linear(t(sd[prefix + ".weight"]), t(bias) if bias is not None else None)
 
-
-def _ln(module: nn.Module, tower: str, where: str) -> LayerNorm:
-    check_layer_norm(module, tower, where)
-    return layer_norm(module)
 
 
 def resblocks(transformer: nn.Module, tower: str) -> tuple[list[Block], str, int, int]:
@@ -52,11 +49,11 @@ def resblocks(transformer: nn.Module, tower: str) -> tuple[list[Block], str, int
             raise NotCovered(tower, f"attention {where}.attn with separate q/k/v widths")
         acts.add(module_activation(blk.mlp.gelu if hasattr(blk.mlp, "gelu") else blk.mlp[1], tower))
         blocks.append(Block(
-            ln1=_ln(blk.ln_1, tower, f"{where}.ln_1"),
+            ln1=checked_layer_norm(blk.ln_1, tower, f"{where}.ln_1"),
             qkv=Linear(t(sd["attn.in_proj_weight"]),
                        t(sd["attn.in_proj_bias"]) if sd.get("attn.in_proj_bias") is not None else None),
             out=_lin(sd, "attn.out_proj"),
-            ln2=_ln(blk.ln_2, tower, f"{where}.ln_2"),
+            ln2=checked_layer_norm(blk.ln_2, tower, f"{where}.ln_2"),
             fc1=_lin(sd, "mlp.c_fc"),
             fc2=_lin(sd, "mlp.c_proj"),
         ))
@@ -125,7 +122,7 @@ def text_tower(parts: TextParts) -> TowerSpec:
         kind="text", width=parts.token_embedding.weight.shape[1], heads=heads, mlp_dim=mlp_dim, activation=act,
         mask=_mask_kind(parts.attn_mask), embed=TokenEmbed(t(parts.token_embedding.weight)),
         pos_embedding=t(parts.positional_embedding), blocks=blocks,
-        final_ln=_ln(parts.ln_final, TEXT, "ln_final"), pooling=pooling,
+        final_ln=checked_layer_norm(parts.ln_final, TEXT, "ln_final"), pooling=pooling,
         eos_token_id=int(parts.eos_id) if pooling == "first_eos" else None,
         projection=projection(parts.text_projection),
     )
@@ -147,13 +144,13 @@ def vit_vision_tower(visual) -> TowerSpec:
     blocks, act, heads, mlp_dim = resblocks(visual.transformer, VISION)
     w, b = patch_weight(visual.conv1, VISION)
     h, width = _image_hw(visual.image_size)
-    pre_ln = None if isinstance(visual.ln_pre, nn.Identity) else _ln(visual.ln_pre, VISION, "ln_pre")
+    pre_ln = None if isinstance(visual.ln_pre, nn.Identity) else checked_layer_norm(visual.ln_pre, VISION, "ln_pre")
     return TowerSpec(
         kind="vision", width=visual.conv1.out_channels, heads=heads, mlp_dim=mlp_dim, activation=act, mask="none",
         embed=PatchEmbed(w, b, visual.conv1.kernel_size[0], h, visual.conv1.in_channels,
                          **({"image_width": width} if width is not None else {})),
         pos_embedding=t(visual.positional_embedding), class_embedding=t(visual.class_embedding),
-        pre_ln=pre_ln, blocks=blocks, final_ln=_ln(visual.ln_post, VISION, "ln_post"), pooling="cls",
+        pre_ln=pre_ln, blocks=blocks, final_ln=checked_layer_norm(visual.ln_post, VISION, "ln_post"), pooling="cls",
         projection=projection(visual.proj),
     )
 
@@ -163,7 +160,6 @@ def vision_tower(visual) -> TowerSpec:
     if kind == "VisionTransformer":
         return vit_vision_tower(visual)
     if kind == "TimmModel":
-        from .timm_vit import timm_vision_tower
         return timm_vision_tower(visual, VISION)
     if kind == "ModifiedResNet":
         raise NotCovered(VISION, "ModifiedResNet (a convolutional tower)")
@@ -174,8 +170,6 @@ def from_open_clip(model) -> DualEncoderSpec:
     vision = vision_tower(model.visual)
     text = text_tower(text_parts(model))
     bias = getattr(model, "logit_bias", None)
-    from ._norm import image_normalization
-
     mean, std = image_normalization(model, "open_clip")  # kept for uint8 frames (executors fold it in)
     return DualEncoderSpec(vision, text, logit_scale=scalar(model.logit_scale),
                            logit_bias=scalar(bias) if bias is not None else None,

@@ -11,15 +11,10 @@ import torch
 from torch import nn
 
 from ..spec import AttentionPoolHead, Block, Linear, PatchEmbed, TowerSpec
-from . import NotCovered
-from ._common import check_layer_norm, layer_norm, linear, module_activation, patch_weight, t
+from ._common import NotCovered, checked_layer_norm, layer_norm, linear, module_activation, patch_weight, t
 
 _IDENTITY_PARTS = {"q_norm": "qk-norm", "k_norm": "qk-norm", "norm": "a norm inside attention"}
 
-
-def _ln(module, tower, where):
-    check_layer_norm(module, tower, where)
-    return layer_norm(module)
 
 
 def _is_identity(m) -> bool:
@@ -56,8 +51,8 @@ def _blocks(trunk, tower: str) -> tuple[list[Block], str]:
             raise NotCovered(tower, f"attention width {attn.qkv.out_features // 3} != model width {width} ({where})")
         fc1, fc2, act = _mlp(blk.mlp, tower, f"{where}.mlp")
         acts.add(act)
-        blocks.append(Block(ln1=_ln(blk.norm1, tower, f"{where}.norm1"), qkv=linear(attn.qkv),
-                            out=linear(attn.proj), ln2=_ln(blk.norm2, tower, f"{where}.norm2"), fc1=fc1, fc2=fc2))
+        blocks.append(Block(ln1=checked_layer_norm(blk.norm1, tower, f"{where}.norm1"), qkv=linear(attn.qkv),
+                            out=linear(attn.proj), ln2=checked_layer_norm(blk.norm2, tower, f"{where}.norm2"), fc1=fc1, fc2=fc2))
     if len(acts) != 1:
         raise NotCovered(tower, f"mix of activations {sorted(acts)}")
     return blocks, acts.pop()
@@ -89,7 +84,7 @@ def _map_head(pool, width: int, act: str, tower: str) -> AttentionPoolHead:
     bias = None if pool.q.bias is None else t(torch.cat([pool.q.bias, pool.kv.bias]))
     return AttentionPoolHead(
         probe=t(pool.latent.reshape(-1)), qkv=Linear(t(torch.cat([pool.q.weight, pool.kv.weight])), bias),
-        out=linear(pool.proj), ln=_ln(pool.norm, tower, "attn_pool.norm"), fc1=fc1, fc2=fc2,
+        out=linear(pool.proj), ln=checked_layer_norm(pool.norm, tower, "attn_pool.norm"), fc1=fc1, fc2=fc2,
         heads=pool.num_heads,
     )
 
@@ -142,7 +137,7 @@ def timm_vision_tower(visual, tower: str) -> TowerSpec:
         if trunk.cls_token is not None and trunk.no_embed_class:  # the class token gets no position: a zero row
             pos = torch.cat([torch.zeros_like(pos[:1]), pos])
     blocks, act = _blocks(trunk, label)
-    pre_ln = None if _is_identity(trunk.norm_pre) else _ln(trunk.norm_pre, label, "norm_pre")
+    pre_ln = None if _is_identity(trunk.norm_pre) else checked_layer_norm(trunk.norm_pre, label, "norm_pre")
     pool_head = None
     if trunk.global_pool == "map":
         if trunk.cls_token is not None and not trunk.pool_include_prefix:
@@ -167,6 +162,6 @@ def timm_vision_tower(visual, tower: str) -> TowerSpec:
         kind="vision", width=width, heads=trunk.blocks[0].attn.num_heads, mlp_dim=blocks[0].fc1.out_features,
         activation=act, mask="none", embed=embed, pos_embedding=pos,
         class_embedding=t(trunk.cls_token.reshape(-1)) if trunk.cls_token is not None else None,
-        pre_ln=pre_ln, blocks=blocks, final_ln=_ln(final, label, "norm"), pooling=pooling, pool_head=pool_head,
+        pre_ln=pre_ln, blocks=blocks, final_ln=checked_layer_norm(final, label, "norm"), pooling=pooling, pool_head=pool_head,
         projection=_projection(visual, trunk, label),
     )

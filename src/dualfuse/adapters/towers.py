@@ -8,7 +8,22 @@ the same functions as the pairs' towers (hf_clip.py, hf_siglip.py, hf_siglip2.py
 from __future__ import annotations
 
 from ..spec import DualEncoderSpec, ModelIO
-from . import TOWER_CLASSES, NotCovered
+from ._common import NotCovered
+from .hf_clip import clip_text, clip_text_pooling, clip_vision
+from .hf_siglip import siglip_text_tower, siglip_vision
+from .hf_siglip2 import siglip2_vision
+from .open_clip import vision_tower
+
+# single towers: class name -> (family, tower); the module prefix must be transformers' or open_clip's
+TOWER_CLASSES = {
+    "CLIPVisionModel": ("hf_clip", "vision"), "CLIPVisionModelWithProjection": ("hf_clip", "vision"),
+    "CLIPTextModel": ("hf_clip", "text"), "CLIPTextModelWithProjection": ("hf_clip", "text"),
+    "MetaClip2VisionModel": ("hf_metaclip2", "vision"), "MetaClip2VisionModelWithProjection": ("hf_metaclip2", "vision"),
+    "MetaClip2TextModel": ("hf_metaclip2", "text"), "MetaClip2TextModelWithProjection": ("hf_metaclip2", "text"),
+    "SiglipVisionModel": ("hf_siglip", "vision"), "SiglipTextModel": ("hf_siglip", "text"),
+    "Siglip2VisionModel": ("hf_siglip2", "vision"),
+    "VisionTransformer": ("open_clip", "vision"), "TimmModel": ("open_clip", "vision"),  # open_clip model.visual
+}
 
 
 def from_tower(model) -> DualEncoderSpec:
@@ -22,14 +37,10 @@ def from_tower(model) -> DualEncoderSpec:
     # and the *WithProjection classes wrap it as vision_model / text_model
     inner = getattr(model, "vision_model" if tower == "vision" else "text_model", model)
     if family == "open_clip":
-        from .open_clip import vision_tower
-
         spec = vision_tower(model)
         if getattr(model, "image_mean", None) is not None and getattr(model, "image_std", None) is not None:
             extra = {"image_mean": tuple(model.image_mean), "image_std": tuple(model.image_std)}
     elif family in ("hf_clip", "hf_metaclip2"):
-        from .hf_clip import clip_text, clip_text_pooling, clip_vision
-
         if tower == "vision":
             spec = clip_vision(model.config, inner, proj, label)
         else:
@@ -40,13 +51,9 @@ def from_tower(model) -> DualEncoderSpec:
                 pooling, eos = clip_text_pooling(model.config.eos_token_id)
             spec = clip_text(model.config, tm, proj, label, pooling, eos)
     elif family == "hf_siglip":
-        from .hf_siglip import siglip_text, siglip_vision
-
         spec = (siglip_vision(model.config, inner, head_required=False) if tower == "vision"
-                else siglip_text(model.config, inner, label))
+                else siglip_text_tower(model.config, inner, label))
     else:  # hf_siglip2: the NaFlex vision tower
-        from .hf_siglip2 import siglip2_vision
-
         spec = siglip2_vision(model.config, inner)
     cfg = getattr(model, "config", None)
     name = (getattr(cfg, "_name_or_path", "") if cfg is not None else "") or f"{family} {tower} tower"

@@ -188,6 +188,7 @@ def print_header(out, result) -> None:
               f"{f' (fused: {result.weights} weights)' if result.weights != 'fp16' else ''} · "
               f"{result.environment['card']}", highlight=False)
     out.print(f"inputs: {shape}", highlight=False)
+    out.print(f"fused config: {result.fused_config.describe()}", highlight=False)
     green = result.green_context
     if green:
         out.print(f"green context: {green['sms']} SMs {green.get('equivalent', '')}"

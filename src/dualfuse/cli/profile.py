@@ -93,6 +93,8 @@ class _Log(Progress):
 
     def start(self, result) -> None:
         self.result = result
+        if result.fused_config is not None:
+            print(f"fused config: {result.fused_config.describe()}", file=sys.stderr)
 
     def begin(self, name, total=None) -> None:
         print(f"profiling {name} on {self.result.model} ({self.result.device}) ...", file=sys.stderr)

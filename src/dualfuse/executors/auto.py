@@ -19,6 +19,7 @@ import sys
 import torch
 
 from .. import calibration as C
+from ..config import FusedConfig
 from . import register
 from .fused import FusedExecutor
 
@@ -32,7 +33,13 @@ class AutoExecutor(FusedExecutor):
         from ..spec import DualEncoderSpec
 
         source = model
-        reads = kwargs.get("gemm_impl", "auto") == "auto"  # the fused side reads the calibration itself
+        # calibration: that of the executor choice, and (gemm_impl="auto") of the fused side's library choices,
+        # which reads it itself; given here or as the fused config's field
+        base = kwargs.get("config")
+        if calibration is None and isinstance(base, FusedConfig):
+            calibration = base.calibration
+        impl = kwargs.get("gemm_impl", base.gemm_impl if isinstance(base, FusedConfig) else "auto")
+        reads = impl == "auto"
         super().__init__(model, dtype, device, **(dict(calibration=calibration) if reads else {}), **kwargs)
         cal = self.calibration
         if not reads:

@@ -137,7 +137,7 @@ def validate_inputs(io, pixel_values=None, input_ids=None, *, device, dtype, che
     return pixel_values, input_ids
 
 
-def _same_device(a: torch.device, b: torch.device) -> bool:
+def same_device(a: torch.device, b: torch.device) -> bool:
     if a == b:  # the usual case, without asking CUDA for its current device
         return True
     if a.type != b.type:
@@ -156,7 +156,7 @@ def _validate_pixels(emb, px, device, dtype, frames=None):
                          f"[batch, {emb.channels}, {emb.image_size}, {emb.image_size}]")
     b, c, h, w = px.shape if isinstance(px, torch.Tensor) and px.dim() == 4 else (None,) * 4
     if (c == emb.channels and h == emb.image_size and w == emb.image_size and b and px.is_floating_point()
-            and _same_device(px.device, device)):  # the usual case, without building any message (hot path)
+            and same_device(px.device, device)):  # the usual case, without building any message (hot path)
         return px if px.dtype == dtype else px.to(dtype)
     want = f"[batch, {emb.channels}, {emb.image_size}, {emb.image_size}]"
     if not isinstance(px, torch.Tensor):
@@ -180,7 +180,7 @@ def _validate_pixels(emb, px, device, dtype, frames=None):
     if h != emb.image_size or w != emb.image_size:
         raise ValueError(f"pixel_values: expected images of {emb.image_size}x{emb.image_size} ({want}), "
                          f"got {h}x{w} in shape {list(px.shape)}")
-    if not _same_device(px.device, device):
+    if not same_device(px.device, device):
         raise ValueError(f"pixel_values: expected a tensor on {device} (the executor's device), got one on "
                          f"{px.device}; move it with .to('{device}')")
     return px if px.dtype == dtype else px.to(dtype)
@@ -206,7 +206,7 @@ def _validate_frames(emb, px, device, dtype, frames):
                          f"resize (or crop) the frames to {s}x{s} first")
     if px.shape[0] == 0:
         raise ValueError(f"pixel_values: empty batch: expected {want} with batch >= 1, got {list(px.shape)}")
-    if not _same_device(px.device, device):
+    if not same_device(px.device, device):
         raise ValueError(f"pixel_values: expected a tensor on {device} (the executor's device), got one on "
                          f"{px.device}; move it with .to('{device}')")
     nchw = px.permute(0, 3, 1, 2) if layout == "nhwc" else px
@@ -247,7 +247,7 @@ def _validate_patch_sequence(io, seq, device, dtype):
     if tuple(mask.shape) != (b, n):
         raise ValueError(f"pixel_attention_mask: expected [{b}, {n}] (1 for each image's patches, 0 for padding), "
                          f"got {_describe(mask)}")
-    if not _same_device(px.device, device):
+    if not same_device(px.device, device):
         raise ValueError(f"pixel_values: expected a tensor on {device} (the executor's device), got one on "
                          f"{px.device}; move it with .to('{device}')")
     if px.dtype != dtype:
@@ -258,7 +258,7 @@ def _validate_patch_sequence(io, seq, device, dtype):
 def _validate_ids(io, ids, device, check_ids):
     ctx, vocab = io.context_length, io.vocab_size
     if (isinstance(ids, torch.Tensor) and ids.dtype in _INT_DTYPES and ids.dim() == 2 and ids.shape[0]
-            and 0 < ids.shape[1] <= ctx and _same_device(ids.device, device)):  # the usual case (hot path)
+            and 0 < ids.shape[1] <= ctx and same_device(ids.device, device)):  # the usual case (hot path)
         return _check_id_range(ids if ids.dtype == torch.long else ids.long(), vocab, check_ids)
     want = f"[batch, length] with 1 <= length <= {ctx}"
     if not isinstance(ids, torch.Tensor):
@@ -275,7 +275,7 @@ def _validate_ids(io, ids, device, check_ids):
     if n > ctx:
         raise ValueError(f"input_ids: sequences of {n} tokens are longer than the model's context length {ctx} "
                          f"(expected {want}, got {list(ids.shape)})")
-    if not _same_device(ids.device, device):
+    if not same_device(ids.device, device):
         raise ValueError(f"input_ids: expected a tensor on {device} (the executor's device), got one on "
                          f"{ids.device}; move it with .to('{device}')")
     return _check_id_range(ids if ids.dtype == torch.long else ids.long(), vocab, check_ids)

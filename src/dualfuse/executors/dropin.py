@@ -27,8 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..spec import DualEncoderSpec, PatchSequence
-from .base import DTYPE_NAMES, _same_device, resolve_dtype
+from ..spec import DualEncoderSpec, PatchSequence, map_named_tensors, named_tensors
+from .base import DTYPE_NAMES, same_device, resolve_dtype
+from ..config import FusedConfig
+from .auto import AutoExecutor
 from .fused import FusedExecutor
 
 # transformers' positional order of each family's calls
@@ -144,7 +146,7 @@ class FusedModel(nn.Module):
         """``.to(device / dtype)``, ``.half()``, ``.float()``, ``.bfloat16()``, ``.cuda()``, ``.cpu()``: the
         target read off a probe tensor, then the executor rebuilt from the kept spec (same fuse() options)."""
         probe = fn(torch.empty(0, dtype=self.dtype, device=self.device))
-        if probe.dtype == self.dtype and _same_device(probe.device, self.device):
+        if probe.dtype == self.dtype and same_device(probe.device, self.device):
             return self
         if probe.dtype not in DTYPE_NAMES:
             raise ValueError(f"FusedModel runs in fp16, bf16 or fp32; got a conversion to {probe.dtype}")
@@ -178,7 +180,7 @@ class FusedModel(nn.Module):
                 out[prefix + k] = v
             return out
         self._need_host_copy("state_dict()")
-        for k, v in _named_tensors(self.executor.spec):
+        for k, v in named_tensors(self.executor.spec):
             out[prefix + k] = v
         spec = self.executor.spec
         out[prefix + "logit_scale"] = torch.tensor(spec.logit_scale, dtype=torch.float32, device=spec.device)
@@ -198,7 +200,7 @@ class FusedModel(nn.Module):
         fb = self.executor.fallback
         if fb is not None:  # the private copy of the source model runs: load into it
             return fb.model.load_state_dict(state_dict, strict=strict)
-        own = dict(_named_tensors(self.executor.spec))  # names only: with keep_host_copy=False they are meta
+        own = dict(named_tensors(self.executor.spec))  # names only: with keep_host_copy=False they are meta
         own["logit_scale"] = None
         if self.executor.spec.logit_bias is not None:
             own["logit_bias"] = None
@@ -523,7 +525,7 @@ def _mask_flags(family: str, io, ids: torch.Tensor, mask, where: str):
         got = f"shape {list(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
         raise ValueError(f"{where}: attention_mask: expected a tensor of input_ids' shape {list(ids.shape)} (1 for "
                          f"tokens, 0 for padding), got {got}")
-    if not _same_device(mask.device, ids.device):
+    if not same_device(mask.device, ids.device):
         raise ValueError(f"{where}: attention_mask: expected a tensor on {ids.device} (input_ids' device), got one "
                          f"on {mask.device}")
     on = mask != 0
@@ -557,7 +559,7 @@ def _position_flag(ids: torch.Tensor, pos, where: str) -> torch.Tensor:
             or pos.shape[1] != n or pos.shape[0] not in (1, b)):
         raise ValueError(f"{where}: position_ids: expected an integer tensor [1 or {b}, {n}] (the default "
                          f"torch.arange({n})), got {pos if not isinstance(pos, torch.Tensor) else list(pos.shape)}")
-    if not _same_device(pos.device, ids.device):
+    if not same_device(pos.device, ids.device):
         raise ValueError(f"{where}: position_ids: expected a tensor on {ids.device} (input_ids' device), got one "
                          f"on {pos.device}")
     return (pos != torch.arange(n, device=pos.device)).any()
@@ -604,24 +606,10 @@ def _loss(family: str, per_text: torch.Tensor) -> torch.Tensor:
     return (F.cross_entropy(per_text, target) + F.cross_entropy(per_text.t(), target)) / 2.0
 
 
-def _named_tensors(obj, prefix: str = ""):
-    if isinstance(obj, torch.Tensor):
-        yield prefix, obj
-    elif isinstance(obj, list):
-        for i, o in enumerate(obj):
-            yield from _named_tensors(o, f"{prefix}{i}.")
-    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        for f in dataclasses.fields(obj):
-            if f.name != "extra":
-                yield from _named_tensors(getattr(obj, f.name), f"{prefix}{f.name}" +
-                                          ("" if isinstance(getattr(obj, f.name), torch.Tensor) else "."))
-
-
-def _replace_tensors(obj, state: dict, prefix: str = ""):
+def _replace_tensors(spec, state: dict):
     """A copy of the spec with each tensor named in ``state`` replaced by a copy of it (shape checked, kept in the
     spec's dtype on the host)."""
-    if isinstance(obj, torch.Tensor):
-        name = prefix
+    def replace(name, obj):
         if name not in state:
             return obj
         new = state[name]
@@ -630,18 +618,8 @@ def _replace_tensors(obj, state: dict, prefix: str = ""):
             raise ValueError(f"load_state_dict: {name}: expected shape {list(obj.shape)}, got {got}")
         device = "cpu" if obj.is_meta else obj.device  # keep_host_copy=False: the shapes only, on meta
         return new.detach().to(device=device, dtype=obj.dtype).clone()
-    if isinstance(obj, list):
-        return [_replace_tensors(o, state, f"{prefix}{i}.") for i, o in enumerate(obj)]
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        changes = {}
-        for f in dataclasses.fields(obj):
-            if f.name == "extra":
-                continue
-            v = getattr(obj, f.name)
-            changes[f.name] = _replace_tensors(v, state, f"{prefix}{f.name}" + ("" if isinstance(v, torch.Tensor)
-                                                                                else "."))
-        return dataclasses.replace(obj, **changes)
-    return obj
+
+    return map_named_tensors(spec, replace)
 
 
 def _meta_skeleton(model: nn.Module) -> nn.Module:
@@ -671,7 +649,7 @@ def _source_dtype(model) -> torch.dtype:
     return dtype
 
 
-def fuse(model, dtype=None, device=None, **kwargs) -> FusedModel:
+def fuse(model, dtype=None, device=None, config: FusedConfig | None = None, **kwargs) -> FusedModel:
     """``dualfuse.fuse(model)``: the user's HF CLIPModel / MetaClip2Model / SiglipModel / Siglip2Model, open_clip
     CLIP / CustomTextCLIP, a preset name or a DualEncoderSpec -> a drop-in :class:`FusedModel`; a single tower
     (adapters.TOWER_CLASSES: CLIPVisionModel, SiglipTextModel, open_clip ``model.visual``, ...) -> a
@@ -679,22 +657,22 @@ def fuse(model, dtype=None, device=None, **kwargs) -> FusedModel:
 
     ``dtype``: default the source model's dtype (``fuse(model.half())`` runs fp16, ``fuse(model)`` of an fp32
     model runs fp32; pass ``dtype=torch.float16`` for speed). ``device``: default CUDA when there is one, else CPU.
-    ``kwargs``: FusedExecutor options, kept for rebuilds (``.to()``, ``.half()``, ``load_state_dict``); e.g.
+    ``config``: the FusedExecutor options (dualfuse.FusedConfig); ``kwargs``: any of its fields, applied over
+    ``config``; both kept for rebuilds (``.to()``, ``.half()``, ``load_state_dict``); e.g.
     ``weights="int8"``: weight-only int8 for every linear layer (``"fp8"`` on compute capability >= 8.9; see
     dualfuse.quantize); and ``keep_host_copy`` (default True; False keeps no host copy of the weights, see the
     module docstring); and ``executor="auto"``: the fused executor where it wins, the graph executor where
     it doesn't, per call-shape family, from this card's calibration (dualfuse.executors.auto; not the default).
     The source model is left untouched and not kept."""
     keep_host_copy = kwargs.pop("keep_host_copy", True)
+    if config is not None:
+        kwargs["config"] = config
     # executor: "fused" (default) or "auto" (fused or the graph executor per call-shape family, from this card's
     # calibration: dualfuse.executors.auto)
     which = kwargs.pop("executor", "fused")
     if which not in ("fused", "auto"):
         raise ValueError(f"executor must be 'fused' or 'auto', got {which!r}")
-    if which == "auto":
-        from .auto import AutoExecutor as cls
-    else:
-        cls = FusedExecutor
+    cls = AutoExecutor if which == "auto" else FusedExecutor
     if isinstance(model, str):
         from ..presets import load
 

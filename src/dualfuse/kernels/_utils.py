@@ -300,6 +300,19 @@ def pow2_divisor(values, cap: int) -> int:
     return a
 
 
+def check_tensor(where: str, name: str, t, device, dtype=None, *, allow_none: bool = False) -> None:
+    """A launcher's check of one problem tensor: a Tensor (None too with ``allow_none``) on ``device`` (one launch,
+    one device) of ``dtype`` when given (one launch shares dtypes); ValueError naming ``where`` and ``name``."""
+    if t is None and allow_none:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{where}: {name} must be a Tensor, got {type(t).__name__}")
+    if t.device != device:
+        raise ValueError(f"{where}: {name} is on {t.device}, expected {device} (all on one device)")
+    if dtype is not None and t.dtype != dtype:
+        raise ValueError(f"{where}: {name} dtype {t.dtype} differs from {dtype} (one launch shares dtypes)")
+
+
 def describe(t) -> str:
     """A tensor's shape, dtype and strides for error messages (the type name for anything else)."""
     if not isinstance(t, torch.Tensor):

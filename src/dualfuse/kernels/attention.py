@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._utils import (describe, device_props, gdc_launch, gdc_wait, load_field, num_sms, pdl_supported, pow2_divisor, problem_of,
+from ._utils import (check_tensor, describe, device_props, gdc_launch, gdc_wait, load_field, num_sms, pdl_supported, pow2_divisor, problem_of,
                      scalar_bool, LAUNCH_OPTIONS)
 
 __all__ = ["AttentionProblem", "GroupedAttention", "grouped_attention", "split_packed_qkv"]
@@ -262,15 +262,9 @@ class GroupedAttention:
                 raise ValueError(f"{where}: expected an AttentionProblem, got {type(p).__name__}")
             q, k, v, out = p.q, p.k, p.v, p.out
             for name, t in (("q", q), ("k", k), ("v", v), ("out", out)):
-                if not isinstance(t, Tensor):
-                    raise ValueError(f"{where}: {name} must be a Tensor, got {type(t).__name__}")
+                check_tensor(where, name, t, device, o_dtype if name == "out" else dtype)
                 if t.dim() != 3 or t.stride(2) != 1:
                     raise ValueError(f"{where}: {name} must be [B, S, H*Dh] with a contiguous last dim, got {describe(t)}")
-                if t.device != device:
-                    raise ValueError(f"{where}: {name} is on {t.device}, expected {device} (all on one device)")
-                want = o_dtype if name == "out" else dtype
-                if t.dtype != want:
-                    raise ValueError(f"{where}: {name} dtype {t.dtype} differs from {want} (one launch shares dtypes)")
             B, Sq, W = q.shape
             Sk = k.shape[1]
             if B < 1 or Sq < 1 or Sk < 1:

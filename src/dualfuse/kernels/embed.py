@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._utils import (LAUNCH_OPTIONS, describe, device_props, gdc_launch, load_field, pdl_supported, pow2_divisor,
+from ._utils import (LAUNCH_OPTIONS, check_tensor, describe, device_props, gdc_launch, load_field, pdl_supported, pow2_divisor,
                      problem_of)
 
 __all__ = ["PatchEmbedProblem", "TokenEmbedProblem", "Embeddings", "PatchEmbed", "TokenEmbed",
@@ -325,6 +325,109 @@ def _embed_kernel(
 
 
 
+def _launch_dtypes(patch_problems: list, token_problems: list):
+    """(first problem, its weight, device, parameter dtype, output dtype) one Embeddings launch shares; ValueError
+    for no problems, a problem of the wrong type, or non-float parameters / outputs."""
+    if not patch_problems and not token_problems:
+        raise ValueError("Embeddings: expected at least one PatchEmbedProblem or TokenEmbedProblem, got none")
+    for i, p in enumerate(patch_problems):
+        if not isinstance(p, PatchEmbedProblem):
+            raise ValueError(f"Embeddings: patch problem {i} must be a PatchEmbedProblem, got {type(p).__name__}")
+    for i, p in enumerate(token_problems):
+        if not isinstance(p, TokenEmbedProblem):
+            raise ValueError(f"Embeddings: token problem {i} must be a TokenEmbedProblem, got {type(p).__name__}")
+    first = patch_problems[0] if patch_problems else token_problems[0]
+    w0 = first.weight if patch_problems else first.token_weight
+    if not isinstance(w0, Tensor) or not isinstance(first.out, Tensor):
+        raise ValueError("Embeddings: weights and outputs must be tensors")
+    w_dtype, o_dtype = w0.dtype, first.out.dtype
+    if w_dtype not in _FLOAT_DTYPES or o_dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"Embeddings: parameter/output dtypes must be in {_FLOAT_DTYPES}, got {w_dtype}, {o_dtype}")
+    return first, w0, w0.device, w_dtype, o_dtype
+
+
+def _patch_row(where: str, p: PatchEmbedProblem, device, pix_dtype, w_dtype, o_dtype) -> list[int]:
+    """A patch problem's metadata row (the _P_* columns but _P_START / _P_N_NB), after checking it."""
+    x = p.pixel_values
+    check_tensor(where, "pixel_values", x, device, pix_dtype)
+    if x.dtype not in _FLOAT_DTYPES + (torch.float64, torch.uint8):
+        raise ValueError(f"{where}: pixel_values must be a float tensor or uint8 (read as x / 255), got "
+                         f"{x.dtype}")
+    for name in ("weight", "pos_embedding"):
+        check_tensor(where, name, getattr(p, name), device, w_dtype)
+    for name in ("bias", "class_embedding"):
+        check_tensor(where, name, getattr(p, name), device, w_dtype, allow_none=True)
+    check_tensor(where, "out", p.out, device, o_dtype)
+    P = p.patch_size
+    if not isinstance(P, int) or isinstance(P, bool) or P < 1:
+        raise ValueError(f"{where}: patch_size must be a positive int, got {P!r}")
+    if x.dim() != 4:
+        raise ValueError(f"{where}: pixel_values must be [B, C, H, W], got {describe(x)}")
+    B, C, Hh, Ww = x.shape
+    if B < 1 or Hh < P or Ww < P:
+        raise ValueError(f"{where}: image {Hh}x{Ww} (batch {B}) must be non-empty and at least patch_size {P}")
+    Hp, Wp = Hh // P, Ww // P
+    Kdim = C * P * P
+    w = p.weight
+    if w.dim() != 2 or w.shape[1] != Kdim or w.stride(1) != 1:
+        raise ValueError(f"{where}: weight must be [D, C*p*p] = [D, {Kdim}] with a contiguous last dim, "
+                         f"got {describe(w)}")
+    D = w.shape[0]
+    has_cls = p.class_embedding is not None
+    T = Hp * Wp + int(has_cls)
+    for name in ("bias", "class_embedding"):
+        t = getattr(p, name)
+        if t is not None and (t.shape != (D,) or (D > 1 and t.stride(0) != 1)):
+            raise ValueError(f"{where}: {name} must be contiguous [{D}], got {describe(t)}")
+    pos = p.pos_embedding
+    if pos.dim() != 2 or tuple(pos.shape) != (T, D) or pos.stride(1) != 1:
+        raise ValueError(f"{where}: pos_embedding must be [{T}, {D}] with a contiguous last dim, got {describe(pos)}")
+    out = p.out
+    if out.dim() != 3 or tuple(out.shape) != (B, T, D) or out.stride(2) != 1:
+        raise ValueError(f"{where}: out must be [{B}, {T}, {D}] with a contiguous last dim, got {describe(out)}")
+    r = [0] * _NPF
+    r[_P_PIX], r[_P_SB], r[_P_SC], r[_P_SH], r[_P_SW] = (x.data_ptr(),) + tuple(x.stride())
+    r[_P_P], r[_P_WP] = P, Wp
+    r[_P_W], r[_P_W_SN], r[_P_C] = w.data_ptr(), w.stride(0), C
+    r[_P_BIAS] = p.bias.data_ptr() if p.bias is not None else 0
+    r[_P_CLS] = p.class_embedding.data_ptr() if has_cls else 0
+    r[_P_POS], r[_P_POS_S] = pos.data_ptr(), pos.stride(0)
+    r[_P_OUT], r[_P_O_SB], r[_P_O_ST] = out.data_ptr(), out.stride(0), out.stride(1)
+    r[_P_B], r[_P_T], r[_P_D], r[_P_K] = B, T, D, Kdim
+    return r
+
+
+def _token_row(where: str, p: TokenEmbedProblem, device, w_dtype, o_dtype) -> list[int]:
+    """A token problem's metadata row (the _T_* columns but _T_START), after checking it."""
+    ids = p.input_ids
+    check_tensor(where, "input_ids", ids, device)
+    if ids.dtype not in (torch.int32, torch.int64) or ids.dim() != 2:
+        raise ValueError(f"{where}: input_ids must be [B, L] int32/int64, got {describe(ids)}")
+    B, L = ids.shape
+    if B < 1 or L < 1:
+        raise ValueError(f"{where}: input_ids must be non-empty, got {tuple(ids.shape)}")
+    check_tensor(where, "token_weight", p.token_weight, device, w_dtype)
+    check_tensor(where, "pos_embedding", p.pos_embedding, device, w_dtype)
+    check_tensor(where, "out", p.out, device, o_dtype)
+    tw, pos, out = p.token_weight, p.pos_embedding, p.out
+    if tw.dim() != 2 or tw.stride(1) != 1:
+        raise ValueError(f"{where}: token_weight must be [V, D] with a contiguous last dim, got {describe(tw)}")
+    D = tw.shape[1]
+    if pos.dim() != 2 or pos.shape[0] < L or pos.shape[1] != D or pos.stride(1) != 1:
+        raise ValueError(f"{where}: pos_embedding must be [>= {L}, {D}] with a contiguous last dim, got {describe(pos)}")
+    if out.dim() != 3 or tuple(out.shape) != (B, L, D) or out.stride(2) != 1:
+        raise ValueError(f"{where}: out must be [{B}, {L}, {D}] with a contiguous last dim, got {describe(out)}")
+    r = [0] * _NTF
+    r[_T_IDS], r[_T_IDS_KIND] = ids.data_ptr(), (1 if ids.dtype == torch.int32 else 2)
+    r[_T_IDS_SB], r[_T_IDS_SL] = ids.stride(0), ids.stride(1)
+    r[_T_TOK], r[_T_TOK_S] = tw.data_ptr(), tw.stride(0)
+    r[_T_POS], r[_T_POS_S] = pos.data_ptr(), pos.stride(0)
+    r[_T_OUT], r[_T_O_SB], r[_T_O_SL] = out.data_ptr(), out.stride(0), out.stride(1)
+    r[_T_B], r[_T_L], r[_T_D] = B, L, D
+    r[_T_V] = tw.shape[0]
+    return r
+
+
 class Embeddings:
     """Prepared embeddings of any number of patch and token problems, in ONE launch.
 
@@ -342,22 +445,7 @@ class Embeddings:
                  block_n: int | None = None, block_k: int | None = None, block_t: int | None = None,
                  num_warps: int | None = None, num_stages: int | None = None):
         patch_problems, token_problems = list(patch_problems), list(token_problems)
-        if not patch_problems and not token_problems:
-            raise ValueError("Embeddings: expected at least one PatchEmbedProblem or TokenEmbedProblem, got none")
-        for i, p in enumerate(patch_problems):
-            if not isinstance(p, PatchEmbedProblem):
-                raise ValueError(f"Embeddings: patch problem {i} must be a PatchEmbedProblem, got {type(p).__name__}")
-        for i, p in enumerate(token_problems):
-            if not isinstance(p, TokenEmbedProblem):
-                raise ValueError(f"Embeddings: token problem {i} must be a TokenEmbedProblem, got {type(p).__name__}")
-        first = patch_problems[0] if patch_problems else token_problems[0]
-        w0 = first.weight if patch_problems else first.token_weight
-        if not isinstance(w0, Tensor) or not isinstance(first.out, Tensor):
-            raise ValueError("Embeddings: weights and outputs must be tensors")
-        device, w_dtype, o_dtype = w0.device, w0.dtype, first.out.dtype
-        if w_dtype not in _FLOAT_DTYPES or o_dtype not in _FLOAT_DTYPES:
-            raise ValueError(f"Embeddings: parameter/output dtypes must be in {_FLOAT_DTYPES}, got {w_dtype}, {o_dtype}")
-        pix_dtype = None
+        first, w0, device, w_dtype, o_dtype = _launch_dtypes(patch_problems, token_problems)
         on_cuda = device_props(device) is not None  # a CUDA device, or planning for one (target_device)
         self.block_m = block_m or (64 if on_cuda else 32)
         self.block_n = block_n or (64 if on_cuda else 32)
@@ -369,70 +457,14 @@ class Embeddings:
             if val < (16 if name != "block_t" else 1) or val & (val - 1):
                 raise ValueError(f"Embeddings: {name} must be a power of two (>= 16 for GEMM tiles), got {val}")
 
-        def check_tensor(where, name, t, dtype, allow_none=False):
-            if t is None and allow_none:
-                return
-            if not isinstance(t, Tensor):
-                raise ValueError(f"{where}: {name} must be a Tensor, got {type(t).__name__}")
-            if t.device != device:
-                raise ValueError(f"{where}: {name} is on {t.device}, expected {device} (all on one device)")
-            if dtype is not None and t.dtype != dtype:
-                raise ValueError(f"{where}: {name} dtype {t.dtype} differs from {dtype} (one launch shares dtypes)")
-
-        pm_rows = []
-        start = 0
+        # patch problems: one metadata row each, programs = (row tiles of block_m) x (column tiles of block_n)
+        pm_rows, pix_dtype, start = [], None, 0
         for i, p in enumerate(patch_problems):
-            where = f"Embeddings patch problem {i}"
-            x = p.pixel_values
-            check_tensor(where, "pixel_values", x, pix_dtype)
-            if x.dtype not in _FLOAT_DTYPES + (torch.float64, torch.uint8):
-                raise ValueError(f"{where}: pixel_values must be a float tensor or uint8 (read as x / 255), got "
-                                 f"{x.dtype}")
-            pix_dtype = x.dtype
-            for name in ("weight", "pos_embedding"):
-                check_tensor(where, name, getattr(p, name), w_dtype)
-            for name in ("bias", "class_embedding"):
-                check_tensor(where, name, getattr(p, name), w_dtype, allow_none=True)
-            check_tensor(where, "out", p.out, o_dtype)
-            P = p.patch_size
-            if not isinstance(P, int) or isinstance(P, bool) or P < 1:
-                raise ValueError(f"{where}: patch_size must be a positive int, got {P!r}")
-            if x.dim() != 4:
-                raise ValueError(f"{where}: pixel_values must be [B, C, H, W], got {describe(x)}")
-            B, C, Hh, Ww = x.shape
-            if B < 1 or Hh < P or Ww < P:
-                raise ValueError(f"{where}: image {Hh}x{Ww} (batch {B}) must be non-empty and at least patch_size {P}")
-            Hp, Wp = Hh // P, Ww // P
-            Kdim = C * P * P
-            w = p.weight
-            if w.dim() != 2 or w.shape[1] != Kdim or w.stride(1) != 1:
-                raise ValueError(f"{where}: weight must be [D, C*p*p] = [D, {Kdim}] with a contiguous last dim, "
-                                 f"got {describe(w)}")
-            D = w.shape[0]
-            has_cls = p.class_embedding is not None
-            T = Hp * Wp + int(has_cls)
-            for name in ("bias", "class_embedding"):
-                t = getattr(p, name)
-                if t is not None and (t.shape != (D,) or (D > 1 and t.stride(0) != 1)):
-                    raise ValueError(f"{where}: {name} must be contiguous [{D}], got {describe(t)}")
-            pos = p.pos_embedding
-            if pos.dim() != 2 or tuple(pos.shape) != (T, D) or pos.stride(1) != 1:
-                raise ValueError(f"{where}: pos_embedding must be [{T}, {D}] with a contiguous last dim, got {describe(pos)}")
-            out = p.out
-            if out.dim() != 3 or tuple(out.shape) != (B, T, D) or out.stride(2) != 1:
-                raise ValueError(f"{where}: out must be [{B}, {T}, {D}] with a contiguous last dim, got {describe(out)}")
-            r = [0] * _NPF
-            r[_P_PIX], r[_P_SB], r[_P_SC], r[_P_SH], r[_P_SW] = (x.data_ptr(),) + tuple(x.stride())
-            r[_P_P], r[_P_WP] = P, Wp
-            r[_P_W], r[_P_W_SN], r[_P_C] = w.data_ptr(), w.stride(0), C
-            r[_P_BIAS] = p.bias.data_ptr() if p.bias is not None else 0
-            r[_P_CLS] = p.class_embedding.data_ptr() if has_cls else 0
-            r[_P_POS], r[_P_POS_S] = pos.data_ptr(), pos.stride(0)
-            r[_P_OUT], r[_P_O_SB], r[_P_O_ST] = out.data_ptr(), out.stride(0), out.stride(1)
-            r[_P_B], r[_P_T], r[_P_D], r[_P_K] = B, T, D, Kdim
-            n_nb = triton.cdiv(D, self.block_n)
+            r = _patch_row(f"Embeddings patch problem {i}", p, device, pix_dtype, w_dtype, o_dtype)
+            pix_dtype = p.pixel_values.dtype
+            n_nb = triton.cdiv(r[_P_D], self.block_n)
             r[_P_START], r[_P_N_NB] = start, n_nb
-            start += triton.cdiv(B * T, self.block_m) * n_nb
+            start += triton.cdiv(r[_P_B] * r[_P_T], self.block_m) * n_nb
             pm_rows.append(r)
         self.num_patch_tiles = start
         sizes = [p.patch_size for p in patch_problems] or [1]
@@ -445,39 +477,13 @@ class Embeddings:
         self._even_p = all(P == self.block_kp and P % ky == 0 for P in sizes)
         self._pix_w1 = all(r[_P_SW] == 1 for r in pm_rows)
 
-        tm_rows = []
-        start = 0
-        max_d = 16
+        # token problems: one metadata row each, programs of block_t tokens
+        tm_rows, start, max_d = [], 0, 16
         for i, p in enumerate(token_problems):
-            where = f"Embeddings token problem {i}"
-            ids = p.input_ids
-            check_tensor(where, "input_ids", ids, None)
-            if ids.dtype not in (torch.int32, torch.int64) or ids.dim() != 2:
-                raise ValueError(f"{where}: input_ids must be [B, L] int32/int64, got {describe(ids)}")
-            B, L = ids.shape
-            if B < 1 or L < 1:
-                raise ValueError(f"{where}: input_ids must be non-empty, got {tuple(ids.shape)}")
-            check_tensor(where, "token_weight", p.token_weight, w_dtype)
-            check_tensor(where, "pos_embedding", p.pos_embedding, w_dtype)
-            check_tensor(where, "out", p.out, o_dtype)
-            tw, pos, out = p.token_weight, p.pos_embedding, p.out
-            if tw.dim() != 2 or tw.stride(1) != 1:
-                raise ValueError(f"{where}: token_weight must be [V, D] with a contiguous last dim, got {describe(tw)}")
-            D = tw.shape[1]
-            if pos.dim() != 2 or pos.shape[0] < L or pos.shape[1] != D or pos.stride(1) != 1:
-                raise ValueError(f"{where}: pos_embedding must be [>= {L}, {D}] with a contiguous last dim, got {describe(pos)}")
-            if out.dim() != 3 or tuple(out.shape) != (B, L, D) or out.stride(2) != 1:
-                raise ValueError(f"{where}: out must be [{B}, {L}, {D}] with a contiguous last dim, got {describe(out)}")
-            r = [0] * _NTF
-            r[_T_IDS], r[_T_IDS_KIND] = ids.data_ptr(), (1 if ids.dtype == torch.int32 else 2)
-            r[_T_IDS_SB], r[_T_IDS_SL] = ids.stride(0), ids.stride(1)
-            r[_T_TOK], r[_T_TOK_S] = tw.data_ptr(), tw.stride(0)
-            r[_T_POS], r[_T_POS_S] = pos.data_ptr(), pos.stride(0)
-            r[_T_OUT], r[_T_O_SB], r[_T_O_SL] = out.data_ptr(), out.stride(0), out.stride(1)
-            r[_T_B], r[_T_L], r[_T_D], r[_T_START] = B, L, D, start
-            r[_T_V] = tw.shape[0]
-            start += triton.cdiv(B * L, self.block_t)
-            max_d = max(max_d, D)
+            r = _token_row(f"Embeddings token problem {i}", p, device, w_dtype, o_dtype)
+            r[_T_START] = start
+            start += triton.cdiv(r[_T_B] * r[_T_L], self.block_t)
+            max_d = max(max_d, r[_T_D])
             tm_rows.append(r)
         self.num_token_tiles = start
         self.block_dt = min(triton.next_power_of_2(max_d), 256 if on_cuda else 1024)

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._utils import (LAUNCH_OPTIONS, describe, gdc_launch, gdc_wait, load_field, pdl_supported, pow2_divisor,
+from ._utils import (LAUNCH_OPTIONS, check_tensor, describe, gdc_launch, gdc_wait, load_field, pdl_supported, pow2_divisor,
                      problem_of, scalar_bool)
 
 __all__ = ["LayerNormProblem", "GroupedLayerNorm", "grouped_layer_norm", "MAX_ADD_SLICES"]
@@ -175,10 +175,7 @@ class GroupedLayerNorm:
                 raise ValueError(f"{where}: expected a LayerNormProblem, got {type(p).__name__}")
             x, w, b, out = p.x, p.weight, p.bias, p.out
             for name, t in (("x", x), ("weight", w), ("bias", b), ("out", out)):
-                if not isinstance(t, Tensor):
-                    raise ValueError(f"{where}: {name} must be a Tensor, got {type(t).__name__}")
-                if t.device != device:
-                    raise ValueError(f"{where}: {name} is on {t.device}, expected {device} (all on one device)")
+                check_tensor(where, name, t, device)
             if x.dim() != 2 or x.stride(1) != 1:
                 raise ValueError(f"{where}: x must be [R, D] with a contiguous last dim, got {describe(x)}")
             R, D = x.shape

@@ -30,6 +30,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 
+from ..config import FusedConfig, config_of
 from ..util import Progress, slug, write_json
 from . import analyze
 from .analyze import Event
@@ -204,6 +205,8 @@ def profile(executor_or_name, model=None, *, batch: int = 1, image_batch: int | 
         analysis=result, windows=[list(w) for w in c.windows],
         events=[e.to_dict() for e in c.events], profile_seconds=time.perf_counter() - t0, ncu=None,
     )
+    if config_of(ex) is not None:  # the fused executor's options
+        data["fused_config"] = config_of(ex).to_dict()
     if cuda:  # how far this run is from the card's physical floor (known cards only: dualfuse.targets)
         from ..floors import profile_floor
 
@@ -261,6 +264,7 @@ class ProfileResult:
     device: str
     executors: list[str]
     command: str | None = None
+    fused_config: FusedConfig | None = None  # the fused executor's options, when it is profiled
     profiles: list[ExecutorProfile] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -279,22 +283,23 @@ def run_profile(model: str = "clip-vit-b-32", executors: list[str] = ("eager",),
                 text_len: int | None = None, dtype=None, device=None, iters: int = 3, warmup: int | None = None,
                 latency_runs: int | None = None, nvtx: bool = False, measure_ceilings: bool = True,
                 top: int = 10, seed: int = 0, ncu: bool = False, ncu_kernels: int = 5, command: str | None = None,
-                progress: Progress | None = None, stand_in=None) -> ProfileResult:
+                config: FusedConfig | None = None, stand_in=None,
+                progress: Progress | None = None) -> ProfileResult:
     """Profile each of ``executors`` on ``model`` (a preset name or a local path; ``arch`` for an open_clip
     checkpoint), one after the other, as :func:`profile` does; ``ncu``: Nsight Compute on the top ``ncu_kernels``
-    kernels of each. ``command`` is recorded in profile.json. Bad arguments raise ValueError (prefixed with the
-    executor's name when only that executor is at fault). ``stand_in``: a Jetson target name or
-    dualfuse.standin.StandInConfig: profile in the edge-regime stand-in (its green context entered here, each
-    executor's weights host-mapped; the measured bandwidth is in each profile's data["stand_in"])."""
+    kernels of each. ``command`` is recorded in profile.json; ``config``: the fused executor's options. Bad
+    arguments raise ValueError (prefixed with the executor's name when only that executor is at fault).
+    ``stand_in``: a Jetson target name or dualfuse.standin.StandInConfig: profile in the edge-regime stand-in (its
+    green context entered here, each executor's weights host-mapped, the fused executor's GEMM config with the
+    stand-in's overrides; the measured bandwidth is in each profile's data["stand_in"])."""
     from .. import executors as registry
-    from .. import standin as SI
-
-    stand_cfg = SI.resolve(stand_in)
-    green_info = SI.enter(stand_cfg) if stand_cfg is not None else None
     from .. import presets
+    from .. import standin as SI
     from ..adapters import to_spec
     from ..executors.base import ExecutorUnavailable, NeedsCUDA, resolve_device
 
+    stand_cfg = SI.resolve(stand_in)
+    green_info = SI.enter(stand_cfg) if stand_cfg is not None else None  # before anything touches CUDA
     progress = progress or Progress()
     device = resolve_device(device)
     names = [n.strip() for n in executors if n.strip()]
@@ -313,22 +318,26 @@ def run_profile(model: str = "clip-vit-b-32", executors: list[str] = ("eager",),
     if stand_cfg is not None and device.type != "cuda":
         raise SI.StandInError(f"--stand-in needs a CUDA device, got --device {device}")
     stand_info = SI.measure(stand_cfg, green_info) if stand_cfg is not None else None
-    result = ProfileResult(model=model, device=str(device), executors=names, command=command)
+    fused_config = (config or FusedConfig()) if "fused" in names else None
+    if fused_config is not None and stand_info is not None:
+        fused_config = SI.fused_config(stand_cfg, stand_info, fused_config)
+    result = ProfileResult(model=model, device=str(device), executors=names, command=command,
+                           fused_config=fused_config)
     progress.start(result)
     for name in names:
         progress.begin(name)
         try:
             target = name
+            fkw = {"config": fused_config} if name == "fused" else {}  # stand-in: its overrides included
             if stand_info is not None:
                 from ..hostmem import place_executor
 
-                target = registry.get(name, source, dtype=dtype, device=device, spec=spec,
-                                      **SI.executor_kwargs(name, stand_cfg, stand_info))
+                target = registry.get(name, source, dtype=dtype, device=device, spec=spec, **fkw)
                 place_executor(target, "host")
             r = profile(target, source, batch=batch, image_batch=image_batch, text_batch=text_batch,
                         text_len=text_len, dtype=dtype, device=device, iters=iters, warmup=warmup, nvtx=nvtx,
                         measure_ceilings=measure_ceilings, seed=seed, top=top, latency_runs=latency_runs,
-                        model_name=model, command=command, spec=spec)
+                        model_name=model, command=command, spec=spec, **fkw)
         except NeedsCUDA:
             raise
         except (ExecutorUnavailable, ValueError) as e:

@@ -6,8 +6,9 @@ report.md and the plots of a saved run from its profile.json without profiling a
 from __future__ import annotations
 
 import json
-import math
 import os
+
+from ..util import format_number
 
 DEVICE_WORDS = {"cuda": ("kernel", "kernels", "GPU"), "cpu": ("op", "ops", "CPU")}
 
@@ -15,9 +16,7 @@ DEVICE_WORDS = {"cuda": ("kernel", "kernels", "GPU"), "cpu": ("op", "ops", "CPU"
 # --------------------------------------------------------------------------------------------- formatting
 
 def _num(x, fmt="{:.1f}", none="—"):
-    if x is None or (isinstance(x, float) and (math.isnan(x) or math.isinf(x))):
-        return none
-    return fmt.format(x)
+    return format_number(x, fmt, none)
 
 
 def _pct(x, none="—"):

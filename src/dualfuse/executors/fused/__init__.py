@@ -29,16 +29,7 @@ capture, replay), ``executor.py`` (:class:`FusedExecutor`, coverage, buckets, wa
 """
 from __future__ import annotations
 
-from .buffers import _TowerBuffers
 from .executor import MAX_HEAD_DIM, FusedExecutor, unsupported_reason
-from .runner import Runner, _in_dtype_groups, _with_stats
+from .runner import Runner
 
 __all__ = ["FusedExecutor", "Runner", "unsupported_reason", "MAX_HEAD_DIM"]
-
-
-def __getattr__(name):  # FusedModel and fuse() moved to dualfuse.executors.dropin
-    if name in ("FusedModel", "fuse"):
-        from .. import dropin
-
-        return getattr(dropin, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

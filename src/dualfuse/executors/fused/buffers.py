@@ -1,4 +1,4 @@
-"""Static buffers of a fused runner: one :class:`_TowerBuffers` per tower (activations, inputs, the pooled rows)
+"""Static buffers of a fused runner: one :class:`TowerBuffers` per tower (activations, inputs, the pooled rows)
 for one call shape. Inputs start zeroed (the warm-up and capture run before any real input is copied in)."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from ...spec import TowerSpec
 
 
-class _TowerBuffers:
+class TowerBuffers:
     """Static activations of one tower for one batch size. Rows are flattened [B*S, ...]."""
 
     def __init__(self, tower: TowerSpec, batch: int, seq: int, dtype, device, output: torch.Tensor,

@@ -12,10 +12,21 @@ from collections import OrderedDict
 import torch
 import torch.nn.functional as F
 
+from ...adapters import image_normalization
+from ...calibration import Calibration
+from ...calibration import load as load_calibration
+from ...config import FusedConfig
+from ...kernels._utils import is_interpreter, pdl_supported
+from ...kernels.embed import fold_normalization
+from ...kernels.gemm import fold_layernorm
 from ...plan import Plan, TowerOutputs, make_plan
-from ...spec import DualEncoderSpec, PatchSequence, TowerSpec
+from ...quantize import quantize_folded, quantize_spec, resolve_weights, to_device_but_gemm_weights
+from ...reference import naflex_pos_embedding
+from ...spec import DualEncoderSpec, Linear, PatchSequence, TowerSpec, rows_of
 from .. import register
+from .._naflex import as_image, grid_groups, grid_spec
 from ..base import Executor, Locked, NeedsCUDA, validate_inputs
+from .buffers import TowerBuffers
 from .runner import Runner
 
 MAX_HEAD_DIM = 128  # attention keeps a [BLOCK_M, head_dim] accumulator in registers
@@ -23,8 +34,6 @@ MAX_HEAD_DIM = 128  # attention keeps a [BLOCK_M, head_dim] accumulator in regis
 
 def unsupported_reason(spec: DualEncoderSpec, dtype: torch.dtype, device: torch.device) -> str | None:
     """Why the fused kernels can't run this model here, or None if they can."""
-    from ...kernels._utils import is_interpreter
-
     if device.type != "cuda" and not is_interpreter():
         return "the fused Triton kernels need a CUDA device (or TRITON_INTERPRET=1 on CPU, for tests)"
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -59,53 +68,35 @@ class FusedExecutor(Locked, Executor):
     uses_source_model = False
     notes = "horizontally fused Triton launches, one CUDA graph"
 
-    def __init__(self, model, dtype=None, device=None, *, max_graphs: int = 8, use_graph: bool = True,
-                 fallback: bool = True, fold_ln: bool | None = None, pdl: bool = True, gemm_config: dict | None = None,
-                 residual_dtype: torch.dtype | None = None, defer_split_reduce: bool = True,
-                 text_buckets="auto", warmup=None, image_mean=None, image_std=None, weights=None,
-                 gemm_impl: str = "auto", calibration=None, hidden_states=None, pooled: bool | None = None,
-                 **kwargs):
-        super().__init__(model, dtype, device, **kwargs)
-        # single-tower models: which hidden states callers read (None: any; a tuple of indices as transformers
-        # counts them, e.g. (-2,) for LLaVA-1.5: only those are ever written, and the blocks after the last one
-        # asked for never run) and whether the pooled output is computed (None: unless hidden_states is given)
-        self.hidden_states, self.pooled = self._resolve_tower_outputs(hidden_states, pooled)
-        # gemm_impl: per stage and tower, the grouped Triton launch or a library kernel (cuBLAS GEMM / SDPA,
-        # executors/fused/library.py). "auto": the calibrated cost model (dualfuse.calibration; no calibration
-        # for this card: all Triton); "triton": always Triton; "library": the library wherever a step allows it.
-        # calibration: a dualfuse.calibration.Calibration, a path to its JSON, or None (this card's cache file).
-        if gemm_impl not in ("auto", "triton", "library"):
-            raise ValueError(f"gemm_impl must be 'auto', 'triton' or 'library', got {gemm_impl!r}")
-        self.gemm_impl = gemm_impl
+    def __init__(self, model, dtype=None, device=None, *, config: FusedConfig | None = None,
+                 spec: DualEncoderSpec | None = None, check_ids: bool = True, **overrides):
+        """``config``: the options (dualfuse.config.FusedConfig; default FusedConfig()); ``overrides``: any of its
+        fields as keywords (``gemm_config=`` a dict: the older spelling of ``gemm=``), applied over ``config``."""
+        if config is not None and not isinstance(config, FusedConfig):
+            raise ValueError(f"config must be a dualfuse.FusedConfig, got {type(config).__name__}")
+        self.config = cfg = (config or FusedConfig()).with_overrides(**overrides)
+        super().__init__(model, dtype, device, spec=spec, check_ids=check_ids)
+        # single-tower models: which hidden states callers read (FusedConfig.hidden_states, resolved to 0..layers;
+        # None: any) and whether the pooled output is computed (FusedConfig.pooled; None: unless hidden_states)
+        self.hidden_states, self.pooled = self._resolve_tower_outputs(cfg.hidden_states, cfg.pooled)
+        # per stage and tower, Triton or a library kernel (FusedConfig.gemm_impl; executors/fused/library.py); with
+        # "auto", the calibration given or this card's cache file (None there: all Triton)
+        self.gemm_impl = cfg.gemm_impl
         self.calibration = None
-        if gemm_impl == "auto":
-            from ... import calibration as C
-
-            if isinstance(calibration, C.Calibration):
-                self.calibration = calibration
-            elif calibration is None or isinstance(calibration, str):
-                self.calibration = C.load(self.device, path=calibration)
-            else:
-                raise ValueError(f"calibration must be None, a path or a dualfuse.calibration.Calibration, got "
-                                 f"{type(calibration).__name__}")
-        elif calibration is not None:
-            raise ValueError(f"calibration is read only with gemm_impl='auto' (got gemm_impl={gemm_impl!r})")
-        # weights: None / "fp16" (the executor's dtype), "int8" or "fp8" (weight-only, one scale per output channel,
+        if cfg.gemm_impl == "auto":
+            cal = cfg.calibration
+            self.calibration = cal if isinstance(cal, Calibration) else load_calibration(self.device, path=cal)
+        # weights: "fp16" (the executor's dtype), "int8" or "fp8" (weight-only, one scale per output channel,
         # every linear layer of both towers: dualfuse.quantize); fp8 needs compute capability >= 8.9
-        from ...quantize import resolve_weights
-
-        self.weight_format = resolve_weights(weights, self.device)
-        self.quant = None  # dualfuse.quantize.QuantizedWeights when quantized (the runners attach the scales)
+        self.weight_format = resolve_weights(cfg.weights, self.device)
         # image mean/std of uint8 camera frames: folded into a second patch-embedding weight (frame_patch), or
         # applied on the device before a fallback executor (adapters/_norm.py has the family defaults)
-        from ...adapters import image_normalization
-
         source = self.__dict__.get("_source")
         self.image_mean, self.image_std = image_normalization(
-            source if source is not None else self.spec, self.family, image_mean=image_mean, image_std=image_std,
-            channels=self.io.channels or None)
+            source if source is not None else self.spec, self.family, image_mean=cfg.image_mean,
+            image_std=cfg.image_std, channels=self.io.channels or None)
         # text lengths padded up to a few buckets where that provably keeps the output (_resolve_text_buckets)
-        self.text_buckets, self.text_pad_id, self.text_buckets_off = self._resolve_text_buckets(text_buckets)
+        self.text_buckets, self.text_pad_id, self.text_buckets_off = self._resolve_text_buckets(cfg.text_buckets)
         # first-call time (building the runner, capturing its graph) per runner key, in seconds
         self.build_times: dict[tuple, float] = {}
         # one lock per executor (shared with its NaFlex grid executors): a call holds it from the runner lookup
@@ -113,17 +104,9 @@ class FusedExecutor(Locked, Executor):
         # several threads give what serial calls give. Reentrant: a NaFlex call runs its grid executors under it.
         self._lock = threading.RLock()
         self._grid: tuple[int, int] | None = None  # NaFlex: the patch grid of a per-grid child executor
-        if max_graphs < 1:
-            raise ValueError(f"max_graphs must be >= 1, got {max_graphs}")
-        if fold_ln is not None and not isinstance(fold_ln, bool):
-            raise ValueError(f"fold_ln must be None (auto), True or False, got {fold_ln!r}")
-        if not isinstance(pdl, bool):
-            raise ValueError(f"pdl must be True or False, got {pdl!r}")
-        if not isinstance(defer_split_reduce, bool):
-            raise ValueError(f"defer_split_reduce must be True or False, got {defer_split_reduce!r}")
         # defer_split_reduce: an out-proj / FC2 that splits K (batch 1) leaves its partial sums to the next LayerNorm
         # launch, which adds them, the bias and the residual (kernels.layernorm `add`): no split-K tail in the GEMM
-        self.defer_split_reduce = defer_split_reduce
+        self.defer_split_reduce = cfg.defer_split_reduce
         # pdl: programmatic dependent launch between consecutive kernels where the card supports it (sm_90+).
         # fold_ln: LayerNorms folded into the GEMMs they feed (plan.py). Auto (None): folded where the launches
         # run without PDL (sm_80/87, e.g. Jetson Orin, or pdl=False) and the residual stream has the model
@@ -135,18 +118,13 @@ class FusedExecutor(Locked, Executor):
         # H100). Always the model dtype when LN is folded into the GEMMs (their x operand is the residual
         # stream and must have the weights' dtype).
         usual_residual = torch.float32 if self.dtype == torch.bfloat16 else self.dtype
+        fold_ln, residual_dtype = cfg.fold_ln, cfg.residual_dtype
         if fold_ln is None:
-            from ...kernels._utils import pdl_supported
-
-            fold_ln = not (pdl and pdl_supported(self.device)) and (residual_dtype or usual_residual) == self.dtype
+            fold_ln = not (cfg.pdl and pdl_supported(self.device)) and (residual_dtype or usual_residual) == self.dtype
         if residual_dtype is None:
             residual_dtype = self.dtype if fold_ln else usual_residual
-        self.max_graphs, self.use_graph, self.fold_ln, self.pdl = max_graphs, use_graph, fold_ln, pdl
-        if gemm_config is not None and not isinstance(gemm_config, dict):
-            raise ValueError(f"gemm_config must be a dict of GroupedLinear config keys, got {gemm_config!r}")
-        self.gemm_config = dict(gemm_config or {})  # overrides for every GEMM launch (benchmarks, experiments)
-        if residual_dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            raise ValueError(f"residual_dtype must be torch.float16, torch.bfloat16 or torch.float32, got {residual_dtype!r}")
+        self.max_graphs, self.use_graph, self.fold_ln, self.pdl = cfg.max_graphs, cfg.use_graph, fold_ln, cfg.pdl
+        self.gemm_config = cfg.gemm.to_dict()  # overrides for every GEMM launch (benchmarks, experiments)
         if fold_ln and residual_dtype != self.dtype:
             raise ValueError(f"fold_ln=True needs residual_dtype == dtype ({self.dtype}): the folded GEMMs read the "
                              f"residual stream directly; got residual_dtype={residual_dtype}")
@@ -163,17 +141,17 @@ class FusedExecutor(Locked, Executor):
         if reason is not None and self.weight_format != "fp16":
             reason += f" (weights={self.weight_format!r} not applied: the fallback runs {self.dtype} weights)"
         if reason is not None:
-            self._fall_back(reason, fallback)
+            self._fall_back(reason, cfg.fallback)
         elif self.weight_format != "fp16":
             self.notes = f"{FusedExecutor.notes}; {self.weight_format} weights (per-channel scales)"
         self.__dict__.pop("_source", None)
-        if warmup is not None:
-            self.warmup(warmup)
+        if cfg.warmup is not None:
+            self.warmup(cfg.warmup)
 
     # -- single towers ---------------------------------------------------------------------------------------
     def _resolve_tower_outputs(self, hidden_states, pooled):
         """(the hidden-state indices callers may read, 0..layers, or None for any; whether the pooled output is
-        computed) from the fuse() options, checked against the model."""
+        computed) from FusedConfig.hidden_states / pooled, checked against the model."""
         if hidden_states is None and pooled is None:
             tower = self.spec.tower if self.spec is not None else None
             has_pool = tower is None or getattr(self.spec, tower).pooling != "none"
@@ -183,19 +161,12 @@ class FusedExecutor(Locked, Executor):
             raise ValueError(f"hidden_states= / pooled= apply to a single tower (e.g. CLIPVisionModel, a VLM's "
                              f"vision tower); this is {what}")
         t = getattr(self.spec, self.spec.tower)
+        # types and the tuple form checked by FusedConfig; the range against this tower's layers here
         allowed = None
         if hidden_states is not None:
-            if isinstance(hidden_states, int) and not isinstance(hidden_states, bool):
-                hidden_states = (hidden_states,)
-            try:
-                allowed = tuple(sorted({self.hidden_index(i, t.num_layers) for i in hidden_states}))
-            except TypeError:
-                raise ValueError(f"hidden_states: expected a tuple of layer indices (e.g. (-2,)), got "
-                                 f"{hidden_states!r}") from None
+            allowed = tuple(sorted({self.hidden_index(i, t.num_layers) for i in hidden_states}))
         if pooled is None:
             pooled = hidden_states is None and t.pooling != "none"
-        if not isinstance(pooled, bool):
-            raise ValueError(f"pooled must be None (auto), True or False, got {pooled!r}")
         if pooled and t.pooling == "none":
             raise ValueError(f"pooled=True: this {t.kind} tower has no pooling head (its source model returns no "
                              "pooled output)")
@@ -297,15 +268,11 @@ class FusedExecutor(Locked, Executor):
     def _prepare_weights(self):
         if self.weight_format == "fp16":
             self.weights = self.spec.to(self.device, self.dtype)
-        else:  # the GEMM weights go to the device quantized only (quantize_executor, below)
-            from ...quantize import to_device_but_gemm_weights
-
+        else:  # the GEMM weights go to the device quantized only (quantize_spec, below)
             self.weights = to_device_but_gemm_weights(self.spec, self.device, self.dtype)
         emb = self.spec.vision.embed if self.spec.vision is not None else None
         self.frame_patch = None  # (weight, bias) of the patch embedding for uint8 frames: mean/std folded in
         if emb is not None and emb.pos_grid is None:  # NaFlex takes patch sequences, never frames
-            from ...kernels.embed import fold_normalization
-
             w, b = fold_normalization(emb.weight, emb.bias, self.image_mean, self.image_std, dtype=self.dtype)
             self.frame_patch = (w.to(self.device), b.to(self.device))
         head = self.weights.vision.pool_head if self.weights.vision is not None else None
@@ -315,29 +282,31 @@ class FusedExecutor(Locked, Executor):
             wq, bq = head.qkv.weight[:d], head.qkv.bias[:d] if head.qkv.bias is not None else None
             self.map_query = F.linear(head.probe.float().view(1, d), wq.to(self.device).float(),
                                       bq.float() if bq is not None else None).to(self.dtype).contiguous()
-            self.map_kv_weight = head.qkv.weight[d:].contiguous()
-            self.map_kv_bias = head.qkv.bias[d:].contiguous() if head.qkv.bias is not None else None
-        self.folded: dict[tuple, tuple] = {}
+        # (tower, layer, plan op) -> (folded Linear, FoldedLayerNorm): _fold_layernorms
+        self.folded: dict[tuple, tuple[Linear, object]] = {}
         if self.fold_ln:
             self._fold_layernorms()
         if self.weight_format != "fp16":  # every GEMM weight -> int8 / fp8 + scales, from fp32 (after folding)
-            from ...quantize import quantize_executor
-
-            self.quant = quantize_executor(self)
+            self.weights = quantize_spec(self.weights, self.weight_format, self.device)
+            self.folded = quantize_folded(self.folded, self.weight_format, self.device, self.dtype)
+        # SigLIP's head: the probe's key/value projection, rows d: of the packed head QKV (their scales with them),
+        # unless folded with the final LayerNorm
+        self.map_kv = None
+        if head is not None and not self.fold_ln:
+            self.map_kv = rows_of(self.weights.vision.pool_head.qkv, self.weights.vision.width)
 
     def _fold_layernorms(self):
-        """(tower, layer, plan op) -> (folded weight, folded bias, FoldedLayerNorm) for every LN -> GEMM pair
+        """(tower, layer, plan op) -> (folded Linear, FoldedLayerNorm) for every LN -> GEMM pair
         of the plan (kernels.gemm.fold_layernorm), folded in fp32 from the source weights, stored in the
         executor's dtype. The unfolded GEMM weights they replace are dropped from self.weights (no second
         copy of QKV / FC1 on the device)."""
-        from ...kernels.gemm import fold_layernorm
-
         def fold(linear, norm, weight=None, bias=None):
             w = (linear.weight if weight is None else weight).to(self.device)
             b = linear.bias if weight is None else bias
-            return fold_layernorm(w, None if b is None else b.to(self.device), norm.weight.to(self.device),
-                                  norm.bias.to(self.device), norm.eps,
-                                  dtype=self.dtype if self.weight_format == "fp16" else torch.float32)
+            w, b, folded_norm = fold_layernorm(w, None if b is None else b.to(self.device), norm.weight.to(self.device),
+                                               norm.bias.to(self.device), norm.eps,
+                                               dtype=self.dtype if self.weight_format == "fp16" else torch.float32)
+            return Linear(w, b), folded_norm
 
         for name in self.spec.towers:
             src: TowerSpec = getattr(self.spec, name)
@@ -354,7 +323,6 @@ class FusedExecutor(Locked, Executor):
                 kv_b = head.qkv.bias[d:] if head.qkv.bias is not None else None
                 self.folded[(name, None, "final_ln_map_kv")] = fold(None, src.final_ln, head.qkv.weight[d:], kv_b)
                 self.folded[(name, None, "map_ln_fc1")] = fold(head.fc1, head.ln)
-                self.map_kv_weight = self.map_kv_bias = None
                 dst.pool_head.fc1 = None
 
     def validate(self, pixel_values=None, input_ids=None):
@@ -376,21 +344,10 @@ class FusedExecutor(Locked, Executor):
         is never above the row's maximum, and a tie keeps the earlier position), ``first_eos`` (the first EOS:
         the pad id is not the EOS id) or ``cls`` (position 0). SigLIP-style towers (bidirectional attention,
         pooled at the last token) run at the exact length."""
-        if buckets is None or buckets is False or (not isinstance(buckets, str) and hasattr(buckets, "__len__")
-                                                   and len(buckets) == 0):
+        if buckets is None:  # FusedConfig: None, "auto" or a tuple of positive ints
             return None, 0, "off (text_buckets=None)"
-        explicit = not (isinstance(buckets, str) and buckets == "auto")
-        if isinstance(buckets, str) and buckets != "auto":
-            raise ValueError(f"text_buckets must be 'auto', None or a sequence of text lengths, got {buckets!r}")
-        if not explicit:
-            buckets = self.DEFAULT_TEXT_BUCKETS
-        try:
-            values = list(buckets)
-        except TypeError:
-            raise ValueError(f"text_buckets must be 'auto', None or a sequence of text lengths, got {buckets!r}") \
-                from None
-        if not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in values):
-            raise ValueError(f"text_buckets: expected positive int text lengths, got {buckets!r}")
+        explicit = buckets != "auto"
+        values = list(buckets) if explicit else list(self.DEFAULT_TEXT_BUCKETS)
         if self.spec is None:
             return None, 0, "off (the kernels do not cover this model)"
         t = self.spec.text
@@ -538,19 +495,17 @@ class FusedExecutor(Locked, Executor):
     def runner_bytes(self, image_batch: int, text_batch: int, text_len: int | None, pixels: str = "float") -> int:
         """Bytes of the static buffers a runner of this call shape holds (counted on the meta device; the kernels'
         small metadata tables and split-K workspaces not included)."""
-        from .buffers import _TowerBuffers
-
         key = self.runner_key(image_batch, text_batch, text_len, pixels)
         spec, meta = self.spec, torch.device("meta")
         total = (image_batch + text_batch) * spec.embed_dim * torch.finfo(self.dtype).bits // 8  # the output
         out = torch.empty(image_batch + text_batch, spec.embed_dim, dtype=self.dtype, device=meta)
         towers = []
         if image_batch and spec.vision is not None:
-            towers.append(_TowerBuffers(spec.vision, image_batch, spec.vision.seq_len, self.dtype, meta,
-                                        out[:image_batch], self.residual_dtype, self.fold_ln, pixels))
+            towers.append(TowerBuffers(spec.vision, image_batch, spec.vision.seq_len, self.dtype, meta,
+                                       out[:image_batch], self.residual_dtype, self.fold_ln, pixels))
         if text_batch and spec.text is not None:
-            towers.append(_TowerBuffers(spec.text, text_batch, key[2], self.dtype, meta, out[image_batch:],
-                                        self.residual_dtype, self.fold_ln))
+            towers.append(TowerBuffers(spec.text, text_batch, key[2], self.dtype, meta, out[image_batch:],
+                                       self.residual_dtype, self.fold_ln))
         seen = {id(out)}
         for b in towers:
             for v in vars(b).values():
@@ -692,9 +647,6 @@ class FusedExecutor(Locked, Executor):
             return self._grid_child(h, w)
 
     def _grid_child(self, h: int, w: int) -> "FusedExecutor":
-        from ...reference import naflex_pos_embedding
-        from .._naflex import grid_spec
-
         key = (h, w)
         child = self._grids.get(key)
         if child is None:
@@ -716,15 +668,11 @@ class FusedExecutor(Locked, Executor):
     def _encode_naflex(self, seq: PatchSequence, ids):
         """Images grouped by patch grid, one fixed-resolution call per group (the text tower rides with the
         first); embeddings put back in the caller's order."""
-        from .._naflex import grid_groups
-
         groups = grid_groups(seq)  # reads the grids back to the host: before taking the lock
         with self._lock:  # the grid executors share it (reentrant): one call's groups run together
             return self._encode_groups(seq, ids, groups)
 
     def _encode_groups(self, seq: PatchSequence, ids, groups):
-        from .._naflex import as_image
-
         emb = self.spec.vision.embed
         if len(groups) == 1:
             (h, w), _ = groups[0]

@@ -10,22 +10,21 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 
 from ...plan import Plan, Stage, Step, TowerOutputs
 from ...spec import PatchEmbed, TowerSpec
-from .buffers import _TowerBuffers
-
-if TYPE_CHECKING:
-    from .executor import FusedExecutor
+from .buffers import TowerBuffers
+from .library import build_chosen, choose
 
 
 class Runner:
-    """One call shape: buffers, plan, one prepared op per stage, and (on CUDA) one captured graph."""
+    """One call shape: buffers, plan, one prepared op per stage, and (on CUDA) one captured graph. ``ex``: the
+    FusedExecutor that owns it (its spec, weights, folded layers, dtype, device and options)."""
 
-    def __init__(self, ex: "FusedExecutor", image_batch: int, text_batch: int, text_len: int,
+    def __init__(self, ex, image_batch: int, text_batch: int, text_len: int,
                  pixels: str = "float", outputs: TowerOutputs | None = None):
         self.ex = ex
         spec = ex.spec
@@ -37,15 +36,15 @@ class Runner:
         self.key = None  # set by FusedExecutor.runner
         self.plan: Plan = ex.plan(image_batch, text_batch, text_len, outputs=outputs)
         self._plan_steps = {(st.tower, st.layer, st.op) for st in self.plan.steps("vision") + self.plan.steps("text")}
-        self.buf: dict[str, _TowerBuffers] = {}
+        self.buf: dict[str, TowerBuffers] = {}
         # both towers' embeddings in one buffer: a call clones it once and returns the two row ranges
         self.output = torch.empty(image_batch + text_batch, spec.embed_dim, dtype=ex.dtype, device=ex.device)
         self.image_batch = image_batch
         if image_batch:
-            self.buf["vision"] = _TowerBuffers(spec.vision, image_batch, spec.vision.seq_len, ex.dtype, ex.device,
+            self.buf["vision"] = TowerBuffers(spec.vision, image_batch, spec.vision.seq_len, ex.dtype, ex.device,
                                                self.output[:image_batch], ex.residual_dtype, ex.fold_ln, pixels)
         if text_batch:
-            self.buf["text"] = _TowerBuffers(spec.text, text_batch, text_len, ex.dtype, ex.device,
+            self.buf["text"] = TowerBuffers(spec.text, text_batch, text_len, ex.dtype, ex.device,
                                              self.output[image_batch:], ex.residual_dtype, ex.fold_ln)
         self._stats_width: dict[int, int] = {}  # row-statistics buffer address -> BLOCK_N of the launch writing it
         # the LayerNorm step (tower, layer, op) that finishes a GEMM's split-K sums -> (partial sums, GEMM bias)
@@ -90,8 +89,6 @@ class Runner:
         if self.ex.gemm_impl == "triton":
             return build(self, stage, problems)
         # per step: the Triton launch or a library kernel (cuBLAS / SDPA), from the calibrated cost model
-        from .library import build_chosen, choose
-
         impls, why = choose(self, stage, problems, self.ex.calibration, self.ex.gemm_impl)
         self.choices.append((impls, why))
         return build_chosen(build, self, stage, problems, impls)
@@ -173,9 +170,7 @@ class Runner:
         make = _PROBLEMS.get(step.op)
         if make is None:  # plan and executor out of sync
             raise AssertionError(f"plan step {step.op!r} has no kernel problem")
-        problem = make(_StepContext(self, step))
-        # quantized weights (dualfuse.quantize): the GEMM problem gets its weight's per-channel scales
-        return problem if self.ex.quant is None else self.ex.quant.attach(problem)
+        return make(_StepContext(self, step))
 
     def release(self) -> None:
         """Leaving the cache: the buffers go back to PyTorch's caching allocator, which reuses them for work on the
@@ -348,13 +343,13 @@ def _build_linear(r: Runner, stage: Stage, problems):
                 r._stats_width[p.row_stats_out.data_ptr()] = op.block_n
         return op
 
-    return _in_dtype_groups(problems, linear)
+    return in_dtype_groups(problems, linear)
 
 
 def _build_layernorm(r: Runner, stage: Stage, problems):
     from ...kernels.layernorm import GroupedLayerNorm
 
-    return _in_dtype_groups(problems, lambda ps: GroupedLayerNorm(ps, pdl=r.ex.pdl))
+    return in_dtype_groups(problems, lambda ps: GroupedLayerNorm(ps, pdl=r.ex.pdl))
 
 
 def _build_attention(r: Runner, stage: Stage, problems):
@@ -388,7 +383,7 @@ class _StepContext:
     def __init__(self, r: Runner, step: Step):
         self.r, self.step = r, step
         self.t: TowerSpec = getattr(r.ex.weights, step.tower)
-        self.b: _TowerBuffers = r.buf[step.tower]
+        self.b: TowerBuffers = r.buf[step.tower]
         self.B, self.S, self.D = self.b.batch, self.b.seq, self.t.width
         self.blk = self.t.blocks[step.layer] if step.layer is not None else None
 
@@ -401,11 +396,11 @@ class _StepContext:
         return LayerNormProblem(x, norm.weight, norm.bias, out, norm.eps, row_index, add=add, add_bias=add_bias)
 
     @staticmethod
-    def lin(x, layer, out, activation=None, residual=None, weight=None, bias=None):
+    def lin(x, layer, out, activation=None, residual=None):
         from ...kernels.gemm import LinearProblem
 
-        return LinearProblem(x, layer.weight if weight is None else weight, out,
-                             layer.bias if weight is None else bias, activation, residual)
+        # a quantized layer (dualfuse.quantize) carries its per-channel scales
+        return LinearProblem(x, layer.weight, out, layer.bias, activation, residual, weight_scale=layer.scale)
 
     def folded(self, x, out, stats, activation=None):
         from ...kernels.gemm import LinearProblem
@@ -413,9 +408,9 @@ class _StepContext:
         # LN -> linear as one GEMM over the raw rows (weights folded once in FusedExecutor._prepare_weights); x's
         # row statistics come from the GEMM that wrote x (an earlier stage of this runner)
         s = self.step
-        w, bias, norm = self.r.ex.folded[(s.tower, s.layer, s.op)]
+        lin, norm = self.r.ex.folded[(s.tower, s.layer, s.op)]
         norm = dataclasses.replace(norm, stats=stats, stats_part_width=self.r._stats_width[stats.data_ptr()])
-        return LinearProblem(x, w, out, bias, activation, norm=norm)
+        return LinearProblem(x, lin.weight, out, lin.bias, activation, norm=norm, weight_scale=lin.scale)
 
     @property
     def fold(self) -> bool:
@@ -454,13 +449,13 @@ def _attn(c: _StepContext):
 
 def _out(c: _StepContext):  # the next LN (ln2) reads x
     b = c.b
-    return _with_stats(c.lin(b.a, c.blk.out, b.x, residual=b.x), b.x_stats if c.fold else None)
+    return with_stats(c.lin(b.a, c.blk.out, b.x, residual=b.x), b.x_stats if c.fold else None)
 
 
 def _fc2(c: _StepContext):  # the next layer's ln1, or SigLIP's head LN, reads x
     b, t = c.b, c.t
     emit = c.fold and (c.step.layer + 1 < len(t.blocks) or t.pooling == "map")
-    return _with_stats(c.lin(b.m, c.blk.fc2, b.x, residual=b.x), b.x_stats if emit else None)
+    return with_stats(c.lin(b.m, c.blk.fc2, b.x, residual=b.x), b.x_stats if emit else None)
 
 
 def _map_attn(c: _StepContext):  # SigLIP attention-pooling head
@@ -474,7 +469,7 @@ def _map_attn(c: _StepContext):  # SigLIP attention-pooling head
 
 def _map_out(c: _StepContext):  # the head's LN reads mh
     b = c.b
-    return _with_stats(c.lin(b.ma.view(c.B, c.D), c.t.pool_head.out, b.mh), b.mh_stats if c.fold else None)
+    return with_stats(c.lin(b.ma.view(c.B, c.D), c.t.pool_head.out, b.mh), b.mh_stats if c.fold else None)
 
 
 # plan step op -> kernel problem on the runner's buffers
@@ -497,8 +492,7 @@ _PROBLEMS: dict[str, Callable[[_StepContext], object]] = {
     "proj": lambda c: c.lin(c.b.pooled, c.t.projection, c.b.output),
     # SigLIP attention-pooling head
     "final_ln": lambda c: c.ln(c.b.x, c.t.final_ln, c.b.h),
-    "map_kv": lambda c: c.lin(c.b.h, c.t.pool_head.qkv, c.b.kv, weight=c.r.ex.map_kv_weight,
-                              bias=c.r.ex.map_kv_bias),
+    "map_kv": lambda c: c.lin(c.b.h, c.r.ex.map_kv, c.b.kv),
     "final_ln_map_kv": lambda c: c.folded(c.b.x, c.b.kv, c.b.x_stats),
     "map_attn": _map_attn,
     "map_out": _map_out,
@@ -514,12 +508,12 @@ def _copy_op(dst: torch.Tensor, src: torch.Tensor):
     return lambda: dst.copy_(src)
 
 
-def _with_stats(problem, stats):
+def with_stats(problem, stats):
     """The problem, also writing its out's row statistics to ``stats`` (None: as it is)."""
     return problem if stats is None else dataclasses.replace(problem, row_stats_out=stats)
 
 
-def _in_dtype_groups(problems, build):
+def in_dtype_groups(problems, build):
     """One launch shares its input and output dtypes: a stage whose steps differ there (a residual-stream
     step, fp32, paired with a model-dtype one) runs as one launch per dtype pair, in order."""
     groups: dict[tuple, list] = {}

@@ -30,7 +30,7 @@ Layout (Liger-Kernel style: kernel, then launcher, then glue):
 """
 from .._utils import pdl_supported
 from .fold import fold_layernorm
-from .heuristics import _choose_splits
+from .heuristics import choose_splits
 from .launcher import GroupedLinear, grouped_linear
 from .problems import FoldedLayerNorm, LinearProblem, row_stats_buffer
 from .table import MAX_ARG_PROBLEMS

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .problems import FoldedLayerNorm, _shape_or_type
+from .problems import FoldedLayerNorm, shape_or_type
 
 
 def fold_layernorm(weight: torch.Tensor, bias: torch.Tensor | None, ln_weight: torch.Tensor,
@@ -16,13 +16,13 @@ def fold_layernorm(weight: torch.Tensor, bias: torch.Tensor | None, ln_weight: t
     colsum sums the stored W', so the mean term cancels what the GEMM really multiplies.
     Returns ``(folded_weight [N, K], folded_bias [N], FoldedLayerNorm)`` for a :class:`LinearProblem`."""
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        raise ValueError(f"fold_layernorm: weight must be a 2-D [N, K] tensor, got {_shape_or_type(weight)}")
+        raise ValueError(f"fold_layernorm: weight must be a 2-D [N, K] tensor, got {shape_or_type(weight)}")
     n, k = weight.shape
     for name, t, size in (("bias", bias, n), ("ln_weight", ln_weight, k), ("ln_bias", ln_bias, k)):
         if t is None and name != "ln_weight":
             continue
         if not isinstance(t, torch.Tensor) or tuple(t.shape) != (size,):
-            raise ValueError(f"fold_layernorm: {name} must be a [{size}] tensor, got {_shape_or_type(t)}")
+            raise ValueError(f"fold_layernorm: {name} must be a [{size}] tensor, got {shape_or_type(t)}")
     if not float(eps) >= 0.0:
         raise ValueError(f"fold_layernorm: eps must be >= 0, got {eps!r}")
     dtype = dtype or weight.dtype

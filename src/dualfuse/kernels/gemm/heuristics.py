@@ -6,37 +6,20 @@ narrow N tiles re-read x) spread over as many SMs as possible, split-K only wher
 ~3 memory round trips). Many rows (batch 32): 128x256 or 64x128 tiles by tile count and K, no split-K. Under the
 interpreter: small fixed tiles (fast tests).
 
-`_CONFIG_KEYS` are the keys a caller may override (GroupedLinear(config=...)).
+`CONFIG_KEYS` are the keys a caller may override (GroupedLinear(config=...)).
 """
 from __future__ import annotations
 
 import triton
 
+from ...config import GemmConfig
 from .._utils import device_props, device_smem_bytes, num_sms
 from .regime import as_regime, byte_bound_candidates, estimate_byte_bound_us, tuned_config
 
-_CONFIG_KEYS = {
-    "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages",
-    "num_sms",  # SMs the split-K heuristic aims to fill (e.g. a green context's count)
-    "programs_per_sm",  # split-K aims for num_sms * this many programs
-    "min_k_iters",  # a split gets at least this many BLOCK_K iterations
-    "input_precision",  # tl.dot input_precision for fp32 inputs ("ieee" default, "tf32", "tf32x3")
-    "max_split",  # split-K: at most this many splits per problem
-    "early_epilogue",  # load bias/residual before the K loop (default: tiles <= 128 x 64 and few M tiles)
-    "prefetch",  # L2 prefetch of each program's first n BLOCK_K steps of weights: False (0) or n; default 2 for
-    # skinny M, off for many rows
-    "pdl",  # programmatic dependent launch (default True; used where supported: sm_90+, Triton with launch_pdl)
-    "tma",  # x / w tiles by tensor descriptors (default: on for many rows, and for skinny M where every problem has
-    # <= 128 rows; used where _tma_supported: <= 4 problems, 16-bit, 16-byte aligned rows, Triton with
-    # TensorDescriptor, sm_90+ GPU or the interpreter)
-    "regime",  # "latency" (default) or "byte-bound" / a regime.Regime: weights stream over a slow link (Jetson
-    # LPDDR5, the stand-in's PCIe); the byte-bound model (regime.py) then picks the config
-    "widen",  # int8 weights with fp16 activations: "bits" (default; integer ops and an fp16 subtract) or "convert"
-    # (the int-to-float conversion instruction, 16 results per clock per SM on sm_80..sm_90): kernel._widen
-}
+CONFIG_KEYS = GemmConfig.keys()  # documented field by field in dualfuse.config.GemmConfig
 
 
-def _prefetch_steps(v) -> int:
+def prefetch_steps(v) -> int:
     """BLOCK_K steps of weights each program asks L2 for (config "prefetch": False / None / 0 = off, or n)."""
     if v is False or v is None:
         return 0
@@ -45,7 +28,7 @@ def _prefetch_steps(v) -> int:
     return v
 
 
-def _next_pow2(n: int) -> int:
+def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
@@ -121,7 +104,7 @@ def _skinny_configs(max_m: int) -> list[dict]:
     out = []
     for bm, bn, bk, warps, stages in _SKINNY_TILES:
         if bm == 64 and max_m <= 32:
-            bm = max(16, _next_pow2(max_m))
+            bm = max(16, next_pow2(max_m))
         for pps, mki, cap in _SKINNY_SPLITS:
             c = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages,
                      programs_per_sm=pps, min_k_iters=mki, max_split=cap, prefetch=_SKINNY_PREFETCH)
@@ -138,13 +121,13 @@ def _ranked_skinny(dims, elt, device, base=None, nosplit=None, w_elt=None) -> li
         c = {**c, **(base or {})}
         if _smem_bytes(c, elt, w_elt) > limit:
             continue
-        ranked.append((_estimate_us(dims, c, _choose_splits(dims, c, device, None, nosplit), elt, c.get("num_sms") or sms,
+        ranked.append((_estimate_us(dims, c, choose_splits(dims, c, device, None, nosplit), elt, c.get("num_sms") or sms,
                                     limit, w_elt), c))
     ranked.sort(key=lambda t: t[0])  # stable: ties keep the table's order
     return ranked
 
 
-def _default_config(problems, device, base: dict | None = None) -> dict:
+def default_config(problems, device, base: dict | None = None) -> dict:
     """Heuristic block config by shape. Small fixed tiles under the interpreter (fast tests). base: the
     caller's overrides (e.g. num_sms of a green context), which the skinny model ranks with. The device's SMs and
     shared memory come from kernels._utils (under target_device: the target's, computable without its GPU)."""
@@ -158,10 +141,10 @@ def _default_config(problems, device, base: dict | None = None) -> dict:
     if regime is not None and regime.byte_bound and elt != 4:
         return byte_bound_config(problems, device, base, regime)
     if elt == 4:  # fp32 inputs ("ieee" dot = FMA path): correctness use, keep tiles modest
-        cfg = dict(BLOCK_M=min(64, max(16, _next_pow2(max_m))), BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4,
+        cfg = dict(BLOCK_M=min(64, max(16, next_pow2(max_m))), BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4,
                    num_stages=3)
     elif _is_skinny(dims, device):
-        ranked = _ranked_skinny(dims, elt, device, base, _nosplit(problems), w_elt)
+        ranked = _ranked_skinny(dims, elt, device, base, nosplit(problems), w_elt)
         if ranked:
             cfg = dict(ranked[0][1])
         else:
@@ -194,7 +177,7 @@ def _ctas_per_sm(cfg: dict, elt: int, w_elt: int, smem_limit: int) -> int:
     return max(1, min(smem_limit // _smem_bytes(cfg, elt, w_elt), 65536 // (cfg["num_warps"] * 32 * 200)))
 
 
-def ranked_byte_bound(dims, elt: int, w_elt: int, sms: int, smem_limit: int, regime, nosplit=None, device=None,
+def ranked_byte_bound(dims, elt: int, w_elt: int, sms: int, smem_limit: int, regime, keep_k=None, device=None,
                       base: dict | None = None) -> list[tuple[float, dict]]:
     """Byte-bound configs (regime.byte_bound_candidates) that fit shared memory, best modelled first (ties keep
     the candidates' order: fewer splits and shallower pipelines first)."""
@@ -203,7 +186,7 @@ def ranked_byte_bound(dims, elt: int, w_elt: int, sms: int, smem_limit: int, reg
         c = {**c, **{k: v for k, v in (base or {}).items() if k not in ("regime",)}}
         if _smem_bytes(c, elt, w_elt) > smem_limit:
             continue
-        splits = _choose_splits(dims, c, device, None, nosplit)
+        splits = choose_splits(dims, c, device, None, keep_k)
         ranked.append((estimate_byte_bound_us(dims, c, splits, w_elt, sms, _ctas_per_sm(c, elt, w_elt, smem_limit),
                                               regime), c))
     ranked.sort(key=lambda t: t[0])
@@ -217,24 +200,24 @@ def byte_bound_config(problems, device, base: dict | None, regime) -> dict:
     w_elt = max(p.weight.element_size() for p in problems)
     dims = [(p.x.shape[0], p.weight.shape[0], p.x.shape[1]) for p in problems]
     sms = (base or {}).get("num_sms") or num_sms(device)
-    nosplit = _nosplit(problems)
+    keep_k = nosplit(problems)
     tuned = tuned_config(dims, w_elt, sms)
-    if tuned is not None and not (any(nosplit) and tuned.get("programs_per_sm")):
+    if tuned is not None and not (any(keep_k) and tuned.get("programs_per_sm")):
         return {**tuned, "num_sms": sms, "tma": False}
-    ranked = ranked_byte_bound(dims, elt, w_elt, sms, device_smem_bytes(device), regime, nosplit, device, base)
+    ranked = ranked_byte_bound(dims, elt, w_elt, sms, device_smem_bytes(device), regime, keep_k, device, base)
     if not ranked:
         return _fit_smem(dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3,
                               programs_per_sm=1, num_sms=sms, tma=False), elt, device, w_elt)
     return dict(ranked[0][1])
 
 
-def _nosplit(problems) -> list[bool]:
+def nosplit(problems) -> list[bool]:
     """Problems that must keep all of K in one program: a folded LayerNorm without given statistics computes
     them from whole rows of x."""
     return [p.norm is not None and p.norm.stats is None for p in problems]
 
 
-def _choose_splits(dims, cfg, device, split_k, nosplit=None) -> list[int]:
+def choose_splits(dims, cfg, device, split_k, nosplit=None) -> list[int]:
     """K splits per problem. dims: [(M, N, K)]. split_k: None (auto), int (all), or list (per problem).
     nosplit: per problem, True = never split (folded LayerNorm); an explicit split_k > 1 there is an error.
 

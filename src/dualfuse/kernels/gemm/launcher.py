@@ -6,10 +6,11 @@ from __future__ import annotations
 import torch
 import triton
 
+from ...config import GemmConfig
 from .._utils import LAUNCH_OPTIONS, is_interpreter, pdl_supported, target_props
-from .heuristics import _CONFIG_KEYS, _choose_splits, _default_config, _next_pow2, _nosplit, _prefetch_steps
+from .heuristics import CONFIG_KEYS, choose_splits, default_config, next_pow2, nosplit, prefetch_steps
 from .kernel import _grouped_linear_kernel
-from .problems import _DTYPES, LinearProblem, _validate
+from .problems import FLOAT_DTYPES, LinearProblem, validate_problems
 from .table import MAX_ARG_PROBLEMS, NUM_COLS, kernel_args, pack_row
 
 try:  # host-side tensor descriptors (Triton >= 3.4): the optional TMA path
@@ -126,13 +127,13 @@ class _Plan:
             ANY_PARTIAL=any_partial,
             RED_CHUNK=(4 if per_thread <= 32 else 2 if per_thread <= 64 else 1) if any_split else 1,
             INPUT_PRECISION=cfg.get("input_precision", "ieee") if x_dtype == torch.float32 else "tf32",
-            PREFETCH=0 if interp else _prefetch_steps(cfg.get("prefetch", False)),
+            PREFETCH=0 if interp else prefetch_steps(cfg.get("prefetch", False)),
             PF_LINES=max(1, bk * max(p.weight.element_size() for p in problems) // 128),
             USE_PDL=use_pdl,
             NORM=any(p.norm is not None for p in problems),
             NORM_PREPASS=any(p.norm is not None and p.norm.stats is None for p in problems),
             NORM_STATS_IN=any(p.norm is not None and p.norm.stats is not None for p in problems),
-            MAX_PARTS=_next_pow2(max([triton.cdiv(p.x.shape[1], p.norm.stats_part_width) for p in problems
+            MAX_PARTS=next_pow2(max([triton.cdiv(p.x.shape[1], p.norm.stats_part_width) for p in problems
                                       if p.norm is not None and p.norm.stats is not None] or [1])),
             STATS_OUT=any(p.row_stats_out is not None for p in problems),
             USE_TMA=use_tma,
@@ -168,8 +169,8 @@ class GroupedLinear:
     reused (static buffers).
 
     split_k: None = heuristic; an int forces that many K splits on every problem (clamped to its K
-    iterations); a list gives one per problem. config: overrides of the heuristic block config, keys
-    in _CONFIG_KEYS.
+    iterations); a list gives one per problem. config: overrides of the heuristic block config, a
+    dualfuse.config.GemmConfig or a dict of its keys.
 
     Determinism: every call gives the same bits (split-K partials are summed in split order).
 
@@ -178,24 +179,24 @@ class GroupedLinear:
     memory another problem of the same launch reads (except residual is out, which is supported).
     """
 
-    def __init__(self, problems: list[LinearProblem], *, split_k=None, config: dict | None = None):
-        _validate(problems)
+    def __init__(self, problems: list[LinearProblem], *, split_k=None, config: GemmConfig | dict | None = None):
+        validate_problems(problems)
         self.problems = list(problems)
         device = self.problems[0].x.device
+        if isinstance(config, GemmConfig):
+            config = config.to_dict() or None
         if config is not None:
-            if not isinstance(config, dict) or not set(config) <= _CONFIG_KEYS:
-                raise ValueError(f"config must be a dict with keys from {sorted(_CONFIG_KEYS)}, got {config!r}")
-            _prefetch_steps(config.get("prefetch", False))
-            if config.get("widen", "bits") not in ("bits", "convert"):
-                raise ValueError(f"config widen must be 'bits' or 'convert', got {config['widen']!r}")
-        cfg = {**_default_config(self.problems, device, config), **(config or {})}
+            if not isinstance(config, dict) or not set(config) <= CONFIG_KEYS:
+                raise ValueError(f"config must be a dict with keys from {sorted(CONFIG_KEYS)}, got {config!r}")
+            GemmConfig(**config)  # ValueError for a bad value
+        cfg = {**default_config(self.problems, device, config), **(config or {})}
         for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):
             v = cfg[k]
             if not isinstance(v, int) or v < 16 or v & (v - 1):
                 raise ValueError(f"config {k} must be a power of two >= 16, got {v!r}")
         dims = [(p.x.shape[0], p.weight.shape[0], p.x.shape[1]) for p in self.problems]
         self.config = cfg
-        splits = _choose_splits(dims, cfg, device, split_k, _nosplit(self.problems))
+        splits = choose_splits(dims, cfg, device, split_k, nosplit(self.problems))
         # partial-sums problems split into as many parts as their out has slices (checked by _Plan)
         splits = [p.out.shape[0] if p.partial_sums else s for p, s in zip(self.problems, splits)]
         self._plan = _Plan(self.problems, cfg, splits)
@@ -243,7 +244,7 @@ def grouped_linear(xs, weights, biases=None, activations=None, residuals=None, o
     if not (len(weights) == len(biases) == len(activations) == len(residuals) == len(norms) == n):
         raise ValueError(f"xs, weights, biases, activations, residuals, norms must have equal lengths, got "
                          f"{n}, {len(weights)}, {len(biases)}, {len(activations)}, {len(residuals)}, {len(norms)}")
-    if out_dtype is not None and out_dtype not in _DTYPES:
+    if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
         raise ValueError(f"out_dtype must be None or one of fp16/bf16/fp32, got {out_dtype}")
     problems = []
     for x, w, b, a, r, nm in zip(xs, weights, biases, activations, residuals, norms):

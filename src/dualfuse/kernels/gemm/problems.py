@@ -54,11 +54,11 @@ class LinearProblem:
     weight_scale: torch.Tensor | None = None
 
 
-def _shape_or_type(t) -> str:
+def shape_or_type(t) -> str:
     return _shape(t) if isinstance(t, torch.Tensor) else type(t).__name__
 
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # quantized weight dtypes (LinearProblem.weight_scale) and the scale dtypes
 FP8_E4M3 = getattr(torch, "float8_e4m3fn", None)
 QUANT_DTYPES = tuple(d for d in (torch.int8, FP8_E4M3) if d is not None)
@@ -98,7 +98,7 @@ def _check_stats_buffer(what: str, t, rows: int, cols: int, hint: str) -> None:
     want = (rows, triton.cdiv(cols, 16) * 2)
     if (not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or tuple(t.shape) != want
             or not t.is_contiguous()):
-        raise ValueError(f"{what} must be a contiguous fp32 {list(want)} tensor ({hint}), got {_shape_or_type(t)}")
+        raise ValueError(f"{what} must be a contiguous fp32 {list(want)} tensor ({hint}), got {shape_or_type(t)}")
 
 
 def _check_quantized(where: str, p, N: int, first_q) -> None:
@@ -113,7 +113,7 @@ def _check_quantized(where: str, p, N: int, first_q) -> None:
                          f"fp32 / fp16 [N={N}] tensor, see dualfuse.quantize.quantize_weight)")
     if not isinstance(s, torch.Tensor) or tuple(s.shape) != (N,) or not s.is_contiguous():
         raise ValueError(f"{where}: weight_scale must be a contiguous [N={N}] tensor (one scale per output channel), "
-                         f"got {_shape_or_type(s)}")
+                         f"got {shape_or_type(s)}")
     if s.dtype not in SCALE_DTYPES:
         raise ValueError(f"{where}: weight_scale dtype must be fp32 or fp16, got {s.dtype}")
     if FP8_E4M3 is not None and w.dtype == FP8_E4M3:
@@ -125,7 +125,7 @@ def _check_quantized(where: str, p, N: int, first_q) -> None:
                          f"dtype {first_q}, got ({w.dtype}, {s.dtype}); launch them separately")
 
 
-def _validate(problems) -> None:
+def validate_problems(problems) -> None:
     if not isinstance(problems, (list, tuple)) or len(problems) == 0:
         raise ValueError(f"expected a non-empty list of LinearProblem, got {problems!r}")
     first = None
@@ -156,7 +156,7 @@ def _validate(problems) -> None:
                                  f"epilogue, so {', '.join(extras)} must be None")
         elif out.dim() != 2 or tuple(out.shape) != (M, N):
             raise ValueError(f"{where}: out must be [M={M}, N={N}], got {_shape(out)}")
-        if x.dtype not in _DTYPES:
+        if x.dtype not in FLOAT_DTYPES:
             raise ValueError(f"{where}: x dtype must be one of fp16/bf16/fp32, got {x.dtype}")
         if p.weight_scale is not None or w.dtype in QUANT_DTYPES:
             _check_quantized(where, p, N, first_q)
@@ -165,7 +165,7 @@ def _validate(problems) -> None:
         elif w.dtype != x.dtype:
             raise ValueError(f"{where}: weight dtype must equal x dtype {x.dtype} (or be int8 / float8_e4m3fn with "
                              f"a weight_scale), got {w.dtype}")
-        if out.dtype not in _DTYPES:
+        if out.dtype not in FLOAT_DTYPES:
             raise ValueError(f"{where}: out dtype must be one of fp16/bf16/fp32, got {out.dtype}")
         if K > 1 and x.stride(1) != 1:
             raise ValueError(f"{where}: x must have a contiguous last dim (stride 1), got {_shape(x)}")
@@ -177,7 +177,7 @@ def _validate(problems) -> None:
             b = p.bias
             if not isinstance(b, torch.Tensor) or b.dim() != 1 or b.shape[0] != N or not b.is_contiguous():
                 raise ValueError(f"{where}: bias must be a contiguous [N={N}] tensor, got "
-                                 f"{_shape_or_type(b)}")
+                                 f"{shape_or_type(b)}")
             if b.dtype != x.dtype:
                 raise ValueError(f"{where}: bias dtype must equal x dtype {x.dtype}, got {b.dtype}")
         activation_code(p.activation)  # raises ValueError on an unknown name
@@ -185,7 +185,7 @@ def _validate(problems) -> None:
             r = p.residual
             if not isinstance(r, torch.Tensor) or r.dim() != 2 or tuple(r.shape) != (M, N):
                 raise ValueError(f"{where}: residual must be [M={M}, N={N}], got "
-                                 f"{_shape_or_type(r)}")
+                                 f"{shape_or_type(r)}")
             if N > 1 and r.stride(1) != 1:
                 raise ValueError(f"{where}: residual must have a contiguous last dim, got {_shape(r)}")
             if r.dtype != out.dtype:
@@ -202,7 +202,7 @@ def _validate(problems) -> None:
             c = nm.colsum
             if (not isinstance(c, torch.Tensor) or c.dtype != torch.float32 or tuple(c.shape) != (N,)
                     or not c.is_contiguous()):
-                raise ValueError(f"{where}: norm.colsum must be a contiguous fp32 [N={N}] tensor, got {_shape_or_type(c)}")
+                raise ValueError(f"{where}: norm.colsum must be a contiguous fp32 [N={N}] tensor, got {shape_or_type(c)}")
             if not isinstance(nm.eps, (int, float)) or not float(nm.eps) >= 0.0:
                 raise ValueError(f"{where}: norm.eps must be a number >= 0, got {nm.eps!r}")
             if nm.stats is not None:
