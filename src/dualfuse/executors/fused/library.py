@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ...calibration import LIBRARY, attention_signature, linear_signature
+from ...reference import activation
 
 
 def library_ok(problem) -> bool:
@@ -47,15 +48,7 @@ def signature(problem) -> str:
 
 
 def _activation(y: torch.Tensor, kind: str | None) -> torch.Tensor:
-    if kind is None:
-        return y
-    if kind == "quick_gelu":
-        return y * torch.sigmoid(1.702 * y)
-    if kind == "gelu":
-        return F.gelu(y)
-    if kind == "gelu_tanh":
-        return F.gelu(y, approximate="tanh")
-    raise ValueError(f"unknown activation {kind!r}")
+    return y if kind is None else activation(y, kind)
 
 
 class LibraryLinear:
