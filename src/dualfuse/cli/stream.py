@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 from ..stream import PARTS, VIDEO_PACKAGES, FrameRecord, run_stream
+from ..util import write_json
 from . import fail
 
 HELP = "zero-shot labels for a video (or synthetic frames), frame by frame: FPS and per-part latency p50/p99"
@@ -60,7 +61,6 @@ def _child_argv(argv: list[str], n: int) -> list[str]:
 
 
 def run(args) -> int:
-    import json
 
     from .bench import stand_in_config
 
@@ -130,9 +130,6 @@ def run(args) -> int:
     if result.plot:
         console.print(f"latency over time: {result.plot}")
     if args.json:
-        d = os.path.dirname(os.path.abspath(args.json))
-        os.makedirs(d, exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(result.to_dict(), f, indent=1)
+        write_json(args.json, result.to_dict())
         console.print(f"per-frame records written to {args.json}")
     return 0
