@@ -1,6 +1,6 @@
 """The profiler's Chrome trace as trees: host events (annotations, ops, runtime calls) per thread, parents by
 time containment, and the device events beside them. On CPU the "kernels" are the top-level compute ops under the
-labels (:func:`cpu_kernels`: an op whose compute children cover most of its time is split into them; pure
+labels (:func:`cpu_kernels`: an op whose compute children cover most of its time, over all its calls, is split into them; pure
 view/metadata ops are not work)."""
 from __future__ import annotations
 
@@ -144,9 +144,31 @@ def _work_children(n: Node) -> list[Node]:
     return out
 
 
+def _split_by_name(index: TraceIndex) -> dict[str, bool]:
+    """Per op name: do its compute children cover at least half its time, summed over every call in the trace?
+    Decided per name, not per call, so that every forward counts the same ops (a per-call decision flips with
+    timing noise, e.g. aten::linear counted once and aten::addmm the next time)."""
+    total: dict[str, list[float]] = {}
+
+    def walk(n: Node):
+        if n.cat == "cpu_op" and not n.has_df:
+            work = _work_children(n)
+            t = total.setdefault(n.name, [0.0, 0.0])
+            t[0] += n.dur
+            t[1] += length(union((c.ts, c.end) for c in work)) if work else 0.0
+        for c in n.children:
+            walk(c)
+
+    for r in index.roots:
+        if r.has_df:
+            walk(r)
+    return {name: covered >= 0.5 * dur for name, (dur, covered) in total.items()}
+
+
 def cpu_kernels(index: TraceIndex) -> list[Node]:
     """CPU mode: the top-level compute ops (and fused stage ranges) inside the profiled forwards."""
     out: list[Node] = []
+    split = _split_by_name(index)
 
     def visit(n: Node):
         if n.label is not None:
@@ -167,7 +189,7 @@ def cpu_kernels(index: TraceIndex) -> list[Node]:
         if _is_meta(n) or n.name.startswith(OVERHEAD_OPS):
             return
         work = _work_children(n)
-        if work and length(union((c.ts, c.end) for c in work)) >= 0.5 * n.dur:
+        if work and split.get(n.name, False):
             for c in work:
                 visit(c)
         else:
