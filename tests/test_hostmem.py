@@ -88,6 +88,39 @@ def test_eager_copy_placement_bit_identical(tiny):
     assert all(torch.equal(a, b) for a, b in zip(ref, out))
 
 
+def test_subclass_weights_of_one_shape_stay_distinct():
+    """Wrapper tensor subclasses (torchao's int8 weights) have no storage of their own: data_ptr() is 0 for every
+    one, so placing them must not share one copy between weights of the same shape (it once did: torchao's row
+    then computed with one layer's weights everywhere)."""
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    a = TwoTensor(torch.randn(8, 8), torch.randn(8, 8))
+    b = TwoTensor(torch.randn(8, 8), torch.randn(8, 8))
+    assert a.data_ptr() == b.data_ptr()  # the trap
+    p = hostmem.get_placement("copy")
+    pa, pb = p.place(a), p.place(b)
+    assert type(pa) is TwoTensor and pa is not pb
+    for placed, src in ((pa, a), (pb, b)):
+        assert torch.equal(placed.a, src.a) and torch.equal(placed.b, src.b)
+        assert placed.a.data_ptr() != src.a.data_ptr()
+
+
+def test_torchao_int8_model_copy_placement_exact():
+    """torchao's int8 weight-only linears, placed: every layer keeps its own weights (outputs bit-identical)."""
+    pytest.importorskip("torchao", reason="the torchao extra")
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.GELU(), torch.nn.Linear(32, 32))
+    quantize_(model, Int8WeightOnlyConfig())
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        ref = model(x)
+        hostmem.place_module_params(model, "copy")
+        out = model(x)
+    assert torch.equal(ref, out)
+
+
 def test_place_spec_leaves_source_and_copies_values(tiny):
     _, spec = tiny
     placed = hostmem.place_spec(spec, "copy")

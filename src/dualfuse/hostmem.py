@@ -126,17 +126,17 @@ class Placement:
         """The placed copy of tensor ``t`` (anything else is returned as is)."""
         if not isinstance(t, torch.Tensor) or not self.moves:
             return t
+        flatten = getattr(t, "__tensor_flatten__", None)
+        if flatten is not None and type(t) not in (torch.Tensor, torch.nn.Parameter):
+            # a tensor subclass (torchao's quantized weights): its inner tensors placed (and shared through the memo),
+            # the subclass rebuilt. Not memoized itself: a wrapper subclass has no storage of its own, so its
+            # data_ptr() is the same for every weight of one shape.
+            names, ctx = flatten()
+            inner = {n: self.place(getattr(t, n)) for n in names}
+            return type(t).__tensor_unflatten__(inner, ctx, t.size(), t.stride())
         key = (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype, t.device)
         if t.numel() and key in self._memo:
             return self._memo[key]
-        flatten = getattr(t, "__tensor_flatten__", None)
-        if flatten is not None and type(t) not in (torch.Tensor, torch.nn.Parameter):
-            # a tensor subclass (torchao's quantized weights): its inner tensors placed, the subclass rebuilt
-            names, ctx = flatten()
-            inner = {n: self.place(getattr(t, n)) for n in names}
-            out = type(t).__tensor_unflatten__(inner, ctx, t.size(), t.stride())
-            self._memo[key] = out
-            return out
         if self.kind == "host":
             out = host_mapped_like(t, self.device)
         else:
