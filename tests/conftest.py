@@ -14,6 +14,14 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     # Must be set before any @triton.jit function is created (i.e. before dualfuse.kernels imports).
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("TRITON_INTERPRET") == "1":
+    # the interpreter re-patches triton.language at every helper call; skip the repeats, here and in the Python
+    # processes tests spawn (interpreter_speed.py says why it is safe)
+    import interpreter_speed
+
+    interpreter_speed.install()
+    _site = os.path.join(os.path.dirname(os.path.abspath(__file__)), "interpreter_site")
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_site, os.environ.get("PYTHONPATH")) if p)
 
 # Kernel tests run where the kernels can run: the GPU when there is one, else the CPU interpreter.
 KERNEL_DEVICE = "cuda" if HAS_CUDA else "cpu"

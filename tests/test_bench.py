@@ -166,7 +166,8 @@ def test_fused_variants_against_another_commit(tmp_path):
     shutil.copytree(root / "src" / "dualfuse", tmp_path / "base" / "src" / "dualfuse",
                     ignore=shutil.ignore_patterns("__pycache__"))
     out = tmp_path / "ab.json"
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(root / "src"))
+    env = dict(os.environ, TRITON_INTERPRET="1",
+               PYTHONPATH=os.pathsep.join(p for p in (str(root / "src"), os.environ.get("PYTHONPATH")) if p))
     cmd = [sys.executable, str(root / "benchmarks" / "fused_variants.py"), "--model", "clip-tiny", "--device", "cpu",
            "--variants", "fused,base-fused", "--base", str(tmp_path / "base"), "--iters", "1", "--rounds", "1",
            "--warmup", "0", "--json", str(out)]
