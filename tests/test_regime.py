@@ -73,6 +73,32 @@ def test_byte_bound_pick_splits_k_to_cover_the_sms():
     assert heuristics.choose_splits(dims, cfg, None, None) == [4]
 
 
+def test_tall_tiles_offered_above_64_rows():
+    def block_ms(max_m):
+        return sorted({c["BLOCK_M"] for c in regime.byte_bound_candidates(max_m, 8)})
+    assert block_ms(50) == [64] and block_ms(17) == [32]
+    assert block_ms(77) == [64, 128] and block_ms(196) == [64, 256] and block_ms(729) == [64, 256]
+
+
+def test_byte_bound_pick_reads_each_weight_once_with_a_tall_tile():
+    # SigLIP B/16 fc1 at batch 1 in the 8-SM stand-in (49.3 GB/s, 2 µs): 196 rows.
+    # Tall tile 256 x 64 x 64, 8 warps, 3 stages, no split: 48 programs, shared memory 3 x (256 x 2 + 64 x 2) x 64
+    # = 122,880 B -> 1 per SM (also the register bound 65536 / (256 x 200)), 8 resident x 2 x 64 x 64 x 2 =
+    # 131,072 B in flight >= 98,600: the full link. Weights read once: 3072 x 768 x 2 = 4,718,592 B / 49.3 GB/s
+    # = 95.712 µs (> FLOPs 2 x 256 x 3072 x 768 / (8 x 3e6) = 50.332 µs) + 3 µs launch = 98.712 µs.
+    # 64-row tiles read the weights 4 times: 4 x 95.712 + 3 = 385.848 µs at best.
+    dims = [(196, 3072, 768)]
+    r = regime.Regime("byte-bound", 49.3e9, 2.0)
+    ranked = heuristics.ranked_byte_bound(dims, 2, 2, 8, 227 * 1024, r)
+    best_us, best = ranked[0]
+    assert (best["BLOCK_M"], best["BLOCK_N"], best["BLOCK_K"], best["num_warps"], best["num_stages"]) == (
+        256, 64, 64, 8, 3)
+    assert best_us == pytest.approx(3 + 4718592 / 49.3e9 * 1e6)
+    assert min(us for us, c in ranked if c["BLOCK_M"] == 64) == pytest.approx(3 + 4 * 4718592 / 49.3e9 * 1e6)
+    # Orin's 163 KB of shared memory per block holds the same tile
+    assert heuristics.ranked_byte_bound(dims, 2, 2, 8, get_target("orin-nano").smem_per_block, r)[0][1] == best
+
+
 def test_full_card_picks_unchanged():
     dims = [(50, 2304, 768), (77, 1536, 512)]
     with target_device(get_target("h100").props()):

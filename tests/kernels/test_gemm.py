@@ -873,3 +873,13 @@ def test_gpu_partial_sums_into_layernorm_chain_graph(dtype, gen):
         for h, y, rh, ry in zip(hs, ys, ref_h, ref_y):
             torch.testing.assert_close(h, rh, atol=1e-4, rtol=1e-5)
             torch.testing.assert_close(y.float(), ry.float(), atol=2e-2, rtol=1e-2)
+
+
+def test_tall_tiles_of_all_rows(gen):
+    """The byte-bound regime's tall tiles (BLOCK_M 256: every row of SigLIP B/16's 196 patches in one tile, each
+    weight byte read once): rows beyond M masked, a second problem of 77 rows in the same launch."""
+    dt = torch.float16
+    problems = [_make(196, 64, 96, dt, bias=True, activation="gelu", gen=gen),
+                _make(77, 32, 64, dt, residual="inplace", gen=gen)]
+    g = _run(problems, dt, config={"BLOCK_M": 256, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3})
+    assert g.config["BLOCK_M"] == 256

@@ -91,11 +91,23 @@ BYTE_BOUND_TILES = ((64, 128, 4, 4), (64, 128, 4, 6), (128, 64, 4, 5), (128, 128
 BYTE_BOUND_SPLITS = ((0, 1, 1), (1, 2, 16), (2, 2, 32), (4, 1, 64))
 
 
+# (BLOCK_N, BLOCK_K, warps, stages) of tall tiles (BLOCK_M 128 or 256) for more than 64 rows: a weight byte crosses
+# the link once per M tile, so 64-row tiles read SigLIP B/16's 196 patches' weights 4 times, a 256-row tile once
+TALL_TILES = ((64, 64, 8, 3), (32, 128, 8, 3), (64, 32, 8, 4), (32, 64, 4, 4))
+TALL_MAX_M = 256  # taller tiles no longer fit Orin's 163 KB of shared memory per block with a useful pipeline
+
+
 def byte_bound_candidates(max_m: int, sms: int) -> list[dict]:
-    """Configs the byte-bound model ranks (BLOCK_M: the rows rounded up to a power of two, 16..64)."""
-    bm = max(16, min(64, 1 << max(0, (int(max_m) - 1).bit_length())))
+    """Configs the byte-bound model ranks: BLOCK_M the rows rounded up to a power of two, 16..64, with every tile of
+    BYTE_BOUND_TILES; above 64 rows also tall tiles (TALL_TILES) of the rows rounded up, at most TALL_MAX_M. The
+    model weighs the weight bytes the 64-row tiles read again against the tall tiles' fewer bytes in flight."""
+    rows = 1 << max(0, (int(max_m) - 1).bit_length())
+    bm = max(16, min(64, rows))
+    tiles = [(bm, *t) for t in BYTE_BOUND_TILES]
+    if rows > 64:
+        tiles += [(min(rows, TALL_MAX_M), *t) for t in TALL_TILES]
     out = []
-    for bn, bk, warps, stages in BYTE_BOUND_TILES:
+    for bm, bn, bk, warps, stages in tiles:
         for pps, mki, cap in BYTE_BOUND_SPLITS:
             out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages,
                             programs_per_sm=pps, min_k_iters=mki, max_split=cap, num_sms=sms, prefetch=0,
