@@ -16,7 +16,8 @@
 #   bash benchmarks/gpu_figures.sh Q    # corpus embedding: dualfuse embed vs a DataLoader baseline vs the model ceiling
 #   bash benchmarks/gpu_figures.sh N    # never slower: models x shapes vs every stock executor (MODELS=b32,... per call)
 # JSON and logs are written to /tmp/dualfuse-results and packed into ${OUT:-out}/results-<part>.tar.gz after every
-# step (a run cut off by its time limit still leaves the archive). File them under
+# step (a run cut off by its time limit still leaves the archive). Set DUALFUSE_COMMIT to the commit being measured
+# (a copied work tree may have no .git). File them under
 # benchmarks/results/<card>-<date>/ (see benchmarks/README.md).
 set -u
 PART=${1:-A}
@@ -29,6 +30,8 @@ step() {
   tar czf "${OUT:-out}/results-$PART.tar.gz" -C "$R" .
 }
 nvidia-smi --query-gpu=name,driver_version --format=csv | tee "$R/card.txt"
+echo "commit ${DUALFUSE_COMMIT:=unknown}" | tee -a "$R/card.txt"
+export DUALFUSE_COMMIT
 python3 -c "import torch,triton,transformers;print('torch',torch.__version__,'triton',triton.__version__,'transformers',transformers.__version__)" | tee -a "$R/card.txt"
 if [ "$PART" = A ]; then
   # 1. end-to-end, all stock executors + fused, the target cases

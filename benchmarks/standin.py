@@ -27,11 +27,13 @@ The table is printed last; JSON goes to ``--out``/standin-sms{N}.json (shares to
 ``--tune``: for ViT-B/32's and SigLIP B/16's grouped GEMM launches at batch 1 (fp16 and int8 weights, host-mapped),
 every config of the byte-bound candidates (kernels/gemm/regime.py) timed with a cold L2; the best per launch shape is
 written to ``--out``/tune-sms{N}.json. ``--merge DIR`` joins the tune files into kernels/gemm/standin_gemm.json and
-copies the 8-SM shares to dualfuse/standin_shares.json (the files the library reads).
+copies the 8-SM shares (else the fewest SMs measured) to dualfuse/standin_shares.json (the files the library
+reads).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import contextlib
 import gc
 import glob
@@ -217,7 +219,7 @@ def run_case(args, torch, case, preset, ni, nt, bandwidth, stand_kw, placement, 
             row["floor_ms"] = row["weight_bytes"] / bandwidth * 1e3 if bandwidth else None
             row["floor_share"] = row["floor_ms"] / row["median_ms"] if bandwidth else None
             if name == "fused fp16" and cuda and getattr(ex, "fallback", None) is None:
-                shares = _stage_shares(ex, ni, nt, spec, bandwidth)
+                shares = _stage_shares(ex, ni, nt, spec, bandwidth, row["median_ms"])
         except ImportError as e:
             row.update(status="unavailable", message=_short(e))
         except Exception as e:  # noqa: BLE001 - one failing row must not stop the others
@@ -231,17 +233,24 @@ def run_case(args, torch, case, preset, ni, nt, bandwidth, stand_kw, placement, 
         msg = (f"{row.get('median_ms', float('nan')):8.3f} ms  share {row.get('floor_share') or 0:5.1%}  "
                f"cos {row.get('min_cosine', float('nan')):.5f}" if row["status"] == "ok"
                else f"{row['status']}: {row.get('message', '')}")
+        if row["status"] == "ok" and not row["cosine_ok"]:
+            msg += f"  PARITY FAILED (< {row['cosine_pass']})"
         print(f"  {case:15s} {name:26s} {msg}", flush=True)
     _ratios(rows)
     print(f"  {case}: {time.perf_counter() - t0:.0f} s", flush=True)
     return rows, shares
 
 
-def _stage_shares(ex, ni, nt, spec, bandwidth):
-    from dualfuse.shares import measure_stage_shares
+def _stage_shares(ex, ni, nt, spec, bandwidth, forward_ms):
+    """Per kind (bytes, ms, share) of the fused fp16 forward's stages timed one by one, and under "forward" the
+    whole forward's median with its bytes by kind and launch count (what the shares' forward scale needs)."""
+    from dualfuse.shares import kind_bytes, measure_stage_shares
 
+    text_len = spec.text.context_length if nt else None
     runner = ex.runner(ni, nt, spec.text.context_length if nt else spec.text.context_length)
-    return measure_stage_shares(runner, bandwidth, iters=20)
+    by_kind, launches = kind_bytes(spec, ni, nt, text_len, fold_ln=ex.fold_ln)
+    return dict(kinds=measure_stage_shares(runner, bandwidth, iters=20),
+                forward=dict(ms=forward_ms, bytes_by_kind=by_kind, launches=launches))
 
 
 def _ratios(rows):
@@ -326,7 +335,8 @@ def tune(args, torch, device, stand_kw, placement, sms):
 
 
 def merge(out_dir: str) -> int:
-    """tune-sms*.json -> kernels/gemm/standin_gemm.json; shares-sms8.json -> dualfuse/standin_shares.json."""
+    """tune-sms*.json -> kernels/gemm/standin_gemm.json; shares-sms8.json (else the fewest SMs measured) ->
+    dualfuse/standin_shares.json."""
     src = HERE.parent / "src" / "dualfuse"
     configs, sources = {}, []
     for p in sorted(glob.glob(os.path.join(out_dir, "tune-sms*.json"))):
@@ -338,8 +348,11 @@ def merge(out_dir: str) -> int:
         with open(src / "kernels" / "gemm" / "standin_gemm.json", "w") as f:
             json.dump(dict(schema="dualfuse.standin-gemm/1", sources=sources, configs=configs), f, indent=1)
         print(f"{len(configs)} tuned configs -> {src / 'kernels' / 'gemm' / 'standin_gemm.json'}")
-    shares = os.path.join(out_dir, "shares-sms8.json")
-    if os.path.isfile(shares):
+    # the fewest SMs measured (8: Orin Nano / NX; else 16: AGX Orin), its SM count kept in the file's source
+    found = sorted(glob.glob(os.path.join(out_dir, "shares-sms*.json")),
+                   key=lambda p: int(os.path.basename(p)[len("shares-sms"):-len(".json")]))
+    shares = found[0] if found else ""
+    if shares:
         with open(shares) as f:
             doc = json.load(f)
         with open(src / "standin_shares.json", "w") as f:
@@ -403,12 +416,9 @@ def main(argv=None) -> int:
     placement = "host" if cuda else "copy"
     env = dict(torch=torch.__version__, triton=triton.__version__, date=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                card=torch.cuda.get_device_name() if cuda else "CPU (Triton interpreter)")
-    try:
-        import subprocess
-        env["commit"] = subprocess.run(["git", "-C", str(HERE.parent), "rev-parse", "--short", "HEAD"],
-                                       capture_output=True, text=True).stdout.strip()
-    except Exception:  # noqa: BLE001
-        pass
+    # the commit as the caller names it (DUALFUSE_COMMIT; gpu_figures.sh passes it on): a copied work tree may carry
+    # no .git, or an older one, so `git rev-parse` there can name the wrong commit
+    env["commit"] = os.environ.get("DUALFUSE_COMMIT") or "unknown"
     os.makedirs(args.out, exist_ok=True)
     sms = args.sms or (torch.cuda.get_device_properties(0).multi_processor_count if cuda else 8)
     print(f"stand-in run: {env['card']}, {args.sms or 'all'} SMs, torch {env['torch']}, triton {env['triton']}",
@@ -445,13 +455,14 @@ def main(argv=None) -> int:
     if stage:  # per kind over every case: sum of floors / sum of times
         tot = {}
         for per in stage.values():
-            for k, v in per.items():
+            for k, v in per["kinds"].items():
                 b, ms = tot.get(k, (0.0, 0.0))
                 tot[k] = (b + v["bytes"], ms + v["ms"])
-        from dualfuse.shares import BandwidthShares
+        from dualfuse.shares import BandwidthShares, forward_scale
         sh = BandwidthShares({k: b / bandwidth * 1e3 / ms for k, (b, ms) in tot.items() if ms > 0},
                              dict(card=env["card"], sms=sms, bandwidth_gbps=round(bandwidth / 1e9, 1),
                                   date=env["date"], commit=env.get("commit"), cases=list(stage)))
+        sh = dataclasses.replace(sh, scale=forward_scale([per["forward"] for per in stage.values()], bandwidth, sh))
         doc["shares"] = sh.to_dict()
         with open(os.path.join(args.out, f"shares-sms{args.sms}.json"), "w") as f:
             json.dump(sh.to_dict(), f, indent=1)

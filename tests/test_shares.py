@@ -55,6 +55,34 @@ def test_bad_shares():
         S.BandwidthShares.from_dict({"gemm": 0.5})
 
 
+def test_scale_multiplies_the_prediction_and_round_trips(spec):
+    base = S.predict(spec, "orin-nano", 1, 1, shares=S.BandwidthShares({"gemm": 0.6}), launch_gap_us=2.0)
+    scaled_shares = S.BandwidthShares.from_dict(S.BandwidthShares({"gemm": 0.6}, scale=0.8).to_dict())
+    assert scaled_shares.scale == 0.8
+    scaled = S.predict(spec, "orin-nano", 1, 1, shares=scaled_shares, launch_gap_us=2.0)
+    assert scaled["predicted_ms"] == pytest.approx(0.8 * base["predicted_ms"]) and scaled["scale"] == 0.8
+    assert scaled["ms_by_kind"]["gemm"] == pytest.approx(0.8 * base["ms_by_kind"]["gemm"])
+    assert S.BandwidthShares.from_dict({"shares": {}}).scale == 1.0  # files written before the scale existed
+    for bad in (0, -1.0, 11.0, "1"):
+        with pytest.raises(ValueError, match="forward scale"):
+            S.BandwidthShares({}, scale=bad)
+
+
+def test_forward_scale_is_the_median_of_measured_over_predicted(spec):
+    shares = S.BandwidthShares({"gemm": 0.5})
+    by_kind, launches = S.kind_bytes(spec, 1, 1, fold_ln=False)
+    bw = 50e9
+    pred = S.predicted_ms(by_kind, launches, bw, shares, 2.0)
+    # by hand: gemm bytes at half the bandwidth, the other kinds at the full bandwidth, plus the launch gaps
+    by_hand = sum(b / (bw * (0.5 if k == "gemm" else 1.0)) * 1e3 for k, b in by_kind.items()) + launches * 2e-3
+    assert pred == pytest.approx(by_hand)
+    fwd = [dict(ms=r * pred, bytes_by_kind=by_kind, launches=launches) for r in (0.6, 1.0, 0.7)]
+    assert S.forward_scale(fwd, bw, shares, gap_us=2.0) == pytest.approx(0.7)
+    assert S.forward_scale(fwd[:2], bw, shares, gap_us=2.0) == pytest.approx(0.8)
+    with pytest.raises(ValueError, match="at least one"):
+        S.forward_scale([], bw, shares)
+
+
 def test_plan_cli_prints_and_writes_predictions(tmp_path, capsys):
     path = tmp_path / "shares.json"
     path.write_text(json.dumps(S.BandwidthShares({"gemm": 0.8, "attention": 0.5, "layernorm": 0.5, "embed": 0.6,

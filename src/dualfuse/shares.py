@@ -6,7 +6,9 @@ the stand-in's measured bandwidth by its measured time. Summed per step kind —
 ``layernorm``, ``embed`` (patch / token embedding), ``head`` (projections, SigLIP's pooling head, pooled-row pick) —
 that gives the share of the bandwidth each kind reaches. ``standin_shares.json`` beside this module holds the latest
 measurement (card, date, commit, SM count, bandwidth); :func:`predict` turns shares into a latency on a target:
-``sum over kinds of bytes / (target bandwidth x share) + launches x launch gap``. Still a prediction: the stand-in's
+``(sum over kinds of bytes / (target bandwidth x share) + launches x launch gap) x scale``, where the scale is the
+stand-in's whole fused forwards measured against the same formula at its own bandwidth (stages timed one by one
+lose the overlap a graph has, so the shares alone overestimate). Still a prediction: the stand-in's
 activations stay in HBM (attention's and LayerNorm's shares are optimistic) and its link is PCIe, not LPDDR5.
 """
 from __future__ import annotations
@@ -43,23 +45,29 @@ class BandwidthShares:
 
     shares: dict
     source: dict = field(default_factory=dict)  # card, date, commit, sms, bandwidth_gbps, model(s), weights
+    # whole forward measured / the shares' prediction of it on the stand-in (:func:`forward_scale`): the stages are
+    # timed one by one, without the graph's overlap, so the shares alone overestimate a forward. 1.0: not measured.
+    scale: float = 1.0
 
     def __post_init__(self):
         bad = {k: v for k, v in self.shares.items() if k not in KINDS or not isinstance(v, (int, float)) or v <= 0}
         if bad:
             raise ValueError(f"bandwidth shares: expected kinds from {KINDS} with shares > 0, got {bad}")
+        if not isinstance(self.scale, (int, float)) or not 0 < self.scale <= 10:
+            raise ValueError(f"bandwidth shares: expected a forward scale in (0, 10], got {self.scale!r}")
 
     def share(self, kind: str) -> float:
         return min(1.0, float(self.shares.get(kind, 1.0)))
 
     def to_dict(self) -> dict:
-        return dict(schema="dualfuse.bandwidth-shares/1", shares=dict(self.shares), source=dict(self.source))
+        return dict(schema="dualfuse.bandwidth-shares/1", shares=dict(self.shares), scale=self.scale,
+                    source=dict(self.source))
 
     @classmethod
     def from_dict(cls, d: dict) -> "BandwidthShares":
         if not isinstance(d, dict) or "shares" not in d:
             raise ValueError("bandwidth shares file: expected a JSON object with 'shares' (dualfuse.bandwidth-shares/1)")
-        return cls(dict(d["shares"]), dict(d.get("source", {})))
+        return cls(dict(d["shares"]), dict(d.get("source", {})), d.get("scale", 1.0))
 
 
 def load(path: str | None = None) -> BandwidthShares | None:
@@ -99,9 +107,31 @@ def kind_bytes(spec, image_batch: int, text_batch: int, text_len: int | None = N
     return out, plan.num_launches
 
 
+def predicted_ms(by_kind: dict, launches: int, bandwidth: float, shares: BandwidthShares, gap_us: float) -> float:
+    """``sum_kind bytes / (bandwidth x share) + launches x gap`` in ms (bandwidth in bytes/s), before the scale."""
+    return sum(b / (bandwidth * shares.share(k)) * 1e3 for k, b in by_kind.items() if b) + launches * gap_us / 1e3
+
+
+def forward_scale(forwards: list[dict], bandwidth: float, shares: BandwidthShares,
+                  gap_us: float | None = None) -> float:
+    """Median over measured forwards of measured ms / :func:`predicted_ms` at the stand-in's own ``bandwidth``.
+    ``forwards``: dicts with ``ms`` (the fused forward's median), ``bytes_by_kind`` and ``launches``
+    (:func:`kind_bytes` of that call shape)."""
+    from .floors import LAUNCH_GAP_US
+
+    if not forwards:
+        raise ValueError("forward_scale: expected at least one measured forward")
+    gap = LAUNCH_GAP_US if gap_us is None else gap_us
+    ratios = sorted(f["ms"] / predicted_ms(f["bytes_by_kind"], f["launches"], bandwidth, shares, gap)
+                    for f in forwards)
+    n = len(ratios)
+    return ratios[n // 2] if n % 2 else (ratios[n // 2 - 1] + ratios[n // 2]) / 2
+
+
 def predict(spec, target, image_batch: int = 1, text_batch: int = 1, text_len: int | None = None, *,
             shares: BandwidthShares, weights: str = "fp16", launch_gap_us: float | None = None) -> dict:
-    """A prediction, not a measurement: ``sum_kind bytes / (bandwidth x share) + launches x gap`` on ``target``."""
+    """A prediction, not a measurement: ``(sum_kind bytes / (bandwidth x share) + launches x gap) x scale`` on
+    ``target`` (scale: :attr:`BandwidthShares.scale`, whole forwards measured against this formula)."""
     from .floors import LAUNCH_GAP_US, default_fold_ln
     from .targets import get_target
 
@@ -109,10 +139,10 @@ def predict(spec, target, image_batch: int = 1, text_batch: int = 1, text_len: i
     gap = LAUNCH_GAP_US if launch_gap_us is None else launch_gap_us
     by_kind, launches = kind_bytes(spec, image_batch, text_batch, text_len, weights=weights,
                                    fold_ln=default_fold_ln(t))
-    ms = {k: b / (t.dram_bandwidth * shares.share(k)) * 1e3 for k, b in by_kind.items() if b}
-    total = sum(ms.values()) + launches * gap / 1e3
+    ms = {k: b / (t.dram_bandwidth * shares.share(k)) * 1e3 * shares.scale for k, b in by_kind.items() if b}
+    total = predicted_ms(by_kind, launches, t.dram_bandwidth, shares, gap) * shares.scale
     return dict(target=t.name, weights=weights, predicted_ms=total, ms_by_kind=ms, launches=launches,
-                shares={k: shares.share(k) for k in KINDS}, source=dict(shares.source),
+                shares={k: shares.share(k) for k in KINDS}, scale=shares.scale, source=dict(shares.source),
                 note="prediction from stand-in shares of bandwidth, not a measurement")
 
 

@@ -111,8 +111,10 @@ def shares_lines(predictions: list[dict]) -> list[str]:
     src = predictions[0]["source"]
     where = ", ".join(f"{k} {src[k]}" for k in ("card", "sms", "bandwidth_gbps", "date", "commit") if k in src)
     shares = ", ".join(f"{k} {v:.0%}" for k, v in predictions[0]["shares"].items())
-    lines = [f"predicted ms from measured shares of bandwidth ({shares}; measured in the stand-in: {where}) — "
-             "predictions, not measurements:"]
+    scale = predictions[0].get("scale", 1.0)
+    scaled = f", x{scale:.2f} to match whole forwards measured there" if scale != 1.0 else ""
+    lines = [f"predicted ms from measured shares of bandwidth ({shares}; measured in the stand-in: {where}{scaled})"
+             " — predictions, not measurements:"]
     for p in predictions:
         lines.append(f"  {p['target']} {p['weights']}: {p['predicted_ms']:.3f} ms ({p['launches']} launches)")
     return lines
