@@ -47,7 +47,7 @@ aot = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(aot)
 
 KERNEL = "grouped_linear_kernel"
-OLD_KERNEL_NAMES = ("_grouped_linear_kernel",)  # its name up to commit 34896c2 (dumps of older commits)
+OLD_KERNEL_NAMES = ("_grouped_linear_kernel",)  # its name before it was made public (dumps of older commits)
 CASES = (  # (target, model, weights)
     ("h100", "clip-tiny", None), ("h100", "siglip-tiny", None), ("h100", "clip-tiny", "int8"),
     ("orin-nano", "clip-tiny", None), ("orin-nano", "siglip-tiny", None), ("orin-nano", "clip-tiny", "int8"),
