@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-KERNELS = {"_embed_kernel", "_layer_norm_kernel", "_grouped_linear_kernel", "_attention_kernel"}
+KERNELS = {"_embed_kernel", "_layer_norm_kernel", "grouped_linear_kernel", "_attention_kernel"}
 
 
 @pytest.mark.slow  # compiles every specialization in a subprocess
@@ -65,7 +65,7 @@ def test_target_configs_compile_for_orin_within_sm87_limits(tmp_path):
         assert k["shared"] <= SM87_SHARED and k["threads"] <= 1024
         assert k["regs"] is not None and 0 < k["regs"] <= 255
     # GPU configs, not the interpreter's 32x32x32 tiles
-    gemm = [k["config"] for k in r["kernels"] if k["kernel"] == "_grouped_linear_kernel"]
+    gemm = [k["config"] for k in r["kernels"] if k["kernel"] == "grouped_linear_kernel"]
     assert any(c["BLOCK_K"] >= 64 for c in gemm) and all(c["USE_TMA"] is False and c["USE_PDL"] is False for c in gemm)
 
 
@@ -82,7 +82,7 @@ def test_target_configs_compile_with_int8_weights(tmp_path):
     r = json.loads(out.read_text())
     assert r["mode"] == "target-configs" and r["weights"] == "int8" and r["failures"] == []
     assert [run["weights"] for run in r["runs"]] == ["int8"]
-    gemm = [k for k in r["kernels"] if k["kernel"] == "_grouped_linear_kernel"]
+    gemm = [k for k in r["kernels"] if k["kernel"] == "grouped_linear_kernel"]
     assert gemm and all(k["arch"] == "sm_87" and k["shared"] <= SM87_SHARED for k in gemm)
     assert all(k["config"]["USE_TMA"] is False for k in gemm) and any(k["config"]["ANY_WQ"] for k in gemm)
 

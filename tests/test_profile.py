@@ -144,7 +144,7 @@ def test_verdicts():
     ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::Half>>(int)", "elementwise"),
     ("triton_per_fused_add_native_layer_norm_5", "norm"),
     ("graph_0_cpp_fused_convolution_0", "elementwise"),
-    ("_grouped_linear_kernel", "gemm"), ("_attention_kernel", "attention"), ("_layer_norm_kernel", "norm"),
+    ("grouped_linear_kernel", "gemm"), ("_attention_kernel", "attention"), ("_layer_norm_kernel", "norm"),
     ("_embed_kernel", "embed"), ("void at::native::indexSelectLargeIndex<float, long>(...)", "embed"),
     ("aten::addmm", "gemm"), ("aten::native_layer_norm", "norm"), ("nvjet_sm90_hsh_64x8_64x16_2x4_h_bz_bias_TNT", "gemm"), ("Memcpy DtoD (Device -> Device)", "elementwise"),
 ])

@@ -279,17 +279,43 @@ def run_bench(model: str = DEFAULT_MODEL, *, executors: list[str] | None = None,
     SMs in a green context (entered here unless ``green_context`` is given), every executor's weights in host-mapped
     memory (the fused executor's GEMM config gets the stand-in's overrides), the bandwidth measured first, each row's
     share of the stand-in floor. Bad arguments raise ValueError; an executor that fails gets a row saying why."""
-    from . import executors as registry
-    from . import presets, reference
-    from .adapters import to_spec
     from . import standin as SI
-    from .executors.base import ExecutorUnavailable, NeedsCUDA, dtype_name, resolve_device, resolve_dtype
-    from .quantize import resolve_weights
 
     stand_cfg = SI.resolve(stand_in)  # StandInError (a ValueError) for an unknown target
     if stand_cfg is not None and green_context is None:
         green_context = SI.enter(stand_cfg)  # before anything touches CUDA: no CUDA / SM count -> StandInError
     progress = progress or Progress()
+    fused_config, weights, device, dtype, iters, warmup = _resolve_settings(config, weights, device, dtype, iters,
+                                                                            warmup)
+    source, spec, bi, bt = _load_model(model, arch, seed, batch, image_batch, text_batch)
+    _check_counts(iters, warmup, input_sets, bi, bt)
+    wanted = _wanted_executors(executors)
+    length = _text_length(spec, model, text_length, bt)
+    if stand_cfg is not None and device.type != "cuda":
+        raise SI.StandInError(f"--stand-in needs a CUDA device, got --device {device}")
+    inputs, stand_info, fused_config = _make_inputs(spec, bi, bt, length, input_sets, seed, device, dtype,
+                                                    stand_cfg, green_context, fused_config)
+    result = _new_result(model, spec, bi, bt, length, dtype, device, iters, warmup, inputs, green_context, energy,
+                         weights, fused_config, stand_info)
+    run = _Run(result=result, progress=progress, source=source, spec=spec, device=device, dtype=dtype,
+               iters=iters, warmup=warmup, inputs=inputs, refs=_references(spec, inputs, device, bi, bt),
+               meter=_open_meter(result, device) if energy else None, fused_config=fused_config, weights=weights,
+               towers=tuple(n for n, b in (("vision", bi), ("text", bt)) if b), image_batch=bi,
+               energy_seconds=energy_seconds, stand_cfg=stand_cfg, stand_info=stand_info)
+    progress.start(result)
+    for name in wanted:  # the executors, one after the other
+        _bench_executor(run, name)
+    add_speedups(result.rows)
+    return result
+
+
+# ------------------------------------------------------------------------------------ run_bench's steps
+
+def _resolve_settings(config, weights, device, dtype, iters, warmup):
+    """(fused config, resolved weights, device, dtype, iters, warmup): the options with their defaults filled in."""
+    from .executors.base import resolve_device, resolve_dtype
+    from .quantize import resolve_weights
+
     fused_config = (config or FusedConfig()).with_overrides(**({} if weights is None else {"weights": weights}))
     weights = resolve_weights(fused_config.weights)  # fp8 on this device: the fused row says
     device = resolve_device(device)
@@ -297,6 +323,14 @@ def run_bench(model: str = DEFAULT_MODEL, *, executors: list[str] | None = None,
     cuda = device.type == "cuda"
     iters = iters if iters is not None else (GPU_ITERS if cuda else CPU_ITERS)
     warmup = warmup if warmup is not None else (GPU_WARMUP if cuda else CPU_WARMUP)
+    return fused_config, weights, device, dtype, iters, warmup
+
+
+def _load_model(model, arch, seed, batch, image_batch, text_batch):
+    """(source model, spec, image batch, text batch): the model built, and the batches of the towers it has."""
+    from . import presets
+    from .adapters import to_spec
+
     bi = image_batch if image_batch is not None else batch
     bt = text_batch if text_batch is not None else batch
     source = presets.load(model, seed=seed, arch=arch)
@@ -307,27 +341,46 @@ def run_bench(model: str = DEFAULT_MODEL, *, executors: list[str] | None = None,
             flag = "--text-batch" if other == "text" else "--image-batch"
             raise ValueError(f"{model} is a single {spec.tower} tower: {flag} must be 0 (it has no {other} tower)")
         bi, bt = (bi, 0) if spec.tower == "vision" else (0, bt)
+    return source, spec, bi, bt
+
+
+def _check_counts(iters: int, warmup: int, input_sets: int, bi: int, bt: int) -> None:
+    """Raise ValueError unless the run counts and the batches are in range."""
     if iters < 1 or warmup < 0 or input_sets < 1:
         raise ValueError(f"need --iters >= 1, --warmup >= 0, --input-sets >= 1 (got {iters}, {warmup}, {input_sets})")
     if bi < 0 or bt < 0 or (bi == 0 and bt == 0):
         raise ValueError(f"batches must be >= 0 and not both 0 (got image {bi}, text {bt})")
+
+
+def _wanted_executors(executors: list[str] | None) -> list[str]:
+    """The executor names to run (default: the registry's defaults); unknown names raise ValueError."""
+    from . import executors as registry
+
     known = registry.names()
     if executors is None:
-        wanted = registry.default_names()
-    else:
-        wanted = [n.strip() for n in executors if n.strip()]
-        unknown = [n for n in wanted if n not in known]
-        if unknown or not wanted:
-            raise ValueError(f"unknown executor(s): {', '.join(unknown) or '(none given)'}; "
-                             f"known executors: {', '.join(known)}")
+        return registry.default_names()
+    wanted = [n.strip() for n in executors if n.strip()]
+    unknown = [n for n in wanted if n not in known]
+    if unknown or not wanted:
+        raise ValueError(f"unknown executor(s): {', '.join(unknown) or '(none given)'}; "
+                         f"known executors: {', '.join(known)}")
+    return wanted
 
-    # ---- model, inputs, reference
+
+def _text_length(spec, model: str, text_length: int | None, bt: int) -> int:
+    """The token length of the text inputs (default: the model's context length), checked against it."""
     ctx = spec.io.context_length
     length = text_length if text_length is not None else ctx
     if bt and not 1 <= length <= ctx:
         raise ValueError(f"--text-length must be in [1, {ctx}] for {model}, got {length}")
-    if stand_cfg is not None and device.type != "cuda":
-        raise SI.StandInError(f"--stand-in needs a CUDA device, got --device {device}")
+    return length
+
+
+def _make_inputs(spec, bi, bt, length, input_sets, seed, device, dtype, stand_cfg, green_context, fused_config):
+    """(input sets, stand-in info or None, fused config): the inputs, and for a stand-in run its bandwidth measured,
+    its GEMM overrides applied and (host activations) the inputs placed in host memory."""
+    from . import standin as SI
+
     inputs = random_inputs(spec, bi, bt, length, sets=input_sets, seed=seed, device=device, dtype=dtype)
     stand_info = SI.measure(stand_cfg, green_context) if stand_cfg is not None else None
     if stand_info is not None:  # the fused executor's GEMMs: pointer loads, byte-bound configs, the target's SMs
@@ -335,104 +388,169 @@ def run_bench(model: str = DEFAULT_MODEL, *, executors: list[str] | None = None,
     if stand_cfg is not None and stand_cfg.activations == "host":
         from .hostmem import place_inputs
         inputs = place_inputs(inputs, "host")
-    towers = tuple(n for n, b in (("vision", bi), ("text", bt)) if b)
-    result = BenchResult(model=model, family=spec.family, summary=spec.summary(), image_batch=bi, text_batch=bt,
-                         text_length=length, dtype=dtype_name(dtype), device=str(device), iters=iters,
-                         warmup=warmup, input_sets=len(inputs), environment=environment(device),
-                         green_context=green_context, energy=energy, weights=weights, fused_config=fused_config,
-                         stand_in=stand_info.to_dict() if stand_info else None)
+    return inputs, stand_info, fused_config
+
+
+def _new_result(model, spec, bi, bt, length, dtype, device, iters, warmup, inputs, green_context, energy, weights,
+                fused_config, stand_info) -> BenchResult:
+    """The run's BenchResult with its resolved settings and environment, no rows yet."""
+    from .executors.base import dtype_name
+
+    return BenchResult(model=model, family=spec.family, summary=spec.summary(), image_batch=bi, text_batch=bt,
+                       text_length=length, dtype=dtype_name(dtype), device=str(device), iters=iters,
+                       warmup=warmup, input_sets=len(inputs), environment=environment(device),
+                       green_context=green_context, energy=energy, weights=weights, fused_config=fused_config,
+                       stand_in=stand_info.to_dict() if stand_info else None)
+
+
+def _references(spec, inputs, device, bi: int, bt: int) -> tuple:
+    """(image, text) embeddings of input set 0 by the fp32 reference forward (None for a tower not run)."""
+    from . import reference
+
     ref_spec = spec.to(device=device, dtype=torch.float32)
     with torch.no_grad():
         px0, ids0 = inputs[0]
         refs = (reference.encode_image(ref_spec, px0.float()) if bi else None,
                 reference.encode_text(ref_spec, ids0) if bt else None)
     del ref_spec
-    meter = None
-    if energy:
-        from . import energy as E
-        meter, result.energy_line = E.bench_meter(device)
-        result.energy_meter = meter.source if meter is not None else None
-    progress.start(result)
+    return refs
 
-    def call(ex, i):
-        return call_towers(ex, *inputs[i % len(inputs)])
 
-    # ---- executors, one after the other
-    for name in wanted:
-        row = Row(name)
-        result.rows.append(row)
-        progress.begin(name, warmup + iters + 1)
-        progress.phase(name, "build")
-        ex = None
+def _open_meter(result: BenchResult, device):
+    """The energy meter (None when unavailable); records its source and opening line on ``result``."""
+    from . import energy as E
+
+    meter, result.energy_line = E.bench_meter(device)
+    result.energy_meter = meter.source if meter is not None else None
+    return meter
+
+
+@dataclass
+class _Run:
+    """What every executor's row of one run shares: settings, model, inputs, references, meter, stand-in."""
+
+    result: BenchResult
+    progress: Progress
+    source: object
+    spec: object
+    device: torch.device
+    dtype: torch.dtype
+    iters: int
+    warmup: int
+    inputs: list
+    refs: tuple
+    meter: object
+    fused_config: FusedConfig
+    weights: str
+    towers: tuple
+    image_batch: int
+    energy_seconds: float
+    stand_cfg: object = None
+    stand_info: object = None
+
+    def call(self, ex, i):
+        """One call of ``ex`` on input set ``i`` (rotating over the sets)."""
+        return call_towers(ex, *self.inputs[i % len(self.inputs)])
+
+
+def _bench_executor(run: _Run, name: str) -> None:
+    """Append executor ``name``'s row to the run: built, checked, timed; a failure becomes the row's status."""
+    from . import executors as registry
+    from .executors.base import ExecutorUnavailable, NeedsCUDA
+
+    row = Row(name)
+    run.result.rows.append(row)
+    run.progress.begin(name, run.warmup + run.iters + 1)
+    run.progress.phase(name, "build")
+    ex = None
+    try:
+        ex = _build_executor(run, name, row)
+        _first_call(run, ex, row)
+        _time_executor(run, ex, row)
+        row.notes = run_label(getattr(ex, "notes", "") or row.notes, run.device)
+        if getattr(ex, "compiles_on_first_call", False):
+            row.compile_s = row.first_call_s
+            row.notes += f"; compile {row.compile_s:.1f} s (first call)"
+    except NeedsCUDA as e:
+        row.status, row.message = "needs CUDA", str(e)
+        row.stock = bool(getattr(registry.executor_class(name), "stock", True))
+    except ExecutorUnavailable as e:
+        row.status, row.message = "unavailable", str(e)
+    except Exception as e:  # noqa: BLE001 - one broken executor must not stop the others
+        row.status, row.message = "error", _short(e)
+    finally:
+        run.progress.end(name, row)
+        ex = None  # drop the executor before gc (not `del`: the timing closures name it)
+        gc.collect()
+        if run.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _build_executor(run: _Run, name: str, row: Row):
+    """Executor ``name`` built (stand-in: its weights placed in host memory); fills the row's build fields."""
+    from . import executors as registry
+    from . import standin as SI
+    from .executors.base import ExecutorUnavailable
+
+    t0 = time.perf_counter()
+    if run.stand_cfg is not None and not SI.placeable(registry.executor_class(name)):
+        raise ExecutorUnavailable(f"stand-in: {name} keeps its weights in its own runtime's memory, which "
+                                  "cannot be placed in host memory")
+    # the fused executors run the options (the stand-in's GEMM overrides included); the others the model's own weights
+    fkw = {"config": run.fused_config} if name in FUSED_EXECUTORS else {}
+    ex = registry.get(name, run.source, dtype=run.dtype, device=run.device, spec=run.spec, **fkw)
+    if run.stand_cfg is not None:  # every weight byte over PCIe, before the first call builds anything
+        from .hostmem import place_executor
         try:
-            t0 = time.perf_counter()
-            if stand_cfg is not None and not SI.placeable(registry.executor_class(name)):
-                raise ExecutorUnavailable(f"stand-in: {name} keeps its weights in its own runtime's memory, which "
-                                          "cannot be placed in host memory")
-            # the fused executors run the options (the stand-in's GEMM overrides included); the others the model's
-            # own weights
-            fkw = {"config": fused_config} if name in FUSED_EXECUTORS else {}
-            ex = registry.get(name, source, dtype=dtype, device=device, spec=spec, **fkw)
-            if stand_cfg is not None:  # every weight byte over PCIe, before the first call builds anything
-                from .hostmem import place_executor
-                try:
-                    place_executor(ex, "host")
-                except ValueError as e:
-                    raise ExecutorUnavailable(f"stand-in: {e}") from None
-                row.weight_bytes = SI.row_weight_bytes(spec, name, weights if fkw else None, dtype, towers)
-            row.build_s = time.perf_counter() - t0
-            row.stock, row.notes = bool(getattr(ex, "stock", True)), run_label(getattr(ex, "notes", ""), device)
-            progress.phase(name, "first call + check")
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                outs = call(ex, 0)
-            sync(device)
-            row.first_call_s = time.perf_counter() - t0
-            # the quantized bound only where the weights are quantized (a fused executor that fell back is not)
-            row.cosine_pass = _min_cosine(weights if fkw and getattr(ex, "fallback", None) is None else None)
-            for k, val in cosine_check(outs, refs, row.cosine_pass).items():
-                setattr(row, k, val)
-            del outs
-            progress.advance(name)
-            progress.phase(name, "warm-up")
-            for i in range(warmup):
-                call(ex, i)
-                progress.advance(name)
-            sync(device)
-            progress.phase(name, "timing")
-            samples = time_calls(lambda i: call(ex, i), iters, device, on_step=lambda: progress.advance(name))
-            row.samples_ms = samples
-            for k, val in stats(samples).items():
-                setattr(row, k, val)
-            if stand_info is not None and row.weight_bytes:
-                row.standin_floor_ms = stand_info.floor_ms(row.weight_bytes)
-                row.standin_share = stand_info.share(row.weight_bytes, row.median_ms)
-            if meter is not None:  # the same calls again under the meter (dualfuse.energy)
-                from .energy import bench_energy
-                progress.phase(name, "energy")
-                for k, val in bench_energy(lambda i: call(ex, i), meter, device, bi,
-                                           seconds=energy_seconds).items():
-                    setattr(row, k, val)
-            row.notes = run_label(getattr(ex, "notes", "") or row.notes, device)
-            if getattr(ex, "compiles_on_first_call", False):
-                row.compile_s = row.first_call_s
-                row.notes += f"; compile {row.compile_s:.1f} s (first call)"
-        except NeedsCUDA as e:
-            row.status, row.message = "needs CUDA", str(e)
-            row.stock = bool(getattr(registry.executor_class(name), "stock", True))
-        except ExecutorUnavailable as e:
-            row.status, row.message = "unavailable", str(e)
-        except Exception as e:  # noqa: BLE001 - one broken executor must not stop the others
-            row.status, row.message = "error", _short(e)
-        finally:
-            progress.end(name, row)
-            ex = None  # drop the executor before gc (not `del`: the timing closures above name it)
-            gc.collect()
-            if cuda:
-                torch.cuda.empty_cache()
+            place_executor(ex, "host")
+        except ValueError as e:
+            raise ExecutorUnavailable(f"stand-in: {e}") from None
+        row.weight_bytes = SI.row_weight_bytes(run.spec, name, run.weights if fkw else None, run.dtype, run.towers)
+    row.build_s = time.perf_counter() - t0
+    row.stock, row.notes = bool(getattr(ex, "stock", True)), run_label(getattr(ex, "notes", ""), run.device)
+    return ex
 
-    add_speedups(result.rows)
-    return result
+
+def _first_call(run: _Run, ex, row: Row) -> None:
+    """Time ``ex``'s first call and check its output against the reference (the row's cosine fields)."""
+    name = row.executor
+    run.progress.phase(name, "first call + check")
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        outs = run.call(ex, 0)
+    sync(run.device)
+    row.first_call_s = time.perf_counter() - t0
+    # the quantized bound only where the weights are quantized (a fused executor that fell back is not)
+    fused = name in FUSED_EXECUTORS
+    row.cosine_pass = _min_cosine(run.weights if fused and getattr(ex, "fallback", None) is None else None)
+    for k, val in cosine_check(outs, run.refs, row.cosine_pass).items():
+        setattr(row, k, val)
+    del outs
+    run.progress.advance(name)
+
+
+def _time_executor(run: _Run, ex, row: Row) -> None:
+    """Warm ``ex`` up, time its calls (the row's latency fields, stand-in share) and, with a meter, its energy."""
+    name, progress = row.executor, run.progress
+    progress.phase(name, "warm-up")
+    for i in range(run.warmup):
+        run.call(ex, i)
+        progress.advance(name)
+    sync(run.device)
+    progress.phase(name, "timing")
+    samples = time_calls(lambda i: run.call(ex, i), run.iters, run.device, on_step=lambda: progress.advance(name))
+    row.samples_ms = samples
+    for k, val in stats(samples).items():
+        setattr(row, k, val)
+    if run.stand_info is not None and row.weight_bytes:
+        row.standin_floor_ms = run.stand_info.floor_ms(row.weight_bytes)
+        row.standin_share = run.stand_info.share(row.weight_bytes, row.median_ms)
+    if run.meter is not None:  # the same calls again under the meter (dualfuse.energy)
+        from .energy import bench_energy
+        progress.phase(name, "energy")
+        for k, val in bench_energy(lambda i: run.call(ex, i), run.meter, run.device, run.image_batch,
+                                   seconds=run.energy_seconds).items():
+            setattr(row, k, val)
 
 
 def _min_cosine(weights: str | None) -> float:

@@ -244,32 +244,13 @@ def run_stream(model="clip-vit-b-32", prompts="a photo of a dog,a photo of a cat
     the executor's weights host-mapped, the fused executor's GEMM config with the stand-in's overrides, the
     bandwidth measured and reported). ``config``: the fused executor's options (dualfuse.FusedConfig; ``weights``
     "int8" overrides its field)."""
-    if (video is None) == (synthetic is None):
-        raise ValueError("stream: expected exactly one of --video PATH or --synthetic N")
-    if not isinstance(top_k, int) or top_k < 1:
-        raise ValueError(f"--top-k: expected a positive int, got {top_k!r}")
-    if max_frames is not None and max_frames < 1:
-        raise ValueError(f"--max-frames: expected a positive int, got {max_frames!r}")
-    prompts = _parse_prompts(prompts)
+    prompts = _check_options(prompts, video, synthetic, top_k, max_frames)
     from . import standin as SI
 
     stand_cfg = SI.resolve(stand_in)
-    green_info = None
-    if stand_cfg is not None:
-        if sms is not None:
-            raise SI.StandInError("--stand-in sets the SM count itself (the target's): drop --sms")
-        green_info = SI.enter(stand_cfg)
-    elif sms is not None:
-        from . import green
-
-        green_info = green.enter(int(sms))
+    green_info = _enter_green_context(stand_cfg, sms)
     frames = video_frames(video, max_frames) if video is not None else synthetic_frames(synthetic, *frame_size)
     source_name = f"video:{video}" if video is not None else f"synthetic:{synthetic}"
-
-    from .adapters import image_normalization
-    from .data import make_tokenizer
-    from .executors.base import dtype_name, normalize_frames
-
     stand_info = SI.measure(stand_cfg, green_info) if stand_cfg is not None else None
     src, ex = _build_executor(model, executor, weights, dtype, device, config,
                               (stand_cfg, stand_info) if stand_cfg is not None else None)
@@ -277,56 +258,122 @@ def run_stream(model="clip-vit-b-32", prompts="a photo of a dog,a photo of a cat
         from .hostmem import place_executor
 
         place_executor(ex, "host")
-    dev = ex.device
-    cuda = dev.type == "cuda"
-    io = ex.io
-    if io.naflex:
-        raise ValueError(f"stream: {io.name} is a SigLIP2 NaFlex model, which takes patch sequences, not frames")
-    size = io.image_size
-    takes_frames = ex.name == "fused" and getattr(ex, "fallback", None) is None
-    mean = std = None
-    if not takes_frames:
-        mean, std = image_normalization(src if not isinstance(src, str) else ex.spec, ex.family,
-                                        channels=io.channels)
+    pipe = _Pipeline.open(src, ex, prompts, top_k)
+    records, wall = _run_frames(pipe, frames, prompts, warmup, frame_size, progress)
+    if not records:
+        raise ValueError(f"stream: {source_name} gave no frames")
+    result = _stream_result(model, ex, pipe, prompts, records, wall, source_name, warmup, sms, stand_cfg, green_info,
+                            stand_info)
+    if out_dir:
+        result.plot = plot_latency(result, os.path.join(out_dir, "stream-latency.png"))
+    return result
 
-    def sync():
-        if cuda:
-            torch.cuda.synchronize(dev)
 
-    spec = ex.spec
-    tok = make_tokenizer(spec) if spec is not None else None
-    if tok is None:
-        raise ValueError(f"stream: no tokenizer for {io.name} (the model's towers are not covered by dualfuse)")
-    ids = tok(prompts).to(dev)
-    siglip = io.logit_bias is not None
-    t0 = time.perf_counter()
-    txt = ex.encode_text(ids)
-    sync()
-    text_ms = (time.perf_counter() - t0) * 1e3
-    k = min(top_k, len(prompts))
+# ------------------------------------------------------------------------------------ run_stream's steps
 
-    def step(frame_host):
-        ta = time.perf_counter()
-        x = frame_host.to(dev, non_blocking=False)
-        x = resize_center_crop(x, size)
+
+def _check_options(prompts, video, synthetic, top_k, max_frames) -> list[str]:
+    """The prompts parsed; ValueError for a bad source, top-k or frame limit."""
+    if (video is None) == (synthetic is None):
+        raise ValueError("stream: expected exactly one of --video PATH or --synthetic N")
+    if not isinstance(top_k, int) or top_k < 1:
+        raise ValueError(f"--top-k: expected a positive int, got {top_k!r}")
+    if max_frames is not None and max_frames < 1:
+        raise ValueError(f"--max-frames: expected a positive int, got {max_frames!r}")
+    return _parse_prompts(prompts)
+
+
+def _enter_green_context(stand_cfg, sms: int | None) -> dict | None:
+    """Enter the stand-in's green context, or one of ``sms`` SMs; what was entered (None: neither asked for)."""
+    from . import standin as SI
+
+    if stand_cfg is not None:
+        if sms is not None:
+            raise SI.StandInError("--stand-in sets the SM count itself (the target's): drop --sms")
+        return SI.enter(stand_cfg)
+    if sms is not None:
+        from . import green
+
+        return green.enter(int(sms))
+    return None
+
+
+@dataclass
+class _Pipeline:
+    """The per-frame work of one executor: frame to device, image tower, scores against the prompts' embeddings."""
+
+    ex: object
+    device: torch.device
+    cuda: bool
+    size: int  # the model's image size
+    normalize: Callable | None  # frames -> normalized pixels (None: the executor takes uint8 frames)
+    mean: object
+    std: object
+    siglip: bool  # sigmoid scores (else softmax over the prompts)
+    k: int  # top-k
+    txt: torch.Tensor | None = None  # the prompts' text embeddings
+    text_ms: float = float("nan")  # their time, once
+
+    @classmethod
+    def open(cls, src, ex, prompts: list[str], top_k: int) -> "_Pipeline":
+        """Check the model takes frames, pick the frames' normalization and embed the prompts (timed)."""
+        from .adapters import image_normalization
+        from .data import make_tokenizer
+        from .executors.base import normalize_frames
+
+        dev, io = ex.device, ex.io
+        if io.naflex:
+            raise ValueError(f"stream: {io.name} is a SigLIP2 NaFlex model, which takes patch sequences, not frames")
+        takes_frames = ex.name == "fused" and getattr(ex, "fallback", None) is None
+        mean = std = None
         if not takes_frames:
-            x = normalize_frames(x.permute(0, 3, 1, 2), mean, std, dtype=ex.dtype)
-        sync()
+            mean, std = image_normalization(src if not isinstance(src, str) else ex.spec, ex.family,
+                                            channels=io.channels)
+        pipe = cls(ex=ex, device=dev, cuda=dev.type == "cuda", size=io.image_size,
+                   normalize=None if takes_frames else normalize_frames, mean=mean, std=std,
+                   siglip=io.logit_bias is not None, k=min(top_k, len(prompts)))
+        spec = ex.spec
+        tok = make_tokenizer(spec) if spec is not None else None
+        if tok is None:
+            raise ValueError(f"stream: no tokenizer for {io.name} (the model's towers are not covered by dualfuse)")
+        ids = tok(prompts).to(dev)
+        t0 = time.perf_counter()
+        pipe.txt = ex.encode_text(ids)
+        pipe.sync()
+        pipe.text_ms = (time.perf_counter() - t0) * 1e3
+        return pipe
+
+    def sync(self) -> None:
+        """Wait for the device (CUDA only)."""
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def step(self, frame_host):
+        """One frame: (top-k scores, their prompt indices, h2d ms, model ms, post ms)."""
+        ta = time.perf_counter()
+        x = frame_host.to(self.device, non_blocking=False)
+        x = resize_center_crop(x, self.size)
+        if self.normalize is not None:
+            x = self.normalize(x.permute(0, 3, 1, 2), self.mean, self.std, dtype=self.ex.dtype)
+        self.sync()
         tb = time.perf_counter()
-        img = ex.encode_image(x)
-        sync()
+        img = self.ex.encode_image(x)
+        self.sync()
         tc = time.perf_counter()
-        per_image, _ = ex.logits(img, txt)
+        per_image, _ = self.ex.logits(img, self.txt)
         p = per_image.float()
-        p = torch.sigmoid(p) if siglip else torch.softmax(p, dim=-1)
-        vals, idx = p[0].topk(k)
+        p = torch.sigmoid(p) if self.siglip else torch.softmax(p, dim=-1)
+        vals, idx = p[0].topk(self.k)
         vals, idx = vals.tolist(), idx.tolist()  # back on the host: waits for the device
         td = time.perf_counter()
         return vals, idx, (tb - ta) * 1e3, (tc - tb) * 1e3, (td - tc) * 1e3
 
+
+def _run_frames(pipe: _Pipeline, frames, prompts: list[str], warmup: int, frame_size, progress):
+    """(frame records, wall seconds of the loop): the warm-up frames, then every frame of ``frames``, timed."""
     # warm-up: the fused executor builds (and on CUDA captures) its uint8-frame runner at the first call
     for frame in synthetic_frames(max(1, warmup), *frame_size, seed=1) if warmup else ():
-        step(frame)
+        pipe.step(frame)
     records: list[FrameRecord] = []
     start = time.perf_counter()
     it = iter(frames)
@@ -338,17 +385,18 @@ def run_stream(model="clip-vit-b-32", prompts="a photo of a dog,a photo of a cat
         except StopIteration:
             break
         decode_ms = (time.perf_counter() - td0) * 1e3
-        vals, idx, h2d_ms, model_ms, post_ms = step(frame)
+        vals, idx, h2d_ms, model_ms, post_ms = pipe.step(frame)
         rec = FrameRecord(i, prompts[idx[0]], vals[0], [(prompts[j], v) for j, v in zip(idx, vals)], decode_ms, h2d_ms,
                           model_ms, post_ms)
         records.append(rec)
         if progress is not None:
             progress(rec)
         i += 1
-    wall = time.perf_counter() - start
-    if not records:
-        raise ValueError(f"stream: {source_name} gave no frames")
-    card = torch.cuda.get_device_name(dev) if cuda else "cpu"
+    return records, time.perf_counter() - start
+
+
+def _run_notes(cuda: bool, green_info, stand_info) -> list[str]:
+    """The result's notes: how the parts were timed, what the green context or stand-in leaves out, a CPU run."""
     notes = ["per-part times: perf_counter around each part" + (", device synchronized at each part's end"
                                                                if cuda else "")]
     if green_info and stand_info is None:
@@ -358,6 +406,17 @@ def run_stream(model="clip-vit-b-32", prompts="a photo of a dog,a photo of a cat
     if not cuda:
         notes.append("CPU run" + (" (Triton interpreter): latencies say nothing about a GPU"
                                   if os.environ.get("TRITON_INTERPRET") == "1" else ""))
+    return notes
+
+
+def _stream_result(model, ex, pipe: _Pipeline, prompts, records, wall, source_name, warmup, sms, stand_cfg,
+                   green_info, stand_info) -> StreamResult:
+    """The StreamResult of the loop, with what the executor ran (weights, dtype, card) and the notes."""
+    from .executors.base import dtype_name
+
+    dev, cuda = pipe.device, pipe.cuda
+    card = torch.cuda.get_device_name(dev) if cuda else "cpu"
+    notes = _run_notes(cuda, green_info, stand_info)
     # weights: what the executor runs: "int8" / "fp8" (the fused executor's quantized GEMM weights), or the
     # executor's dtype (what "fp16" weights are on a CPU run: fp32 by default; also what a fused executor that fell
     # back runs)
@@ -366,15 +425,12 @@ def run_stream(model="clip-vit-b-32", prompts="a photo of a dog,a photo of a cat
     if fmt != "fp16" and not quantized:
         notes.append(f"--weights {fmt} not applied: the fused executor fell back ({ex.fallback}); "
                      f"{dtype_name(ex.dtype)} weights")
-    result = StreamResult(model=io.name or str(model), executor=ex.name,
-                          weights=fmt if quantized else dtype_name(ex.dtype), device=str(dev), card=card,
-                          dtype=dtype_name(ex.dtype), source=source_name, prompts=prompts, frames=records,
-                          wall_s=wall, text_ms=text_ms, warmup_frames=warmup,
-                          sms=stand_cfg.sms if stand_cfg is not None else sms, green_context=green_info, notes=notes,
-                          fused_config=config_of(ex), stand_in=stand_info.to_dict() if stand_info is not None else None)
-    if out_dir:
-        result.plot = plot_latency(result, os.path.join(out_dir, "stream-latency.png"))
-    return result
+    return StreamResult(model=ex.io.name or str(model), executor=ex.name,
+                        weights=fmt if quantized else dtype_name(ex.dtype), device=str(dev), card=card,
+                        dtype=dtype_name(ex.dtype), source=source_name, prompts=prompts, frames=records,
+                        wall_s=wall, text_ms=pipe.text_ms, warmup_frames=warmup,
+                        sms=stand_cfg.sms if stand_cfg is not None else sms, green_context=green_info, notes=notes,
+                        fused_config=config_of(ex), stand_in=stand_info.to_dict() if stand_info is not None else None)
 
 
 def plot_latency(result: StreamResult, path: str) -> str:

@@ -182,7 +182,7 @@ def test_table_columns_are_the_kernel_arguments():
 
     from dualfuse.kernels.gemm import kernel, table
 
-    params = list(inspect.signature(kernel._grouped_linear_kernel.fn).parameters)
+    params = list(inspect.signature(kernel.grouped_linear_kernel.fn).parameters)
     first = params.index("xa0")
     want = [f"{a}{i}" for i in range(table.MAX_ARG_PROBLEMS) for a in table.ARG_NAMES]
     assert params[first:first + len(want)] == want

@@ -18,7 +18,7 @@ each step is tiny (M = 50 / 77 rows), so the time is launch gaps, per-program la
 one launch that covers both towers halves the launches and lets the tiles of both towers share the SMs.
 
 Layout (Liger-Kernel style: kernel, then launcher, then glue):
-- `kernel.py`: `_grouped_linear_kernel`, one program = one (problem, output tile, K split); TMA loads, PDL,
+- `kernel.py`: `grouped_linear_kernel`, one program = one (problem, output tile, K split); TMA loads, PDL,
   the in-launch split-K reduction, the folded-LN epilogue.
 - `table.py`: the per-problem fields (columns `COL_*`), defined once: packed by the host (`pack_row`), read by
   the kernel (kernel arguments for up to MAX_ARG_PROBLEMS problems, else an int64 table on the device).

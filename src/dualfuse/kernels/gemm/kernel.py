@@ -475,7 +475,7 @@ def _epilogue(acc, bias, res, act, bias_ptr, res_ptr, out_ptr, offs_m, offs_n, n
 
 # ------------------------------------------------------------------------------------------------------ kernel
 @triton.jit(do_not_specialize=NO_SPEC)
-def _grouped_linear_kernel(
+def grouped_linear_kernel(
     meta_ptr,  # int64 [G, NUM_COLS] per-problem table (read only when not META_IN_ARGS), see table.py
     ws_ptr,  # fp32 split-K workspace: per split tile [S, BLOCK_M, BLOCK_N]
     cnt_ptr,  # int32 per split tile arrival counters; 0 between launches (the last arrival resets)

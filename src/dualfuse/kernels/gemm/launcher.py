@@ -9,7 +9,7 @@ import triton
 from ...config import GemmConfig
 from .._utils import LAUNCH_OPTIONS, is_interpreter, pdl_supported, target_props
 from .heuristics import CONFIG_KEYS, choose_splits, default_config, next_pow2, nosplit, prefetch_steps
-from .kernel import _grouped_linear_kernel
+from .kernel import grouped_linear_kernel
 from .problems import FLOAT_DTYPES, LinearProblem, validate_problems
 from .table import MAX_ARG_PROBLEMS, NUM_COLS, kernel_args, pack_row
 
@@ -150,14 +150,14 @@ class _Plan:
     def warmup(self):
         """Compile and load without running, so the first __call__ can be captured by a CUDA graph."""
         if self.num_programs and not is_interpreter():
-            ck = _grouped_linear_kernel.warmup(*self.args, grid=self.grid, **self.constexprs, **self.launch_opts)
+            ck = grouped_linear_kernel.warmup(*self.args, grid=self.grid, **self.constexprs, **self.launch_opts)
             init = getattr(ck, "_init_handles", None)
             if init is not None:
                 init()  # module load onto the device now, not lazily inside a graph capture
 
     def launch(self):
         if self.num_programs:
-            _grouped_linear_kernel[self.grid](*self.args, **self.constexprs, **self.launch_opts)
+            grouped_linear_kernel[self.grid](*self.args, **self.constexprs, **self.launch_opts)
 
 
 class GroupedLinear:
