@@ -93,6 +93,12 @@ def hf_siglip(seed=0):
     return perturbed(SiglipModel(cfg), seed)
 
 
+def open_clip_preset(name):
+    """An open_clip preset; skips without the openclip extra."""
+    pytest.importorskip("open_clip")
+    return dualfuse.load(name)
+
+
 def open_clip_clip(seed=0, vision=None, text=None, quick_gelu=False):
     """open_clip CLIP: 36 px / patch 8, head dims 36 and 12."""
     open_clip = pytest.importorskip("open_clip")
@@ -152,7 +158,7 @@ PARITY = {
     "open_clip CLIP, final LN after the token pool": lambda: open_clip_clip(vision=dict(final_ln_after_pool=True)),
     "CustomTextCLIP, open_clip ViT": lambda: custom_text_clip(
         dict(image_size=36, patch_size=8, width=72, head_width=36, layers=2, mlp_ratio=1.5), embed_dim=40),
-    "CustomTextCLIP, timm SigLIP ViT (preset)": lambda: perturbed(dualfuse.load("open_clip-siglip-tiny")),
+    "CustomTextCLIP, timm SigLIP ViT (preset)": lambda: perturbed(open_clip_preset("open_clip-siglip-tiny")),
     "CustomTextCLIP, timm SigLIP ViT, 36 px, gelu_tanh": lambda: with_trunk(timm_trunk(act_layer="gelu_tanh")),
     "CustomTextCLIP, timm SigLIP ViT, open_clip linear proj": lambda: timm_linear_proj(),
     "CustomTextCLIP, timm class-token ViT, pre-norm, fc_norm, head as projection": lambda: with_trunk(
@@ -171,7 +177,7 @@ def test_reference_matches_source_model(case):
 
 def test_open_clip_siglip_tower_reads_as_map_pooling():
     pytest.importorskip("timm")
-    spec = to_spec(dualfuse.load("open_clip-siglip-tiny"))
+    spec = to_spec(open_clip_preset("open_clip-siglip-tiny"))
     v, t = spec.vision, spec.text
     assert (v.pooling, v.class_embedding, v.pre_ln, v.head_dim, v.final_ln.eps) == ("map", None, None, 36, 1e-6)
     assert v.pool_head.heads == 2 and v.pool_head.qkv.weight.shape == (3 * 72, 72)
@@ -203,6 +209,7 @@ def _not_covered(model, match):
 
 
 def test_open_clip_resnet_is_not_covered():
+    pytest.importorskip("open_clip")
     err = _not_covered(build_open_clip("RN50", device="meta"),
                        r"^open_clip vision tower ModifiedResNet \(a convolutional tower\) is not covered")
     assert isinstance(err, ValueError) and err.tower == "open_clip vision tower"
