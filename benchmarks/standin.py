@@ -97,7 +97,8 @@ def _row_specs(args, torch, case: str):
     rows = [("fused fp16", "fused", {}, "fp16"), ("fused int8", "fused", {"weights": "int8"}, "int8"),
             # the full card's GEMM picks (latency model), pointer loads: what the byte-bound model changes
             ("fused fp16 [card picks]", "fused", {"gemm_config": {"tma": False}}, "fp16"),
-            # the byte-bound model without its tall tiles (every launch at BLOCK_M 64, as before them)
+            # the byte-bound model without its tall tiles: BLOCK_M 64 everywhere (its picks before them wherever a
+            # launch has more than 32 rows, as in every case here)
             ("fused fp16 [BLOCK_M 64]", "fused", {"_standin_gemm": {"BLOCK_M": 64}}, "fp16")]
     if cap >= (8, 9):
         rows.append(("fused fp8", "fused", {"weights": "fp8"}, "fp8"))
@@ -356,8 +357,10 @@ def merge(out_dir: str) -> int:
             json.dump(dict(schema="dualfuse.standin-gemm/1", sources=sources, configs=configs), f, indent=1)
         print(f"{len(configs)} tuned configs -> {src / 'kernels' / 'gemm' / 'standin_gemm.json'}")
     # the fewest SMs measured (8: Orin Nano / NX; else 16: AGX Orin), its SM count kept in the file's source
-    found = sorted(glob.glob(os.path.join(out_dir, "shares-sms*.json")),
-                   key=lambda p: int(os.path.basename(p)[len("shares-sms"):-len(".json")]))
+    def sms_of(path):  # 0 is the full card: last
+        return int(os.path.basename(path)[len("shares-sms"):-len(".json")]) or 1 << 30
+
+    found = sorted(glob.glob(os.path.join(out_dir, "shares-sms*.json")), key=sms_of)
     shares = found[0] if found else ""
     if shares:
         with open(shares) as f:
@@ -470,6 +473,7 @@ def main(argv=None) -> int:
                              dict(card=env["card"], sms=sms, bandwidth_gbps=round(bandwidth / 1e9, 1),
                                   date=env["date"], commit=env.get("commit"), cases=list(stage)))
         sh = dataclasses.replace(sh, scale=forward_scale([per["forward"] for per in stage.values()], bandwidth, sh))
+        sh.source["scale_from"] = [dict(case=c, measured_ms=round(per["forward"]["ms"], 3)) for c, per in stage.items()]
         doc["shares"] = sh.to_dict()
         with open(os.path.join(args.out, f"shares-sms{args.sms}.json"), "w") as f:
             json.dump(sh.to_dict(), f, indent=1)

@@ -20,9 +20,12 @@ class _NoScope:
 def install() -> bool:
     """Patch Triton's interpreter as described above; returns whether it did."""
     try:
+        import triton
         from triton.runtime import interpreter as ti
     except Exception:
         return False
+    if tuple(int(x) for x in triton.__version__.split(".")[:2]) > (3, 9):
+        return False  # checked against 3.6-3.9 only: a later interpreter may restore a helper's patches
     grid = getattr(ti, "GridExecutor", None)
     patch_lang = getattr(ti, "_patch_lang", None)
     if grid is None or patch_lang is None or getattr(patch_lang, "_dualfuse_nested_skip", False):

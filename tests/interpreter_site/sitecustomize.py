@@ -5,6 +5,9 @@ import sys
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    import interpreter_speed
+    try:
+        import interpreter_speed
 
-    interpreter_speed.install()
+        interpreter_speed.install()
+    finally:
+        del sys.path[0]

@@ -93,7 +93,7 @@ BYTE_BOUND_SPLITS = ((0, 1, 1), (1, 2, 16), (2, 2, 32), (4, 1, 64))
 
 # (BLOCK_N, BLOCK_K, warps, stages) of tall tiles (BLOCK_M 128 or 256) for more than 64 rows: a weight byte crosses
 # the link once per M tile, so 64-row tiles read SigLIP B/16's 196 patches' weights 4 times, a 256-row tile once
-TALL_TILES = ((64, 64, 8, 3), (32, 128, 8, 3), (64, 32, 8, 4), (32, 64, 4, 4))
+TALL_TILES = ((64, 64, 8, 3), (32, 128, 8, 3), (64, 32, 8, 4), (32, 64, 8, 4))  # 8 warps: 256 x 64 fp32 accumulators
 TALL_MAX_M = 256  # taller tiles no longer fit Orin's 163 KB of shared memory per block with a useful pipeline
 
 
