@@ -44,6 +44,16 @@ def test_estimate_saturated_and_latency_limited():
     assert regime.estimate_byte_bound_us([(1, 128, 768)], cfg2, [4], 2, 8, 1, r) == pytest.approx(10.5)
 
 
+def test_estimate_counts_a_tail_wave_at_its_own_rate():
+    # 12 programs (64 x 64 tiles of 50 x 768 x 768), one per SM on 8 SMs, a link needing 50 GB/s x 8 µs = 400,000 B
+    # in flight; a program keeps 3 x 128 x 64 x 2 = 49,152 B in flight and streams 1,179,648 / 12 = 98,304 B.
+    # First wave: 8 programs, 393,216 B in flight -> 49.152 GB/s, 786,432 B in 16.0 µs; tail wave: 4 programs,
+    # 196,608 B in flight -> 24.576 GB/s, 393,216 B in 16.0 µs. 32.0 µs + 3 µs launch (FLOPs: 3.1 µs).
+    r = regime.Regime("byte-bound", 50e9, 8.0)
+    cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_stages=4)
+    assert regime.estimate_byte_bound_us([(50, 768, 768)], cfg, [1], 2, 8, 1, r) == pytest.approx(35.0)
+
+
 def test_byte_bound_pick_saturates_without_split_when_tiles_suffice():
     # ViT-B/32 out-proj at batch 1 in 8 SMs: the first candidate (64 x 128 tiles, 4 stages, no split) already has
     # 589,824 B in flight (12 programs): it reaches the stream floor, 26.593 µs; nothing models lower

@@ -13,6 +13,9 @@ Cost model, one launch (µs)::
     rate       = min(bandwidth, in_flight / latency)                  bytes/s the link delivers
     t          = T_LAUNCH + max(weight bytes / rate, FLOPs / (sms x SM_FLOP)) + split tail
 
+where the weight bytes count once per M tile, and a last wave of fewer than ``resident`` programs streams at its
+own, lower rate.
+
 The regime comes from the target (:func:`regime_for_target`): byte-bound for the Jetson modules (their DRAM
 bandwidth), latency-bound (the unchanged full-card model) for data-centre cards; the stand-in passes its own measured
 bandwidth. Tuned picks measured in the stand-in (benchmarks/standin.py --tune) override the model per GEMM shape
@@ -129,9 +132,17 @@ def estimate_byte_bound_us(dims, cfg: dict, splits, w_elt: int, sms: int, ctas: 
         weight_bytes += triton.cdiv(m, bm) * n * k * w_elt  # every M tile re-reads its weights
         flops += 2 * triton.cdiv(m, bm) * bm * n * k
     resident = min(programs, sms * max(1, ctas))
-    in_flight = resident * max(1, cfg["num_stages"] - 1) * bk * bn * w_elt
-    rate = min(regime.bandwidth, in_flight / (regime.latency_us * 1e-6))  # bytes/s
-    t = T_LAUNCH_US + max(weight_bytes / rate * 1e6, flops / (sms * SM_FLOP_PER_US))
+    per_program_in_flight = max(1, cfg["num_stages"] - 1) * bk * bn * w_elt
+
+    def rate(n):  # bytes/s the link delivers while n programs stream
+        return min(regime.bandwidth, n * per_program_in_flight / (regime.latency_us * 1e-6))
+
+    # full waves of `resident` programs, then a tail wave of the rest with fewer bytes in flight (programs taken as
+    # equal in bytes: the launch's mean)
+    waves, tail = divmod(programs, resident)
+    per_program = weight_bytes / programs
+    stream_s = waves * resident * per_program / rate(resident) + (tail * per_program / rate(tail) if tail else 0.0)
+    t = T_LAUNCH_US + max(stream_s * 1e6, flops / (sms * SM_FLOP_PER_US))
     if max_s > 1:
         t += T_SPLIT_US + T_SPLIT_EACH_US * (max_s - 1)
     return t
