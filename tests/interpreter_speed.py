@@ -45,9 +45,14 @@ def install() -> bool:
         finally:
             state.patched = outer
 
+    langs_of: dict = {}  # function -> ids of the triton.language modules its globals see (module globals don't move)
+
     def patch(fn):
         # what the interpreter patches for fn: the triton.language modules its globals see (tl, tl.core)
-        langs = {id(v) for v in fn.__globals__.values() if inspect.ismodule(v) and (v is tl or v is tl.core)}
+        langs = langs_of.get(fn)
+        if langs is None:
+            langs = langs_of[fn] = frozenset(id(v) for v in fn.__globals__.values()
+                                             if inspect.ismodule(v) and (v is tl or v is tl.core))
         patched = getattr(state, "patched", None)
         if patched is not None and langs and langs <= patched:
             return _NoScope()  # a helper inside a launch that has patched these modules already
