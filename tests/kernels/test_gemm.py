@@ -883,3 +883,16 @@ def test_tall_tiles_of_all_rows(gen):
                 _make(77, 32, 64, dt, residual="inplace", gen=gen)]
     g = _run(problems, dt, config={"BLOCK_M": 256, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3})
     assert g.config["BLOCK_M"] == 256
+
+
+def test_tall_tile_folded_layernorm(gen):
+    """A folded LayerNorm (row statistics over all of K in the program) in a 256-row tile, beside a plain problem."""
+    dt = torch.float16
+    ln, ref = _make_ln(196, 64, 96, dt, residual="sep", activation="gelu", gen=gen)
+    plain = _make(77, 32, 64, dt, bias=True, gen=gen)
+    refs = [ref] + _expected([plain])
+    g = GroupedLinear([ln, plain], config={"BLOCK_M": 256, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 8,
+                                           "num_stages": 3})
+    g()
+    assert g.config["BLOCK_M"] == 256
+    _check([ln, plain], refs, dt)

@@ -442,3 +442,11 @@ def test_gpu_mixed_and_partial_and_folded(dtype, gen):
                   split_k=4)()
     assert not torch.isnan(parts).any()
     assert _rel_err(parts.double().sum(0), p.x.double() @ _dq(p).double().T) <= TOL[dtype]
+
+
+def test_tall_tile_int8(gen):
+    """The byte-bound regime's tall tile (BLOCK_M 256) with int8 weights: 196 rows and 77 in one launch."""
+    dt = torch.float16
+    problems = [_make(196, 64, 96, dt, bias=True, activation="gelu", gen=gen), _make(77, 32, 64, dt, gen=gen)]
+    g = _run(problems, dt, config={"BLOCK_M": 256, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3})
+    assert g.config["BLOCK_M"] == 256 and g._plan.constexprs["ANY_WQ"]
