@@ -255,7 +255,7 @@ def _stage_shares(ex, ni, nt, spec, bandwidth, forward_ms):
     from dualfuse.shares import kind_bytes, measure_stage_shares
 
     text_len = spec.text.context_length if nt else None
-    runner = ex.runner(ni, nt, spec.text.context_length if nt else spec.text.context_length)
+    runner = ex.runner(ni, nt, spec.text.context_length)
     by_kind, launches = kind_bytes(spec, ni, nt, text_len, fold_ln=ex.fold_ln)
     return dict(kinds=measure_stage_shares(runner, bandwidth, iters=20),
                 forward=dict(ms=forward_ms, bytes_by_kind=by_kind, launches=launches))

@@ -107,9 +107,14 @@ def kind_bytes(spec, image_batch: int, text_batch: int, text_len: int | None = N
     return out, plan.num_launches
 
 
+def kind_ms(by_kind: dict, bandwidth: float, shares: BandwidthShares) -> dict:
+    """Per kind ``bytes / (bandwidth x share)`` in ms (bandwidth in bytes/s), before the scale."""
+    return {k: b / (bandwidth * shares.share(k)) * 1e3 for k, b in by_kind.items() if b}
+
+
 def predicted_ms(by_kind: dict, launches: int, bandwidth: float, shares: BandwidthShares, gap_us: float) -> float:
     """``sum_kind bytes / (bandwidth x share) + launches x gap`` in ms (bandwidth in bytes/s), before the scale."""
-    return sum(b / (bandwidth * shares.share(k)) * 1e3 for k, b in by_kind.items() if b) + launches * gap_us / 1e3
+    return sum(kind_ms(by_kind, bandwidth, shares).values()) + launches * gap_us / 1e3
 
 
 def forward_scale(forwards: list[dict], bandwidth: float, shares: BandwidthShares,
@@ -118,14 +123,13 @@ def forward_scale(forwards: list[dict], bandwidth: float, shares: BandwidthShare
     ``forwards``: dicts with ``ms`` (the fused forward's median), ``bytes_by_kind`` and ``launches``
     (:func:`kind_bytes` of that call shape)."""
     from .floors import LAUNCH_GAP_US
+    from .timing import percentile
 
     if not forwards:
         raise ValueError("forward_scale: expected at least one measured forward")
     gap = LAUNCH_GAP_US if gap_us is None else gap_us
-    ratios = sorted(f["ms"] / predicted_ms(f["bytes_by_kind"], f["launches"], bandwidth, shares, gap)
-                    for f in forwards)
-    n = len(ratios)
-    return ratios[n // 2] if n % 2 else (ratios[n // 2 - 1] + ratios[n // 2]) / 2
+    return percentile([f["ms"] / predicted_ms(f["bytes_by_kind"], f["launches"], bandwidth, shares, gap)
+                       for f in forwards], 50)
 
 
 def predict(spec, target, image_batch: int = 1, text_batch: int = 1, text_len: int | None = None, *,
@@ -139,7 +143,7 @@ def predict(spec, target, image_batch: int = 1, text_batch: int = 1, text_len: i
     gap = LAUNCH_GAP_US if launch_gap_us is None else launch_gap_us
     by_kind, launches = kind_bytes(spec, image_batch, text_batch, text_len, weights=weights,
                                    fold_ln=default_fold_ln(t))
-    ms = {k: b / (t.dram_bandwidth * shares.share(k)) * 1e3 * shares.scale for k, b in by_kind.items() if b}
+    ms = {k: v * shares.scale for k, v in kind_ms(by_kind, t.dram_bandwidth, shares).items()}
     total = predicted_ms(by_kind, launches, t.dram_bandwidth, shares, gap) * shares.scale
     return dict(target=t.name, weights=weights, predicted_ms=total, ms_by_kind=ms, launches=launches,
                 shares={k: shares.share(k) for k in KINDS}, scale=shares.scale, source=dict(shares.source),
