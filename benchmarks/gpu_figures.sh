@@ -9,8 +9,8 @@
 #   bash benchmarks/gpu_figures.sh P    # an older commit ($OLD) against this one: both commits' executors in one process
 #   bash benchmarks/gpu_figures.sh E    # edge regime: int8 weights (both widenings), 8 SMs and full card; the soak
 #   bash benchmarks/gpu_figures.sh S    # the real-time loop (full card, 8 SMs); LayerNorm folding on the sm_80 path
-#   bash benchmarks/gpu_figures.sh X    # the byte-bound stand-in (8, 16 SMs): probe, executors, int8, shares
-#   bash benchmarks/gpu_figures.sh X2   # the stand-in on the full card; more 16-SM cases; SigLIP's stream loop
+#   bash benchmarks/gpu_figures.sh X    # the byte-bound stand-in in 8 SMs: probe, every executor, int8 / fp8, A/B, shares
+#   bash benchmarks/gpu_figures.sh X2   # the stand-in in 16 SMs and on the full card; the stream loops (Orin Nano)
 #   bash benchmarks/gpu_figures.sh XT   # the stand-in's GEMM config sweep (8, 16 SMs), merged into the package tables
 #   bash benchmarks/gpu_figures.sh T    # single towers and the VLM vision tower: GPU tests, fused vs graph vs compile
 #   bash benchmarks/gpu_figures.sh Q    # corpus embedding: dualfuse embed vs a DataLoader baseline vs the model ceiling
@@ -86,19 +86,20 @@ elif [ "$PART" = S ]; then
   done
   step 100 python3 benchmarks/fused_variants.py --model clip-vit-b-32 --batch 1 --variants graph,fused-nopdl,fused-fold-nopdl,fused-notma-nopdl,fused-notma-nopdl-fold,fused,fused-fold --json "$R/variants-fold-b32-1.json"
 elif [ "$PART" = X ]; then
-  # 13. the byte-bound stand-in: every executor's weights host-mapped (read over PCIe), 8 SMs (Orin Nano / NX) with
-  #     every row, 16 SMs (AGX Orin) without compile; torchao's row needs its wheel on PYTHONPATH. Then the stream
-  #     loop for ViT-B/32 (fp16, int8). Part X2: the full card and SigLIP's stream loop.
-  step 330 python3 benchmarks/standin.py --sms 8 --out "$R/standin"
-  step 100 python3 benchmarks/standin.py --sms 16 --no-compile --cases "vit-b32 1+1,siglip-b16 1+1" --out "$R/standin"
-  for w in fp16 int8; do
-    step 40 python3 -m dualfuse.cli stream --model clip-vit-b-32 --synthetic 300 --weights $w --stand-in orin-nano --prompts "a dog,a cat,a car" --json "$R/stream-standin-clip-vit-b-32-$w.json"
-  done
+  # 13. the byte-bound stand-in: every executor's weights host-mapped (read over PCIe), 8 SMs (Orin Nano / NX), the
+  #     rows the targets compare (fused fp16 / int8 / fp8, the BLOCK_M 64 and LayerNorm-folding A/B rows, graph,
+  #     compile, eager, torchao int8 + compile: its wheel on PYTHONPATH), one process per case group so that each
+  #     fits its limit (the JSON is saved after every row). Part X2: 16 SMs, the full card, the stream loops.
+  step 200 python3 benchmarks/standin.py --sms 8 --rows targets --cases "vit-b32 img,vit-b32 1+1" --tag b32 --out "$R/standin"
+  step 170 python3 benchmarks/standin.py --sms 8 --rows targets --cases "siglip-b16 1+1" --tag siglip --out "$R/standin"
+  step 190 python3 benchmarks/standin.py --sms 8 --rows targets --cases "so400m img" --tag so400m --out "$R/standin"
 elif [ "$PART" = X2 ]; then
-  step 110 python3 benchmarks/standin.py --sms 0 --no-compile --out "$R/standin"
-  step 130 python3 benchmarks/standin.py --sms 16 --no-compile --cases "vit-b32 img,so400m img" --out "$R/standin-more"
-  for w in fp16 int8; do
-    step 40 python3 -m dualfuse.cli stream --model siglip-base-patch16-224 --synthetic 300 --weights $w --stand-in orin-nano --prompts "a dog,a cat,a car" --json "$R/stream-standin-siglip-base-patch16-224-$w.json"
+  step 200 python3 benchmarks/standin.py --sms 16 --no-compile --rows targets --out "$R/standin"
+  step 110 python3 benchmarks/standin.py --sms 0 --no-compile --rows targets --out "$R/standin"
+  for m in clip-vit-b-32 siglip-base-patch16-224; do
+    for w in fp16 int8; do
+      step 40 python3 -m dualfuse.cli stream --model $m --synthetic 300 --weights $w --stand-in orin-nano --prompts "a dog,a cat,a car" --json "$R/stream-standin-$m-$w.json"
+    done
   done
 elif [ "$PART" = XT ]; then
   # 14. the stand-in's GEMM configs: sweep at 8 and 16 SMs, then write kernels/gemm/standin_gemm.json and

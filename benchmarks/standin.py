@@ -23,7 +23,10 @@ In order, in one process:
     median / p90 ms over ``--calls`` timed calls (CUDA events, L2 flushed before each, 4 input sets rotated), weight
     bytes per call and the share of the stand-in floor (weight bytes / the probe's bandwidth, over the median).
 (3) shares of bandwidth per step kind (dualfuse.shares): the fused fp16 executor's stages timed one by one.
-The table is printed last; JSON goes to ``--out``/standin-sms{N}.json (shares to shares-sms{N}.json).
+The table is printed last; JSON goes to ``--out``/standin-sms{N}[-TAG].json (shares to shares-sms{N}[-TAG].json),
+rewritten after every case so that a run cut off by a time limit keeps the cases it finished. ``--rows`` keeps only the
+named rows (``targets``: the rows the speed targets compare), ``--tag`` names the files of a run that covers a
+subset, so that several runs of one SM count can sit in one folder.
 
 ``--tune``: for ViT-B/32's and SigLIP B/16's grouped GEMM launches at batch 1 (fp16 and int8 weights, host-mapped),
 every config of the byte-bound candidates (kernels/gemm/regime.py) timed with a cold L2; the best per launch shape is
@@ -117,7 +120,29 @@ def _row_specs(args, torch, case: str):
     out = [(n, e, kw, w, False) for n, e, kw, w in rows]
     if case == HOST_INPUTS_CASE and torch.cuda.is_available():
         out += [("fused fp16 [inputs host]", "fused", {}, "fp16", True), ("graph [inputs host]", "graph", {}, "fp16", True)]
+    if args.rows:
+        out = [r for r in out if r[0] in args.rows]
     return out
+
+
+# the rows the stand-in's speed targets compare (--rows targets)
+TARGET_ROWS = ("fused fp16", "fused int8", "fused fp8", "fused fp16 [BLOCK_M 64]", "fused nopdl fold",
+               "fused nopdl nofold", "graph", "compile", "eager", "torchao int8 compile")
+ALL_ROWS = TARGET_ROWS + ("fused fp16 [card picks]", "fused fp16 [attn 32x32]", "fused fp16 [attn 64x64]",
+                          "fused fp16 [attn 64x32]", "fused fp16 [inputs host]", "graph [inputs host]")
+
+
+def parse_rows(text: str | None) -> tuple[str, ...] | None:
+    """``--rows``: None (every row), ``targets``, or comma-separated row names; ValueError names the known ones."""
+    if not text:
+        return None
+    if text.strip() == "targets":
+        return TARGET_ROWS
+    rows = tuple(r.strip() for r in text.split(",") if r.strip())
+    bad = [r for r in rows if r not in ALL_ROWS]
+    if bad:
+        raise ValueError(f"unknown row(s) {bad}; expected 'targets' or names from {list(ALL_ROWS)}")
+    return rows
 
 
 @contextlib.contextmanager
@@ -166,7 +191,8 @@ def _build(torch, name, ex_name, kw, model, spec, dtype, device, stand_kw, place
     return ex
 
 
-def run_case(args, torch, case, preset, ni, nt, bandwidth, stand_kw, placement, device, dtype):
+def run_case(args, torch, case, preset, ni, nt, bandwidth, stand_kw, placement, device, dtype, checkpoint=None):
+    """Every row of one case; ``checkpoint(rows)`` after each row (the caller saves what is done)."""
     from dualfuse import presets, reference
     from dualfuse.adapters import to_spec
     from dualfuse.bench import call_towers, random_inputs
@@ -244,6 +270,8 @@ def run_case(args, torch, case, preset, ni, nt, bandwidth, stand_kw, placement, 
         if row["status"] == "ok" and not row["cosine_ok"]:
             msg += f"  PARITY FAILED (< {row['cosine_pass']})"
         print(f"  {case:15s} {name:26s} {msg}", flush=True)
+        if checkpoint is not None:
+            checkpoint(rows)
     _ratios(rows)
     print(f"  {case}: {time.perf_counter() - t0:.0f} s", flush=True)
     return rows, shares
@@ -259,6 +287,25 @@ def _stage_shares(ex, ni, nt, spec, bandwidth, forward_ms):
     by_kind, launches = kind_bytes(spec, ni, nt, text_len, fold_ln=ex.fold_ln)
     return dict(kinds=measure_stage_shares(runner, bandwidth, iters=20),
                 forward=dict(ms=forward_ms, bytes_by_kind=by_kind, launches=launches))
+
+
+def shares_from_stages(stage: dict, bandwidth: float, source: dict):
+    """BandwidthShares from the per-case stage timings (sum of floors / sum of times per kind, over every case), its
+    forward scale from the cases' whole forwards; None without cases."""
+    from dualfuse.shares import BandwidthShares, forward_scale
+
+    if not stage:
+        return None
+    tot = {}
+    for per in stage.values():
+        for k, v in per["kinds"].items():
+            b, ms = tot.get(k, (0.0, 0.0))
+            tot[k] = (b + v["bytes"], ms + v["ms"])
+    sh = BandwidthShares({k: b / bandwidth * 1e3 / ms for k, (b, ms) in tot.items() if ms > 0},
+                         dict(source, bandwidth_gbps=round(bandwidth / 1e9, 1), cases=list(stage)))
+    sh = dataclasses.replace(sh, scale=forward_scale([per["forward"] for per in stage.values()], bandwidth, sh))
+    sh.source["scale_from"] = [dict(case=c, measured_ms=round(per["forward"]["ms"], 3)) for c, per in stage.items()]
+    return sh
 
 
 def _ratios(rows):
@@ -343,8 +390,8 @@ def tune(args, torch, device, stand_kw, placement, sms):
 
 
 def merge(out_dir: str) -> int:
-    """tune-sms*.json -> kernels/gemm/standin_gemm.json; shares-sms8.json (else the fewest SMs measured) ->
-    dualfuse/standin_shares.json."""
+    """tune-sms*.json -> kernels/gemm/standin_gemm.json; the shares of every standin-sms8*.json (else the fewest SMs
+    measured) -> dualfuse/standin_shares.json."""
     src = HERE.parent / "src" / "dualfuse"
     configs, sources = {}, []
     for p in sorted(glob.glob(os.path.join(out_dir, "tune-sms*.json"))):
@@ -356,18 +403,25 @@ def merge(out_dir: str) -> int:
         with open(src / "kernels" / "gemm" / "standin_gemm.json", "w") as f:
             json.dump(dict(schema="dualfuse.standin-gemm/1", sources=sources, configs=configs), f, indent=1)
         print(f"{len(configs)} tuned configs -> {src / 'kernels' / 'gemm' / 'standin_gemm.json'}")
-    # the fewest SMs measured (8: Orin Nano / NX; else 16: AGX Orin), its SM count kept in the file's source
-    def sms_of(path):  # 0 is the full card: last
-        return int(os.path.basename(path)[len("shares-sms"):-len(".json")]) or 1 << 30
-
-    found = sorted(glob.glob(os.path.join(out_dir, "shares-sms*.json")), key=sms_of)
-    shares = found[0] if found else ""
-    if shares:
-        with open(shares) as f:
+    # the fewest SMs measured (8: Orin Nano / NX; else 16: AGX Orin; the full card last), every run of that count
+    # (tagged subsets included) joined: the shares are recomputed over all their cases
+    docs = []
+    for p in glob.glob(os.path.join(out_dir, "standin-sms*.json")):
+        with open(p) as f:
             doc = json.load(f)
+        if doc.get("stage_shares"):
+            docs.append(doc)
+    if docs:
+        fewest = min((d["sms"] or 1 << 30) for d in docs)
+        docs = [d for d in docs if (d["sms"] or 1 << 30) == fewest]
+        stage = {c: per for d in docs for c, per in d["stage_shares"].items()}
+        bandwidth = statistics.median(d["bandwidth_gbps"] for d in docs) * 1e9
+        env = docs[0]["env"]
+        sh = shares_from_stages(stage, bandwidth, dict(card=env["card"], sms=docs[0]["shares"]["source"]["sms"],
+                                                       date=env["date"], commit=env.get("commit")))
         with open(src / "standin_shares.json", "w") as f:
-            json.dump(doc, f, indent=1)
-        print(f"shares {doc['shares']} -> {src / 'standin_shares.json'}")
+            json.dump(sh.to_dict(), f, indent=1)
+        print(f"shares {sh.to_dict()['shares']} from {sorted(stage)} -> {src / 'standin_shares.json'}")
     return 0
 
 
@@ -399,6 +453,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sms", type=int, default=8, help="green context SMs (0 = the full card; default 8)")
     ap.add_argument("--out", default="out/standin", help="output folder (default out/standin)")
     ap.add_argument("--cases", default=None, help=f"comma-separated subset of: {', '.join(CASES)}")
+    ap.add_argument("--rows", default=None, help="'targets' or comma-separated row names (default: every row)")
+    ap.add_argument("--tag", default="", help="file name suffix for a run of a subset (standin-sms8-TAG.json)")
     ap.add_argument("--calls", type=int, default=50, help="timed calls per row (default 50)")
     ap.add_argument("--warmup", type=int, default=3, help="warm-up calls per row after the parity check")
     ap.add_argument("--probe-mib", type=int, default=256, help="probe buffer (default 256 MiB)")
@@ -408,6 +464,12 @@ def main(argv=None) -> int:
     ap.add_argument("--merge", metavar="DIR", help="write the package's tuned table and shares from DIR, then exit")
     ap.add_argument("--smoke", action="store_true", help="CPU: tiny model, interpreter, copy placement")
     args = ap.parse_args(argv)
+    try:
+        args.rows = parse_rows(args.rows)
+    except ValueError as e:
+        ap.error(str(e))
+    if args.tag and not args.tag.replace("-", "").replace("_", "").isalnum():
+        ap.error(f"--tag must be letters, digits, '-' or '_'; got {args.tag!r}")
     if args.merge:
         return merge(args.merge)
     green_info = None
@@ -453,33 +515,34 @@ def main(argv=None) -> int:
         if bad:
             ap.error(f"unknown case(s) {bad}; expected from {list(cases)}")
         cases = {c: cases[c] for c in wanted}
+    suffix = f"sms{args.sms}" + (f"-{args.tag}" if args.tag else "")
+    path = os.path.join(args.out, f"standin-{suffix}.json")
     rows, stage = [], {}
+
+    def save(case_rows=(), done=()):
+        """The run so far, rows of the case under way included: a run cut off by a time limit keeps them."""
+        doc = dict(schema="dualfuse.standin-run/1", sms=args.sms, green_context=green_info, env=env,
+                   bandwidth_gbps=bandwidth / 1e9, probe=probe_rows, rows=rows + list(case_rows), stage_shares=stage,
+                   cases_done=list(done), cases_asked=list(cases))
+        sh = shares_from_stages(stage, bandwidth, dict(card=env["card"], sms=sms, date=env["date"],
+                                                       commit=env.get("commit")))
+        if sh is not None:
+            doc["shares"] = sh.to_dict()
+            with open(os.path.join(args.out, f"shares-{suffix}.json"), "w") as f:
+                json.dump(sh.to_dict(), f, indent=1)
+        with open(path, "w") as f:
+            json.dump(doc, f, indent=1)
+        return doc
+
+    done = []
     for case, (preset, ni, nt) in cases.items():
         r, shares = run_case(args, torch, case, preset, ni, nt, bandwidth if cuda else None, stand_kw, placement,
-                             device, dtype)
+                             device, dtype, checkpoint=lambda case_rows: save(case_rows, done))
         rows += r
+        done.append(case)
         if shares:
             stage[case] = shares
-    doc = dict(schema="dualfuse.standin-run/1", sms=args.sms, green_context=green_info, env=env,
-               bandwidth_gbps=bandwidth / 1e9, probe=probe_rows, rows=rows, stage_shares=stage)
-    if stage:  # per kind over every case: sum of floors / sum of times
-        tot = {}
-        for per in stage.values():
-            for k, v in per["kinds"].items():
-                b, ms = tot.get(k, (0.0, 0.0))
-                tot[k] = (b + v["bytes"], ms + v["ms"])
-        from dualfuse.shares import BandwidthShares, forward_scale
-        sh = BandwidthShares({k: b / bandwidth * 1e3 / ms for k, (b, ms) in tot.items() if ms > 0},
-                             dict(card=env["card"], sms=sms, bandwidth_gbps=round(bandwidth / 1e9, 1),
-                                  date=env["date"], commit=env.get("commit"), cases=list(stage)))
-        sh = dataclasses.replace(sh, scale=forward_scale([per["forward"] for per in stage.values()], bandwidth, sh))
-        sh.source["scale_from"] = [dict(case=c, measured_ms=round(per["forward"]["ms"], 3)) for c, per in stage.items()]
-        doc["shares"] = sh.to_dict()
-        with open(os.path.join(args.out, f"shares-sms{args.sms}.json"), "w") as f:
-            json.dump(sh.to_dict(), f, indent=1)
-    path = os.path.join(args.out, f"standin-sms{args.sms}.json")
-    with open(path, "w") as f:
-        json.dump(doc, f, indent=1)
+        doc = save(done=done)
     print_table(doc)
     print(f"results: {path}")
     bad = [r for r in rows if r["status"] == "ok" and not r["cosine_ok"]]
