@@ -389,10 +389,10 @@ def tune(args, torch, device, stand_kw, placement, sms):
     return best, measured
 
 
-def merge(out_dir: str) -> int:
+def merge(out_dir: str, package_dir: str | os.PathLike | None = None) -> int:
     """tune-sms*.json -> kernels/gemm/standin_gemm.json; the shares of every standin-sms8*.json (else the fewest SMs
     measured) -> dualfuse/standin_shares.json."""
-    src = HERE.parent / "src" / "dualfuse"
+    src = Path(package_dir) if package_dir else HERE.parent / "src" / "dualfuse"
     configs, sources = {}, []
     for p in sorted(glob.glob(os.path.join(out_dir, "tune-sms*.json"))):
         with open(p) as f:
@@ -400,6 +400,7 @@ def merge(out_dir: str) -> int:
         configs.update(doc["configs"])
         sources.append(doc["source"])
     if configs:
+        (src / "kernels" / "gemm").mkdir(parents=True, exist_ok=True)
         with open(src / "kernels" / "gemm" / "standin_gemm.json", "w") as f:
             json.dump(dict(schema="dualfuse.standin-gemm/1", sources=sources, configs=configs), f, indent=1)
         print(f"{len(configs)} tuned configs -> {src / 'kernels' / 'gemm' / 'standin_gemm.json'}")
@@ -419,6 +420,7 @@ def merge(out_dir: str) -> int:
         env = docs[0]["env"]
         sh = shares_from_stages(stage, bandwidth, dict(card=env["card"], sms=docs[0]["shares"]["source"]["sms"],
                                                        date=env["date"], commit=env.get("commit")))
+        src.mkdir(parents=True, exist_ok=True)
         with open(src / "standin_shares.json", "w") as f:
             json.dump(sh.to_dict(), f, indent=1)
         print(f"shares {sh.to_dict()['shares']} from {sorted(stage)} -> {src / 'standin_shares.json'}")

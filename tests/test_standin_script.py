@@ -1,0 +1,51 @@
+"""benchmarks/standin.py's own logic that runs without a GPU: the --rows filter and its errors, and --merge joining
+the tagged runs of the fewest SMs into one shares file (the stand-in runs themselves are GPU runs)."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def script():
+    spec = importlib.util.spec_from_file_location("standin_script", ROOT / "benchmarks" / "standin.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_rows_filter(script):
+    assert script.parse_rows(None) is None
+    assert script.parse_rows("targets") == script.TARGET_ROWS
+    assert script.parse_rows(" graph , fused int8 ") == ("graph", "fused int8")
+    with pytest.raises(ValueError, match=r"unknown row\(s\) \['grph'\]; expected 'targets'"):
+        script.parse_rows("graph,grph")
+
+
+def _stage(gemm_bytes, gemm_ms, forward_ms):
+    return dict(kinds={"gemm": dict(bytes=gemm_bytes, ms=gemm_ms, share=0.0)},
+                forward=dict(ms=forward_ms, bytes_by_kind={"gemm": gemm_bytes}, launches=10))
+
+
+def _doc(sms, stage, gbps=50.0):
+    return dict(sms=sms, bandwidth_gbps=gbps, stage_shares=stage,
+                env=dict(card="card", date="2026-12-08", commit="abc"),
+                shares=dict(source=dict(sms=sms or 132)))
+
+
+def test_merge_joins_tagged_runs_of_the_fewest_sms(script, tmp_path):
+    out, pkg = tmp_path / "runs", tmp_path / "pkg"
+    out.mkdir()
+    # two 8-SM runs of different cases (tags), one 16-SM run that must not count; 50 GB/s: 1e8 bytes take 2 ms
+    (out / "standin-sms8-b32.json").write_text(json.dumps(_doc(8, {"b32": _stage(1e8, 4.0, 5.0)})))
+    (out / "standin-sms8-siglip.json").write_text(json.dumps(_doc(8, {"siglip": _stage(3e8, 8.0, 9.0)})))
+    (out / "standin-sms16.json").write_text(json.dumps(_doc(16, {"b32": _stage(1e8, 2.0, 2.5)})))
+    assert script.merge(str(out), pkg) == 0
+    got = json.loads((pkg / "standin_shares.json").read_text())
+    # sum of floors / sum of times over both 8-SM cases: (2 + 6) ms / (4 + 8) ms
+    assert got["shares"]["gemm"] == pytest.approx(8 / 12)
+    assert got["source"]["sms"] == 8 and sorted(got["source"]["cases"]) == ["b32", "siglip"]
+    assert {c["case"] for c in got["source"]["scale_from"]} == {"b32", "siglip"}
