@@ -12,7 +12,8 @@
 #   bash benchmarks/gpu_figures.sh X    # the byte-bound stand-in in 8 SMs: probe, every executor, int8 / fp8, A/B, shares
 #   bash benchmarks/gpu_figures.sh X2   # the stand-in in 16 SMs and on the full card; the stream loops (Orin Nano)
 #   bash benchmarks/gpu_figures.sh XT   # the stand-in's GEMM config sweep (8, 16 SMs), merged into the package tables
-#   bash benchmarks/gpu_figures.sh T    # single towers and the VLM vision tower: GPU tests, fused vs graph vs compile
+#   bash benchmarks/gpu_figures.sh T    # single towers and the VLM vision tower: fused vs graph vs compile; stand-in, 8 SMs
+#   bash benchmarks/gpu_figures.sh T2   # single towers: the GPU tests
 #   bash benchmarks/gpu_figures.sh Q    # corpus embedding: dualfuse embed vs a DataLoader baseline vs the model ceiling
 #   bash benchmarks/gpu_figures.sh N    # never slower: models x shapes vs every stock executor (MODELS=b32,... per call)
 # JSON and logs are written to /tmp/dualfuse-results and packed into ${OUT:-out}/results-<part>.tar.gz after every
@@ -107,12 +108,15 @@ elif [ "$PART" = XT ]; then
   for sms in 8 16; do step 200 python3 benchmarks/standin.py --sms $sms --tune --out "$R/standin"; done
   step 30 python3 benchmarks/standin.py --merge "$R/standin"
 elif [ "$PART" = T ]; then
-  # 15. single towers: the GPU tests (hidden-state copies inside the graph), then the image towers at batch 1
-  #     (LLaVA-1.5's L/14-336 hidden_states[-2], so400m patch tokens, SigLIP B/16 pooled, B/32 with projection,
-  #     a LLaVA-1.5-shaped VLM's vision part) fused vs graph vs compile; then in 8 SMs
-  step 90 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_towers.py
+  # 15. single towers: the image towers at batch 1 (LLaVA-1.5's L/14-336 hidden_states[-2], so400m patch tokens,
+  #     SigLIP B/16 pooled, B/32 with projection, a LLaVA-1.5-shaped VLM's vision part) fused vs graph vs compile;
+  #     then in the byte-bound stand-in (Orin Nano: 8 SMs, weights host-mapped) and in 8 SMs of HBM. Part T2: the GPU
+  #     tests of tests/test_towers.py (hidden-state copies inside the graph)
   step 240 python3 benchmarks/towers.py --out "$R/towers" --iters 50
+  step 160 python3 benchmarks/towers.py --stand-in orin-nano --no-compile --out "$R/towers" --iters 30
   step 150 python3 benchmarks/towers.py --sms 8 --no-compile --out "$R/towers" --iters 30
+elif [ "$PART" = T2 ]; then
+  step 90 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_towers.py
 elif [ "$PART" = Q ]; then
   # 16. corpus embedding, one GPU: dualfuse embed (CPU and nvJPEG decode), a clip-retrieval-style DataLoader
   #     baseline (HF model, fp16, batch 256), the fused model on frames already decoded; 10,000 generated JPEGs
@@ -122,6 +126,6 @@ elif [ "$PART" = N ]; then
   #     one model group per call (MODELS=b32,siglip-b16 / l14 / so400m / h14 / bigg14)
   step 560 python3 benchmarks/never_slower.py --models ${MODELS:-b32,siglip-b16} --shapes ${SHAPES:-all} --out "$R/never-slower"
 else
-  echo "unknown part '$PART': expected A, B, C, D, E, S, M, P, X, X2, XT, T, Q or N" >&2; exit 2
+  echo "unknown part '$PART': expected A, B, C, D, E, S, M, P, X, X2, XT, T, T2, Q or N" >&2; exit 2
 fi
 echo "=== done $(date +%T)"

@@ -4,6 +4,8 @@ the fused tower.
 
     python benchmarks/towers.py --out benchmarks/results/<card>-<date>/towers/
     python benchmarks/towers.py --sms 8 --out ...        # inside an 8-SM green context (dualfuse.green)
+    python benchmarks/towers.py --stand-in orin-nano ... # the byte-bound stand-in (dualfuse.standin): 8 SMs and
+                                                         # every variant's weights host-mapped, read over PCIe
 
 Cases (random weights of the published architectures, dualfuse.presets):
 - clip-l14-336-llava: CLIP ViT-L/14-336 as LLaVA-1.5 reads it: ``hidden_states[-2]`` (fused with
@@ -20,7 +22,10 @@ Variants per case: ``graph`` (the source tower's call captured in one CUDA graph
 mode reduce-overhead, of the same call), ``fused`` (dualfuse.fuse(tower, ...)); the VLM case: ``eager`` and
 ``graph`` of the unfused vision part, ``fused`` (the fused tower swapped in, projector eager). Correctness first:
 each variant's output against the fp32 source (lowest cosine over output rows); then timing (CUDA events, median
-of --iters calls); a table; JSON to --out.
+of --iters calls); a table; JSON to --out. In the stand-in every variant reads the same tower's weights from
+host-mapped memory (the fused tower's packed weights; the source tower's parameters, and LLaVA's projector, for
+graph, compile and eager), the fused tower takes the stand-in's GEMM configs, and each row prints its share of the
+stand-in floor (the source tower's fp16 weight bytes / the measured host-mapped bandwidth).
 """
 from __future__ import annotations
 
@@ -118,7 +123,17 @@ def time_ms(fn, px, iters: int) -> float:
     return stats(time_calls(lambda i: fn(px), iters, px.device))["median_ms"]
 
 
-def run_case(name, args, device) -> dict:
+def _place(module, stand) -> int:
+    """In the stand-in: the module's parameters and buffers into host-mapped memory (bytes moved); else nothing."""
+    if stand is None:
+        return 0
+    from dualfuse.hostmem import place_module_params
+
+    return place_module_params(module, "host")
+
+
+def run_case(name, args, device, stand=None) -> dict:
+    """One case; ``stand``: the stand-in's StandInInfo (weights host-mapped, its GEMM configs) or None."""
     import dualfuse
 
     t0 = time.time()
@@ -132,6 +147,12 @@ def run_case(name, args, device) -> dict:
                                                vision_feature_select_strategy="default").pooler_output[0]
         vlm = vlm.half()
         pxh = px.half()
+        fused_vlm = copy.deepcopy(vlm)  # before placing: its tower is fused, its projector placed below
+        weight_bytes = sum(p.numel() * p.element_size() for m in (vlm.model.vision_tower,
+                                                                 vlm.model.multi_modal_projector)
+                           for p in m.parameters())
+        _place(vlm.model.vision_tower, stand)
+        _place(vlm.model.multi_modal_projector, stand)
 
         def vision_part(x, m=vlm):
             return m.model.get_image_features(x, vision_feature_layer=-2,
@@ -148,6 +169,9 @@ def run_case(name, args, device) -> dict:
             ref = read(src(px, **call_kw))
         src = src.half()
         pxh = px.half()
+        weight_bytes = sum(p.numel() * p.element_size() for p in src.parameters())
+        fused_src = src if stand is None else copy.deepcopy(src)  # fused from device weights, then placed
+        _place(src, stand)
 
         def vision_part(x, m=src):
             return read(m(x, **call_kw))
@@ -165,12 +189,24 @@ def run_case(name, args, device) -> dict:
                 calls[v] = graph_of(vision_part, pxh)
             elif v == "compile":
                 calls[v] = compiled_of(vision_part)
-        if name == "llava-1.5-vision":  # a copy of the VLM with the one-line swap
-            fused_vlm = copy.deepcopy(vlm)
-            fused_vlm.model.vision_tower = dualfuse.fuse(fused_vlm.model.vision_tower, hidden_states=(-2,))
+        stand_kw = {}
+        if stand is not None:
+            from dualfuse import standin
+            from dualfuse.hostmem import place_executor
+
+            stand_kw = {"config": standin.fused_config(stand.config, stand)}
+        if name == "llava-1.5-vision":  # the copy of the VLM with the one-line swap
+            fused_vlm.model.vision_tower = dualfuse.fuse(fused_vlm.model.vision_tower, hidden_states=(-2,),
+                                                         **stand_kw)
+            if stand is not None:
+                place_executor(fused_vlm.model.vision_tower.executor, "host")
+                _place(fused_vlm.model.multi_modal_projector, stand)
             calls["fused"] = lambda x: vision_part(x, fused_vlm)
         else:
-            fused = dualfuse.fuse(src, **fuse_kw)
+            fused = dualfuse.fuse(fused_src, **fuse_kw, **stand_kw)
+            if stand is not None:
+                place_executor(fused.executor, "host")
+            del fused_src
             calls["fused"] = lambda x: read(fused(x, **call_kw))
         for v, fn in calls.items():
             out = fn(pxh)
@@ -179,8 +215,11 @@ def run_case(name, args, device) -> dict:
         for v, fn in calls.items():
             rec["variants"][v]["median_ms"] = time_ms(fn, pxh, args.iters)
     base = rec["variants"].get("graph", {}).get("median_ms")
+    rec["weight_bytes"] = weight_bytes
     for v in rec["variants"].values():
         v["vs_graph"] = v["median_ms"] / base if base else None
+        if stand is not None:
+            v["floor_share"] = stand.share(weight_bytes, v["median_ms"])
     if name in TARGETS:
         rec["target_vs_graph"] = TARGETS[name]
         rec["meets_target"] = bool(rec["variants"]["fused"]["vs_graph"] <= TARGETS[name])
@@ -195,14 +234,30 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=100)
     p.add_argument("--sms", type=int, default=None, help="run inside a green context of N SMs (e.g. 8)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows (the slowest to build)")
+    p.add_argument("--stand-in", default=None, metavar="TARGET",
+                   help="the byte-bound stand-in of a Jetson target (orin-nano, orin-nx, agx-orin, ...): its SMs "
+                        "in a green context, every variant's weights host-mapped")
     args = p.parse_args(argv)
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     bad = [c for c in cases if c not in CASES]
     if bad:
         print(f"towers.py: error: unknown case(s) {bad}; known: {', '.join(CASES)}", file=sys.stderr)
         return 2
-    green = None
-    if args.sms is not None:
+    green, stand = None, None
+    if args.stand_in is not None and args.sms is not None:
+        print("towers.py: error: --stand-in sets its own SM count: drop --sms", file=sys.stderr)
+        return 2
+    if args.stand_in is not None:
+        from dualfuse import standin
+
+        try:
+            cfg = standin.StandInConfig(args.stand_in)
+            green = standin.enter(cfg)  # before anything else touches CUDA
+        except standin.StandInError as e:
+            print(f"towers.py: error: {e}", file=sys.stderr)
+            return 2
+        args.sms = cfg.sms
+    elif args.sms is not None:
         from dualfuse import green as G
 
         green = G.enter(args.sms)  # before anything else touches CUDA
@@ -213,18 +268,24 @@ def main(argv=None) -> int:
     from dualfuse.environment import environment
 
     result = {"environment": environment(device), "green_context": green, "iters": args.iters, "cases": []}
+    if args.stand_in is not None:
+        stand = standin.measure(cfg, green)
+        result["stand_in"] = stand.to_dict()
+        for line in stand.lines():
+            print(line, flush=True)
     for name in cases:
         print(f"=== {name}", flush=True)
         try:
-            rec = run_case(name, args, device)
+            rec = run_case(name, args, device, stand)
         except Exception as e:  # noqa: BLE001 - one failing case must not stop the others
             rec = {"case": name, "error": f"{type(e).__name__}: {e}"}
             print(f"    error: {rec['error']}", flush=True)
         result["cases"].append(rec)
         torch.cuda.empty_cache()
     card = result["environment"].get("card") or torch.cuda.get_device_name()
-    print(f"\nimage towers, batch 1, fp16, {card}" + (f", {args.sms} SMs (green context)" if args.sms else ""))
-    print(f"{'case':<26} {'variant':<8} {'median ms':>10} {'vs graph':>9} {'min cos':>9}  target")
+    print(f"\nimage towers, batch 1, fp16, {card}" + (f", {args.sms} SMs (green context)" if args.sms else "")
+          + (f", stand-in {args.stand_in} (weights host-mapped, {stand.gbps:.1f} GB/s)" if stand else ""))
+    print(f"{'case':<26} {'variant':<8} {'median ms':>10} {'vs graph':>9} {'min cos':>9} {'floor':>6}  target")
     for rec in result["cases"]:
         if "error" in rec:
             print(f"{rec['case']:<26} ERROR {rec['error'][:80]}")
@@ -234,10 +295,12 @@ def main(argv=None) -> int:
             if v == "fused" and "target_vs_graph" in rec:
                 tgt = f"<= {rec['target_vs_graph']:.1f}x: {'met' if rec['meets_target'] else 'MISSED'}"
             vs = f"{r['vs_graph']:.2f}x" if r.get("vs_graph") else ""
-            print(f"{rec['case']:<26} {v:<8} {r['median_ms']:>10.3f} {vs:>9} {r['min_cosine']:>9.5f}"
+            share = f"{r['floor_share']:.0%}" if r.get("floor_share") else ""
+            print(f"{rec['case']:<26} {v:<8} {r['median_ms']:>10.3f} {vs:>9} {r['min_cosine']:>9.5f} {share:>6}"
                   f"{'' if r['ok'] else ' BAD'}  {tgt}")
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"towers{'-sms%d' % args.sms if args.sms else ''}.json")
+    tag = f"-standin-{args.stand_in}" if args.stand_in else (f"-sms{args.sms}" if args.sms else "")
+    path = os.path.join(args.out, f"towers{tag}.json")
     with open(path, "w") as f:
         json.dump(result, f, indent=1, default=str)
     print(f"wrote {path}")
