@@ -1,5 +1,5 @@
 """benchmarks/standin.py's own logic that runs without a GPU: the --rows filter and its errors, and --merge joining
-the tagged runs of the fewest SMs into one shares file (the stand-in runs themselves are GPU runs)."""
+the tagged runs of the fewest SMs into one shares file (the stand-in runs themselves are GPU runs); towers.py --stand-in errors."""
 import importlib.util
 import json
 from pathlib import Path
@@ -49,3 +49,14 @@ def test_merge_joins_tagged_runs_of_the_fewest_sms(script, tmp_path):
     assert got["shares"]["gemm"] == pytest.approx(8 / 12)
     assert got["source"]["sms"] == 8 and sorted(got["source"]["cases"]) == ["b32", "siglip"]
     assert {c["case"] for c in got["source"]["scale_from"]} == {"b32", "siglip"}
+
+
+def test_towers_stand_in_errors(capsys):
+    """benchmarks/towers.py --stand-in: an unknown target, and --sms beside it, exit 2 with a message."""
+    spec = importlib.util.spec_from_file_location("towers_script", ROOT / "benchmarks" / "towers.py")
+    towers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(towers)
+    assert towers.main(["--stand-in", "tx2"]) == 2
+    assert "unknown target 'tx2'" in capsys.readouterr().err
+    assert towers.main(["--stand-in", "orin-nano", "--sms", "8"]) == 2
+    assert "drop --sms" in capsys.readouterr().err
