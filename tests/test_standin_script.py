@@ -1,5 +1,6 @@
-"""benchmarks/standin.py's own logic that runs without a GPU: the --rows filter and its errors, and --merge joining
-the tagged runs of the fewest SMs into one shares file (the stand-in runs themselves are GPU runs); towers.py --stand-in errors."""
+"""The stand-in scripts' logic that runs without a GPU (the runs themselves are GPU runs): benchmarks/standin.py's
+--rows filter and its errors, --merge joining the tagged runs of the fewest SMs into one shares file, and
+benchmarks/towers.py's --stand-in errors."""
 import importlib.util
 import json
 from pathlib import Path
