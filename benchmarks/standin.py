@@ -18,7 +18,8 @@ In order, in one process:
 (2) cases (ViT-B/32 image-only B=1 and 1+1, SigLIP B/16 1+1, SigLIP so400m/14-384 image-only B=1), rows: fused fp16,
     int8, fp8 (sm_89+), graph, compile (reduce-overhead), eager, torchao int8 + compile; A/B rows for the GEMM configs
     (the full card's picks; the byte-bound model without its tall tiles, BLOCK_M 64), for the LayerNorm
-    folding default on the no-PDL path (pdl=False, fold_ln True vs False); ViT-B/32 1+1 also with the inputs in host
+    folding default on the no-PDL path (every fused row runs without PDL, as on an Orin, so folded by default;
+    ``[no fold]`` turns it off, ``[PDL]`` is the big card's own path); ViT-B/32 1+1 also with the inputs in host
     memory. Each row: parity (min per-embedding cosine vs the fp32 reference forward, every input set), then
     median / p90 ms over ``--calls`` timed calls (CUDA events, L2 flushed before each, 4 input sets rotated), weight
     bytes per call and the share of the stand-in floor (weight bytes / the probe's bandwidth, over the median).
@@ -105,8 +106,10 @@ def _row_specs(args, torch, case: str):
             ("fused fp16 [BLOCK_M 64]", "fused", {"_standin_gemm": {"BLOCK_M": 64}}, "fp16")]
     if cap >= (8, 9):
         rows.append(("fused fp8", "fused", {"weights": "fp8"}, "fp8"))
-    rows += [("fused nopdl fold", "fused", {"pdl": False, "fold_ln": True}, "fp16"),
-             ("fused nopdl nofold", "fused", {"pdl": False, "fold_ln": False}, "fp16")]
+    # the LayerNorm-folding default on the no-PDL path (every row runs without PDL, as an Orin does, so folded by
+    # default), and the big card's own path (PDL on, so not folded) for reference
+    rows += [("fused fp16 [no fold]", "fused", {"fold_ln": False}, "fp16"),
+             ("fused fp16 [PDL]", "fused", {"pdl": True}, "fp16")]
     # attention blocks A/B (the default picks by programs per SM: 64 x 64 or 64 x 32, kernels/attention.py)
     rows += [(f"fused fp16 [attn {bm}x{bn}]", "fused", {"_attention": (bm, bn)}, "fp16")
              for bm, bn in ((32, 32), (64, 64), (64, 32))]
@@ -126,8 +129,8 @@ def _row_specs(args, torch, case: str):
 
 
 # the rows the stand-in's speed targets compare (--rows targets)
-TARGET_ROWS = ("fused fp16", "fused int8", "fused fp8", "fused fp16 [BLOCK_M 64]", "fused nopdl fold",
-               "fused nopdl nofold", "graph", "compile", "eager", "torchao int8 compile")
+TARGET_ROWS = ("fused fp16", "fused int8", "fused fp8", "fused fp16 [BLOCK_M 64]", "fused fp16 [no fold]",
+               "fused fp16 [PDL]", "graph", "compile", "eager", "torchao int8 compile")
 ALL_ROWS = TARGET_ROWS + ("fused fp16 [card picks]", "fused fp16 [attn 32x32]", "fused fp16 [attn 64x64]",
                           "fused fp16 [attn 64x32]", "fused fp16 [inputs host]", "graph [inputs host]")
 
@@ -185,7 +188,8 @@ def _build(torch, name, ex_name, kw, model, spec, dtype, device, stand_kw, place
     if over is not None:
         kw = {k: v for k, v in kw.items() if k != "_standin_gemm"}
         kw["gemm_config"] = {**stand_kw["gemm_config"], **over}
-    extra = dict(stand_kw) if ex_name == "fused" and "gemm_config" not in kw else {}
+    # the stand-in's options (GEMM configs, no PDL) where the row does not set its own
+    extra = {k: v for k, v in stand_kw.items() if k not in kw} if ex_name == "fused" else {}
     ex = executors.get(ex_name, model, dtype=dtype, device=device, spec=spec, **{**kw, **extra})
     place_executor(ex, placement)
     return ex
@@ -227,6 +231,8 @@ def run_case(args, torch, case, preset, ni, nt, bandwidth, stand_kw, placement, 
             tb = time.perf_counter()
             ex = _build(torch, name, ex_name, kw, model, spec, dtype, device, stand_kw, placement)
             row["notes"] = getattr(ex, "notes", "")
+            if hasattr(ex, "fold_ln"):  # the fused executor's path as it runs (PDL, folding), its options in full
+                row.update(pdl=ex.pdl, fold_ln=ex.fold_ln, config=ex.config.to_dict())
             if getattr(ex, "fallback", None) is not None:
                 row["notes"] = f"FALLBACK: {ex.notes}"
             row["weight_bytes"] = int(weight_bytes(spec, fmt, dtype, towers)["total"])
@@ -500,8 +506,10 @@ def main(argv=None) -> int:
     probe_rows = probe(args, torch) if cuda else []
     bandwidth = next((p["gbps"] * 1e9 for p in probe_rows if p["reader"] == "triton" and p["memory"] == "host"), 50e9)
     # every SM count streams its weights over the link: the byte-bound GEMM model at the measured bandwidth
+    # and launches without PDL, as on an Orin (sm_87): the fused executor then folds its LayerNorms (its no-PDL
+    # default), the path the target runs (dualfuse.standin.fused_config does the same for bench / stream / profile)
     stand_kw = {"gemm_config": {"tma": False, "num_sms": sms,
-                                "regime": regime_for_target("orin-nano", bandwidth=bandwidth)}}
+                                "regime": regime_for_target("orin-nano", bandwidth=bandwidth)}, "pdl": False}
     if args.tune:
         best, measured = tune(args, torch, device, stand_kw, placement, sms)
         path = os.path.join(args.out, f"tune-sms{args.sms}.json")

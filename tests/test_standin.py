@@ -4,6 +4,8 @@ pretend card) — and the share-of-floor arithmetic."""
 import pytest
 import torch
 
+import dualfuse
+
 from dualfuse import FusedConfig, GemmConfig, standin
 from dualfuse.cli import main
 
@@ -90,6 +92,16 @@ def test_executor_kwargs_turn_tma_off_and_pick_the_byte_bound_regime():
     assert cfg.weights == "int8" and cfg.gemm.BLOCK_K == 64 and cfg.gemm.tma is False and cfg.gemm.num_sms == 8
     d = cfg.to_dict()["gemm"]  # JSON-ready: the regime as its fields
     assert d["regime"] == {"name": "byte-bound", "bandwidth": 49e9, "latency_us": gemm.regime.latency_us}
+
+
+def test_stand_in_runs_without_pdl_so_layernorms_fold():
+    """Every Orin is sm_87: no PDL. The stand-in turns PDL off even on a card that has it, so the fused executor takes
+    its no-PDL default (LayerNorms folded into the GEMMs they feed), the path the target runs."""
+    info = standin.StandInInfo(standin.StandInConfig("agx-orin"), 50e9)
+    cfg = standin.fused_config(info.config, info, FusedConfig(pdl=True))
+    assert cfg.pdl is False and cfg.fold_ln is None  # fold_ln left to the executor's auto choice
+    ex = dualfuse.executors.get("fused", dualfuse.load("clip-tiny"), dtype=torch.float32, device="cpu", config=cfg)
+    assert ex.pdl is False and ex.fold_ln is True
 
 
 def test_row_weight_bytes_int8_about_half():

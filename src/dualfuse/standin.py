@@ -11,6 +11,10 @@ What it is not (:data:`IS_NOT`, printed with every result): PCIe latency is high
 every intermediate tensor) stay in the card's HBM unless moved; the SM count is limited by a green context, while
 clocks, L2 size and shared memory stay those of the big card.
 
+The fused executor runs the target's path (:func:`fused_config`): pointer loads instead of tensor descriptors (no
+TMA: host memory, and an Orin has none), launches without PDL (sm_87 has none) and so LayerNorms folded into the
+GEMMs they feed, and GEMM configs picked for the byte-bound regime.
+
 Each row's share of the stand-in floor is ``weight bytes / measured bandwidth`` over its median time.
 """
 from __future__ import annotations
@@ -172,11 +176,20 @@ def gemm_overrides(cfg: StandInConfig, info: StandInInfo | None = None) -> dict:
     return {**NO_TMA, "regime": reg, "num_sms": cfg.sms}
 
 
+def launch_overrides(cfg: StandInConfig) -> dict:
+    """FusedConfig fields the target's launches lack: PDL on a target without it (every Jetson Orin: sm_87). The
+    fused executor then folds LayerNorms into the GEMMs they feed, its default where launches run without PDL, so
+    the stand-in runs the target's own path."""
+    return {} if cfg.spec.pdl else {"pdl": False}
+
+
 def fused_config(cfg: StandInConfig, info: StandInInfo | None = None,
                  base: FusedConfig | None = None) -> FusedConfig:
-    """``base`` (default FusedConfig()) with the stand-in's GEMM overrides (:func:`gemm_overrides`) over its own."""
+    """``base`` (default FusedConfig()) run as on the target: the stand-in's GEMM overrides (:func:`gemm_overrides`)
+    over its own, and no PDL where the target has none (:func:`launch_overrides`)."""
     base = base or FusedConfig()
-    return base.with_overrides(gemm=dataclasses.replace(base.gemm, **gemm_overrides(cfg, info)))
+    return base.with_overrides(gemm=dataclasses.replace(base.gemm, **gemm_overrides(cfg, info)),
+                               **launch_overrides(cfg))
 
 
 def executor_kwargs(name: str, cfg: StandInConfig, info: StandInInfo | None = None,
