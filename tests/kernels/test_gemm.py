@@ -896,3 +896,38 @@ def test_tall_tile_folded_layernorm(gen):
     g()
     assert g.config["BLOCK_M"] == 256
     _check([ln, plain], refs, dt)
+
+
+def test_tall_tiles_statistics_from_the_producer(gen):
+    """The stand-in's no-PDL path with tall tiles: a 256-row producer (h += a @ Wo.T in place) leaves per-part row
+    statistics and a 256-row consumer's folded LayerNorm merges them, 196 rows and 77 in each launch."""
+    from dualfuse.kernels.gemm import fold_layernorm, row_stats_buffer
+
+    dt = torch.float16
+    tall = {"BLOCK_M": 256, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3}
+    prods, cons = [], []
+    for M, D, Ka in [(196, 64, 48), (77, 96, 40)]:
+        a = torch.randn(M, Ka, generator=gen).to(DEV, dt)
+        wo = (torch.randn(D, Ka, generator=gen) / Ka**0.5).to(DEV, dt)
+        h = (torch.randn(M, D, generator=gen) * 2 + 3).to(DEV, dt)
+        stats = row_stats_buffer(M, D, DEV)
+        prods.append(LinearProblem(a, wo, h, residual=h, row_stats_out=stats))
+        cons.append((h, stats, D))
+    g_prod = GroupedLinear(prods, config=tall)
+    g_prod()
+    assert g_prod.config["BLOCK_M"] == 256
+    problems, refs = [], []
+    for h, stats, D in cons:
+        w = (torch.randn(48, D, generator=gen) / D**0.5).to(DEV, dt)
+        b = torch.randn(48, generator=gen).to(DEV, dt)
+        gam = (1 + 0.5 * torch.randn(D, generator=gen)).to(DEV, dt)
+        bet = (0.5 * torch.randn(D, generator=gen)).to(DEV, dt)
+        wf, bf, norm = fold_layernorm(w, b, gam, bet, 1e-5)
+        norm.stats, norm.stats_part_width = stats, g_prod.block_n
+        out = torch.full((h.shape[0], 48), float("nan"), device=DEV, dtype=dt)
+        problems.append(LinearProblem(h, wf, out, bf, "gelu", norm=norm))
+        refs.append(_ref(F.layer_norm(h.double(), (D,), gam.double(), bet.double(), 1e-5), w, b, "gelu"))
+    g = GroupedLinear(problems, config=tall)
+    g()
+    assert g.config["BLOCK_M"] == 256 and g._plan.constexprs["NORM_STATS_IN"]  # merged, not recomputed
+    _check(problems, refs, dt)
