@@ -14,7 +14,9 @@ per process (dualfuse.green says why).
 In order, in one process:
 (1) probe: the stream-read GB/s of a 256 MiB host-mapped buffer by a Triton kernel and by cuBLAS (``torch.mm`` of
     M = 1, 16, 64 rows by a host-mapped fp16 weight), each checked bit-identical to the same op on device memory,
-    the device-memory ops timed beside. The Triton reading is the stand-in's bandwidth.
+    the device-memory ops timed beside; and the re-read probe (each block read by 2 or 4 programs at once, as the M
+    tiles of one weight tile read it): whether such re-reads cross the link again. The Triton reading is the
+    stand-in's bandwidth.
 (2) cases (ViT-B/32 image-only B=1 and 1+1, SigLIP B/16 1+1, SigLIP so400m/14-384 image-only B=1), rows: fused fp16,
     int8, fp8 (sm_89+), graph, compile (reduce-overhead), eager, torchao int8 + compile; A/B rows for the GEMM configs
     (the full card's picks; the byte-bound model without its tall tiles, BLOCK_M 64), for the LayerNorm
@@ -85,7 +87,7 @@ def _short(e: BaseException) -> str:
 def probe(args, torch):
     from dualfuse.hostmem import measure_weight_bandwidth
 
-    readings = measure_weight_bandwidth(args.probe_mib * 2 ** 20, readers=("triton", "cublas"),
+    readings = measure_weight_bandwidth(args.probe_mib * 2 ** 20, readers=("triton", "reread", "cublas"),
                                         cublas_m=(1, 16, 64), iters=10, device_too=True)
     for r in readings:
         print(f"  probe {r.reader:12s} {r.memory:6s} {r.gbps:8.1f} GB/s  identical to device: {r.identical}",

@@ -4,7 +4,9 @@
 
 A 256 MiB buffer in pinned host memory mapped into the GPU (dualfuse.hostmem) read by a Triton stream-read kernel
 and by cuBLAS (``torch.mm`` of M = 1, 16, 64 fp16 rows by a host-mapped fp16 weight), each result checked bit-identical
-to the same op on a device-memory copy; the device-memory ops timed beside. ``--sms N``: inside a CUDA green context of
+to the same op on a device-memory copy; the device-memory ops timed beside. Then the re-read probe: the Triton read
+with each block read by 2 and 4 programs at once (GB/s over the buffer's bytes once): about the plain read's if
+re-reads that run together are served once, about 1/2 and 1/4 of it if each crosses the link again. ``--sms N``: inside a CUDA green context of
 N SMs (0: the full card), entered before anything touches CUDA (a green context per process: dualfuse.green).
 GB/s = 1e9 bytes/s; median of 10 reads after one warm-up. The same function (dualfuse.hostmem.measure_weight_bandwidth)
 gives every stand-in report its bandwidth.
@@ -40,7 +42,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("standin_probe: needs a CUDA GPU", file=sys.stderr)
         return 2
-    rows = measure_weight_bandwidth(args.mib * 2 ** 20, readers=("triton", "cublas"), cublas_m=(1, 16, 64),
+    rows = measure_weight_bandwidth(args.mib * 2 ** 20, readers=("triton", "reread", "cublas"), cublas_m=(1, 16, 64),
                                     iters=args.iters, device_too=True)
     card = torch.cuda.get_device_name()
     print(f"host-mapped read bandwidth, {card}, {args.sms or 'all'} SMs, {args.mib} MiB, "

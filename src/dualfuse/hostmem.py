@@ -265,11 +265,15 @@ class Bandwidth:
 
 
 def measure_weight_bandwidth(nbytes: int = 256 * 2 ** 20, *, readers=("triton",), cublas_m=(1, 16, 64),
-                             iters: int = 10, device_too: bool = False, device=None) -> list[Bandwidth]:
+                             iters: int = 10, device_too: bool = False, device=None,
+                             reread=(2, 4)) -> list[Bandwidth]:
     """What this GPU (in the current green context, if any) reads from host-mapped memory: a Triton stream-read
     kernel (kernels.stream_read) and / or cuBLAS (``torch.mm`` of an [M, K] fp16 activation by an [K, N] fp16
     weight whose bytes are host-mapped), over ``nbytes``. Each host-mapped result is compared bit for bit with the
-    same op on a device copy; ``device_too`` also times the device copy. Median of ``iters`` after one warm-up."""
+    same op on a device copy; ``device_too`` also times the device copy. Median of ``iters`` after one warm-up.
+    Reader ``"reread"``: the stream read with each block read by R programs at once (R in ``reread``; reader name
+    ``triton reread xR``), its GB/s counted over the buffer's bytes once: about the plain read's where re-reads of
+    a block that run together are served once (L2, merged requests), about 1/R of it where each crosses the link."""
     if not torch.cuda.is_available():
         raise ValueError("measuring host-mapped bandwidth needs a CUDA device; this machine has none")
     from .kernels.stream_read import stream_read
@@ -303,6 +307,18 @@ def measure_weight_bandwidth(nbytes: int = 256 * 2 ** 20, *, readers=("triton",)
         if device_too:
             ms = timed(lambda: stream_read(dev))
             out.append(Bandwidth("triton", "device", nbytes, ms, nbytes / ms / 1e6, True))
+        del dev, host
+    if "reread" in readers:
+        words = torch.randint(-2 ** 31, 2 ** 31 - 1, (nbytes // 4,), dtype=torch.int32, generator=g)
+        dev = words.to(device)
+        host = host_mapped_like(words, device)
+        for r in reread:
+            same = bool(torch.equal(stream_read(dev, readers=r), stream_read(host, readers=r)))
+            ms = timed(lambda: stream_read(host, readers=r))
+            out.append(Bandwidth(f"triton reread x{r}", "host", nbytes, ms, nbytes / ms / 1e6, same))
+            if device_too:
+                ms = timed(lambda: stream_read(dev, readers=r))
+                out.append(Bandwidth(f"triton reread x{r}", "device", nbytes, ms, nbytes / ms / 1e6, True))
         del dev, host
     if "cublas" in readers:
         k = 4096

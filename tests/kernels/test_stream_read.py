@@ -22,6 +22,17 @@ def test_per_program_sums(n, programs, kernel_device):
     assert torch.equal(out.cpu(), want)
 
 
+@pytest.mark.parametrize("readers", [2, 3])
+def test_readers_read_each_block_together(readers, kernel_device):
+    """readers=R: programs R*p .. R*p + R - 1 each read what program p reads alone."""
+    n, programs = 3 * BLOCK + 5, 2
+    words = torch.randint(-2**20, 2**20, (n,), dtype=torch.int32).to(kernel_device)
+    out = stream_read(words, programs, readers=readers)
+    assert torch.equal(out.cpu(), expected(words, programs).repeat_interleave(readers))
+
+
 def test_bad_input_is_refused(kernel_device):
     with pytest.raises(ValueError, match="1-D int32"):
         stream_read(torch.randn(8, device=kernel_device))
+    with pytest.raises(ValueError, match="readers must be an int >= 1"):
+        stream_read(torch.zeros(8, dtype=torch.int32, device=kernel_device), readers=0)
