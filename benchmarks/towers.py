@@ -19,7 +19,9 @@ Cases (random weights of the published architectures, dualfuse.presets):
   (4096), since only the vision part is timed.
 
 Variants per case: ``graph`` (the source tower's call captured in one CUDA graph), ``compile`` (torch.compile,
-mode reduce-overhead, of the same call), ``fused`` (dualfuse.fuse(tower, ...)); the VLM case: ``eager`` and
+mode reduce-overhead, of the same call), ``fused`` (dualfuse.fuse(tower, ...); no calibration on a fresh machine, so
+every step on Triton), ``fused-lib`` (the same with ``gemm_impl="library"``: cuBLAS and SDPA wherever a step allows);
+the VLM case: ``eager`` and
 ``graph`` of the unfused vision part, ``fused`` (the fused tower swapped in, projector eager). Correctness first:
 each variant's output against the fp32 source (lowest cosine over output rows); then timing (CUDA events, median
 of --iters calls); a table; JSON to --out. In the stand-in every variant reads the same tower's weights from
@@ -204,10 +206,20 @@ def run_case(name, args, device, stand=None) -> dict:
             calls["fused"] = lambda x: vision_part(x, fused_vlm)
         else:
             fused = dualfuse.fuse(fused_src, **fuse_kw, **stand_kw)
+            # the same tower with every GEMM and attention step that allows it on the library (cuBLAS, SDPA):
+            # what gemm_impl="auto" would pick per stage once this card is calibrated (docs/executors.md)
+            lib_kw = dict(fuse_kw, **stand_kw)
+            if "config" in lib_kw:
+                lib_kw["config"] = lib_kw["config"].with_overrides(gemm_impl="library")
+            else:
+                lib_kw["gemm_impl"] = "library"
+            fused_lib = dualfuse.fuse(fused_src, **lib_kw)
             if stand is not None:
                 place_executor(fused.executor, "host")
+                place_executor(fused_lib.executor, "host")
             del fused_src
             calls["fused"] = lambda x: read(fused(x, **call_kw))
+            calls["fused-lib"] = lambda x: read(fused_lib(x, **call_kw))
         for v, fn in calls.items():
             out = fn(pxh)
             cos = min_cosine(out, ref)
@@ -223,6 +235,8 @@ def run_case(name, args, device, stand=None) -> dict:
     if name in TARGETS:
         rec["target_vs_graph"] = TARGETS[name]
         rec["meets_target"] = bool(rec["variants"]["fused"]["vs_graph"] <= TARGETS[name])
+        if "fused-lib" in rec["variants"]:
+            rec["meets_target_lib"] = bool(rec["variants"]["fused-lib"]["vs_graph"] <= TARGETS[name])
     rec["seconds"] = time.time() - t0
     return rec
 
@@ -285,18 +299,19 @@ def main(argv=None) -> int:
     card = result["environment"].get("card") or torch.cuda.get_device_name()
     print(f"\nimage towers, batch 1, fp16, {card}" + (f", {args.sms} SMs (green context)" if args.sms else "")
           + (f", stand-in {args.stand_in} (weights host-mapped, {stand.gbps:.1f} GB/s)" if stand else ""))
-    print(f"{'case':<26} {'variant':<8} {'median ms':>10} {'vs graph':>9} {'min cos':>9} {'floor':>6}  target")
+    print(f"{'case':<26} {'variant':<10} {'median ms':>10} {'vs graph':>9} {'min cos':>9} {'floor':>6}  target")
     for rec in result["cases"]:
         if "error" in rec:
             print(f"{rec['case']:<26} ERROR {rec['error'][:80]}")
             continue
         for v, r in rec["variants"].items():
             tgt = ""
-            if v == "fused" and "target_vs_graph" in rec:
-                tgt = f"<= {rec['target_vs_graph']:.1f}x: {'met' if rec['meets_target'] else 'MISSED'}"
+            if v in ("fused", "fused-lib") and "target_vs_graph" in rec:
+                met = rec["meets_target" if v == "fused" else "meets_target_lib"]
+                tgt = f"<= {rec['target_vs_graph']:.1f}x: {'met' if met else 'MISSED'}"
             vs = f"{r['vs_graph']:.2f}x" if r.get("vs_graph") else ""
             share = f"{r['floor_share']:.0%}" if r.get("floor_share") else ""
-            print(f"{rec['case']:<26} {v:<8} {r['median_ms']:>10.3f} {vs:>9} {r['min_cosine']:>9.5f} {share:>6}"
+            print(f"{rec['case']:<26} {v:<10} {r['median_ms']:>10.3f} {vs:>9} {r['min_cosine']:>9.5f} {share:>6}"
                   f"{'' if r['ok'] else ' BAD'}  {tgt}")
     os.makedirs(args.out, exist_ok=True)
     tag = f"-standin-{args.stand_in}" if args.stand_in else (f"-sms{args.sms}" if args.sms else "")
