@@ -110,7 +110,7 @@ elif [ "$PART" = XT ]; then
 elif [ "$PART" = T ]; then
   # 15. single towers: the image towers at batch 1 (LLaVA-1.5's L/14-336 hidden_states[-2], so400m patch tokens,
   #     SigLIP B/16 pooled, B/32 with projection, a LLaVA-1.5-shaped VLM's vision part) fused (Triton; library GEMMs)
-#     vs graph vs compile;
+  #     vs graph vs compile;
   #     then in the byte-bound stand-in (Orin Nano: 8 SMs, weights host-mapped) and in 8 SMs of HBM. Part T2: the GPU
   #     tests of tests/test_towers.py (hidden-state copies inside the graph)
   step 240 python3 benchmarks/towers.py --out "$R/towers" --iters 50
