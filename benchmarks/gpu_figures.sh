@@ -10,8 +10,8 @@
 #   bash benchmarks/gpu_figures.sh E    # edge regime: int8 weights (both widenings), 8 SMs and full card; the soak
 #   bash benchmarks/gpu_figures.sh S    # the real-time loop (full card, 8 SMs); LayerNorm folding on the sm_80 path
 #   bash benchmarks/gpu_figures.sh X    # the byte-bound stand-in in 8 SMs: probe, every executor, int8 / fp8, A/B, shares
-#   bash benchmarks/gpu_figures.sh X2   # the stand-in in 16 SMs and on the full card; the stream loops (Orin Nano)
-#   bash benchmarks/gpu_figures.sh XT   # the stand-in's GEMM config sweep (8, 16 SMs), merged into the package tables
+#   bash benchmarks/gpu_figures.sh X2   # the stand-in: so400m in 8 SMs, every case in 16 SMs; the stream loops (Orin Nano)
+#   bash benchmarks/gpu_figures.sh X3   # the stand-in on the full card; its GEMM config sweep (8, 16 SMs), merged
 #   bash benchmarks/gpu_figures.sh T    # single towers and the VLM vision tower: fused vs graph vs compile; stand-in, 8 SMs
 #   bash benchmarks/gpu_figures.sh T2   # single towers: the GPU tests
 #   bash benchmarks/gpu_figures.sh Q    # corpus embedding: dualfuse embed vs a DataLoader baseline vs the model ceiling
@@ -88,24 +88,25 @@ elif [ "$PART" = S ]; then
   step 100 python3 benchmarks/fused_variants.py --model clip-vit-b-32 --batch 1 --variants graph,fused-nopdl,fused-fold-nopdl,fused-notma-nopdl,fused-notma-nopdl-fold,fused,fused-fold --json "$R/variants-fold-b32-1.json"
 elif [ "$PART" = X ]; then
   # 13. the byte-bound stand-in: every executor's weights host-mapped (read over PCIe), 8 SMs (Orin Nano / NX), the
-  #     rows the targets compare (fused fp16 / int8 / fp8, the BLOCK_M 64 and LayerNorm-folding A/B rows, graph,
-  #     compile, eager, torchao int8 + compile: its wheel on PYTHONPATH), one process per case group so that each
-  #     fits its limit (the JSON is saved after every row). Part X2: 16 SMs, the full card, the stream loops.
-  step 200 python3 benchmarks/standin.py --sms 8 --rows targets --cases "vit-b32 img,vit-b32 1+1" --tag b32 --out "$R/standin"
-  step 170 python3 benchmarks/standin.py --sms 8 --rows targets --cases "siglip-b16 1+1" --tag siglip --out "$R/standin"
-  step 190 python3 benchmarks/standin.py --sms 8 --rows targets --cases "so400m img" --tag so400m --out "$R/standin"
+  #     rows the targets compare (fused fp16 / int8 / fp8, the BLOCK_M 64, no-fold and PDL A/B rows, graph, compile,
+  #     eager, torchao int8 + compile: its wheel on PYTHONPATH), one process per case so that each fits its limit
+  #     (the JSON is saved after every row). X2: so400m, 16 SMs, the stream loops; X3: the full card, the GEMM sweep.
+  step 175 python3 benchmarks/standin.py --sms 8 --rows targets --cases "vit-b32 img" --tag b32-img --out "$R/standin"
+  step 185 python3 benchmarks/standin.py --sms 8 --rows targets --cases "vit-b32 1+1" --tag b32-pair --out "$R/standin"
+  step 200 python3 benchmarks/standin.py --sms 8 --rows targets --cases "siglip-b16 1+1" --tag siglip --out "$R/standin"
 elif [ "$PART" = X2 ]; then
+  step 200 python3 benchmarks/standin.py --sms 8 --rows targets --cases "so400m img" --tag so400m --out "$R/standin"
   step 200 python3 benchmarks/standin.py --sms 16 --no-compile --rows targets --out "$R/standin"
-  step 110 python3 benchmarks/standin.py --sms 0 --no-compile --rows targets --out "$R/standin"
   for m in clip-vit-b-32 siglip-base-patch16-224; do
     for w in fp16 int8; do
       step 40 python3 -m dualfuse.cli stream --model $m --synthetic 300 --weights $w --stand-in orin-nano --prompts "a dog,a cat,a car" --json "$R/stream-standin-$m-$w.json"
     done
   done
-elif [ "$PART" = XT ]; then
-  # 14. the stand-in's GEMM configs: sweep at 8 and 16 SMs, then write kernels/gemm/standin_gemm.json and
-  #     dualfuse/standin_shares.json (commit them; rerun X to see the tuned picks)
-  for sms in 8 16; do step 200 python3 benchmarks/standin.py --sms $sms --tune --out "$R/standin"; done
+elif [ "$PART" = X3 ]; then
+  # 14. the stand-in on the full card; then its GEMM configs: sweep at 8 and 16 SMs, and write
+  #     kernels/gemm/standin_gemm.json and dualfuse/standin_shares.json (commit them; rerun X to see the tuned picks)
+  step 110 python3 benchmarks/standin.py --sms 0 --no-compile --rows targets --out "$R/standin"
+  for sms in 8 16; do step 190 python3 benchmarks/standin.py --sms $sms --tune --out "$R/standin"; done
   step 30 python3 benchmarks/standin.py --merge "$R/standin"
 elif [ "$PART" = T ]; then
   # 15. single towers: the image towers at batch 1 (LLaVA-1.5's L/14-336 hidden_states[-2], so400m patch tokens,
@@ -127,6 +128,6 @@ elif [ "$PART" = N ]; then
   #     one model group per call (MODELS=b32,siglip-b16 / l14 / so400m / h14 / bigg14)
   step 560 python3 benchmarks/never_slower.py --models ${MODELS:-b32,siglip-b16} --shapes ${SHAPES:-all} --out "$R/never-slower"
 else
-  echo "unknown part '$PART': expected A, B, C, D, E, S, M, P, X, X2, XT, T, T2, Q or N" >&2; exit 2
+  echo "unknown part '$PART': expected A, B, C, D, E, S, M, P, X, X2, X3, T, T2, Q or N" >&2; exit 2
 fi
 echo "=== done $(date +%T)"

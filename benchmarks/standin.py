@@ -34,8 +34,8 @@ subset, so that several runs of one SM count can sit in one folder.
 ``--tune``: for ViT-B/32's and SigLIP B/16's grouped GEMM launches at batch 1 (fp16 and int8 weights, host-mapped),
 every config of the byte-bound candidates (kernels/gemm/regime.py) timed with a cold L2; the best per launch shape is
 written to ``--out``/tune-sms{N}.json. ``--merge DIR`` joins the tune files into kernels/gemm/standin_gemm.json and
-copies the 8-SM shares (else the fewest SMs measured) to dualfuse/standin_shares.json (the files the library
-reads).
+recomputes the shares over every run of the fewest SMs measured (8, else 16) into dualfuse/standin_shares.json (the
+files the library reads).
 """
 from __future__ import annotations
 
@@ -234,7 +234,10 @@ def run_case(args, torch, case, preset, ni, nt, bandwidth, stand_kw, placement, 
             ex = _build(torch, name, ex_name, kw, model, spec, dtype, device, stand_kw, placement)
             row["notes"] = getattr(ex, "notes", "")
             if hasattr(ex, "fold_ln"):  # the fused executor's path as it runs (PDL, folding), its options in full
-                row.update(pdl=ex.pdl, fold_ln=ex.fold_ln, config=ex.config.to_dict())
+                from dualfuse.kernels._utils import pdl_supported
+
+                row.update(pdl=ex.pdl, pdl_active=bool(ex.pdl and pdl_supported(device)), fold_ln=ex.fold_ln,
+                           config=ex.config.to_dict())
             if getattr(ex, "fallback", None) is not None:
                 row["notes"] = f"FALLBACK: {ex.notes}"
             row["weight_bytes"] = int(weight_bytes(spec, fmt, dtype, towers)["total"])
@@ -332,8 +335,16 @@ def _ratios(rows):
 
 # --------------------------------------------------------------------------------------------- tune
 
+def _tile_config(cfg: dict) -> dict:
+    """A GEMM launch config without what is not the tile's: the regime (the model that picked it) and the launch
+    path (``pdl``: the runner sets it per launch; a tuned table must not carry it into runs with PDL on)."""
+    return {k: v for k, v in cfg.items() if k not in ("regime", "pdl")}
+
+
 def tune(args, torch, device, stand_kw, placement, sms):
-    """Every byte-bound candidate config per grouped GEMM launch shape, cold L2; best per shape."""
+    """Every byte-bound candidate config per grouped GEMM launch shape, cold L2; best per shape. The launches are
+    taken from runners of the target's path (no PDL, LayerNorms folded) and timed as plain GEMMs of those shapes
+    (without their folded LayerNorm, bias or residual): the table is keyed by shape only."""
     from dualfuse import executors, presets
     from dualfuse.adapters import to_spec
     from dualfuse.kernels.gemm import GroupedLinear, LinearProblem
@@ -368,9 +379,10 @@ def tune(args, torch, device, stand_kw, placement, sms):
                 seen.add(key)
                 results = []
                 cands = byte_bound_candidates(max(m for m, _, _ in dims), sms)
-                cands.append({**op.config})  # what the model picked in the runner
+                model_pick = _tile_config(op.config)  # what the model picked in the runner
+                cands.append(model_pick)
                 for cfg in cands:
-                    cfg = {k: v for k, v in cfg.items() if k != "regime"}
+                    cfg = _tile_config(cfg)
                     try:
                         g = GroupedLinear(probs, config=cfg)
                         g()
@@ -381,8 +393,7 @@ def tune(args, torch, device, stand_kw, placement, sms):
                         results.append((float("inf"), cfg, _short(e)))
                 results.sort(key=lambda t: t[0])
                 us, cfg, splits = results[0]
-                model_us = next((u for u, c, _ in results if c == {k: v for k, v in op.config.items()
-                                                                   if k != "regime"}), float("nan"))
+                model_us = next((u for u, c, _ in results if c == model_pick), float("nan"))
                 wbytes = sum(n * k for _, n, k in dims) * w_elt
                 print(f"  tune {key:40s} best {us:8.1f} µs ({wbytes / us / 1e3:6.1f} GB/s) "
                       f"BN {cfg['BLOCK_N']} BK {cfg['BLOCK_K']} st {cfg['num_stages']} w {cfg['num_warps']} "
@@ -398,8 +409,9 @@ def tune(args, torch, device, stand_kw, placement, sms):
 
 
 def merge(out_dir: str, package_dir: str | os.PathLike | None = None) -> int:
-    """tune-sms*.json -> kernels/gemm/standin_gemm.json; the shares of every standin-sms8*.json (else the fewest SMs
-    measured) -> dualfuse/standin_shares.json."""
+    """tune-sms*.json -> kernels/gemm/standin_gemm.json; shares recomputed over every run of the fewest SMs measured
+    (8, else 16, the full card last; one card; a case in two runs: the later one's) -> dualfuse/standin_shares.json.
+    Returns 2 where those runs come from different cards."""
     src = Path(package_dir) if package_dir else HERE.parent / "src" / "dualfuse"
     configs, sources = {}, []
     for p in sorted(glob.glob(os.path.join(out_dir, "tune-sms*.json"))):
@@ -413,25 +425,47 @@ def merge(out_dir: str, package_dir: str | os.PathLike | None = None) -> int:
             json.dump(dict(schema="dualfuse.standin-gemm/1", sources=sources, configs=configs), f, indent=1)
         print(f"{len(configs)} tuned configs -> {src / 'kernels' / 'gemm' / 'standin_gemm.json'}")
     # the fewest SMs measured (8: Orin Nano / NX; else 16: AGX Orin; the full card last), every run of that count
-    # (tagged subsets included) joined: the shares are recomputed over all their cases
+    # (tagged subsets included) joined: the shares are recomputed over all their cases; a case in two runs: the
+    # later run's
     docs = []
-    for p in glob.glob(os.path.join(out_dir, "standin-sms*.json")):
-        with open(p) as f:
-            doc = json.load(f)
-        if doc.get("stage_shares"):
+    for p in sorted(glob.glob(os.path.join(out_dir, "standin-sms*.json"))):
+        try:
+            with open(p) as f:
+                doc = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            print(f"merge: skipped {p}: unreadable ({_short(e)})")
+            continue
+        stage = doc.get("stage_shares") or {}
+        if not all(isinstance(v, dict) and "kinds" in v and "forward" in v for v in stage.values()):
+            print(f"merge: skipped {p}: its stage shares predate the per-kind format (no 'kinds' / 'forward')")
+            continue
+        if stage:
             docs.append(doc)
-    if docs:
-        fewest = min((d["sms"] or 1 << 30) for d in docs)
-        docs = [d for d in docs if (d["sms"] or 1 << 30) == fewest]
-        stage = {c: per for d in docs for c, per in d["stage_shares"].items()}
-        bandwidth = statistics.median(d["bandwidth_gbps"] for d in docs) * 1e9
-        env = docs[0]["env"]
-        sh = shares_from_stages(stage, bandwidth, dict(card=env["card"], sms=docs[0]["shares"]["source"]["sms"],
-                                                       date=env["date"], commit=env.get("commit")))
-        src.mkdir(parents=True, exist_ok=True)
-        with open(src / "standin_shares.json", "w") as f:
-            json.dump(sh.to_dict(), f, indent=1)
-        print(f"shares {sh.to_dict()['shares']} from {sorted(stage)} -> {src / 'standin_shares.json'}")
+    if not docs:
+        print(f"merge: no stand-in run with stage shares in {out_dir}; {src / 'standin_shares.json'} left as it is")
+        return 0
+    fewest = min((d["sms"] or 1 << 30) for d in docs)
+    docs = sorted((d for d in docs if (d["sms"] or 1 << 30) == fewest), key=lambda d: d["env"]["date"])
+    cards = sorted({d["env"]["card"] for d in docs})
+    if len(cards) > 1:
+        print(f"merge: refused: runs of {fewest} SMs from different cards {cards}; keep one card's runs in {out_dir}")
+        return 2
+    stage, per_case = {}, {}
+    for d in docs:
+        for c, per in d["stage_shares"].items():
+            stage[c] = per
+            per_case[c] = dict(date=d["env"]["date"], commit=d["env"].get("commit"),
+                               bandwidth_gbps=round(d["bandwidth_gbps"], 1),
+                               fold_ln=next((r.get("fold_ln") for r in d["rows"]
+                                             if r["case"] == c and r["row"] == "fused fp16"), None))
+    bandwidth = statistics.median(d["bandwidth_gbps"] for d in docs) * 1e9
+    last = docs[-1]["env"]
+    sh = shares_from_stages(stage, bandwidth, dict(card=cards[0], sms=docs[-1]["shares"]["source"]["sms"],
+                                                   date=last["date"], commit=last.get("commit"), per_case=per_case))
+    src.mkdir(parents=True, exist_ok=True)
+    with open(src / "standin_shares.json", "w") as f:
+        json.dump(sh.to_dict(), f, indent=1)
+    print(f"shares {sh.to_dict()['shares']} from {sorted(stage)} -> {src / 'standin_shares.json'}")
     return 0
 
 
@@ -512,9 +546,10 @@ def main(argv=None) -> int:
     # default), the path the target runs (dualfuse.standin.fused_config does the same for bench / stream / profile)
     stand_kw = {"gemm_config": {"tma": False, "num_sms": sms,
                                 "regime": regime_for_target("orin-nano", bandwidth=bandwidth)}, "pdl": False}
+    suffix = f"sms{args.sms}" + (f"-{args.tag}" if args.tag else "")
     if args.tune:
         best, measured = tune(args, torch, device, stand_kw, placement, sms)
-        path = os.path.join(args.out, f"tune-sms{args.sms}.json")
+        path = os.path.join(args.out, f"tune-{suffix}.json")
         with open(path, "w") as f:
             json.dump(dict(source=dict(env, sms=sms, bandwidth_gbps=bandwidth / 1e9), configs=best,
                            measured=measured), f, indent=1)
@@ -527,7 +562,6 @@ def main(argv=None) -> int:
         if bad:
             ap.error(f"unknown case(s) {bad}; expected from {list(cases)}")
         cases = {c: cases[c] for c in wanted}
-    suffix = f"sms{args.sms}" + (f"-{args.tag}" if args.tag else "")
     path = os.path.join(args.out, f"standin-{suffix}.json")
     rows, stage = [], {}
 
@@ -542,8 +576,10 @@ def main(argv=None) -> int:
             doc["shares"] = sh.to_dict()
             with open(os.path.join(args.out, f"shares-{suffix}.json"), "w") as f:
                 json.dump(sh.to_dict(), f, indent=1)
-        with open(path, "w") as f:
+        tmp = path + ".tmp"  # a process killed mid-write leaves the previous file whole
+        with open(tmp, "w") as f:
             json.dump(doc, f, indent=1)
+        os.replace(tmp, path)
         return doc
 
     done = []

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# A wheel larger than one call may carry to the GPU machine (64 MiB with the work tree), sent in parts over
-# consecutive calls while the machine stays warm (it keeps /tmp between calls until it is given back):
+# A wheel larger than one upload to an offline GPU machine allows (e.g. 64 MiB with the work tree), sent in parts
+# over consecutive uploads while that machine keeps its /tmp:
 #   bash benchmarks/wheel_in_parts.sh split WHEEL [MIB]  # here: .whl/parts/<wheel>.NN of MIB MiB (default 40) + .sha256
-#   bash benchmarks/wheel_in_parts.sh add                # there, each call carrying .whl/parts/<wheel>.sha256 and one
+#   bash benchmarks/wheel_in_parts.sh add                # there, after each upload of .whl/parts/<wheel>.sha256 and one
 #                                                        # part: copies them to /tmp/wheel-parts; once all are there,
 #                                                        # joins them, checks the sha256 and installs the wheel with
 #                                                        # --no-deps into /tmp/site (put it on PYTHONPATH)

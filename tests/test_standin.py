@@ -94,14 +94,21 @@ def test_executor_kwargs_turn_tma_off_and_pick_the_byte_bound_regime():
     assert d["regime"] == {"name": "byte-bound", "bandwidth": 49e9, "latency_us": gemm.regime.latency_us}
 
 
-def test_stand_in_runs_without_pdl_so_layernorms_fold():
-    """Every Orin is sm_87: no PDL. The stand-in turns PDL off even on a card that has it, so the fused executor takes
-    its no-PDL default (LayerNorms folded into the GEMMs they feed), the path the target runs."""
+def test_stand_in_runs_without_pdl_so_layernorms_fold(monkeypatch):
+    """Every Orin is sm_87: no PDL. The stand-in turns PDL off even on a card that has it (here a pretend one), so the
+    fused executor takes its no-PDL default (LayerNorms folded into the GEMMs they feed), the path the target runs;
+    the same config without the stand-in keeps PDL and does not fold."""
+    from dualfuse.executors.fused import executor as fused_executor
+
+    monkeypatch.setattr(fused_executor, "pdl_supported", lambda device: True)
     info = standin.StandInInfo(standin.StandInConfig("agx-orin"), 50e9)
     cfg = standin.fused_config(info.config, info, FusedConfig(pdl=True))
     assert cfg.pdl is False and cfg.fold_ln is None  # fold_ln left to the executor's auto choice
-    ex = dualfuse.executors.get("fused", dualfuse.load("clip-tiny"), dtype=torch.float32, device="cpu", config=cfg)
+    model = dualfuse.load("clip-tiny")
+    ex = dualfuse.executors.get("fused", model, dtype=torch.float32, device="cpu", config=cfg)
     assert ex.pdl is False and ex.fold_ln is True
+    plain = dualfuse.executors.get("fused", model, dtype=torch.float32, device="cpu", config=FusedConfig(pdl=True))
+    assert plain.pdl is True and plain.fold_ln is False
 
 
 def test_row_weight_bytes_int8_about_half():

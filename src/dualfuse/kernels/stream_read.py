@@ -5,7 +5,8 @@ The result depends only on the bytes and the grid, so a read of host-mapped memo
 device copy bit for bit. Pointer loads only (no tensor descriptors: they may not read host memory).
 
 ``readers=R`` reads the buffer R times, the R reads of each block by R programs adjacent in launch order, so they run
-at about the same time, as the M tiles of one weight tile do in the grouped GEMM (GROUP_M ordering). Its time says
+at about the same time, as the M tiles of one weight tile do in the grouped GEMM (GROUP_M ordering; with split-K
+they are S programs apart instead of adjacent). Its time says
 whether such re-reads reach memory again or are served once (by the L2, or by merged requests): time x R, or time x 1.
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ BLOCK = 4096  # int32 words per program per step (16 KiB): enough bytes in fligh
 
 @triton.jit
 def _stream_read_kernel(src,  # int32 [n]: the buffer
-                        out,  # int32 [programs]: each program's wrapping sum
+                        out,  # int32 [programs x readers]: each program's wrapping sum
                         n, steps, readers, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     slots = tl.num_programs(0) // readers  # programs per read of the buffer
