@@ -6,8 +6,8 @@ device copy bit for bit. Pointer loads only (no tensor descriptors: they may not
 
 ``readers=R`` reads the buffer R times, the R reads of each block by R programs adjacent in launch order, so they run
 at about the same time, as the M tiles of one weight tile do in the grouped GEMM (GROUP_M ordering; with split-K
-they are S programs apart instead of adjacent). Its time says
-whether such re-reads reach memory again or are served once (by the L2, or by merged requests): time x R, or time x 1.
+they are S programs apart instead of adjacent). Its time says whether such re-reads reach memory again or are served
+once (by the L2, or by merged requests): time x R, or time x 1.
 """
 from __future__ import annotations
 
