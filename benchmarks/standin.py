@@ -69,10 +69,6 @@ HOST_INPUTS_CASE = "vit-b32 1+1"
 TUNE_MODELS = ("clip-vit-b-32", "siglip-base-patch16-224")
 
 
-def _median(xs):
-    return statistics.median(xs) if xs else float("nan")
-
-
 def _p90(xs):
     s = sorted(xs)
     return s[min(len(s) - 1, int(math.ceil(0.9 * len(s))) - 1)] if s else float("nan")
@@ -204,7 +200,7 @@ def run_case(args, torch, case, preset, ni, nt, bandwidth, stand_kw, placement, 
     from dualfuse.bench import call_towers, random_inputs
     from dualfuse.hostmem import place_inputs
     from dualfuse.quantize import COSINE_MIN
-    from dualfuse.timing import time_calls
+    from dualfuse.timing import percentile, time_calls
 
     cuda = device.type == "cuda"
     t0 = time.perf_counter()
@@ -260,7 +256,7 @@ def run_case(args, torch, case, preset, ni, nt, bandwidth, stand_kw, placement, 
                 samples = time_calls(lambda i: call_towers(ex, *ins[i % len(ins)]), args.calls, device,
                                      flush_l2=cuda)
             row["samples_ms"] = samples
-            row["median_ms"], row["p90_ms"] = _median(samples), _p90(samples)
+            row["median_ms"], row["p90_ms"] = percentile(samples, 50), _p90(samples)
             row["floor_ms"] = row["weight_bytes"] / bandwidth * 1e3 if bandwidth else None
             row["floor_share"] = row["floor_ms"] / row["median_ms"] if bandwidth else None
             if name == "fused fp16" and cuda and getattr(ex, "fallback", None) is None:
@@ -350,7 +346,7 @@ def tune(args, torch, device, stand_kw, placement, sms):
     from dualfuse.kernels.gemm import GroupedLinear, LinearProblem
     from dualfuse.kernels.gemm.regime import byte_bound_candidates, shape_key
     from dualfuse.hostmem import place_executor
-    from dualfuse.timing import time_calls
+    from dualfuse.timing import percentile, time_calls
 
     best: dict[str, dict] = {}
     measured = []
@@ -386,8 +382,8 @@ def tune(args, torch, device, stand_kw, placement, sms):
                     try:
                         g = GroupedLinear(probs, config=cfg)
                         g()
-                        us = _median(time_calls(lambda i: g(), args.tune_calls, device,
-                                                flush_l2=device.type == "cuda")) * 1e3
+                        us = percentile(time_calls(lambda i: g(), args.tune_calls, device,
+                                                   flush_l2=device.type == "cuda"), 50) * 1e3
                         results.append((us, cfg, list(g.splits)))
                     except Exception as e:  # noqa: BLE001 - a config that does not fit is skipped
                         results.append((float("inf"), cfg, _short(e)))

@@ -138,6 +138,7 @@ def _place(module, stand) -> int:
 def run_case(name, args, device, stand=None) -> dict:
     """One case; ``stand``: the stand-in's StandInInfo (weights host-mapped, its GEMM configs) or None."""
     import dualfuse
+    from dualfuse import FusedConfig
 
     t0 = time.time()
     rec = {"case": name, "variants": {}}
@@ -192,29 +193,25 @@ def run_case(name, args, device, stand=None) -> dict:
                 calls[v] = graph_of(vision_part, pxh)
             elif v == "compile":
                 calls[v] = compiled_of(vision_part)
-        stand_kw = {}
+        # the fused towers' options: the stand-in's (its GEMM configs, no PDL) or the defaults, then the case's
+        base = FusedConfig()
         if stand is not None:
             from dualfuse import standin
             from dualfuse.hostmem import place_executor
 
-            stand_kw = {"config": standin.fused_config(stand.config, stand)}
+            base = standin.fused_config(stand.config, stand)
         if name == "llava-1.5-vision":  # the copy of the VLM with the one-line swap
-            fused_vlm.model.vision_tower = dualfuse.fuse(fused_vlm.model.vision_tower, hidden_states=(-2,),
-                                                         **stand_kw)
+            fused_vlm.model.vision_tower = dualfuse.fuse(fused_vlm.model.vision_tower,
+                                                         config=base.with_overrides(hidden_states=(-2,)))
             if stand is not None:
                 place_executor(fused_vlm.model.vision_tower.executor, "host")
                 _place(fused_vlm.model.multi_modal_projector, stand)
             calls["fused"] = lambda x: vision_part(x, fused_vlm)
         else:
-            fused = dualfuse.fuse(fused_src, **fuse_kw, **stand_kw)
+            fused = dualfuse.fuse(fused_src, config=base.with_overrides(**fuse_kw))
             # the same tower with every GEMM and attention step that allows it on the library (cuBLAS, SDPA):
             # what gemm_impl="auto" would pick per stage once this card is calibrated (docs/executors.md)
-            lib_kw = dict(fuse_kw, **stand_kw)
-            if "config" in lib_kw:
-                lib_kw["config"] = lib_kw["config"].with_overrides(gemm_impl="library")
-            else:
-                lib_kw["gemm_impl"] = "library"
-            fused_lib = dualfuse.fuse(fused_src, **lib_kw)
+            fused_lib = dualfuse.fuse(fused_src, config=base.with_overrides(**fuse_kw, gemm_impl="library"))
             if stand is not None:
                 place_executor(fused.executor, "host")
                 place_executor(fused_lib.executor, "host")

@@ -295,30 +295,20 @@ def measure_weight_bandwidth(nbytes: int = 256 * 2 ** 20, *, readers=("triton",)
             ms.append(a.elapsed_time(b))
         return sorted(ms)[len(ms) // 2]
 
-    if "triton" in readers:
+    # the Triton stream read (readers 1) and the re-read probe (readers R): one buffer, host-mapped and on the device
+    counts = ((1,) if "triton" in readers else ()) + (tuple(reread) if "reread" in readers else ())
+    if counts:
         words = torch.randint(-2 ** 31, 2 ** 31 - 1, (nbytes // 4,), dtype=torch.int32, generator=g)
         dev = words.to(device)
         host = host_mapped_like(words, device)
-        ref = stream_read(dev)
-        got = stream_read(host)
-        same = bool(torch.equal(ref, got))
-        ms = timed(lambda: stream_read(host))
-        out.append(Bandwidth("triton", "host", nbytes, ms, nbytes / ms / 1e6, same))
-        if device_too:
-            ms = timed(lambda: stream_read(dev))
-            out.append(Bandwidth("triton", "device", nbytes, ms, nbytes / ms / 1e6, True))
-        del dev, host
-    if "reread" in readers:
-        words = torch.randint(-2 ** 31, 2 ** 31 - 1, (nbytes // 4,), dtype=torch.int32, generator=g)
-        dev = words.to(device)
-        host = host_mapped_like(words, device)
-        for r in reread:
+        for r in counts:
+            name = "triton" if r == 1 else f"triton reread x{r}"
             same = bool(torch.equal(stream_read(dev, readers=r), stream_read(host, readers=r)))
             ms = timed(lambda: stream_read(host, readers=r))
-            out.append(Bandwidth(f"triton reread x{r}", "host", nbytes, ms, nbytes / ms / 1e6, same))
+            out.append(Bandwidth(name, "host", nbytes, ms, nbytes / ms / 1e6, same))
             if device_too:
                 ms = timed(lambda: stream_read(dev, readers=r))
-                out.append(Bandwidth(f"triton reread x{r}", "device", nbytes, ms, nbytes / ms / 1e6, True))
+                out.append(Bandwidth(name, "device", nbytes, ms, nbytes / ms / 1e6, True))
         del dev, host
     if "cublas" in readers:
         k = 4096
