@@ -1,5 +1,6 @@
-"""Every dualfuse module imports on its own in a fresh interpreter, and the package has no import cycle at module
-level (the graph of top-level imports between dualfuse modules, read from the source with ``ast``, is acyclic)."""
+"""Every dualfuse module imports on its own in a fresh interpreter, and the package has no import cycle: neither
+at module level (the graph of top-level imports between dualfuse modules, read from the source with ``ast``) nor
+counting the imports deferred into function bodies, so that no deferred import hides a cycle between layers."""
 import ast
 import subprocess
 import sys
@@ -34,15 +35,21 @@ def _top_level_imports(node):
                 yield from _top_level_imports(ast.Module(body=b, type_ignores=[]))
 
 
-def import_graph() -> dict[str, set[str]]:
+def _all_imports(node):
+    """Every import statement in the module, function and class bodies included."""
+    return (n for n in ast.walk(node) if isinstance(n, (ast.Import, ast.ImportFrom)))
+
+
+def import_graph(deferred: bool = False) -> dict[str, set[str]]:
     """dualfuse module -> the dualfuse modules its top-level imports name (a ``from pkg import name`` names
-    ``pkg.name`` when that is a module, else ``pkg``)."""
+    ``pkg.name`` when that is a module, else ``pkg``); ``deferred``: imports inside functions count too."""
     mods = _modules()
     graph = {}
     for name, path in mods.items():
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
         edges = set()
-        for stmt in _top_level_imports(ast.parse(path.read_text(), str(path))):
+        walk = _all_imports if deferred else _top_level_imports
+        for stmt in walk(ast.parse(path.read_text(), str(path))):
             if isinstance(stmt, ast.Import):
                 targets = [a.name for a in stmt.names]
             else:
@@ -88,6 +95,13 @@ def test_no_import_cycle_among_dualfuse_modules():
     assert len(graph) > 50 and "dualfuse.executors.fused.executor" in graph
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_no_import_cycle_even_counting_imports_inside_functions():
+    top, every = import_graph(), import_graph(deferred=True)
+    assert sum(map(len, every.values())) > sum(map(len, top.values()))  # the deferred imports were read
+    cycle = find_cycle(every)
+    assert cycle is None, "import cycle through a deferred import: " + " -> ".join(cycle)
 
 
 def test_the_cycle_finder_finds_cycles():

@@ -5,8 +5,7 @@ from .adapters import to_spec
 from .config import FusedConfig, GemmConfig
 from .presets import PRESETS, load
 from .spec import DualEncoderSpec, TowerSpec
-
-__version__ = "0.1.0"
+from .version import __version__
 
 
 def fuse(model, dtype=None, device=None, config: FusedConfig | None = None, **kwargs):

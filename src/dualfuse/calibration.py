@@ -93,7 +93,7 @@ def identity(device) -> dict:
 
     import torch
 
-    from . import __version__
+    from .version import __version__
 
     device = torch.device(device)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"

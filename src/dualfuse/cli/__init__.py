@@ -108,7 +108,7 @@ def _summary(doc: str | None) -> str:
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The parser; with ``only``, just that subcommand's module is imported (the others are listed by name)."""
-    from .. import __version__
+    from ..version import __version__
 
     parser = argparse.ArgumentParser(
         prog="dualfuse",

@@ -19,7 +19,7 @@ def run_embed(config: EmbedConfig | None = None, progress=None, encoder=None, **
         config = EmbedConfig(**kwargs)
     elif kwargs:
         raise ValueError("run_embed: pass an EmbedConfig or keyword arguments, not both")
-    from .. import __version__
+    from ..version import __version__
     from .sources import open_source
     from .store import Store
 
