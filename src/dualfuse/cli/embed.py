@@ -37,6 +37,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--ray-address", dest="ray_address", default=None, help="an existing Ray cluster")
     parser.add_argument("--ray-gpus", dest="ray_gpus", type=int, default=None,
                         help="model actors (one GPU each; default all GPUs of the cluster; 0: one CPU actor)")
+    parser.add_argument("--ray-cpus", dest="ray_cpus", type=int, default=None,
+                        help="CPUs of the Ray started for the run (default all; not with --ray-address)")
     parser.add_argument("--limit", type=int, default=None, help="embed only the first N images (files)")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the summary here")
 
@@ -68,6 +70,7 @@ def run(args) -> int:
                       batch=args.batch, engine=args.engine, index=args.index, executor=args.executor,
                       dtype=args.dtype, device=args.device, decode=args.decode, workers=args.workers,
                       shard_size=args.shard_size, ray_address=args.ray_address, ray_gpus=args.ray_gpus,
+                      ray_cpus=args.ray_cpus,
                       limit=args.limit)
     console = Console(stderr=True)
     class Speed(ProgressColumn):

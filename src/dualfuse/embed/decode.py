@@ -30,7 +30,7 @@ def decode_frame(data: bytes, size: int) -> np.ndarray:
         with Image.open(io.BytesIO(data)) as im:
             if im.format == "JPEG":
                 im.draft("RGB", (size, size))
-            im = im.convert("RGB") if im.mode != "RGB" else im
+            im = to_rgb(center_band(im))
             im = resize_center_crop_pil(im, size)
             return np.asarray(im, dtype=np.uint8)
     except UnidentifiedImageError:
@@ -39,6 +39,47 @@ def decode_frame(data: bytes, size: int) -> np.ndarray:
         raise ValueError(f"refused: {e}") from None
     except Exception as e:  # noqa: BLE001 - PIL's plugins raise many kinds on broken files; one never stops a run
         raise ValueError(f"corrupt image ({type(e).__name__}: {str(e)[:120]})") from None
+
+
+MAX_ASPECT = 4  # a longer side beyond this many times the shorter one is cut to its center band first
+
+
+def center_band(im):
+    """``im`` with its longer side cut to the centered ``MAX_ASPECT`` x shorter side (the center crop lies inside
+    it): a 1 x 40,000-px image resized whole to a 224-px shorter side would take gigabytes."""
+    w, h = im.size
+    short = min(w, h)
+    if max(w, h) <= MAX_ASPECT * short:
+        return im
+    band = MAX_ASPECT * short
+    if w > h:
+        left = (w - band) // 2
+        return im.crop((left, 0, left + band, h))
+    top = (h - band) // 2
+    return im.crop((0, top, w, top + band))
+
+
+def to_rgb(im):
+    """8-bit RGB. 16-bit and 32-bit grayscale (``I;16``, ``I``: 16-bit PNGs) are scaled to 8 bits, where PIL's own
+    conversion clips every value above 255 to white; float images (``F``) are clipped to 0..255."""
+    from PIL import Image
+
+    if im.mode == "RGB":
+        return im
+    if im.mode.startswith("I;16") or im.mode == "I":
+        a = np.asarray(im).astype(np.float32)
+        if im.mode.startswith("I;16") or a.max(initial=0) > 255:
+            a = a / 257.0
+        im = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
+    elif im.mode == "F":
+        im = Image.fromarray(np.clip(np.rint(np.asarray(im)), 0, 255).astype(np.uint8), "L")
+    return im.convert("RGB")
+
+
+def check_gpu_decode(device) -> None:
+    """Raises ValueError unless ``--decode gpu`` can run on ``device``."""
+    if getattr(device, "type", str(device)) != "cuda":
+        raise ValueError("--decode gpu needs a CUDA device; use --decode cpu")
 
 
 def is_jpeg(data: bytes | None) -> bool:
@@ -54,8 +95,7 @@ class GpuJpegDecoder:
             import torchvision.io as tvio
         except ImportError as e:
             raise ValueError("--decode gpu needs torchvision (torchvision.io.decode_jpeg on CUDA)") from e
-        if getattr(device, "type", str(device)) != "cuda":
-            raise ValueError("--decode gpu needs a CUDA device; use --decode cpu")
+        check_gpu_decode(device)
         self.tvio, self.size, self.device = tvio, size, device
 
     def __call__(self, datas: list[bytes]):

@@ -57,6 +57,10 @@ def run_embed(config: EmbedConfig | None = None, progress=None, encoder=None, **
                     device=str(encoder.device), image_size=encoder.image_size)
         if with_text and encoder.text_unavailable():
             raise ValueError(f"captions given, but {encoder.text_unavailable()}")
+        if cfg.decode == "gpu":
+            from .decode import check_gpu_decode
+
+            check_gpu_decode(encoder.device)  # before the output folder is made
     identity = dict(model=cfg.model, dtype=info["dtype"], embed_dim=info["embed_dim"], key_name=source.key_name,
                     source=source.describe(), shard_size=cfg.shard_size if source.kind != "webdataset" else None,
                     num_shards=len(shards), captions=with_text)
@@ -71,16 +75,20 @@ def run_embed(config: EmbedConfig | None = None, progress=None, encoder=None, **
         progress.start(None if any(c is None for c in known) else sum(known))
     notes = list(source.notes)
     advance = progress.advance if hasattr(progress, "advance") else progress
-    if cfg.engine == "ray":
-        from .ray_engine import run_ray
+    try:
+        if cfg.engine == "ray":
+            from .ray_engine import run_ray
 
-        out = run_ray(cfg, source, todo, store, with_text=with_text, progress=advance)
-        notes.extend(out.pop("notes", []))
-    else:
-        from .local import run_local
+            out = run_ray(cfg, source, todo, store, with_text=with_text, progress=advance)
+            notes.extend(out.pop("notes", []))
+        else:
+            from .local import run_local
 
-        out = run_local(source, todo, encoder, store, batch=cfg.batch, workers=cfg.num_workers,
-                        prefetch=cfg.prefetch, decode=cfg.decode, with_text=with_text, progress=advance)
+            out = run_local(source, todo, encoder, store, batch=cfg.batch, workers=cfg.num_workers,
+                            prefetch=cfg.prefetch, decode=cfg.decode, with_text=with_text, progress=advance)
+    except BaseException:  # stopped (Ctrl-C) or failed: errors.tsv still lists the finished shards' skipped items
+        store.write_errors()
+        raise
     wall = time.perf_counter() - t_start
     card = info.get("card") or _card(info["device"])
     if len(todo) < len(shards):

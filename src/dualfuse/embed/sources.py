@@ -113,6 +113,20 @@ class FileSource(Source):
             yield Item(key=path, path=path if error is None else None, caption=cap, error=error)
 
 
+def check_captions(src: FileSource, captions: str | None, roots: list[str]) -> None:
+    """A captions file that names none of the images is refused (a path mistake, not images without captions);
+    images without a caption are counted in a note."""
+    if not captions:
+        return
+    paths = [p for p, error in src.files if error is None]
+    missing = sum(os.path.abspath(p) not in src.captions for p in paths)
+    if paths and missing == len(paths):
+        raise ValueError(f"--captions {captions}: names none of the {len(paths)} images (e.g. {paths[0]}); relative "
+                         f"names are looked up under {' and '.join(dict.fromkeys(os.path.abspath(r) for r in roots))}")
+    if missing:
+        src.notes.append(f"{missing} of {len(paths)} images have no caption in {captions} (text_embedding null)")
+
+
 def folder_source(root: str, captions: str | None = None) -> FileSource:
     files, other = [], 0
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
@@ -128,6 +142,7 @@ def folder_source(root: str, captions: str | None = None) -> FileSource:
         raise ValueError(f"--images {root}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in the folder or below")
     src = FileSource(root, files, read_captions(captions, [root, os.path.dirname(captions)]) if captions else None)
     src.kind = "folder"
+    check_captions(src, captions, [root, os.path.dirname(captions or "")])
     if other:
         src.notes.append(f"ignored {other} file(s) in {root} that are not {'/'.join(IMAGE_EXTENSIONS)}")
     return src
@@ -151,6 +166,7 @@ def list_source(path: str, captions: str | None = None) -> FileSource:
         raise ValueError(f"--images {path}: the list file names no images (expected one path a line)")
     src = FileSource(path, files, read_captions(captions, [base, os.path.dirname(captions)]) if captions else None)
     src.kind = "list"
+    check_captions(src, captions, [base, os.path.dirname(captions or "")])
     return src
 
 
@@ -184,6 +200,10 @@ class ParquetSource(Source):
                               (key_column, "--key-column")):
                 if col is not None and col not in names:
                     raise ValueError(f"{what} {col!r}: no such column in {f} (columns: {', '.join(names)})")
+            kind = pf.schema_arrow.field(image_column).type
+            if not _holds_bytes(kind):
+                raise ValueError(f"--image-column {image_column!r} in {f} is {kind}, not encoded image bytes (binary, "
+                                 "or a {bytes, path} struct as Hugging Face datasets write images)")
             md = pf.metadata
             self.rows.append([md.row_group(i).num_rows for i in range(md.num_row_groups)])
 
@@ -232,6 +252,15 @@ class ParquetSource(Source):
             yield Item(key, data=bytes(value), caption=cap if isinstance(cap, str) else None)
 
 
+def _holds_bytes(kind) -> bool:
+    import pyarrow as pa
+
+    if pa.types.is_struct(kind):
+        return kind.get_field_index("bytes") >= 0 and _holds_bytes(kind.field("bytes").type)
+    return pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_fixed_size_binary(kind) \
+        or getattr(pa.types, "is_binary_view", lambda t: False)(kind)
+
+
 def parquet_source(path: str, image_column: str, text_column: str | None, key_column: str | None) -> ParquetSource:
     _require_pyarrow()
     files = sorted(glob.glob(os.path.join(path, "**", "*.parquet"), recursive=True)) if os.path.isdir(path) else [path]
@@ -278,6 +307,7 @@ class TarSource(Source):
             return
         group: dict[str, bytes] = {}
         key = None
+        reading = False  # True while a member's data is read (a cut there leaves its key incomplete)
         with tar:
             try:
                 for m in tar:
@@ -292,11 +322,21 @@ class TarSource(Source):
                         yield self._item(key, group)
                         group = {}
                     key = k
+                    reading = True
                     data = tar.extractfile(m)
                     group[ext.lower()] = data.read() if data is not None else b""
+                    reading = False
+                if not _ends_cleanly(tar):  # tarfile stops without a word at a cut or broken header
+                    raise tarfile.ReadError(f"no end-of-archive marker at byte {tar.offset}")
             except (OSError, tarfile.TarError, EOFError) as e:
-                yield Item(f"{os.path.basename(f)}:{key or 'start'}",
-                           error=f"tar file cut short or corrupt after this member ({type(e).__name__}: {e})")
+                why = f"{type(e).__name__}: {e}"
+                if key is not None and not reading:  # cut between members: the last key's members are whole
+                    yield self._item(key, group)
+                    yield Item(f"{os.path.basename(f)}:after {key}",
+                               error=f"tar file cut short or corrupt after member {key} ({why})")
+                else:
+                    yield Item(f"{os.path.basename(f)}:{key or 'start'}",
+                               error=f"tar file cut short or corrupt inside this member ({why})")
                 key = None
         if key is not None:
             yield self._item(key, group)
@@ -310,6 +350,12 @@ class TarSource(Source):
                 return Item(key, data=group[ext], caption=cap or None)
         return Item(key, error=f"no image member (.{'/.'.join(TAR_IMAGE_EXTENSIONS)}) under this key "
                                f"(members: {', '.join(sorted(group)) or 'none'})")
+
+
+def _ends_cleanly(tar: tarfile.TarFile) -> bool:
+    """Whether the archive ends where tarfile stopped reading with the end-of-archive marker (a zero block)."""
+    tar.fileobj.seek(tar.offset)
+    return tar.fileobj.read(tarfile.BLOCKSIZE) == bytes(tarfile.BLOCKSIZE)
 
 
 def tar_source(path: str, text_ext: str | None) -> TarSource:

@@ -67,6 +67,9 @@ class Store:
                                  "dualfuse embed; use an empty or new folder")
             self.manifest = {"schema": MANIFEST_SCHEMA, **identity, **meta, "shards": {}}
             self._save()
+        elif not old.get("shards"):  # nothing finished there (a run stopped before its first shard): start anew
+            self.manifest = {"schema": MANIFEST_SCHEMA, **identity, **meta, "shards": {}}
+            self._save()
         else:
             for k in self.IDENTITY:
                 if old.get(k) != identity.get(k):
@@ -101,6 +104,11 @@ class Store:
         self._save()
 
     def finish(self, summary: dict) -> None:
+        self.write_errors()
+        write_json(os.path.join(self.out, SUMMARY), summary)
+
+    def write_errors(self) -> None:
+        """DIR/errors.tsv: the skipped items of every finished shard (also after a run stopped early)."""
         path = os.path.join(self.out, ERRORS)
         tmp = f"{path}.{os.getpid()}.tmp"
         with open(tmp, "w", encoding="utf-8") as f:
@@ -108,7 +116,6 @@ class Store:
             for e in self.errors:
                 f.write(f"{_cell(e.key)}\t{_cell(e.reason)}\n")
         os.replace(tmp, path)
-        write_json(os.path.join(self.out, SUMMARY), summary)
 
 
 def _cell(text: str) -> str:
@@ -135,17 +142,25 @@ def make_table(key_name: str, keys: list[str], image: np.ndarray, text: list | N
 
 
 def read_embeddings(out: str, column: str = "image_embedding"):
-    """(keys, float32 [N, E]) of every finished shard in DIR, in shard order."""
+    """(keys, float32 [N, E]) of every finished shard in DIR, in shard order: the rows that hold ``column``
+    (``text_embedding``: the rows with a caption)."""
     import pyarrow.parquet as pq
 
     man = read_manifest(out)
     if man is None:
         raise ValueError(f"{out}: no {MANIFEST}; not an output folder of dualfuse embed")
     keys, vecs = [], []
+    dim = man["embed_dim"]
     for idx in sorted(man["shards"], key=int):
         t = pq.read_table(os.path.join(out, man["shards"][idx]["file"]))
-        keys.extend(t.column(man["key_name"]).to_pylist())
+        if column not in t.column_names:
+            raise ValueError(f"{out}: no {column} column (columns: {', '.join(t.column_names)})")
         col = t.column(column).combine_chunks()
-        vecs.append(col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), -1))
-    dim = man["embed_dim"]
+        names = t.column(man["key_name"]).to_pylist()
+        if col.null_count:
+            valid = col.is_valid()
+            names = [k for k, ok in zip(names, valid.to_pylist()) if ok]
+            col = col.filter(valid)
+        keys.extend(names)
+        vecs.append(col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), dim))
     return keys, (np.concatenate(vecs).astype(np.float32) if vecs else np.zeros((0, dim), np.float32))
