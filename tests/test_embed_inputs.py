@@ -167,3 +167,23 @@ def test_folder_of_a_run_stopped_before_its_first_shard_is_reused(tmp_path, test
     monkeypatch.setattr(Store, "write_shard", real)
     r = _run(tmp_path / "imgs", empty, shard_size=1)  # nothing finished there: other settings may take it
     assert r.images == 2 and r.shards_written == 3
+
+
+def test_resume_redoes_finished_shards_whose_input_changed(tmp_path, test_seed):
+    rng = np.random.default_rng(test_seed)
+    root = tmp_path / "imgs"
+    root.mkdir()
+    for n in ("b.jpg", "c.jpg", "d.jpg", "e.jpg", "f.jpg"):
+        (root / n).write_bytes(_jpeg(rng))
+    out = tmp_path / "out"
+    r = _run(root, out, shard_size=3, limit=4)  # 2 shards, the second cut to 1 image
+    assert r.images == 4
+    r = _run(root, out, shard_size=3)  # the cut shard is redone whole
+    assert r.shards_skipped == 1 and r.images == 2 and any("input changed" in n for n in r.notes)
+    (root / "a.jpg").write_bytes(_jpeg(rng))  # sorts first: every shard's files shift, still 2 shards of 3
+    r = _run(root, out, shard_size=3)
+    assert r.shards_skipped == 0 and r.images == 6
+    keys, _ = read_embeddings(str(out))
+    assert [os.path.basename(k) for k in keys] == ["a.jpg", "b.jpg", "c.jpg", "d.jpg", "e.jpg", "f.jpg"]
+    r = _run(root, out, shard_size=3)
+    assert r.shards_skipped == 2 and r.images == 0

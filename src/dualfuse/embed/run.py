@@ -69,11 +69,15 @@ def run_embed(config: EmbedConfig | None = None, progress=None, encoder=None, **
     store = Store(cfg.out, identity, meta)
     setup = time.perf_counter() - t_start
     t_start = time.perf_counter()
+    store.expect({s.index: source.fingerprint(s) for s in shards})
     todo = [s for s in shards if not store.done(s.index)]
+    changed = sum(store.changed(s.index) for s in todo)
     if progress is not None and hasattr(progress, "start"):
         known = [s.count for s in todo]
         progress.start(None if any(c is None for c in known) else sum(known))
     notes = list(source.notes)
+    if changed:
+        notes.append(f"{changed} finished shard(s) are redone: their input changed since they were written")
     advance = progress.advance if hasattr(progress, "advance") else progress
     try:
         if cfg.engine == "ray":

@@ -64,6 +64,15 @@ class Source:
     def describe(self) -> dict:
         return dict(kind=self.kind, path=os.path.abspath(self.path))
 
+    def fingerprint(self, shard: Shard) -> str:
+        """A short digest of what ``shard`` holds (its files or rows; the size and modification time of a Parquet
+        or tar file): a finished output shard whose input shard has another one now is redone on a re-run."""
+        import hashlib
+
+        files = [shard.ref[0]] if self.kind in ("parquet", "webdataset") else []
+        stats = [(os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files if os.path.isfile(f)]
+        return hashlib.sha1(repr((shard.ref, stats)).encode()).hexdigest()[:16]
+
 
 # --------------------------------------------------------------------------------------------- files
 

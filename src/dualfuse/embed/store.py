@@ -79,10 +79,21 @@ class Store:
             self.manifest = old
         self.errors: list[EmbedError] = [EmbedError(*e) for s in self.manifest["shards"].values()
                                          for e in s.get("errors", [])]
+        self.fingerprints: dict[int, str] = {}  # shard -> the input shard's fingerprint now (Source.fingerprint)
+
+    def expect(self, fingerprints: dict[int, str]) -> None:
+        """The fingerprint of each input shard now: a finished shard recorded with another one is not done."""
+        self.fingerprints = dict(fingerprints)
 
     def done(self, index: int) -> bool:
         rec = self.manifest["shards"].get(str(index))
-        return rec is not None and os.path.isfile(os.path.join(self.out, rec["file"]))
+        return (rec is not None and os.path.isfile(os.path.join(self.out, rec["file"]))
+                and rec.get("fingerprint") == self.fingerprints.get(index))
+
+    def changed(self, index: int) -> bool:
+        """Finished before, but from an input shard that has changed since (redone by this run)."""
+        rec = self.manifest["shards"].get(str(index))
+        return rec is not None and rec.get("fingerprint") != self.fingerprints.get(index)
 
     def _save(self) -> None:
         write_json(os.path.join(self.out, MANIFEST), self.manifest)
@@ -98,7 +109,11 @@ class Store:
         tmp = f"{path}.{os.getpid()}.tmp"
         pq.write_table(table, tmp)
         os.replace(tmp, path)
-        self.manifest["shards"][str(index)] = dict(file=name, rows=len(keys),
+        old = self.manifest["shards"].get(str(index))
+        if old is not None:  # redone (its input changed): its old skipped items go
+            gone = {(k, r) for k, r in old.get("errors", [])}
+            self.errors = [e for e in self.errors if (e.key, e.reason) not in gone]
+        self.manifest["shards"][str(index)] = dict(file=name, rows=len(keys), fingerprint=self.fingerprints.get(index),
                                                    errors=[[e.key, e.reason] for e in errors])
         self.errors.extend(errors)
         self._save()
