@@ -187,3 +187,27 @@ def test_resume_redoes_finished_shards_whose_input_changed(tmp_path, test_seed):
     assert [os.path.basename(k) for k in keys] == ["a.jpg", "b.jpg", "c.jpg", "d.jpg", "e.jpg", "f.jpg"]
     r = _run(root, out, shard_size=3)
     assert r.shards_skipped == 2 and r.images == 0
+
+
+def test_folder_loop_through_a_link_is_read_once(tmp_path, test_seed):
+    rng = np.random.default_rng(test_seed)
+    (tmp_path / "imgs" / "sub").mkdir(parents=True)
+    (tmp_path / "imgs" / "sub" / "a.jpg").write_bytes(_jpeg(rng))
+    os.symlink("..", tmp_path / "imgs" / "sub" / "up")
+    src = open_source(str(tmp_path / "imgs"))
+    assert [os.path.basename(p) for p, _ in src.files] == ["a.jpg"]
+    assert any("read once" in n for n in src.notes)
+
+
+def test_index_of_an_earlier_run_is_removed_once_shards_change(tmp_path, test_seed):
+    pytest.importorskip("faiss")
+    rng = np.random.default_rng(test_seed)
+    root = tmp_path / "imgs"
+    root.mkdir()
+    for n in ("b.jpg", "c.jpg"):
+        (root / n).write_bytes(_jpeg(rng))
+    out = tmp_path / "out"
+    assert os.path.isfile(_run(root, out, shard_size=3, index="faiss").index)
+    (root / "a.jpg").write_bytes(_jpeg(rng))
+    r = _run(root, out, shard_size=3)
+    assert not os.path.exists(out / "index.faiss") and any("FAISS index" in n for n in r.notes)

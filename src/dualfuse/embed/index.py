@@ -42,6 +42,17 @@ def build_index(out: str) -> str:
     return path
 
 
+def remove_index(out: str) -> bool:
+    """Delete ``out``'s index files (stale once shards were written after them); whether there were any."""
+    found = False
+    for name in (INDEX_FILE, KEYS_FILE):
+        path = os.path.join(out, name)
+        if os.path.isfile(path):
+            os.remove(path)
+            found = True
+    return found
+
+
 @dataclass
 class Hit:
     key: str

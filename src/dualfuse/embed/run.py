@@ -107,6 +107,12 @@ def run_embed(config: EmbedConfig | None = None, progress=None, encoder=None, **
         from .index import build_index
 
         result.index = build_index(cfg.out)
+    elif todo:
+        from .index import remove_index
+
+        if remove_index(cfg.out):
+            result.notes.append("removed the FAISS index of an earlier run (it no longer covers the shards); "
+                                "rebuild it with --index faiss")
     store.finish(result.to_dict())
     return result
 

@@ -137,8 +137,17 @@ def check_captions(src: FileSource, captions: str | None, roots: list[str]) -> N
 
 
 def folder_source(root: str, captions: str | None = None) -> FileSource:
-    files, other = [], 0
+    files, other, seen, again = [], 0, set(), []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        try:
+            st = os.stat(dirpath)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) in seen:  # a folder reached again through a link (a loop): read once
+            dirnames[:] = []
+            again.append(dirpath)
+            continue
+        seen.add((st.st_dev, st.st_ino))
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
             if name.startswith("."):
@@ -154,6 +163,8 @@ def folder_source(root: str, captions: str | None = None) -> FileSource:
     check_captions(src, captions, [root, os.path.dirname(captions or "")])
     if other:
         src.notes.append(f"ignored {other} file(s) in {root} that are not {'/'.join(IMAGE_EXTENSIONS)}")
+    if again:
+        src.notes.append(f"{len(again)} folder(s) reached again through links were read once (e.g. {again[0]})")
     return src
 
 
