@@ -211,3 +211,16 @@ def test_index_of_an_earlier_run_is_removed_once_shards_change(tmp_path, test_se
     (root / "a.jpg").write_bytes(_jpeg(rng))
     r = _run(root, out, shard_size=3)
     assert not os.path.exists(out / "index.faiss") and any("FAISS index" in n for n in r.notes)
+
+
+def test_cli_prints_a_bracketed_file_name_as_it_is(tmp_path, test_seed, capsys):
+    from dualfuse.cli import main
+
+    rng = np.random.default_rng(test_seed)
+    (tmp_path / "imgs" / "odd[").mkdir(parents=True)
+    (tmp_path / "imgs" / "a.jpg").write_bytes(_jpeg(rng))
+    (tmp_path / "imgs" / "odd[" / "b].jpg").write_bytes(b"not an image")  # path .../odd[/b].jpg: rich markup
+    rc = main(["embed", "--model", MODEL, "--images", str(tmp_path / "imgs"), "--out", str(tmp_path / "out"),
+               "--executor", "eager", "--batch", "2"])
+    assert rc == 0
+    assert "odd[/b].jpg" in capsys.readouterr().out.replace("\n", "")

@@ -81,18 +81,20 @@ def run(args) -> int:
                   TextColumn("{task.fields[failed]} failed"), TimeElapsedColumn(), console=console,
                   transient=True) as bar:
         result = run_embed(cfg, progress=_Bar(bar))
-    out = Console()
+    out = Console(markup=False)  # keys, notes and paths are printed as they are: "[x]" in a file name is no style
     d = result.to_dict()
     out.print(f"{result.model} · {result.executor} · {result.dtype} · {result.card} · engine {result.engine} · "
               f"decode {result.decode} · batch {result.batch}")
     out.print(f"{result.images} images, {result.failures} failures, {result.wall_s:.2f} s "
               f"({result.images_per_s:.1f} images/s; setup {result.setup_s:.1f} s before it)")
-    table = Table(title="seconds per stage", caption="read, decode: summed over the worker threads")
+    table = Table(title="seconds per stage")
     table.add_column("stage")
     table.add_column("seconds", justify="right")
     for stage, s in result.stages.items():
         table.add_row(stage, f"{s:.3f}")
     out.print(table)
+    out.print("(read, decode: summed over the decode threads" + (" and Ray tasks" if result.engine == "ray" else "")
+              + "; they can exceed the wall time)")
     for e in result.errors[:10]:
         out.print(f"skipped {e.key}: {e.reason}")
     if len(result.errors) > 10:
