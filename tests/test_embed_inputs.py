@@ -224,3 +224,37 @@ def test_cli_prints_a_bracketed_file_name_as_it_is(tmp_path, test_seed, capsys):
                "--executor", "eager", "--batch", "2"])
     assert rc == 0
     assert "odd[/b].jpg" in capsys.readouterr().out.replace("\n", "")
+
+
+def test_exif_orientation_is_applied(test_seed):
+    from PIL import Image
+
+    from dualfuse.embed.decode import turned_jpeg
+
+    rng = np.random.default_rng(test_seed)
+    a = rng.integers(0, 256, (16, 32, 3), dtype=np.uint8)
+    a[:, :16] = 0  # left half dark, right half bright: a quarter turn is plain to see
+    a[:, 16:] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: turn 90 degrees clockwise to view
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="JPEG", quality=95, exif=exif.tobytes())
+    data = buf.getvalue()
+    assert turned_jpeg(data) and not turned_jpeg(_jpeg(rng))
+    frame = decode_frame(data, 16)  # upright: 32 x 16, center crop 16 x 16 from the middle rows
+    assert frame.shape == (16, 16, 3)
+    assert frame[:6].mean() < 40 and frame[-6:].mean() > 215  # dark on top, bright below after the turn
+
+
+def test_limit_cuts_parquet_rows_and_is_refused_for_tar(tmp_path, test_seed):
+    rng = np.random.default_rng(test_seed)
+    pq.write_table(pa.table({"image": [_jpeg(rng) for _ in range(5)]}), tmp_path / "d.parquet")
+    r = _run(tmp_path / "d.parquet", tmp_path / "out", shard_size=4, limit=3)
+    assert r.images == 3
+    with tarfile.open(tmp_path / "s.tar", "w") as tar:
+        data = _jpeg(rng)
+        info = tarfile.TarInfo("k0.jpg")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(ValueError, match="--limit"):
+        _run(tmp_path / "s.tar", tmp_path / "out_tar", limit=1)

@@ -6,7 +6,8 @@ is folded into the fused model's patch embedding).
   both sides >= S (libjpeg's DCT scaling, ``Image.draft``): a 1000-px photo for a 224-px model decodes at 1/2 or
   1/4 of the work. PIL releases the GIL while it decodes and resizes, so threads scale.
 - :class:`GpuJpegDecoder`: batches of JPEGs decoded by nvJPEG (``torchvision.io.decode_jpeg(device="cuda")``),
-  resized and cropped on the device. Anything it refuses (PNG, WebP, a CMYK or broken JPEG) is left to the CPU.
+  resized and cropped on the device. Anything it refuses (PNG, WebP, a CMYK or broken JPEG) is left to the CPU,
+  and so are JPEGs with an EXIF orientation (nvJPEG does not turn them; :func:`upright` does on the CPU).
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def decode_frame(data: bytes, size: int) -> np.ndarray:
         with Image.open(io.BytesIO(data)) as im:
             if im.format == "JPEG":
                 im.draft("RGB", (size, size))
-            im = to_rgb(center_band(im))
+            im = to_rgb(center_band(upright(im)))
             im = resize_center_crop_pil(im, size)
             return np.asarray(im, dtype=np.uint8)
     except UnidentifiedImageError:
@@ -39,6 +40,35 @@ def decode_frame(data: bytes, size: int) -> np.ndarray:
         raise ValueError(f"refused: {e}") from None
     except Exception as e:  # noqa: BLE001 - PIL's plugins raise many kinds on broken files; one never stops a run
         raise ValueError(f"corrupt image ({type(e).__name__}: {str(e)[:120]})") from None
+
+
+EXIF_ORIENTATION = 0x0112
+
+
+def upright(im):
+    """``im`` turned as its EXIF orientation says (a phone's portrait photo is stored sideways with a tag), as
+    Hugging Face's ``load_image`` does before the processor."""
+    from PIL import ImageOps
+
+    try:
+        turned = im.getexif().get(EXIF_ORIENTATION, 1) not in (1, None)
+    except Exception:  # noqa: BLE001 - a broken EXIF block leaves the image as stored
+        return im
+    return ImageOps.exif_transpose(im) if turned else im
+
+
+def turned_jpeg(data: bytes) -> bool:
+    """Whether JPEG bytes carry an EXIF orientation other than "as stored" (nvJPEG ignores it: the CPU decodes
+    those). Reads the headers only."""
+    from PIL import Image
+
+    if b"Exif" not in data[:65536]:
+        return False
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.getexif().get(EXIF_ORIENTATION, 1) not in (1, None)
+    except Exception:  # noqa: BLE001 - the CPU decoder reports what is wrong
+        return True
 
 
 MAX_ASPECT = 4  # a longer side beyond this many times the shorter one is cut to its center band first

@@ -39,6 +39,9 @@ def run_embed(config: EmbedConfig | None = None, progress=None, encoder=None, **
     # second: its lazy imports), paid here rather than inside the first shard's write time
     shards = source.shards(cfg.shard_size)
     if cfg.limit is not None:
+        if source.kind == "webdataset":
+            raise ValueError("--limit needs item counts known before reading: not for tar shards (pass fewer "
+                             "shards, e.g. 'shards-{000..009}.tar')")
         shards = _limit(shards, cfg.limit)
     with_text = cfg.captions is not None or cfg.text_column is not None
     t_start = time.perf_counter()
@@ -126,15 +129,18 @@ def _card(device: str) -> str:
 
 
 def _limit(shards, limit: int):
-    """The first ``limit`` items: whole shards, the last one cut (files only; counts known)."""
+    """The first ``limit`` items: whole shards, the last one cut (files, Parquet rows; counts known)."""
     from dataclasses import replace
 
     out, left = [], limit
     for s in shards:
         if left <= 0:
             break
-        if s.count is not None and s.count > left and isinstance(s.ref[0], tuple):
-            s = replace(s, ref=s.ref[:left], count=left)
+        if s.count is not None and s.count > left:
+            if isinstance(s.ref[0], tuple):  # files: the items themselves
+                s = replace(s, ref=s.ref[:left], count=left)
+            else:  # Parquet: (file, first row, end row)
+                s = replace(s, ref=(s.ref[0], s.ref[1], s.ref[1] + left), count=left)
         out.append(s)
         left -= s.count if s.count is not None else 0
     return out
