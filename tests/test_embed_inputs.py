@@ -258,3 +258,16 @@ def test_limit_cuts_parquet_rows_and_is_refused_for_tar(tmp_path, test_seed):
         tar.addfile(info, io.BytesIO(data))
     with pytest.raises(ValueError, match="--limit"):
         _run(tmp_path / "s.tar", tmp_path / "out_tar", limit=1)
+
+
+def test_a_folder_being_written_is_refused_to_a_second_run(tmp_path):
+    pytest.importorskip("fcntl")
+    from dualfuse.embed.store import Store
+
+    ident = dict(model=MODEL, dtype="fp32", embed_dim=4, key_name="path", source={}, shard_size=2, num_shards=1,
+                 captions=False)
+    first = Store(str(tmp_path / "out"), ident, dict(model=MODEL))
+    with pytest.raises(ValueError, match="another dualfuse embed is writing"):
+        Store(str(tmp_path / "out"), ident, dict(model=MODEL))
+    first.close()  # the first run ends
+    Store(str(tmp_path / "out"), ident, dict(model=MODEL))

@@ -39,7 +39,7 @@ def add_arguments(parser) -> None:
                         help="model actors (one GPU each; default all GPUs of the cluster; 0: one CPU actor)")
     parser.add_argument("--ray-cpus", dest="ray_cpus", type=int, default=None,
                         help="CPUs of the Ray started for the run (default all; not with --ray-address)")
-    parser.add_argument("--limit", type=int, default=None, help="embed only the first N images (files)")
+    parser.add_argument("--limit", type=int, default=None, help="embed only the first N images (folders, lists, Parquet; not tar shards)")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the summary here")
 
 

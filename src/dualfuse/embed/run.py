@@ -70,6 +70,14 @@ def run_embed(config: EmbedConfig | None = None, progress=None, encoder=None, **
     meta = dict(model=cfg.model, executor=info["executor"], dtype=info["dtype"], embed_dim=info["embed_dim"],
                 dualfuse_version=__version__)
     store = Store(cfg.out, identity, meta)
+    try:
+        return _embed(cfg, source, shards, store, encoder, info, with_text, progress, t_start)
+    finally:
+        store.close()  # the folder's lock: free for the next run even while a traceback keeps this frame alive
+
+
+def _embed(cfg, source, shards, store, encoder, info, with_text, progress, t_start) -> EmbedResult:
+    """The run itself, once the input, the model and the output folder are open."""
     setup = time.perf_counter() - t_start
     t_start = time.perf_counter()
     store.expect({s.index: source.fingerprint(s) for s in shards})

@@ -59,6 +59,7 @@ class Store:
         self.identity = identity
         self.meta = meta  # model, executor, dtype, dualfuse_version: into every file's metadata
         os.makedirs(out, exist_ok=True)
+        self._lock = lock_folder(out)
         old = read_manifest(out)
         if old is None:
             stray = [n for n in os.listdir(out) if n.endswith(".parquet")]
@@ -80,6 +81,12 @@ class Store:
         self.errors: list[EmbedError] = [EmbedError(*e) for s in self.manifest["shards"].values()
                                          for e in s.get("errors", [])]
         self.fingerprints: dict[int, str] = {}  # shard -> the input shard's fingerprint now (Source.fingerprint)
+
+    def close(self) -> None:
+        """Release the folder's lock (the end of the run)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     def expect(self, fingerprints: dict[int, str]) -> None:
         """The fingerprint of each input shard now: a finished shard recorded with another one is not done."""
@@ -131,6 +138,26 @@ class Store:
             for e in self.errors:
                 f.write(f"{_cell(e.key)}\t{_cell(e.reason)}\n")
         os.replace(tmp, path)
+
+
+LOCK = ".dualfuse-embed.lock"
+
+
+def lock_folder(out: str):
+    """An exclusive lock on DIR for this process (released when it ends, however it ends): two runs writing the
+    same folder would record each other's shards. Where ``fcntl`` is missing (Windows) nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    f = open(os.path.join(out, LOCK), "w")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise ValueError(f"--out {out}: another dualfuse embed is writing to this folder; wait for it or use "
+                         "another folder") from None
+    return f
 
 
 def _cell(text: str) -> str:
