@@ -271,3 +271,13 @@ def test_a_folder_being_written_is_refused_to_a_second_run(tmp_path):
         Store(str(tmp_path / "out"), ident, dict(model=MODEL))
     first.close()  # the first run ends
     Store(str(tmp_path / "out"), ident, dict(model=MODEL))
+
+
+def test_list_file_with_byte_order_mark_and_crlf(tmp_path, test_seed):
+    rng = np.random.default_rng(test_seed)
+    for n in ("a.jpg", "b.jpg"):
+        (tmp_path / n).write_bytes(_jpeg(rng))
+    (tmp_path / "list.txt").write_bytes("\ufeffa.jpg\r\nb.jpg\r\nmissing.jpg\r\n".encode("utf-8"))
+    src = open_source(str(tmp_path / "list.txt"))
+    assert [(os.path.basename(p), e) for p, e in src.files] == [("a.jpg", None), ("b.jpg", None),
+                                                                 ("missing.jpg", "no such file")]

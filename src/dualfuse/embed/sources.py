@@ -171,7 +171,7 @@ def folder_source(root: str, captions: str | None = None) -> FileSource:
 def list_source(path: str, captions: str | None = None) -> FileSource:
     base = os.path.dirname(os.path.abspath(path))
     files, seen = [], set()
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with open(path, encoding="utf-8-sig", errors="replace") as f:  # -sig: a byte-order mark is not a path
         for n, line in enumerate(f, 1):
             name = line.strip()
             if not name or name.startswith("#"):
