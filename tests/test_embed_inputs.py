@@ -281,3 +281,16 @@ def test_list_file_with_byte_order_mark_and_crlf(tmp_path, test_seed):
     src = open_source(str(tmp_path / "list.txt"))
     assert [(os.path.basename(p), e) for p, e in src.files] == [("a.jpg", None), ("b.jpg", None),
                                                                  ("missing.jpg", "no such file")]
+
+
+def test_tar_caption_extension_is_checked(tmp_path, test_seed):
+    rng = np.random.default_rng(test_seed)
+    with tarfile.open(tmp_path / "s.tar", "w") as tar:
+        for ext, data in (("jpg", _jpeg(rng)), ("txt", b"a cat")):
+            info = tarfile.TarInfo(f"k0.{ext}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(ValueError, match="no .caption member"):
+        open_source(str(tmp_path / "s.tar"), text_column="caption")
+    src = open_source(str(tmp_path / "s.tar"), text_column=".txt")  # the dot is forgiven
+    assert next(src.items(src.shards(1)[0])).caption == "a cat"

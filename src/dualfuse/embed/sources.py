@@ -313,7 +313,12 @@ class TarSource(Source):
 
     def __init__(self, path: str, files: list[str], text_ext: str | None):
         super().__init__(path)
-        self.files, self.text_ext = files, text_ext
+        self.files, self.text_ext = files, (text_ext.lstrip(".").lower() if text_ext else None)
+        if self.text_ext:
+            seen = _first_extensions(files[0])
+            if seen and self.text_ext not in seen:
+                raise ValueError(f"--text-column {text_ext}: the first samples of {files[0]} have no .{self.text_ext} "
+                                 f"member (their members: {', '.join(sorted(seen))})")
 
     def shards(self, shard_size: int) -> list[Shard]:
         return [Shard(i, (f,), None) for i, f in enumerate(self.files)]
@@ -370,6 +375,22 @@ class TarSource(Source):
                 return Item(key, data=group[ext], caption=cap or None)
         return Item(key, error=f"no image member (.{'/.'.join(TAR_IMAGE_EXTENSIONS)}) under this key "
                                f"(members: {', '.join(sorted(group)) or 'none'})")
+
+
+def _first_extensions(path: str, members: int = 64) -> set[str]:
+    """The member extensions among the first ``members`` files of a tar file (empty if it cannot be read)."""
+    out: set[str] = set()
+    try:
+        with tarfile.open(path, "r") as tar:
+            for n, m in enumerate(tar):
+                if n >= members:
+                    break
+                base = os.path.basename(m.name)
+                if m.isfile() and "." in base:
+                    out.add(base.split(".", 1)[1].lower())
+    except (OSError, tarfile.TarError, EOFError):
+        pass
+    return out
 
 
 def _ends_cleanly(tar: tarfile.TarFile) -> bool:
