@@ -294,3 +294,27 @@ def test_tar_caption_extension_is_checked(tmp_path, test_seed):
         open_source(str(tmp_path / "s.tar"), text_column="caption")
     src = open_source(str(tmp_path / "s.tar"), text_column=".txt")  # the dot is forgiven
     assert next(src.items(src.shards(1)[0])).caption == "a cat"
+
+
+def test_gpu_decoder_cuts_elongated_frames_before_resizing(test_seed):
+    """The nvJPEG path's resize, run on CPU tensors (decode_jpeg stood in for: it needs CUDA)."""
+    import torch
+
+    from dualfuse.embed.decode import GpuJpegDecoder
+
+    rng = np.random.default_rng(test_seed)
+    strip = torch.from_numpy(rng.integers(0, 256, (3, 2, 5000), dtype=np.uint8))  # [C, H, W], as nvJPEG gives
+
+    class FakeIO:
+        class ImageReadMode:
+            RGB = "rgb"
+
+        @staticmethod
+        def decode_jpeg(tensors, device=None, mode=None):
+            return [strip for _ in tensors]
+
+    dec = object.__new__(GpuJpegDecoder)
+    dec.tvio, dec.size, dec.device = FakeIO, 2, torch.device("cpu")
+    (frame,) = dec([b"\xff\xd8\xff"])
+    assert frame.shape == (2, 2, 3)
+    np.testing.assert_array_equal(frame.numpy(), strip[:, :, 2499:2501].permute(1, 2, 0).numpy())

@@ -74,19 +74,25 @@ def turned_jpeg(data: bytes) -> bool:
 MAX_ASPECT = 4  # a longer side beyond this many times the shorter one is cut to its center band first
 
 
-def center_band(im):
-    """``im`` with its longer side cut to the centered ``MAX_ASPECT`` x shorter side (the center crop lies inside
-    it): a 1 x 40,000-px image resized whole to a 224-px shorter side would take gigabytes."""
-    w, h = im.size
+def band_box(w: int, h: int) -> tuple[int, int, int, int] | None:
+    """(left, top, right, bottom) of the centered band ``MAX_ASPECT`` x the shorter side long, or None when the
+    image is not that elongated. The center crop lies inside it: a 1 x 40,000-px image resized whole to a 224-px
+    shorter side would take gigabytes."""
     short = min(w, h)
-    if max(w, h) <= MAX_ASPECT * short:
-        return im
     band = MAX_ASPECT * short
+    if max(w, h) <= band:
+        return None
     if w > h:
         left = (w - band) // 2
-        return im.crop((left, 0, left + band, h))
+        return left, 0, left + band, h
     top = (h - band) // 2
-    return im.crop((0, top, w, top + band))
+    return 0, top, w, top + band
+
+
+def center_band(im):
+    """A PIL image cut to its :func:`band_box` (unchanged when not elongated)."""
+    box = band_box(*im.size)
+    return im if box is None else im.crop(box)
 
 
 def to_rgb(im):
@@ -144,4 +150,12 @@ class GpuJpegDecoder:
                     decoded.append(self.tvio.decode_jpeg(t, device=self.device, mode=mode))
                 except Exception:  # noqa: BLE001 - left to the CPU, which reports why
                     decoded.append(None)
-        return [None if d is None else resize_center_crop(d.permute(1, 2, 0), self.size)[0] for d in decoded]
+        out = []
+        for d in decoded:
+            if d is not None:
+                box = band_box(d.shape[2], d.shape[1])
+                if box is not None:
+                    d = d[:, box[1]:box[3], box[0]:box[2]]
+                d = resize_center_crop(d.permute(1, 2, 0), self.size)[0]
+            out.append(d)
+        return out
