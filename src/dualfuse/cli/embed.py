@@ -56,6 +56,9 @@ class _Bar:
 
 
 def run(args) -> int:
+    import warnings
+
+    from PIL import Image
     from rich.console import Console
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TaskProgressColumn,
                                TextColumn, TimeElapsedColumn)
@@ -73,6 +76,10 @@ def run(args) -> int:
                       ray_cpus=args.ray_cpus,
                       limit=args.limit)
     console = Console(stderr=True)
+    # an image above PIL's first pixel limit is decoded all the same (above twice it, skipped and reported); its
+    # warning, one per size, would only tear the progress bar
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
     class Speed(ProgressColumn):
         def render(self, task):
             return Text(f"{task.speed:,.0f} images/s" if task.speed else "- images/s", style="cyan")
