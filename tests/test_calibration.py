@@ -79,6 +79,9 @@ def test_cache_round_trip_and_path(tmp_path, monkeypatch):
     (json.dumps(dict(schema=C.SCHEMA, **IDENT, steps={A: {"triton": -1.0}})), "not a positive time"),
     (json.dumps(dict(schema=C.SCHEMA, **IDENT, steps={A: {"triton": "fast"}})), "not a positive time"),
     (json.dumps(dict(schema=C.SCHEMA, **IDENT, steps=[1, 2])), "steps is not an object"),
+    (json.dumps(dict(schema=C.SCHEMA, **IDENT, steps={A: {"cublas": 1.0}})), "unknown entry 'cublas'"),
+    (json.dumps(dict(schema=C.SCHEMA, **IDENT, calls={"m": {"image b<=1": {"fused": 1.0, "grpah": 2.0}}})),
+     "unknown entry 'grpah'"),
 ])
 def test_corrupt_or_foreign_cache_is_ignored_with_a_warning(tmp_path, content, why):
     path = tmp_path / "cal.json"
@@ -98,6 +101,53 @@ def test_a_fused_executor_ignores_a_foreign_cache(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="another card"):
         ex = executors.get("fused", "clip-tiny", dtype="fp16", device=KERNEL_DEVICE)
     assert ex.calibration is None and "library" not in ex.notes
+
+
+def test_a_calibration_given_to_an_executor_is_checked_and_copied(tmp_path, monkeypatch):
+    """What fuse() is given is read once, at construction: a missing file and another card's Calibration object
+    are ignored with a warning (never trusted); this card's object is copied, so changing it afterwards does not
+    change the stage choices of runners built later; a bad type is a ValueError, for 'auto' too."""
+    from dualfuse.executors.fused.library import signature
+
+    monkeypatch.setenv("DUALFUSE_CACHE", str(tmp_path))
+    kw = dict(dtype="fp16", device=KERNEL_DEVICE, fold_ln=False)
+    with pytest.warns(UserWarning, match="calibration file .*nope.json not found"):
+        assert executors.get("fused", "clip-tiny", calibration=str(tmp_path / "nope.json"), **kw).calibration is None
+    foreign = C.Calibration(dict(C.identity(KERNEL_DEVICE), card="Other Card 80GB"))
+    with pytest.warns(UserWarning, match="another card or versions: card 'Other Card 80GB'"):
+        assert executors.get("fused", "clip-tiny", calibration=foreign, **kw).calibration is None
+    with pytest.warns(UserWarning, match="another card"):
+        auto = executors.get("auto", "clip-tiny", gemm_impl="triton", calibration=foreign, verbose=False, **kw)
+    assert auto.decisions == {} and "no calibration" in auto.notes
+    with pytest.raises(ValueError, match="calibration must be None, a path or a dualfuse.calibration.Calibration"):
+        executors.get("auto", "clip-tiny", gemm_impl="triton", calibration=3, verbose=False, **kw)
+
+    mine = C.Calibration(C.identity(KERNEL_DEVICE))
+    ex = executors.get("fused", "clip-tiny", calibration=mine, **kw)
+    assert ex.calibration is not mine and ex.calibration.ident == mine.ident
+    r = executors.get("fused", "clip-tiny", gemm_impl="triton", **kw).runner(0, 1, 16, capture=False)
+    for stage, problems in zip(r.plan.stages, r.stage_problems):  # after fuse(): every step "faster" on the library
+        if stage.kind not in ("linear", "attention"):
+            continue
+        for p in problems:
+            mine.steps[signature(p)] = {"triton": 9.0, "library": 1.0}
+        if len(problems) > 1:
+            mine.stages[C.stage_key([signature(p) for p in problems])] = {"triton": 9.0}
+    assert all(set(c["impls"]) == {"triton"} for c in ex.library_choices(0, 1, 16))
+    fresh = executors.get("fused", "clip-tiny", calibration=mine, **kw)  # a fuse() after the change sees it
+    assert any("library" in c["impls"] for c in fresh.library_choices(0, 1, 16))
+
+
+def test_auto_with_quantized_weights_does_not_use_the_16_bit_call_timings(tmp_path, monkeypatch):
+    """Call timings are per weight format: those of the 16-bit fused executor do not decide for an int8 one."""
+    monkeypatch.setenv("DUALFUSE_CACHE", str(tmp_path))
+    spec = to_spec(dualfuse.load("clip-tiny"))
+    key16 = C.model_key(spec, torch.float16)
+    assert C.model_key(spec, torch.float16, "int8") == key16 + "|int8"
+    cal = C.Calibration(C.identity(KERNEL_DEVICE), calls={key16: {"image b>128": {"fused": 9.0, "graph": 7.5}}})
+    kw = dict(dtype="fp16", device=KERNEL_DEVICE, calibration=cal, verbose=False)
+    assert "image b>128" in executors.get("auto", "clip-tiny", **kw).decisions
+    assert executors.get("auto", "clip-tiny", weights="int8", **kw).decisions == {}
 
 
 # --------------------------------------------------------------------------------------------- mixed plans

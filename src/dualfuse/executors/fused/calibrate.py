@@ -138,7 +138,7 @@ def calibrate(model, shapes, *, dtype=None, device=None, path: str | None = None
                                if c["kind"] in STAGE_KINDS and "library" in c["impls"]]
     if calls:
         graph = get("graph" if device.type == "cuda" else "eager", source, dtype=dtype, device=device, spec=spec)
-        mkey = C.model_key(spec, dtype)
+        mkey = C.model_key(spec, dtype, fused.weight_format)
         for s in shapes:
             fam = C.call_family(s[0], s[1])
             log(f"calibrate: fused vs graph at {s} ({fam})")
