@@ -260,6 +260,22 @@ def test_fuse_accepts_executor_auto(tmp_path, monkeypatch):
         dualfuse.fuse("clip-tiny", executor="graph")
 
 
+@pytest.mark.slow
+def test_bench_auto_row_says_why_and_where_the_shape_ran(tmp_path, monkeypatch, capsys):
+    """`dualfuse bench --executors auto`: the decisions are printed (stderr), the row's notes name the summary and
+    where this run's call shape went."""
+    from dualfuse.bench import run_bench
+
+    monkeypatch.setenv("DUALFUSE_CACHE", str(tmp_path))  # no calibration: fused everywhere, and it says so
+    res = run_bench("clip-tiny", executors=["auto"], image_batch=1, text_batch=0, dtype="fp16",
+                    device=KERNEL_DEVICE, iters=1, warmup=0, input_sets=1)
+    (row,) = res.rows
+    assert row.status == "ok" and row.cosine_ok and not row.stock
+    assert "auto: no calibration for this card, fused everywhere" in row.notes
+    assert row.notes.endswith("this shape ran fused")
+    assert "dualfuse auto: auto: no calibration" in capsys.readouterr().err
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["clip-vit-b-32", "siglip-base-patch16-224"])
 def test_library_steps_inside_the_cuda_graph_gpu(name, tmp_path, monkeypatch):
