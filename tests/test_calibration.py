@@ -251,6 +251,29 @@ def test_calibrate_with_given_timings_then_auto(tmp_path, monkeypatch, capsys):
     _parity(ex, to_spec(dualfuse.load("clip-tiny")), 1, 2)
 
 
+def test_calibrate_a_single_tower_and_bad_shapes(tmp_path, monkeypatch):
+    """A single tower (what a FusedTower's gemm_impl='auto' reads) calibrates its stages; call timings, which only
+    executor 'auto' (dual encoders) reads, are skipped and the log says so; shapes the model cannot run are a
+    ValueError naming the shape, not a failure inside."""
+    from transformers import CLIPVisionModel
+
+    from dualfuse.executors.fused.calibrate import calibrate
+
+    monkeypatch.setenv("DUALFUSE_CACHE", str(tmp_path))
+    tower = CLIPVisionModel(dualfuse.load("clip-tiny").config.vision_config)
+    logs = []
+    res = calibrate(tower, [(2, 0, 1)], dtype="fp16", device=KERNEL_DEVICE, timer=lambda op: 1.0, log=logs.append)
+    assert os.path.isfile(res.path) and res.stages_timed > 0 and res.calls == {}
+    assert any("single tower: stages only" in m for m in logs)
+    assert C.model_key(to_spec(tower), torch.float16).split("|")[2] == "t-"
+    with pytest.raises(ValueError, match=r"asks for texts, but this model has no text tower"):
+        calibrate(tower, [(1, 1, 1)], device=KERNEL_DEVICE, timer=lambda op: 1.0)
+    with pytest.raises(ValueError, match=r"text length must be in \[1, 16\]"):
+        calibrate("clip-tiny", [(1, 1, 0)], device=KERNEL_DEVICE, timer=lambda op: 1.0)
+    with pytest.raises(ValueError, match="ints >= 0"):
+        calibrate("clip-tiny", [(1, 1.5, 16)], device=KERNEL_DEVICE, timer=lambda op: 1.0)
+
+
 def test_fuse_accepts_executor_auto(tmp_path, monkeypatch):
     monkeypatch.setenv("DUALFUSE_CACHE", str(tmp_path))  # empty: no calibration, fused everywhere
     fused = dualfuse.fuse("clip-tiny", dtype=torch.float16, device=KERNEL_DEVICE, executor="auto", verbose=False)

@@ -82,8 +82,9 @@ def model_key(spec, dtype, weights: str = "fp16") -> str:
     16-bit weights add nothing) a call timing belongs to: a fused executor with quantized weights is not timed by
     a calibration of the 16-bit one."""
     v, t = spec.vision, spec.text
-    return (f"{spec.name or spec.family}|v{v.num_layers}x{v.width}@{v.seq_len}|t{t.num_layers}x{t.width}|"
-            f"{_dt(dtype)}" + ("" if weights in (None, "fp16") else f"|{weights}"))
+    vis = f"v{v.num_layers}x{v.width}@{v.seq_len}" if v is not None else "v-"
+    txt = f"t{t.num_layers}x{t.width}" if t is not None else "t-"
+    return f"{spec.name or spec.family}|{vis}|{txt}|{_dt(dtype)}" + ("" if weights in (None, "fp16") else f"|{weights}")
 
 
 # --------------------------------------------------------------------------------------------- the file

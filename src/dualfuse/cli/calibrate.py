@@ -47,7 +47,9 @@ def run(args) -> int:
     from ..util import write_json
 
     source = load(args.model, arch=args.arch)
-    shapes = parse_shapes(args.shapes, to_spec(source).text.context_length)
+    spec = to_spec(source)
+    # a single vision tower has no text length: IxT items need none (calibrate() refuses texts for it)
+    shapes = parse_shapes(args.shapes, spec.text.context_length if spec.text is not None else 1)
     res = calibrate(source, shapes, dtype=args.dtype, device=args.device, path=args.cache, calls=not args.no_calls,
                     log=print)
     for key, choices in res.choices.items():

@@ -113,9 +113,21 @@ def calibrate(model, shapes, *, dtype=None, device=None, path: str | None = None
     source = presets.load(model) if isinstance(model, str) else model
     spec = to_spec(source)
     shapes = [tuple(s) for s in shapes]
+    ctx = spec.text.context_length if spec.text is not None else None
     for s in shapes:
-        if len(s) != 3 or min(s) < 0 or s[0] + s[1] == 0:
-            raise ValueError(f"calibrate: expected shapes (images, texts, text_len), got {s!r}")
+        if (len(s) != 3 or not all(isinstance(x, int) and not isinstance(x, bool) for x in s) or min(s) < 0
+                or s[0] + s[1] == 0):
+            raise ValueError(f"calibrate: expected shapes (images, texts, text_len) of ints >= 0, got {s!r}")
+        for n, tower in ((s[0], "vision"), (s[1], "text")):
+            if n and getattr(spec, tower) is None:
+                raise ValueError(f"calibrate: shape {s!r} asks for {'images' if tower == 'vision' else 'texts'}, "
+                                 f"but this model has no {tower} tower (a single {spec.tower} tower)")
+        if s[1] and not 1 <= s[2] <= ctx:
+            raise ValueError(f"calibrate: text length must be in [1, {ctx}], got shape {s!r}")
+    if calls and spec.tower is not None:  # executor 'auto' serves dual encoders only: nothing would read them
+        log("calibrate: a single tower: stages only (executor 'auto', which reads call timings, is for dual "
+            "encoders)")
+        calls = False
     ident = C.identity(device)
     cal = C.load(device, path=path, ident=ident) or C.Calibration(ident, path=path)
     if timer is None:
