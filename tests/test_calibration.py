@@ -303,15 +303,17 @@ def test_bench_auto_row_says_why_and_where_the_shape_ran(tmp_path, monkeypatch, 
 @pytest.mark.parametrize("name", ["clip-vit-b-32", "siglip-base-patch16-224"])
 def test_library_steps_inside_the_cuda_graph_gpu(name, tmp_path, monkeypatch):
     """On CUDA: every plain step on cuBLAS / SDPA inside the captured graph matches the reference, replays stay
-    stable; a real calibration of one shape is saved and read back by a fused executor."""
+    stable (fp16, and bf16 with its fp32 residual stream, where a library GEMM's bf16 output is added into the
+    fp32 stream); a real calibration of one shape is saved and read back by a fused executor."""
     from dualfuse.executors.fused.calibrate import calibrate
 
     monkeypatch.setenv("DUALFUSE_CACHE", str(tmp_path))
     model = dualfuse.load(name)
     spec = to_spec(model)
-    ex = executors.get("fused", model, dtype="fp16", device="cuda", gemm_impl="library")
-    _parity(ex, spec, 4, 3)
-    _parity(ex, spec, 4, 3)  # a replay of the captured graph
+    for dtype in ("fp16", "bf16"):
+        ex = executors.get("fused", model, dtype=dtype, device="cuda", gemm_impl="library")
+        _parity(ex, spec, 4, 3)
+        _parity(ex, spec, 4, 3)  # a replay of the captured graph
     res = calibrate(model, [(4, 3, spec.text.context_length)], dtype="fp16", device="cuda", iters=3, warmup=1)
     assert os.path.isfile(res.path) and res.stages_timed > 0 and res.calls
     ex = executors.get("fused", model, dtype="fp16", device="cuda")
