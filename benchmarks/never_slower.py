@@ -6,7 +6,8 @@
 Models: b32 (CLIP ViT-B/32), l14, h14, bigg14, siglip-b16 (SigLIP B/16 224), so400m (SigLIP so400m/14-384).
 Shapes: 1+1 (one image + one text), img1 (image only, 1), 32+32, img256 (image only, 256), txt1024 (text only,
 1024); texts at the model's context length. Rows per cell: fused (gemm_impl="auto": library GEMMs / SDPA where
-the calibration made below says they win), fused-triton (every stage on Triton, the behaviour without
+the calibration made below says they win; without the auto row no calibration is made here, and the fused row
+reads whatever this card's cache holds: each fused row records the calibration file it used, None for none), fused-triton (every stage on Triton, the behaviour without
 calibration), auto (after this card's calibration of the
 model's shapes, whose seconds are reported), graph, compile (reduce-overhead), compile-max (max-autotune; skip it
 per model with --no-max-autotune, minutes per shape on large models), eager (only at batches <= 32), onnxruntime
@@ -150,6 +151,9 @@ def run_model(key: str, shape_names: list[str], executors: list[str], args) -> d
                     samples = time_calls(lambda i: call_towers(ex, *inputs[s][i % INPUT_SETS]), args.iters, device)
                 row.update(stats(samples))
                 row["notes"] = getattr(ex, "notes", "")
+                if hasattr(ex, "calibration"):  # fused rows: which calibration chose their stages (None: all Triton)
+                    cal = ex.calibration
+                    row["calibration"] = (cal.path or "given") if cal is not None else None
                 if getattr(ex, "compiles_on_first_call", False):
                     row["compile_s"] = row["first_call_s"]  # compile + autotune of this shape (first call)
                 if name == "auto":  # where this call went, and every family's decision with its reason
