@@ -150,6 +150,28 @@ def test_auto_with_quantized_weights_does_not_use_the_16_bit_call_timings(tmp_pa
     assert executors.get("auto", "clip-tiny", weights="int8", **kw).decisions == {}
 
 
+@pytest.mark.slow
+def test_auto_says_why_a_graph_choice_is_not_taken_when_the_model_falls_back(tmp_path, monkeypatch, capsys):
+    """A model the kernels do not cover (head dim 136 > 128) runs on the fallback executor: a calibrated 'graph'
+    choice is reported as not taken, with the reason, instead of printing '-> graph' under 'fused everywhere'."""
+    import copy
+
+    from transformers import CLIPModel
+
+    monkeypatch.setenv("DUALFUSE_CACHE", str(tmp_path))
+    cfg = copy.deepcopy(dualfuse.load("clip-tiny").config)
+    cfg.vision_config.hidden_size, cfg.vision_config.num_attention_heads = 272, 2
+    model = CLIPModel(cfg).eval()
+    key = C.model_key(to_spec(model), torch.float32)
+    cal = C.Calibration(C.identity(KERNEL_DEVICE), calls={key: {"image b>128": {"fused": 9.0, "graph": 7.5}}})
+    with pytest.warns(UserWarning, match="falling back"):
+        ex = executors.get("auto", model, dtype="fp32", device=KERNEL_DEVICE, calibration=cal)
+    assert ex.fallback is not None and ex.graph is None
+    choice, why = ex.decisions["image b>128"]
+    assert choice == "fused" and "graph wanted; the fused kernels do not cover this model here" in why
+    assert "-> graph" not in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------------------------- mixed plans
 
 def _parity(ex, spec, bi=2, bt=3):

@@ -51,8 +51,10 @@ class AutoExecutor(FusedExecutor):
         self.graph = None
         wants_graph = [f for f, (choice, _) in self.decisions.items() if choice == "graph"]
         why_not = None
-        if wants_graph and self.fallback is None:
-            if isinstance(source, DualEncoderSpec):
+        if wants_graph:
+            if self.fallback is not None:
+                why_not = f"the fused kernels do not cover this model here: every call runs on {self.fallback.name}"
+            elif isinstance(source, DualEncoderSpec):
                 why_not = "given a DualEncoderSpec: no source model for the graph executor"
             elif self.device.type != "cuda":
                 why_not = "the graph executor needs CUDA"
