@@ -95,10 +95,13 @@ def time_stages(ex, shape, cal: "C.Calibration", timer) -> int:
 
 
 def calibrate(model, shapes, *, dtype=None, device=None, path: str | None = None, calls: bool = True,
-              iters: int = 30, warmup: int = 5, timer=None, save: bool = True, log=None) -> CalibrationResult:
+              iters: int = 30, warmup: int = 5, timer=None, save: bool = True, log=None,
+              fresh: bool = False) -> CalibrationResult:
     """Calibrate ``model`` (preset name or model object) on ``device`` for ``shapes`` (a list of
     ``(images, texts, text_len)``); merged into the cache file (``path``: this file instead) and saved. ``calls``:
-    also time the fused and graph executors end to end per shape (for ``executor="auto"``)."""
+    also time the fused and graph executors end to end per shape (for ``executor="auto"``). Timings already in
+    the file are kept (not taken again) unless ``fresh``: then the file is rewritten from this run's timings alone
+    (e.g. after a run on a busy or throttled card)."""
     from ... import presets
     from ...adapters import to_spec
     from ...bench import call_towers, random_inputs
@@ -129,7 +132,7 @@ def calibrate(model, shapes, *, dtype=None, device=None, path: str | None = None
             "encoders)")
         calls = False
     ident = C.identity(device)
-    cal = C.load(device, path=path, ident=ident) or C.Calibration(ident, path=path)
+    cal = (None if fresh else C.load(device, path=path, ident=ident)) or C.Calibration(ident, path=path)
     if timer is None:
         if device.type != "cuda":
             raise ValueError("calibrate: timing needs a CUDA device (or a timer=... for tests)")
