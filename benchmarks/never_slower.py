@@ -3,19 +3,19 @@
     python benchmarks/never_slower.py --models b32 --shapes all --out benchmarks/results/<card>-<date>/never-slower/
     python benchmarks/never_slower.py --models bigg14 --shapes 1+1,img1 --no-max-autotune bigg14 --out ...
 
-Models: b32 (CLIP ViT-B/32), l14, h14, bigg14, siglip-b16 (SigLIP B/16 224), so400m (SigLIP so400m/14-384).
-Shapes: 1+1 (one image + one text), img1 (image only, 1), 32+32, img256 (image only, 256), txt1024 (text only,
-1024); texts at the model's context length. Rows per cell: fused (gemm_impl="auto": library GEMMs / SDPA where
-the calibration made below says they win; without the auto row no calibration is made here, and the fused row
-reads whatever this card's cache holds: each fused row records the calibration file it used, None for none), fused-triton (every stage on Triton, the behaviour without
-calibration), auto (after this card's calibration of the
-model's shapes, whose seconds are reported), graph, compile (reduce-overhead), compile-max (max-autotune; skip it
-per model with --no-max-autotune, minutes per shape on large models), eager (only at batches <= 32), onnxruntime
-(the CUDA EP where onnxruntime-gpu imports, else an 'unavailable' row saying why). Each executor is built once per
-model and runs every shape of the invocation; each cell checks its output on the first input set against the fp32
-reference forward (per-embedding cosine >= 0.999), then times ``--iters`` calls (CUDA events, synchronized per
-call, 4 input sets rotated) after ``--warmup``. A cell that does not fit in memory says so; one that fails says
-why; the others still run.
+Models: b32 (CLIP ViT-B/32), l14, h14, bigg14, siglip-b16 (SigLIP B/16 224), so400m (SigLIP so400m/14-384). Shapes:
+1+1 (one image + one text), img1 (image only, 1), 32+32, img256 (image only, 256), txt1024 (text only, 1024); texts
+at the model's context length. Rows per cell: fused (gemm_impl="auto": library GEMMs / SDPA where the calibration
+made below says they win; without the auto row no calibration is made here, and the fused row reads whatever this
+card's cache holds: each fused row records the calibration file it used, None for none), fused-triton (every stage
+on Triton, the behaviour without calibration), auto (after this card's calibration of the model's shapes, whose
+seconds are reported; its decisions and reasons are printed and recorded), graph, compile (reduce-overhead),
+compile-max (max-autotune; skip it per model with --no-max-autotune, minutes per shape on large models), eager (only
+at batches <= 32), onnxruntime (the CUDA EP where onnxruntime-gpu imports, else an 'unavailable' row saying why).
+Each executor is built once per model and runs every shape of the invocation; each cell checks its output on the
+first input set against the fp32 reference forward (per-embedding cosine >= 0.999), then times ``--iters`` calls
+(CUDA events, synchronized per call, 4 input sets rotated) after ``--warmup``. A cell that does not fit in memory
+says so; one that fails says why; the others still run.
 
 Printed at the end: per cell the median ms of every row and fused / best stock and auto / best stock (time
 ratios: <= 1.00 = never slower). JSON (``--out`` folder): one file per invocation with the environment, the
@@ -247,8 +247,8 @@ def main(argv=None) -> int:
     # the commit as the caller names it (DUALFUSE_COMMIT, as gpu_figures.sh passes it): a copied work tree may carry
     # no .git, or an older one
     env["commit"] = os.environ.get("DUALFUSE_COMMIT") or "unknown"
-    print(f"never_slower on {env['card']} · torch {env['torch']} · triton {env['triton']} · commit {env['commit']} · "
-          f"{env['date']}", flush=True)
+    print(f"never_slower on {env['card']} · torch {env['torch']} · triton {env['triton']} · "
+          f"commit {env['commit']} · {env['date']}", flush=True)
     t0 = time.perf_counter()
     results = []
     for m in models:

@@ -53,7 +53,8 @@ def run(args) -> int:
     spec = to_spec(source)
     # a single vision tower has no text length: IxT items need none (calibrate() refuses texts for it)
     shapes = parse_shapes(args.shapes, spec.text.context_length if spec.text is not None else 1)
-    res = calibrate(source, shapes, dtype=args.dtype, device=args.device, path=args.cache, calls=not args.no_calls, fresh=args.fresh,
+    res = calibrate(source, shapes, dtype=args.dtype, device=args.device, path=args.cache, calls=not args.no_calls,
+                    fresh=args.fresh,
                     log=print)
     for key, choices in res.choices.items():
         print(f"{key}: " + ("; ".join(f"{'+'.join(s)} -> {'/'.join(i)}" for s, i, _ in choices)

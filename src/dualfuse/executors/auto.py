@@ -3,11 +3,12 @@
 Decided once, when the executor is built (``executor="auto"`` in ``dualfuse.fuse`` / ``dualfuse bench``), from
 this card's calibration (dualfuse.calibration, ``calls``: the calibrated medians of both executors for this model,
 dtype and fused weight format; a calibration given as a path or object is checked and copied by
-:func:`dualfuse.calibration.resolve`): for each calibrated call family (towers present x batch bucket, :func:`dualfuse.calibration.call_family`)
-the faster one. A call goes to the graph executor when its family chose graph; everything else (uncalibrated
-families, uint8 camera frames, SigLIP2 NaFlex patch sequences) runs fused, as ``executor="fused"`` would. The
-reasons are printed once (stderr, ``verbose=True``) and kept in ``decisions`` and ``notes``. The fused side also
-takes its per-stage library choices from the same calibration (``gemm_impl="auto"``).
+:func:`dualfuse.calibration.resolve`): for each calibrated call family (towers present x batch bucket,
+:func:`dualfuse.calibration.call_family`) the faster one. A call goes to the graph executor when its family
+chose graph; everything else (uncalibrated families, uint8 camera frames, SigLIP2 NaFlex patch sequences) runs
+fused, as ``executor="fused"`` would. The reasons are printed once (stderr, ``verbose=True``) and kept in
+``decisions`` and ``notes``. The fused side also takes its per-stage library choices from the same calibration
+(``gemm_impl="auto"``).
 
 The graph executor is built only when some family chose it; it keeps a private copy of the source model (so
 memory is the fused executor's plus the graph executor's then). A model given as a DualEncoderSpec (no source
