@@ -90,6 +90,19 @@ def test_corrupt_or_foreign_cache_is_ignored_with_a_warning(tmp_path, content, w
         assert C.load(path=str(path), ident=IDENT) is None
 
 
+def test_a_cache_from_changed_kernels_is_ignored(tmp_path, monkeypatch):
+    """The identity holds a digest of the kernels' and the fused executor's source: timings made by another
+    checkout of the same version are not trusted, and the warning names what differs."""
+    ident = C.identity("cpu")
+    assert ident["kernels"] == C.kernels_digest() and len(ident["kernels"]) == 12
+    path = tmp_path / "cal.json"
+    path.write_text(json.dumps(C.Calibration(dict(ident, kernels="0123456789ab")).to_dict()))
+    with pytest.warns(UserWarning, match="kernels '0123456789ab' .*dualfuse calibrate"):
+        assert C.load(path=str(path), ident=ident) is None
+    path.write_text(json.dumps(C.Calibration(dict(ident)).to_dict()))
+    assert C.load(path=str(path), ident=ident).ident == ident
+
+
 @pytest.mark.slow
 def test_a_fused_executor_ignores_a_foreign_cache(tmp_path, monkeypatch):
     """The executor's own load (gemm_impl='auto', the default): a file of another card is not trusted."""

@@ -28,10 +28,13 @@ serves every model with those step shapes. Pure Python: testable on CPU with giv
 from __future__ import annotations
 
 import copy
+import functools
+import hashlib
 import itertools
 import json
 import math
 import os
+import pathlib
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -93,8 +96,20 @@ def card_slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "_", name).strip("_") or "unknown"
 
 
+@functools.cache
+def kernels_digest() -> str:
+    """A short hash of the source of what a calibration times (the Triton kernels and the fused executor's
+    launch code): a checkout that changed them under the same version number does not trust older timings."""
+    root = pathlib.Path(__file__).resolve().parent
+    h = hashlib.sha1()
+    for sub in ("kernels", "executors/fused"):
+        for path in sorted((root / sub).rglob("*.py")):
+            h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:12]
+
+
 def identity(device) -> dict:
-    """The card and versions a calibration is valid for."""
+    """The card and versions a calibration is valid for (``kernels``: :func:`kernels_digest`)."""
     from importlib.metadata import PackageNotFoundError, version
 
     import torch
@@ -107,7 +122,7 @@ def identity(device) -> dict:
         triton = version("triton")
     except PackageNotFoundError:
         triton = "none"
-    return dict(card=card, torch=torch.__version__, triton=triton, dualfuse=__version__)
+    return dict(card=card, torch=torch.__version__, triton=triton, dualfuse=__version__, kernels=kernels_digest())
 
 
 def cache_dir() -> str:
@@ -226,7 +241,7 @@ def parse(data, ident: dict, path: str = "<data>") -> Calibration | None:
         other = {k: data.get(k) for k in ident}
         if other != ident:
             diff = ", ".join(f"{k} {other[k]!r} (here {ident[k]!r})" for k in ident if other[k] != ident[k])
-            why = f"made for another card or versions: {diff}"
+            why = f"made for another card or versions: {diff} (`dualfuse calibrate` makes one for this card and these versions)"
         else:
             calls = data.get("calls", {})
             why = (_valid_times(data.get("steps", {}), "steps", STEP_KEYS)
