@@ -327,6 +327,23 @@ def test_fuse_accepts_executor_auto(tmp_path, monkeypatch):
         dualfuse.fuse("clip-tiny", executor="graph")
 
 
+def test_auto_rebuilt_by_half_says_why_its_graph_choices_are_not_taken(tmp_path, monkeypatch):
+    """.half() rebuilds from the kept spec, which has no source model for the graph executor: the rebuilt auto
+    runs fused and its reasons say so (docs/executors.md)."""
+    monkeypatch.setenv("DUALFUSE_CACHE", str(tmp_path))
+    spec = to_spec(dualfuse.load("clip-tiny"))
+    graph_wins = {"image b>128": {"fused": 9.0, "graph": 7.5}}
+    cal = C.Calibration(C.identity(KERNEL_DEVICE), calls={C.model_key(spec, dt): graph_wins
+                                                           for dt in (torch.float32, torch.float16)})
+    fused = dualfuse.fuse("clip-tiny", dtype=torch.float32, device=KERNEL_DEVICE, executor="auto",
+                          calibration=cal, verbose=False)
+    fused.half()
+    assert type(fused.executor).__name__ == "AutoExecutor" and fused.executor.dtype == torch.float16
+    choice, why = fused.executor.decisions["image b>128"]
+    assert choice == "fused" and "no source model for the graph executor" in why
+    assert fused.executor.route(256, 0) == "fused"
+
+
 @pytest.mark.slow
 def test_bench_auto_row_says_why_and_where_the_shape_ran(tmp_path, monkeypatch, capsys):
     """`dualfuse bench --executors auto`: the decisions are printed (stderr), the row's notes name the summary and
