@@ -318,3 +318,15 @@ def test_gpu_decoder_cuts_elongated_frames_before_resizing(test_seed):
     (frame,) = dec([b"\xff\xd8\xff"])
     assert frame.shape == (2, 2, 3)
     np.testing.assert_array_equal(frame.numpy(), strip[:, :, 2499:2501].permute(1, 2, 0).numpy())
+
+
+def test_missing_faiss_is_reported_before_the_run(tmp_path, test_seed, monkeypatch):
+    import sys
+
+    rng = np.random.default_rng(test_seed)
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "a.jpg").write_bytes(_jpeg(rng))
+    monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss raises ImportError
+    with pytest.raises(ValueError, match="needs FAISS"):
+        _run(tmp_path / "imgs", tmp_path / "out", index="faiss")
+    assert not (tmp_path / "out").exists()

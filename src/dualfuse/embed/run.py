@@ -24,6 +24,10 @@ def run_embed(config: EmbedConfig | None = None, progress=None, encoder=None, **
     from .store import Store
 
     cfg = config
+    if cfg.index == "faiss":
+        from .index import require_faiss
+
+        require_faiss()  # before the run, not after it
     source = open_source(cfg.images, captions=cfg.captions, text_column=cfg.text_column,
                          image_column=cfg.image_column, key_column=cfg.key_column)
     try:
