@@ -330,3 +330,27 @@ def test_missing_faiss_is_reported_before_the_run(tmp_path, test_seed, monkeypat
     with pytest.raises(ValueError, match="needs FAISS"):
         _run(tmp_path / "imgs", tmp_path / "out", index="faiss")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.gpu
+def test_gpu_nvjpeg_path_turns_exif_and_cuts_elongated_jpegs(tmp_path, test_seed):
+    """On a GPU with --decode gpu: a JPEG with an EXIF orientation goes to the CPU (nvJPEG ignores the tag) and an
+    elongated JPEG is cut on the device; both embed nearly as the CPU decode does."""
+    from PIL import Image
+
+    rng = np.random.default_rng(test_seed)
+    root = tmp_path / "imgs"
+    root.mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    a = rng.integers(0, 256, (48, 96, 3), dtype=np.uint8)
+    Image.fromarray(a).save(root / "turned.jpg", quality=95, exif=exif.tobytes())
+    Image.fromarray(rng.integers(0, 256, (40, 4000, 3), dtype=np.uint8)).save(root / "strip.jpg", quality=95)
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(root / "plain.jpg", quality=95)
+    cpu = _run(root, tmp_path / "cpu", executor="fused", dtype="fp16", device="cuda")
+    gpu = _run(root, tmp_path / "gpu", executor="fused", dtype="fp16", device="cuda", decode="gpu")
+    assert cpu.images == gpu.images == 3
+    ka, va = read_embeddings(str(tmp_path / "cpu"))
+    kb, vb = read_embeddings(str(tmp_path / "gpu"))
+    assert ka == kb
+    assert (np.sum(va * vb, axis=1) > 0.95).all()
