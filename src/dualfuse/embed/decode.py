@@ -23,7 +23,7 @@ def decode_frame(data: bytes, size: int) -> np.ndarray:
     readable image."""
     from PIL import Image, UnidentifiedImageError
 
-    from ..data import resize_center_crop_pil
+    from ..data import resize_center_crop_pil, upright
 
     if not data:
         raise ValueError("empty file")
@@ -42,25 +42,12 @@ def decode_frame(data: bytes, size: int) -> np.ndarray:
         raise ValueError(f"corrupt image ({type(e).__name__}: {str(e)[:120]})") from None
 
 
-EXIF_ORIENTATION = 0x0112
-
-
-def upright(im):
-    """``im`` turned as its EXIF orientation says (a phone's portrait photo is stored sideways with a tag), as
-    Hugging Face's ``load_image`` does before the processor."""
-    from PIL import ImageOps
-
-    try:
-        turned = im.getexif().get(EXIF_ORIENTATION, 1) not in (1, None)
-    except Exception:  # noqa: BLE001 - a broken EXIF block leaves the image as stored
-        return im
-    return ImageOps.exif_transpose(im) if turned else im
-
-
 def turned_jpeg(data: bytes) -> bool:
     """Whether JPEG bytes carry an EXIF orientation other than "as stored" (nvJPEG ignores it: the CPU decodes
     those). Reads the headers only."""
     from PIL import Image
+
+    from ..data import EXIF_ORIENTATION
 
     if b"Exif" not in data[:65536]:
         return False
