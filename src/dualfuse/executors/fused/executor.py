@@ -34,7 +34,8 @@ MAX_HEAD_DIM = 128  # attention keeps a [BLOCK_M, head_dim] accumulator in regis
 def unsupported_reason(spec: DualEncoderSpec, dtype: torch.dtype, device: torch.device) -> str | None:
     """Why the fused kernels can't run this model here, or None if they can."""
     if device.type != "cuda" and not is_interpreter():
-        return "the fused Triton kernels need a CUDA device (or TRITON_INTERPRET=1 on CPU, for tests)"
+        return ("the fused Triton kernels need a CUDA device (or TRITON_INTERPRET=1 on CPU, for tests); on a CPU "
+                "run another executor, e.g. eager")
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"dtype {dtype} is not supported (fp16, bf16, fp32)"
     for t in (spec.vision, spec.text):
