@@ -1,0 +1,154 @@
+"""Single towers end to end: `dualfuse bench` / `eval` on tower checkpoint directories (every executor that runs on
+this machine, onnxruntime included), the SigLIP2 NaFlex vision tower alone, state_dict round trips, and the
+refusals of calls and options that would return nothing or drop outputs (CPU, Triton interpreter, tiny configs)."""
+import json
+
+import pytest
+import torch
+
+import dualfuse
+from dualfuse import cli
+
+transformers = pytest.importorskip("transformers")
+
+ATOL = 2e-4
+FAST = ["--iters", "1", "--warmup", "1", "--input-sets", "1", "--no-progress"]
+
+
+def _vision_kw(**kw):
+    return dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                patch_size=8, **kw)
+
+
+def _text_kw():
+    return dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, vocab_size=99,
+                max_position_embeddings=16)
+
+
+def _save(model, path):
+    model.save_pretrained(str(path))
+    return str(path)
+
+
+def _bench_rows(tmp_path, model_dir, executors):
+    out = tmp_path / "bench.json"
+    rc = cli.main(["bench", "--model", model_dir, "--executors", executors, *FAST, "--json", str(out)])
+    return rc, {r["executor"]: r for r in json.loads(out.read_text())["results"]}
+
+
+@pytest.mark.parametrize("which", [pytest.param("text", marks=pytest.mark.slow), "siglip-vision-nohead"])
+def test_bench_tower_checkpoint_onnxruntime(tmp_path, which):
+    """`dualfuse bench --model <tower dir>`: ONNX Runtime runs a text tower alone and a SigLIP vision tower without
+    its pooling head (whose embeddings are its tokens), at the fp32 reference's cosine."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    T = transformers
+    torch.manual_seed(0)
+    if which == "text":
+        model = T.SiglipTextModel(T.SiglipTextConfig(**_text_kw()))
+    else:
+        model = T.SiglipVisionModel(T.SiglipVisionConfig(**_vision_kw(), vision_use_head=False))
+    rc, rows = _bench_rows(tmp_path, _save(model, tmp_path / "tower"), "eager,onnxruntime")
+    assert rc == 0, rows
+    for name in ("eager", "onnxruntime"):
+        assert rows[name]["status"] == "ok" and rows[name]["cosine_ok"] is True, rows[name]
+
+
+@pytest.mark.slow
+def test_bench_and_eval_vision_tower_checkpoint(tmp_path, capsys):
+    """A CLIPVisionModelWithProjection directory: bench (eager, fused; graph needs CUDA) and eval parity."""
+    T = transformers
+    torch.manual_seed(0)
+    path = _save(T.CLIPVisionModelWithProjection(T.CLIPVisionConfig(**_vision_kw(), projection_dim=16)),
+                 tmp_path / "tower")
+    rc, rows = _bench_rows(tmp_path, path, "eager,graph,fused")
+    assert rc == 0
+    assert rows["fused"]["status"] == "ok" and rows["fused"]["cosine_ok"] is True
+    assert rows["graph"]["status"] == ("ok" if torch.cuda.is_available() else "needs CUDA")
+    capsys.readouterr()
+    assert cli.main(["eval", "--model", path, "--device", "cpu", "--samples", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "image cosine" in out and "PASS" in out
+
+
+@pytest.mark.slow
+def test_siglip2_vision_tower(tmp_path):
+    """Siglip2VisionModel alone (NaFlex): pooler_output equals the source's for images of two patch grids in one
+    batch; hidden states are refused; `dualfuse bench` on its checkpoint directory runs (ONNX: unavailable, says
+    why)."""
+    T = transformers
+    torch.manual_seed(0)
+    src = T.Siglip2VisionModel(T.Siglip2VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                     num_attention_heads=2, patch_size=4, num_patches=16)).eval()
+    px = torch.randn(2, 16, 3 * 4 * 4)
+    shapes = torch.tensor([[4, 4], [2, 3]])
+    mask = torch.zeros(2, 16, dtype=torch.long)
+    mask[0], mask[1, :6] = 1, 1
+    with torch.no_grad():
+        want = src(pixel_values=px, pixel_attention_mask=mask, spatial_shapes=shapes)
+    fused = dualfuse.fuse(src)
+    assert fused.executor.fallback is None
+    got = fused(pixel_values=px, pixel_attention_mask=mask, spatial_shapes=shapes)
+    assert type(got) is type(want) and got.last_hidden_state is None
+    torch.testing.assert_close(got.pooler_output, want.pooler_output, atol=ATOL, rtol=1e-3)
+    torch.testing.assert_close(fused(px, mask, shapes).pooler_output, want.pooler_output, atol=ATOL, rtol=1e-3)
+    with pytest.raises(ValueError, match="output_hidden_states is not supported for SigLIP2 NaFlex"):
+        fused(pixel_values=px, pixel_attention_mask=mask, spatial_shapes=shapes, output_hidden_states=True)
+    with pytest.raises(ValueError, match="spatial_shapes and pixel_attention_mask"):
+        fused(pixel_values=px)
+    rc, rows = _bench_rows(tmp_path, _save(src, tmp_path / "tower"), "eager,onnxruntime")
+    assert rc == 0 and rows["eager"]["cosine_ok"] is True
+    if "onnxruntime" in rows and rows["onnxruntime"]["status"] != "ok":
+        assert "NaFlex" in rows["onnxruntime"]["message"]
+
+
+@pytest.mark.parametrize("name", ["CLIPVisionModelWithProjection", "open_clip"])
+def test_tower_state_dict_round_trip(name):
+    """fused.load_state_dict(other_fused.state_dict()) gives the other tower's outputs (no logit_scale either way)."""
+    T = transformers
+    if name == "open_clip":
+        pytest.importorskip("open_clip")
+        a, b = (dualfuse.load("open_clip-tiny", seed=s).visual.eval() for s in (1, 2))
+    else:
+        torch.manual_seed(1)
+        a, b = (T.CLIPVisionModelWithProjection(T.CLIPVisionConfig(**_vision_kw(), projection_dim=16)).eval()
+                for _ in range(2))
+    fa, fb = dualfuse.fuse(a), dualfuse.fuse(b)
+    sd = fb.state_dict()
+    assert "logit_scale" not in sd
+    missing, unexpected = fa.load_state_dict(sd)
+    assert missing == [] and unexpected == []
+    px = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = b(px)
+    got = fa(px)
+    if name == "open_clip":
+        torch.testing.assert_close(got, want, atol=ATOL, rtol=1e-3)
+    else:
+        torch.testing.assert_close(got.image_embeds, want.image_embeds, atol=ATOL, rtol=1e-3)
+
+
+def test_tower_refuses_calls_and_options_that_return_nothing():
+    T = transformers
+    src = T.CLIPVisionModel(T.CLIPVisionConfig(**_vision_kw())).eval()
+    with pytest.raises(ValueError, match=r"hidden_states=\(\) without the pooled output"):
+        dualfuse.fuse(src, hidden_states=())
+    fused = dualfuse.fuse(src, hidden_states=(-2,))
+    px = torch.randn(1, 3, 32, 32)
+    with pytest.raises(ValueError, match="this call would return nothing"):
+        fused(px)  # e.g. PaliGemma, which reads last_hidden_state, given a tower fused for LLaVA
+    with torch.no_grad():
+        want = src(px, output_hidden_states=True).hidden_states[-2]
+    torch.testing.assert_close(fused(px, output_hidden_states=-2).hidden_states[-2], want, atol=ATOL, rtol=1e-3)
+    only_pooled = dualfuse.fuse(src, hidden_states=(), pooled=True)
+    with torch.no_grad():
+        torch.testing.assert_close(only_pooled(px).pooler_output, src(px).pooler_output, atol=ATOL, rtol=1e-3)
+
+
+def test_open_clip_visual_output_tokens_refused():
+    """open_clip's visual with output_tokens=True returns (pooled, tokens): refused at fuse(), not silently pooled."""
+    pytest.importorskip("open_clip")
+    visual = dualfuse.load("open_clip-tiny").visual.eval()
+    visual.output_tokens = True
+    with pytest.raises(ValueError, match="output_tokens=True"):
+        dualfuse.fuse(visual)
