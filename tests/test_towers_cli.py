@@ -152,3 +152,36 @@ def test_open_clip_visual_output_tokens_refused():
     visual.output_tokens = True
     with pytest.raises(ValueError, match="output_tokens=True"):
         dualfuse.fuse(visual)
+
+
+@pytest.mark.slow
+def test_tower_half_keeps_its_options():
+    """.half() rebuilds a tower in fp16 with the same fuse() options: the layer it was fused for, within fp16
+    error of the fp32 source; other layers still refused."""
+    T = transformers
+    torch.manual_seed(3)
+    src = T.CLIPVisionModel(T.CLIPVisionConfig(**_vision_kw())).eval()
+    fused = dualfuse.fuse(src, hidden_states=(-2,)).half()
+    assert fused.dtype == torch.float16 and fused.executor.hidden_states == (1,)
+    px = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = src(px, output_hidden_states=True).hidden_states[-2]
+    got = fused(px.half(), output_hidden_states=-2).hidden_states[-2]
+    assert got.dtype == torch.float16
+    torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
+    with pytest.raises(ValueError, match=r"built for hidden states \(1,\)"):
+        fused(px.half(), output_hidden_states=-1)
+
+
+@pytest.mark.slow
+def test_profile_tower_checkpoint(tmp_path):
+    """`dualfuse profile --model <tower dir>` profiles the tower alone."""
+    T = transformers
+    torch.manual_seed(0)
+    path = _save(T.CLIPTextModel(T.CLIPTextConfig(**_text_kw(), eos_token_id=98)), tmp_path / "tower")
+    out = tmp_path / "prof"
+    assert cli.main(["profile", "--model", path, "--executor", "eager", "--iters", "1", "--warmup", "1",
+                     "--latency-runs", "1", "--out", str(out)]) == 0
+    data = json.loads((out / "profile.json").read_text())
+    assert data["image_batch"] == 0 and data["text_batch"] == 1
+    assert "| text |" in (out / "report.md").read_text()
