@@ -185,3 +185,23 @@ def test_profile_tower_checkpoint(tmp_path):
     data = json.loads((out / "profile.json").read_text())
     assert data["image_batch"] == 0 and data["text_batch"] == 1
     assert "| text |" in (out / "report.md").read_text()
+
+
+def test_fallback_tower_takes_uint8_frames():
+    """A tower the kernels do not cover (head dim 160) runs its source model; uint8 frames are normalized first, as
+    the fused path does (the source alone would read raw 0..255 values, or misread channels-last frames)."""
+    from dualfuse.adapters import image_normalization
+
+    T = transformers
+    torch.manual_seed(4)
+    cfg = T.CLIPVisionConfig(hidden_size=160, intermediate_size=64, num_hidden_layers=1, num_attention_heads=1,
+                             image_size=16, patch_size=8, projection_dim=8)
+    src = T.CLIPVisionModelWithProjection(cfg).eval()
+    with pytest.warns(UserWarning, match="head dim 160 > 128"):
+        fused = dualfuse.fuse(src)
+    frames = torch.randint(0, 256, (2, 16, 16, 3), dtype=torch.uint8)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in image_normalization(src, "hf_clip"))
+    with torch.no_grad():
+        want = src((frames.permute(0, 3, 1, 2).float() / 255 - mean) / std).image_embeds
+    torch.testing.assert_close(fused(frames).image_embeds, want, atol=ATOL, rtol=1e-3)
+    torch.testing.assert_close(fused(frames.permute(0, 3, 1, 2)).image_embeds, want, atol=ATOL, rtol=1e-3)

@@ -412,6 +412,9 @@ class FusedTower(FusedModel):
             raise ValueError("forward: output_attentions is not supported: the fused attention kernel does not "
                              "materialize the attention weights")
         if self.executor.fallback is not None:  # the private source model, called as the user called it
+            px = a.get("pixel_values")
+            if isinstance(px, torch.Tensor) and px.dtype == torch.uint8:  # frames: normalized as the fused path does
+                a["pixel_values"] = self.executor.validate(px, None)[0]
             a.update(return_dict=return_dict, output_hidden_states=hidden)
             return self.executor.fallback.model(**{k: v for k, v in a.items() if v is not None})
         if self.tower == "vision":
