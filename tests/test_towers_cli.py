@@ -205,3 +205,24 @@ def test_fallback_tower_takes_uint8_frames():
         want = src((frames.permute(0, 3, 1, 2).float() / 255 - mean) / std).image_embeds
     torch.testing.assert_close(fused(frames).image_embeds, want, atol=ATOL, rtol=1e-3)
     torch.testing.assert_close(fused(frames.permute(0, 3, 1, 2)).image_embeds, want, atol=ATOL, rtol=1e-3)
+
+
+def test_tower_follows_config_defaults():
+    """As transformers does: a call without return_dict / output_hidden_states takes them from the model's config
+    (fused.config, a copy of the source's)."""
+    T = transformers
+    torch.manual_seed(5)
+    src = T.CLIPVisionModel(T.CLIPVisionConfig(**_vision_kw())).eval()
+    fused = dualfuse.fuse(src)
+    px = torch.randn(1, 3, 32, 32)
+    for cfg in (src.config, fused.config):
+        cfg.return_dict, cfg.output_hidden_states = False, True
+    with torch.no_grad():
+        want = src(px)
+    got = fused(px)
+    assert isinstance(want, tuple) and isinstance(got, tuple) and len(got) == len(want) == 3
+    torch.testing.assert_close(got[0], want[0], atol=ATOL, rtol=1e-3)
+    torch.testing.assert_close(got[1], want[1], atol=ATOL, rtol=1e-3)
+    assert len(got[2]) == len(want[2])
+    for a, b in zip(got[2], want[2]):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=1e-3)

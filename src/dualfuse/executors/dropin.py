@@ -408,6 +408,11 @@ class FusedTower(FusedModel):
         if return_dict not in (None, True, False):
             raise ValueError(f"forward: return_dict must be None, True or False, got {return_dict!r}")
         hidden = a.pop("output_hidden_states", None)
+        # transformers' defaults when the call leaves them out: the model config's return_dict / output_hidden_states
+        if return_dict is None and self._config is not None:
+            return_dict = getattr(self._config, "return_dict", None)
+        if hidden is None and self._config is not None:
+            hidden = getattr(self._config, "output_hidden_states", None)
         if a.pop("output_attentions", None) not in (None, False):
             raise ValueError("forward: output_attentions is not supported: the fused attention kernel does not "
                              "materialize the attention weights")
