@@ -215,6 +215,13 @@ def test_vlm_with_fused_vision_tower(make, fuse_kw):
     assert torch.equal(got_tokens, want_tokens)
 
 
+def test_fusing_a_whole_vlm_points_at_its_tower():
+    vlm, _, _ = _tiny_llava()
+    with pytest.raises(ValueError, match=r"LlavaForConditionalGeneration \(a VLM with a CLIPVisionModel vision tower: "
+                       r"fuse the tower in place, m\.model\.vision_tower = dualfuse\.fuse\(m\.model\.vision_tower\)"):
+        dualfuse.fuse(vlm)
+
+
 # ------------------------------------------------------------------------------------ what the pair has
 
 @pytest.mark.slow
