@@ -3,18 +3,19 @@
     python benchmarks/never_slower.py --models b32 --shapes all --out benchmarks/results/<card>-<date>/never-slower/
     python benchmarks/never_slower.py --models bigg14 --shapes 1+1,img1 --no-max-autotune bigg14 --out ...
 
-Models: b32 (CLIP ViT-B/32), l14, h14, bigg14, siglip-b16 (SigLIP B/16 224), so400m (SigLIP so400m/14-384).
-Shapes: 1+1 (one image + one text), img1 (image only, 1), 32+32, img256 (image only, 256), txt1024 (text only,
-1024); texts at the model's context length. Rows per cell: fused (gemm_impl="auto": library GEMMs / SDPA where
-the calibration made below says they win), fused-triton (every stage on Triton, the behaviour without
-calibration), auto (after this card's calibration of the
-model's shapes, whose seconds are reported), graph, compile (reduce-overhead), compile-max (max-autotune; skip it
-per model with --no-max-autotune, minutes per shape on large models), eager (only at batches <= 32), onnxruntime
-(the CUDA EP where onnxruntime-gpu imports, else an 'unavailable' row saying why). Each executor is built once per
-model and runs every shape of the invocation; each cell checks its output on the first input set against the fp32
-reference forward (per-embedding cosine >= 0.999), then times ``--iters`` calls (CUDA events, synchronized per
-call, 4 input sets rotated) after ``--warmup``. A cell that does not fit in memory says so; one that fails says
-why; the others still run.
+Models: b32 (CLIP ViT-B/32), l14, h14, bigg14, siglip-b16 (SigLIP B/16 224), so400m (SigLIP so400m/14-384). Shapes:
+1+1 (one image + one text), img1 (image only, 1), 32+32, img256 (image only, 256), txt1024 (text only, 1024); texts
+at the model's context length. Rows per cell: fused (gemm_impl="auto": library GEMMs / SDPA where the calibration
+made below says they win; without the auto row no calibration is made here, and the fused row reads whatever this
+card's cache holds: each fused row records the calibration file it used, None for none), fused-triton (every stage
+on Triton, the behaviour without calibration), auto (after this card's calibration of the model's shapes, whose
+seconds are reported; its decisions and reasons are printed and recorded), graph, compile (reduce-overhead),
+compile-max (max-autotune; skip it per model with --no-max-autotune, minutes per shape on large models), eager (only
+at batches <= 32), onnxruntime (the CUDA EP where onnxruntime-gpu imports, else an 'unavailable' row saying why).
+Each executor is built once per model and runs every shape of the invocation; each cell checks its output on the
+first input set against the fp32 reference forward (per-embedding cosine >= 0.999), then times ``--iters`` calls
+(CUDA events, synchronized per call, 4 input sets rotated) after ``--warmup``. A cell that does not fit in memory
+says so; one that fails says why; the others still run.
 
 Printed at the end: per cell the median ms of every row and fused / best stock and auto / best stock (time
 ratios: <= 1.00 = never slower). JSON (``--out`` folder): one file per invocation with the environment, the
@@ -115,6 +116,10 @@ def run_model(key: str, shape_names: list[str], executors: list[str], args) -> d
             kw = dict(verbose=False) if name == "auto" else dict(gemm_impl="triton") if name == "fused-triton" else {}
             ex = registry.get(name.removesuffix("-triton"), source, dtype=dtype, device=device, spec=spec, **kw)
             build_s, build_err = time.perf_counter() - t1, None
+            if name == "auto":
+                print(f"  {key}: {ex.notes.split(';')[0]}", flush=True)
+                for c, why in ex.decisions.values():
+                    print(f"    {why} -> {c}", flush=True)
         except torch.OutOfMemoryError as e:
             build_err = dict(status="does not fit", message=_short(e))
         except ExecutorUnavailable as e:
@@ -146,15 +151,23 @@ def run_model(key: str, shape_names: list[str], executors: list[str], args) -> d
                     samples = time_calls(lambda i: call_towers(ex, *inputs[s][i % INPUT_SETS]), args.iters, device)
                 row.update(stats(samples))
                 row["notes"] = getattr(ex, "notes", "")
-                if name == "auto":
+                if hasattr(ex, "calibration"):  # fused rows: which calibration chose their stages (None: all Triton)
+                    cal = ex.calibration
+                    row["calibration"] = (cal.path or "given") if cal is not None else None
+                if getattr(ex, "compiles_on_first_call", False):
+                    row["compile_s"] = row["first_call_s"]  # compile + autotune of this shape (first call)
+                if name == "auto":  # where this call went, and every family's decision with its reason
                     row["route"] = ex.route(bi, bt)
+                    row["decisions"] = {fam: dict(choice=c, why=why) for fam, (c, why) in ex.decisions.items()}
             except torch.OutOfMemoryError as e:
                 row = dict(status="does not fit", message=_short(e))
             except Exception as e:  # noqa: BLE001 - one failing cell must not stop the others
                 row = dict(status="error", message=_short(e))
             rows[name] = row
             print(f"  {key} {s:>8} {name:<12} " + (f"{row['median_ms']:9.3f} ms" if row["status"] == "ok" else
-                                                    f"{row['status']}: {row.get('message', '')[:100]}"), flush=True)
+                                                    f"{row['status']}: {row.get('message', '')[:100]}")
+                  + (f" (compile {row['compile_s']:.1f} s)" if "compile_s" in row else "")
+                  + (f" -> {row['route']}" if "route" in row else ""), flush=True)
             gc.collect()
             torch.cuda.empty_cache()
         ex = None
@@ -170,8 +183,10 @@ def run_model(key: str, shape_names: list[str], executors: list[str], args) -> d
     return out
 
 
-def print_table(results: list[dict]) -> None:
+def print_table(results: list[dict], env: dict) -> None:
     print()
+    print(f"{env['card']} · torch {env['torch']} · triton {env['triton']} · commit {env['commit']} · {env['date']} "
+          f"(every row: this card, this run)")
     head = f"{'model':<10} {'shape':<8} " + " ".join(f"{e[:11]:>11}" for e in EXECUTORS) + \
         f" {'best stock':>12} {'fused/best':>10} {'auto/best':>9}"
     print(head)
@@ -229,8 +244,11 @@ def main(argv=None) -> int:
     from dualfuse.environment import environment
 
     env = environment(torch.device(args.device))
-    print(f"never_slower on {env['card']} · torch {env['torch']} · triton {env['triton']} · {env['date']}",
-          flush=True)
+    # the commit as the caller names it (DUALFUSE_COMMIT, as gpu_figures.sh passes it): a copied work tree may carry
+    # no .git, or an older one
+    env["commit"] = os.environ.get("DUALFUSE_COMMIT") or "unknown"
+    print(f"never_slower on {env['card']} · torch {env['torch']} · triton {env['triton']} · "
+          f"commit {env['commit']} · {env['date']}", flush=True)
     t0 = time.perf_counter()
     results = []
     for m in models:
@@ -243,7 +261,7 @@ def main(argv=None) -> int:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    print_table(results)
+    print_table(results, env)
     os.makedirs(args.out, exist_ok=True)
     tag = "" if tuple(executors) == EXECUTORS else "-" + "_".join(executors)  # parts never overwrite each other
     path = os.path.join(args.out, f"never_slower-{'_'.join(models)}-{'_'.join(shapes).replace('+', 'p')}{tag}.json")

@@ -79,12 +79,28 @@ def test_cache_round_trip_and_path(tmp_path, monkeypatch):
     (json.dumps(dict(schema=C.SCHEMA, **IDENT, steps={A: {"triton": -1.0}})), "not a positive time"),
     (json.dumps(dict(schema=C.SCHEMA, **IDENT, steps={A: {"triton": "fast"}})), "not a positive time"),
     (json.dumps(dict(schema=C.SCHEMA, **IDENT, steps=[1, 2])), "steps is not an object"),
+    (json.dumps(dict(schema=C.SCHEMA, **IDENT, steps={A: {"cublas": 1.0}})), "unknown entry 'cublas'"),
+    (json.dumps(dict(schema=C.SCHEMA, **IDENT, calls={"m": {"image b<=1": {"fused": 1.0, "grpah": 2.0}}})),
+     "unknown entry 'grpah'"),
 ])
 def test_corrupt_or_foreign_cache_is_ignored_with_a_warning(tmp_path, content, why):
     path = tmp_path / "cal.json"
     path.write_text(content)
     with pytest.warns(UserWarning, match=f"ignoring the calibration cache.*{why}"):
         assert C.load(path=str(path), ident=IDENT) is None
+
+
+def test_a_cache_from_changed_kernels_is_ignored(tmp_path, monkeypatch):
+    """The identity holds a digest of the kernels' and the fused executor's source: timings made by another
+    checkout of the same version are not trusted, and the warning names what differs."""
+    ident = C.identity("cpu")
+    assert ident["kernels"] == C.kernels_digest() and len(ident["kernels"]) == 12
+    path = tmp_path / "cal.json"
+    path.write_text(json.dumps(C.Calibration(dict(ident, kernels="0123456789ab")).to_dict()))
+    with pytest.warns(UserWarning, match="kernels '0123456789ab' .*dualfuse calibrate"):
+        assert C.load(path=str(path), ident=ident) is None
+    path.write_text(json.dumps(C.Calibration(dict(ident)).to_dict()))
+    assert C.load(path=str(path), ident=ident).ident == ident
 
 
 @pytest.mark.slow
@@ -98,6 +114,75 @@ def test_a_fused_executor_ignores_a_foreign_cache(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="another card"):
         ex = executors.get("fused", "clip-tiny", dtype="fp16", device=KERNEL_DEVICE)
     assert ex.calibration is None and "library" not in ex.notes
+
+
+def test_a_calibration_given_to_an_executor_is_checked_and_copied(tmp_path, monkeypatch):
+    """What fuse() is given is read once, at construction: a missing file and another card's Calibration object
+    are ignored with a warning (never trusted); this card's object is copied, so changing it afterwards does not
+    change the stage choices of runners built later; a bad type is a ValueError, for 'auto' too."""
+    from dualfuse.executors.fused.library import signature
+
+    monkeypatch.setenv("DUALFUSE_CACHE", str(tmp_path))
+    kw = dict(dtype="fp16", device=KERNEL_DEVICE, fold_ln=False)
+    with pytest.warns(UserWarning, match="calibration file .*nope.json not found"):
+        assert executors.get("fused", "clip-tiny", calibration=str(tmp_path / "nope.json"), **kw).calibration is None
+    foreign = C.Calibration(dict(C.identity(KERNEL_DEVICE), card="Other Card 80GB"))
+    with pytest.warns(UserWarning, match="another card or versions: card 'Other Card 80GB'"):
+        assert executors.get("fused", "clip-tiny", calibration=foreign, **kw).calibration is None
+    with pytest.warns(UserWarning, match="another card"):
+        auto = executors.get("auto", "clip-tiny", gemm_impl="triton", calibration=foreign, verbose=False, **kw)
+    assert auto.decisions == {} and "no calibration" in auto.notes
+    with pytest.raises(ValueError, match="calibration must be None, a path or a dualfuse.calibration.Calibration"):
+        executors.get("auto", "clip-tiny", gemm_impl="triton", calibration=3, verbose=False, **kw)
+
+    mine = C.Calibration(C.identity(KERNEL_DEVICE))
+    ex = executors.get("fused", "clip-tiny", calibration=mine, **kw)
+    assert ex.calibration is not mine and ex.calibration.ident == mine.ident
+    r = executors.get("fused", "clip-tiny", gemm_impl="triton", **kw).runner(0, 1, 16, capture=False)
+    for stage, problems in zip(r.plan.stages, r.stage_problems):  # after fuse(): every step "faster" on the library
+        if stage.kind not in ("linear", "attention"):
+            continue
+        for p in problems:
+            mine.steps[signature(p)] = {"triton": 9.0, "library": 1.0}
+        if len(problems) > 1:
+            mine.stages[C.stage_key([signature(p) for p in problems])] = {"triton": 9.0}
+    assert all(set(c["impls"]) == {"triton"} for c in ex.library_choices(0, 1, 16))
+    fresh = executors.get("fused", "clip-tiny", calibration=mine, **kw)  # a fuse() after the change sees it
+    assert any("library" in c["impls"] for c in fresh.library_choices(0, 1, 16))
+
+
+def test_auto_with_quantized_weights_does_not_use_the_16_bit_call_timings(tmp_path, monkeypatch):
+    """Call timings are per weight format: those of the 16-bit fused executor do not decide for an int8 one."""
+    monkeypatch.setenv("DUALFUSE_CACHE", str(tmp_path))
+    spec = to_spec(dualfuse.load("clip-tiny"))
+    key16 = C.model_key(spec, torch.float16)
+    assert C.model_key(spec, torch.float16, "int8") == key16 + "|int8"
+    cal = C.Calibration(C.identity(KERNEL_DEVICE), calls={key16: {"image b>128": {"fused": 9.0, "graph": 7.5}}})
+    kw = dict(dtype="fp16", device=KERNEL_DEVICE, calibration=cal, verbose=False)
+    assert "image b>128" in executors.get("auto", "clip-tiny", **kw).decisions
+    assert executors.get("auto", "clip-tiny", weights="int8", **kw).decisions == {}
+
+
+@pytest.mark.slow
+def test_auto_says_why_a_graph_choice_is_not_taken_when_the_model_falls_back(tmp_path, monkeypatch, capsys):
+    """A model the kernels do not cover (head dim 136 > 128) runs on the fallback executor: a calibrated 'graph'
+    choice is reported as not taken, with the reason, instead of printing '-> graph' under 'fused everywhere'."""
+    import copy
+
+    from transformers import CLIPModel
+
+    monkeypatch.setenv("DUALFUSE_CACHE", str(tmp_path))
+    cfg = copy.deepcopy(dualfuse.load("clip-tiny").config)
+    cfg.vision_config.hidden_size, cfg.vision_config.num_attention_heads = 272, 2
+    model = CLIPModel(cfg).eval()
+    key = C.model_key(to_spec(model), torch.float32)
+    cal = C.Calibration(C.identity(KERNEL_DEVICE), calls={key: {"image b>128": {"fused": 9.0, "graph": 7.5}}})
+    with pytest.warns(UserWarning, match="falling back"):
+        ex = executors.get("auto", model, dtype="fp32", device=KERNEL_DEVICE, calibration=cal)
+    assert ex.fallback is not None and ex.graph is None
+    choice, why = ex.decisions["image b>128"]
+    assert choice == "fused" and "graph wanted; the fused kernels do not cover this model here" in why
+    assert "-> graph" not in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------------------------- mixed plans
@@ -201,6 +286,38 @@ def test_calibrate_with_given_timings_then_auto(tmp_path, monkeypatch, capsys):
     _parity(ex, to_spec(dualfuse.load("clip-tiny")), 1, 2)
 
 
+@pytest.mark.slow
+def test_calibrate_a_single_tower_and_bad_shapes(tmp_path, monkeypatch):
+    """A single tower (what a FusedTower's gemm_impl='auto' reads) calibrates its stages; call timings, which only
+    executor 'auto' (dual encoders) reads, are skipped and the log says so; shapes the model cannot run are a
+    ValueError naming the shape, not a failure inside."""
+    from transformers import CLIPVisionModel
+
+    from dualfuse.executors.fused.calibrate import calibrate
+
+    monkeypatch.setenv("DUALFUSE_CACHE", str(tmp_path))
+    tower = CLIPVisionModel(dualfuse.load("clip-tiny").config.vision_config)
+    logs = []
+    res = calibrate(tower, [(2, 0, 1)], dtype="fp16", device=KERNEL_DEVICE, timer=lambda op: 1.0, log=logs.append)
+    assert os.path.isfile(res.path) and res.stages_timed > 0 and res.calls == {}
+    assert any("single tower: stages only" in m for m in logs)
+    assert C.model_key(to_spec(tower), torch.float16).split("|")[2] == "t-"
+    # a second run keeps the timings in the file; fresh=True takes them again
+    again = calibrate(tower, [(2, 0, 1)], dtype="fp16", device=KERNEL_DEVICE, timer=lambda op: 2.0, calls=False)
+    times = lambda: {t for e in C.load(KERNEL_DEVICE, path=res.path).steps.values() for t in e.values()}  # noqa: E731
+    assert again.stages_timed == 0 and times() == {1.0}
+    again = calibrate(tower, [(2, 0, 1)], dtype="fp16", device=KERNEL_DEVICE, timer=lambda op: 2.0, calls=False,
+                      fresh=True)
+    assert again.stages_timed == res.stages_timed
+    assert times() == {2.0}
+    with pytest.raises(ValueError, match=r"asks for texts, but this model has no text tower"):
+        calibrate(tower, [(1, 1, 1)], device=KERNEL_DEVICE, timer=lambda op: 1.0)
+    with pytest.raises(ValueError, match=r"text length must be in \[1, 16\]"):
+        calibrate("clip-tiny", [(1, 1, 0)], device=KERNEL_DEVICE, timer=lambda op: 1.0)
+    with pytest.raises(ValueError, match="ints >= 0"):
+        calibrate("clip-tiny", [(1, 1.5, 16)], device=KERNEL_DEVICE, timer=lambda op: 1.0)
+
+
 def test_fuse_accepts_executor_auto(tmp_path, monkeypatch):
     monkeypatch.setenv("DUALFUSE_CACHE", str(tmp_path))  # empty: no calibration, fused everywhere
     fused = dualfuse.fuse("clip-tiny", dtype=torch.float16, device=KERNEL_DEVICE, executor="auto", verbose=False)
@@ -210,19 +327,54 @@ def test_fuse_accepts_executor_auto(tmp_path, monkeypatch):
         dualfuse.fuse("clip-tiny", executor="graph")
 
 
+def test_auto_rebuilt_by_half_says_why_its_graph_choices_are_not_taken(tmp_path, monkeypatch):
+    """.half() rebuilds from the kept spec, which has no source model for the graph executor: the rebuilt auto
+    runs fused and its reasons say so (docs/executors.md)."""
+    monkeypatch.setenv("DUALFUSE_CACHE", str(tmp_path))
+    spec = to_spec(dualfuse.load("clip-tiny"))
+    graph_wins = {"image b>128": {"fused": 9.0, "graph": 7.5}}
+    cal = C.Calibration(C.identity(KERNEL_DEVICE), calls={C.model_key(spec, dt): graph_wins
+                                                           for dt in (torch.float32, torch.float16)})
+    fused = dualfuse.fuse("clip-tiny", dtype=torch.float32, device=KERNEL_DEVICE, executor="auto",
+                          calibration=cal, verbose=False)
+    fused.half()
+    assert type(fused.executor).__name__ == "AutoExecutor" and fused.executor.dtype == torch.float16
+    choice, why = fused.executor.decisions["image b>128"]
+    assert choice == "fused" and "no source model for the graph executor" in why
+    assert fused.executor.route(256, 0) == "fused"
+
+
+@pytest.mark.slow
+def test_bench_auto_row_says_why_and_where_the_shape_ran(tmp_path, monkeypatch, capsys):
+    """`dualfuse bench --executors auto`: the decisions are printed (stderr), the row's notes name the summary and
+    where this run's call shape went."""
+    from dualfuse.bench import run_bench
+
+    monkeypatch.setenv("DUALFUSE_CACHE", str(tmp_path))  # no calibration: fused everywhere, and it says so
+    res = run_bench("clip-tiny", executors=["auto"], image_batch=1, text_batch=0, dtype="fp16",
+                    device=KERNEL_DEVICE, iters=1, warmup=0, input_sets=1)
+    (row,) = res.rows
+    assert row.status == "ok" and row.cosine_ok and not row.stock
+    assert "auto: no calibration for this card, fused everywhere" in row.notes
+    assert row.notes.endswith("this shape ran fused")
+    assert "dualfuse auto: auto: no calibration" in capsys.readouterr().err
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["clip-vit-b-32", "siglip-base-patch16-224"])
 def test_library_steps_inside_the_cuda_graph_gpu(name, tmp_path, monkeypatch):
     """On CUDA: every plain step on cuBLAS / SDPA inside the captured graph matches the reference, replays stay
-    stable; a real calibration of one shape is saved and read back by a fused executor."""
+    stable (fp16, and bf16 with its fp32 residual stream, where a library GEMM's bf16 output is added into the
+    fp32 stream); a real calibration of one shape is saved and read back by a fused executor."""
     from dualfuse.executors.fused.calibrate import calibrate
 
     monkeypatch.setenv("DUALFUSE_CACHE", str(tmp_path))
     model = dualfuse.load(name)
     spec = to_spec(model)
-    ex = executors.get("fused", model, dtype="fp16", device="cuda", gemm_impl="library")
-    _parity(ex, spec, 4, 3)
-    _parity(ex, spec, 4, 3)  # a replay of the captured graph
+    for dtype in ("fp16", "bf16"):
+        ex = executors.get("fused", model, dtype=dtype, device="cuda", gemm_impl="library")
+        _parity(ex, spec, 4, 3)
+        _parity(ex, spec, 4, 3)  # a replay of the captured graph
     res = calibrate(model, [(4, 3, spec.text.context_length)], dtype="fp16", device="cuda", iters=3, warmup=1)
     assert os.path.isfile(res.path) and res.stages_timed > 0 and res.calls
     ex = executors.get("fused", model, dtype="fp16", device="cuda")

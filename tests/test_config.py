@@ -66,21 +66,21 @@ def test_normalized_values_and_forms():
 
 
 def test_library_choice_calibration_and_regime_fields(tmp_path):
-    from dualfuse.calibration import Calibration
+    from dualfuse.calibration import Calibration, identity
     from dualfuse.kernels.gemm.regime import Regime
 
     path = tmp_path / "cal.json"
     assert FusedConfig(calibration=path).calibration == str(path)  # a PathLike: its path
-    cal = Calibration(ident={"card": "test"}, path=str(path))
+    cal = Calibration(ident=identity(DEV), path=str(path))
     d = FusedConfig(gemm_impl="auto", calibration=cal, gemm=GemmConfig(regime=Regime("byte-bound", 50e9, 2.0)))
     j = d.to_dict()  # JSON-ready: the calibration by its file, the regime by its fields
     assert j["calibration"] == str(path) and j["gemm_impl"] == "auto"
     assert j["gemm"]["regime"] == {"name": "byte-bound", "bandwidth": 50e9, "latency_us": 2.0}
     assert FusedConfig(gemm_impl="library").describe() == "gemm_impl=library"
-    # the executor reads them: the calibration object as given, gemm_impl as set
+    # the executor reads them: a copy of the calibration object (made for this card), gemm_impl as set
     spec = to_spec(dualfuse.load("clip-tiny"))
     ex = FusedExecutor(spec, device=DEV, use_graph=False, gemm_impl="auto", calibration=cal)
-    assert ex.calibration is cal and ex.gemm_impl == "auto" and ex.config.calibration is cal
+    assert ex.calibration.to_dict() == cal.to_dict() and ex.gemm_impl == "auto" and ex.config.calibration is cal
     assert FusedExecutor(spec, device=DEV, use_graph=False, gemm_impl="triton").calibration is None
 
 

@@ -473,6 +473,9 @@ def _bench_executor(run: _Run, name: str) -> None:
         _first_call(run, ex, row)
         _time_executor(run, ex, row)
         row.notes = run_label(getattr(ex, "notes", "") or row.notes, run.device)
+        route = getattr(ex, "route", None)
+        if callable(route):  # executor 'auto': which executor this run's call shape went to
+            row.notes += f"; this shape ran {route(run.image_batch, run.result.text_batch)}"
         if getattr(ex, "compiles_on_first_call", False):
             row.compile_s = row.first_call_s
             row.notes += f"; compile {row.compile_s:.1f} s (first call)"

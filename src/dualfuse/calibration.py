@@ -17,18 +17,24 @@ Two choices read it:
 Nothing is measured at call time: the timings come from ``dualfuse.executors.fused.calibrate.calibrate`` (a GPU
 run, once per card), stored in ``~/.cache/dualfuse/calibration-<card>-<torch>-<triton>-<dualfuse>.json``
 (``$DUALFUSE_CACHE`` or ``$XDG_CACHE_HOME/dualfuse`` first when set). The file names its card and versions
-inside too; a file that cannot be read, has the wrong schema or bad numbers, or was made on another card or with
-other versions is ignored with a warning (all Triton, fused everywhere: the behaviour without calibration).
+inside too; a file that cannot be read, has the wrong schema, unknown entries or bad numbers, or was made on
+another card or with other versions is ignored with a warning (all Triton, fused everywhere: the behaviour
+without calibration). An executor takes its calibration once, when built (:func:`resolve`: a path given that is
+not a file is ignored with a warning; a Calibration object is checked the same way and copied).
 
 Keys are shape signatures, not model names (:func:`linear_signature`, :func:`attention_signature`): one file
 serves every model with those step shapes. Pure Python: testable on CPU with given timings.
 """
 from __future__ import annotations
 
+import copy
+import functools
+import hashlib
 import itertools
 import json
 import math
 import os
+import pathlib
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -74,11 +80,14 @@ def call_family(image_batch: int, text_batch: int) -> str:
     return f"{towers} {bucket}"
 
 
-def model_key(spec, dtype) -> str:
-    """The model (architecture, not weights) and dtype a call timing belongs to."""
+def model_key(spec, dtype, weights: str = "fp16") -> str:
+    """The model (architecture, not weights), dtype and fused weight format (``"int8"`` / ``"fp8"`` appended; the
+    16-bit weights add nothing) a call timing belongs to: a fused executor with quantized weights is not timed by
+    a calibration of the 16-bit one."""
     v, t = spec.vision, spec.text
-    return (f"{spec.name or spec.family}|v{v.num_layers}x{v.width}@{v.seq_len}|t{t.num_layers}x{t.width}|"
-            f"{_dt(dtype)}")
+    vis = f"v{v.num_layers}x{v.width}@{v.seq_len}" if v is not None else "v-"
+    txt = f"t{t.num_layers}x{t.width}" if t is not None else "t-"
+    return f"{spec.name or spec.family}|{vis}|{txt}|{_dt(dtype)}" + ("" if weights in (None, "fp16") else f"|{weights}")
 
 
 # --------------------------------------------------------------------------------------------- the file
@@ -87,8 +96,20 @@ def card_slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "_", name).strip("_") or "unknown"
 
 
+@functools.cache
+def kernels_digest() -> str:
+    """A short hash of the source of what a calibration times (the Triton kernels and the fused executor's
+    launch code): a checkout that changed them under the same version number does not trust older timings."""
+    root = pathlib.Path(__file__).resolve().parent
+    h = hashlib.sha1()
+    for sub in ("kernels", "executors/fused"):
+        for path in sorted((root / sub).rglob("*.py")):
+            h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:12]
+
+
 def identity(device) -> dict:
-    """The card and versions a calibration is valid for."""
+    """The card and versions a calibration is valid for (``kernels``: :func:`kernels_digest`)."""
     from importlib.metadata import PackageNotFoundError, version
 
     import torch
@@ -101,7 +122,7 @@ def identity(device) -> dict:
         triton = version("triton")
     except PackageNotFoundError:
         triton = "none"
-    return dict(card=card, torch=torch.__version__, triton=triton, dualfuse=__version__)
+    return dict(card=card, torch=torch.__version__, triton=triton, dualfuse=__version__, kernels=kernels_digest())
 
 
 def cache_dir() -> str:
@@ -192,13 +213,18 @@ class Calibration:
             self.calls.setdefault(m, {}).update(fams)
 
 
-def _valid_times(table, what: str) -> str | None:
+STEP_KEYS, STAGE_KEYS, CALL_KEYS = (TRITON, LIBRARY), (TRITON,), ("fused", "graph", "shape")
+
+
+def _valid_times(table, what: str, keys: tuple[str, ...]) -> str | None:
     if not isinstance(table, dict):
         return f"{what} is not an object"
     for key, entry in table.items():
         if not isinstance(key, str) or not isinstance(entry, dict):
             return f"{what}[{key!r}] is not an object"
         for impl, v in entry.items():
+            if impl not in keys:
+                return f"{what}[{key!r}] has an unknown entry {impl!r} (expected {', '.join(keys)})"
             if impl == "shape":
                 continue
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
@@ -215,13 +241,14 @@ def parse(data, ident: dict, path: str = "<data>") -> Calibration | None:
         other = {k: data.get(k) for k in ident}
         if other != ident:
             diff = ", ".join(f"{k} {other[k]!r} (here {ident[k]!r})" for k in ident if other[k] != ident[k])
-            why = f"made for another card or versions: {diff}"
+            why = f"made for another card or versions: {diff} (`dualfuse calibrate` makes one for this card and these versions)"
         else:
             calls = data.get("calls", {})
-            why = (_valid_times(data.get("steps", {}), "steps") or _valid_times(data.get("stages", {}), "stages")
+            why = (_valid_times(data.get("steps", {}), "steps", STEP_KEYS)
+                   or _valid_times(data.get("stages", {}), "stages", STAGE_KEYS)
                    or (None if isinstance(calls, dict) else "calls is not an object")
-                   or next((e for m, fams in calls.items() for e in [_valid_times(fams, f"calls[{m!r}]")] if e),
-                           None))
+                   or next((e for m, fams in calls.items() for e in [_valid_times(fams, f"calls[{m!r}]", CALL_KEYS)]
+                            if e), None))
     if why:
         warnings.warn(f"dualfuse: ignoring the calibration cache {path}: {why}; running without calibration "
                       f"(all-Triton fused stages, fused executor everywhere)", stacklevel=3)
@@ -245,3 +272,25 @@ def load(device=None, path: str | None = None, ident: dict | None = None) -> Cal
                       f"running without calibration", stacklevel=2)
         return None
     return parse(data, ident, path)
+
+
+def resolve(calibration, device) -> Calibration | None:
+    """The calibration an executor on ``device`` decides from, taken once, when it is built (``fuse()``): None ->
+    this card's cache file (None when there is none); a path -> that file (a missing file, like a corrupt or
+    foreign one, is ignored with a warning); a :class:`Calibration` -> a private copy (later changes to the object
+    do not change the executor's choices), or None with a warning when it was made for another card or versions.
+    ValueError for anything else."""
+    if isinstance(calibration, os.PathLike):
+        calibration = os.fspath(calibration)
+    if calibration is None:
+        return load(device)
+    if isinstance(calibration, str):
+        if not os.path.isfile(calibration):
+            warnings.warn(f"dualfuse: calibration file {calibration} not found (or not a file); running without "
+                          f"calibration (all-Triton fused stages, fused executor everywhere)", stacklevel=3)
+            return None
+        return load(device, path=calibration)
+    if not isinstance(calibration, Calibration):
+        raise ValueError(f"calibration must be None, a path or a dualfuse.calibration.Calibration, got "
+                         f"{type(calibration).__name__}")
+    return parse(copy.deepcopy(calibration.to_dict()), identity(device), calibration.path or "<Calibration object>")

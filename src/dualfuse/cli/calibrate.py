@@ -34,6 +34,9 @@ def add_arguments(parser) -> None:
                              "text length: the model's context length)")
     parser.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"])
     parser.add_argument("--device", default=None, help="default cuda")
+    parser.add_argument("--fresh", action="store_true",
+                        help="start from an empty calibration (default: keep the timings already in the file and "
+                             "take only the missing ones)")
     parser.add_argument("--no-calls", action="store_true",
                         help="time the stages only, not the fused and graph executors end to end (executor 'auto')")
     parser.add_argument("--cache", default=None, metavar="PATH", help="this calibration file instead of the card's")
@@ -47,8 +50,11 @@ def run(args) -> int:
     from ..util import write_json
 
     source = load(args.model, arch=args.arch)
-    shapes = parse_shapes(args.shapes, to_spec(source).text.context_length)
+    spec = to_spec(source)
+    # a single vision tower has no text length: IxT items need none (calibrate() refuses texts for it)
+    shapes = parse_shapes(args.shapes, spec.text.context_length if spec.text is not None else 1)
     res = calibrate(source, shapes, dtype=args.dtype, device=args.device, path=args.cache, calls=not args.no_calls,
+                    fresh=args.fresh,
                     log=print)
     for key, choices in res.choices.items():
         print(f"{key}: " + ("; ".join(f"{'+'.join(s)} -> {'/'.join(i)}" for s, i, _ in choices)

@@ -1,12 +1,14 @@
 """auto: the fused executor where it wins, the CUDA graph executor where it does not, per call-shape family.
 
 Decided once, when the executor is built (``executor="auto"`` in ``dualfuse.fuse`` / ``dualfuse bench``), from
-this card's calibration (dualfuse.calibration, ``calls``: the calibrated medians of both executors for this model
-and dtype): for each calibrated call family (towers present x batch bucket, :func:`dualfuse.calibration.call_family`)
-the faster one. A call goes to the graph executor when its family chose graph; everything else (uncalibrated
-families, uint8 camera frames, SigLIP2 NaFlex patch sequences) runs fused, as ``executor="fused"`` would. The
-reasons are printed once (stderr, ``verbose=True``) and kept in ``decisions`` and ``notes``. The fused side also
-takes its per-stage library choices from the same calibration (``gemm_impl="auto"``).
+this card's calibration (dualfuse.calibration, ``calls``: the calibrated medians of both executors for this model,
+dtype and fused weight format; a calibration given as a path or object is checked and copied by
+:func:`dualfuse.calibration.resolve`): for each calibrated call family (towers present x batch bucket,
+:func:`dualfuse.calibration.call_family`) the faster one. A call goes to the graph executor when its family
+chose graph; everything else (uncalibrated families, uint8 camera frames, SigLIP2 NaFlex patch sequences) runs
+fused, as ``executor="fused"`` would. The reasons are printed once (stderr, ``verbose=True``) and kept in
+``decisions`` and ``notes``. The fused side also takes its per-stage library choices from the same calibration
+(``gemm_impl="auto"``).
 
 The graph executor is built only when some family chose it; it keeps a private copy of the source model (so
 memory is the fused executor's plus the graph executor's then). A model given as a DualEncoderSpec (no source
@@ -41,18 +43,19 @@ class AutoExecutor(FusedExecutor):
         impl = kwargs.get("gemm_impl", base.gemm_impl if isinstance(base, FusedConfig) else "auto")
         reads = impl == "auto"
         super().__init__(model, dtype, device, **(dict(calibration=calibration) if reads else {}), **kwargs)
-        cal = self.calibration
-        if not reads:
-            cal = calibration if isinstance(calibration, C.Calibration) else C.load(self.device, path=calibration)
+        cal = self.calibration if reads else C.resolve(calibration, self.device)
         self.decisions: dict[str, tuple[str, str]] = {}
         if cal is not None:
-            for fam in sorted(cal.calls.get(C.model_key(self.spec, self.dtype), {})):
-                self.decisions[fam] = cal.choose_executor(C.model_key(self.spec, self.dtype), fam)
+            mkey = C.model_key(self.spec, self.dtype, self.weight_format)
+            for fam in sorted(cal.calls.get(mkey, {})):
+                self.decisions[fam] = cal.choose_executor(mkey, fam)
         self.graph = None
         wants_graph = [f for f, (choice, _) in self.decisions.items() if choice == "graph"]
         why_not = None
-        if wants_graph and self.fallback is None:
-            if isinstance(source, DualEncoderSpec):
+        if wants_graph:
+            if self.fallback is not None:
+                why_not = f"the fused kernels do not cover this model here: every call runs on {self.fallback.name}"
+            elif isinstance(source, DualEncoderSpec):
                 why_not = "given a DualEncoderSpec: no source model for the graph executor"
             elif self.device.type != "cuda":
                 why_not = "the graph executor needs CUDA"

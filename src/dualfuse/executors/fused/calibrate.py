@@ -95,10 +95,13 @@ def time_stages(ex, shape, cal: "C.Calibration", timer) -> int:
 
 
 def calibrate(model, shapes, *, dtype=None, device=None, path: str | None = None, calls: bool = True,
-              iters: int = 30, warmup: int = 5, timer=None, save: bool = True, log=None) -> CalibrationResult:
+              iters: int = 30, warmup: int = 5, timer=None, save: bool = True, log=None,
+              fresh: bool = False) -> CalibrationResult:
     """Calibrate ``model`` (preset name or model object) on ``device`` for ``shapes`` (a list of
     ``(images, texts, text_len)``); merged into the cache file (``path``: this file instead) and saved. ``calls``:
-    also time the fused and graph executors end to end per shape (for ``executor="auto"``)."""
+    also time the fused and graph executors end to end per shape (for ``executor="auto"``). Timings already in
+    the file are kept (not taken again) unless ``fresh``: then the file is rewritten from this run's timings alone
+    (e.g. after a run on a busy or throttled card)."""
     from ... import presets
     from ...adapters import to_spec
     from ...bench import call_towers, random_inputs
@@ -113,11 +116,23 @@ def calibrate(model, shapes, *, dtype=None, device=None, path: str | None = None
     source = presets.load(model) if isinstance(model, str) else model
     spec = to_spec(source)
     shapes = [tuple(s) for s in shapes]
+    ctx = spec.text.context_length if spec.text is not None else None
     for s in shapes:
-        if len(s) != 3 or min(s) < 0 or s[0] + s[1] == 0:
-            raise ValueError(f"calibrate: expected shapes (images, texts, text_len), got {s!r}")
+        if (len(s) != 3 or not all(isinstance(x, int) and not isinstance(x, bool) for x in s) or min(s) < 0
+                or s[0] + s[1] == 0):
+            raise ValueError(f"calibrate: expected shapes (images, texts, text_len) of ints >= 0, got {s!r}")
+        for n, tower in ((s[0], "vision"), (s[1], "text")):
+            if n and getattr(spec, tower) is None:
+                raise ValueError(f"calibrate: shape {s!r} asks for {'images' if tower == 'vision' else 'texts'}, "
+                                 f"but this model has no {tower} tower (a single {spec.tower} tower)")
+        if s[1] and not 1 <= s[2] <= ctx:
+            raise ValueError(f"calibrate: text length must be in [1, {ctx}], got shape {s!r}")
+    if calls and spec.tower is not None:  # executor 'auto' serves dual encoders only: nothing would read them
+        log("calibrate: a single tower: stages only (executor 'auto', which reads call timings, is for dual "
+            "encoders)")
+        calls = False
     ident = C.identity(device)
-    cal = C.load(device, path=path, ident=ident) or C.Calibration(ident, path=path)
+    cal = (None if fresh else C.load(device, path=path, ident=ident)) or C.Calibration(ident, path=path)
     if timer is None:
         if device.type != "cuda":
             raise ValueError("calibrate: timing needs a CUDA device (or a timer=... for tests)")
@@ -138,7 +153,7 @@ def calibrate(model, shapes, *, dtype=None, device=None, path: str | None = None
                                if c["kind"] in STAGE_KINDS and "library" in c["impls"]]
     if calls:
         graph = get("graph" if device.type == "cuda" else "eager", source, dtype=dtype, device=device, spec=spec)
-        mkey = C.model_key(spec, dtype)
+        mkey = C.model_key(spec, dtype, fused.weight_format)
         for s in shapes:
             fam = C.call_family(s[0], s[1])
             log(f"calibrate: fused vs graph at {s} ({fam})")

@@ -13,8 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ...adapters import image_normalization
-from ...calibration import Calibration
-from ...calibration import load as load_calibration
+from ...calibration import resolve as resolve_calibration
 from ...config import FusedConfig
 from ...kernels._utils import is_interpreter, pdl_supported
 from ...kernels.embed import fold_normalization
@@ -80,12 +79,10 @@ class FusedExecutor(Locked, Executor):
         # None: any) and whether the pooled output is computed (FusedConfig.pooled; None: unless hidden_states)
         self.hidden_states, self.pooled = self._resolve_tower_outputs(cfg.hidden_states, cfg.pooled)
         # per stage and tower, Triton or a library kernel (FusedConfig.gemm_impl; executors/fused/library.py); with
-        # "auto", the calibration given or this card's cache file (None there: all Triton)
+        # "auto", the calibration given or this card's cache file (None there: all Triton), read (copied) once here:
+        # the stage choices of every runner built later come from this, never from a measurement or a file read
         self.gemm_impl = cfg.gemm_impl
-        self.calibration = None
-        if cfg.gemm_impl == "auto":
-            cal = cfg.calibration
-            self.calibration = cal if isinstance(cal, Calibration) else load_calibration(self.device, path=cal)
+        self.calibration = resolve_calibration(cfg.calibration, self.device) if cfg.gemm_impl == "auto" else None
         # weights: "fp16" (the executor's dtype), "int8" or "fp8" (weight-only, one scale per output channel,
         # every linear layer of both towers: dualfuse.quantize); fp8 needs compute capability >= 8.9
         self.weight_format = resolve_weights(cfg.weights, self.device)
