@@ -226,3 +226,52 @@ def test_tower_follows_config_defaults():
     assert len(got[2]) == len(want[2])
     for a, b in zip(got[2], want[2]):
         torch.testing.assert_close(a, b, atol=ATOL, rtol=1e-3)
+
+
+@pytest.mark.slow
+def test_tower_shared_by_threads():
+    """One fused tower called from several threads at once: each gets its own input's outputs."""
+    import threading
+
+    T = transformers
+    torch.manual_seed(6)
+    src = T.CLIPVisionModelWithProjection(T.CLIPVisionConfig(**_vision_kw(), projection_dim=16)).eval()
+    fused = dualfuse.fuse(src)
+    xs = [torch.randn(1, 3, 32, 32) for _ in range(3)]
+    outs = [None] * len(xs)
+
+    def call(i):
+        outs[i] = fused(xs[i], output_hidden_states=-2)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(xs))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    for x, got in zip(xs, outs):
+        with torch.no_grad():
+            want = src(x, output_hidden_states=True)
+        torch.testing.assert_close(got.image_embeds, want.image_embeds, atol=ATOL, rtol=1e-3)
+        torch.testing.assert_close(got.hidden_states[-2], want.hidden_states[-2], atol=ATOL, rtol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("which", ["text", "siglip-vision-nohead"])
+def test_gpu_bench_tower_checkpoint_onnxruntime(tmp_path, which):
+    """On CUDA in fp16: ONNX Runtime (CUDA EP, its CUDA-graph session) on a text tower alone and on a SigLIP vision
+    tower without its pooling head (tokens out), next to eager and fused."""
+    pytest.importorskip("onnxruntime")
+    T = transformers
+    torch.manual_seed(0)
+    if which == "text":
+        model = T.SiglipTextModel(T.SiglipTextConfig(**_text_kw()))
+    else:
+        model = T.SiglipVisionModel(T.SiglipVisionConfig(**_vision_kw(), vision_use_head=False))
+    out = tmp_path / "bench.json"
+    rc = cli.main(["bench", "--model", _save(model, tmp_path / "tower"), "--executors", "eager,onnxruntime,fused",
+                   "--device", "cuda", "--dtype", "fp16", "--iters", "3", "--warmup", "1", "--no-progress",
+                   "--json", str(out)])
+    rows = {r["executor"]: r for r in json.loads(out.read_text())["results"]}
+    assert rc == 0, rows
+    for name in ("eager", "onnxruntime", "fused"):
+        assert rows[name]["status"] == "ok" and rows[name]["cosine_ok"] is True, rows[name]
