@@ -275,3 +275,30 @@ def test_gpu_bench_tower_checkpoint_onnxruntime(tmp_path, which):
     assert rc == 0, rows
     for name in ("eager", "onnxruntime", "fused"):
         assert rows[name]["status"] == "ok" and rows[name]["cosine_ok"] is True, rows[name]
+
+
+def test_text_tower_fused_for_pooled_output_takes_padded_masks():
+    """tokenizer(texts, padding=True) -> tower(**inputs).text_embeds: refused by a tower that returns token outputs
+    (they differ at padded positions), taken by one fused for its pooled output alone; masks that would change the
+    pooled output (left padding, the EOS masked) are still refused."""
+    T = transformers
+    torch.manual_seed(7)
+    src = T.CLIPTextModelWithProjection(T.CLIPTextConfig(**_text_kw(), eos_token_id=98, projection_dim=16)).eval()
+    ids = torch.randint(1, 97, (3, 10))
+    mask = torch.ones_like(ids)
+    for i, n in enumerate((10, 6, 4)):
+        ids[i, n - 1], ids[i, n:], mask[i, n:] = 98, 0, 0
+    with torch.no_grad():
+        want = src(input_ids=ids, attention_mask=mask).text_embeds
+    with pytest.raises(ValueError, match=r"hidden_states=\(\), pooled=True"):
+        dualfuse.fuse(src)(input_ids=ids, attention_mask=mask)
+    fused = dualfuse.fuse(src, hidden_states=(), pooled=True)
+    got = fused(input_ids=ids, attention_mask=mask)
+    assert got.last_hidden_state is None
+    torch.testing.assert_close(got.text_embeds, want, atol=ATOL, rtol=1e-3)
+    with pytest.raises(ValueError, match="right-padded"):
+        fused(input_ids=ids, attention_mask=mask.flip(1))
+    eos_masked = mask.clone()
+    eos_masked[1, 5] = 0
+    with pytest.raises(ValueError, match="masks the pooled token"):
+        fused(input_ids=ids, attention_mask=eos_masked)

@@ -431,12 +431,16 @@ class FusedTower(FusedModel):
             x = self._ids(a, "forward")
             if x is None:
                 raise ValueError("forward: expected input_ids")
-            if isinstance(mask, torch.Tensor) and not bool((mask != 0).all()):
+            # a tower fused for its pooled output alone (hidden_states=()) returns no token outputs: a mask the
+            # checks of _ids let through (causal towers: right-padded, the pooled token inside) changes nothing
+            if (isinstance(mask, torch.Tensor) and self.executor.hidden_states != ()
+                    and not bool((mask != 0).all())):
                 raise ValueError("forward: attention_mask with padding (zeros): the fused text tower's token outputs "
                                  "(last_hidden_state, hidden_states) at padded positions differ from the source's "
                                  "(the kernels do not mask keys); pass input_ids without a mask (padding="
-                                 "'max_length', as CLIP text encoders are used), or read the pooled output via "
-                                 "a fused CLIPModel")
+                                 "'max_length', as CLIP text encoders are used), or fuse the tower for its pooled "
+                                 "output alone, which takes right-padded masks: dualfuse.fuse(tower, "
+                                 "hidden_states=(), pooled=True)")
         _reject_extra(a, "forward", names + ("return_dict", "output_hidden_states", "output_attentions"))
         if hidden is None or hidden is False:
             sel = ()
