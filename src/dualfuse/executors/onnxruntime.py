@@ -212,7 +212,8 @@ class OnnxRuntimeExecutor(Executor):
         if self.stream is not None and torch.cuda.current_stream(self.device) != self.stream:
             torch.cuda.current_stream(self.device).synchronize()  # inputs were made on another stream
         x = x.contiguous()
-        out = torch.empty(output_shape(session, x.shape[0]), dtype=self.dtype, device=self.device)
+        shape = output_shape(session, x.shape[0], self.spec.embed_dim)
+        out = torch.empty(shape, dtype=self.dtype, device=self.device)
         kind = "cuda" if self.device.type == "cuda" else "cpu"
         idx = self.device.index or 0
         b = session.io_binding()
@@ -236,10 +237,12 @@ class OnnxRuntimeExecutor(Executor):
         return self._run(self._text_session(ids.shape[1]), INPUT_TEXT, ids)
 
 
-def output_shape(session, batch: int) -> tuple:
+def output_shape(session, batch: int, embed_dim: int) -> tuple:
     """The shape of a session's output for ``batch`` inputs: [batch, embed_dim], or [batch, tokens, width] for a
-    tower without a pooling head (SigLIP as VLMs build it); only the batch axis is dynamic."""
-    return (batch, *session.get_outputs()[0].shape[1:])
+    tower without a pooling head (SigLIP as VLMs build it); only the batch axis is dynamic (other dims left
+    symbolic by the export: [batch, embed_dim])."""
+    dims = tuple(session.get_outputs()[0].shape[1:])
+    return (batch, *dims) if all(isinstance(d, int) for d in dims) else (batch, embed_dim)
 
 
 class _GraphSession:
@@ -254,7 +257,8 @@ class _GraphSession:
         if "CUDAExecutionProvider" not in self.session.get_providers()[:1]:
             raise RuntimeError("the CUDA-graph session did not get the CUDA EP")
         self.input = torch.empty_like(like, memory_format=torch.contiguous_format)
-        self.output = torch.empty(output_shape(self.session, like.shape[0]), dtype=ex.dtype, device=ex.device)
+        shape = output_shape(self.session, like.shape[0], ex.spec.embed_dim)
+        self.output = torch.empty(shape, dtype=ex.dtype, device=ex.device)
         idx = ex.device.index or 0
         b = self.binding = self.session.io_binding()
         b.bind_input(input_name, "cuda", idx, NUMPY_DTYPES[self.input.dtype], tuple(self.input.shape),
