@@ -107,6 +107,23 @@ def test_folder_loading_skips_bad_files(tmp_path):
     assert "empty/: no readable images" in text
 
 
+def test_folder_images_are_turned_by_their_exif_orientation(tmp_path):
+    """A phone's portrait photo is stored sideways with an EXIF tag: eval reads it upright, as the processor's
+    own loader does."""
+    a = np.zeros((32, 64, 3), dtype=np.uint8)
+    a[:, 32:] = 255  # left half dark, right half bright as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # view: turned 90 degrees clockwise, so dark on top, bright below
+    (tmp_path / "cat").mkdir()
+    Image.fromarray(a).save(tmp_path / "cat" / "turned.jpg", quality=95, exif=exif.tobytes())
+    Image.fromarray(a).save(tmp_path / "cat" / "plain.jpg", quality=95)
+    pre = D.Preprocess(32, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    ds = D.load_dir(str(tmp_path), pre)
+    turned, plain = (ds.pixel_values[i] for i in sorted(range(2), key=lambda i: "plain" in ds.image_names[i]))
+    assert turned[:, :10].mean() < 0.15 and turned[:, -10:].mean() > 0.85  # rows: dark on top, bright below
+    assert plain[:, :, :10].mean() < 0.15 and plain[:, :, -10:].mean() > 0.85  # columns, as stored
+
+
 def test_folder_without_images_is_a_clear_error(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "x.png").write_bytes(b"garbage")

@@ -313,12 +313,27 @@ def synthetic(preprocess: Preprocess, num_images: int = 32, num_classes: int = 1
                    f"{num_images} random captions; no ground truth", template)
 
 
+EXIF_ORIENTATION = 0x0112
+
+
+def upright(im):
+    """``im`` turned as its EXIF orientation says (a phone's portrait photo is stored sideways with a tag), as
+    Hugging Face's ``load_image`` does before the processor."""
+    from PIL import ImageOps
+
+    try:
+        turned = im.getexif().get(EXIF_ORIENTATION, 1) not in (1, None)
+    except Exception:  # noqa: BLE001 - a broken EXIF block leaves the image as stored
+        return im
+    return ImageOps.exif_transpose(im) if turned else im
+
+
 def _open_image(path: str):
     from PIL import Image
 
     with Image.open(path) as im:
         im.load()
-        return im.convert("RGB")
+        return upright(im).convert("RGB")
 
 
 def _try_image(path: str, preprocess: Preprocess, problems: list[str], where: str):

@@ -37,7 +37,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--ray-address", dest="ray_address", default=None, help="an existing Ray cluster")
     parser.add_argument("--ray-gpus", dest="ray_gpus", type=int, default=None,
                         help="model actors (one GPU each; default all GPUs of the cluster; 0: one CPU actor)")
-    parser.add_argument("--limit", type=int, default=None, help="embed only the first N images (files)")
+    parser.add_argument("--ray-cpus", dest="ray_cpus", type=int, default=None,
+                        help="CPUs of the Ray started for the run (default all; not with --ray-address)")
+    parser.add_argument("--limit", type=int, default=None, help="embed only the first N images (folders, lists, Parquet; not tar shards)")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the summary here")
 
 
@@ -54,6 +56,9 @@ class _Bar:
 
 
 def run(args) -> int:
+    import warnings
+
+    from PIL import Image
     from rich.console import Console
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TaskProgressColumn,
                                TextColumn, TimeElapsedColumn)
@@ -68,8 +73,13 @@ def run(args) -> int:
                       batch=args.batch, engine=args.engine, index=args.index, executor=args.executor,
                       dtype=args.dtype, device=args.device, decode=args.decode, workers=args.workers,
                       shard_size=args.shard_size, ray_address=args.ray_address, ray_gpus=args.ray_gpus,
+                      ray_cpus=args.ray_cpus,
                       limit=args.limit)
     console = Console(stderr=True)
+    # an image above PIL's first pixel limit is decoded all the same (above twice it, skipped and reported); its
+    # warning, one per size, would only tear the progress bar
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
     class Speed(ProgressColumn):
         def render(self, task):
             return Text(f"{task.speed:,.0f} images/s" if task.speed else "- images/s", style="cyan")
@@ -78,18 +88,20 @@ def run(args) -> int:
                   TextColumn("{task.fields[failed]} failed"), TimeElapsedColumn(), console=console,
                   transient=True) as bar:
         result = run_embed(cfg, progress=_Bar(bar))
-    out = Console()
+    out = Console(markup=False)  # keys, notes and paths are printed as they are: "[x]" in a file name is no style
     d = result.to_dict()
     out.print(f"{result.model} · {result.executor} · {result.dtype} · {result.card} · engine {result.engine} · "
               f"decode {result.decode} · batch {result.batch}")
     out.print(f"{result.images} images, {result.failures} failures, {result.wall_s:.2f} s "
               f"({result.images_per_s:.1f} images/s; setup {result.setup_s:.1f} s before it)")
-    table = Table(title="seconds per stage", caption="read, decode: summed over the worker threads")
+    table = Table(title="seconds per stage")
     table.add_column("stage")
     table.add_column("seconds", justify="right")
     for stage, s in result.stages.items():
         table.add_row(stage, f"{s:.3f}")
     out.print(table)
+    out.print("(read, decode: summed over the decode threads" + (" and Ray tasks" if result.engine == "ray" else "")
+              + "; they can exceed the wall time)")
     for e in result.errors[:10]:
         out.print(f"skipped {e.key}: {e.reason}")
     if len(result.errors) > 10:

@@ -84,6 +84,16 @@ class EmbedConfig:
             raise ValueError(f"--decode: expected one of {', '.join(DECODERS)}, got {self.decode!r}")
         if self.ray_address is not None and self.engine != "ray":
             raise ValueError("--ray-address needs --engine ray")
+        for name in ("ray_gpus", "ray_cpus"):
+            if getattr(self, name) is not None and self.engine != "ray":
+                raise ValueError(f"--{name.replace('_', '-')} needs --engine ray")
+        if self.ray_cpus is not None and self.ray_address is not None:
+            raise ValueError("--ray-cpus sizes the Ray started for the run; a cluster (--ray-address) has its own")
+        if self.engine == "ray" and self.decode == "gpu":
+            raise ValueError("--decode gpu is for the local engine; --engine ray decodes on the cluster's CPU tasks")
+        if self.engine == "ray" and self.device is not None:
+            raise ValueError("--device is for the local engine; --engine ray puts one model on each GPU "
+                             "(--ray-gpus N, 0 for one CPU actor)")
         if self.dtype is not None:
             from ..executors.base import resolve_dtype
 

@@ -15,7 +15,8 @@ INDEX_FILE = "index.faiss"
 KEYS_FILE = "index-keys.parquet"
 
 
-def _faiss():
+def require_faiss():
+    """The faiss module, or a ValueError saying how to install it."""
     try:
         import faiss
     except ImportError:
@@ -30,7 +31,7 @@ def build_index(out: str) -> str:
 
     from .store import read_embeddings
 
-    faiss = _faiss()
+    faiss = require_faiss()
     keys, vecs = read_embeddings(out)
     index = faiss.IndexFlatIP(vecs.shape[1])
     if len(vecs):
@@ -40,6 +41,17 @@ def build_index(out: str) -> str:
     os.replace(path + ".tmp", path)
     pq.write_table(pa.table({"key": pa.array(keys, pa.string())}), os.path.join(out, KEYS_FILE))
     return path
+
+
+def remove_index(out: str) -> bool:
+    """Delete ``out``'s index files (stale once shards were written after them); whether there were any."""
+    found = False
+    for name in (INDEX_FILE, KEYS_FILE):
+        path = os.path.join(out, name)
+        if os.path.isfile(path):
+            os.remove(path)
+            found = True
+    return found
 
 
 @dataclass
@@ -52,7 +64,7 @@ def search_index(out: str, queries: np.ndarray, k: int = 10) -> list[list[Hit]]:
     """The ``k`` nearest rows of each query (float32 [Q, E], unit length) by inner product."""
     import pyarrow.parquet as pq
 
-    faiss = _faiss()
+    faiss = require_faiss()
     path = os.path.join(out, INDEX_FILE)
     if not os.path.isfile(path):
         raise ValueError(f"--index {out}: no {INDEX_FILE}; run dualfuse embed with --index faiss first")

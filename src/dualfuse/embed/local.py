@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .config import STAGES, EmbedError
-from .decode import decode_frame, is_jpeg
+from .decode import decode_frame, is_jpeg, turned_jpeg
 from .sources import Item, Shard, Source
 
 
@@ -77,7 +77,7 @@ def decode_item(item: Item, size: int, stages: Stages, gpu_jpeg: bool = False):
         return None, None, f"unreadable ({e.strerror or type(e).__name__})"
     t1 = time.perf_counter()
     stages.add("read", t1 - t0)
-    if gpu_jpeg and is_jpeg(data):
+    if gpu_jpeg and is_jpeg(data) and not turned_jpeg(data):
         return None, data, None
     try:
         frame = decode_frame(data, size)

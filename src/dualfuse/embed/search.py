@@ -57,7 +57,11 @@ def search(index_dir: str, *, text: str | None = None, image: str | None = None,
                 data = f.read()
         except OSError as e:
             raise ValueError(f"--image {image}: {e.strerror or e}") from None
-        frame = torch.from_numpy(decode_frame(data, enc.image_size).copy()).unsqueeze(0).to(enc.device)
+        try:
+            pixels = decode_frame(data, enc.image_size)
+        except ValueError as e:
+            raise ValueError(f"--image {image}: {e}") from None
+        frame = torch.from_numpy(pixels.copy()).unsqueeze(0).to(enc.device)
         q = enc.encode_frames(frame)
         query = f"image: {image}"
     hits = search_index(index_dir, q.cpu().numpy().astype(np.float32), k)[0]

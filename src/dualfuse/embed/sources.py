@@ -64,6 +64,15 @@ class Source:
     def describe(self) -> dict:
         return dict(kind=self.kind, path=os.path.abspath(self.path))
 
+    def fingerprint(self, shard: Shard) -> str:
+        """A short digest of what ``shard`` holds (its files or rows; the size and modification time of a Parquet
+        or tar file): a finished output shard whose input shard has another one now is redone on a re-run."""
+        import hashlib
+
+        files = [shard.ref[0]] if self.kind in ("parquet", "webdataset") else []
+        stats = [(os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files if os.path.isfile(f)]
+        return hashlib.sha1(repr((shard.ref, stats)).encode()).hexdigest()[:16]
+
 
 # --------------------------------------------------------------------------------------------- files
 
@@ -113,9 +122,32 @@ class FileSource(Source):
             yield Item(key=path, path=path if error is None else None, caption=cap, error=error)
 
 
+def check_captions(src: FileSource, captions: str | None, roots: list[str]) -> None:
+    """A captions file that names none of the images is refused (a path mistake, not images without captions);
+    images without a caption are counted in a note."""
+    if not captions:
+        return
+    paths = [p for p, error in src.files if error is None]
+    missing = sum(os.path.abspath(p) not in src.captions for p in paths)
+    if paths and missing == len(paths):
+        raise ValueError(f"--captions {captions}: names none of the {len(paths)} images (e.g. {paths[0]}); relative "
+                         f"names are looked up under {' and '.join(dict.fromkeys(os.path.abspath(r) for r in roots))}")
+    if missing:
+        src.notes.append(f"{missing} of {len(paths)} images have no caption in {captions} (text_embedding null)")
+
+
 def folder_source(root: str, captions: str | None = None) -> FileSource:
-    files, other = [], 0
+    files, other, seen, again = [], 0, set(), []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        try:
+            st = os.stat(dirpath)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) in seen:  # a folder reached again through a link (a loop): read once
+            dirnames[:] = []
+            again.append(dirpath)
+            continue
+        seen.add((st.st_dev, st.st_ino))
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
             if name.startswith("."):
@@ -128,15 +160,18 @@ def folder_source(root: str, captions: str | None = None) -> FileSource:
         raise ValueError(f"--images {root}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in the folder or below")
     src = FileSource(root, files, read_captions(captions, [root, os.path.dirname(captions)]) if captions else None)
     src.kind = "folder"
+    check_captions(src, captions, [root, os.path.dirname(captions or "")])
     if other:
         src.notes.append(f"ignored {other} file(s) in {root} that are not {'/'.join(IMAGE_EXTENSIONS)}")
+    if again:
+        src.notes.append(f"{len(again)} folder(s) reached again through links were read once (e.g. {again[0]})")
     return src
 
 
 def list_source(path: str, captions: str | None = None) -> FileSource:
     base = os.path.dirname(os.path.abspath(path))
     files, seen = [], set()
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with open(path, encoding="utf-8-sig", errors="replace") as f:  # -sig: a byte-order mark is not a path
         for n, line in enumerate(f, 1):
             name = line.strip()
             if not name or name.startswith("#"):
@@ -151,6 +186,7 @@ def list_source(path: str, captions: str | None = None) -> FileSource:
         raise ValueError(f"--images {path}: the list file names no images (expected one path a line)")
     src = FileSource(path, files, read_captions(captions, [base, os.path.dirname(captions)]) if captions else None)
     src.kind = "list"
+    check_captions(src, captions, [base, os.path.dirname(captions or "")])
     return src
 
 
@@ -184,6 +220,10 @@ class ParquetSource(Source):
                               (key_column, "--key-column")):
                 if col is not None and col not in names:
                     raise ValueError(f"{what} {col!r}: no such column in {f} (columns: {', '.join(names)})")
+            kind = pf.schema_arrow.field(image_column).type
+            if not _holds_bytes(kind):
+                raise ValueError(f"--image-column {image_column!r} in {f} is {kind}, not encoded image bytes (binary, "
+                                 "or a {bytes, path} struct as Hugging Face datasets write images)")
             md = pf.metadata
             self.rows.append([md.row_group(i).num_rows for i in range(md.num_row_groups)])
 
@@ -232,6 +272,15 @@ class ParquetSource(Source):
             yield Item(key, data=bytes(value), caption=cap if isinstance(cap, str) else None)
 
 
+def _holds_bytes(kind) -> bool:
+    import pyarrow as pa
+
+    if pa.types.is_struct(kind):
+        return kind.get_field_index("bytes") >= 0 and _holds_bytes(kind.field("bytes").type)
+    return pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_fixed_size_binary(kind) \
+        or getattr(pa.types, "is_binary_view", lambda t: False)(kind)
+
+
 def parquet_source(path: str, image_column: str, text_column: str | None, key_column: str | None) -> ParquetSource:
     _require_pyarrow()
     files = sorted(glob.glob(os.path.join(path, "**", "*.parquet"), recursive=True)) if os.path.isdir(path) else [path]
@@ -264,7 +313,12 @@ class TarSource(Source):
 
     def __init__(self, path: str, files: list[str], text_ext: str | None):
         super().__init__(path)
-        self.files, self.text_ext = files, text_ext
+        self.files, self.text_ext = files, (text_ext.lstrip(".").lower() if text_ext else None)
+        if self.text_ext:
+            seen = _first_extensions(files[0])
+            if seen and self.text_ext not in seen:
+                raise ValueError(f"--text-column {text_ext}: the first samples of {files[0]} have no .{self.text_ext} "
+                                 f"member (their members: {', '.join(sorted(seen))})")
 
     def shards(self, shard_size: int) -> list[Shard]:
         return [Shard(i, (f,), None) for i, f in enumerate(self.files)]
@@ -278,6 +332,7 @@ class TarSource(Source):
             return
         group: dict[str, bytes] = {}
         key = None
+        reading = False  # True while a member's data is read (a cut there leaves its key incomplete)
         with tar:
             try:
                 for m in tar:
@@ -292,11 +347,21 @@ class TarSource(Source):
                         yield self._item(key, group)
                         group = {}
                     key = k
+                    reading = True
                     data = tar.extractfile(m)
                     group[ext.lower()] = data.read() if data is not None else b""
+                    reading = False
+                if not _ends_cleanly(tar):  # tarfile stops without a word at a cut or broken header
+                    raise tarfile.ReadError(f"no end-of-archive marker at byte {tar.offset}")
             except (OSError, tarfile.TarError, EOFError) as e:
-                yield Item(f"{os.path.basename(f)}:{key or 'start'}",
-                           error=f"tar file cut short or corrupt after this member ({type(e).__name__}: {e})")
+                why = f"{type(e).__name__}: {e}"
+                if key is not None and not reading:  # cut between members: the last key's members are whole
+                    yield self._item(key, group)
+                    yield Item(f"{os.path.basename(f)}:after {key}",
+                               error=f"tar file cut short or corrupt after member {key} ({why})")
+                else:
+                    yield Item(f"{os.path.basename(f)}:{key or 'start'}",
+                               error=f"tar file cut short or corrupt inside this member ({why})")
                 key = None
         if key is not None:
             yield self._item(key, group)
@@ -310,6 +375,28 @@ class TarSource(Source):
                 return Item(key, data=group[ext], caption=cap or None)
         return Item(key, error=f"no image member (.{'/.'.join(TAR_IMAGE_EXTENSIONS)}) under this key "
                                f"(members: {', '.join(sorted(group)) or 'none'})")
+
+
+def _first_extensions(path: str, members: int = 64) -> set[str]:
+    """The member extensions among the first ``members`` files of a tar file (empty if it cannot be read)."""
+    out: set[str] = set()
+    try:
+        with tarfile.open(path, "r") as tar:
+            for n, m in enumerate(tar):
+                if n >= members:
+                    break
+                base = os.path.basename(m.name)
+                if m.isfile() and "." in base:
+                    out.add(base.split(".", 1)[1].lower())
+    except (OSError, tarfile.TarError, EOFError):
+        pass
+    return out
+
+
+def _ends_cleanly(tar: tarfile.TarFile) -> bool:
+    """Whether the archive ends where tarfile stopped reading with the end-of-archive marker (a zero block)."""
+    tar.fileobj.seek(tar.offset)
+    return tar.fileobj.read(tarfile.BLOCKSIZE) == bytes(tarfile.BLOCKSIZE)
 
 
 def tar_source(path: str, text_ext: str | None) -> TarSource:

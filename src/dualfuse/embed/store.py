@@ -59,12 +59,16 @@ class Store:
         self.identity = identity
         self.meta = meta  # model, executor, dtype, dualfuse_version: into every file's metadata
         os.makedirs(out, exist_ok=True)
+        self._lock = lock_folder(out)
         old = read_manifest(out)
         if old is None:
             stray = [n for n in os.listdir(out) if n.endswith(".parquet")]
             if stray:
                 raise ValueError(f"--out {out}: holds Parquet files ({stray[0]}, ...) but no {MANIFEST}: not made by "
                                  "dualfuse embed; use an empty or new folder")
+            self.manifest = {"schema": MANIFEST_SCHEMA, **identity, **meta, "shards": {}}
+            self._save()
+        elif not old.get("shards"):  # nothing finished there (a run stopped before its first shard): start anew
             self.manifest = {"schema": MANIFEST_SCHEMA, **identity, **meta, "shards": {}}
             self._save()
         else:
@@ -76,10 +80,27 @@ class Store:
             self.manifest = old
         self.errors: list[EmbedError] = [EmbedError(*e) for s in self.manifest["shards"].values()
                                          for e in s.get("errors", [])]
+        self.fingerprints: dict[int, str] = {}  # shard -> the input shard's fingerprint now (Source.fingerprint)
+
+    def close(self) -> None:
+        """Release the folder's lock (the end of the run)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    def expect(self, fingerprints: dict[int, str]) -> None:
+        """The fingerprint of each input shard now: a finished shard recorded with another one is not done."""
+        self.fingerprints = dict(fingerprints)
 
     def done(self, index: int) -> bool:
         rec = self.manifest["shards"].get(str(index))
-        return rec is not None and os.path.isfile(os.path.join(self.out, rec["file"]))
+        return (rec is not None and os.path.isfile(os.path.join(self.out, rec["file"]))
+                and rec.get("fingerprint") == self.fingerprints.get(index))
+
+    def changed(self, index: int) -> bool:
+        """Finished before, but from an input shard that has changed since (redone by this run)."""
+        rec = self.manifest["shards"].get(str(index))
+        return rec is not None and rec.get("fingerprint") != self.fingerprints.get(index)
 
     def _save(self) -> None:
         write_json(os.path.join(self.out, MANIFEST), self.manifest)
@@ -95,12 +116,21 @@ class Store:
         tmp = f"{path}.{os.getpid()}.tmp"
         pq.write_table(table, tmp)
         os.replace(tmp, path)
-        self.manifest["shards"][str(index)] = dict(file=name, rows=len(keys),
+        old = self.manifest["shards"].get(str(index))
+        if old is not None:  # redone (its input changed): its old skipped items go
+            gone = {(k, r) for k, r in old.get("errors", [])}
+            self.errors = [e for e in self.errors if (e.key, e.reason) not in gone]
+        self.manifest["shards"][str(index)] = dict(file=name, rows=len(keys), fingerprint=self.fingerprints.get(index),
                                                    errors=[[e.key, e.reason] for e in errors])
         self.errors.extend(errors)
         self._save()
 
     def finish(self, summary: dict) -> None:
+        self.write_errors()
+        write_json(os.path.join(self.out, SUMMARY), summary)
+
+    def write_errors(self) -> None:
+        """DIR/errors.tsv: the skipped items of every finished shard (also after a run stopped early)."""
         path = os.path.join(self.out, ERRORS)
         tmp = f"{path}.{os.getpid()}.tmp"
         with open(tmp, "w", encoding="utf-8") as f:
@@ -108,7 +138,26 @@ class Store:
             for e in self.errors:
                 f.write(f"{_cell(e.key)}\t{_cell(e.reason)}\n")
         os.replace(tmp, path)
-        write_json(os.path.join(self.out, SUMMARY), summary)
+
+
+LOCK = ".dualfuse-embed.lock"
+
+
+def lock_folder(out: str):
+    """An exclusive lock on DIR for this process (released when it ends, however it ends): two runs writing the
+    same folder would record each other's shards. Where ``fcntl`` is missing (Windows) nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    f = open(os.path.join(out, LOCK), "w")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise ValueError(f"--out {out}: another dualfuse embed is writing to this folder; wait for it or use "
+                         "another folder") from None
+    return f
 
 
 def _cell(text: str) -> str:
@@ -135,17 +184,25 @@ def make_table(key_name: str, keys: list[str], image: np.ndarray, text: list | N
 
 
 def read_embeddings(out: str, column: str = "image_embedding"):
-    """(keys, float32 [N, E]) of every finished shard in DIR, in shard order."""
+    """(keys, float32 [N, E]) of every finished shard in DIR, in shard order: the rows that hold ``column``
+    (``text_embedding``: the rows with a caption)."""
     import pyarrow.parquet as pq
 
     man = read_manifest(out)
     if man is None:
         raise ValueError(f"{out}: no {MANIFEST}; not an output folder of dualfuse embed")
     keys, vecs = [], []
+    dim = man["embed_dim"]
     for idx in sorted(man["shards"], key=int):
         t = pq.read_table(os.path.join(out, man["shards"][idx]["file"]))
-        keys.extend(t.column(man["key_name"]).to_pylist())
+        if column not in t.column_names:
+            raise ValueError(f"{out}: no {column} column (columns: {', '.join(t.column_names)})")
         col = t.column(column).combine_chunks()
-        vecs.append(col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), -1))
-    dim = man["embed_dim"]
+        names = t.column(man["key_name"]).to_pylist()
+        if col.null_count:
+            valid = col.is_valid()
+            names = [k for k, ok in zip(names, valid.to_pylist()) if ok]
+            col = col.filter(valid)
+        keys.extend(names)
+        vecs.append(col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), dim))
     return keys, (np.concatenate(vecs).astype(np.float32) if vecs else np.zeros((0, dim), np.float32))
