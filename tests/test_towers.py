@@ -192,8 +192,13 @@ def _tiny_paligemma():
     return T.PaliGemmaForConditionalGeneration(cfg).eval(), 63, 4
 
 
-@pytest.mark.parametrize("make", [_tiny_llava, _tiny_paligemma], ids=["llava", "paligemma"])
-def test_vlm_with_fused_vision_tower(make):
+@pytest.mark.parametrize("make, fuse_kw", [
+    (_tiny_llava, {}), (_tiny_paligemma, {}),
+    # fused for the layer each reads: LLaVA hidden_states[-2], PaliGemma last_hidden_state (the last layer)
+    pytest.param(_tiny_llava, {"hidden_states": (-2,)}, marks=pytest.mark.slow),
+    pytest.param(_tiny_paligemma, {"hidden_states": (-1,)}, marks=pytest.mark.slow),
+], ids=["llava", "paligemma", "llava-layer-2", "paligemma-last-layer"])
+def test_vlm_with_fused_vision_tower(make, fuse_kw):
     """vlm.model.vision_tower = dualfuse.fuse(vlm.model.vision_tower): same logits, same greedy tokens."""
     vlm, image_token, n_image = make()
     ids = torch.cat([torch.full((1, n_image), image_token), torch.randint(1, 60, (1, 5))], dim=1)
@@ -202,12 +207,19 @@ def test_vlm_with_fused_vision_tower(make):
     with torch.no_grad():
         want = vlm(**kw).logits
         want_tokens = vlm.generate(**kw, max_new_tokens=3, do_sample=False)
-    vlm.model.vision_tower = dualfuse.fuse(vlm.model.vision_tower)
+    vlm.model.vision_tower = dualfuse.fuse(vlm.model.vision_tower, **fuse_kw)
     with torch.no_grad():
         got = vlm(**kw).logits
         got_tokens = vlm.generate(**kw, max_new_tokens=3, do_sample=False)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-3)
     assert torch.equal(got_tokens, want_tokens)
+
+
+def test_fusing_a_whole_vlm_points_at_its_tower():
+    vlm, _, _ = _tiny_llava()
+    with pytest.raises(ValueError, match=r"LlavaForConditionalGeneration \(a VLM with a CLIPVisionModel vision tower: "
+                       r"fuse the tower in place, m\.model\.vision_tower = dualfuse\.fuse\(m\.model\.vision_tower\)"):
+        dualfuse.fuse(vlm)
 
 
 # ------------------------------------------------------------------------------------ what the pair has

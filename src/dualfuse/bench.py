@@ -406,11 +406,16 @@ def _new_result(model, spec, bi, bt, length, dtype, device, iters, warmup, input
 def _references(spec, inputs, device, bi: int, bt: int) -> tuple:
     """(image, text) embeddings of input set 0 by the fp32 reference forward (None for a tower not run)."""
     from . import reference
+    from .spec import PatchSequence
 
     ref_spec = spec.to(device=device, dtype=torch.float32)
     with torch.no_grad():
         px0, ids0 = inputs[0]
-        refs = (reference.encode_image(ref_spec, px0.float()) if bi else None,
+        if isinstance(px0, PatchSequence):  # SigLIP2 NaFlex
+            px0 = PatchSequence(px0.pixel_values.float(), px0.spatial_shapes, px0.pixel_attention_mask)
+        elif px0 is not None:
+            px0 = px0.float()
+        refs = (reference.encode_image(ref_spec, px0) if bi else None,
                 reference.encode_text(ref_spec, ids0) if bt else None)
     del ref_spec
     return refs

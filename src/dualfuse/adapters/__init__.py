@@ -53,8 +53,21 @@ def family_of(model) -> str:
     cls = type(model)
     family = _FAMILIES.get((cls.__module__.split(".")[0], cls.__name__))
     if family is None:
-        raise ValueError(f"unsupported model class {cls.__module__}.{cls.__name__}; supported: {SUPPORTED}")
+        raise ValueError(f"unsupported model class {cls.__module__}.{cls.__name__}{_vlm_hint(model)}; supported: "
+                         f"{SUPPORTED}")
     return family
+
+
+def _vlm_hint(model) -> str:
+    """For a VLM (a model with a vision_tower): how to fuse its tower in place."""
+    for path in ("model.vision_tower", "vision_tower"):
+        obj = model
+        for name in path.split("."):
+            obj = getattr(obj, name, None)
+        if obj is not None and type(obj).__name__ in TOWER_CLASSES:
+            return (f" (a VLM with a {type(obj).__name__} vision tower: fuse the tower in place, "
+                    f"m.{path} = dualfuse.fuse(m.{path}); docs/towers.md)")
+    return ""
 
 
 def to_spec(model) -> DualEncoderSpec:

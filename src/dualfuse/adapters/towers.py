@@ -37,6 +37,10 @@ def from_tower(model) -> DualEncoderSpec:
     # and the *WithProjection classes wrap it as vision_model / text_model
     inner = getattr(model, "vision_model" if tower == "vision" else "text_model", model)
     if family == "open_clip":
+        if getattr(model, "output_tokens", False):
+            raise ValueError("open_clip model.visual with output_tokens=True (it returns (pooled, tokens)): the fused "
+                             "tower returns the pooled embeddings only; set visual.output_tokens = False before "
+                             "fusing")
         spec = vision_tower(model)
         if getattr(model, "image_mean", None) is not None and getattr(model, "image_std", None) is not None:
             extra = {"image_mean": tuple(model.image_mean), "image_std": tuple(model.image_std)}

@@ -40,6 +40,9 @@ class TowerExporter:
         if dtype == torch.bfloat16:
             raise ExecutorUnavailable("bf16 is not supported by the ONNX path here (no bf16 numpy type for I/O, "
                                       "few bf16 kernels in ONNX Runtime): use --dtype fp16")
+        if family == "hf_siglip2":
+            raise ExecutorUnavailable("SigLIP2 NaFlex patch sequences (pixel_values with spatial_shapes and "
+                                      "pixel_attention_mask) are not exported to ONNX here")
         self.spec, self.dtype, self.device, self.family = spec, dtype, device, family
         # The copy stays on the CPU (tracing there needs no GPU memory next to the runtime's); the exported graph
         # carries no device.

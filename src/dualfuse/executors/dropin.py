@@ -183,10 +183,13 @@ class FusedModel(nn.Module):
         for k, v in named_tensors(self.executor.spec):
             out[prefix + k] = v
         spec = self.executor.spec
-        out[prefix + "logit_scale"] = torch.tensor(spec.logit_scale, dtype=torch.float32, device=spec.device)
-        if spec.logit_bias is not None:
-            out[prefix + "logit_bias"] = torch.tensor(spec.logit_bias, dtype=torch.float32, device=spec.device)
+        for name in self._logit_keys():
+            out[prefix + name] = torch.tensor(getattr(spec, name), dtype=torch.float32, device=spec.device)
         return out
+
+    def _logit_keys(self) -> tuple[str, ...]:
+        """The scalars state_dict() adds to the spec's tensors: ``logit_scale`` (and ``logit_bias``)."""
+        return ("logit_scale",) + (("logit_bias",) if self.executor.spec.logit_bias is not None else ())
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Replace the weights and rebuild the executor (same dtype, device, fuse() options). Takes either
@@ -201,9 +204,7 @@ class FusedModel(nn.Module):
         if fb is not None:  # the private copy of the source model runs: load into it
             return fb.model.load_state_dict(state_dict, strict=strict)
         own = dict(named_tensors(self.executor.spec))  # names only: with keep_host_copy=False they are meta
-        own["logit_scale"] = None
-        if self.executor.spec.logit_bias is not None:
-            own["logit_bias"] = None
+        own.update(dict.fromkeys(self._logit_keys()))
         keys = set(state_dict)
         if keys & set(own) - {"logit_scale", "logit_bias"}:
             missing, unexpected = sorted(set(own) - keys), sorted(keys - set(own))
@@ -407,10 +408,18 @@ class FusedTower(FusedModel):
         if return_dict not in (None, True, False):
             raise ValueError(f"forward: return_dict must be None, True or False, got {return_dict!r}")
         hidden = a.pop("output_hidden_states", None)
+        # transformers' defaults when the call leaves them out: the model config's return_dict / output_hidden_states
+        if return_dict is None and self._config is not None:
+            return_dict = getattr(self._config, "return_dict", None)
+        if hidden is None and self._config is not None:
+            hidden = getattr(self._config, "output_hidden_states", None)
         if a.pop("output_attentions", None) not in (None, False):
             raise ValueError("forward: output_attentions is not supported: the fused attention kernel does not "
                              "materialize the attention weights")
         if self.executor.fallback is not None:  # the private source model, called as the user called it
+            px = a.get("pixel_values")
+            if isinstance(px, torch.Tensor) and px.dtype == torch.uint8:  # frames: normalized as the fused path does
+                a["pixel_values"] = self.executor.validate(px, None)[0]
             a.update(return_dict=return_dict, output_hidden_states=hidden)
             return self.executor.fallback.model(**{k: v for k, v in a.items() if v is not None})
         if self.tower == "vision":
@@ -422,12 +431,16 @@ class FusedTower(FusedModel):
             x = self._ids(a, "forward")
             if x is None:
                 raise ValueError("forward: expected input_ids")
-            if isinstance(mask, torch.Tensor) and not bool((mask != 0).all()):
+            # a tower fused for its pooled output alone (hidden_states=()) returns no token outputs: a mask the
+            # checks of _ids let through (causal towers: right-padded, the pooled token inside) changes nothing
+            if (isinstance(mask, torch.Tensor) and self.executor.hidden_states != ()
+                    and not bool((mask != 0).all())):
                 raise ValueError("forward: attention_mask with padding (zeros): the fused text tower's token outputs "
                                  "(last_hidden_state, hidden_states) at padded positions differ from the source's "
                                  "(the kernels do not mask keys); pass input_ids without a mask (padding="
-                                 "'max_length', as CLIP text encoders are used), or read the pooled output via "
-                                 "a fused CLIPModel")
+                                 "'max_length', as CLIP text encoders are used), or fuse the tower for its pooled "
+                                 "output alone, which takes right-padded masks: dualfuse.fuse(tower, "
+                                 "hidden_states=(), pooled=True)")
         _reject_extra(a, "forward", names + ("return_dict", "output_hidden_states", "output_attentions"))
         if hidden is None or hidden is False:
             sel = ()
@@ -448,7 +461,15 @@ class FusedTower(FusedModel):
                                  "image runs at its own patch grid); the fused tower gives pooler_output only")
             out = _tower_output(self._source_class, self.tower, None, self.executor.encode_image(x), None)
             return out if return_dict is not False else out.to_tuple()
-        r = self.executor.encode_tower(x, hidden=sel)
+        ex = self.executor
+        fused_for = ex.hidden_states
+        if sel == () and not ex.pooled and fused_for is not None and \
+                getattr(ex.spec, self.tower).num_layers not in fused_for:
+            raise ValueError(f"forward: this call would return nothing: the tower was fused for hidden states "
+                             f"{fused_for} only (fuse(..., hidden_states=...): no last_hidden_state, no pooled "
+                             "output); ask for them with output_hidden_states=True or an index, or fuse the source "
+                             "model again for what this caller reads")
+        r = ex.encode_tower(x, hidden=sel)
         hs = None
         if sel != ():
             layers = getattr(self.executor.spec, self.tower).num_layers
@@ -459,11 +480,8 @@ class FusedTower(FusedModel):
         out = _tower_output(self._source_class, self.tower, r["last"], r["pooled"], hs)
         return out if return_dict is not False else out.to_tuple()
 
-    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
-        out = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
-        if self.executor.fallback is None:
-            out.pop(prefix + "logit_scale", None)
-        return out
+    def _logit_keys(self) -> tuple[str, ...]:
+        return ()  # a single tower has no logits: its state_dict() is the spec's tensors alone
 
 
 class FusedHiddenStates(tuple):

@@ -155,8 +155,10 @@ class OnnxRuntimeExecutor(Executor):
         self.providers = providers or choose_providers(available, self.device, self.dtype, self.exporter.dir, stream)
         self.text_sessions: dict[int, object] = {}
         self.graph_sessions: dict[tuple, _GraphSession] = {}  # (tower, input shape) -> CUDA-graph session
-        self.image_session = self._session(self.exporter.image())
-        active = self.image_session.get_providers()
+        # a single text tower has no image session: its first text session (the context length) names the provider
+        self.image_session = self._session(self.exporter.image()) if self.spec.vision is not None else None
+        first = self.image_session or self._text_session(self.spec.text.context_length)
+        active = first.get_providers()
         self.active_provider = active[0] if active else "?"
         if cuda and self.active_provider == "CPUExecutionProvider":
             raise ExecutorUnavailable(
@@ -210,7 +212,8 @@ class OnnxRuntimeExecutor(Executor):
         if self.stream is not None and torch.cuda.current_stream(self.device) != self.stream:
             torch.cuda.current_stream(self.device).synchronize()  # inputs were made on another stream
         x = x.contiguous()
-        out = torch.empty(x.shape[0], self.spec.embed_dim, dtype=self.dtype, device=self.device)
+        shape = output_shape(session, x.shape[0], self.spec.embed_dim)
+        out = torch.empty(shape, dtype=self.dtype, device=self.device)
         kind = "cuda" if self.device.type == "cuda" else "cpu"
         idx = self.device.index or 0
         b = session.io_binding()
@@ -234,6 +237,14 @@ class OnnxRuntimeExecutor(Executor):
         return self._run(self._text_session(ids.shape[1]), INPUT_TEXT, ids)
 
 
+def output_shape(session, batch: int, embed_dim: int) -> tuple:
+    """The shape of a session's output for ``batch`` inputs: [batch, embed_dim], or [batch, tokens, width] for a
+    tower without a pooling head (SigLIP as VLMs build it); only the batch axis is dynamic (other dims left
+    symbolic by the export: [batch, embed_dim])."""
+    dims = tuple(session.get_outputs()[0].shape[1:])
+    return (batch, *dims) if all(isinstance(d, int) for d in dims) else (batch, embed_dim)
+
+
 class _GraphSession:
     """A CUDA-EP session with ``enable_cuda_graph`` for one input shape: static input/output buffers bound once
     (ONNX Runtime replays its graph on those addresses). ONNX Runtime runs on its own stream: a call copies the
@@ -246,7 +257,8 @@ class _GraphSession:
         if "CUDAExecutionProvider" not in self.session.get_providers()[:1]:
             raise RuntimeError("the CUDA-graph session did not get the CUDA EP")
         self.input = torch.empty_like(like, memory_format=torch.contiguous_format)
-        self.output = torch.empty(like.shape[0], ex.spec.embed_dim, dtype=ex.dtype, device=ex.device)
+        shape = output_shape(self.session, like.shape[0], ex.spec.embed_dim)
+        self.output = torch.empty(shape, dtype=ex.dtype, device=ex.device)
         idx = ex.device.index or 0
         b = self.binding = self.session.io_binding()
         b.bind_input(input_name, "cuda", idx, NUMPY_DTYPES[self.input.dtype], tuple(self.input.shape),

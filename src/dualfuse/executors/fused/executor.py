@@ -168,6 +168,10 @@ class FusedExecutor(Locked, Executor):
         if pooled and t.pooling == "none":
             raise ValueError(f"pooled=True: this {t.kind} tower has no pooling head (its source model returns no "
                              "pooled output)")
+        if allowed == () and not pooled:
+            raise ValueError("hidden_states=() without the pooled output leaves this tower nothing to compute: name "
+                             "the hidden states its callers read (e.g. hidden_states=(-2,)), or pass pooled=True for "
+                             "the pooled output alone")
         return allowed, pooled
 
     @staticmethod
