@@ -218,6 +218,21 @@ def test_unsupported_config_reason_and_fallback_rules():
             FusedExecutor(spec, dtype=torch.float16, device="cpu")
 
 
+def test_bf16_under_the_interpreter_falls_back_with_the_reason(monkeypatch):
+    """Triton's CPU interpreter computes bf16 dots wrongly (cosine < 0 against the source model): the fused kernels
+    are not used there, with the reason, instead of giving silently wrong embeddings."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    model = dualfuse.load("clip-tiny")
+    spec = to_spec(model)
+    assert "interpreter" in unsupported_reason(spec, torch.bfloat16, torch.device("cpu"))
+    assert unsupported_reason(spec, torch.float16, torch.device("cpu")) is None
+    with pytest.warns(UserWarning, match="computes bf16 dot products wrongly.*falling back to the 'eager'"):
+        ex = FusedExecutor(model, dtype=torch.bfloat16, device="cpu")
+    assert ex.fallback is not None
+    with pytest.raises(ValueError, match=r"cannot run this model \(fallback=False\).*bf16"):
+        FusedExecutor(model, dtype=torch.bfloat16, device="cpu", fallback=False)
+
+
 REAL_PRESETS = ["clip-vit-b-32", "clip-vit-b-16", "clip-vit-l-14", "siglip-base-patch16-224"]
 
 

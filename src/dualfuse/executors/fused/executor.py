@@ -38,6 +38,9 @@ def unsupported_reason(spec: DualEncoderSpec, dtype: torch.dtype, device: torch.
                 "run another executor, e.g. eager")
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"dtype {dtype} is not supported (fp16, bf16, fp32)"
+    if dtype == torch.bfloat16 and is_interpreter():
+        return ("Triton's CPU interpreter (TRITON_INTERPRET=1) computes bf16 dot products wrongly: run fp16 or fp32 "
+                "under it (bf16 runs on a GPU)")
     for t in (spec.vision, spec.text):
         if t is None:
             continue
