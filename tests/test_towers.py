@@ -241,6 +241,18 @@ def test_open_clip_visual(name):
     torch.testing.assert_close(fused(px), want, atol=ATOL, rtol=1e-3)
 
 
+def test_open_clip_visual_refuses_hidden_states_and_unpooled():
+    """open_clip's model.visual(images) returns pooled embeddings alone: the options that would make the fused
+    tower return tokens (hidden_states=, pooled=False) are refused at fuse() rather than give tokens unlike
+    open_clip's own (which come after ln_post, without the class token)."""
+    pytest.importorskip("open_clip")
+    visual = dualfuse.load("open_clip-tiny").visual.eval()
+    for opts in (dict(hidden_states=(-2,)), dict(pooled=False)):
+        with pytest.raises(ValueError, match="open_clip's model.visual.images. returns its pooled embeddings only"):
+            dualfuse.fuse(visual, **opts)
+    assert dualfuse.fuse(visual, hidden_states=(), pooled=True).executor.pooled
+
+
 @pytest.mark.slow
 def test_vision_tower_uint8_frames_and_int8_weights():
     """uint8 frames: the normalization folded into the patch embedding; int8 weights: cosine close to fp32."""

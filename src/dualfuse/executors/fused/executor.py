@@ -162,6 +162,12 @@ class FusedExecutor(Locked, Executor):
             raise ValueError(f"hidden_states= / pooled= apply to a single tower (e.g. CLIPVisionModel, a VLM's "
                              f"vision tower); this is {what}")
         t = getattr(self.spec, self.spec.tower)
+        if self.spec.family == "open_clip" and (pooled is False or hidden_states):
+            # model.visual(images) returns the pooled embeddings alone; its tokens (output_tokens) come after ln_post
+            # without the class token, which is not what the hidden states of transformers' towers are
+            raise ValueError("hidden_states= / pooled=False: open_clip's model.visual(images) returns its pooled "
+                             "embeddings only, so a fused open_clip tower does too; these options apply to "
+                             "transformers towers (CLIPVisionModel, SiglipVisionModel, a VLM's vision tower)")
         # types and the tuple form checked by FusedConfig; the range against this tower's layers here
         allowed = None
         if hidden_states is not None:
