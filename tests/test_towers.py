@@ -132,6 +132,11 @@ def test_tower_refusals():
     px = torch.randn(1, 3, 32, 32)
     with pytest.raises(ValueError, match="output_attentions"):
         fused(px, output_attentions=True)
+    fused.config._attn_implementation = "eager"  # transformers allows output_attentions with eager attention only
+    fused.config.output_attentions = True  # transformers' default for a call that leaves it out: the config's
+    with pytest.raises(ValueError, match="output_attentions is not supported .asked for by the call or by the model"):
+        fused(px)
+    fused.config.output_attentions = False
     with pytest.raises(ValueError, match="out of range"):
         fused(px, output_hidden_states=5)
     with pytest.raises(ValueError, match="no text tower"):

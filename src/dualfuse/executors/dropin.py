@@ -413,9 +413,13 @@ class FusedTower(FusedModel):
             return_dict = getattr(self._config, "return_dict", None)
         if hidden is None and self._config is not None:
             hidden = getattr(self._config, "output_hidden_states", None)
-        if a.pop("output_attentions", None) not in (None, False):
-            raise ValueError("forward: output_attentions is not supported: the fused attention kernel does not "
-                             "materialize the attention weights")
+        attentions = a.pop("output_attentions", None)
+        if attentions is None and self._config is not None:  # transformers' default: the config's
+            attentions = getattr(self._config, "output_attentions", None)
+        if attentions not in (None, False):
+            raise ValueError("forward: output_attentions is not supported (asked for by the call or by the model "
+                             "config's output_attentions=True): the fused attention kernel does not materialize "
+                             "the attention weights")
         if self.executor.fallback is not None:  # the private source model, called as the user called it
             px = a.get("pixel_values")
             if isinstance(px, torch.Tensor) and px.dtype == torch.uint8:  # frames: normalized as the fused path does
