@@ -36,18 +36,22 @@ def _bench_rows(tmp_path, model_dir, executors):
     return rc, {r["executor"]: r for r in json.loads(out.read_text())["results"]}
 
 
+def _siglip_tower(which: str):
+    """A tiny SigLIP text tower, or vision tower without its pooling head (seeded)."""
+    T = transformers
+    torch.manual_seed(0)
+    if which == "text":
+        return T.SiglipTextModel(T.SiglipTextConfig(**_text_kw()))
+    return T.SiglipVisionModel(T.SiglipVisionConfig(**_vision_kw(), vision_use_head=False))
+
+
 @pytest.mark.parametrize("which", [pytest.param("text", marks=pytest.mark.slow), "siglip-vision-nohead"])
 def test_bench_tower_checkpoint_onnxruntime(tmp_path, which):
     """`dualfuse bench --model <tower dir>`: ONNX Runtime runs a text tower alone and a SigLIP vision tower without
     its pooling head (whose embeddings are its tokens), at the fp32 reference's cosine."""
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")
-    T = transformers
-    torch.manual_seed(0)
-    if which == "text":
-        model = T.SiglipTextModel(T.SiglipTextConfig(**_text_kw()))
-    else:
-        model = T.SiglipVisionModel(T.SiglipVisionConfig(**_vision_kw(), vision_use_head=False))
+    model = _siglip_tower(which)
     rc, rows = _bench_rows(tmp_path, _save(model, tmp_path / "tower"), "eager,onnxruntime")
     assert rc == 0, rows
     for name in ("eager", "onnxruntime"):
@@ -261,12 +265,7 @@ def test_gpu_bench_tower_checkpoint_onnxruntime(tmp_path, which):
     """On CUDA in fp16: ONNX Runtime (CUDA EP, its CUDA-graph session) on a text tower alone and on a SigLIP vision
     tower without its pooling head (tokens out), next to eager and fused."""
     pytest.importorskip("onnxruntime")
-    T = transformers
-    torch.manual_seed(0)
-    if which == "text":
-        model = T.SiglipTextModel(T.SiglipTextConfig(**_text_kw()))
-    else:
-        model = T.SiglipVisionModel(T.SiglipVisionConfig(**_vision_kw(), vision_use_head=False))
+    model = _siglip_tower(which)
     out = tmp_path / "bench.json"
     rc = cli.main(["bench", "--model", _save(model, tmp_path / "tower"), "--executors", "eager,onnxruntime,fused",
                    "--device", "cuda", "--dtype", "fp16", "--iters", "3", "--warmup", "1", "--no-progress",
