@@ -242,8 +242,13 @@ def test_to_half_float_rebuild_from_the_spec_and_keep_fuse_options():
     got = fused(input_ids=ids, pixel_values=px.half())
     assert got.logits_per_image.dtype == torch.float16
     _close(got.image_embeds, want.image_embeds, 1e-2)
-    fused.to(torch.bfloat16)
-    assert fused.dtype == torch.bfloat16
+    if DEV == "cpu":  # the interpreter's bf16 dots are wrong: a rebuild from the spec (no source to fall back to)
+        with pytest.raises(ValueError, match="computes bf16 dot products wrongly"):
+            fused.to(torch.bfloat16)
+        assert fused.dtype == torch.float16  # unchanged
+    else:
+        fused.to(torch.bfloat16)
+        assert fused.dtype == torch.bfloat16
     fused.float()
     assert fused.dtype == torch.float32
     _close(fused(input_ids=ids, pixel_values=px).logits_per_image, want.logits_per_image)  # exact again: from the spec
