@@ -392,3 +392,15 @@ def test_calibrate_cli_shapes_and_errors(capsys):
             parse_shapes(bad, 77)
     assert cli.main(["calibrate", "--model", "clip-tiny", "--shapes", "1x2x3x4"]) == 2
     assert "IMAGESxTEXTS[xTEXT_LEN]" in capsys.readouterr().err
+
+
+def test_calibrate_cli_default_shapes_fit_a_single_tower():
+    """Without --shapes, a single tower calibrates the default items it can run (the others would be refused)."""
+    import dataclasses
+
+    from dualfuse.cli.calibrate import DEFAULT_SHAPES, default_shapes
+
+    spec = to_spec(dualfuse.load("clip-tiny"))
+    assert default_shapes(spec) == DEFAULT_SHAPES
+    assert default_shapes(dataclasses.replace(spec, text=None)) == "1x0,256x0"
+    assert default_shapes(dataclasses.replace(spec, vision=None)) == "0x1024"

@@ -189,6 +189,52 @@ def test_resume_redoes_finished_shards_whose_input_changed(tmp_path, test_seed):
     assert r.shards_skipped == 2 and r.images == 0
 
 
+def test_resume_keeps_shards_of_older_manifests_and_other_spellings_of_the_folder(tmp_path, test_seed, monkeypatch):
+    """A shard recorded without a fingerprint (an older dualfuse) is kept, and "imgs" / "./imgs" are one input;
+    a run whose shard count differs is refused, naming it."""
+    import json
+
+    rng = np.random.default_rng(test_seed)
+    root = tmp_path / "imgs"
+    root.mkdir()
+    for n in ("a.jpg", "b.jpg", "c.jpg"):
+        (root / n).write_bytes(_jpeg(rng))
+    out = tmp_path / "out"
+    assert _run(root, out, shard_size=2).images == 3
+    monkeypatch.chdir(tmp_path)
+    r = _run("./imgs", out, shard_size=2)
+    assert r.shards_skipped == 2 and r.images == 0
+    manifest = out / "manifest.json"
+    doc = json.loads(manifest.read_text())
+    for rec in doc["shards"].values():
+        del rec["fingerprint"]
+    manifest.write_text(json.dumps(doc))
+    r = _run(root, out, shard_size=2)
+    assert r.shards_skipped == 2 and r.images == 0 and not any("input changed" in n for n in r.notes)
+    with pytest.raises(ValueError, match="num_shards"):
+        _run(root, out, shard_size=2, limit=2)
+
+
+def test_a_refused_folder_is_not_left_locked(tmp_path, test_seed):
+    """The folder's lock goes with a refusal raised while opening it: the traceback kept alive (a notebook) does not
+    keep the next run out."""
+    rng = np.random.default_rng(test_seed)
+    root = tmp_path / "imgs"
+    root.mkdir()
+    for n in ("a.jpg", "b.jpg"):
+        (root / n).write_bytes(_jpeg(rng))
+    out = tmp_path / "out"
+    _run(root, out, shard_size=1)
+    try:
+        _run(root, out, shard_size=2)
+    except ValueError as e:
+        kept = e  # noqa: F841 - holds the traceback and its frames, as an interactive session does
+        assert "shard_size" in str(e)
+    else:
+        raise AssertionError("a run with another shard size was not refused")
+    assert _run(root, out, shard_size=1).shards_skipped == 2  # not refused as "another run is writing"
+
+
 def test_folder_loop_through_a_link_is_read_once(tmp_path, test_seed):
     rng = np.random.default_rng(test_seed)
     (tmp_path / "imgs" / "sub").mkdir(parents=True)

@@ -24,14 +24,24 @@ def parse_shapes(text: str, ctx: int | None = None) -> list[tuple[int, int, int]
     return shapes
 
 
+DEFAULT_SHAPES = "1x1,1x0,32x32,256x0,0x1024"
+
+
+def default_shapes(spec) -> str:
+    """DEFAULT_SHAPES, less the items a single tower cannot run (texts for a vision tower, images for a text one)."""
+    items = [i for i in DEFAULT_SHAPES.split(",")
+             if (spec.vision is not None or i.startswith("0x")) and (spec.text is not None or i.endswith("x0"))]
+    return ",".join(items)
+
+
 def add_arguments(parser) -> None:
     parser.description = HELP
     parser.add_argument("--model", default="clip-vit-b-32", metavar="NAME|PATH",
                         help="preset name, open_clip:ARCH, HF model directory or open_clip checkpoint")
     parser.add_argument("--arch", default=None, help="open_clip architecture of a checkpoint file")
-    parser.add_argument("--shapes", default="1x1,1x0,32x32,256x0,0x1024", metavar="IxT[xL],...",
-                        help="call shapes: images x texts [x text length] (default 1x1,1x0,32x32,256x0,0x1024; "
-                             "text length: the model's context length)")
+    parser.add_argument("--shapes", default=None, metavar="IxT[xL],...",
+                        help=f"call shapes: images x texts [x text length] (default {DEFAULT_SHAPES}; for a single "
+                             "tower the items of that tower alone; text length: the model's context length)")
     parser.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"])
     parser.add_argument("--device", default=None, help="default cuda")
     parser.add_argument("--fresh", action="store_true",
@@ -52,7 +62,8 @@ def run(args) -> int:
     source = load(args.model, arch=args.arch)
     spec = to_spec(source)
     # a single vision tower has no text length: IxT items need none (calibrate() refuses texts for it)
-    shapes = parse_shapes(args.shapes, spec.text.context_length if spec.text is not None else 1)
+    shapes = parse_shapes(args.shapes if args.shapes is not None else default_shapes(spec),
+                          spec.text.context_length if spec.text is not None else 1)
     res = calibrate(source, shapes, dtype=args.dtype, device=args.device, path=args.cache, calls=not args.no_calls,
                     fresh=args.fresh,
                     log=print)

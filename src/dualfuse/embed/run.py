@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 
 from .config import EmbedConfig, EmbedResult
 
@@ -106,7 +107,10 @@ def _embed(cfg, source, shards, store, encoder, info, with_text, progress, t_sta
             out = run_local(source, todo, encoder, store, batch=cfg.batch, workers=cfg.num_workers,
                             prefetch=cfg.prefetch, decode=cfg.decode, with_text=with_text, progress=advance)
     except BaseException:  # stopped (Ctrl-C) or failed: errors.tsv still lists the finished shards' skipped items
-        store.write_errors()
+        try:
+            store.write_errors()
+        except Exception as e:  # noqa: BLE001 - the run's own error (or Ctrl-C) is the one to raise
+            warnings.warn(f"dualfuse embed: could not write errors.tsv ({type(e).__name__}: {e})", stacklevel=2)
         raise
     wall = time.perf_counter() - t_start
     card = info.get("card") or _card(info["device"])

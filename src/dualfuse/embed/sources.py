@@ -71,7 +71,15 @@ class Source:
 
         files = [shard.ref[0]] if self.kind in ("parquet", "webdataset") else []
         stats = [(os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files if os.path.isfile(f)]
-        return hashlib.sha1(repr((shard.ref, stats)).encode()).hexdigest()[:16]
+        def absolute(r):  # "imgs" and "./imgs" name the same files
+            if isinstance(r, str):
+                return os.path.abspath(r)
+            if isinstance(r, tuple) and r and isinstance(r[0], str):
+                return (os.path.abspath(r[0]), *r[1:])
+            return r
+
+        ref = tuple(absolute(r) for r in shard.ref)
+        return hashlib.sha1(repr((ref, stats)).encode()).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------------------------- files

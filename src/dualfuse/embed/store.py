@@ -60,6 +60,13 @@ class Store:
         self.meta = meta  # model, executor, dtype, dualfuse_version: into every file's metadata
         os.makedirs(out, exist_ok=True)
         self._lock = lock_folder(out)
+        try:
+            self._open(out, identity, meta)
+        except BaseException:  # refused or unreadable: the lock goes with the error, not with the traceback's frame
+            self.close()
+            raise
+
+    def _open(self, out: str, identity: dict, meta: dict) -> None:
         old = read_manifest(out)
         if old is None:
             stray = [n for n in os.listdir(out) if n.endswith(".parquet")]
@@ -92,15 +99,19 @@ class Store:
         """The fingerprint of each input shard now: a finished shard recorded with another one is not done."""
         self.fingerprints = dict(fingerprints)
 
+    def _same_input(self, rec: dict, index: int) -> bool:
+        # a shard recorded without a fingerprint (an older dualfuse) is trusted as before
+        return rec.get("fingerprint", self.fingerprints.get(index)) == self.fingerprints.get(index)
+
     def done(self, index: int) -> bool:
         rec = self.manifest["shards"].get(str(index))
         return (rec is not None and os.path.isfile(os.path.join(self.out, rec["file"]))
-                and rec.get("fingerprint") == self.fingerprints.get(index))
+                and self._same_input(rec, index))
 
     def changed(self, index: int) -> bool:
         """Finished before, but from an input shard that has changed since (redone by this run)."""
         rec = self.manifest["shards"].get(str(index))
-        return rec is not None and rec.get("fingerprint") != self.fingerprints.get(index)
+        return rec is not None and not self._same_input(rec, index)
 
     def _save(self) -> None:
         write_json(os.path.join(self.out, MANIFEST), self.manifest)
