@@ -32,6 +32,14 @@ def _jpeg(rng, h=30, w=40):
     return _encode(Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)), "JPEG")
 
 
+def _jpeg_folder(root, rng, *names):
+    """A folder of small random JPEGs with these names."""
+    root.mkdir()
+    for n in names:
+        (root / n).write_bytes(_jpeg(rng))
+    return root
+
+
 def _run(images, out, **kw):
     kw.setdefault("executor", "eager")
     kw.setdefault("batch", 4)
@@ -171,10 +179,7 @@ def test_folder_of_a_run_stopped_before_its_first_shard_is_reused(tmp_path, test
 
 def test_resume_redoes_finished_shards_whose_input_changed(tmp_path, test_seed):
     rng = np.random.default_rng(test_seed)
-    root = tmp_path / "imgs"
-    root.mkdir()
-    for n in ("b.jpg", "c.jpg", "d.jpg", "e.jpg", "f.jpg"):
-        (root / n).write_bytes(_jpeg(rng))
+    root = _jpeg_folder(tmp_path / "imgs", rng, "b.jpg", "c.jpg", "d.jpg", "e.jpg", "f.jpg")
     out = tmp_path / "out"
     r = _run(root, out, shard_size=3, limit=4)  # 2 shards, the second cut to 1 image
     assert r.images == 4
@@ -195,10 +200,7 @@ def test_resume_keeps_shards_of_older_manifests_and_other_spellings_of_the_folde
     import json
 
     rng = np.random.default_rng(test_seed)
-    root = tmp_path / "imgs"
-    root.mkdir()
-    for n in ("a.jpg", "b.jpg", "c.jpg"):
-        (root / n).write_bytes(_jpeg(rng))
+    root = _jpeg_folder(tmp_path / "imgs", rng, "a.jpg", "b.jpg", "c.jpg")
     out = tmp_path / "out"
     assert _run(root, out, shard_size=2).images == 3
     monkeypatch.chdir(tmp_path)
@@ -219,10 +221,7 @@ def test_a_refused_folder_is_not_left_locked(tmp_path, test_seed):
     """The folder's lock goes with a refusal raised while opening it: the traceback kept alive (a notebook) does not
     keep the next run out."""
     rng = np.random.default_rng(test_seed)
-    root = tmp_path / "imgs"
-    root.mkdir()
-    for n in ("a.jpg", "b.jpg"):
-        (root / n).write_bytes(_jpeg(rng))
+    root = _jpeg_folder(tmp_path / "imgs", rng, "a.jpg", "b.jpg")
     out = tmp_path / "out"
     _run(root, out, shard_size=1)
     try:
@@ -248,10 +247,7 @@ def test_folder_loop_through_a_link_is_read_once(tmp_path, test_seed):
 def test_index_of_an_earlier_run_is_removed_once_shards_change(tmp_path, test_seed):
     pytest.importorskip("faiss")
     rng = np.random.default_rng(test_seed)
-    root = tmp_path / "imgs"
-    root.mkdir()
-    for n in ("b.jpg", "c.jpg"):
-        (root / n).write_bytes(_jpeg(rng))
+    root = _jpeg_folder(tmp_path / "imgs", rng, "b.jpg", "c.jpg")
     out = tmp_path / "out"
     assert os.path.isfile(_run(root, out, shard_size=3, index="faiss").index)
     (root / "a.jpg").write_bytes(_jpeg(rng))
